@@ -1,0 +1,114 @@
+//! The records that cross the kernel/user boundary, shared by `watchdog-ebpf` (kernel
+//! side) and `watchdog-user` (daemon). Everything is `#[repr(C)]` and plain data so both
+//! sides agree on the layout byte for byte.
+#![no_std]
+
+/// Name of the map of watched processes: tgid → [`WatchEntry`].
+pub const WATCHED_MAP: &str = "WATCHED";
+/// Name of the ring buffer carrying [`Event`]s to userspace.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Name of the per-CPU counter of events lost because the ring buffer was full.
+pub const DROPS_MAP: &str = "DROPS";
+/// Name of the per-CPU counter of children that could not be added to [`WATCHED_MAP`]
+/// because it was full.
+pub const WATCH_FULL_MAP: &str = "WATCH_FULL";
+/// Name of the global holding the [`Config`] the daemon fills in at load time.
+pub const CONFIG_GLOBAL: &str = "WATCHDOG_CONFIG";
+
+/// Capacity of [`WATCHED_MAP`]: processes watched at once, across all analyses.
+pub const MAX_WATCHED: u32 = 1 << 17;
+/// Size of the ring buffer in bytes (a power of two, a multiple of the page size).
+/// At 56 bytes an event this holds ~150,000 events: a fork storm has to outrun the
+/// daemon by that many before anything is dropped.
+pub const RING_BYTES: u32 = 8 << 20;
+
+/// Value of [`WATCHED_MAP`]: which analysis a process belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchEntry {
+    /// Daemon-assigned key of the analysis (never 0).
+    pub analysis: u64,
+}
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A watched process created a new process (not a thread); the child is already in
+    /// [`WATCHED_MAP`] when this is sent.
+    Fork = 1,
+    /// The last thread of a watched process exited; it has been removed from the map.
+    Exit = 2,
+    /// A watched process called execve: `comm` is its new name.
+    Exec = 3,
+}
+
+impl EventKind {
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Fork),
+            2 => Some(Self::Exit),
+            3 => Some(Self::Exec),
+            _ => None,
+        }
+    }
+}
+
+/// One record in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    /// An [`EventKind`] as u32.
+    pub kind: u32,
+    /// tgid of the process the event is about (the child for a fork).
+    pub pid: u32,
+    /// tgid of its parent (fork only; 0 otherwise).
+    pub ppid: u32,
+    /// Exit: the wait status (`exit_code` of the task: code << 8 | signal).
+    pub exit_status: i32,
+    pub analysis: u64,
+    /// CLOCK_BOOTTIME of the event, ns.
+    pub ts_ns: u64,
+    /// Fork: the child's start time (CLOCK_BOOTTIME, ns): with the pid, the identity
+    /// of the process that survives PID reuse.
+    pub start_ns: u64,
+    pub comm: [u8; 16],
+}
+
+/// Where the fields the programs read live in this kernel's structs. The daemon reads
+/// these from the running kernel's BTF at load time: nothing is baked in at build time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_real_parent: u32,
+    pub task_exit_code: u32,
+    pub task_start_boottime: u32,
+    pub task_signal: u32,
+    pub signal_live: u32,
+    /// 1 when this kernel's `sched_process_exit` passes `group_dead` as its second
+    /// argument; otherwise the programs read `task->signal->live` instead.
+    pub exit_has_group_dead: u32,
+}
+
+impl Config {
+    /// What the object file holds until the daemon overrides it at load time.
+    pub const UNSET: Self = Self {
+        task_pid: 0,
+        task_tgid: 0,
+        task_real_parent: 0,
+        task_exit_code: 0,
+        task_start_boottime: 0,
+        task_signal: 0,
+        signal_live: 0,
+        exit_has_group_dead: 0,
+    };
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] data with no padding-sensitive invariants and no pointers.
+    unsafe impl aya::Pod for super::WatchEntry {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Event {}
+}

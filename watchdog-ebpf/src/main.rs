@@ -1,0 +1,166 @@
+//! Kernel side of watchdog: keeps `WATCHED` (tgid → analysis) complete by itself.
+//!
+//! A child forked by a watched process is put in the map here, in the fork tracepoint,
+//! before the child has run a single instruction and before userspace hears of it, so no
+//! descendant can slip through however fast it forks. Userspace learns of every change
+//! through the `EVENTS` ring buffer; a full ring increments `DROPS`, and the daemon
+//! resyncs from the map, which stays authoritative.
+//!
+//! tp_btf programs: they need no tracefs, and give us the `task_struct` pointers. The
+//! struct offsets come from the running kernel's BTF through `WATCHDOG_CONFIG`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns,
+        bpf_probe_read_kernel,
+    },
+    macros::{btf_tracepoint, map},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+use watchdog_common::{Config, Event, EventKind, MAX_WATCHED, RING_BYTES, WatchEntry};
+
+#[unsafe(no_mangle)]
+static WATCHDOG_CONFIG: Config = Config::UNSET;
+
+#[map]
+static WATCHED: HashMap<u32, WatchEntry> = HashMap::with_max_entries(MAX_WATCHED, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static WATCH_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Read through a volatile load: the loader rewrites the global after compilation, so
+/// LLVM must not fold the zeros it sees here into the code.
+fn config() -> Config {
+    unsafe { core::ptr::read_volatile(&WATCHDOG_CONFIG) }
+}
+
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// Reads a `T` at byte `offset` of the kernel struct at `base`.
+fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i64> {
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }
+        .map_err(|e| e as i64)
+}
+
+fn bump(counter: &PerCpuArray<u64>) {
+    if let Some(slot) = counter.get_ptr_mut(0) {
+        unsafe { *slot += 1 };
+    }
+}
+
+fn emit(kind: EventKind, pid: u32, ppid: u32, exit_status: i32, analysis: u64, start_ns: u64) {
+    let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
+        bump(&DROPS);
+        return;
+    };
+    slot.write(Event {
+        kind: kind as u32,
+        pid,
+        ppid,
+        exit_status,
+        analysis,
+        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+        start_ns,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    slot.submit(0);
+}
+
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> u32 {
+    let _ = try_fork(&ctx);
+    0
+}
+
+fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let Some(entry) = (unsafe { WATCHED.get(current_tgid()) }).copied() else {
+        return Ok(());
+    };
+    let cfg = config();
+    let child: *const u8 = ctx.arg(1);
+    let child_pid: u32 = read_at(child, cfg.task_pid)?;
+    let child_tgid: u32 = read_at(child, cfg.task_tgid)?;
+    if child_pid != child_tgid {
+        // A new thread of a watched process: same process, not a new node.
+        return Ok(());
+    }
+    if WATCHED.insert(child_tgid, entry, 0).is_err() {
+        bump(&WATCH_FULL);
+    }
+    // real_parent, not the forking task: CLONE_PARENT makes them differ.
+    let real_parent: *const u8 = read_at(child, cfg.task_real_parent)?;
+    let ppid: u32 = read_at(real_parent, cfg.task_tgid)?;
+    let start_ns: u64 = read_at(child, cfg.task_start_boottime)?;
+    emit(EventKind::Fork, child_tgid, ppid, 0, entry.analysis, start_ns);
+    Ok(())
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
+    let _ = try_exit(&ctx);
+    0
+}
+
+fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let tgid = current_tgid();
+    let Some(entry) = (unsafe { WATCHED.get(tgid) }).copied() else {
+        return Ok(());
+    };
+    let cfg = config();
+    let task: *const u8 = ctx.arg(0);
+    if !is_group_dead(ctx, &cfg, task)? {
+        // A thread, not the last one: the process lives on.
+        return Ok(());
+    }
+    // Only the caller whose delete succeeds reports: when two threads race to the end
+    // (the `signal->live` path), the exit is still reported once.
+    if WATCHED.remove(tgid).is_err() {
+        return Ok(());
+    }
+    let exit_status: i32 = read_at(task, cfg.task_exit_code)?;
+    emit(EventKind::Exit, tgid, 0, exit_status, entry.analysis, 0);
+    Ok(())
+}
+
+fn is_group_dead(ctx: &BtfTracePointContext, cfg: &Config, task: *const u8) -> Result<bool, i64> {
+    if cfg.exit_has_group_dead != 0 {
+        let group_dead: u64 = ctx.arg(1);
+        return Ok(group_dead & 0xff != 0);
+    }
+    // Older kernels: do_exit has already decremented signal->live when it fires.
+    let signal: *const u8 = read_at(task, cfg.task_signal)?;
+    let live: i32 = read_at(signal, cfg.signal_live)?;
+    Ok(live == 0)
+}
+
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
+    let tgid = current_tgid();
+    if let Some(entry) = unsafe { WATCHED.get(tgid) } {
+        emit(EventKind::Exec, tgid, 0, 0, entry.analysis, 0);
+    }
+    let _ = ctx.as_ptr();
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

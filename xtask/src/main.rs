@@ -1,0 +1,133 @@
+//! `cargo xtask setup | build | run | test`: everything a fresh machine needs, in one
+//! command each. `run` and `test` call `setup` first, so the README's two commands are
+//! the whole set-up.
+
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, run and test watchdog")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the eBPF build needs (idempotent; quick when done).
+    Setup,
+    /// Set up, then build the daemon (release).
+    Build,
+    /// Set up, build (release), and start the daemon as root. Arguments after `--` go to
+    /// `watchdog-user run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the whole test suite as root. Arguments after `--` go to
+    /// `cargo test` (e.g. a test name filter).
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => toolchain::setup(),
+        Cmd::Build => {
+            toolchain::setup()?;
+            build_daemon(true).map(drop)
+        }
+        Cmd::Run { args } => {
+            toolchain::setup()?;
+            let bin = build_daemon(true)?;
+            let mut cmd = as_root(&bin);
+            cmd.arg("run").args(args);
+            step(&format!("starting the daemon: {}", bin.display()));
+            run_passing_exit_code(cmd)
+        }
+        Cmd::Test { args } => {
+            toolchain::setup()?;
+            let bin = build_daemon(false)?;
+            step("running the test suite (as root: the tests load eBPF programs)");
+            let mut cmd = as_root(Path::new("cargo"));
+            cmd.current_dir(workspace_root())
+                .env("WATCHDOG_BIN", &bin)
+                .args(["test", "--workspace", "--"])
+                .args(args);
+            run_passing_exit_code(cmd)
+        }
+    }
+}
+
+/// Prints a step of a long-running command, so a person watching knows what it waits on.
+pub fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn build_daemon(release: bool) -> Result<PathBuf> {
+    let profile = if release { "release" } else { "debug" };
+    step(&format!(
+        "building watchdog-user ({profile}; the eBPF programs are built with it)"
+    ));
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .args(["build", "--package", "watchdog-user"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run_checked(cmd)?;
+    Ok(workspace_root()
+        .join("target")
+        .join(profile)
+        .join("watchdog-user"))
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A command that runs as root: directly when we are root, through sudo otherwise
+/// (keeping PATH so cargo, rustup and bpf-linker are found).
+fn as_root(program: &Path) -> Command {
+    if is_root() {
+        return Command::new(program);
+    }
+    let mut cmd = Command::new("sudo");
+    cmd.arg("--preserve-env")
+        .arg(format!("PATH={}", std::env::var("PATH").unwrap_or_default()))
+        .arg(program);
+    cmd
+}
+
+pub fn run_checked(mut cmd: Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn run_passing_exit_code(mut cmd: Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    std::process::exit(status.code().unwrap_or(1));
+}
