@@ -68,8 +68,8 @@ pub struct Event {
     pub analysis: u64,
     /// CLOCK_BOOTTIME of the event, ns.
     pub ts_ns: u64,
-    /// Fork: the child's start time (CLOCK_BOOTTIME, ns): with the pid, the identity
-    /// of the process that survives PID reuse.
+    /// Fork and exit: the process' start time (CLOCK_BOOTTIME, ns): with the pid, the
+    /// identity of the process that survives PID reuse.
     pub start_ns: u64,
     pub comm: [u8; 16],
 }

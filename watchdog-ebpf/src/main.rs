@@ -130,7 +130,9 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let exit_status: i32 = read_at(task, cfg.task_exit_code)?;
-    emit(EventKind::Exit, tgid, 0, exit_status, entry.analysis, 0);
+    // The start time lets userspace tell this exit from one of a recycled PID.
+    let start_ns: u64 = read_at(task, cfg.task_start_boottime)?;
+    emit(EventKind::Exit, tgid, 0, exit_status, entry.analysis, start_ns);
     Ok(())
 }
 

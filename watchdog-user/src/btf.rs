@@ -1,0 +1,198 @@
+//! Reads struct member offsets and tracepoint arities from the running kernel's BTF.
+//!
+//! Rust eBPF has no CO-RE relocations, so the programs take every `task_struct` offset
+//! they need as load-time globals. aya-obj parses BTF but keeps struct members private;
+//! this is the small part of the format (kernel `Documentation/bpf/btf.rst`) we need.
+
+use std::{collections::HashMap, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use watchdog_common::Config;
+
+const MAGIC: u16 = 0xeb9f;
+const KIND_STRUCT: u32 = 4;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_PTR: u32 = 2;
+const KIND_FUNC_PROTO: u32 = 13;
+
+struct Type {
+    kind: u32,
+    kind_flag: bool,
+    /// size for structs, the referenced type id for typedefs and pointers.
+    size_or_type: u32,
+    /// Struct members (name offset, bit offset) or proto params (name offset, 0).
+    members: Vec<(u32, u32)>,
+}
+
+pub struct KernelBtf {
+    strings: Vec<u8>,
+    /// Index i holds type id i + 1.
+    types: Vec<Type>,
+    by_name: HashMap<(String, u32), u32>,
+}
+
+fn u32_at(data: &[u8], at: usize) -> Result<u32> {
+    let bytes = data
+        .get(at..at + 4)
+        .context("BTF is truncated")?
+        .try_into()
+        .expect("4 bytes");
+    Ok(u32::from_ne_bytes(bytes))
+}
+
+impl KernelBtf {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let data = std::fs::read(path).with_context(|| {
+            format!(
+                "kernel BTF not readable at {}: run on a kernel built with CONFIG_DEBUG_INFO_BTF=y \
+                 (or pass --btf with the right file)",
+                path.display()
+            )
+        })?;
+        Self::parse(&data).with_context(|| format!("parsing BTF from {}", path.display()))
+    }
+
+    fn parse(data: &[u8]) -> Result<Self> {
+        if data.len() < 24 || u16::from_ne_bytes([data[0], data[1]]) != MAGIC {
+            bail!("not a BTF file (bad magic)");
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let (type_off, type_len) = (u32_at(data, 8)? as usize, u32_at(data, 12)? as usize);
+        let (str_off, str_len) = (u32_at(data, 16)? as usize, u32_at(data, 20)? as usize);
+        let strings = data
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)
+            .context("BTF string section out of bounds")?
+            .to_vec();
+        let type_data = data
+            .get(hdr_len + type_off..hdr_len + type_off + type_len)
+            .context("BTF type section out of bounds")?;
+        let mut btf = Self { strings, types: Vec::new(), by_name: HashMap::new() };
+        let mut at = 0;
+        while at < type_data.len() {
+            at = btf.parse_type(type_data, at)?;
+        }
+        Ok(btf)
+    }
+
+    /// Parses the type at `at`, returns where the next one starts.
+    fn parse_type(&mut self, data: &[u8], at: usize) -> Result<usize> {
+        let name_off = u32_at(data, at)?;
+        let info = u32_at(data, at + 4)?;
+        let size_or_type = u32_at(data, at + 8)?;
+        let vlen = (info & 0xffff) as usize;
+        let kind = (info >> 24) & 0x1f;
+        let mut next = at + 12;
+        let mut members = Vec::new();
+        // Trailing data per kind: (record size, records).
+        let trailing = match kind {
+            1 | 14 | 17 => 4,          // int, var, decl_tag
+            3 => 12,                   // array
+            4 | 5 => 12 * vlen,        // struct, union
+            6 => 8 * vlen,             // enum
+            13 => 8 * vlen,            // func_proto
+            15 | 19 => 12 * vlen,      // datasec, enum64
+            _ => 0,
+        };
+        if kind == 4 || kind == 5 {
+            for i in 0..vlen {
+                let m = next + 12 * i;
+                members.push((u32_at(data, m)?, u32_at(data, m + 8)?));
+            }
+        } else if kind == KIND_FUNC_PROTO {
+            for i in 0..vlen {
+                members.push((u32_at(data, next + 8 * i)?, 0));
+            }
+        }
+        next += trailing;
+        let id = self.types.len() as u32 + 1;
+        let name = self.string(name_off);
+        if !name.is_empty() {
+            self.by_name.entry((name, kind)).or_insert(id);
+        }
+        self.types.push(Type { kind, kind_flag: info >> 31 == 1, size_or_type, members });
+        Ok(next)
+    }
+
+    fn string(&self, off: u32) -> String {
+        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        String::from_utf8_lossy(&rest[..end]).into_owned()
+    }
+
+    fn ty(&self, id: u32) -> Option<&Type> {
+        self.types.get((id as usize).checked_sub(1)?)
+    }
+
+    /// Byte offset of `member` in `struct name`.
+    pub fn member_offset(&self, name: &str, member: &str) -> Result<u32> {
+        let id = *self
+            .by_name
+            .get(&(name.to_string(), KIND_STRUCT))
+            .with_context(|| format!("struct {name} is not in the kernel BTF"))?;
+        let ty = self.ty(id).expect("ids in by_name exist");
+        let (_, bits) = ty
+            .members
+            .iter()
+            .find(|(n, _)| self.string(*n) == member)
+            .with_context(|| format!("struct {name} has no member {member} in this kernel"))?;
+        // With kind_flag set the high 8 bits hold a bitfield size, not offset.
+        let bits = if ty.kind_flag { bits & 0x00ff_ffff } else { *bits };
+        if bits % 8 != 0 {
+            bail!("{name}.{member} is a bitfield; cannot read it");
+        }
+        Ok(bits / 8)
+    }
+
+    /// Number of arguments a tp_btf program on `tracepoint` receives (the BTF prototype
+    /// `btf_trace_<tp>` has a leading `void *` context that programs do not see).
+    pub fn tracepoint_arity(&self, tracepoint: &str) -> Result<usize> {
+        let name = format!("btf_trace_{tracepoint}");
+        let mut id = *self
+            .by_name
+            .get(&(name.clone(), KIND_TYPEDEF))
+            .with_context(|| format!("tracepoint {tracepoint} has no BTF type {name}"))?;
+        loop {
+            let ty = self.ty(id).with_context(|| format!("dangling BTF type id {id}"))?;
+            match ty.kind {
+                KIND_TYPEDEF | KIND_PTR => id = ty.size_or_type,
+                KIND_FUNC_PROTO => return Ok(ty.members.len().saturating_sub(1)),
+                kind => bail!("{name} resolves to BTF kind {kind}, not a function prototype"),
+            }
+        }
+    }
+
+    /// Everything the kernel programs need to know about this kernel.
+    pub fn program_config(&self) -> Result<Config> {
+        Ok(Config {
+            task_pid: self.member_offset("task_struct", "pid")?,
+            task_tgid: self.member_offset("task_struct", "tgid")?,
+            task_real_parent: self.member_offset("task_struct", "real_parent")?,
+            task_exit_code: self.member_offset("task_struct", "exit_code")?,
+            task_start_boottime: self.member_offset("task_struct", "start_boottime")?,
+            task_signal: self.member_offset("task_struct", "signal")?,
+            signal_live: self.member_offset("signal_struct", "live")?,
+            exit_has_group_dead: u32::from(self.tracepoint_arity("sched_process_exit")? >= 2),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against the real kernel BTF: the offsets must agree with what the kernel itself
+    /// says through other means (tgid directly follows pid in every kernel since 2.6).
+    #[test]
+    fn reads_task_struct_offsets_from_the_running_kernel() {
+        let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+        let cfg = btf.program_config().unwrap();
+        assert_eq!(cfg.task_tgid, cfg.task_pid + 4);
+        assert!(cfg.task_pid > 0 && cfg.task_real_parent > cfg.task_tgid);
+        assert_eq!(btf.tracepoint_arity("sched_process_fork").unwrap(), 2);
+    }
+
+    #[test]
+    fn rejects_a_file_that_is_not_btf() {
+        assert!(KernelBtf::parse(b"definitely not BTF, just some bytes").is_err());
+    }
+}

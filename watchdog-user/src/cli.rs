@@ -1,0 +1,164 @@
+//! The CLI commands: each is one request over the control socket, printed for people
+//! (or as JSON for scripts).
+
+use std::{
+    ffi::CString,
+    path::Path,
+    sync::atomic::{AtomicI32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::{
+    fcntl::OFlag,
+    sys::{
+        signal::{SigHandler, Signal, kill, signal},
+        wait::{WaitStatus, waitpid},
+    },
+    unistd::{ForkResult, Pid, execvp, fork, pipe2, read, write},
+};
+
+use crate::protocol::{Reply, Request, TreeNode, call};
+
+pub fn register(socket: &Path, pid: u32, analysis_id: String) -> Result<()> {
+    match call(socket, &Request::Register { pid, analysis_id })? {
+        Reply::Registered { pid, analysis_id, watched } => {
+            println!("registered pid {pid} as analysis {analysis_id:?} ({watched} processes watched)");
+            Ok(())
+        }
+        other => unexpected(other),
+    }
+}
+
+pub fn unregister(socket: &Path, pid: Option<u32>, analysis_id: Option<String>) -> Result<()> {
+    match call(socket, &Request::Unregister { pid, analysis_id })? {
+        Reply::Unregistered { removed } => {
+            println!("unregistered {removed} processes");
+            Ok(())
+        }
+        other => unexpected(other),
+    }
+}
+
+fn unexpected(reply: Reply) -> Result<()> {
+    bail!("the daemon sent an unexpected reply: {reply:?}")
+}
+
+pub fn dump_tree(socket: &Path, json: bool, analysis_id: Option<String>) -> Result<()> {
+    let Reply::Tree { roots } = call(socket, &Request::DumpTree { analysis_id })? else {
+        bail!("the daemon sent an unexpected reply to dump-tree");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&roots)?);
+        return Ok(());
+    }
+    if roots.is_empty() {
+        println!("no watched processes");
+    }
+    for root in &roots {
+        print_node(root, 0);
+    }
+    Ok(())
+}
+
+fn print_node(node: &TreeNode, depth: usize) {
+    let age = humantime::format_duration(Duration::from_secs(node.age_ms / 1000));
+    println!(
+        "{:indent$}{} {}  analysis={}  age={}  rss={}",
+        "",
+        node.pid,
+        node.comm,
+        node.analysis_id,
+        age,
+        bytesize::ByteSize(node.rss_bytes).display().iec(),
+        indent = depth * 2
+    );
+    for child in &node.children {
+        print_node(child, depth + 1);
+    }
+}
+
+pub fn status(socket: &Path, json: bool) -> Result<()> {
+    let Reply::Status(status) = call(socket, &Request::Status)? else {
+        bail!("the daemon sent an unexpected reply to status");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!("watchdog {} up {}s", status.version, status.uptime_s);
+    println!("watched processes: {} in {} analyses", status.monitored_count, status.analyses);
+    println!(
+        "kernel events: {} forks, {} exits, {} execs; lost {}; watch map full {}; resyncs {}",
+        status.forks_seen, status.exits_seen, status.execs_seen, status.lost_events,
+        status.watch_map_full, status.resyncs
+    );
+    Ok(())
+}
+
+/// The child being run by `exec`, for the signal forwarder.
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(signo: i32) {
+    let child = CHILD.load(Ordering::Relaxed);
+    if child > 0 {
+        if let Ok(sig) = Signal::try_from(signo) {
+            let _ = kill(Pid::from_raw(child), sig);
+        }
+    }
+}
+
+/// Forks; the child waits on a pipe until the daemon has registered it, and only then
+/// execs CMD: so CMD's very first fork already happens watched. Exits with CMD's code
+/// (128 + signal when it was killed, as shells do).
+pub fn exec(socket: &Path, analysis_id: String, command: &[String]) -> Result<i32> {
+    let argv = command
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("the command contains a NUL byte")?;
+    let (gate_read, gate_write) = pipe2(OFlag::O_CLOEXEC)?;
+    // SAFETY: this process is single-threaded (the CLI starts no threads), so the child
+    // may run ordinary code until it execs.
+    let child = match unsafe { fork() }.context("fork failed")? {
+        ForkResult::Child => {
+            drop(gate_write);
+            let mut go = [0u8; 1];
+            if !matches!(read(&gate_read, &mut go), Ok(1)) {
+                // Registration failed: the parent closed the gate without a byte.
+                unsafe { libc::_exit(125) };
+            }
+            let err = execvp(&argv[0], &argv).unwrap_err();
+            eprintln!("watchdog-user: error: cannot run {:?}: {err}", command[0]);
+            unsafe { libc::_exit(if err == nix::errno::Errno::ENOENT { 127 } else { 126 }) };
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(gate_read);
+    let registered = call(socket, &Request::Register { pid: child.as_raw() as u32, analysis_id });
+    if let Err(err) = registered {
+        drop(gate_write);
+        let _ = waitpid(child, None);
+        return Err(err);
+    }
+    CHILD.store(child.as_raw(), Ordering::Relaxed);
+    // SAFETY: the handler only does an atomic load and kill(2), both async-signal-safe.
+    unsafe {
+        for sig in [Signal::SIGTERM, Signal::SIGHUP] {
+            signal(sig, SigHandler::Handler(forward_signal))?;
+        }
+        // The terminal sends these to the whole foreground group, CMD included.
+        signal(Signal::SIGINT, SigHandler::SigIgn)?;
+        signal(Signal::SIGQUIT, SigHandler::SigIgn)?;
+    }
+    write(&gate_write, b"x").context("releasing the command")?;
+    drop(gate_write);
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => bail!("waiting for the command failed: {err}"),
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! `watchdog-user run`: one loop owns the tree and the kernel maps, and takes, in turn,
+//! kernel event batches (from `ingest`), control requests (from `control`) and the loss
+//! check. One owner means no locks and no interleaving to reason about.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use tokio::{signal::unix::SignalKind, sync::mpsc};
+
+use crate::{
+    control::{self, Call, SocketGuard},
+    ingest::{self, KernelEvent},
+    kernel::Kernel,
+    procs::{self, ProcInfo},
+    protocol::{Reply, Request, Response, Status, TreeNode},
+    tree::{AnalysisKey, Analyses, Node, Tree},
+};
+
+/// How often the kernel's loss counters are read. A loss is repaired by a resync from
+/// the kernel map, so this bounds how long the tree can be stale after a storm.
+const LOSS_CHECK_EVERY: Duration = Duration::from_millis(200);
+/// Longest analysis id accepted: ids are labels, not payloads.
+const MAX_ANALYSIS_ID: usize = 256;
+
+pub struct Options {
+    pub socket: PathBuf,
+    pub btf: PathBuf,
+}
+
+pub async fn run(options: Options) -> Result<()> {
+    let listener = control::bind(&options.socket).await?;
+    let _socket = SocketGuard(options.socket.clone());
+    let (kernel, ring) = Kernel::load(&options.btf)?;
+    let (event_tx, mut event_rx) = mpsc::channel(1024);
+    let mut ingest_task = tokio::spawn(ingest::run(ring, event_tx));
+    let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
+    tokio::spawn(control::serve(listener, call_tx));
+
+    let mut watchdog = Watchdog::new(kernel);
+    watchdog.resync("start");
+    tracing::info!(
+        socket = %options.socket.display(),
+        watched = watchdog.tree.len(),
+        "watchdog ready: programs attached"
+    );
+
+    let mut loss_check = tokio::time::interval(LOSS_CHECK_EVERY);
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            Some(batch) = event_rx.recv() => {
+                for event in batch {
+                    watchdog.apply(event);
+                }
+            }
+            Some((request, reply)) = call_rx.recv() => {
+                let _ = reply.send(watchdog.handle(request));
+            }
+            _ = loss_check.tick() => watchdog.repair_losses(),
+            ended = &mut ingest_task => {
+                bail!("the ring buffer reader stopped: {:?}", ended.map(|r| r.map_err(|e| format!("{e:#}"))));
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    tracing::info!("watchdog stopping: programs detached");
+    Ok(())
+}
+
+#[derive(Default)]
+struct Counters {
+    forks: u64,
+    exits: u64,
+    execs: u64,
+    resyncs: u64,
+    /// Kernel loss counters as of the last resync.
+    losses_repaired: u64,
+}
+
+struct Watchdog {
+    kernel: Kernel,
+    tree: Tree,
+    analyses: Analyses,
+    counters: Counters,
+    started: Instant,
+    self_pid: u32,
+}
+
+impl Watchdog {
+    fn new(kernel: Kernel) -> Self {
+        Self {
+            kernel,
+            tree: Tree::default(),
+            analyses: Analyses::default(),
+            counters: Counters::default(),
+            started: Instant::now(),
+            self_pid: std::process::id(),
+        }
+    }
+
+    fn apply(&mut self, event: KernelEvent) {
+        match event {
+            KernelEvent::Fork { pid, ppid, analysis, start_ns, comm } => {
+                self.counters.forks += 1;
+                if self.analyses.id(analysis).is_none() {
+                    // Forked while its analysis was being unregistered.
+                    self.kernel.unwatch(pid);
+                    return;
+                }
+                self.tree.insert_forked(Node {
+                    pid,
+                    ppid,
+                    start_ns,
+                    comm,
+                    analysis,
+                    children: BTreeSet::new(),
+                });
+            }
+            KernelEvent::Exit { pid, analysis, start_ns, exit_status } => {
+                self.counters.exits += 1;
+                let same_process = self
+                    .tree
+                    .get(pid)
+                    .is_some_and(|n| procs::same_start(n.start_ns, start_ns));
+                if same_process {
+                    self.tree.remove(pid);
+                    tracing::debug!(pid, exit_status, "watched process exited");
+                }
+                self.forget_if_finished(analysis);
+            }
+            KernelEvent::Exec { pid, comm } => {
+                self.counters.execs += 1;
+                self.tree.set_comm(pid, comm);
+            }
+        }
+    }
+
+    fn forget_if_finished(&mut self, analysis: AnalysisKey) {
+        if !self.tree.has_analysis(analysis) {
+            self.analyses.forget(analysis);
+        }
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::Register { pid, analysis_id } => self.register(pid, &analysis_id),
+            Request::Unregister { pid, analysis_id } => self.unregister(pid, analysis_id.as_deref()),
+            Request::DumpTree { analysis_id } => self.dump_tree(analysis_id.as_deref()),
+            Request::Status => Ok(Reply::Status(self.status())),
+        };
+        match result {
+            Ok(reply) => Response::Ok(reply),
+            Err(err) => Response::Error(format!("{err:#}")),
+        }
+    }
+
+    /// Checks everything before touching anything, so a refused request changes nothing.
+    fn check_registrable(&self, pid: u32, analysis_id: &str) -> Result<ProcInfo> {
+        if analysis_id.trim().is_empty() {
+            bail!("the analysis id is empty: pass --analysis-id with a name for the analysis");
+        }
+        if analysis_id.len() > MAX_ANALYSIS_ID {
+            bail!("the analysis id is {} bytes long: use at most {MAX_ANALYSIS_ID}", analysis_id.len());
+        }
+        if pid == 0 || pid == 1 {
+            bail!("refusing to watch pid {pid}: it is the system's init/idle task, which the watchdog never touches");
+        }
+        if pid == self.self_pid {
+            bail!("refusing to watch pid {pid}: it is the watchdog daemon itself");
+        }
+        let Some(info) = procs::read(pid) else {
+            bail!("no process with pid {pid}: check the pid (the process may have exited)");
+        };
+        if info.kernel_thread {
+            bail!("pid {pid} ({}) is a kernel thread: only user processes can be watched", info.comm);
+        }
+        if let Some(node) = self.tree.get(pid) {
+            let current = self.analyses.id(node.analysis).unwrap_or("?");
+            if current != analysis_id {
+                bail!("pid {pid} is already watched as part of analysis {current:?}: unregister it first");
+            }
+        }
+        Ok(info)
+    }
+
+    fn register(&mut self, pid: u32, analysis_id: &str) -> Result<Reply> {
+        let info = self.check_registrable(pid, analysis_id)?;
+        let key = self.analyses.key_for(analysis_id);
+        if !self.tree.contains(pid) && !self.watch_verified(&info, key)? {
+            self.forget_if_finished(key);
+            bail!("pid {pid} exited while it was being registered");
+        }
+        self.adopt_descendants(key)?;
+        let watched = self.tree.pids_of(key).len();
+        tracing::info!(pid, analysis_id, watched, "registered");
+        Ok(Reply::Registered { pid, analysis_id: analysis_id.to_string(), watched })
+    }
+
+    /// Puts a process found in /proc into the kernel map, then checks it is still the
+    /// same living process: if it exited (or its pid was recycled) in between, the
+    /// kernel never saw that exit as watched, so the entry is taken back out.
+    fn watch_verified(&mut self, info: &ProcInfo, key: AnalysisKey) -> Result<bool> {
+        self.kernel.watch(info.pid, key)?;
+        let still_there = procs::read(info.pid).is_some_and(|now| procs::same_start(now.start_ns, info.start_ns));
+        if !still_there {
+            self.kernel.unwatch(info.pid);
+            return Ok(false);
+        }
+        self.tree.insert(Node {
+            pid: info.pid,
+            ppid: info.ppid,
+            start_ns: info.start_ns,
+            comm: info.comm.clone(),
+            analysis: key,
+            children: BTreeSet::new(),
+        });
+        Ok(true)
+    }
+
+    /// Watches the descendants that existed before registration. New forks are the
+    /// kernel's job from the moment a parent is in the map; this catches the ones
+    /// forked earlier, repeating until a scan finds nothing new (a child forked by a
+    /// not-yet-watched parent during a scan shows up in the next one).
+    fn adopt_descendants(&mut self, key: AnalysisKey) -> Result<()> {
+        loop {
+            let mut found = 0;
+            for info in procs::all() {
+                let parent_in_analysis = self.tree.get(info.ppid).is_some_and(|p| p.analysis == key);
+                if parent_in_analysis
+                    && !self.tree.contains(info.pid)
+                    && info.pid != self.self_pid
+                    && !info.kernel_thread
+                    && self.watch_verified(&info, key)?
+                {
+                    found += 1;
+                }
+            }
+            if found == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    fn unregister(&mut self, pid: Option<u32>, analysis_id: Option<&str>) -> Result<Reply> {
+        let pids = match (pid, analysis_id) {
+            (Some(pid), None) => {
+                if !self.tree.contains(pid) {
+                    bail!("pid {pid} is not watched: see `watchdog-user dump-tree`");
+                }
+                self.tree.subtree(pid)
+            }
+            (None, Some(id)) => {
+                let Some(key) = self.analyses.key(id) else {
+                    bail!("no analysis {id:?} is watched: see `watchdog-user dump-tree`");
+                };
+                self.tree.pids_of(key)
+            }
+            _ => bail!("unregister takes exactly one of --pid or --analysis-id"),
+        };
+        let mut analyses = HashSet::new();
+        for &pid in &pids {
+            self.kernel.unwatch(pid);
+            if let Some(node) = self.tree.remove(pid) {
+                analyses.insert(node.analysis);
+            }
+        }
+        for key in analyses {
+            self.forget_if_finished(key);
+        }
+        tracing::info!(?pid, ?analysis_id, removed = pids.len(), "unregistered");
+        Ok(Reply::Unregistered { removed: pids.len() })
+    }
+
+    fn dump_tree(&self, analysis_id: Option<&str>) -> Result<Reply> {
+        let filter = match analysis_id {
+            Some(id) => match self.analyses.key(id) {
+                Some(key) => Some(key),
+                None => return Ok(Reply::Tree { roots: Vec::new() }),
+            },
+            None => None,
+        };
+        let now = procs::boottime_ns();
+        let roots = self
+            .tree
+            .roots()
+            .into_iter()
+            .filter(|n| filter.is_none_or(|key| n.analysis == key))
+            .map(|n| self.view(n, now))
+            .collect();
+        Ok(Reply::Tree { roots })
+    }
+
+    fn view(&self, node: &Node, now_ns: u64) -> TreeNode {
+        TreeNode {
+            pid: node.pid,
+            ppid: node.ppid,
+            analysis_id: self.analyses.id(node.analysis).unwrap_or_default().to_string(),
+            comm: node.comm.clone(),
+            age_ms: now_ns.saturating_sub(node.start_ns) / 1_000_000,
+            rss_bytes: procs::rss_bytes(node.pid),
+            children: node
+                .children
+                .iter()
+                .filter_map(|c| self.tree.get(*c))
+                .map(|c| self.view(c, now_ns))
+                .collect(),
+        }
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_s: self.started.elapsed().as_secs(),
+            monitored_count: self.tree.len(),
+            analyses: self.analyses.len(),
+            forks_seen: self.counters.forks,
+            exits_seen: self.counters.exits,
+            execs_seen: self.counters.execs,
+            lost_events: self.kernel.lost_events(),
+            watch_map_full: self.kernel.watch_map_full(),
+            resyncs: self.counters.resyncs,
+        }
+    }
+
+    /// When the kernel counted lost events (ring full) or children it could not watch
+    /// (map full) since the last look, the tree may be wrong: rebuild it.
+    fn repair_losses(&mut self) {
+        let losses = self.kernel.lost_events() + self.kernel.watch_map_full();
+        if losses != self.counters.losses_repaired {
+            tracing::warn!(
+                lost = losses - self.counters.losses_repaired,
+                "kernel events were lost: resyncing the tree from the kernel map and /proc"
+            );
+            self.counters.losses_repaired = losses;
+            self.counters.resyncs += 1;
+            self.resync("lost events");
+        }
+    }
+
+    /// Rebuilds the tree from the kernel's map (which the programs keep exact even when
+    /// events are lost) and /proc (for parentage and names).
+    fn resync(&mut self, reason: &str) {
+        let watched = self.kernel.watched();
+        let in_map: HashSet<u32> = watched.iter().map(|(pid, _)| *pid).collect();
+        for pid in self.tree.pids() {
+            if !in_map.contains(&pid) {
+                self.tree.remove(pid);
+            }
+        }
+        for (pid, key) in watched {
+            if self.analyses.id(key).is_none() {
+                self.kernel.unwatch(pid);
+                continue;
+            }
+            if self.tree.contains(pid) {
+                continue;
+            }
+            match procs::read(pid) {
+                Some(info) => self.tree.insert(Node {
+                    pid,
+                    ppid: info.ppid,
+                    start_ns: info.start_ns,
+                    comm: info.comm,
+                    analysis: key,
+                    children: BTreeSet::new(),
+                }),
+                None => {
+                    self.kernel.unwatch(pid);
+                }
+            }
+        }
+        tracing::info!(reason, watched = self.tree.len(), "tree resynced");
+    }
+}

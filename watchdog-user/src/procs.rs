@@ -1,0 +1,71 @@
+//! What /proc says about processes: the source for processes that existed before the
+//! kernel programs saw them, and the check that a PID still names the same process.
+
+use nix::time::{ClockId, clock_gettime};
+
+/// PF_KTHREAD in `/proc/PID/stat` flags: kernel threads are never watched.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+#[derive(Debug, Clone)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub ppid: u32,
+    /// Start time, CLOCK_BOOTTIME ns (clock-tick precision).
+    pub start_ns: u64,
+    pub comm: String,
+    pub kernel_thread: bool,
+    /// Exited but not yet reaped (or being torn down): already gone for our purposes.
+    pub exited: bool,
+}
+
+fn ns_per_tick() -> u64 {
+    1_000_000_000 / procfs::ticks_per_second().max(1)
+}
+
+/// CLOCK_BOOTTIME now, ns: the clock of the kernel's event timestamps and start times.
+pub fn boottime_ns() -> u64 {
+    let ts = clock_gettime(ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// Whether two start times name the same process. /proc rounds to clock ticks, the
+/// kernel's events carry ns, so compare at tick precision.
+pub fn same_start(a_ns: u64, b_ns: u64) -> bool {
+    a_ns / ns_per_tick() == b_ns / ns_per_tick()
+}
+
+fn info_from(stat: procfs::process::Stat) -> ProcInfo {
+    ProcInfo {
+        pid: stat.pid as u32,
+        ppid: stat.ppid as u32,
+        start_ns: stat.starttime * ns_per_tick(),
+        comm: stat.comm,
+        kernel_thread: stat.flags & PF_KTHREAD != 0,
+        exited: matches!(stat.state, 'Z' | 'X' | 'x'),
+    }
+}
+
+/// The process with this pid, if one lives (zombies count as exited).
+pub fn read(pid: u32) -> Option<ProcInfo> {
+    let stat = procfs::process::Process::new(pid as i32).ok()?.stat().ok()?;
+    Some(info_from(stat)).filter(|p| !p.exited)
+}
+
+/// Every living process now (processes that vanish mid-scan are skipped), by pid.
+pub fn all() -> Vec<ProcInfo> {
+    let Ok(iter) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    iter.filter_map(|p| p.ok()?.stat().ok())
+        .map(info_from)
+        .filter(|p| !p.exited)
+        .collect()
+}
+
+/// Resident set size now, 0 when the process is gone.
+pub fn rss_bytes(pid: u32) -> u64 {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.statm())
+        .map(|m| m.resident * procfs::page_size())
+        .unwrap_or(0)
+}

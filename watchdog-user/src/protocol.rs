@@ -1,0 +1,103 @@
+//! The control socket's typed protocol: one JSON request per line, one JSON response
+//! line back. The CLI and any other client speak only this.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Watch `pid`, its existing descendants, and all it forks from now on.
+    Register { pid: u32, analysis_id: String },
+    /// Stop watching a process and its subtree, or a whole analysis.
+    Unregister {
+        #[serde(default)]
+        pid: Option<u32>,
+        #[serde(default)]
+        analysis_id: Option<String>,
+    },
+    DumpTree {
+        #[serde(default)]
+        analysis_id: Option<String>,
+    },
+    Status,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(Reply),
+    Error(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Registered { pid: u32, analysis_id: String, watched: usize },
+    Unregistered { removed: usize },
+    Tree { roots: Vec<TreeNode> },
+    Status(Status),
+}
+
+/// One process of the live tree, with its children: the `dump-tree --json` shape.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TreeNode {
+    pub pid: u32,
+    pub ppid: u32,
+    pub analysis_id: String,
+    pub comm: String,
+    pub age_ms: u64,
+    pub rss_bytes: u64,
+    pub children: Vec<TreeNode>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_s: u64,
+    pub monitored_count: usize,
+    pub analyses: usize,
+    /// Fork, exit and exec events received from the kernel since start.
+    pub forks_seen: u64,
+    pub exits_seen: u64,
+    pub execs_seen: u64,
+    /// Events the kernel could not put in the ring buffer (full).
+    pub lost_events: u64,
+    /// Children the kernel could not add to its watched map (full).
+    pub watch_map_full: u64,
+    /// Times the tree was rebuilt from the kernel map and /proc after a loss.
+    pub resyncs: u64,
+}
+
+/// Sends one request and waits for its response (the CLI side).
+pub fn call(socket: &Path, request: &Request) -> Result<Reply> {
+    let stream = UnixStream::connect(socket).map_err(|e| {
+        anyhow!(
+            "no watchdog daemon at {} ({e}): start one with `watchdog-user run` \
+             (or `cargo xtask run`), or point --socket / WATCHDOG_SOCKET at a running one",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(request).expect("requests serialize");
+    line.push('\n');
+    (&stream)
+        .write_all(line.as_bytes())
+        .with_context(|| format!("sending to {}", socket.display()))?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .with_context(|| format!("reading the answer from {}", socket.display()))?;
+    if answer.is_empty() {
+        return Err(anyhow!("the daemon at {} closed the connection without answering", socket.display()));
+    }
+    match serde_json::from_str(&answer).context("the daemon sent an answer this CLI cannot read")? {
+        Response::Ok(reply) => Ok(reply),
+        Response::Error(message) => Err(anyhow!(message)),
+    }
+}

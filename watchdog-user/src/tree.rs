@@ -1,0 +1,199 @@
+//! The live parentage tree of watched processes, and the registry of analyses.
+
+use std::collections::{BTreeSet, HashMap};
+
+/// Daemon-assigned analysis key: what the kernel map stores instead of the id string.
+pub type AnalysisKey = u64;
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub pid: u32,
+    pub ppid: u32,
+    /// CLOCK_BOOTTIME ns: with `pid`, the identity of the process.
+    pub start_ns: u64,
+    pub comm: String,
+    pub analysis: AnalysisKey,
+    pub children: BTreeSet<u32>,
+}
+
+#[derive(Default)]
+pub struct Tree {
+    nodes: HashMap<u32, Node>,
+    /// Live processes per analysis, kept so "is this analysis over?" is O(1) per exit.
+    per_analysis: HashMap<AnalysisKey, usize>,
+}
+
+impl Tree {
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn get(&self, pid: u32) -> Option<&Node> {
+        self.nodes.get(&pid)
+    }
+
+    pub fn contains(&self, pid: u32) -> bool {
+        self.nodes.contains_key(&pid)
+    }
+
+    /// Adds a process (replacing a stale node of a recycled PID) under its parent, and
+    /// adopts children that were added before it.
+    pub fn insert(&mut self, mut node: Node) {
+        if self.nodes.contains_key(&node.pid) {
+            self.remove(node.pid);
+        }
+        node.children = self
+            .nodes
+            .values()
+            .filter(|n| n.ppid == node.pid)
+            .map(|n| n.pid)
+            .collect();
+        self.link(node);
+    }
+
+    fn link(&mut self, node: Node) {
+        if let Some(parent) = self.nodes.get_mut(&node.ppid) {
+            parent.children.insert(node.pid);
+        }
+        *self.per_analysis.entry(node.analysis).or_default() += 1;
+        self.nodes.insert(node.pid, node);
+    }
+
+    /// Adds a child reported by a fork event. Its parent is in the tree (or was a root's
+    /// unwatched parent), so it has no children yet: no adoption scan on this hot path.
+    pub fn insert_forked(&mut self, node: Node) {
+        if self.nodes.contains_key(&node.pid) {
+            return self.insert(node);
+        }
+        self.link(node);
+    }
+
+    /// Removes one process; its children stay, as roots until something adopts them.
+    pub fn remove(&mut self, pid: u32) -> Option<Node> {
+        let node = self.nodes.remove(&pid)?;
+        if let Some(parent) = self.nodes.get_mut(&node.ppid) {
+            parent.children.remove(&pid);
+        }
+        if let Some(count) = self.per_analysis.get_mut(&node.analysis) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_analysis.remove(&node.analysis);
+            }
+        }
+        Some(node)
+    }
+
+    pub fn set_comm(&mut self, pid: u32, comm: String) {
+        if let Some(node) = self.nodes.get_mut(&pid) {
+            node.comm = comm;
+        }
+    }
+
+    /// `pid` and every watched descendant of it, parents before children.
+    pub fn subtree(&self, pid: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut stack = vec![pid];
+        while let Some(p) = stack.pop() {
+            if let Some(node) = self.nodes.get(&p) {
+                out.push(p);
+                stack.extend(node.children.iter().copied());
+            }
+        }
+        out
+    }
+
+    pub fn pids_of(&self, analysis: AnalysisKey) -> Vec<u32> {
+        self.nodes
+            .values()
+            .filter(|n| n.analysis == analysis)
+            .map(|n| n.pid)
+            .collect()
+    }
+
+    pub fn has_analysis(&self, analysis: AnalysisKey) -> bool {
+        self.per_analysis.contains_key(&analysis)
+    }
+
+    /// Nodes whose parent is not in the tree, in pid order.
+    pub fn roots(&self) -> Vec<&Node> {
+        let mut roots: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| !self.nodes.contains_key(&n.ppid))
+            .collect();
+        roots.sort_by_key(|n| n.pid);
+        roots
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.keys().copied().collect()
+    }
+}
+
+/// Analysis ids ↔ the small keys the kernel map holds.
+#[derive(Default)]
+pub struct Analyses {
+    by_key: HashMap<AnalysisKey, String>,
+    by_id: HashMap<String, AnalysisKey>,
+    last_key: AnalysisKey,
+}
+
+impl Analyses {
+    pub fn key_for(&mut self, id: &str) -> AnalysisKey {
+        if let Some(&key) = self.by_id.get(id) {
+            return key;
+        }
+        self.last_key += 1;
+        self.by_key.insert(self.last_key, id.to_string());
+        self.by_id.insert(id.to_string(), self.last_key);
+        self.last_key
+    }
+
+    pub fn key(&self, id: &str) -> Option<AnalysisKey> {
+        self.by_id.get(id).copied()
+    }
+
+    pub fn id(&self, key: AnalysisKey) -> Option<&str> {
+        self.by_key.get(&key).map(String::as_str)
+    }
+
+    pub fn forget(&mut self, key: AnalysisKey) {
+        if let Some(id) = self.by_key.remove(&key) {
+            self.by_id.remove(&id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(pid: u32, ppid: u32) -> Node {
+        Node { pid, ppid, start_ns: 0, comm: format!("p{pid}"), analysis: 1, children: BTreeSet::new() }
+    }
+
+    #[test]
+    fn a_parent_inserted_after_its_child_adopts_it() {
+        let mut tree = Tree::default();
+        tree.insert(node(20, 10));
+        tree.insert(node(10, 1));
+        assert_eq!(tree.roots().iter().map(|n| n.pid).collect::<Vec<_>>(), vec![10]);
+        assert_eq!(tree.subtree(10), vec![10, 20]);
+    }
+
+    #[test]
+    fn removing_a_parent_leaves_its_children_as_roots() {
+        let mut tree = Tree::default();
+        tree.insert(node(10, 1));
+        tree.insert_forked(node(20, 10));
+        tree.insert_forked(node(30, 20));
+        tree.remove(20);
+        let roots: Vec<u32> = tree.roots().iter().map(|n| n.pid).collect();
+        assert_eq!(roots, vec![10, 30]);
+        assert!(tree.get(10).unwrap().children.is_empty());
+    }
+}
