@@ -1,1 +1,292 @@
+//! Harness for the end-to-end tests and benchmarks: a real daemon per test (own socket
+//! and state directory), the real CLI, and real process trees that are killed when the
+//! test ends, pass or fail.
 
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill, killpg},
+    unistd::Pid,
+};
+use serde::Deserialize;
+
+/// The daemon binary: `WATCHDOG_BIN` (set by `cargo xtask test`), else the debug build.
+pub fn watchdog_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("WATCHDOG_BIN") {
+        return bin.into();
+    }
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/watchdog-user");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the suite with `cargo xtask test`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// How long any awaited condition may take before the test fails. Generous: CI is a
+/// loaded 2-core machine; the wait ends as soon as the condition holds.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it returns Some, failing after `PATIENCE`.
+pub fn await_state<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {PATIENCE:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct TreeNode {
+    pub pid: u32,
+    pub ppid: u32,
+    pub analysis_id: String,
+    pub comm: String,
+    pub age_ms: u64,
+    pub rss_bytes: u64,
+    pub children: Vec<TreeNode>,
+}
+
+impl TreeNode {
+    /// This node and all below it, depth first.
+    pub fn flatten(&self) -> Vec<&TreeNode> {
+        let mut out = vec![self];
+        for child in &self.children {
+            out.extend(child.flatten());
+        }
+        out
+    }
+}
+
+pub fn all_nodes(roots: &[TreeNode]) -> Vec<&TreeNode> {
+    roots.iter().flat_map(TreeNode::flatten).collect()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Status {
+    pub monitored_count: usize,
+    pub analyses: usize,
+    pub forks_seen: u64,
+    pub exits_seen: u64,
+    pub execs_seen: u64,
+    pub lost_events: u64,
+    pub watch_map_full: u64,
+    pub resyncs: u64,
+}
+
+/// A daemon of the test's own, stopped and cleaned up on drop.
+pub struct Daemon {
+    child: Child,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+fn unique_dir(tag: &str) -> Result<PathBuf> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
+    let dir = std::env::temp_dir().join(format!("watchdog-{tag}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+impl Daemon {
+    pub fn start() -> Result<Self> {
+        Self::start_with(&[], &[])
+    }
+
+    /// Starts `watchdog-user run`, behind `wrapper` (e.g. `unshare -m ...`) when given,
+    /// with `extra` daemon arguments, and waits until it answers on its socket.
+    pub fn start_with(wrapper: &[&str], extra: &[&str]) -> Result<Self> {
+        let dir = unique_dir("test")?;
+        let socket = dir.join("watchdog.sock");
+        let log = std::fs::File::create(dir.join("daemon.log"))?;
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(watchdog_bin());
+                cmd
+            }
+            None => Command::new(watchdog_bin()),
+        };
+        cmd.arg("--socket").arg(&socket).arg("run").args(extra);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        let child = cmd.spawn().context("starting the daemon")?;
+        let mut daemon = Self { child, dir, socket };
+        await_state("the daemon to answer on its socket", || {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("the daemon exited ({status}) before serving:\n{}", daemon.log());
+            }
+            Ok(daemon.try_status().ok())
+        })?;
+        Ok(daemon)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(watchdog_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("the CLI runs")
+    }
+
+    /// Runs the CLI and returns its stdout, failing on a non-zero exit.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args);
+        if !out.status.success() {
+            bail!(
+                "watchdog-user {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    pub fn register(&self, pid: u32, analysis: &str) -> Result<()> {
+        self.cli_ok(&["register", "--pid", &pid.to_string(), "--analysis-id", analysis])
+            .map(drop)
+    }
+
+    pub fn tree(&self, analysis: Option<&str>) -> Result<Vec<TreeNode>> {
+        let mut args = vec!["dump-tree", "--json"];
+        if let Some(id) = analysis {
+            args.extend(["--analysis-id", id]);
+        }
+        Ok(serde_json::from_str(&self.cli_ok(&args)?)?)
+    }
+
+    fn try_status(&self) -> Result<Status> {
+        Ok(serde_json::from_str(&self.cli_ok(&["status", "--json"])?)?)
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        self.try_status()
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A process tree under test: started in its own process group, killed (the whole
+/// group) on drop. Talks over stdin/stdout lines.
+pub struct Workload {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Workload {
+    pub fn spawn(program: &str, args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(program)
+            .args(args)
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Self { child, stdin, stdout })
+    }
+
+    /// A Python program: the test's process trees are written in the language the
+    /// product watches (multiprocessing, os.fork).
+    pub fn python(source: &str, args: &[&str]) -> Result<Self> {
+        let mut argv = vec!["-u", "-c", source];
+        argv.extend(args);
+        Self::spawn(python(), &argv)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn send(&mut self, line: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("stdin already closed")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// Next line the workload prints (blocks until it does).
+    pub fn read_line(&mut self) -> Result<String> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("the workload closed its stdout");
+        }
+        Ok(line.trim_end().to_string())
+    }
+
+    pub fn wait(&mut self) -> Result<std::process::ExitStatus> {
+        self.stdin.take();
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// The real interpreter, not a version manager's shim: a pyenv shim is a bash script
+/// that forks before it execs Python, and those forks would be counted as the workload's.
+pub fn python() -> &'static str {
+    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 is installed");
+        String::from_utf8(out.stdout).expect("a UTF-8 path").trim().to_string()
+    })
+}
+
+/// Live threads of a process, from /proc.
+pub fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Stderr of a CLI run, checked to be the one-line error a user should see.
+pub fn one_line_error(out: &Output) -> String {
+    assert!(!out.status.success(), "expected a failure, got {}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(stderr.lines().count(), 1, "expected one line, got: {stderr}");
+    stderr
+}

@@ -108,6 +108,7 @@ impl Watchdog {
         match event {
             KernelEvent::Fork { pid, ppid, analysis, start_ns, comm } => {
                 self.counters.forks += 1;
+                tracing::trace!(pid, ppid, comm, "fork");
                 if self.analyses.id(analysis).is_none() {
                     // Forked while its analysis was being unregistered.
                     self.kernel.unwatch(pid);

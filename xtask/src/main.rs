@@ -61,7 +61,7 @@ fn main() -> Result<()> {
             let mut cmd = as_root(Path::new("cargo"));
             cmd.current_dir(workspace_root())
                 .env("WATCHDOG_BIN", &bin)
-                .args(["test", "--workspace", "--"])
+                .args(["test", "--"])
                 .args(args);
             run_passing_exit_code(cmd)
         }

@@ -1,0 +1,188 @@
+//! The live process tree, end to end: real kernel programs, real daemon, real processes.
+
+use std::collections::BTreeSet;
+
+use anyhow::Result;
+use watchdog_tests::{Daemon, Workload, all_nodes, await_state, thread_count};
+
+/// Waits for "go" on stdin, forks 3 children (the first forks a grandchild), reports
+/// their pids and keeps them all alive.
+const THREE_CHILDREN_ONE_GRANDCHILD: &str = r#"
+import os, sys, time
+sys.stdin.readline()
+children = []
+for i in range(3):
+    pid = os.fork()
+    if pid == 0:
+        if i == 0:
+            g = os.fork()
+            if g == 0:
+                time.sleep(600); os._exit(0)
+            print(f"grandchild {g}", flush=True)
+        time.sleep(600); os._exit(0)
+    children.append(pid)
+print("children " + " ".join(map(str, children)), flush=True)
+time.sleep(600)
+"#;
+
+#[test]
+fn a_registered_process_children_and_grandchild_form_exactly_the_tree() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let mut work = Workload::python(THREE_CHILDREN_ONE_GRANDCHILD, &[])?;
+    daemon.register(work.pid(), "tree-5")?;
+    work.send("go")?;
+    let (mut children, mut grandchild) = (Vec::new(), 0u32);
+    while children.is_empty() || grandchild == 0 {
+        let line = work.read_line()?;
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("children") => children = words.map(|w| w.parse().unwrap()).collect(),
+            Some("grandchild") => grandchild = words.next().unwrap().parse()?,
+            _ => {}
+        }
+    }
+
+    let roots = await_state("5 nodes in the tree", || {
+        let roots = daemon.tree(Some("tree-5"))?;
+        Ok((all_nodes(&roots).len() == 5).then_some(roots))
+    })?;
+
+    assert_eq!(roots.len(), 1, "one root: {roots:#?}");
+    let root = &roots[0];
+    assert_eq!(root.pid, work.pid());
+    let got: BTreeSet<u32> = root.children.iter().map(|c| c.pid).collect();
+    assert_eq!(got, children.iter().copied().collect());
+    let first = root.children.iter().find(|c| c.pid == children[0]).unwrap();
+    assert_eq!(first.children.iter().map(|c| c.pid).collect::<Vec<_>>(), vec![grandchild]);
+    assert_eq!(first.children[0].ppid, children[0]);
+    for node in all_nodes(&roots) {
+        assert_eq!(node.analysis_id, "tree-5");
+        assert!(node.rss_bytes > 0, "{node:?} has no RSS");
+    }
+    Ok(())
+}
+
+const EIGHT_THREADS: &str = r#"
+import sys, threading
+sys.stdin.readline()
+stop = threading.Event()
+threads = [threading.Thread(target=stop.wait) for _ in range(8)]
+for t in threads: t.start()
+print("threads", flush=True)
+sys.stdin.readline()
+stop.set()
+for t in threads: t.join()
+"#;
+
+#[test]
+fn a_process_with_eight_threads_is_one_node_and_its_exit_removes_it() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let mut work = Workload::python(EIGHT_THREADS, &[])?;
+    daemon.register(work.pid(), "threads")?;
+    work.send("go")?;
+    assert_eq!(work.read_line()?, "threads");
+    assert_eq!(thread_count(work.pid()), 9, "the main thread and 8 more");
+
+    let roots = daemon.tree(Some("threads"))?;
+    assert_eq!(all_nodes(&roots).len(), 1, "{roots:#?}");
+    assert_eq!(roots[0].pid, work.pid());
+    assert_eq!(daemon.status()?.forks_seen, 0, "threads are not forks");
+
+    work.send("exit")?;
+    assert!(work.wait()?.success());
+    await_state("the exited process to leave the tree", || {
+        Ok(daemon.tree(None)?.is_empty().then_some(()))
+    })?;
+    let status = daemon.status()?;
+    assert_eq!((status.exits_seen, status.monitored_count), (1, 0));
+    Ok(())
+}
+
+const FORK_LOOP: &str = r#"
+import os, sys
+n = int(sys.argv[1])
+sys.stdin.readline()
+for _ in range(n):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+print("done", flush=True)
+sys.stdin.readline()
+"#;
+
+#[test]
+fn five_thousand_short_lived_children_are_all_seen_and_gone() -> Result<()> {
+    const CHILDREN: u64 = 5000;
+    let daemon = Daemon::start()?;
+    let mut work = Workload::python(FORK_LOOP, &[&CHILDREN.to_string()])?;
+    daemon.register(work.pid(), "storm")?;
+    work.send("go")?;
+    assert_eq!(work.read_line()?, "done");
+
+    let status = await_state("every fork and exit event", || {
+        let s = daemon.status()?;
+        Ok((s.forks_seen >= CHILDREN && s.exits_seen >= CHILDREN).then_some(s))
+    })?;
+    assert_eq!(status.forks_seen, CHILDREN);
+    assert_eq!(status.exits_seen, CHILDREN);
+    assert_eq!(status.lost_events, 0);
+    assert_eq!(status.resyncs, 0);
+    let roots = daemon.tree(Some("storm"))?;
+    assert_eq!(all_nodes(&roots).len(), 1, "only the forking parent is left");
+    assert_eq!(roots[0].pid, work.pid());
+    Ok(())
+}
+
+#[test]
+fn exec_watches_a_forking_pipeline_and_passes_its_exit_code_through() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let script = "sleep 300 | sleep 301 & echo started; read go; exit 7";
+    let mut exec = Workload::spawn(
+        watchdog_tests::watchdog_bin().to_str().unwrap(),
+        &["--socket", daemon.socket.to_str().unwrap(), "exec", "--analysis-id", "pipe", "--", "sh", "-c", script],
+    )?;
+    assert_eq!(exec.read_line()?, "started");
+
+    let roots = await_state("the shell and both sleeps", || {
+        let roots = daemon.tree(Some("pipe"))?;
+        Ok((all_nodes(&roots).len() == 3).then_some(roots))
+    })?;
+    assert_eq!(roots.len(), 1);
+    let shell = &roots[0];
+    assert_eq!(shell.ppid, exec.pid(), "the command is exec's own child");
+    assert_eq!(shell.comm, "sh");
+    let sleeps: Vec<&str> = shell.children.iter().map(|c| c.comm.as_str()).collect();
+    assert_eq!(sleeps, vec!["sleep", "sleep"], "exec'd names are tracked");
+
+    exec.send("go")?;
+    assert_eq!(exec.wait()?.code(), Some(7));
+    Ok(())
+}
+
+#[test]
+fn the_programs_load_in_a_mount_namespace_without_tracefs() -> Result<()> {
+    let hide_tracefs = "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug 2>/dev/null; \
+        if grep -qw tracefs /proc/self/mounts; then echo 'tracefs still mounted' >&2; exit 99; fi; exec \"$@\"";
+    let daemon = Daemon::start_with(
+        &["unshare", "--mount", "--propagation", "private", "sh", "-c", hide_tracefs, "sh"],
+        &[],
+    )?;
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mounts", daemon_pid_of(&daemon)?))?;
+    assert!(!mounts.contains("tracefs"), "tracefs visible to the daemon:\n{mounts}");
+
+    let mut work = Workload::python(THREE_CHILDREN_ONE_GRANDCHILD, &[])?;
+    daemon.register(work.pid(), "no-tracefs")?;
+    work.send("go")?;
+    await_state("forks seen without tracefs", || {
+        Ok((all_nodes(&daemon.tree(None)?).len() == 5).then_some(()))
+    })?;
+    Ok(())
+}
+
+/// The daemon's pid when it runs behind a wrapper that execs it: the wrapper's pid.
+fn daemon_pid_of(daemon: &Daemon) -> Result<u32> {
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", daemon.pid()))?;
+    assert_eq!(comm.trim(), "watchdog-user", "the wrapper exec'd the daemon");
+    Ok(daemon.pid())
+}
