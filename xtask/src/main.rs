@@ -80,6 +80,14 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// PATH with the directory `setup` installs bpf-linker into first, so the nested eBPF
+/// build finds it even where CARGO_HOME/bin is not on the caller's PATH.
+fn path_with_linker() -> std::ffi::OsString {
+    let mut dirs = vec![toolchain::cargo_home().join("bin")];
+    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    std::env::join_paths(dirs).expect("PATH entries have no ':'")
+}
+
 fn build_daemon(release: bool) -> Result<PathBuf> {
     let profile = if release { "release" } else { "debug" };
     step(&format!(
@@ -87,6 +95,7 @@ fn build_daemon(release: bool) -> Result<PathBuf> {
     ));
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
+        .env("PATH", path_with_linker())
         .args(["build", "--package", "watchdog-user"]);
     if release {
         cmd.arg("--release");
@@ -106,11 +115,13 @@ fn is_root() -> bool {
 /// (keeping PATH so cargo, rustup and bpf-linker are found).
 fn as_root(program: &Path) -> Command {
     if is_root() {
-        return Command::new(program);
+        let mut cmd = Command::new(program);
+        cmd.env("PATH", path_with_linker());
+        return cmd;
     }
     let mut cmd = Command::new("sudo");
     cmd.arg("--preserve-env")
-        .arg(format!("PATH={}", std::env::var("PATH").unwrap_or_default()))
+        .arg(format!("PATH={}", path_with_linker().to_string_lossy()))
         .arg(program);
     cmd
 }

@@ -66,7 +66,7 @@ fn nightly() -> Result<Nightly> {
     })
 }
 
-fn cargo_home() -> PathBuf {
+pub fn cargo_home() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"))
@@ -77,7 +77,7 @@ fn ensure_bpf_linker() -> Result<()> {
     let home = cargo_home();
     let stamp = home.join("watchdog-bpf-linker.stamp");
     let wanted_stamp = format!("bpf-linker {BPF_LINKER_VERSION}\n{}", nightly.version_text);
-    let linker_runs = Command::new("bpf-linker")
+    let linker_runs = Command::new(home.join("bin").join("bpf-linker"))
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
