@@ -31,6 +31,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build (release), and run the benchmarks as root; prints their figures.
+    /// Not part of `test`: figures need a quiet machine, not a pass/fail.
+    Bench,
     /// Set up, build, and run the whole test suite as root. Arguments after `--` go to
     /// `cargo test` (e.g. a test name filter).
     Test {
@@ -52,6 +55,16 @@ fn main() -> Result<()> {
             let mut cmd = as_root(&bin);
             cmd.arg("run").args(args);
             step(&format!("starting the daemon: {}", bin.display()));
+            run_passing_exit_code(cmd)
+        }
+        Cmd::Bench => {
+            toolchain::setup()?;
+            let bin = build_daemon(true)?;
+            step("running the fork-storm benchmark");
+            let mut cmd = as_root(Path::new("cargo"));
+            cmd.current_dir(workspace_root())
+                .env("WATCHDOG_BIN", &bin)
+                .args(["run", "--quiet", "--release", "--package", "watchdog-tests", "--bin", "bench-forks"]);
             run_passing_exit_code(cmd)
         }
         Cmd::Test { args } => {
