@@ -185,6 +185,15 @@ impl Daemon {
         self.try_status()
     }
 
+    /// Sends one raw protocol line and returns the parsed answer.
+    pub fn request(&self, line: &str) -> Result<serde_json::Value> {
+        let stream = std::os::unix::net::UnixStream::connect(&self.socket)?;
+        (&stream).write_all(format!("{line}\n").as_bytes())?;
+        let mut answer = String::new();
+        BufReader::new(&stream).read_line(&mut answer)?;
+        Ok(serde_json::from_str(&answer)?)
+    }
+
     /// Whether the daemon process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

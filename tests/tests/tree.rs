@@ -186,3 +186,52 @@ fn daemon_pid_of(daemon: &Daemon) -> Result<u32> {
     assert_eq!(comm.trim(), "watchdog-user", "the wrapper exec'd the daemon");
     Ok(daemon.pid())
 }
+
+/// A fork storm while the daemon's loop is stalled: 5,000 forks make 10,000 events,
+/// more than the 4 KiB ring plus the daemon's bounded buffer hold, so events are lost
+/// for certain. Two children forked mid-storm stay alive.
+const STORM_KEEPING_TWO: &str = r#"
+import os, sys, time
+sys.stdin.readline()
+kept = []
+for i in range(5000):
+    keep = i % 2000 == 1000
+    pid = os.fork()
+    if pid == 0:
+        if keep:
+            time.sleep(600)
+        os._exit(0)
+    if keep:
+        kept.append(pid)
+    else:
+        os.waitpid(pid, 0)
+print(" ".join(map(str, kept)), flush=True)
+sys.stdin.readline()
+"#;
+
+#[test]
+fn lost_events_are_counted_and_the_tree_is_repaired_from_the_kernel_map() -> Result<()> {
+    let daemon = Daemon::start_with(&[], &["--ring-bytes", "4096", "--test-faults"])?;
+    let mut work = Workload::python(STORM_KEEPING_TWO, &[])?;
+    daemon.register(work.pid(), "lossy")?;
+    let stall = daemon.request(r#"{"op":"stall","ms":3000}"#)?;
+    assert_eq!(stall["ok"]["kind"], "stalling", "{stall}");
+    work.send("go")?;
+    let kept: BTreeSet<u32> = work.read_line()?.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(kept.len(), 2);
+
+    let status = await_state("a resync after the losses", || {
+        let s = daemon.status()?;
+        Ok((s.resyncs >= 1).then_some(s))
+    })?;
+    assert!(status.lost_events > 0, "the scenario must overflow the ring: {status:?}");
+    let roots = await_state("the repaired tree: the parent and the two kept children", || {
+        let roots = daemon.tree(Some("lossy"))?;
+        Ok((all_nodes(&roots).len() == 3).then_some(roots))
+    })?;
+    assert_eq!(roots.len(), 1);
+    assert_eq!(roots[0].pid, work.pid());
+    let children: BTreeSet<u32> = roots[0].children.iter().map(|c| c.pid).collect();
+    assert_eq!(children, kept, "nothing escaped, nothing stale");
+    Ok(())
+}

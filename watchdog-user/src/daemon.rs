@@ -29,13 +29,20 @@ const MAX_ANALYSIS_ID: usize = 256;
 pub struct Options {
     pub socket: PathBuf,
     pub btf: PathBuf,
+    pub ring_bytes: Option<u32>,
+    pub test_faults: bool,
 }
 
 pub async fn run(options: Options) -> Result<()> {
     let listener = control::bind(&options.socket).await?;
     let _socket = SocketGuard(options.socket.clone());
-    let (kernel, ring) = Kernel::load(&options.btf)?;
-    let (event_tx, mut event_rx) = mpsc::channel(1024);
+    if let Some(bytes) = options.ring_bytes
+        && (!bytes.is_power_of_two() || bytes < 4096)
+    {
+        bail!("--ring-bytes {bytes} is not a power of two of at least 4096: the kernel requires one");
+    }
+    let (kernel, ring) = Kernel::load(&options.btf, options.ring_bytes)?;
+    let (event_tx, mut event_rx) = mpsc::channel(ingest::CHANNEL_BATCHES);
     let mut ingest_task = tokio::spawn(ingest::run(ring, event_tx));
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     tokio::spawn(control::serve(listener, call_tx));
@@ -59,6 +66,12 @@ pub async fn run(options: Options) -> Result<()> {
                 }
             }
             Some((request, reply)) = call_rx.recv() => {
+                if let Request::Stall { ms } = request && options.test_faults {
+                    let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
+                    tracing::warn!(ms, "test fault: main loop stalled");
+                    std::thread::sleep(Duration::from_millis(ms));
+                    continue;
+                }
                 let _ = reply.send(watchdog.handle(request));
             }
             _ = loss_check.tick() => watchdog.repair_losses(),
@@ -81,6 +94,9 @@ struct Counters {
     resyncs: u64,
     /// Kernel loss counters as of the last resync.
     losses_repaired: u64,
+    /// CLOCK_BOOTTIME of the last resync: fork events from before it are checked
+    /// against the kernel map, since their exits may have been lost.
+    resynced_at_ns: u64,
 }
 
 struct Watchdog {
@@ -106,12 +122,17 @@ impl Watchdog {
 
     fn apply(&mut self, event: KernelEvent) {
         match event {
-            KernelEvent::Fork { pid, ppid, analysis, start_ns, comm } => {
+            KernelEvent::Fork { pid, ppid, analysis, start_ns, comm, ts_ns } => {
                 self.counters.forks += 1;
                 tracing::trace!(pid, ppid, comm, "fork");
                 if self.analyses.id(analysis).is_none() {
                     // Forked while its analysis was being unregistered.
                     self.kernel.unwatch(pid);
+                    return;
+                }
+                if ts_ns <= self.counters.resynced_at_ns && !self.kernel.is_watched(pid) {
+                    // Queued before a resync: its exit event may be among the lost ones,
+                    // and the kernel map says it is gone.
                     return;
                 }
                 self.tree.insert_forked(Node {
@@ -154,6 +175,9 @@ impl Watchdog {
             Request::Unregister { pid, analysis_id } => self.unregister(pid, analysis_id.as_deref()),
             Request::DumpTree { analysis_id } => self.dump_tree(analysis_id.as_deref()),
             Request::Status => Ok(Reply::Status(self.status())),
+            Request::Stall { .. } => Err(anyhow::anyhow!(
+                "stall is a test-only fault: start the daemon with --test-faults to use it"
+            )),
         };
         match result {
             Ok(reply) => Response::Ok(reply),
@@ -347,6 +371,7 @@ impl Watchdog {
     /// Rebuilds the tree from the kernel's map (which the programs keep exact even when
     /// events are lost) and /proc (for parentage and names).
     fn resync(&mut self, reason: &str) {
+        self.counters.resynced_at_ns = procs::boottime_ns();
         let watched = self.kernel.watched();
         let in_map: HashSet<u32> = watched.iter().map(|(pid, _)| *pid).collect();
         for pid in self.tree.pids() {

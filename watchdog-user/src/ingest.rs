@@ -15,14 +15,20 @@ use crate::tree::AnalysisKey;
 
 #[derive(Debug, Clone)]
 pub enum KernelEvent {
-    Fork { pid: u32, ppid: u32, analysis: AnalysisKey, start_ns: u64, comm: String },
+    Fork { pid: u32, ppid: u32, analysis: AnalysisKey, start_ns: u64, comm: String, ts_ns: u64 },
     Exit { pid: u32, analysis: AnalysisKey, start_ns: u64, exit_status: i32 },
     Exec { pid: u32, comm: String },
 }
 
-/// Events drained in one wake-up, handed over together to keep channel overhead off
-/// the per-event cost during fork storms.
+/// Events drained together, handed over at once to keep channel overhead off the
+/// per-event cost during fork storms.
 pub type Batch = Vec<KernelEvent>;
+
+/// Most events in one batch. With the channel's capacity this bounds what userspace
+/// buffers (64 × 256 events); beyond that the kernel ring fills and counts drops,
+/// which the daemon repairs by resyncing, instead of growing without bound.
+pub const BATCH_MAX: usize = 256;
+pub const CHANNEL_BATCHES: usize = 64;
 
 fn comm(raw: &[u8; 16]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
@@ -43,6 +49,7 @@ fn decode(bytes: &[u8]) -> Option<KernelEvent> {
             analysis: ev.analysis,
             start_ns: ev.start_ns,
             comm: comm(&ev.comm),
+            ts_ns: ev.ts_ns,
         },
         EventKind::Exit => KernelEvent::Exit {
             pid: ev.pid,
@@ -54,6 +61,18 @@ fn decode(bytes: &[u8]) -> Option<KernelEvent> {
     })
 }
 
+fn drain(ring: &mut RingBuf<MapData>) -> Batch {
+    let mut batch = Batch::with_capacity(BATCH_MAX);
+    while batch.len() < BATCH_MAX {
+        let Some(item) = ring.next() else { break };
+        match decode(&item) {
+            Some(event) => batch.push(event),
+            None => tracing::warn!(len = item.len(), "undecodable record in the ring buffer"),
+        }
+    }
+    batch
+}
+
 /// Drains the ring buffer until the receiver goes away.
 pub async fn run(ring: RingBuf<MapData>, out: mpsc::Sender<Batch>) -> Result<()> {
     // SAFETY: RingBuf owns its map fd and keeps it open, unchanged, for its whole life,
@@ -62,17 +81,15 @@ pub async fn run(ring: RingBuf<MapData>, out: mpsc::Sender<Batch>) -> Result<()>
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the reactor: {e}"))?;
     loop {
         let mut guard = ring.readable_mut().await?;
-        let mut batch = Batch::new();
-        let inner = guard.get_inner_mut();
-        while let Some(item) = inner.next() {
-            match decode(&item) {
-                Some(event) => batch.push(event),
-                None => tracing::warn!(len = item.len(), "undecodable record in the ring buffer"),
+        loop {
+            let batch = drain(guard.get_inner_mut());
+            if batch.is_empty() {
+                break;
+            }
+            if out.send(batch).await.is_err() {
+                return Ok(());
             }
         }
         guard.clear_ready();
-        if !batch.is_empty() && out.send(batch).await.is_err() {
-            return Ok(());
-        }
     }
 }

@@ -50,15 +50,19 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
 impl Kernel {
     /// Loads the programs with this kernel's struct offsets and attaches them.
     /// Returns the kernel handle and the ring buffer for [`crate::ingest`].
-    pub fn load(btf_path: &Path) -> Result<(Self, RingBuf<MapData>)> {
+    /// `ring_bytes` overrides the ring buffer's size (a power of two, at least a page).
+    pub fn load(btf_path: &Path, ring_bytes: Option<u32>) -> Result<(Self, RingBuf<MapData>)> {
         let config = KernelBtf::from_file(btf_path)?.program_config()?;
         tracing::debug!(?config, "offsets read from kernel BTF");
         let btf = Btf::parse_file(btf_path, Endianness::default())
             .map_err(|e| anyhow!("kernel BTF at {} is unusable: {e}", btf_path.display()))?;
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
-            .override_global(CONFIG_GLOBAL, &config, true)
+        let mut loader = EbpfLoader::new();
+        loader.btf(Some(&btf)).override_global(CONFIG_GLOBAL, &config, true);
+        if let Some(bytes) = ring_bytes {
+            loader.map_max_entries(EVENTS_MAP, bytes);
+        }
+        let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| refused("load the watchdog's eBPF maps and programs", e))?;
         for tracepoint in TRACEPOINTS {
@@ -92,6 +96,10 @@ impl Kernel {
     /// Removes `pid`; false when it was not there (e.g. it exited meanwhile).
     pub fn unwatch(&mut self, pid: u32) -> bool {
         self.watched.remove(&pid).is_ok()
+    }
+
+    pub fn is_watched(&self, pid: u32) -> bool {
+        self.watched.get(&pid, 0).is_ok()
     }
 
     /// The kernel's watched set: authoritative, since the programs update it themselves.

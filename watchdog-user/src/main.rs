@@ -31,6 +31,12 @@ enum Command {
         /// Kernel BTF to read struct offsets from.
         #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
         btf: PathBuf,
+        /// Ring buffer size in bytes (tests use a tiny one to provoke losses).
+        #[arg(long, hide = true)]
+        ring_bytes: Option<u32>,
+        /// Accept test-only fault requests (e.g. stall the main loop).
+        #[arg(long, hide = true)]
+        test_faults: bool,
     },
     /// Watch PID, its existing descendants and everything it forks from now on.
     Register {
@@ -71,7 +77,9 @@ enum Command {
 fn main() {
     let args = Args::parse();
     let result = match args.command {
-        Command::Run { btf } => run_daemon(daemon::Options { socket: args.socket, btf }),
+        Command::Run { btf, ring_bytes, test_faults } => {
+            run_daemon(daemon::Options { socket: args.socket, btf, ring_bytes, test_faults })
+        }
         Command::Register { pid, analysis_id } => cli::register(&args.socket, pid, analysis_id),
         Command::Unregister { pid, analysis_id } => cli::unregister(&args.socket, pid, analysis_id),
         Command::Exec { analysis_id, command } => {

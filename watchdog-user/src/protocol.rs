@@ -27,6 +27,9 @@ pub enum Request {
         analysis_id: Option<String>,
     },
     Status,
+    /// Test-only fault (daemon started with --test-faults): the main loop answers, then
+    /// stops for `ms` milliseconds, as a hung loop would.
+    Stall { ms: u64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -43,6 +46,7 @@ pub enum Reply {
     Unregistered { removed: usize },
     Tree { roots: Vec<TreeNode> },
     Status(Status),
+    Stalling { ms: u64 },
 }
 
 /// One process of the live tree, with its children: the `dump-tree --json` shape.
