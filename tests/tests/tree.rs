@@ -18,10 +18,10 @@ for i in range(3):
             g = os.fork()
             if g == 0:
                 time.sleep(600); os._exit(0)
-            print(f"grandchild {g}", flush=True)
+            os.write(1, f"grandchild {g}\n".encode())  # one write: lines must not interleave
         time.sleep(600); os._exit(0)
     children.append(pid)
-print("children " + " ".join(map(str, children)), flush=True)
+os.write(1, ("children " + " ".join(map(str, children)) + "\n").encode())
 time.sleep(600)
 "#;
 
@@ -144,9 +144,11 @@ fn exec_watches_a_forking_pipeline_and_passes_its_exit_code_through() -> Result<
     )?;
     assert_eq!(exec.read_line()?, "started");
 
-    let roots = await_state("the shell and both sleeps", || {
+    // Forked first, exec'd a moment later: wait for both events, not only the forks.
+    let roots = await_state("the shell and both sleeps, exec'd", || {
         let roots = daemon.tree(Some("pipe"))?;
-        Ok((all_nodes(&roots).len() == 3).then_some(roots))
+        let comms: Vec<&str> = all_nodes(&roots).iter().map(|n| n.comm.as_str()).collect();
+        Ok((comms.len() == 3 && comms.iter().filter(|c| **c == "sleep").count() == 2).then_some(roots))
     })?;
     assert_eq!(roots.len(), 1);
     let shell = &roots[0];
