@@ -18,10 +18,13 @@ use nix::{
     unistd::{ForkResult, Pid, execvp, fork, pipe2, read, write},
 };
 
-use crate::protocol::{Reply, Request, TreeNode, call};
+use crate::{
+    policy::LimitOverrides,
+    protocol::{AnalysisView, Reply, Request, TreeNode, call},
+};
 
-pub fn register(socket: &Path, pid: u32, analysis_id: String) -> Result<()> {
-    match call(socket, &Request::Register { pid, analysis_id })? {
+pub fn register(socket: &Path, pid: u32, analysis_id: String, limits: LimitOverrides) -> Result<()> {
+    match call(socket, &Request::Register { pid, analysis_id, limits })? {
         Reply::Registered { pid, analysis_id, watched } => {
             println!("registered pid {pid} as analysis {analysis_id:?} ({watched} processes watched)");
             Ok(())
@@ -45,7 +48,7 @@ fn unexpected(reply: Reply) -> Result<()> {
 }
 
 pub fn dump_tree(socket: &Path, json: bool, analysis_id: Option<String>) -> Result<()> {
-    let Reply::Tree { roots } = call(socket, &Request::DumpTree { analysis_id })? else {
+    let Reply::Tree { roots, analyses } = call(socket, &Request::DumpTree { analysis_id })? else {
         bail!("the daemon sent an unexpected reply to dump-tree");
     };
     if json {
@@ -55,27 +58,83 @@ pub fn dump_tree(socket: &Path, json: bool, analysis_id: Option<String>) -> Resu
     if roots.is_empty() {
         println!("no watched processes");
     }
+    for analysis in &analyses {
+        print_analysis(analysis);
+    }
     for root in &roots {
         print_node(root, 0);
     }
     Ok(())
 }
 
+fn size(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
+fn print_analysis(a: &AnalysisView) {
+    let deadline = if a.deadline_in_ms >= 0 {
+        format!("deadline in {}", humantime::format_duration(Duration::from_secs(a.deadline_in_ms as u64 / 1000)))
+    } else {
+        "deadline passed".to_string()
+    };
+    let tree_memory = a.limits.tree_memory_bytes.map_or("none".to_string(), size);
+    println!(
+        "analysis {}: {} processes, {deadline} (timeout {}), memory {}/process, tree memory {tree_memory}, grace {}, orphans {:?}",
+        a.analysis_id,
+        a.processes,
+        humantime::format_duration(Duration::from_millis(a.limits.timeout_ms)),
+        size(a.limits.memory_bytes),
+        humantime::format_duration(Duration::from_millis(a.limits.grace_ms)),
+        a.limits.orphans,
+    );
+}
+
 fn print_node(node: &TreeNode, depth: usize) {
     let age = humantime::format_duration(Duration::from_secs(node.age_ms / 1000));
+    let mut marks = String::new();
+    if node.orphan {
+        marks.push_str("  ORPHAN");
+    }
+    if let Some(left) = node.grace_left_ms {
+        marks.push_str(&format!("  IN GRACE ({}s left)", left.div_ceil(1000)));
+    }
     println!(
-        "{:indent$}{} {}  analysis={}  age={}  rss={}",
+        "{:indent$}{} {}  analysis={}  age={}  rss={}{marks}",
         "",
         node.pid,
         node.comm,
         node.analysis_id,
         age,
-        bytesize::ByteSize(node.rss_bytes).display().iec(),
+        size(node.rss_bytes),
         indent = depth * 2
     );
     for child in &node.children {
         print_node(child, depth + 1);
     }
+}
+
+pub fn events(socket: &Path, json: bool) -> Result<()> {
+    let Reply::Events { records } = call(socket, &Request::Events)? else {
+        bail!("the daemon sent an unexpected reply to events");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(());
+    }
+    println!("{:<24} {:>7} {:<16} {:<11} {:<20} {:>10} {:<12}", "TIME", "PID", "ANALYSIS", "REASON", "OUTCOME", "RSS", "COMM");
+    for r in &records {
+        println!(
+            "{:<24} {:>7} {:<16} {:<11} {:<20} {:>10} {:<12}",
+            r.time,
+            r.pid,
+            r.analysis_id,
+            r.reason.as_str(),
+            format!("{:?}", r.outcome),
+            size(r.rss_bytes),
+            r.comm
+        );
+    }
+    Ok(())
 }
 
 pub fn status(socket: &Path, json: bool) -> Result<()> {
@@ -111,7 +170,7 @@ extern "C" fn forward_signal(signo: i32) {
 /// Forks; the child waits on a pipe until the daemon has registered it, and only then
 /// execs CMD: so CMD's very first fork already happens watched. Exits with CMD's code
 /// (128 + signal when it was killed, as shells do).
-pub fn exec(socket: &Path, analysis_id: String, command: &[String]) -> Result<i32> {
+pub fn exec(socket: &Path, analysis_id: String, limits: LimitOverrides, command: &[String]) -> Result<i32> {
     let argv = command
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -135,7 +194,7 @@ pub fn exec(socket: &Path, analysis_id: String, command: &[String]) -> Result<i3
         ForkResult::Parent { child } => child,
     };
     drop(gate_read);
-    let registered = call(socket, &Request::Register { pid: child.as_raw() as u32, analysis_id });
+    let registered = call(socket, &Request::Register { pid: child.as_raw() as u32, analysis_id, limits });
     if let Err(err) = registered {
         drop(gate_write);
         let _ = waitpid(child, None);

@@ -3,7 +3,7 @@
 //! check. One owner means no locks and no interleaving to reason about.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{HashSet, VecDeque},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -16,9 +16,21 @@ use crate::{
     ingest::{self, KernelEvent},
     kernel::Kernel,
     procs::{self, ProcInfo},
-    protocol::{Reply, Request, Response, Status, TreeNode},
+    enforce::RootRef,
+    kill::{KillJob, KillRecord},
+    policy::{LimitOverrides, Limits},
+    protocol::{AnalysisView, Reply, Request, Response, Status, TreeNode},
     tree::{AnalysisKey, Analyses, Node, Tree},
 };
+
+/// Milliseconds from now until `at`, negative when it has passed.
+fn signed_ms_until(at: Instant) -> i64 {
+    let now = Instant::now();
+    match at.checked_duration_since(now) {
+        Some(left) => i64::try_from(left.as_millis()).unwrap_or(i64::MAX),
+        None => -i64::try_from(now.duration_since(at).as_millis()).unwrap_or(i64::MAX),
+    }
+}
 
 /// How often the kernel's loss counters are read. A loss is repaired by a resync from
 /// the kernel map, so this bounds how long the tree can be stale after a storm.
@@ -31,6 +43,12 @@ pub struct Options {
     pub btf: PathBuf,
     pub ring_bytes: Option<u32>,
     pub test_faults: bool,
+    /// Limits for analyses that do not set their own.
+    pub defaults: Limits,
+    /// Reconcile poll: RSS of every watched process, and the safety net for the rest.
+    pub poll_interval: Duration,
+    /// Log every kill that would be made, signal nothing.
+    pub dry_run: bool,
 }
 
 pub async fn run(options: Options) -> Result<()> {
@@ -47,7 +65,8 @@ pub async fn run(options: Options) -> Result<()> {
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     tokio::spawn(control::serve(listener, call_tx));
 
-    let mut watchdog = Watchdog::new(kernel);
+    let (parent_exit_tx, mut parent_exit_rx) = mpsc::unbounded_channel();
+    let mut watchdog = Watchdog::new(kernel, &options, parent_exit_tx);
     watchdog.resync("start");
     tracing::info!(
         socket = %options.socket.display(),
@@ -56,6 +75,8 @@ pub async fn run(options: Options) -> Result<()> {
     );
 
     let mut loss_check = tokio::time::interval(LOSS_CHECK_EVERY);
+    let mut poll = tokio::time::interval(options.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     loop {
@@ -75,6 +96,9 @@ pub async fn run(options: Options) -> Result<()> {
                 let _ = reply.send(watchdog.handle(request));
             }
             _ = loss_check.tick() => watchdog.repair_losses(),
+            _ = poll.tick() => watchdog.reconcile(),
+            Some(root) = parent_exit_rx.recv() => watchdog.root_parent_died(root),
+            _ = sleep_until_next(watchdog.next_wakeup()) => watchdog.on_timers(),
             ended = &mut ingest_task => {
                 bail!("the ring buffer reader stopped: {:?}", ended.map(|r| r.map_err(|e| format!("{e:#}"))));
             }
@@ -86,30 +110,49 @@ pub async fn run(options: Options) -> Result<()> {
     Ok(())
 }
 
+/// Sleeps until `at`, or forever when nothing is scheduled.
+async fn sleep_until_next(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     forks: u64,
     exits: u64,
     execs: u64,
     resyncs: u64,
     /// Kernel loss counters as of the last resync.
-    losses_repaired: u64,
+    pub(crate) losses_repaired: u64,
+    /// Processes recorded as killed (or would-be killed in a dry run).
+    pub(crate) kills: u64,
     /// CLOCK_BOOTTIME of the last resync: fork events from before it are checked
     /// against the kernel map, since their exits may have been lost.
     resynced_at_ns: u64,
 }
 
-struct Watchdog {
-    kernel: Kernel,
-    tree: Tree,
-    analyses: Analyses,
-    counters: Counters,
+pub(crate) struct Watchdog {
+    pub(crate) kernel: Kernel,
+    pub(crate) tree: Tree,
+    pub(crate) analyses: Analyses,
+    pub(crate) counters: Counters,
     started: Instant,
-    self_pid: u32,
+    pub(crate) self_pid: u32,
+    pub(crate) defaults: Limits,
+    pub(crate) dry_run: bool,
+    pub(crate) host: String,
+    /// Kills in progress.
+    pub(crate) jobs: Vec<KillJob>,
+    /// Finished violations and kills, newest last (bounded).
+    pub(crate) records: VecDeque<KillRecord>,
+    /// Where the watchers of registered roots' parents report a parent's death.
+    pub(crate) parent_exit_tx: mpsc::UnboundedSender<RootRef>,
 }
 
 impl Watchdog {
-    fn new(kernel: Kernel) -> Self {
+    fn new(kernel: Kernel, options: &Options, parent_exit_tx: mpsc::UnboundedSender<RootRef>) -> Self {
         Self {
             kernel,
             tree: Tree::default(),
@@ -117,6 +160,12 @@ impl Watchdog {
             counters: Counters::default(),
             started: Instant::now(),
             self_pid: std::process::id(),
+            defaults: options.defaults.clone(),
+            dry_run: options.dry_run,
+            host: crate::kill::hostname(),
+            jobs: Vec::new(),
+            records: VecDeque::new(),
+            parent_exit_tx,
         }
     }
 
@@ -135,14 +184,8 @@ impl Watchdog {
                     // and the kernel map says it is gone.
                     return;
                 }
-                self.tree.insert_forked(Node {
-                    pid,
-                    ppid,
-                    start_ns,
-                    comm,
-                    analysis,
-                    children: BTreeSet::new(),
-                });
+                self.tree.insert_forked(Node::new(pid, ppid, start_ns, comm, analysis));
+                self.join_dying_scope(pid, ppid, analysis);
             }
             KernelEvent::Exit { pid, analysis, start_ns, exit_status } => {
                 self.counters.exits += 1;
@@ -151,19 +194,25 @@ impl Watchdog {
                     .get(pid)
                     .is_some_and(|n| procs::same_start(n.start_ns, start_ns));
                 if same_process {
+                    let children = self.tree.get(pid).map(|n| n.children.clone()).unwrap_or_default();
                     self.tree.remove(pid);
                     tracing::debug!(pid, exit_status, "watched process exited");
+                    for child in children {
+                        self.orphaned(child);
+                    }
                 }
                 self.forget_if_finished(analysis);
             }
             KernelEvent::Exec { pid, comm } => {
                 self.counters.execs += 1;
-                self.tree.set_comm(pid, comm);
+                if let Some(node) = self.tree.get_mut(pid) {
+                    node.comm = comm;
+                }
             }
         }
     }
 
-    fn forget_if_finished(&mut self, analysis: AnalysisKey) {
+    pub(crate) fn forget_if_finished(&mut self, analysis: AnalysisKey) {
         if !self.tree.has_analysis(analysis) {
             self.analyses.forget(analysis);
         }
@@ -171,7 +220,8 @@ impl Watchdog {
 
     fn handle(&mut self, request: Request) -> Response {
         let result = match request {
-            Request::Register { pid, analysis_id } => self.register(pid, &analysis_id),
+            Request::Register { pid, analysis_id, limits } => self.register(pid, &analysis_id, &limits),
+            Request::Events => Ok(Reply::Events { records: self.records.iter().rev().cloned().collect() }),
             Request::Unregister { pid, analysis_id } => self.unregister(pid, analysis_id.as_deref()),
             Request::DumpTree { analysis_id } => self.dump_tree(analysis_id.as_deref()),
             Request::Status => Ok(Reply::Status(self.status())),
@@ -214,14 +264,16 @@ impl Watchdog {
         Ok(info)
     }
 
-    fn register(&mut self, pid: u32, analysis_id: &str) -> Result<Reply> {
+    fn register(&mut self, pid: u32, analysis_id: &str, overrides: &LimitOverrides) -> Result<Reply> {
         let info = self.check_registrable(pid, analysis_id)?;
-        let key = self.analyses.key_for(analysis_id);
+        let limits = self.defaults.with(overrides).map_err(|e| anyhow::anyhow!("{e}: nothing was registered"))?;
+        let key = self.analyses.key_for(analysis_id, &limits);
         if !self.tree.contains(pid) && !self.watch_verified(&info, key)? {
             self.forget_if_finished(key);
             bail!("pid {pid} exited while it was being registered");
         }
         self.adopt_descendants(key)?;
+        self.watch_root_parent(&info);
         let watched = self.tree.pids_of(key).len();
         tracing::info!(pid, analysis_id, watched, "registered");
         Ok(Reply::Registered { pid, analysis_id: analysis_id.to_string(), watched })
@@ -237,14 +289,7 @@ impl Watchdog {
             self.kernel.unwatch(info.pid);
             return Ok(false);
         }
-        self.tree.insert(Node {
-            pid: info.pid,
-            ppid: info.ppid,
-            start_ns: info.start_ns,
-            comm: info.comm.clone(),
-            analysis: key,
-            children: BTreeSet::new(),
-        });
+        self.tree.insert(Node::new(info.pid, info.ppid, info.start_ns, info.comm.clone(), key));
         Ok(true)
     }
 
@@ -306,7 +351,7 @@ impl Watchdog {
         let filter = match analysis_id {
             Some(id) => match self.analyses.key(id) {
                 Some(key) => Some(key),
-                None => return Ok(Reply::Tree { roots: Vec::new() }),
+                None => return Ok(Reply::Tree { roots: Vec::new(), analyses: Vec::new() }),
             },
             None => None,
         };
@@ -318,7 +363,18 @@ impl Watchdog {
             .filter(|n| filter.is_none_or(|key| n.analysis == key))
             .map(|n| self.view(n, now))
             .collect();
-        Ok(Reply::Tree { roots })
+        let analyses = self
+            .analyses
+            .iter()
+            .filter(|(key, _)| filter.is_none_or(|f| f == *key))
+            .map(|(key, a)| AnalysisView {
+                analysis_id: a.id.clone(),
+                processes: self.tree.pids_of(key).len(),
+                deadline_in_ms: signed_ms_until(a.deadline),
+                limits: a.limits.clone(),
+            })
+            .collect();
+        Ok(Reply::Tree { roots, analyses })
     }
 
     fn view(&self, node: &Node, now_ns: u64) -> TreeNode {
@@ -329,6 +385,12 @@ impl Watchdog {
             comm: node.comm.clone(),
             age_ms: now_ns.saturating_sub(node.start_ns) / 1_000_000,
             rss_bytes: procs::rss_bytes(node.pid),
+            orphan: node.orphan,
+            grace_left_ms: self
+                .jobs
+                .iter()
+                .find(|j| j.target_pending(node.pid))
+                .and_then(KillJob::grace_left_ms),
             children: node
                 .children
                 .iter()
@@ -350,6 +412,9 @@ impl Watchdog {
             lost_events: self.kernel.lost_events(),
             watch_map_full: self.kernel.watch_map_full(),
             resyncs: self.counters.resyncs,
+            grace_count: self.tree.pids().into_iter().filter(|p| self.jobs.iter().any(|j| j.target_pending(*p))).count(),
+            kills_total: self.counters.kills,
+            dry_run: self.dry_run,
         }
     }
 
@@ -388,14 +453,7 @@ impl Watchdog {
                 continue;
             }
             match procs::read(pid) {
-                Some(info) => self.tree.insert(Node {
-                    pid,
-                    ppid: info.ppid,
-                    start_ns: info.start_ns,
-                    comm: info.comm,
-                    analysis: key,
-                    children: BTreeSet::new(),
-                }),
+                Some(info) => self.tree.insert(Node::new(pid, info.ppid, info.start_ns, info.comm, key)),
                 None => {
                     self.kernel.unwatch(pid);
                 }

@@ -4,15 +4,19 @@ mod btf;
 mod cli;
 mod control;
 mod daemon;
+mod enforce;
 mod ingest;
 mod kernel;
+mod kill;
+mod policy;
 mod procs;
 mod protocol;
 mod tree;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Parser, Subcommand};
+use policy::{LimitOverrides, Limits, OrphanPolicy};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF process watchdog: daemon and CLI")]
@@ -37,6 +41,27 @@ enum Command {
         /// Accept test-only fault requests (e.g. stall the main loop).
         #[arg(long, hide = true)]
         test_faults: bool,
+        /// Wall-clock limit of an analysis, from its registration.
+        #[arg(long, default_value = "30m", value_parser = policy::parse_duration)]
+        default_timeout: Duration,
+        /// RSS limit of each process.
+        #[arg(long, default_value = "2GiB", value_parser = policy::parse_size)]
+        default_memory: u64,
+        /// Limit on the RSS summed over an analysis (none unless given).
+        #[arg(long, value_parser = policy::parse_size)]
+        default_tree_memory: Option<u64>,
+        /// Time between SIGTERM and SIGKILL.
+        #[arg(long, default_value = "10s", value_parser = policy::parse_duration)]
+        grace: Duration,
+        /// What to do with orphans by default.
+        #[arg(long, value_enum, default_value_t = OrphanPolicy::Kill)]
+        orphans: OrphanPolicy,
+        /// Reconcile poll interval (RSS of every watched process, the safety net).
+        #[arg(long, default_value = "30s", value_parser = policy::parse_duration)]
+        poll_interval: Duration,
+        /// Log every kill that would be made; signal nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Watch PID, its existing descendants and everything it forks from now on.
     Register {
@@ -44,6 +69,8 @@ enum Command {
         pid: u32,
         #[arg(long)]
         analysis_id: String,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Stop watching a process (with its subtree) or a whole analysis.
     #[command(group(ArgGroup::new("what").required(true).args(["pid", "analysis_id"])))]
@@ -57,6 +84,8 @@ enum Command {
     Exec {
         #[arg(long)]
         analysis_id: String,
+        #[command(flatten)]
+        limits: LimitArgs,
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
@@ -67,6 +96,11 @@ enum Command {
         #[arg(long)]
         analysis_id: Option<String>,
     },
+    /// Show recent violations and kills, newest first.
+    Events {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the daemon's counters.
     Status {
         #[arg(long)]
@@ -74,22 +108,80 @@ enum Command {
     },
 }
 
+/// Per-analysis limits; each left out takes the daemon's default.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Wall-clock limit, e.g. 90s, 30m, 2h.
+    #[arg(long, value_parser = policy::parse_duration)]
+    timeout: Option<Duration>,
+    /// RSS limit of each process, e.g. 512MiB, 2GiB.
+    #[arg(long, value_parser = policy::parse_size)]
+    memory: Option<u64>,
+    /// Limit on the RSS summed over the analysis.
+    #[arg(long, value_parser = policy::parse_size)]
+    tree_memory: Option<u64>,
+    /// Time between SIGTERM and SIGKILL.
+    #[arg(long, value_parser = policy::parse_duration)]
+    grace: Option<Duration>,
+    /// kill: SIGTERM orphans at once; log: only record them.
+    #[arg(long, value_enum)]
+    orphans: Option<OrphanPolicy>,
+}
+
+impl LimitArgs {
+    fn overrides(&self) -> LimitOverrides {
+        LimitOverrides {
+            timeout_ms: self.timeout.map(policy::millis),
+            memory_bytes: self.memory,
+            tree_memory_bytes: self.tree_memory,
+            grace_ms: self.grace.map(policy::millis),
+            orphans: self.orphans,
+        }
+    }
+}
+
 fn main() {
     let args = Args::parse();
     let result = match args.command {
-        Command::Run { btf, ring_bytes, test_faults } => {
-            run_daemon(daemon::Options { socket: args.socket, btf, ring_bytes, test_faults })
+        Command::Run {
+            btf,
+            ring_bytes,
+            test_faults,
+            default_timeout,
+            default_memory,
+            default_tree_memory,
+            grace,
+            orphans,
+            poll_interval,
+            dry_run,
+        } => run_daemon(daemon::Options {
+            socket: args.socket,
+            btf,
+            ring_bytes,
+            test_faults,
+            defaults: Limits {
+                timeout_ms: policy::millis(default_timeout),
+                memory_bytes: default_memory,
+                tree_memory_bytes: default_tree_memory,
+                grace_ms: policy::millis(grace),
+                orphans,
+            },
+            poll_interval,
+            dry_run,
+        }),
+        Command::Register { pid, analysis_id, limits } => {
+            cli::register(&args.socket, pid, analysis_id, limits.overrides())
         }
-        Command::Register { pid, analysis_id } => cli::register(&args.socket, pid, analysis_id),
         Command::Unregister { pid, analysis_id } => cli::unregister(&args.socket, pid, analysis_id),
-        Command::Exec { analysis_id, command } => {
-            match cli::exec(&args.socket, analysis_id, &command) {
+        Command::Exec { analysis_id, limits, command } => {
+            match cli::exec(&args.socket, analysis_id, limits.overrides(), &command) {
                 Ok(code) => std::process::exit(code),
                 Err(err) => Err(err),
             }
         }
         Command::DumpTree { json, analysis_id } => cli::dump_tree(&args.socket, json, analysis_id),
         Command::Status { json } => cli::status(&args.socket, json),
+        Command::Events { json } => cli::events(&args.socket, json),
     };
     if let Err(err) = result {
         eprintln!("watchdog-user: error: {err:#}");

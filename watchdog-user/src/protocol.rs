@@ -10,11 +10,21 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use serde::{Deserialize, Serialize};
 
+use crate::{
+    kill::KillRecord,
+    policy::{LimitOverrides, Limits},
+};
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Watch `pid`, its existing descendants, and all it forks from now on.
-    Register { pid: u32, analysis_id: String },
+    Register {
+        pid: u32,
+        analysis_id: String,
+        #[serde(default)]
+        limits: LimitOverrides,
+    },
     /// Stop watching a process and its subtree, or a whole analysis.
     Unregister {
         #[serde(default)]
@@ -27,6 +37,8 @@ pub enum Request {
         analysis_id: Option<String>,
     },
     Status,
+    /// Recent violations and kills, newest first.
+    Events,
     /// Test-only fault (daemon started with --test-faults): the main loop answers, then
     /// stops for `ms` milliseconds, as a hung loop would.
     Stall { ms: u64 },
@@ -44,7 +56,8 @@ pub enum Response {
 pub enum Reply {
     Registered { pid: u32, analysis_id: String, watched: usize },
     Unregistered { removed: usize },
-    Tree { roots: Vec<TreeNode> },
+    Tree { roots: Vec<TreeNode>, analyses: Vec<AnalysisView> },
+    Events { records: Vec<KillRecord> },
     Status(Status),
     Stalling { ms: u64 },
 }
@@ -58,7 +71,22 @@ pub struct TreeNode {
     pub comm: String,
     pub age_ms: u64,
     pub rss_bytes: u64,
+    /// Its parent died while it lived on.
+    pub orphan: bool,
+    /// Being killed: time left before SIGKILL.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grace_left_ms: Option<u64>,
     pub children: Vec<TreeNode>,
+}
+
+/// An analysis as `dump-tree` shows it: its limits and time left.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AnalysisView {
+    pub analysis_id: String,
+    pub processes: usize,
+    /// Negative once the deadline has passed.
+    pub deadline_in_ms: i64,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -77,6 +105,9 @@ pub struct Status {
     pub watch_map_full: u64,
     /// Times the tree was rebuilt from the kernel map and /proc after a loss.
     pub resyncs: u64,
+    pub grace_count: usize,
+    pub kills_total: u64,
+    pub dry_run: bool,
 }
 
 /// Sends one request and waits for its response (the CLI side).

@@ -1,6 +1,11 @@
 //! The live parentage tree of watched processes, and the registry of analyses.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::Instant,
+};
+
+use crate::policy::Limits;
 
 /// Daemon-assigned analysis key: what the kernel map stores instead of the id string.
 pub type AnalysisKey = u64;
@@ -14,6 +19,25 @@ pub struct Node {
     pub comm: String,
     pub analysis: AnalysisKey,
     pub children: BTreeSet<u32>,
+    /// Its parent died while it lived on.
+    pub orphan: bool,
+    /// A per-process memory violation was acted on (once).
+    pub memory_violated: bool,
+}
+
+impl Node {
+    pub fn new(pid: u32, ppid: u32, start_ns: u64, comm: String, analysis: AnalysisKey) -> Self {
+        Self {
+            pid,
+            ppid,
+            start_ns,
+            comm,
+            analysis,
+            children: BTreeSet::new(),
+            orphan: false,
+            memory_violated: false,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -83,10 +107,20 @@ impl Tree {
         Some(node)
     }
 
-    pub fn set_comm(&mut self, pid: u32, comm: String) {
-        if let Some(node) = self.nodes.get_mut(&pid) {
-            node.comm = comm;
+    pub fn get_mut(&mut self, pid: u32) -> Option<&mut Node> {
+        self.nodes.get_mut(&pid)
+    }
+
+    /// Moves `pid` under its new parent (after reparenting by the kernel).
+    pub fn reparent(&mut self, pid: u32, new_ppid: u32) {
+        let Some(old) = self.nodes.get(&pid).map(|n| n.ppid) else { return };
+        if let Some(parent) = self.nodes.get_mut(&old) {
+            parent.children.remove(&pid);
         }
+        if let Some(parent) = self.nodes.get_mut(&new_ppid) {
+            parent.children.insert(pid);
+        }
+        self.nodes.get_mut(&pid).expect("checked").ppid = new_ppid;
     }
 
     /// `pid` and every watched descendant of it, parents before children.
@@ -130,21 +164,37 @@ impl Tree {
     }
 }
 
-/// Analysis ids ↔ the small keys the kernel map holds.
+/// One analysis: its id, its limits and its clock.
+pub struct Analysis {
+    pub id: String,
+    pub limits: Limits,
+    pub deadline: Instant,
+    /// A whole-analysis kill (timeout, tree memory) was started: do not start another.
+    pub violated: bool,
+}
+
+/// Analyses by id and by the small key the kernel map holds.
 #[derive(Default)]
 pub struct Analyses {
-    by_key: HashMap<AnalysisKey, String>,
+    by_key: HashMap<AnalysisKey, Analysis>,
     by_id: HashMap<String, AnalysisKey>,
     last_key: AnalysisKey,
 }
 
 impl Analyses {
-    pub fn key_for(&mut self, id: &str) -> AnalysisKey {
+    /// The key of analysis `id`, created with `limits` (its clock starting now) when new.
+    pub fn key_for(&mut self, id: &str, limits: &Limits) -> AnalysisKey {
         if let Some(&key) = self.by_id.get(id) {
             return key;
         }
         self.last_key += 1;
-        self.by_key.insert(self.last_key, id.to_string());
+        let analysis = Analysis {
+            id: id.to_string(),
+            limits: limits.clone(),
+            deadline: Instant::now() + limits.timeout(),
+            violated: false,
+        };
+        self.by_key.insert(self.last_key, analysis);
         self.by_id.insert(id.to_string(), self.last_key);
         self.last_key
     }
@@ -154,12 +204,24 @@ impl Analyses {
     }
 
     pub fn id(&self, key: AnalysisKey) -> Option<&str> {
-        self.by_key.get(&key).map(String::as_str)
+        self.by_key.get(&key).map(|a| a.id.as_str())
+    }
+
+    pub fn get(&self, key: AnalysisKey) -> Option<&Analysis> {
+        self.by_key.get(&key)
+    }
+
+    pub fn get_mut(&mut self, key: AnalysisKey) -> Option<&mut Analysis> {
+        self.by_key.get_mut(&key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (AnalysisKey, &Analysis)> {
+        self.by_key.iter().map(|(k, a)| (*k, a))
     }
 
     pub fn forget(&mut self, key: AnalysisKey) {
-        if let Some(id) = self.by_key.remove(&key) {
-            self.by_id.remove(&id);
+        if let Some(analysis) = self.by_key.remove(&key) {
+            self.by_id.remove(&analysis.id);
         }
     }
 
@@ -173,7 +235,7 @@ mod tests {
     use super::*;
 
     fn node(pid: u32, ppid: u32) -> Node {
-        Node { pid, ppid, start_ns: 0, comm: format!("p{pid}"), analysis: 1, children: BTreeSet::new() }
+        Node::new(pid, ppid, 0, format!("p{pid}"), 1)
     }
 
     #[test]

@@ -1,0 +1,267 @@
+//! The rules applied: deadlines, memory limits and orphans turn into kill jobs
+//! (`kill`), which run inside the daemon loop and end as records.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{
+    daemon::Watchdog,
+    kill::{KillJob, KillRecord, Outcome, PidFd, Scope, TargetInfo},
+    policy::{OrphanPolicy, Reason},
+    procs::{self, ProcInfo},
+    tree::AnalysisKey,
+};
+
+/// How often a running kill looks for exits, new members and the end of its grace.
+const KILL_TICK: Duration = Duration::from_millis(10);
+/// Records kept in memory for `events` (the database keeps them all).
+const RECORDS_KEPT: usize = 10_000;
+
+/// A registered root, by identity.
+#[derive(Clone, Copy, Debug)]
+pub struct RootRef {
+    pub pid: u32,
+    pub start_ns: u64,
+}
+
+impl Watchdog {
+    /// The process that started a registered root is not watched, so its exit sends no
+    /// event: watch it through a pidfd, which polls readable the moment it exits.
+    pub(crate) fn watch_root_parent(&self, root: &ProcInfo) {
+        let parent = root.ppid;
+        if parent <= 1 || parent == self.self_pid {
+            return; // Already orphaned or started by us: nothing to lose.
+        }
+        let Some(parent_info) = procs::read(parent) else { return };
+        let Some(pidfd) = PidFd::open_verified(parent, parent_info.start_ns) else { return };
+        let tx = self.parent_exit_tx.clone();
+        let root = RootRef { pid: root.pid, start_ns: root.start_ns };
+        // SAFETY: PidFd owns its fd and keeps it open, unchanged, for its whole life.
+        match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
+            Ok(fd) => {
+                tokio::spawn(async move {
+                    if fd.readable().await.is_ok() {
+                        let _ = tx.send(root);
+                    }
+                });
+            }
+            Err(err) => tracing::warn!(parent, "cannot watch the parent of root {}: {err}", root.pid),
+        }
+    }
+
+    pub(crate) fn root_parent_died(&mut self, root: RootRef) {
+        let same = self.tree.get(root.pid).is_some_and(|n| procs::same_start(n.start_ns, root.start_ns));
+        if same {
+            self.orphaned(root.pid);
+        }
+    }
+
+    /// `pid` lives on after its parent died: flag it, then kill or log it (and its
+    /// subtree) by its analysis' policy, unless a kill already covers it.
+    pub(crate) fn orphaned(&mut self, pid: u32) {
+        let Some(node) = self.tree.get_mut(pid) else { return };
+        if node.orphan {
+            return;
+        }
+        node.orphan = true;
+        let analysis = node.analysis;
+        if let Some(now) = procs::read(pid) {
+            self.tree.reparent(pid, now.ppid);
+        }
+        if self.jobs.iter().any(|j| j.has_target(pid)) {
+            return;
+        }
+        let Some(policy) = self.analyses.get(analysis).map(|a| a.limits.orphans) else { return };
+        tracing::warn!(pid, ?policy, "orphan: its parent died while it lives on");
+        let pids = self.tree.subtree(pid);
+        match policy {
+            OrphanPolicy::Kill => self.start_kill(Scope::Subtree, Reason::Orphan, analysis, None, &pids),
+            OrphanPolicy::Log => {
+                let mut job = self.new_job(Scope::Subtree, Reason::Orphan, analysis, None);
+                job.dry_run = true;
+                for pid in pids {
+                    if let Some(info) = self.target_info(pid) {
+                        job.add(info);
+                    }
+                }
+                self.finish(job, Some(Outcome::Logged));
+            }
+        }
+    }
+
+    fn new_job(&self, scope: Scope, reason: Reason, analysis: AnalysisKey, limit: Option<u64>) -> KillJob {
+        let (id, grace) = self
+            .analyses
+            .get(analysis)
+            .map(|a| (a.id.clone(), a.limits.grace()))
+            .unwrap_or_else(|| (String::new(), self.defaults.grace()));
+        KillJob::new(scope, reason, analysis, &id, limit, grace, self.dry_run)
+    }
+
+    fn target_info(&self, pid: u32) -> Option<TargetInfo> {
+        if let Some(node) = self.tree.get(pid) {
+            return Some(TargetInfo { pid, ppid: node.ppid, start_ns: node.start_ns, comm: node.comm.clone() });
+        }
+        let info = procs::read(pid)?;
+        Some(TargetInfo { pid, ppid: info.ppid, start_ns: info.start_ns, comm: info.comm })
+    }
+
+    /// Starts a kill of `pids` (SIGTERM now, SIGKILL after the grace).
+    pub(crate) fn start_kill(
+        &mut self,
+        scope: Scope,
+        reason: Reason,
+        analysis: AnalysisKey,
+        limit: Option<u64>,
+        pids: &[u32],
+    ) {
+        let mut job = self.new_job(scope, reason, analysis, limit);
+        tracing::warn!(
+            analysis_id = job.analysis_id,
+            reason = reason.as_str(),
+            processes = pids.len(),
+            dry_run = self.dry_run,
+            "limit crossed: killing"
+        );
+        for &pid in pids {
+            if let Some(info) = self.target_info(pid) {
+                job.add(info);
+            }
+        }
+        if scope == Scope::Analysis {
+            self.sweep_analysis(&mut job);
+        }
+        self.jobs.push(job);
+    }
+
+    /// Adds members the kernel map holds that the job has not seen yet: forked while
+    /// the analysis dies, their fork events possibly still queued.
+    fn sweep_analysis(&self, job: &mut KillJob) {
+        for (pid, key) in self.kernel.watched() {
+            if key == job.analysis && !job.has_target(pid) {
+                if let Some(info) = self.target_info(pid) {
+                    job.add(info);
+                }
+            }
+        }
+    }
+
+    /// A fork inside a dying scope joins the kill at once.
+    pub(crate) fn join_dying_scope(&mut self, pid: u32, ppid: u32, analysis: AnalysisKey) {
+        if self.jobs.is_empty() {
+            return;
+        }
+        let Some(info) = self.target_info(pid) else { return };
+        if let Some(job) = self.jobs.iter_mut().find(|j| j.takes_child(ppid, analysis)) {
+            job.add(info);
+        }
+    }
+
+    pub(crate) fn next_wakeup(&self) -> Option<Instant> {
+        let deadline = self
+            .analyses
+            .iter()
+            .filter(|(_, a)| !a.violated)
+            .map(|(_, a)| a.deadline)
+            .min();
+        let kill_tick = (!self.jobs.is_empty()).then(|| Instant::now() + KILL_TICK);
+        deadline.into_iter().chain(kill_tick).min()
+    }
+
+    pub(crate) fn on_timers(&mut self) {
+        self.enforce_deadlines();
+        self.advance_jobs();
+    }
+
+    fn enforce_deadlines(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(AnalysisKey, u64)> = self
+            .analyses
+            .iter()
+            .filter(|(_, a)| !a.violated && a.deadline <= now)
+            .map(|(key, a)| (key, a.limits.timeout_ms))
+            .collect();
+        for (key, timeout_ms) in due {
+            self.analyses.get_mut(key).expect("listed").violated = true;
+            let pids = self.tree.pids_of(key);
+            self.start_kill(Scope::Analysis, Reason::Timeout, key, Some(timeout_ms), &pids);
+        }
+    }
+
+    fn advance_jobs(&mut self) {
+        for mut job in std::mem::take(&mut self.jobs) {
+            if job.scope == Scope::Analysis {
+                self.sweep_analysis(&mut job);
+            }
+            if job.advance() {
+                self.finish(job, None);
+            } else {
+                self.jobs.push(job);
+            }
+        }
+    }
+
+    /// Records a finished job: logged as one JSON line per process, kept for `events`.
+    fn finish(&mut self, job: KillJob, outcome: Option<Outcome>) {
+        for mut record in job.records(&self.host) {
+            if let Some(outcome) = outcome {
+                record.outcome = outcome;
+            }
+            self.counters.kills += u64::from(record.outcome != Outcome::Logged);
+            tracing::warn!(target: "kill_event", "{}", serde_json::to_string(&record).expect("records serialize"));
+            self.keep(record);
+        }
+    }
+
+    fn keep(&mut self, record: KillRecord) {
+        if self.records.len() == RECORDS_KEPT {
+            self.records.pop_front();
+        }
+        self.records.push_back(record);
+    }
+
+    /// The reconcile poll: RSS of every watched process against its analysis' limits.
+    /// The safety net for the kernel's fast path, and the only path for tree sums.
+    pub(crate) fn reconcile(&mut self) {
+        let mut sums: HashMap<AnalysisKey, u64> = HashMap::new();
+        let mut over = Vec::new();
+        for pid in self.tree.pids() {
+            let node = self.tree.get(pid).expect("listed");
+            let rss = procs::rss_bytes(pid);
+            *sums.entry(node.analysis).or_default() += rss;
+            let limit = self.analyses.get(node.analysis).map(|a| a.limits.memory_bytes);
+            if limit.is_some_and(|l| rss > l) && !node.memory_violated {
+                over.push((pid, node.analysis, limit.expect("checked")));
+            }
+        }
+        for (pid, analysis, limit) in over {
+            self.memory_exceeded(pid, analysis, limit);
+        }
+        for (key, sum) in sums {
+            let Some(a) = self.analyses.get(key) else { continue };
+            if let Some(limit) = a.limits.tree_memory_bytes
+                && sum > limit
+                && !a.violated
+            {
+                tracing::warn!(analysis_id = a.id.clone(), sum, limit, "tree memory limit crossed");
+                self.analyses.get_mut(key).expect("exists").violated = true;
+                let pids = self.tree.pids_of(key);
+                self.start_kill(Scope::Analysis, Reason::TreeMemory, key, Some(limit), &pids);
+            }
+        }
+    }
+
+    /// One process over the per-process limit: it alone is killed.
+    pub(crate) fn memory_exceeded(&mut self, pid: u32, analysis: AnalysisKey, limit: u64) {
+        let Some(node) = self.tree.get_mut(pid) else { return };
+        if node.memory_violated || self.jobs.iter().any(|j| j.has_target(pid)) {
+            return;
+        }
+        node.memory_violated = true;
+        self.start_kill(Scope::Process, Reason::Memory, analysis, Some(limit), &[pid]);
+    }
+}

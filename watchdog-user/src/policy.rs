@@ -1,0 +1,150 @@
+//! Limits and rules: what an analysis may use, parsed from humane values, and the
+//! reasons a process gets killed.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OrphanPolicy {
+    /// SIGTERM (then SIGKILL after the grace) the orphan and its subtree at once.
+    Kill,
+    /// Only record it.
+    Log,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Timeout,
+    Memory,
+    TreeMemory,
+    Orphan,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Memory => "memory",
+            Self::TreeMemory => "tree_memory",
+            Self::Orphan => "orphan",
+        }
+    }
+}
+
+/// The limits in force for one analysis.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub timeout_ms: u64,
+    /// Per-process RSS limit.
+    pub memory_bytes: u64,
+    /// Limit on the sum of RSS over the analysis; none by default.
+    pub tree_memory_bytes: Option<u64>,
+    pub grace_ms: u64,
+    pub orphans: OrphanPolicy,
+}
+
+/// What a register/exec request asks to change from the daemon's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orphans: Option<OrphanPolicy>,
+}
+
+impl Limits {
+    /// The defaults with `overrides` applied; a zero limit is refused (it would kill at
+    /// once, which nobody means).
+    pub fn with(&self, overrides: &LimitOverrides) -> Result<Self, String> {
+        let nonzero = |name: &str, v: Option<u64>| match v {
+            Some(0) => Err(format!("{name} must be more than 0")),
+            other => Ok(other),
+        };
+        Ok(Self {
+            timeout_ms: nonzero("the timeout", overrides.timeout_ms)?.unwrap_or(self.timeout_ms),
+            memory_bytes: nonzero("the memory limit", overrides.memory_bytes)?.unwrap_or(self.memory_bytes),
+            tree_memory_bytes: nonzero("the tree memory limit", overrides.tree_memory_bytes)?
+                .or(self.tree_memory_bytes),
+            grace_ms: nonzero("the grace period", overrides.grace_ms)?.unwrap_or(self.grace_ms),
+            orphans: overrides.orphans.unwrap_or(self.orphans),
+        })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn grace(&self) -> Duration {
+        Duration::from_millis(self.grace_ms)
+    }
+}
+
+/// `90s`, `30m`, `1h 30m`: a positive duration (clap value parser).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration {text:?} ({e}): use a positive duration such as 90s, 30m or 2h"))?;
+    if duration.is_zero() {
+        return Err(format!("invalid duration {text:?}: it must be more than 0"));
+    }
+    Ok(duration)
+}
+
+/// `512MiB`, `2GiB`, `1.5G`: a positive size in bytes (clap value parser).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let size: bytesize::ByteSize = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("invalid size {text:?} ({e}): use a size such as 512MiB or 2GiB"))?;
+    if size.as_u64() == 0 {
+        return Err(format!("invalid size {text:?}: it must be more than 0"));
+    }
+    Ok(size.as_u64())
+}
+
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn humane_values_parse_and_nonsense_is_refused_with_an_example() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        for bad in ["-5s", "0s", "soon"] {
+            assert!(parse_duration(bad).unwrap_err().contains("90s"), "{bad}");
+        }
+        for bad in ["lots", "0", "-1MiB"] {
+            assert!(parse_size(bad).unwrap_err().contains("512MiB"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn overrides_replace_defaults_and_zero_is_refused() {
+        let defaults = Limits {
+            timeout_ms: 1_800_000,
+            memory_bytes: 2 << 30,
+            tree_memory_bytes: None,
+            grace_ms: 10_000,
+            orphans: OrphanPolicy::Kill,
+        };
+        let limits = defaults
+            .with(&LimitOverrides { timeout_ms: Some(2000), orphans: Some(OrphanPolicy::Log), ..Default::default() })
+            .unwrap();
+        assert_eq!((limits.timeout_ms, limits.grace_ms, limits.orphans), (2000, 10_000, OrphanPolicy::Log));
+        assert!(defaults.with(&LimitOverrides { memory_bytes: Some(0), ..Default::default() }).is_err());
+    }
+}
