@@ -94,7 +94,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text.trim())
         .map_err(|e| format!("invalid duration {text:?} ({e}): use a positive duration such as 90s, 30m or 2h"))?;
     if duration.is_zero() {
-        return Err(format!("invalid duration {text:?}: it must be more than 0"));
+        return Err(format!("invalid duration {text:?}: it must be more than 0, such as 90s or 30m"));
     }
     Ok(duration)
 }
@@ -106,7 +106,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .parse()
         .map_err(|e| format!("invalid size {text:?} ({e}): use a size such as 512MiB or 2GiB"))?;
     if size.as_u64() == 0 {
-        return Err(format!("invalid size {text:?}: it must be more than 0"));
+        return Err(format!("invalid size {text:?}: it must be more than 0, such as 512MiB or 2GiB"));
     }
     Ok(size.as_u64())
 }
