@@ -18,7 +18,7 @@ pub const CONFIG_GLOBAL: &str = "WATCHDOG_CONFIG";
 /// Capacity of [`WATCHED_MAP`]: processes watched at once, across all analyses.
 pub const MAX_WATCHED: u32 = 1 << 17;
 /// Size of the ring buffer in bytes (a power of two, a multiple of the page size).
-/// At 56 bytes an event this holds ~150,000 events: a fork storm has to outrun the
+/// At 64 bytes an event this holds ~130,000 events: a fork storm has to outrun the
 /// daemon by that many before anything is dropped.
 pub const RING_BYTES: u32 = 8 << 20;
 
@@ -28,6 +28,10 @@ pub const RING_BYTES: u32 = 8 << 20;
 pub struct WatchEntry {
     /// Daemon-assigned key of the analysis (never 0).
     pub analysis: u64,
+    /// Per-process RSS limit in bytes (0: none); children inherit it.
+    pub mem_limit: u64,
+    /// RSS last reported to userspace, bytes (per process; a child starts at 0).
+    pub rss_reported: u64,
 }
 
 #[repr(u32)]
@@ -40,6 +44,9 @@ pub enum EventKind {
     Exit = 2,
     /// A watched process called execve: `comm` is its new name.
     Exec = 3,
+    /// A watched process' RSS crossed its limit, or moved by `Config::rss_step` since
+    /// the last report: `value` is its RSS in bytes.
+    Rss = 4,
 }
 
 impl EventKind {
@@ -48,6 +55,7 @@ impl EventKind {
             1 => Some(Self::Fork),
             2 => Some(Self::Exit),
             3 => Some(Self::Exec),
+            4 => Some(Self::Rss),
             _ => None,
         }
     }
@@ -71,6 +79,8 @@ pub struct Event {
     /// Fork and exit: the process' start time (CLOCK_BOOTTIME, ns): with the pid, the
     /// identity of the process that survives PID reuse.
     pub start_ns: u64,
+    /// Rss: bytes.
+    pub value: u64,
     pub comm: [u8; 16],
 }
 
@@ -89,6 +99,20 @@ pub struct Config {
     /// 1 when this kernel's `sched_process_exit` passes `group_dead` as its second
     /// argument; otherwise the programs read `task->signal->live` instead.
     pub exit_has_group_dead: u32,
+    /// Memory fast path (kmem:rss_stat); `rss_enabled` is 0 where this kernel's
+    /// `mm_struct.rss_stat` is not an array of `percpu_counter` (before 6.2).
+    pub rss_enabled: u32,
+    pub task_mm: u32,
+    pub mm_rss_stat: u32,
+    pub percpu_counter_size: u32,
+    pub percpu_counter_count: u32,
+    /// Indices of MM_FILEPAGES, MM_ANONPAGES, MM_SHMEMPAGES: together, the RSS.
+    pub mm_filepages: u32,
+    pub mm_anonpages: u32,
+    pub mm_shmempages: u32,
+    pub page_size: u64,
+    /// Report an RSS change once it moves by this many bytes (tree sums use these).
+    pub rss_step: u64,
 }
 
 impl Config {
@@ -102,6 +126,16 @@ impl Config {
         task_signal: 0,
         signal_live: 0,
         exit_has_group_dead: 0,
+        rss_enabled: 0,
+        task_mm: 0,
+        mm_rss_stat: 0,
+        percpu_counter_size: 0,
+        percpu_counter_count: 0,
+        mm_filepages: 0,
+        mm_anonpages: 0,
+        mm_shmempages: 0,
+        page_size: 0,
+        rss_step: 0,
     };
 }
 

@@ -14,8 +14,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -61,6 +61,10 @@ fn bump(counter: &PerCpuArray<u64>) {
 }
 
 fn emit(kind: EventKind, pid: u32, ppid: u32, exit_status: i32, analysis: u64, start_ns: u64) {
+    emit_value(kind, pid, ppid, exit_status, analysis, start_ns, 0);
+}
+
+fn emit_value(kind: EventKind, pid: u32, ppid: u32, exit_status: i32, analysis: u64, start_ns: u64, value: u64) {
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
         bump(&DROPS);
         return;
@@ -73,6 +77,7 @@ fn emit(kind: EventKind, pid: u32, ppid: u32, exit_status: i32, analysis: u64, s
         analysis,
         ts_ns: unsafe { bpf_ktime_get_boot_ns() },
         start_ns,
+        value,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
     slot.submit(0);
@@ -96,7 +101,8 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
         // A new thread of a watched process: same process, not a new node.
         return Ok(());
     }
-    if WATCHED.insert(child_tgid, entry, 0).is_err() {
+    let child_entry = WatchEntry { rss_reported: 0, ..entry };
+    if WATCHED.insert(child_tgid, child_entry, 0).is_err() {
         bump(&WATCH_FULL);
     }
     // real_parent, not the forking task: CLONE_PARENT makes them differ.
@@ -155,6 +161,53 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
     }
     let _ = ctx.as_ptr();
     0
+}
+
+/// The memory fast path: fires on every RSS counter change of any process; for a
+/// watched one, reports the crossing of its limit at once, and changes of `rss_step`
+/// for the daemon's tree sums.
+#[btf_tracepoint(function = "rss_stat")]
+pub fn rss_stat(ctx: BtfTracePointContext) -> u32 {
+    let _ = try_rss_stat(&ctx);
+    0
+}
+
+fn rss_counter(mm: *const u8, cfg: &Config, member: u32) -> Result<u64, i64> {
+    let offset = cfg.mm_rss_stat + member * cfg.percpu_counter_size + cfg.percpu_counter_count;
+    let pages: i64 = read_at(mm, offset)?;
+    Ok(if pages > 0 { pages as u64 } else { 0 })
+}
+
+fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let cfg = config();
+    if cfg.rss_enabled == 0 {
+        return Ok(());
+    }
+    let tgid = current_tgid();
+    let Some(entry) = WATCHED.get_ptr_mut(tgid) else {
+        return Ok(());
+    };
+    // Only the process' own address space: reclaim and others also touch counters.
+    let mm: *const u8 = ctx.arg(0);
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let own_mm: *const u8 = read_at(task, cfg.task_mm)?;
+    if own_mm != mm {
+        return Ok(());
+    }
+    let pages = rss_counter(mm, &cfg, cfg.mm_filepages)?
+        + rss_counter(mm, &cfg, cfg.mm_anonpages)?
+        + rss_counter(mm, &cfg, cfg.mm_shmempages)?;
+    let rss = pages * cfg.page_size;
+    // SAFETY: a valid map value pointer; racing updates from other CPUs of the same
+    // process at worst repeat or skip one report, never corrupt.
+    let entry = unsafe { &mut *entry };
+    let crossed = entry.mem_limit != 0 && rss >= entry.mem_limit && entry.rss_reported < entry.mem_limit;
+    let moved = rss.abs_diff(entry.rss_reported) >= cfg.rss_step;
+    if crossed || moved {
+        entry.rss_reported = rss;
+        emit_value(EventKind::Rss, tgid, 0, 0, entry.analysis, 0, rss);
+    }
+    Ok(())
 }
 
 #[cfg(not(test))]

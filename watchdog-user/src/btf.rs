@@ -10,18 +10,25 @@ use anyhow::{Context as _, Result, bail};
 use watchdog_common::Config;
 
 const MAGIC: u16 = 0xeb9f;
+/// RSS movement that makes the kernel report a process' RSS: the precision of tree
+/// memory sums between polls (a per-process limit crossing is reported exactly).
+const RSS_STEP: u64 = 8 << 20;
 const KIND_STRUCT: u32 = 4;
 const KIND_TYPEDEF: u32 = 8;
 const KIND_PTR: u32 = 2;
 const KIND_FUNC_PROTO: u32 = 13;
+const KIND_ARRAY: u32 = 3;
+const KIND_ENUM: u32 = 6;
 
 struct Type {
     kind: u32,
     kind_flag: bool,
     /// size for structs, the referenced type id for typedefs and pointers.
     size_or_type: u32,
-    /// Struct members (name offset, bit offset) or proto params (name offset, 0).
-    members: Vec<(u32, u32)>,
+    /// Struct members (name offset, type id, bit offset) or proto params (name, type, 0).
+    members: Vec<(u32, u32, u32)>,
+    /// Arrays: the element type id.
+    array_elem: u32,
 }
 
 pub struct KernelBtf {
@@ -29,6 +36,8 @@ pub struct KernelBtf {
     /// Index i holds type id i + 1.
     types: Vec<Type>,
     by_name: HashMap<(String, u32), u32>,
+    /// Enumerator name → value, across all enums.
+    enumerators: HashMap<String, i64>,
 }
 
 fn u32_at(data: &[u8], at: usize) -> Result<u32> {
@@ -66,7 +75,7 @@ impl KernelBtf {
         let type_data = data
             .get(hdr_len + type_off..hdr_len + type_off + type_len)
             .context("BTF type section out of bounds")?;
-        let mut btf = Self { strings, types: Vec::new(), by_name: HashMap::new() };
+        let mut btf = Self { strings, types: Vec::new(), by_name: HashMap::new(), enumerators: HashMap::new() };
         let mut at = 0;
         while at < type_data.len() {
             at = btf.parse_type(type_data, at)?;
@@ -93,14 +102,23 @@ impl KernelBtf {
             15 | 19 => 12 * vlen,      // datasec, enum64
             _ => 0,
         };
+        let mut array_elem = 0;
         if kind == 4 || kind == 5 {
             for i in 0..vlen {
                 let m = next + 12 * i;
-                members.push((u32_at(data, m)?, u32_at(data, m + 8)?));
+                members.push((u32_at(data, m)?, u32_at(data, m + 4)?, u32_at(data, m + 8)?));
             }
         } else if kind == KIND_FUNC_PROTO {
             for i in 0..vlen {
-                members.push((u32_at(data, next + 8 * i)?, 0));
+                members.push((u32_at(data, next + 8 * i)?, u32_at(data, next + 8 * i + 4)?, 0));
+            }
+        } else if kind == KIND_ARRAY {
+            array_elem = u32_at(data, next)?;
+        } else if kind == KIND_ENUM {
+            for i in 0..vlen {
+                let name = self.string(u32_at(data, next + 8 * i)?);
+                let value = u32_at(data, next + 8 * i + 4)? as i32 as i64;
+                self.enumerators.entry(name).or_insert(value);
             }
         }
         next += trailing;
@@ -109,7 +127,7 @@ impl KernelBtf {
         if !name.is_empty() {
             self.by_name.entry((name, kind)).or_insert(id);
         }
-        self.types.push(Type { kind, kind_flag: info >> 31 == 1, size_or_type, members });
+        self.types.push(Type { kind, kind_flag: info >> 31 == 1, size_or_type, members, array_elem });
         Ok(next)
     }
 
@@ -123,20 +141,56 @@ impl KernelBtf {
         self.types.get((id as usize).checked_sub(1)?)
     }
 
-    /// Byte offset of `member` in `struct name`.
-    pub fn member_offset(&self, name: &str, member: &str) -> Result<u32> {
+    fn struct_type(&self, name: &str) -> Result<&Type> {
         let id = *self
             .by_name
             .get(&(name.to_string(), KIND_STRUCT))
             .with_context(|| format!("struct {name} is not in the kernel BTF"))?;
-        let ty = self.ty(id).expect("ids in by_name exist");
-        let (_, bits) = ty
-            .members
+        Ok(self.ty(id).expect("ids in by_name exist"))
+    }
+
+    /// (type id, bit offset) of `member` in `struct name`, looking into anonymous
+    /// structs and unions too (mm_struct keeps its fields in one).
+    fn member(&self, name: &str, member: &str) -> Result<(u32, u32)> {
+        let ty = self.struct_type(name)?;
+        self.find_member(ty, member, 0)
+            .with_context(|| format!("struct {name} has no member {member} in this kernel"))
+    }
+
+    fn find_member(&self, ty: &Type, member: &str, base_bits: u32) -> Option<(u32, u32)> {
+        // With kind_flag set the high 8 bits of an offset hold a bitfield size.
+        let offset = |bits: u32| base_bits + if ty.kind_flag { bits & 0x00ff_ffff } else { bits };
+        if let Some(&(_, type_id, bits)) = ty.members.iter().find(|(n, _, _)| self.string(*n) == member) {
+            return Some((type_id, offset(bits)));
+        }
+        ty.members
             .iter()
-            .find(|(n, _)| self.string(*n) == member)
-            .with_context(|| format!("struct {name} has no member {member} in this kernel"))?;
-        // With kind_flag set the high 8 bits hold a bitfield size, not offset.
-        let bits = if ty.kind_flag { bits & 0x00ff_ffff } else { *bits };
+            .filter(|(n, _, _)| *n == 0 || self.string(*n).is_empty())
+            .find_map(|&(_, type_id, bits)| {
+                let inner = self.ty(type_id).filter(|t| t.kind == KIND_STRUCT || t.kind == 5)?;
+                self.find_member(inner, member, offset(bits))
+            })
+    }
+
+    pub fn struct_size(&self, name: &str) -> Result<u32> {
+        Ok(self.struct_type(name)?.size_or_type)
+    }
+
+    /// Whether `name.member` is an array of `struct elem`.
+    pub fn is_array_of(&self, name: &str, member: &str, elem: &str) -> bool {
+        let Ok((type_id, _)) = self.member(name, member) else { return false };
+        let Some(array) = self.ty(type_id).filter(|t| t.kind == KIND_ARRAY) else { return false };
+        self.by_name.get(&(elem.to_string(), KIND_STRUCT)) == Some(&array.array_elem)
+    }
+
+    pub fn enumerator(&self, name: &str) -> Result<u32> {
+        let value = *self.enumerators.get(name).with_context(|| format!("enumerator {name} is not in the kernel BTF"))?;
+        u32::try_from(value).with_context(|| format!("{name} = {value} is not a small index"))
+    }
+
+    /// Byte offset of `member` in `struct name`.
+    pub fn member_offset(&self, name: &str, member: &str) -> Result<u32> {
+        let (_, bits) = self.member(name, member)?;
         if bits % 8 != 0 {
             bail!("{name}.{member} is a bitfield; cannot read it");
         }
@@ -163,6 +217,30 @@ impl KernelBtf {
 
     /// Everything the kernel programs need to know about this kernel.
     pub fn program_config(&self) -> Result<Config> {
+        let mut config = self.process_config()?;
+        if self.is_array_of("mm_struct", "rss_stat", "percpu_counter") {
+            self.add_rss_config(&mut config)?;
+        } else {
+            tracing::warn!("this kernel's mm_struct.rss_stat is not per-CPU counters (< 6.2): memory limits use the poll only");
+        }
+        Ok(config)
+    }
+
+    fn add_rss_config(&self, config: &mut Config) -> Result<()> {
+        config.rss_enabled = 1;
+        config.task_mm = self.member_offset("task_struct", "mm")?;
+        config.mm_rss_stat = self.member_offset("mm_struct", "rss_stat")?;
+        config.percpu_counter_size = self.struct_size("percpu_counter")?;
+        config.percpu_counter_count = self.member_offset("percpu_counter", "count")?;
+        config.mm_filepages = self.enumerator("MM_FILEPAGES")?;
+        config.mm_anonpages = self.enumerator("MM_ANONPAGES")?;
+        config.mm_shmempages = self.enumerator("MM_SHMEMPAGES")?;
+        config.page_size = procfs::page_size();
+        config.rss_step = RSS_STEP;
+        Ok(())
+    }
+
+    fn process_config(&self) -> Result<Config> {
         Ok(Config {
             task_pid: self.member_offset("task_struct", "pid")?,
             task_tgid: self.member_offset("task_struct", "tgid")?,
@@ -172,6 +250,7 @@ impl KernelBtf {
             task_signal: self.member_offset("task_struct", "signal")?,
             signal_live: self.member_offset("signal_struct", "live")?,
             exit_has_group_dead: u32::from(self.tracepoint_arity("sched_process_exit")? >= 2),
+            ..Config::UNSET
         })
     }
 }
@@ -189,6 +268,8 @@ mod tests {
         assert_eq!(cfg.task_tgid, cfg.task_pid + 4);
         assert!(cfg.task_pid > 0 && cfg.task_real_parent > cfg.task_tgid);
         assert_eq!(btf.tracepoint_arity("sched_process_fork").unwrap(), 2);
+        assert_eq!(cfg.rss_enabled, 1, "6.18 has per-CPU rss counters");
+        assert_eq!((cfg.mm_filepages, cfg.mm_anonpages), (0, 1));
     }
 
     #[test]

@@ -126,6 +126,7 @@ pub(crate) struct Counters {
     resyncs: u64,
     /// Kernel loss counters as of the last resync.
     pub(crate) losses_repaired: u64,
+    pub(crate) rss_reports: u64,
     /// Processes recorded as killed (or would-be killed in a dry run).
     pub(crate) kills: u64,
     /// CLOCK_BOOTTIME of the last resync: fork events from before it are checked
@@ -202,6 +203,10 @@ impl Watchdog {
                     }
                 }
                 self.forget_if_finished(analysis);
+            }
+            KernelEvent::Rss { pid, analysis, rss_bytes } => {
+                self.counters.rss_reports += 1;
+                self.rss_reported(pid, analysis, rss_bytes);
             }
             KernelEvent::Exec { pid, comm } => {
                 self.counters.execs += 1;
@@ -283,7 +288,8 @@ impl Watchdog {
     /// same living process: if it exited (or its pid was recycled) in between, the
     /// kernel never saw that exit as watched, so the entry is taken back out.
     fn watch_verified(&mut self, info: &ProcInfo, key: AnalysisKey) -> Result<bool> {
-        self.kernel.watch(info.pid, key)?;
+        let mem_limit = self.analyses.get(key).map_or(0, |a| a.limits.memory_bytes);
+        self.kernel.watch(info.pid, key, mem_limit)?;
         let still_there = procs::read(info.pid).is_some_and(|now| procs::same_start(now.start_ns, info.start_ns));
         if !still_there {
             self.kernel.unwatch(info.pid);
@@ -412,6 +418,7 @@ impl Watchdog {
             lost_events: self.kernel.lost_events(),
             watch_map_full: self.kernel.watch_map_full(),
             resyncs: self.counters.resyncs,
+            rss_reports: self.counters.rss_reports,
             grace_count: self.tree.pids().into_iter().filter(|p| self.jobs.iter().any(|j| j.target_pending(*p))).count(),
             kills_total: self.counters.kills,
             dry_run: self.dry_run,

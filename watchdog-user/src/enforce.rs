@@ -2,7 +2,7 @@
 //! (`kill`), which run inside the daemon loop and end as records.
 
 use std::{
-    collections::HashMap,
+    collections::HashSet,
     time::{Duration, Instant},
 };
 
@@ -225,33 +225,50 @@ impl Watchdog {
     }
 
     /// The reconcile poll: RSS of every watched process against its analysis' limits.
-    /// The safety net for the kernel's fast path, and the only path for tree sums.
+    /// The safety net for the kernel's fast path.
     pub(crate) fn reconcile(&mut self) {
-        let mut sums: HashMap<AnalysisKey, u64> = HashMap::new();
-        let mut over = Vec::new();
+        let mut analyses = HashSet::new();
         for pid in self.tree.pids() {
-            let node = self.tree.get(pid).expect("listed");
             let rss = procs::rss_bytes(pid);
-            *sums.entry(node.analysis).or_default() += rss;
-            let limit = self.analyses.get(node.analysis).map(|a| a.limits.memory_bytes);
-            if limit.is_some_and(|l| rss > l) && !node.memory_violated {
-                over.push((pid, node.analysis, limit.expect("checked")));
+            if let Some(node) = self.tree.get_mut(pid) {
+                node.rss_bytes = rss;
+                analyses.insert(node.analysis);
             }
+            self.check_process_memory(pid);
         }
-        for (pid, analysis, limit) in over {
-            self.memory_exceeded(pid, analysis, limit);
+        for key in analyses {
+            self.check_tree_memory(key);
         }
-        for (key, sum) in sums {
-            let Some(a) = self.analyses.get(key) else { continue };
-            if let Some(limit) = a.limits.tree_memory_bytes
-                && sum > limit
-                && !a.violated
-            {
-                tracing::warn!(analysis_id = a.id.clone(), sum, limit, "tree memory limit crossed");
-                self.analyses.get_mut(key).expect("exists").violated = true;
-                let pids = self.tree.pids_of(key);
-                self.start_kill(Scope::Analysis, Reason::TreeMemory, key, Some(limit), &pids);
-            }
+    }
+
+    /// The kernel's fast path: a watched process' RSS crossed its limit or moved.
+    pub(crate) fn rss_reported(&mut self, pid: u32, analysis: AnalysisKey, rss_bytes: u64) {
+        let Some(node) = self.tree.get_mut(pid) else { return };
+        node.rss_bytes = rss_bytes;
+        self.check_process_memory(pid);
+        self.check_tree_memory(analysis);
+    }
+
+    fn check_process_memory(&mut self, pid: u32) {
+        let Some(node) = self.tree.get(pid) else { return };
+        let Some(limit) = self.analyses.get(node.analysis).map(|a| a.limits.memory_bytes) else { return };
+        if node.rss_bytes > limit {
+            self.memory_exceeded(pid, node.analysis, limit);
+        }
+    }
+
+    fn check_tree_memory(&mut self, key: AnalysisKey) {
+        let Some(a) = self.analyses.get(key) else { return };
+        let Some(limit) = a.limits.tree_memory_bytes else { return };
+        if a.violated {
+            return;
+        }
+        let pids = self.tree.pids_of(key);
+        let sum: u64 = pids.iter().filter_map(|p| self.tree.get(*p)).map(|n| n.rss_bytes).sum();
+        if sum > limit {
+            tracing::warn!(analysis_id = a.id.clone(), sum, limit, "tree memory limit crossed");
+            self.analyses.get_mut(key).expect("exists").violated = true;
+            self.start_kill(Scope::Analysis, Reason::TreeMemory, key, Some(limit), &pids);
         }
     }
 

@@ -18,6 +18,7 @@ pub enum KernelEvent {
     Fork { pid: u32, ppid: u32, analysis: AnalysisKey, start_ns: u64, comm: String, ts_ns: u64 },
     Exit { pid: u32, analysis: AnalysisKey, start_ns: u64, exit_status: i32 },
     Exec { pid: u32, comm: String },
+    Rss { pid: u32, analysis: AnalysisKey, rss_bytes: u64 },
 }
 
 /// Events drained together, handed over at once to keep channel overhead off the
@@ -58,6 +59,7 @@ fn decode(bytes: &[u8]) -> Option<KernelEvent> {
             exit_status: ev.exit_status,
         },
         EventKind::Exec => KernelEvent::Exec { pid: ev.pid, comm: comm(&ev.comm) },
+        EventKind::Rss => KernelEvent::Rss { pid: ev.pid, analysis: ev.analysis, rss_bytes: ev.value },
     })
 }
 

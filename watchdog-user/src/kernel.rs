@@ -18,7 +18,7 @@ use crate::btf::KernelBtf;
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/watchdog"));
 
 /// The tracepoints we attach to, each by a program of the same name.
-const TRACEPOINTS: [&str; 3] = ["sched_process_fork", "sched_process_exit", "sched_process_exec"];
+const TRACEPOINTS: [&str; 4] = ["sched_process_fork", "sched_process_exit", "sched_process_exec", "rss_stat"];
 
 pub struct Kernel {
     /// Owns the programs and their links: dropping it detaches everything.
@@ -87,9 +87,9 @@ impl Kernel {
         Ok((kernel, ring))
     }
 
-    pub fn watch(&mut self, pid: u32, analysis: u64) -> Result<()> {
+    pub fn watch(&mut self, pid: u32, analysis: u64, mem_limit: u64) -> Result<()> {
         self.watched
-            .insert(pid, WatchEntry { analysis }, 0)
+            .insert(pid, WatchEntry { analysis, mem_limit, rss_reported: 0 }, 0)
             .with_context(|| format!("adding pid {pid} to the kernel's watched map"))
     }
 

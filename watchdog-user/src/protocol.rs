@@ -105,6 +105,8 @@ pub struct Status {
     pub watch_map_full: u64,
     /// Times the tree was rebuilt from the kernel map and /proc after a loss.
     pub resyncs: u64,
+    /// RSS reports from the kernel's memory fast path.
+    pub rss_reports: u64,
     pub grace_count: usize,
     pub kills_total: u64,
     pub dry_run: bool,

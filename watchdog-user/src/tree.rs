@@ -23,6 +23,8 @@ pub struct Node {
     pub orphan: bool,
     /// A per-process memory violation was acted on (once).
     pub memory_violated: bool,
+    /// Last RSS known, from the kernel's fast path or the poll.
+    pub rss_bytes: u64,
 }
 
 impl Node {
@@ -36,6 +38,7 @@ impl Node {
             children: BTreeSet::new(),
             orphan: false,
             memory_violated: false,
+            rss_bytes: 0,
         }
     }
 }
