@@ -57,6 +57,9 @@ pub struct TreeNode {
     pub comm: String,
     pub age_ms: u64,
     pub rss_bytes: u64,
+    pub orphan: bool,
+    #[serde(default)]
+    pub grace_left_ms: Option<u64>,
     pub children: Vec<TreeNode>,
 }
 
@@ -85,6 +88,7 @@ pub struct Status {
     pub lost_events: u64,
     pub watch_map_full: u64,
     pub resyncs: u64,
+    pub rss_reports: u64,
 }
 
 /// A daemon of the test's own, stopped and cleaned up on drop.
@@ -177,6 +181,11 @@ impl Daemon {
         Ok(serde_json::from_str(&self.cli_ok(&args)?)?)
     }
 
+    /// Recent violations and kills, newest first, as the JSON `events --json` prints.
+    pub fn events(&self) -> Result<Vec<serde_json::Value>> {
+        Ok(serde_json::from_str(&self.cli_ok(&["events", "--json"])?)?)
+    }
+
     fn try_status(&self) -> Result<Status> {
         Ok(serde_json::from_str(&self.cli_ok(&["status", "--json"])?)?)
     }
@@ -204,9 +213,8 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- daemon log ---\n{}", self.log());
-        }
+        // Captured by the test harness: shown only when the test fails.
+        eprintln!("--- daemon log ---\n{}", self.log());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -259,6 +267,11 @@ impl Workload {
             bail!("the workload closed its stdout");
         }
         Ok(line.trim_end().to_string())
+    }
+
+    /// Whether the workload's first process still runs (reaping it if it has ended).
+    pub fn alive_now(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn wait(&mut self) -> Result<std::process::ExitStatus> {

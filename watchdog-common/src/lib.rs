@@ -95,6 +95,7 @@ pub struct Config {
     pub task_exit_code: u32,
     pub task_start_boottime: u32,
     pub task_signal: u32,
+    pub task_group_leader: u32,
     pub signal_live: u32,
     /// 1 when this kernel's `sched_process_exit` passes `group_dead` as its second
     /// argument; otherwise the programs read `task->signal->live` instead.
@@ -124,6 +125,7 @@ impl Config {
         task_exit_code: 0,
         task_start_boottime: 0,
         task_signal: 0,
+        task_group_leader: 0,
         signal_live: 0,
         exit_has_group_dead: 0,
         rss_enabled: 0,

@@ -136,8 +136,10 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let exit_status: i32 = read_at(task, cfg.task_exit_code)?;
-    // The start time lets userspace tell this exit from one of a recycled PID.
-    let start_ns: u64 = read_at(task, cfg.task_start_boottime)?;
+    // The process' start time (its leader's: the last thread out may be another one)
+    // lets userspace tell this exit from one of a recycled PID.
+    let leader: *const u8 = read_at(task, cfg.task_group_leader)?;
+    let start_ns: u64 = read_at(leader, cfg.task_start_boottime)?;
     emit(EventKind::Exit, tgid, 0, exit_status, entry.analysis, start_ns);
     Ok(())
 }

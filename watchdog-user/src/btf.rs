@@ -248,6 +248,7 @@ impl KernelBtf {
             task_exit_code: self.member_offset("task_struct", "exit_code")?,
             task_start_boottime: self.member_offset("task_struct", "start_boottime")?,
             task_signal: self.member_offset("task_struct", "signal")?,
+            task_group_leader: self.member_offset("task_struct", "group_leader")?,
             signal_live: self.member_offset("signal_struct", "live")?,
             exit_has_group_dead: u32::from(self.tracepoint_arity("sched_process_exit")? >= 2),
             ..Config::UNSET

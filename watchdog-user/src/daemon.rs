@@ -144,8 +144,9 @@ pub(crate) struct Watchdog {
     pub(crate) defaults: Limits,
     pub(crate) dry_run: bool,
     pub(crate) host: String,
-    /// Kills in progress.
+    /// Kills in progress, and when they are next looked at.
     pub(crate) jobs: Vec<KillJob>,
+    pub(crate) kill_tick_at: Instant,
     /// Finished violations and kills, newest last (bounded).
     pub(crate) records: VecDeque<KillRecord>,
     /// Where the watchers of registered roots' parents report a parent's death.
@@ -165,6 +166,7 @@ impl Watchdog {
             dry_run: options.dry_run,
             host: crate::kill::hostname(),
             jobs: Vec::new(),
+            kill_tick_at: Instant::now(),
             records: VecDeque::new(),
             parent_exit_tx,
         }

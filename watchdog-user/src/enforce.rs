@@ -69,28 +69,33 @@ impl Watchdog {
         }
         node.orphan = true;
         let analysis = node.analysis;
+        let covered = self.jobs.iter().any(|j| j.has_target(pid));
+        let policy = self.analyses.get(analysis).map(|a| a.limits.orphans);
+        if let (false, Some(policy)) = (covered, policy) {
+            tracing::warn!(pid, ?policy, "orphan: its parent died while it lives on");
+            // Recorded with the parent that died, before the tree follows the kernel's
+            // reparenting.
+            let pids = self.tree.subtree(pid);
+            match policy {
+                OrphanPolicy::Kill => self.start_kill(Scope::Subtree, Reason::Orphan, analysis, None, &pids),
+                OrphanPolicy::Log => self.record_only(Scope::Subtree, Reason::Orphan, analysis, &pids),
+            }
+        }
         if let Some(now) = procs::read(pid) {
             self.tree.reparent(pid, now.ppid);
         }
-        if self.jobs.iter().any(|j| j.has_target(pid)) {
-            return;
-        }
-        let Some(policy) = self.analyses.get(analysis).map(|a| a.limits.orphans) else { return };
-        tracing::warn!(pid, ?policy, "orphan: its parent died while it lives on");
-        let pids = self.tree.subtree(pid);
-        match policy {
-            OrphanPolicy::Kill => self.start_kill(Scope::Subtree, Reason::Orphan, analysis, None, &pids),
-            OrphanPolicy::Log => {
-                let mut job = self.new_job(Scope::Subtree, Reason::Orphan, analysis, None);
-                job.dry_run = true;
-                for pid in pids {
-                    if let Some(info) = self.target_info(pid) {
-                        job.add(info);
-                    }
-                }
-                self.finish(job, Some(Outcome::Logged));
+    }
+
+    /// A violation that is recorded, not acted on (orphan policy `log`).
+    fn record_only(&mut self, scope: Scope, reason: Reason, analysis: AnalysisKey, pids: &[u32]) {
+        let mut job = self.new_job(scope, reason, analysis, None);
+        job.dry_run = true;
+        for &pid in pids {
+            if let Some(info) = self.target_info(pid) {
+                job.add(info);
             }
         }
+        self.finish(job, Some(Outcome::Logged));
     }
 
     fn new_job(&self, scope: Scope, reason: Reason, analysis: AnalysisKey, limit: Option<u64>) -> KillJob {
@@ -119,6 +124,9 @@ impl Watchdog {
         limit: Option<u64>,
         pids: &[u32],
     ) {
+        if self.jobs.is_empty() {
+            self.kill_tick_at = Instant::now() + KILL_TICK;
+        }
         let mut job = self.new_job(scope, reason, analysis, limit);
         tracing::warn!(
             analysis_id = job.analysis_id,
@@ -168,11 +176,14 @@ impl Watchdog {
             .filter(|(_, a)| !a.violated)
             .map(|(_, a)| a.deadline)
             .min();
-        let kill_tick = (!self.jobs.is_empty()).then(|| Instant::now() + KILL_TICK);
+        let kill_tick = (!self.jobs.is_empty()).then_some(self.kill_tick_at);
         deadline.into_iter().chain(kill_tick).min()
     }
 
     pub(crate) fn on_timers(&mut self) {
+        // A fixed instant, not "now + tick" at each look: requests arriving faster than
+        // the tick would otherwise push it away forever.
+        self.kill_tick_at = Instant::now() + KILL_TICK;
         self.enforce_deadlines();
         self.advance_jobs();
     }

@@ -1,0 +1,369 @@
+//! Enforcement, end to end: timeouts, memory, orphans, fork bombs, PID reuse, dry runs.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Result, bail};
+use serde_json::Value;
+use watchdog_tests::{Daemon, Workload, await_state, one_line_error, python};
+
+/// Records for `pid` once the kill that covers it has finished.
+fn records_for(daemon: &Daemon, pids: &[u32]) -> Result<Vec<Value>> {
+    await_state("kill records", || {
+        let records = daemon.events()?;
+        let found: Vec<Value> = records.into_iter().filter(|r| pids.contains(&(r["pid"].as_u64().unwrap() as u32))).collect();
+        Ok((found.len() >= pids.len()).then_some(found))
+    })
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !matches!(stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()), Some("Z" | "X")))
+}
+
+fn time_of(text: &Value) -> SystemTime {
+    humantime::parse_rfc3339(text.as_str().unwrap()).unwrap()
+}
+
+fn signals(record: &Value) -> Vec<&str> {
+    record["signals"].as_array().unwrap().iter().map(|s| s["signal"].as_str().unwrap()).collect()
+}
+
+/// Reports its own pid and the pid of a child that ignores SIGTERM, then sleeps.
+const PARENT_AND_STUBBORN_CHILD: &str = r#"
+import os, signal, sys, time
+sys.stdin.readline()
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.write(1, f"{os.getpid()}\n".encode())
+    time.sleep(600)
+    os._exit(0)
+time.sleep(600)
+"#;
+
+#[test]
+fn a_timeout_sigterms_at_the_deadline_and_sigkills_what_ignores_it_after_the_grace() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let mut work = Workload::python(PARENT_AND_STUBBORN_CHILD, &[])?;
+    let registered_at = SystemTime::now();
+    daemon.cli_ok(&["register", "--pid", &work.pid().to_string(), "--analysis-id", "t", "--timeout", "2s", "--grace", "1s"])?;
+    work.send("go")?;
+    let child: u32 = work.read_line()?.parse()?;
+
+    let records = records_for(&daemon, &[work.pid(), child])?;
+    assert!(!work.alive_now() && !alive(child), "both are gone");
+    for record in &records {
+        assert_eq!(record["reason"], "timeout");
+        assert_eq!(record["limit"], 2000);
+        assert_eq!(record["analysis_id"], "t");
+        let sigterm = time_of(&record["signals"][0]["at"]);
+        assert!(sigterm.duration_since(registered_at)? >= Duration::from_secs(2), "not before the deadline");
+    }
+    let parent = records.iter().find(|r| r["pid"] == work.pid()).unwrap();
+    assert_eq!(parent["outcome"], "exited_after_sigterm");
+    assert_eq!(signals(parent), vec!["SIGTERM"]);
+    let stubborn = records.iter().find(|r| r["pid"] == child).unwrap();
+    assert_eq!(stubborn["outcome"], "killed");
+    assert_eq!(signals(stubborn), vec!["SIGTERM", "SIGKILL"]);
+    let grace = time_of(&stubborn["signals"][1]["at"]).duration_since(time_of(&stubborn["signals"][0]["at"]))?;
+    assert!(grace >= Duration::from_secs(1), "SIGKILL only after the grace: {grace:?}");
+    for field in ["time", "host", "ppid", "rss_bytes", "runtime_ms", "comm", "cmdline", "uid"] {
+        assert!(!stubborn[field].is_null(), "{field} missing in {stubborn}");
+    }
+    Ok(())
+}
+
+/// Grows by 10 MiB of touched memory every 20 ms, to 600 MiB.
+const GROWER: &str = r#"
+import sys, time
+sys.stdin.readline()
+hold = []
+for _ in range(60):
+    hold.append(b"x" * (10 << 20))
+    time.sleep(0.02)
+print("survived", flush=True)
+time.sleep(600)
+"#;
+
+#[test]
+fn a_process_over_its_memory_limit_is_killed_by_the_kernel_fast_path_not_the_poll() -> Result<()> {
+    const LIMIT: u64 = 200 << 20;
+    let daemon = Daemon::start()?; // poll every 30 s: its first tick is at start, before this
+    let mut work = Workload::python(GROWER, &[])?;
+    daemon.cli_ok(&["register", "--pid", &work.pid().to_string(), "--analysis-id", "m", "--memory", "200MiB"])?;
+    let started = SystemTime::now();
+    work.send("go")?;
+    let record = records_for(&daemon, &[work.pid()])?.remove(0);
+    assert_eq!(record["reason"], "memory");
+    assert_eq!(record["limit"], LIMIT);
+    let rss = record["rss_bytes"].as_u64().unwrap();
+    assert!(rss > LIMIT && rss < LIMIT + (32 << 20), "RSS at kill {rss} should be just over {LIMIT}");
+    let sigterm = time_of(&record["signals"][0]["at"]);
+    assert!(sigterm.duration_since(started)? < Duration::from_secs(10), "well before the 30 s poll");
+    assert!(daemon.status()?.rss_reports > 0);
+    Ok(())
+}
+
+/// Four workers, each holding 80 MiB of touched memory: ~360 MiB in all with the
+/// parent, ~270 MiB with three.
+const FOUR_WORKERS: &str = r#"
+import os, sys, time
+sys.stdin.readline()
+for _ in range(4):
+    if os.fork() == 0:
+        os.write(1, f"{os.getpid()}\n".encode())
+        hold = b"x" * (80 << 20)
+        time.sleep(600)
+        os._exit(0)
+time.sleep(600)
+"#;
+
+#[test]
+fn workers_under_the_process_limit_but_over_the_tree_limit_together_get_the_analysis_killed() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let mut work = Workload::python(FOUR_WORKERS, &[])?;
+    daemon.cli_ok(&[
+        "register", "--pid", &work.pid().to_string(), "--analysis-id", "tm", "--memory", "200MiB", "--tree-memory", "320MiB",
+    ])?;
+    work.send("go")?;
+    let mut pids = vec![work.pid()];
+    for _ in 0..4 {
+        pids.push(work.read_line()?.parse()?);
+    }
+    let records = records_for(&daemon, &pids)?;
+    assert!(records.iter().all(|r| r["reason"] == "tree_memory" && r["limit"] == 320u64 << 20), "{records:#?}");
+    assert!(pids.iter().all(|p| !alive(*p)));
+    Ok(())
+}
+
+/// A multiprocessing pool: the parent reports its workers' pids.
+const POOL: &str = r#"
+import multiprocessing, os, sys, time
+def work(_):
+    time.sleep(600)
+if __name__ == "__main__":
+    sys.stdin.readline()
+    pool = multiprocessing.get_context("fork").Pool(3)
+    pool.map_async(work, range(3))
+    time.sleep(0.5)
+    os.write(1, (" ".join(str(p.pid) for p in pool._pool) + "\n").encode())
+    time.sleep(600)
+"#;
+
+#[test]
+fn sigkilling_a_pool_parent_gets_every_worker_flagged_orphan_and_killed() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let mut work = Workload::python(POOL, &[])?;
+    daemon.register(work.pid(), "pool")?;
+    work.send("go")?;
+    let workers: Vec<u32> = work.read_line()?.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(workers.len(), 3);
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(work.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+    let records = records_for(&daemon, &workers)?;
+    for record in &records {
+        assert_eq!(record["reason"], "orphan", "{record}");
+        assert_eq!(record["ppid"], work.pid(), "the record names the dead parent");
+        assert_eq!(record["outcome"], "exited_after_sigterm");
+    }
+    let named: BTreeSet<u64> = records.iter().map(|r| r["pid"].as_u64().unwrap()).collect();
+    assert_eq!(named, workers.iter().map(|p| *p as u64).collect());
+    await_state("the workers gone", || Ok(workers.iter().all(|p| !alive(*p)).then_some(())))?;
+    Ok(())
+}
+
+/// A launcher (sh) starts a Python root and reports its pid, then waits.
+fn launcher() -> Result<Workload> {
+    let script = format!("{} -c 'import time; time.sleep(600)' & echo $!; wait", python());
+    Workload::spawn("sh", &["-c", &script])
+}
+
+#[test]
+fn an_analysis_root_whose_launcher_dies_is_flagged_orphan_and_killed() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let mut launcher = launcher()?;
+    let root: u32 = launcher.read_line()?.parse()?;
+    daemon.register(root, "launched")?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+    let record = records_for(&daemon, &[root])?.remove(0);
+    assert_eq!(record["reason"], "orphan");
+    await_state("the orphaned root gone", || Ok((!alive(root)).then_some(())))?;
+    Ok(())
+}
+
+#[test]
+fn with_orphans_log_an_orphan_is_recorded_and_left_alone() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let mut launcher = launcher()?;
+    let root: u32 = launcher.read_line()?.parse()?;
+    daemon.cli_ok(&["register", "--pid", &root.to_string(), "--analysis-id", "logged", "--orphans", "log"])?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+    let record = records_for(&daemon, &[root])?.remove(0);
+    assert_eq!((record["reason"].as_str(), record["outcome"].as_str()), (Some("orphan"), Some("logged")));
+    assert!(record["signals"].as_array().unwrap().is_empty());
+    assert!(alive(root));
+    let tree = daemon.tree(Some("logged"))?;
+    assert!(tree[0].orphan, "dump-tree marks it");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(root as i32), nix::sys::signal::Signal::SIGKILL)?;
+    Ok(())
+}
+
+/// Every process keeps three children alive, replacing any that die, and ignores
+/// SIGTERM; depth-capped so the machine survives the test.
+const FORK_BOMB: &str = r#"
+import os, signal, sys, time
+sys.stdin.readline()
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+depth = 0
+children = set()
+while True:
+    while len(children) < 3 and depth < 5:
+        pid = os.fork()
+        if pid == 0:
+            depth += 1
+            children = set()
+            break
+        children.add(pid)
+    else:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+            children.discard(pid)
+        except ChildProcessError:
+            pass
+        time.sleep(0.01)
+"#;
+
+fn alive_in_group(pgid: u32) -> Vec<u32> {
+    procfs_pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+                fields.first().is_some_and(|s| *s != "Z" && *s != "X") && fields.get(2) == Some(&pgid.to_string().as_str())
+            })
+        })
+        .collect()
+}
+
+fn procfs_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+}
+
+#[test]
+fn a_fork_bomb_hitting_its_timeout_leaves_no_survivor() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let mut work = Workload::python(FORK_BOMB, &[])?;
+    daemon.cli_ok(&["register", "--pid", &work.pid().to_string(), "--analysis-id", "bomb", "--timeout", "3s", "--grace", "1s"])?;
+    work.send("go")?;
+    await_state("the bomb to grow", || Ok((alive_in_group(work.pid()).len() > 100).then_some(())))?;
+    await_state("nothing of the bomb left", || Ok(alive_in_group(work.pid()).is_empty().then_some(())))?;
+    let records = await_state("the kill to finish", || {
+        let records = daemon.events()?;
+        Ok((!records.is_empty()).then_some(records))
+    })?;
+    assert!(records.len() > 100, "every member recorded: {}", records.len());
+    assert!(records.iter().all(|r| r["reason"] == "timeout"));
+    assert_eq!(daemon.tree(Some("bomb"))?.len(), 0);
+    Ok(())
+}
+
+/// Makes the next fork system-wide likely to get `pid` (root may set ns_last_pid).
+fn spawn_with_pid(pid: u32) -> Result<Workload> {
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())?;
+        let candidate = Workload::spawn("sleep", &["600"])?;
+        if candidate.pid() == pid {
+            return Ok(candidate);
+        }
+    }
+    bail!("could not get pid {pid} reused")
+}
+
+const PARENT_AND_SHORT_CHILD: &str = r#"
+import os, sys, time
+sys.stdin.readline()
+pid = os.fork()
+if pid == 0:
+    sys.stdin.readline()
+    os._exit(0)
+os.write(1, f"{pid}\n".encode())
+os.waitpid(pid, 0)
+os.write(1, b"reaped\n")
+time.sleep(600)
+"#;
+
+#[test]
+fn a_recycled_pid_of_a_watched_process_is_never_signalled() -> Result<()> {
+    let daemon = Daemon::start_with(&[], &["--test-faults"])?;
+    let mut work = Workload::python(PARENT_AND_SHORT_CHILD, &[])?;
+    daemon.cli_ok(&["register", "--pid", &work.pid().to_string(), "--analysis-id", "reuse", "--timeout", "2s", "--grace", "1s"])?;
+    work.send("go")?;
+    let child: u32 = work.read_line()?.parse()?;
+    await_state("the child watched", || Ok((watchdog_tests::all_nodes(&daemon.tree(None)?).len() == 2).then_some(())))?;
+    // Hold the daemon's loop so the child's exit is still queued when the deadline
+    // fires: the kill then targets a pid that now names an unrelated process.
+    daemon.request(r#"{"op":"stall","ms":3000}"#)?;
+    work.send("exit")?;
+    assert_eq!(work.read_line()?, "reaped");
+    let unrelated = spawn_with_pid(child)?;
+
+    let parent = records_for(&daemon, &[work.pid()])?.remove(0);
+    assert_eq!(parent["reason"], "timeout");
+    assert!(alive(unrelated.pid()), "the process that reused the pid was signalled");
+    let records = daemon.events()?;
+    let about_child: Vec<&Value> = records.iter().filter(|r| r["pid"] == child).collect();
+    assert!(about_child.iter().all(|r| r["signals"].as_array().unwrap().is_empty()), "{about_child:#?}");
+    Ok(())
+}
+
+#[test]
+fn dry_run_records_the_kills_it_would_make_and_signals_nothing() -> Result<()> {
+    let daemon = Daemon::start_with(&[], &["--dry-run"])?;
+    let work = Workload::spawn("sleep", &["600"])?;
+    daemon.cli_ok(&["register", "--pid", &work.pid().to_string(), "--analysis-id", "dry", "--timeout", "1s"])?;
+    let mut launcher = launcher()?;
+    let root: u32 = launcher.read_line()?.parse()?;
+    daemon.register(root, "dry-orphan")?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+
+    let records = records_for(&daemon, &[work.pid(), root])?;
+    for record in &records {
+        assert_eq!(record["outcome"], "dry_run", "{record}");
+        assert!(record["signals"].as_array().unwrap().is_empty());
+    }
+    assert!(alive(work.pid()) && alive(root));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(root as i32), nix::sys::signal::Signal::SIGKILL)?;
+    Ok(())
+}
+
+#[test]
+fn bad_limits_are_refused_with_a_clear_error_and_nothing_is_registered() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let work = Workload::spawn("sleep", &["600"])?;
+    let pid = work.pid().to_string();
+    for (flag, value, expected) in [
+        ("--timeout", "-5s", "such as 90s"),
+        ("--timeout", "0s", "more than 0"),
+        ("--memory", "lots", "such as 512MiB"),
+        ("--memory", "0", "more than 0"),
+        ("--tree-memory", "0B", "more than 0"),
+        ("--grace", "soon", "such as 90s"),
+        ("--orphans", "maybe", "possible values: kill, log"),
+    ] {
+        let out = daemon.cli(&["register", "--pid", &pid, "--analysis-id", "bad", &format!("{flag}={value}")]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{flag} {value}: {stderr}");
+    }
+    let answer = daemon.request(&format!(
+        r#"{{"op":"register","pid":{pid},"analysis_id":"bad","limits":{{"memory_bytes":0}}}}"#
+    ))?;
+    assert!(answer["error"].as_str().unwrap().contains("must be more than 0"), "{answer}");
+    let out = daemon.cli(&["register", "--pid", &pid, "--analysis-id", ""]);
+    one_line_error(&out);
+    assert_eq!(daemon.status()?.monitored_count, 0, "nothing registered");
+    Ok(())
+}
