@@ -379,6 +379,10 @@ impl Watchdog {
                 analysis_id: a.id.clone(),
                 processes: self.tree.pids_of(key).len(),
                 deadline_in_ms: signed_ms_until(a.deadline),
+                deadline_unix_ms: a
+                    .deadline_wall
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, crate::policy::millis),
                 limits: a.limits.clone(),
             })
             .collect();

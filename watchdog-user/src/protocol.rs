@@ -86,6 +86,8 @@ pub struct AnalysisView {
     pub processes: usize,
     /// Negative once the deadline has passed.
     pub deadline_in_ms: i64,
+    /// The deadline as Unix time, ms.
+    pub deadline_unix_ms: u64,
     pub limits: Limits,
 }
 

@@ -172,6 +172,8 @@ pub struct Analysis {
     pub id: String,
     pub limits: Limits,
     pub deadline: Instant,
+    /// The same deadline on the wall clock, for people and for latency measurements.
+    pub deadline_wall: std::time::SystemTime,
     /// A whole-analysis kill (timeout, tree memory) was started: do not start another.
     pub violated: bool,
 }
@@ -195,6 +197,7 @@ impl Analyses {
             id: id.to_string(),
             limits: limits.clone(),
             deadline: Instant::now() + limits.timeout(),
+            deadline_wall: std::time::SystemTime::now() + limits.timeout(),
             violated: false,
         };
         self.by_key.insert(self.last_key, analysis);
