@@ -92,8 +92,13 @@ pub struct Status {
 }
 
 /// A daemon of the test's own, stopped and cleaned up on drop.
+///
+/// Every daemon comes with a bystander: an unregistered process that no test touches.
+/// On drop the bystander, the daemon itself and PID 1 must all still be alive: across
+/// the whole suite, the watchdog never signals what it must not.
 pub struct Daemon {
     child: Child,
+    bystander: Child,
     pub dir: PathBuf,
     pub socket: PathBuf,
 }
@@ -127,7 +132,8 @@ impl Daemon {
         cmd.arg("--socket").arg(&socket).arg("run").args(extra);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let child = cmd.spawn().context("starting the daemon")?;
-        let mut daemon = Self { child, dir, socket };
+        let bystander = Command::new("sleep").arg("3600").process_group(0).spawn()?;
+        let mut daemon = Self { child, bystander, dir, socket };
         await_state("the daemon to answer on its socket", || {
             if let Some(status) = daemon.child.try_wait()? {
                 bail!("the daemon exited ({status}) before serving:\n{}", daemon.log());
@@ -209,13 +215,37 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// What must never be signalled: checked when every test's daemon goes away.
+    fn untouchables_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.bystander.try_wait()? {
+            bail!("an unregistered bystander process was killed ({status})");
+        }
+        if let Some(status) = self.child.try_wait()? {
+            bail!("the daemon died ({status}) before the test ended");
+        }
+        if kill(Pid::from_raw(1), None).is_err() {
+            bail!("PID 1 is gone");
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
+        let untouched = self.untouchables_alive();
+        let _ = self.bystander.kill();
+        let _ = self.bystander.wait();
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let _ = self.child.wait();
         // Captured by the test harness: shown only when the test fails.
         eprintln!("--- daemon log ---\n{}", self.log());
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Err(err) = untouched
+            && !std::thread::panicking()
+        {
+            panic!("{err}");
+        }
     }
 }
 
