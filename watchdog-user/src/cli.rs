@@ -20,6 +20,7 @@ use nix::{
 
 use crate::{
     policy::LimitOverrides,
+    store::EventFilter,
     protocol::{AnalysisView, Reply, Request, TreeNode, call},
 };
 
@@ -113,24 +114,29 @@ fn print_node(node: &TreeNode, depth: usize) {
     }
 }
 
-pub fn events(socket: &Path, json: bool) -> Result<()> {
-    let Reply::Events { records } = call(socket, &Request::Events)? else {
+pub fn events(socket: &Path, filter: EventFilter, json: bool) -> Result<()> {
+    let Reply::Events { records } = call(socket, &Request::Events { filter })? else {
         bail!("the daemon sent an unexpected reply to events");
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&records)?);
         return Ok(());
     }
-    println!("{:<24} {:>7} {:<16} {:<11} {:<20} {:>10} {:<12}", "TIME", "PID", "ANALYSIS", "REASON", "OUTCOME", "RSS", "COMM");
+    println!(
+        "{:<24} {:<12} {:>7} {:<16} {:<11} {:<20} {:>10} {:>9} {:<12}",
+        "TIME", "HOST", "PID", "ANALYSIS", "REASON", "OUTCOME", "RSS", "RUNTIME", "COMM"
+    );
     for r in &records {
         println!(
-            "{:<24} {:>7} {:<16} {:<11} {:<20} {:>10} {:<12}",
+            "{:<24} {:<12} {:>7} {:<16} {:<11} {:<20} {:>10} {:>9} {:<12}",
             r.time,
+            r.host,
             r.pid,
             r.analysis_id,
             r.reason.as_str(),
-            format!("{:?}", r.outcome),
+            r.outcome.as_str(),
             size(r.rss_bytes),
+            humantime::format_duration(Duration::from_secs(r.runtime_ms / 1000)).to_string(),
             r.comm
         );
     }
@@ -147,6 +153,13 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
     }
     println!("watchdog {} up {}s", status.version, status.uptime_s);
     println!("watched processes: {} in {} analyses", status.monitored_count, status.analyses);
+    match &status.db.error {
+        None => println!("database: {} (spool {} records)", status.db.state, status.db.spool_depth),
+        Some(err) => println!(
+            "database: {}: {err} ({} records spooled in {})",
+            status.db.state, status.db.spool_depth, status.db.spool_path
+        ),
+    }
     println!(
         "kernel events: {} forks, {} exits, {} execs; lost {}; watch map full {}; resyncs {}",
         status.forks_seen, status.exits_seen, status.execs_seen, status.lost_events,

@@ -5,11 +5,14 @@
 use std::{
     collections::{HashSet, VecDeque},
     path::PathBuf,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Result, bail};
-use tokio::{signal::unix::SignalKind, sync::mpsc};
+use tokio::{
+    signal::unix::SignalKind,
+    sync::{mpsc, oneshot},
+};
 
 use crate::{
     control::{self, Call, SocketGuard},
@@ -20,8 +23,13 @@ use crate::{
     kill::{KillJob, KillRecord},
     policy::{LimitOverrides, Limits},
     protocol::{AnalysisView, Reply, Request, Response, Status, TreeNode},
+    store::{DatabaseUrl, EventFilter, ProcessRow, Store, StoreMsg},
     tree::{AnalysisKey, Analyses, Node, Tree},
 };
+
+fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
 
 /// Milliseconds from now until `at`, negative when it has passed.
 fn signed_ms_until(at: Instant) -> i64 {
@@ -35,6 +43,8 @@ fn signed_ms_until(at: Instant) -> i64 {
 /// How often the kernel's loss counters are read. A loss is repaired by a resync from
 /// the kernel map, so this bounds how long the tree can be stale after a storm.
 const LOSS_CHECK_EVERY: Duration = Duration::from_millis(200);
+/// How often the `watchdog_processes` table is brought up to date (when changed).
+const PROCESSES_SYNC_EVERY: Duration = Duration::from_millis(500);
 /// Longest analysis id accepted: ids are labels, not payloads.
 const MAX_ANALYSIS_ID: usize = 256;
 
@@ -49,6 +59,10 @@ pub struct Options {
     pub poll_interval: Duration,
     /// Log every kill that would be made, signal nothing.
     pub dry_run: bool,
+    /// The database, or why its URL was refused (the daemon then runs, spooling).
+    pub database: Result<DatabaseUrl, String>,
+    /// Where the spool (and other state) lives.
+    pub state_dir: PathBuf,
 }
 
 pub async fn run(options: Options) -> Result<()> {
@@ -65,8 +79,18 @@ pub async fn run(options: Options) -> Result<()> {
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     tokio::spawn(control::serve(listener, call_tx));
 
+    let (store_tx, store_rx) = mpsc::unbounded_channel();
+    let (url, url_error) = match options.database.clone() {
+        Ok(url) => (Some(url), None),
+        Err(err) => {
+            tracing::error!("{err}: kill records are spooled until the daemon is restarted with a valid URL");
+            (None, Some(err))
+        }
+    };
+    let store = Store::new(url, url_error, &options.state_dir.join("spool.jsonl"), crate::kill::hostname())?;
+    tokio::spawn(store.run(store_rx));
     let (parent_exit_tx, mut parent_exit_rx) = mpsc::unbounded_channel();
-    let mut watchdog = Watchdog::new(kernel, &options, parent_exit_tx);
+    let mut watchdog = Watchdog::new(kernel, &options, parent_exit_tx, store_tx);
     watchdog.resync("start");
     tracing::info!(
         socket = %options.socket.display(),
@@ -75,6 +99,7 @@ pub async fn run(options: Options) -> Result<()> {
     );
 
     let mut loss_check = tokio::time::interval(LOSS_CHECK_EVERY);
+    let mut processes_sync = tokio::time::interval(PROCESSES_SYNC_EVERY);
     let mut poll = tokio::time::interval(options.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
@@ -86,15 +111,19 @@ pub async fn run(options: Options) -> Result<()> {
                     watchdog.apply(event);
                 }
             }
-            Some((request, reply)) = call_rx.recv() => {
-                if let Request::Stall { ms } = request && options.test_faults {
+            Some((request, reply)) = call_rx.recv() => match request {
+                Request::Stall { ms } if options.test_faults => {
                     let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
                     tracing::warn!(ms, "test fault: main loop stalled");
                     std::thread::sleep(Duration::from_millis(ms));
-                    continue;
                 }
-                let _ = reply.send(watchdog.handle(request));
-            }
+                Request::Events { filter } => watchdog.answer_events(filter, reply),
+                Request::Status => watchdog.answer_status(reply),
+                request => {
+                    let _ = reply.send(watchdog.handle(request));
+                }
+            },
+            _ = processes_sync.tick() => watchdog.sync_processes(),
             _ = loss_check.tick() => watchdog.repair_losses(),
             _ = poll.tick() => watchdog.reconcile(),
             Some(root) = parent_exit_rx.recv() => watchdog.root_parent_died(root),
@@ -151,10 +180,19 @@ pub(crate) struct Watchdog {
     pub(crate) records: VecDeque<KillRecord>,
     /// Where the watchers of registered roots' parents report a parent's death.
     pub(crate) parent_exit_tx: mpsc::UnboundedSender<RootRef>,
+    /// The database writer: records and process rows go there, never waited on.
+    pub(crate) store: mpsc::UnboundedSender<StoreMsg>,
+    /// The tree changed since `watchdog_processes` was last brought up to date.
+    pub(crate) processes_dirty: bool,
 }
 
 impl Watchdog {
-    fn new(kernel: Kernel, options: &Options, parent_exit_tx: mpsc::UnboundedSender<RootRef>) -> Self {
+    fn new(
+        kernel: Kernel,
+        options: &Options,
+        parent_exit_tx: mpsc::UnboundedSender<RootRef>,
+        store: mpsc::UnboundedSender<StoreMsg>,
+    ) -> Self {
         Self {
             kernel,
             tree: Tree::default(),
@@ -169,10 +207,78 @@ impl Watchdog {
             kill_tick_at: Instant::now(),
             records: VecDeque::new(),
             parent_exit_tx,
+            store,
+            processes_dirty: true,
         }
     }
 
+    fn answer_events(&self, filter: EventFilter, reply: oneshot::Sender<Response>) {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.store.send(StoreMsg::Query(filter, tx));
+        tokio::spawn(async move {
+            let response = match rx.await {
+                Ok(Ok(records)) => Response::Ok(Reply::Events { records }),
+                Ok(Err(err)) => Response::Error(err),
+                Err(_) => Response::Error("the database writer stopped".into()),
+            };
+            let _ = reply.send(response);
+        });
+    }
+
+    fn answer_status(&self, reply: oneshot::Sender<Response>) {
+        let mut status = self.status();
+        let (tx, rx) = oneshot::channel();
+        let _ = self.store.send(StoreMsg::Status(tx));
+        tokio::spawn(async move {
+            status.db = rx.await.unwrap_or_default();
+            let _ = reply.send(Response::Ok(Reply::Status(status)));
+        });
+    }
+
+    /// Sends what is watched now to the database writer, when it changed.
+    pub(crate) fn sync_processes(&mut self) {
+        if !std::mem::take(&mut self.processes_dirty) {
+            return;
+        }
+        let now_wall = SystemTime::now();
+        let now_boot = procs::boottime_ns();
+        let rows = self
+            .tree
+            .pids()
+            .into_iter()
+            .filter_map(|pid| {
+                let node = self.tree.get(pid)?;
+                let analysis = self.analyses.get(node.analysis)?;
+                let started = now_wall - Duration::from_nanos(now_boot.saturating_sub(node.start_ns));
+                let state = if self.jobs.iter().any(|j| j.target_pending(pid)) {
+                    "grace"
+                } else if node.orphan {
+                    "orphan"
+                } else {
+                    "running"
+                };
+                Some(ProcessRow {
+                    pid,
+                    ppid: node.ppid,
+                    start_time: rfc3339(started),
+                    analysis_id: analysis.id.clone(),
+                    timeout_ms: analysis.limits.timeout_ms,
+                    memory_bytes: analysis.limits.memory_bytes,
+                    tree_memory_bytes: analysis.limits.tree_memory_bytes,
+                    grace_ms: analysis.limits.grace_ms,
+                    orphans: format!("{:?}", analysis.limits.orphans).to_lowercase(),
+                    registered_at: rfc3339(analysis.registered_wall),
+                    state: state.into(),
+                })
+            })
+            .collect();
+        let _ = self.store.send(StoreMsg::Processes(rows));
+    }
+
     fn apply(&mut self, event: KernelEvent) {
+        if !matches!(event, KernelEvent::Rss { .. }) {
+            self.processes_dirty = true;
+        }
         match event {
             KernelEvent::Fork { pid, ppid, analysis, start_ns, comm, ts_ns } => {
                 self.counters.forks += 1;
@@ -226,12 +332,12 @@ impl Watchdog {
     }
 
     fn handle(&mut self, request: Request) -> Response {
+        self.processes_dirty = true;
         let result = match request {
             Request::Register { pid, analysis_id, limits } => self.register(pid, &analysis_id, &limits),
-            Request::Events => Ok(Reply::Events { records: self.records.iter().rev().cloned().collect() }),
+            Request::Events { .. } | Request::Status => unreachable!("answered by the loop through the store"),
             Request::Unregister { pid, analysis_id } => self.unregister(pid, analysis_id.as_deref()),
             Request::DumpTree { analysis_id } => self.dump_tree(analysis_id.as_deref()),
-            Request::Status => Ok(Reply::Status(self.status())),
             Request::Stall { .. } => Err(anyhow::anyhow!(
                 "stall is a test-only fault: start the daemon with --test-faults to use it"
             )),
@@ -428,6 +534,7 @@ impl Watchdog {
             grace_count: self.tree.pids().into_iter().filter(|p| self.jobs.iter().any(|j| j.target_pending(*p))).count(),
             kills_total: self.counters.kills,
             dry_run: self.dry_run,
+            db: Default::default(),
         }
     }
 

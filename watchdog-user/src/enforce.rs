@@ -13,6 +13,7 @@ use crate::{
     kill::{KillJob, KillRecord, Outcome, PidFd, Scope, TargetInfo},
     policy::{OrphanPolicy, Reason},
     procs::{self, ProcInfo},
+    store::StoreMsg,
     tree::AnalysisKey,
 };
 
@@ -127,6 +128,7 @@ impl Watchdog {
         if self.jobs.is_empty() {
             self.kill_tick_at = Instant::now() + KILL_TICK;
         }
+        self.processes_dirty = true;
         let mut job = self.new_job(scope, reason, analysis, limit);
         tracing::warn!(
             analysis_id = job.analysis_id,
@@ -218,12 +220,14 @@ impl Watchdog {
 
     /// Records a finished job: logged as one JSON line per process, kept for `events`.
     fn finish(&mut self, job: KillJob, outcome: Option<Outcome>) {
+        self.processes_dirty = true;
         for mut record in job.records(&self.host) {
             if let Some(outcome) = outcome {
                 record.outcome = outcome;
             }
             self.counters.kills += u64::from(record.outcome != Outcome::Logged);
             tracing::warn!(target: "kill_event", "{}", serde_json::to_string(&record).expect("records serialize"));
+            let _ = self.store.send(StoreMsg::Record(Box::new(record.clone())));
             self.keep(record);
         }
     }

@@ -80,6 +80,18 @@ pub enum Outcome {
     DryRun,
 }
 
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ExitedAfterSigterm => "exited_after_sigterm",
+            Self::Killed => "killed",
+            Self::AlreadyGone => "already_gone",
+            Self::Logged => "logged",
+            Self::DryRun => "dry_run",
+        }
+    }
+}
+
 /// One violation or kill, with everything an operator needs to answer "what was killed,
 /// why, and how big was it".
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -11,12 +11,14 @@ mod kill;
 mod policy;
 mod procs;
 mod protocol;
+mod spool;
+mod store;
 mod tree;
 
 use std::{path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Parser, Subcommand};
-use policy::{LimitOverrides, Limits, OrphanPolicy};
+use policy::{LimitOverrides, Limits, OrphanPolicy, Reason};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF process watchdog: daemon and CLI")]
@@ -62,6 +64,17 @@ enum Command {
         /// Log every kill that would be made; signal nothing.
         #[arg(long)]
         dry_run: bool,
+        /// postgres://USER:PASSWORD@HOST/DB or sqlite:///PATH (created when missing).
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE)]
+        database_url: String,
+        /// Where the spool of records waiting for the database lives.
+        #[arg(long, default_value = "/var/lib/watchdog")]
+        state_dir: PathBuf,
+    },
+    /// Apply the database migrations and stop.
+    Migrate {
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE)]
+        database_url: String,
     },
     /// Watch PID, its existing descendants and everything it forks from now on.
     Register {
@@ -96,8 +109,17 @@ enum Command {
         #[arg(long)]
         analysis_id: Option<String>,
     },
-    /// Show recent violations and kills, newest first.
+    /// The kill history from the database, newest first.
     Events {
+        /// Only the last DUR, e.g. 1h, 7d.
+        #[arg(long, value_parser = policy::parse_duration)]
+        since: Option<Duration>,
+        #[arg(long)]
+        analysis_id: Option<String>,
+        #[arg(long, value_enum)]
+        reason: Option<Reason>,
+        #[arg(long)]
+        host: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -154,7 +176,11 @@ fn main() {
             orphans,
             poll_interval,
             dry_run,
+            database_url,
+            state_dir,
         } => run_daemon(daemon::Options {
+            database: store::DatabaseUrl::parse(&database_url),
+            state_dir,
             socket: args.socket,
             btf,
             ring_bytes,
@@ -181,12 +207,30 @@ fn main() {
         }
         Command::DumpTree { json, analysis_id } => cli::dump_tree(&args.socket, json, analysis_id),
         Command::Status { json } => cli::status(&args.socket, json),
-        Command::Events { json } => cli::events(&args.socket, json),
+        Command::Events { since, analysis_id, reason, host, json } => {
+            let filter = store::EventFilter {
+                since: since.map(|d| humantime::format_rfc3339_millis(std::time::SystemTime::now() - d).to_string()),
+                analysis_id,
+                reason: reason.map(|r| r.as_str().to_string()),
+                host,
+            };
+            cli::events(&args.socket, filter, json)
+        }
+        Command::Migrate { database_url } => migrate(&database_url),
     };
     if let Err(err) = result {
         eprintln!("watchdog-user: error: {err:#}");
         std::process::exit(1);
     }
+}
+
+const DEFAULT_DATABASE: &str = "sqlite:///var/lib/watchdog/watchdog.db";
+
+fn migrate(database_url: &str) -> anyhow::Result<()> {
+    let url = store::DatabaseUrl::parse(database_url).map_err(anyhow::Error::msg)?;
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(store::migrate(&url))?;
+    println!("migrations applied to {}", url.redacted());
+    Ok(())
 }
 
 fn run_daemon(options: daemon::Options) -> anyhow::Result<()> {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     kill::KillRecord,
     policy::{LimitOverrides, Limits},
+    store::{DbStatus, EventFilter},
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -37,8 +38,11 @@ pub enum Request {
         analysis_id: Option<String>,
     },
     Status,
-    /// Recent violations and kills, newest first.
-    Events,
+    /// Violations and kills from the database, newest first.
+    Events {
+        #[serde(default)]
+        filter: EventFilter,
+    },
     /// Test-only fault (daemon started with --test-faults): the main loop answers, then
     /// stops for `ms` milliseconds, as a hung loop would.
     Stall { ms: u64 },
@@ -112,6 +116,8 @@ pub struct Status {
     pub grace_count: usize,
     pub kills_total: u64,
     pub dry_run: bool,
+    /// The database: "ok", or "spooling" with the error and the spool's depth.
+    pub db: DbStatus,
 }
 
 /// Sends one request and waits for its response (the CLI side).

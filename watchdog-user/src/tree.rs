@@ -174,6 +174,7 @@ pub struct Analysis {
     pub deadline: Instant,
     /// The same deadline on the wall clock, for people and for latency measurements.
     pub deadline_wall: std::time::SystemTime,
+    pub registered_wall: std::time::SystemTime,
     /// A whole-analysis kill (timeout, tree memory) was started: do not start another.
     pub violated: bool,
 }
@@ -198,6 +199,7 @@ impl Analyses {
             limits: limits.clone(),
             deadline: Instant::now() + limits.timeout(),
             deadline_wall: std::time::SystemTime::now() + limits.timeout(),
+            registered_wall: std::time::SystemTime::now(),
             violated: false,
         };
         self.by_key.insert(self.last_key, analysis);

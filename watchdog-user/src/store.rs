@@ -1,0 +1,507 @@
+//! PostgreSQL or SQLite through sqlx: kill records (`watchdog_events`) and what is
+//! watched now (`watchdog_processes`). Runs as its own task: the daemon loop only sends
+//! it messages, so no kill ever waits on the database.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use serde::{Deserialize, Serialize};
+use sqlx::{
+    AnyPool, AssertSqlSafe, Row as _,
+    any::{AnyPoolOptions, AnyRow},
+    migrate::Migrator,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{kill::KillRecord, spool::Spool};
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// How often a down database is retried.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// Most rows `events` returns.
+const EVENTS_LIMIT: i64 = 1000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+/// A validated `--database-url`.
+#[derive(Clone, Debug)]
+pub struct DatabaseUrl {
+    pub url: String,
+    pub dialect: Dialect,
+}
+
+impl DatabaseUrl {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let fix = "use postgres://USER:PASSWORD@HOST:PORT/DB or sqlite:///PATH/TO/FILE.db";
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            let rest = text.split_once("://").map(|(_, r)| r).unwrap_or_default();
+            if rest.is_empty() || rest.starts_with('/') {
+                return Err(format!("invalid database URL {text:?}: no host: {fix}"));
+            }
+            return Ok(Self { url: text.to_string(), dialect: Dialect::Postgres });
+        }
+        if let Some(path) = text.strip_prefix("sqlite://").or_else(|| text.strip_prefix("sqlite:")) {
+            let path = path.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return Err(format!("invalid database URL {text:?}: no file: {fix}"));
+            }
+            // Create the file (and its directory) when missing: the embedded default must
+            // work out of the box.
+            let url = if text.contains('?') { text.to_string() } else { format!("{text}?mode=rwc") };
+            return Ok(Self { url, dialect: Dialect::Sqlite });
+        }
+        Err(format!("invalid database URL {text:?}: {fix}"))
+    }
+
+    fn sqlite_path(&self) -> Option<PathBuf> {
+        let rest = self.url.strip_prefix("sqlite://").or_else(|| self.url.strip_prefix("sqlite:"))?;
+        Some(PathBuf::from(rest.split('?').next()?))
+    }
+
+    /// The URL with any password hidden, for messages.
+    pub fn redacted(&self) -> String {
+        match self.url.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('@') {
+                Some((auth, host)) => {
+                    let user = auth.split(':').next().unwrap_or_default();
+                    format!("{scheme}://{user}:***@{host}")
+                }
+                None => self.url.clone(),
+            },
+            None => self.url.clone(),
+        }
+    }
+}
+
+/// A kill record as stored: with the id that makes its insert idempotent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub event_uid: String,
+    #[serde(flatten)]
+    pub record: KillRecord,
+}
+
+/// One row of `watchdog_processes`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub ppid: u32,
+    pub start_time: String,
+    pub analysis_id: String,
+    pub timeout_ms: u64,
+    pub memory_bytes: u64,
+    pub tree_memory_bytes: Option<u64>,
+    pub grace_ms: u64,
+    pub orphans: String,
+    pub registered_at: String,
+    pub state: String,
+}
+
+/// The `events` filters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct EventFilter {
+    /// RFC 3339: only records at or after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DbStatus {
+    /// "ok" or "spooling".
+    pub state: String,
+    pub error: Option<String>,
+    pub spool_depth: usize,
+    pub spool_path: String,
+}
+
+pub enum StoreMsg {
+    Record(Box<KillRecord>),
+    /// What is watched now on this host (the store writes the difference).
+    Processes(Vec<ProcessRow>),
+    Query(EventFilter, oneshot::Sender<Result<Vec<KillRecord>, String>>),
+    Status(oneshot::Sender<DbStatus>),
+}
+
+/// Connects and applies the migrations; the error is one line naming the fix.
+pub async fn connect(url: &DatabaseUrl) -> Result<AnyPool> {
+    sqlx::any::install_default_drivers();
+    if let Some(dir) = url.sqlite_path().as_deref().and_then(Path::parent) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the database directory {}", dir.display()))?;
+    }
+    let pool = AnyPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(&url.url)
+        .await
+        .map_err(|e| anyhow!("cannot connect to {}: {}", url.redacted(), explain(&e)))?;
+    let migrator = match url.dialect {
+        Dialect::Postgres => &POSTGRES_MIGRATIONS,
+        Dialect::Sqlite => &SQLITE_MIGRATIONS,
+    };
+    migrator.run(&pool).await.map_err(|e| {
+        anyhow!(
+            "the database {} refused the migrations ({e}): give the user the right to create \
+             tables in it, or run `watchdog-user migrate` as one who can",
+            url.redacted()
+        )
+    })?;
+    Ok(pool)
+}
+
+/// The cause of a connection error, with what to do about it.
+fn explain(err: &sqlx::Error) -> String {
+    let text = err.to_string();
+    if text.contains("password authentication failed") || text.contains("authentication") {
+        format!("{text}: check the user and password in --database-url / DATABASE_URL")
+    } else if text.contains("Connection refused") || text.contains("timed out") {
+        format!("{text}: is the database server running and reachable?")
+    } else {
+        text
+    }
+}
+
+/// SQL in each dialect; the same statements otherwise, bound the same way.
+struct Sql {
+    insert_event_text: String,
+    select_events_text: String,
+    upsert_process_text: String,
+    delete_process: &'static str,
+    delete_host_processes: &'static str,
+}
+
+impl Sql {
+    fn new(dialect: Dialect) -> Self {
+        let (ts, json, time_out, signals_out, text) = match dialect {
+            Dialect::Postgres => (
+                "::timestamptz",
+                "::jsonb",
+                r#"to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"#,
+                "signals::text",
+                "::text",
+            ),
+            Dialect::Sqlite => ("", "", "time", "signals", ""),
+        };
+        Self {
+            insert_event_text: format!(
+                "INSERT INTO watchdog_events (event_uid, time, host, pid, ppid, analysis_id, reason, \
+                 limit_value, rss_bytes, runtime_ms, signals, outcome, comm, cmdline, uid) \
+                 VALUES ($1, $2{ts}, $3, $4, $5, $6, $7, $8, $9, $10, $11{json}, $12, $13, $14, $15) \
+                 ON CONFLICT (event_uid) DO NOTHING"
+            ),
+            select_events_text: format!(
+                "SELECT {time_out} AS time, host, pid, ppid, analysis_id, reason, limit_value, rss_bytes, \
+                 runtime_ms, {signals_out} AS signals, outcome, comm, cmdline, uid FROM watchdog_events \
+                 WHERE ($1{text} IS NULL OR time >= $1{ts}) AND ($2{text} IS NULL OR analysis_id = $2) \
+                 AND ($3{text} IS NULL OR reason = $3) AND ($4{text} IS NULL OR host = $4) \
+                 ORDER BY time DESC, id DESC LIMIT $5"
+            ),
+            upsert_process_text: format!(
+                "INSERT INTO watchdog_processes (host, pid, ppid, start_time, analysis_id, timeout_ms, \
+                 memory_bytes, tree_memory_bytes, grace_ms, orphans, registered_at, state) \
+                 VALUES ($1, $2, $3, $4{ts}, $5, $6, $7, $8, $9, $10, $11{ts}, $12) \
+                 ON CONFLICT (host, pid) DO UPDATE SET ppid = excluded.ppid, start_time = excluded.start_time, \
+                 analysis_id = excluded.analysis_id, timeout_ms = excluded.timeout_ms, \
+                 memory_bytes = excluded.memory_bytes, tree_memory_bytes = excluded.tree_memory_bytes, \
+                 grace_ms = excluded.grace_ms, orphans = excluded.orphans, \
+                 registered_at = excluded.registered_at, state = excluded.state"
+            ),
+            delete_process: "DELETE FROM watchdog_processes WHERE host = $1 AND pid = $2",
+            delete_host_processes: "DELETE FROM watchdog_processes WHERE host = $1",
+        }
+    }
+}
+
+// The dialect's statements are put together from constants only, never from input.
+impl Sql {
+    fn insert_event(&self) -> AssertSqlSafe<String> {
+        AssertSqlSafe(self.insert_event_text.clone())
+    }
+
+    fn select_events(&self) -> AssertSqlSafe<String> {
+        AssertSqlSafe(self.select_events_text.clone())
+    }
+
+    fn upsert_process(&self) -> AssertSqlSafe<String> {
+        AssertSqlSafe(self.upsert_process_text.clone())
+    }
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub struct Store {
+    url: Option<DatabaseUrl>,
+    sql: Sql,
+    host: String,
+    pool: Option<AnyPool>,
+    /// Why the database is not in use, for `status` and `events`.
+    error: Option<String>,
+    spool: Spool,
+    /// `watchdog_processes` rows as last written; None until written since connecting.
+    written: Option<HashMap<u32, ProcessRow>>,
+    wanted: HashMap<u32, ProcessRow>,
+}
+
+impl Store {
+    /// `url` is None when it did not parse: the daemon still runs and spools.
+    pub fn new(url: Option<DatabaseUrl>, url_error: Option<String>, spool_path: &Path, host: String) -> Result<Self> {
+        let dialect = url.as_ref().map_or(Dialect::Sqlite, |u| u.dialect);
+        Ok(Self {
+            url,
+            sql: Sql::new(dialect),
+            host,
+            pool: None,
+            error: url_error,
+            spool: Spool::open(spool_path)?,
+            written: None,
+            wanted: HashMap::new(),
+        })
+    }
+
+    pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<StoreMsg>) {
+        self.reconnect().await;
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        loop {
+            tokio::select! {
+                msg = inbox.recv() => match msg {
+                    Some(msg) => self.handle(msg).await,
+                    None => return,
+                },
+                _ = retry.tick() => {
+                    if self.pool.is_none() {
+                        self.reconnect().await;
+                    }
+                    self.sync().await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: StoreMsg) {
+        match msg {
+            StoreMsg::Record(record) => {
+                let stored = StoredRecord { event_uid: uuid::Uuid::new_v4().to_string(), record: *record };
+                if let Err(err) = self.spool.append(&stored) {
+                    // The log line (kill_event) is then the only copy: say so loudly.
+                    tracing::error!("could not spool a kill record to {}: {err:#}", self.spool.path().display());
+                }
+                self.sync().await;
+            }
+            StoreMsg::Processes(rows) => {
+                self.wanted = rows.into_iter().map(|r| (r.pid, r)).collect();
+                self.sync().await;
+            }
+            StoreMsg::Query(filter, reply) => {
+                let _ = reply.send(self.query(&filter).await);
+            }
+            StoreMsg::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn status(&self) -> DbStatus {
+        DbStatus {
+            state: if self.pool.is_some() && self.spool.depth() == 0 { "ok" } else { "spooling" }.into(),
+            error: self.error.clone(),
+            spool_depth: self.spool.depth(),
+            spool_path: self.spool.path().display().to_string(),
+        }
+    }
+
+    async fn reconnect(&mut self) {
+        let Some(url) = self.url.clone() else { return };
+        match connect(&url).await {
+            Ok(pool) => {
+                tracing::info!(database = url.redacted(), "database connected, migrations applied");
+                self.pool = Some(pool);
+                self.error = None;
+                self.written = None;
+            }
+            Err(err) => self.went_down(format!("{err:#}")),
+        }
+    }
+
+    fn went_down(&mut self, error: String) {
+        if self.error.as_ref() != Some(&error) {
+            tracing::error!("{error}; kill records are spooled to {} until it is back", self.spool.path().display());
+        }
+        self.error = Some(error);
+        self.pool = None;
+    }
+
+    /// Writes the spool, then the process table's difference; on failure the database
+    /// is marked down and everything stays for the next try.
+    async fn sync(&mut self) {
+        let Some(pool) = self.pool.clone() else { return };
+        if let Err(err) = self.flush_spool(&pool).await {
+            return self.went_down(format!("writing to the database failed: {err:#}"));
+        }
+        if let Err(err) = self.write_processes(&pool).await {
+            self.went_down(format!("writing to the database failed: {err:#}"));
+        }
+    }
+
+    async fn flush_spool(&mut self, pool: &AnyPool) -> Result<()> {
+        if self.spool.depth() == 0 {
+            return Ok(());
+        }
+        let records = self.spool.records()?;
+        let mut tx = pool.begin().await?;
+        for stored in &records {
+            let r = &stored.record;
+            sqlx::query(self.sql.insert_event())
+                .bind(stored.event_uid.clone())
+                .bind(r.time.clone())
+                .bind(r.host.clone())
+                .bind(i64::from(r.pid))
+                .bind(i64::from(r.ppid))
+                .bind(Some(r.analysis_id.clone()).filter(|a| !a.is_empty()))
+                .bind(r.reason.as_str().to_string())
+                .bind(r.limit.map(i64_of))
+                .bind(i64_of(r.rss_bytes))
+                .bind(i64_of(r.runtime_ms))
+                .bind(serde_json::to_string(&r.signals).expect("signals serialize"))
+                .bind(r.outcome.as_str().to_string())
+                .bind(r.comm.clone())
+                .bind(r.cmdline.clone())
+                .bind(i64::from(r.uid))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.spool.clear()?;
+        tracing::debug!(rows = records.len(), "kill records written");
+        Ok(())
+    }
+
+    async fn write_processes(&mut self, pool: &AnyPool) -> Result<()> {
+        let mut tx = pool.begin().await?;
+        let written = match self.written.take() {
+            Some(written) => written,
+            None => {
+                // Rows of an earlier run on this host describe processes we no longer know.
+                sqlx::query(self.sql.delete_host_processes).bind(self.host.clone()).execute(&mut *tx).await?;
+                HashMap::new()
+            }
+        };
+        for pid in written.keys().filter(|p| !self.wanted.contains_key(p)) {
+            sqlx::query(self.sql.delete_process)
+                .bind(self.host.clone())
+                .bind(i64::from(*pid))
+                .execute(&mut *tx)
+                .await?;
+        }
+        for row in self.wanted.values().filter(|r| written.get(&r.pid) != Some(*r)) {
+            sqlx::query(self.sql.upsert_process())
+                .bind(self.host.clone())
+                .bind(i64::from(row.pid))
+                .bind(i64::from(row.ppid))
+                .bind(row.start_time.clone())
+                .bind(Some(row.analysis_id.clone()).filter(|a| !a.is_empty()))
+                .bind(i64_of(row.timeout_ms))
+                .bind(i64_of(row.memory_bytes))
+                .bind(row.tree_memory_bytes.map(i64_of))
+                .bind(i64_of(row.grace_ms))
+                .bind(row.orphans.clone())
+                .bind(row.registered_at.clone())
+                .bind(row.state.clone())
+                .execute(&mut *tx)
+                .await?;
+        }
+        match tx.commit().await {
+            Ok(()) => {
+                self.written = Some(self.wanted.clone());
+                Ok(())
+            }
+            Err(err) => {
+                self.written = Some(written);
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn query(&mut self, filter: &EventFilter) -> Result<Vec<KillRecord>, String> {
+        let Some(pool) = self.pool.clone() else {
+            return Err(format!(
+                "the database is unavailable ({}): {} kill records wait in the spool {} and will be \
+                 written when it is back",
+                self.error.as_deref().unwrap_or("not connected"),
+                self.spool.depth(),
+                self.spool.path().display()
+            ));
+        };
+        let rows = sqlx::query(self.sql.select_events())
+            .bind(filter.since.clone())
+            .bind(filter.analysis_id.clone())
+            .bind(filter.reason.clone())
+            .bind(filter.host.clone())
+            .bind(EVENTS_LIMIT)
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| format!("reading watchdog_events failed: {e}"))?;
+        rows.iter().map(record_from_row).collect::<Result<_>>().map_err(|e| format!("{e:#}"))
+    }
+}
+
+fn record_from_row(row: &AnyRow) -> Result<KillRecord> {
+    let reason: String = row.try_get("reason")?;
+    let outcome: String = row.try_get("outcome")?;
+    let signals: String = row.try_get("signals")?;
+    let u32_of = |name: &str| -> Result<u32> { Ok(u32::try_from(row.try_get::<i64, _>(name)?)?) };
+    Ok(KillRecord {
+        time: row.try_get("time")?,
+        host: row.try_get("host")?,
+        pid: u32_of("pid")?,
+        ppid: u32_of("ppid")?,
+        analysis_id: row.try_get::<Option<String>, _>("analysis_id")?.unwrap_or_default(),
+        reason: serde_json::from_value(serde_json::Value::String(reason))?,
+        limit: row.try_get::<Option<i64>, _>("limit_value")?.map(|v| v as u64),
+        rss_bytes: row.try_get::<i64, _>("rss_bytes")? as u64,
+        runtime_ms: row.try_get::<i64, _>("runtime_ms")? as u64,
+        signals: serde_json::from_str(&signals)?,
+        outcome: serde_json::from_value(serde_json::Value::String(outcome))?,
+        comm: row.try_get("comm")?,
+        cmdline: row.try_get("cmdline")?,
+        uid: u32_of("uid")?,
+    })
+}
+
+/// `watchdog-user migrate`: apply the migrations and stop.
+pub async fn migrate(url: &DatabaseUrl) -> Result<()> {
+    connect(url).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_and_passwords_never_shown() {
+        let pg = DatabaseUrl::parse("postgres://w:secret@db:5432/watchdog").unwrap();
+        assert_eq!(pg.dialect, Dialect::Postgres);
+        assert_eq!(pg.redacted(), "postgres://w:***@db:5432/watchdog");
+        let lite = DatabaseUrl::parse("sqlite:///var/lib/watchdog/watchdog.db").unwrap();
+        assert_eq!(lite.sqlite_path().unwrap(), PathBuf::from("/var/lib/watchdog/watchdog.db"));
+        for bad in ["mysql://x", "localhost", "postgres://", "sqlite://"] {
+            assert!(DatabaseUrl::parse(bad).unwrap_err().contains("postgres://USER"), "{bad}");
+        }
+    }
+}
