@@ -2,6 +2,8 @@
 //! and state directory), the real CLI, and real process trees that are killed when the
 //! test ends, pass or fail.
 
+pub mod pg;
+
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::process::CommandExt as _,
@@ -79,7 +81,15 @@ pub fn all_nodes(roots: &[TreeNode]) -> Vec<&TreeNode> {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+pub struct DbStatus {
+    pub state: String,
+    pub error: Option<String>,
+    pub spool_depth: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 pub struct Status {
+    pub db: DbStatus,
     pub monitored_count: usize,
     pub analyses: usize,
     pub forks_seen: u64,
@@ -101,6 +111,8 @@ pub struct Daemon {
     bystander: Child,
     pub dir: PathBuf,
     pub socket: PathBuf,
+    wrapper: Vec<String>,
+    args: Vec<String>,
 }
 
 fn unique_dir(tag: &str) -> Result<PathBuf> {
@@ -116,31 +128,61 @@ impl Daemon {
     }
 
     /// Starts `watchdog-user run`, behind `wrapper` (e.g. `unshare -m ...`) when given,
-    /// with `extra` daemon arguments, and waits until it answers on its socket.
+    /// with `extra` daemon arguments, and waits until it answers on its socket. Its
+    /// state and (unless `extra` names another) its SQLite database are in its own dir.
     pub fn start_with(wrapper: &[&str], extra: &[&str]) -> Result<Self> {
         let dir = unique_dir("test")?;
         let socket = dir.join("watchdog.sock");
-        let log = std::fs::File::create(dir.join("daemon.log"))?;
+        let mut args: Vec<String> = vec!["--state-dir".into(), dir.display().to_string()];
+        if !extra.contains(&"--database-url") {
+            args.extend(["--database-url".into(), format!("sqlite://{}/watchdog.db", dir.display())]);
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let bystander = Command::new("sleep").arg("3600").process_group(0).spawn()?;
+        let child = Self::spawn(&dir, &socket, wrapper, &args)?;
+        let mut daemon = Self {
+            child,
+            bystander,
+            dir,
+            socket,
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
+            args,
+        };
+        daemon.await_serving()?;
+        Ok(daemon)
+    }
+
+    fn spawn(dir: &Path, socket: &Path, wrapper: &[impl AsRef<str>], args: &[String]) -> Result<Child> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log"))?;
         let mut cmd = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut cmd = Command::new(program);
-                cmd.args(args).arg(watchdog_bin());
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program.as_ref());
+                cmd.args(rest.iter().map(AsRef::as_ref)).arg(watchdog_bin());
                 cmd
             }
             None => Command::new(watchdog_bin()),
         };
-        cmd.arg("--socket").arg(&socket).arg("run").args(extra);
+        cmd.arg("--socket").arg(socket).arg("run").args(args);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-        let child = cmd.spawn().context("starting the daemon")?;
-        let bystander = Command::new("sleep").arg("3600").process_group(0).spawn()?;
-        let mut daemon = Self { child, bystander, dir, socket };
+        cmd.spawn().context("starting the daemon")
+    }
+
+    fn await_serving(&mut self) -> Result<()> {
         await_state("the daemon to answer on its socket", || {
-            if let Some(status) = daemon.child.try_wait()? {
-                bail!("the daemon exited ({status}) before serving:\n{}", daemon.log());
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the daemon exited ({status}) before serving:\n{}", self.log());
             }
-            Ok(daemon.try_status().ok())
-        })?;
-        Ok(daemon)
+            Ok(self.try_status().ok())
+        })
+        .map(drop)
+    }
+
+    /// Stops the daemon (SIGTERM) and starts it again with the same state.
+    pub fn restart(&mut self) -> Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        self.child.wait()?;
+        self.child = Self::spawn(&self.dir, &self.socket, &self.wrapper, &self.args)?;
+        self.await_serving()
     }
 
     pub fn pid(&self) -> u32 {
