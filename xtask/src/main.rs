@@ -2,6 +2,7 @@
 //! command each. `run` and `test` call `setup` first, so the README's two commands are
 //! the whole set-up.
 
+mod packages;
 mod toolchain;
 
 use std::{
@@ -72,6 +73,7 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => {
             toolchain::setup()?;
+            packages::ensure_test_packages()?;
             let bin = build_daemon(false)?;
             step("running the test suite (as root: the tests load eBPF programs)");
             let mut cmd = as_root(Path::new("cargo"));
