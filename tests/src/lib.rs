@@ -99,6 +99,7 @@ pub struct Status {
     pub watch_map_full: u64,
     pub resyncs: u64,
     pub rss_reports: u64,
+    pub kills_total: u64,
 }
 
 /// A daemon of the test's own, stopped and cleaned up on drop.
@@ -344,6 +345,13 @@ impl Workload {
     /// Whether the workload's first process still runs (reaping it if it has ended).
     pub fn alive_now(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILLs the workload's first process and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 
     pub fn wait(&mut self) -> Result<std::process::ExitStatus> {

@@ -1,0 +1,278 @@
+//! Persistence, end to end: a real PostgreSQL server started by the test, and SQLite.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+use serde_json::Value;
+use watchdog_tests::{Daemon, Workload, await_state, one_line_error, pg::TestPostgres, python, watchdog_bin};
+
+/// The SQL side of a backend under test.
+enum Db {
+    Postgres(TestPostgres),
+    Sqlite(std::path::PathBuf),
+}
+
+impl Db {
+    fn sqlite() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("watchdog-sqlite-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self::Sqlite(dir.join("watchdog.db")))
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Self::Postgres(pg) => pg.url(),
+            Self::Sqlite(path) => format!("sqlite://{}", path.display()),
+        }
+    }
+
+    /// One SQL query's rows, as text with `|` between columns.
+    fn query(&self, sql: &str) -> Result<String> {
+        match self {
+            Self::Postgres(pg) => pg.query(sql),
+            Self::Sqlite(path) => {
+                // Python's sqlite3 module: the sqlite3 CLI is not on every machine.
+                let script = "import sqlite3, sys\nfor row in sqlite3.connect(sys.argv[1]).execute(sys.argv[2]):\n    print('|'.join('' if v is None else str(v) for v in row))";
+                let out = Command::new(python()).args(["-c", script]).arg(path).arg(sql).output()?;
+                if !out.status.success() {
+                    bail!("sqlite query {sql:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                Ok(String::from_utf8(out.stdout)?.trim().to_string())
+            }
+        }
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Self::Sqlite(path) = self {
+            let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        }
+    }
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+}
+
+fn both() -> Result<Vec<(&'static str, Db)>> {
+    Ok(vec![("postgres", Db::Postgres(TestPostgres::start()?)), ("sqlite", Db::sqlite()?)])
+}
+
+fn migrate(url: &str) -> std::process::Output {
+    Command::new(watchdog_bin()).args(["migrate", "--database-url", url]).output().unwrap()
+}
+
+#[test]
+fn migrations_apply_to_an_empty_database_and_reapply_as_a_no_op() -> Result<()> {
+    for (name, db) in both()? {
+        for round in 0..2 {
+            let out = migrate(&db.url());
+            assert!(out.status.success(), "{name} round {round}: {}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(db.query("select count(*) from _sqlx_migrations")?, "1", "{name}");
+        }
+        let tables = db.query("select count(*) from watchdog_events")? + &db.query("select count(*) from watchdog_processes")?;
+        assert_eq!(tables, "00", "{name}: both tables exist, empty");
+    }
+    Ok(())
+}
+
+const PARENT_AND_CHILD: &str = r#"
+import os, sys, time
+sys.stdin.readline()
+if os.fork() == 0:
+    time.sleep(600)
+    os._exit(0)
+os.write(1, b"forked\n")
+time.sleep(600)
+"#;
+
+const GROWER: &str = r#"
+import sys, time
+sys.stdin.readline()
+hold = []
+for _ in range(60):
+    hold.append(b"x" * (10 << 20))
+    time.sleep(0.02)
+time.sleep(600)
+"#;
+
+fn register(daemon: &Daemon, pid: u32, id: &str, limits: &[&str]) -> Result<()> {
+    let pid = pid.to_string();
+    let mut args = vec!["register", "--pid", &pid, "--analysis-id", id];
+    args.extend(limits);
+    daemon.cli_ok(&args).map(drop)
+}
+
+fn await_rows(db: &Db, sql: &str, expected: &str) -> Result<()> {
+    let mut last = String::new();
+    await_state(&format!("{sql} = {expected}"), || {
+        last = db.query(sql)?;
+        Ok((last == expected).then_some(()))
+    })
+    .map_err(|e| anyhow::anyhow!("{e} (last: {last})"))
+}
+
+#[test]
+fn a_timeout_a_memory_and_an_orphan_kill_each_make_exactly_one_full_row() -> Result<()> {
+    for (name, db) in both()? {
+        let daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
+        let sleeper = Workload::spawn("sleep", &["600"])?;
+        register(&daemon, sleeper.pid(), "timeout", &["--timeout", "1s"])?;
+        let mut grower = Workload::python(GROWER, &[])?;
+        register(&daemon, grower.pid(), "memory", &["--memory", "100MiB"])?;
+        grower.send("go")?;
+        let mut parent = Workload::python(PARENT_AND_CHILD, &[])?;
+        register(&daemon, parent.pid(), "orphan", &[])?;
+        parent.send("go")?;
+        assert_eq!(parent.read_line()?, "forked");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(parent.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+
+        await_rows(&db, "select count(*) from watchdog_events", "3")?;
+        let rows = db.query(
+            "select reason, analysis_id, pid, ppid, host, time, rss_bytes, runtime_ms, signals, outcome, comm, \
+             length(cmdline), uid, coalesce(limit_value, -1) from watchdog_events order by reason",
+        )?;
+        let rows: Vec<Vec<&str>> = rows.lines().map(|l| l.split('|').collect()).collect();
+        let reasons: Vec<(&str, &str)> = rows.iter().map(|r| (r[0], r[1])).collect();
+        assert_eq!(reasons, vec![("memory", "memory"), ("orphan", "orphan"), ("timeout", "timeout")], "{name}");
+        for row in &rows {
+            assert_eq!(row.len(), 14, "{name}: {row:?}");
+            assert!(row.iter().all(|field| !field.is_empty() && *field != "0" || *field == row[12]), "{name}: a context field is empty: {row:?}");
+            assert!(row[8].contains("SIGTERM"), "{name}: {row:?}");
+        }
+        assert_eq!(rows[0][13], (100u64 << 20).to_string(), "{name}: memory limit");
+        assert_eq!(rows[1][13], "-1", "{name}: an orphan crosses no limit");
+        assert_eq!(rows[2][13], "1000", "{name}: timeout limit in ms");
+        assert!(rows[0][6].parse::<u64>()? > 100 << 20, "{name}: RSS at kill recorded");
+    }
+    Ok(())
+}
+
+#[test]
+fn watchdog_processes_follows_register_unregister_and_exit() -> Result<()> {
+    for (name, db) in both()? {
+        let daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
+        let mut parent = Workload::python(PARENT_AND_CHILD, &[])?;
+        register(&daemon, parent.pid(), "family", &["--timeout", "1h"])?;
+        parent.send("go")?;
+        assert_eq!(parent.read_line()?, "forked");
+        await_rows(&db, "select count(*) from watchdog_processes where analysis_id = 'family' and state = 'running'", "2")?;
+        let limits = db.query(&format!("select timeout_ms, memory_bytes, orphans from watchdog_processes where pid = {}", parent.pid()))?;
+        assert_eq!(limits, format!("3600000|{}|kill", 2u64 << 30), "{name}");
+
+        daemon.cli_ok(&["unregister", "--analysis-id", "family"])?;
+        await_rows(&db, "select count(*) from watchdog_processes", "0")?;
+
+        let mut short = Workload::spawn("sleep", &["600"])?;
+        register(&daemon, short.pid(), "short", &[])?;
+        await_rows(&db, &format!("select count(*) from watchdog_processes where pid = {}", short.pid()), "1")?;
+        short.kill()?;
+        await_rows(&db, "select count(*) from watchdog_processes", "0")?;
+    }
+    Ok(())
+}
+
+/// A process killed at its 1 s deadline; returns once its record has gone to the
+/// database writer (which answers status only after handling it).
+fn timeout_kill(daemon: &Daemon, id: &str) -> Result<u32> {
+    let kills = daemon.status()?.kills_total;
+    let mut sleeper = Workload::spawn("sleep", &["600"])?;
+    register(daemon, sleeper.pid(), id, &["--timeout", "1s"])?;
+    sleeper.wait()?;
+    await_state("the kill recorded", || Ok((daemon.status()?.kills_total > kills).then_some(())))?;
+    Ok(sleeper.pid())
+}
+
+#[test]
+fn an_outage_with_a_restart_in_it_loses_nothing_and_duplicates_nothing() -> Result<()> {
+    let pg = TestPostgres::start()?;
+    let db = Db::Postgres(pg);
+    let mut daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
+    await_state("the database connected", || Ok((daemon.status()?.db.state == "ok").then_some(())))?;
+    let Db::Postgres(pg) = &db else { unreachable!() };
+    pg.stop()?;
+
+    let first = timeout_kill(&daemon, "outage-1")?;
+    let second = timeout_kill(&daemon, "outage-2")?;
+    let status = daemon.status()?;
+    assert_eq!((status.db.state.as_str(), status.db.spool_depth), ("spooling", 2), "{status:?}");
+    daemon.restart()?;
+    let third = timeout_kill(&daemon, "outage-3")?;
+    assert_eq!(daemon.status()?.db.spool_depth, 3, "the spool survived the restart");
+
+    pg.restart()?;
+    await_state("the spool replayed", || Ok((daemon.status()?.db.spool_depth == 0).then_some(())))?;
+    let rows = db.query("select pid, analysis_id from watchdog_events order by id")?;
+    assert_eq!(rows, format!("{first}|outage-1\n{second}|outage-2\n{third}|outage-3"), "in order, once each");
+    assert_eq!(db.query("select count(distinct event_uid) from watchdog_events")?, "3");
+    Ok(())
+}
+
+#[test]
+fn events_filters_and_json_match_the_rows() -> Result<()> {
+    let db = Db::sqlite()?;
+    let daemon = Daemon::start_with(&[], &["--database-url", &db.url(), "--orphans", "log"])?;
+    let killed = timeout_kill(&daemon, "alpha")?;
+    let mut parent = Workload::python(PARENT_AND_CHILD, &[])?;
+    register(&daemon, parent.pid(), "beta", &[])?;
+    parent.send("go")?;
+    assert_eq!(parent.read_line()?, "forked");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(parent.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+    await_rows(&db, "select count(*) from watchdog_events", "2")?;
+
+    let events = |args: &[&str]| -> Result<Vec<Value>> {
+        let mut all = vec!["events", "--json"];
+        all.extend(args);
+        Ok(serde_json::from_str(&daemon.cli_ok(&all)?)?)
+    };
+    let all = events(&[])?;
+    let rows = db.query("select pid, reason, analysis_id, outcome, time from watchdog_events order by time desc, id desc")?;
+    let from_json: Vec<String> = all
+        .iter()
+        .map(|e| format!("{}|{}|{}|{}|{}", e["pid"], e["reason"].as_str().unwrap(), e["analysis_id"].as_str().unwrap(), e["outcome"].as_str().unwrap(), e["time"].as_str().unwrap()))
+        .collect();
+    assert_eq!(from_json.join("\n"), rows, "newest first, the same as the rows");
+    assert_eq!(all[1]["pid"], killed);
+
+    let only = |args: &[&str]| -> Result<Vec<String>> {
+        Ok(events(args)?.iter().map(|e| e["analysis_id"].as_str().unwrap().to_string()).collect())
+    };
+    assert_eq!(only(&["--analysis-id", "alpha"])?, vec!["alpha"]);
+    assert_eq!(only(&["--reason", "orphan"])?, vec!["beta"]);
+    assert_eq!(only(&["--reason", "memory"])?, Vec::<String>::new());
+    assert_eq!(only(&["--host", "no-such-host"])?, Vec::<String>::new());
+    let host = all[0]["host"].as_str().unwrap().to_string();
+    assert_eq!(only(&["--host", &host])?.len(), 2);
+    assert_eq!(only(&["--since", "1h"])?.len(), 2);
+    let text = daemon.cli_ok(&["events"])?;
+    assert!(text.lines().count() == 3 && text.contains("alpha") && text.contains("orphan"), "{text}");
+    let out = daemon.cli(&["events", "--reason", "boredom"]);
+    assert!(!out.status.success());
+    Ok(())
+}
+
+#[test]
+fn a_bad_url_a_wrong_password_or_a_refused_migration_is_one_line_and_the_daemon_enforces_and_spools() -> Result<()> {
+    let pg = TestPostgres::start()?;
+    let cases = [
+        ("not a url", "invalid database URL"),
+        (&pg.url_as("watchdog", "wrong") as &str, "check the user and password"),
+        (&pg.url_as("readonly", "secret"), "refused the migrations"),
+    ];
+    for (url, expected) in cases {
+        let error = one_line_error(&migrate(url));
+        assert!(error.contains(expected), "{url}: {error}");
+        assert!(!error.contains("wrong") && !error.contains(":secret@"), "no password in messages: {error}");
+
+        let daemon = Daemon::start_with(&[], &["--database-url", url])?;
+        let status = daemon.status()?;
+        assert_eq!(status.db.state, "spooling");
+        assert!(status.db.error.as_deref().unwrap_or_default().contains(expected), "{status:?}");
+        timeout_kill(&daemon, "still-enforced")?;
+        assert_eq!(daemon.status()?.db.spool_depth, 1);
+        let out = daemon.cli(&["events"]);
+        assert!(one_line_error(&out).contains("wait in the spool"));
+    }
+    Ok(())
+}
