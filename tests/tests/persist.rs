@@ -107,7 +107,8 @@ fn register(daemon: &Daemon, pid: u32, id: &str, limits: &[&str]) -> Result<()> 
 fn await_rows(db: &Db, sql: &str, expected: &str) -> Result<()> {
     let mut last = String::new();
     await_state(&format!("{sql} = {expected}"), || {
-        last = db.query(sql)?;
+        // Until the daemon has applied the migrations, the table does not exist.
+        last = db.query(sql).unwrap_or_else(|e| format!("{e:#}"));
         Ok((last == expected).then_some(()))
     })
     .map_err(|e| anyhow::anyhow!("{e} (last: {last})"))
@@ -184,6 +185,13 @@ fn timeout_kill(daemon: &Daemon, id: &str) -> Result<u32> {
     Ok(sleeper.pid())
 }
 
+fn await_spool(daemon: &Daemon, depth: usize) -> Result<watchdog_tests::Status> {
+    await_state(&format!("{depth} records spooled"), || {
+        let status = daemon.status()?;
+        Ok((status.db.spool_depth == depth).then_some(status))
+    })
+}
+
 #[test]
 fn an_outage_with_a_restart_in_it_loses_nothing_and_duplicates_nothing() -> Result<()> {
     let pg = TestPostgres::start()?;
@@ -195,11 +203,12 @@ fn an_outage_with_a_restart_in_it_loses_nothing_and_duplicates_nothing() -> Resu
 
     let first = timeout_kill(&daemon, "outage-1")?;
     let second = timeout_kill(&daemon, "outage-2")?;
-    let status = daemon.status()?;
-    assert_eq!((status.db.state.as_str(), status.db.spool_depth), ("spooling", 2), "{status:?}");
+    let status = await_spool(&daemon, 2)?;
+    assert_eq!(status.db.state, "spooling", "{status:?}");
     daemon.restart()?;
+    assert_eq!(daemon.status()?.db.spool_depth, 2, "the spool survived the restart");
     let third = timeout_kill(&daemon, "outage-3")?;
-    assert_eq!(daemon.status()?.db.spool_depth, 3, "the spool survived the restart");
+    await_spool(&daemon, 3)?;
 
     pg.restart()?;
     await_state("the spool replayed", || Ok((daemon.status()?.db.spool_depth == 0).then_some(())))?;
@@ -266,11 +275,13 @@ fn a_bad_url_a_wrong_password_or_a_refused_migration_is_one_line_and_the_daemon_
         assert!(!error.contains("wrong") && !error.contains(":secret@"), "no password in messages: {error}");
 
         let daemon = Daemon::start_with(&[], &["--database-url", url])?;
-        let status = daemon.status()?;
+        let status = await_state("the database error in status", || {
+            let status = daemon.status()?;
+            Ok(status.db.error.as_deref().unwrap_or_default().contains(expected).then_some(status))
+        })?;
         assert_eq!(status.db.state, "spooling");
-        assert!(status.db.error.as_deref().unwrap_or_default().contains(expected), "{status:?}");
         timeout_kill(&daemon, "still-enforced")?;
-        assert_eq!(daemon.status()?.db.spool_depth, 1);
+        await_spool(&daemon, 1)?;
         let out = daemon.cli(&["events"]);
         assert!(one_line_error(&out).contains("wait in the spool"));
     }

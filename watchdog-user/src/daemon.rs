@@ -23,7 +23,7 @@ use crate::{
     kill::{KillJob, KillRecord},
     policy::{LimitOverrides, Limits},
     protocol::{AnalysisView, Reply, Request, Response, Status, TreeNode},
-    store::{DatabaseUrl, EventFilter, ProcessRow, Store, StoreMsg},
+    store::{self, DatabaseUrl, EventFilter, ProcessRow, StoreMsg},
     tree::{AnalysisKey, Analyses, Node, Tree},
 };
 
@@ -79,7 +79,6 @@ pub async fn run(options: Options) -> Result<()> {
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     tokio::spawn(control::serve(listener, call_tx));
 
-    let (store_tx, store_rx) = mpsc::unbounded_channel();
     let (url, url_error) = match options.database.clone() {
         Ok(url) => (Some(url), None),
         Err(err) => {
@@ -87,8 +86,7 @@ pub async fn run(options: Options) -> Result<()> {
             (None, Some(err))
         }
     };
-    let store = Store::new(url, url_error, &options.state_dir.join("spool.jsonl"), crate::kill::hostname())?;
-    tokio::spawn(store.run(store_rx));
+    let store_tx = store::start(url, url_error, &options.state_dir.join("spool.jsonl"), crate::kill::hostname())?;
     let (parent_exit_tx, mut parent_exit_rx) = mpsc::unbounded_channel();
     let mut watchdog = Watchdog::new(kernel, &options, parent_exit_tx, store_tx);
     watchdog.resync("start");

@@ -5,7 +5,7 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     path::{Path, PathBuf},
 };
 
@@ -31,7 +31,7 @@ impl Spool {
             .open(path)
             .with_context(|| format!("opening the spool {}", path.display()))?;
         let mut spool = Self { path: path.to_path_buf(), file, depth: 0 };
-        spool.depth = spool.records()?.len();
+        spool.depth = spool.snapshot()?.0.len();
         Ok(spool)
     }
 
@@ -54,25 +54,37 @@ impl Spool {
         Ok(())
     }
 
-    /// Every spooled record, oldest first. A torn last line (a crash mid-append) is
-    /// skipped: its record was never acknowledged.
-    pub fn records(&self) -> Result<Vec<StoredRecord>> {
-        let reader = BufReader::new(File::open(&self.path)?);
+    /// Every spooled record, oldest first, and how many bytes of the file they span.
+    /// A torn last line (a crash mid-append) is skipped: its record was never
+    /// acknowledged.
+    pub fn snapshot(&self) -> Result<(Vec<StoredRecord>, u64)> {
+        let text = std::fs::read_to_string(&self.path)?;
         let mut records = Vec::new();
-        for line in reader.lines() {
-            match serde_json::from_str(&line?) {
+        for line in text.lines() {
+            match serde_json::from_str(line) {
                 Ok(record) => records.push(record),
                 Err(err) => tracing::warn!("skipping a torn spool line in {}: {err}", self.path.display()),
             }
         }
-        Ok(records)
+        Ok((records, text.len() as u64))
     }
 
-    /// Empties the spool once its records are committed.
-    pub fn clear(&mut self) -> Result<()> {
-        self.file.set_len(0)?;
-        self.file.sync_data()?;
-        self.depth = 0;
+    /// Drops the first `bytes` (records now committed), keeping anything appended since.
+    pub fn consume(&mut self, bytes: u64, records: usize) -> Result<()> {
+        let len = self.file.metadata()?.len();
+        if len == bytes {
+            self.file.set_len(0)?;
+            self.file.sync_data()?;
+        } else {
+            let rest = std::fs::read(&self.path)?.split_off(bytes as usize);
+            let tmp = self.path.with_extension("tmp");
+            let mut file = File::create(&tmp)?;
+            file.write_all(&rest)?;
+            file.sync_data()?;
+            std::fs::rename(&tmp, &self.path)?;
+            self.file = OpenOptions::new().append(true).read(true).open(&self.path)?;
+        }
+        self.depth = self.depth.saturating_sub(records);
         Ok(())
     }
 }

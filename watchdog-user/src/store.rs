@@ -1,10 +1,13 @@
 //! PostgreSQL or SQLite through sqlx: kill records (`watchdog_events`) and what is
-//! watched now (`watchdog_processes`). Runs as its own task: the daemon loop only sends
-//! it messages, so no kill ever waits on the database.
+//! watched now (`watchdog_processes`). Two tasks: the daemon loop only sends messages
+//! to the front one, which spools records and answers status at once; the database
+//! task writes, and may wait on the network. No kill and no status waits on the
+//! database.
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -15,7 +18,7 @@ use sqlx::{
     any::{AnyPoolOptions, AnyRow},
     migrate::Migrator,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::{kill::KillRecord, spool::Spool};
 
@@ -246,83 +249,118 @@ fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-pub struct Store {
+/// What both store tasks share: the spool, and whether the database is in use.
+struct Shared {
+    spool: Mutex<Spool>,
+    /// None while connected; else why the database is not in use.
+    down: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn status(&self) -> DbStatus {
+        let spool = self.spool.lock().expect("spool lock");
+        let down = self.down.lock().expect("health lock").clone();
+        DbStatus {
+            state: if down.is_none() && spool.depth() == 0 { "ok" } else { "spooling" }.into(),
+            error: down,
+            spool_depth: spool.depth(),
+            spool_path: spool.path().display().to_string(),
+        }
+    }
+}
+
+type QueryReply = oneshot::Sender<Result<Vec<KillRecord>, String>>;
+
+/// Starts the store: a front task that answers at once (records are spooled, status
+/// read from memory) and a database task that may wait on the network. `url` is None
+/// when it did not parse: the daemon then runs and spools.
+pub fn start(
+    url: Option<DatabaseUrl>,
+    url_error: Option<String>,
+    spool_path: &Path,
+    host: String,
+) -> Result<mpsc::UnboundedSender<StoreMsg>> {
+    let shared = Arc::new(Shared {
+        spool: Mutex::new(Spool::open(spool_path)?),
+        down: Mutex::new(Some(url_error.unwrap_or_else(|| "not connected yet".into()))),
+    });
+    let wake = Arc::new(Notify::new());
+    let (inbox_tx, inbox) = mpsc::unbounded_channel();
+    let (query_tx, queries) = mpsc::unbounded_channel();
+    let (processes_tx, processes) = watch::channel(Vec::new());
+    tokio::spawn(front(inbox, shared.clone(), wake.clone(), query_tx, processes_tx));
+    let dialect = url.as_ref().map_or(Dialect::Sqlite, |u| u.dialect);
+    let store = Store { url, sql: Sql::new(dialect), host, pool: None, shared, written: None };
+    tokio::spawn(store.run(wake, queries, processes));
+    Ok(inbox_tx)
+}
+
+async fn front(
+    mut inbox: mpsc::UnboundedReceiver<StoreMsg>,
+    shared: Arc<Shared>,
+    wake: Arc<Notify>,
+    queries: mpsc::UnboundedSender<(EventFilter, QueryReply)>,
+    processes: watch::Sender<Vec<ProcessRow>>,
+) {
+    while let Some(msg) = inbox.recv().await {
+        match msg {
+            StoreMsg::Record(record) => {
+                let stored = StoredRecord { event_uid: uuid::Uuid::new_v4().to_string(), record: *record };
+                let mut spool = shared.spool.lock().expect("spool lock");
+                if let Err(err) = spool.append(&stored) {
+                    // The kill_event log line is then the only copy: say so loudly.
+                    tracing::error!("could not spool a kill record to {}: {err:#}", spool.path().display());
+                }
+                wake.notify_one();
+            }
+            StoreMsg::Processes(rows) => {
+                processes.send_replace(rows);
+                wake.notify_one();
+            }
+            StoreMsg::Query(filter, reply) => {
+                let _ = queries.send((filter, reply));
+            }
+            StoreMsg::Status(reply) => {
+                let _ = reply.send(shared.status());
+            }
+        }
+    }
+}
+
+/// The database task.
+struct Store {
     url: Option<DatabaseUrl>,
     sql: Sql,
     host: String,
     pool: Option<AnyPool>,
-    /// Why the database is not in use, for `status` and `events`.
-    error: Option<String>,
-    spool: Spool,
+    shared: Arc<Shared>,
     /// `watchdog_processes` rows as last written; None until written since connecting.
     written: Option<HashMap<u32, ProcessRow>>,
-    wanted: HashMap<u32, ProcessRow>,
 }
 
 impl Store {
-    /// `url` is None when it did not parse: the daemon still runs and spools.
-    pub fn new(url: Option<DatabaseUrl>, url_error: Option<String>, spool_path: &Path, host: String) -> Result<Self> {
-        let dialect = url.as_ref().map_or(Dialect::Sqlite, |u| u.dialect);
-        Ok(Self {
-            url,
-            sql: Sql::new(dialect),
-            host,
-            pool: None,
-            error: url_error,
-            spool: Spool::open(spool_path)?,
-            written: None,
-            wanted: HashMap::new(),
-        })
-    }
-
-    pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<StoreMsg>) {
-        self.reconnect().await;
-        let mut retry = tokio::time::interval(RETRY_EVERY);
+    async fn run(
+        mut self,
+        wake: Arc<Notify>,
+        mut queries: mpsc::UnboundedReceiver<(EventFilter, QueryReply)>,
+        mut processes: watch::Receiver<Vec<ProcessRow>>,
+    ) {
         loop {
+            if self.pool.is_none() {
+                self.reconnect().await;
+            }
+            let wanted = processes.borrow_and_update().clone();
+            self.sync(&wanted).await;
             tokio::select! {
-                msg = inbox.recv() => match msg {
-                    Some(msg) => self.handle(msg).await,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(RETRY_EVERY) => {}
+                query = queries.recv() => match query {
+                    Some((filter, reply)) => {
+                        let _ = reply.send(self.query(&filter).await);
+                    }
                     None => return,
                 },
-                _ = retry.tick() => {
-                    if self.pool.is_none() {
-                        self.reconnect().await;
-                    }
-                    self.sync().await;
-                }
             }
-        }
-    }
-
-    async fn handle(&mut self, msg: StoreMsg) {
-        match msg {
-            StoreMsg::Record(record) => {
-                let stored = StoredRecord { event_uid: uuid::Uuid::new_v4().to_string(), record: *record };
-                if let Err(err) = self.spool.append(&stored) {
-                    // The log line (kill_event) is then the only copy: say so loudly.
-                    tracing::error!("could not spool a kill record to {}: {err:#}", self.spool.path().display());
-                }
-                self.sync().await;
-            }
-            StoreMsg::Processes(rows) => {
-                self.wanted = rows.into_iter().map(|r| (r.pid, r)).collect();
-                self.sync().await;
-            }
-            StoreMsg::Query(filter, reply) => {
-                let _ = reply.send(self.query(&filter).await);
-            }
-            StoreMsg::Status(reply) => {
-                let _ = reply.send(self.status());
-            }
-        }
-    }
-
-    fn status(&self) -> DbStatus {
-        DbStatus {
-            state: if self.pool.is_some() && self.spool.depth() == 0 { "ok" } else { "spooling" }.into(),
-            error: self.error.clone(),
-            spool_depth: self.spool.depth(),
-            spool_path: self.spool.path().display().to_string(),
         }
     }
 
@@ -332,7 +370,7 @@ impl Store {
             Ok(pool) => {
                 tracing::info!(database = url.redacted(), "database connected, migrations applied");
                 self.pool = Some(pool);
-                self.error = None;
+                *self.shared.down.lock().expect("health lock") = None;
                 self.written = None;
             }
             Err(err) => self.went_down(format!("{err:#}")),
@@ -340,30 +378,35 @@ impl Store {
     }
 
     fn went_down(&mut self, error: String) {
-        if self.error.as_ref() != Some(&error) {
-            tracing::error!("{error}; kill records are spooled to {} until it is back", self.spool.path().display());
+        let mut down = self.shared.down.lock().expect("health lock");
+        if down.as_ref() != Some(&error) {
+            tracing::error!("{error}; kill records are spooled until it is back");
         }
-        self.error = Some(error);
+        *down = Some(error);
         self.pool = None;
     }
 
     /// Writes the spool, then the process table's difference; on failure the database
     /// is marked down and everything stays for the next try.
-    async fn sync(&mut self) {
+    async fn sync(&mut self, wanted: &[ProcessRow]) {
         let Some(pool) = self.pool.clone() else { return };
         if let Err(err) = self.flush_spool(&pool).await {
             return self.went_down(format!("writing to the database failed: {err:#}"));
         }
-        if let Err(err) = self.write_processes(&pool).await {
+        let wanted = wanted.iter().map(|r| (r.pid, r.clone())).collect();
+        if let Err(err) = self.write_processes(&pool, wanted).await {
             self.went_down(format!("writing to the database failed: {err:#}"));
         }
     }
 
     async fn flush_spool(&mut self, pool: &AnyPool) -> Result<()> {
-        if self.spool.depth() == 0 {
-            return Ok(());
-        }
-        let records = self.spool.records()?;
+        let (records, bytes) = {
+            let spool = self.shared.spool.lock().expect("spool lock");
+            if spool.depth() == 0 {
+                return Ok(());
+            }
+            spool.snapshot()?
+        };
         let mut tx = pool.begin().await?;
         for stored in &records {
             let r = &stored.record;
@@ -387,12 +430,12 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
-        self.spool.clear()?;
+        self.shared.spool.lock().expect("spool lock").consume(bytes, records.len())?;
         tracing::debug!(rows = records.len(), "kill records written");
         Ok(())
     }
 
-    async fn write_processes(&mut self, pool: &AnyPool) -> Result<()> {
+    async fn write_processes(&mut self, pool: &AnyPool, wanted: HashMap<u32, ProcessRow>) -> Result<()> {
         let mut tx = pool.begin().await?;
         let written = match self.written.take() {
             Some(written) => written,
@@ -402,14 +445,14 @@ impl Store {
                 HashMap::new()
             }
         };
-        for pid in written.keys().filter(|p| !self.wanted.contains_key(p)) {
+        for pid in written.keys().filter(|p| !wanted.contains_key(p)) {
             sqlx::query(self.sql.delete_process)
                 .bind(self.host.clone())
                 .bind(i64::from(*pid))
                 .execute(&mut *tx)
                 .await?;
         }
-        for row in self.wanted.values().filter(|r| written.get(&r.pid) != Some(*r)) {
+        for row in wanted.values().filter(|r| written.get(&r.pid) != Some(*r)) {
             sqlx::query(self.sql.upsert_process())
                 .bind(self.host.clone())
                 .bind(i64::from(row.pid))
@@ -428,7 +471,7 @@ impl Store {
         }
         match tx.commit().await {
             Ok(()) => {
-                self.written = Some(self.wanted.clone());
+                self.written = Some(wanted);
                 Ok(())
             }
             Err(err) => {
@@ -440,12 +483,13 @@ impl Store {
 
     async fn query(&mut self, filter: &EventFilter) -> Result<Vec<KillRecord>, String> {
         let Some(pool) = self.pool.clone() else {
+            let status = self.shared.status();
             return Err(format!(
                 "the database is unavailable ({}): {} kill records wait in the spool {} and will be \
                  written when it is back",
-                self.error.as_deref().unwrap_or("not connected"),
-                self.spool.depth(),
-                self.spool.path().display()
+                status.error.as_deref().unwrap_or("not connected"),
+                status.spool_depth,
+                status.spool_path
             ));
         };
         let rows = sqlx::query(self.sql.select_events())
