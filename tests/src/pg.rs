@@ -37,6 +37,9 @@ pub struct TestPostgres {
     data: PathBuf,
     log: PathBuf,
     port: u16,
+    /// fsync and synchronous commit on, as in production (for benchmarks); tests
+    /// run without them for speed.
+    durable: bool,
 }
 
 impl TestPostgres {
@@ -47,6 +50,16 @@ impl TestPostgres {
     /// no CREATE privilege on schema public. Returns once the server accepts connections
     /// (fails after 30 s, with the server log).
     pub fn start() -> Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// Like [`Self::start`], with fsync and synchronous commit on: figures measured
+    /// against it mean what they would in production.
+    pub fn start_durable() -> Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<Self> {
         let bin = bin_dir()?;
         let user = User::from_name("postgres")
             .context("looking up the postgres OS user")?
@@ -72,6 +85,7 @@ impl TestPostgres {
             log: dir.join("server.log"),
             dir,
             port: 0,
+            durable,
         };
         chown(&pg.dir, Some(user.uid), Some(user.gid))
             .with_context(|| format!("chown {} to postgres", pg.dir.display()))?;
@@ -200,9 +214,13 @@ impl TestPostgres {
     /// `pg_ctl -w start` on `self.port`, then waits until the server answers on TCP.
     fn pg_ctl_start(&self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
+        let speed = if self.durable {
+            ""
+        } else {
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        };
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c shared_buffers=16MB -c max_connections=50",
+            "-p {} -k {} -c listen_addresses=127.0.0.1{speed} -c shared_buffers=16MB -c max_connections=50",
             self.port,
             shell_quote(&self.dir.to_string_lossy()),
         );

@@ -71,6 +71,16 @@ enum Command {
         #[arg(long, default_value = "/var/lib/watchdog")]
         state_dir: PathBuf,
     },
+    /// Benchmark: kill-record inserts per second, single vs batched (prints figures).
+    #[command(hide = true)]
+    BenchStore {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long, default_value_t = 2000)]
+        rows: usize,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
     /// Apply the database migrations and stop.
     Migrate {
         #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE)]
@@ -217,6 +227,7 @@ fn main() {
             cli::events(&args.socket, filter, json)
         }
         Command::Migrate { database_url } => migrate(&database_url),
+        Command::BenchStore { database_url, rows, batch } => bench_store(&database_url, rows, batch),
     };
     if let Err(err) = result {
         eprintln!("watchdog-user: error: {err:#}");
@@ -230,6 +241,14 @@ fn migrate(database_url: &str) -> anyhow::Result<()> {
     let url = store::DatabaseUrl::parse(database_url).map_err(anyhow::Error::msg)?;
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(store::migrate(&url))?;
     println!("migrations applied to {}", url.redacted());
+    Ok(())
+}
+
+fn bench_store(database_url: &str, rows: usize, batch: usize) -> anyhow::Result<()> {
+    let url = store::DatabaseUrl::parse(database_url).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (single, batched) = runtime.block_on(store::bench_inserts(&url, rows, batch))?;
+    println!("{single:.0} {batched:.0}");
     Ok(())
 }
 

@@ -14,8 +14,9 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use serde::{Deserialize, Serialize};
 use sqlx::{
-    AnyPool, AssertSqlSafe, Row as _,
-    any::{AnyPoolOptions, AnyRow},
+    Any, AnyPool, AssertSqlSafe, Row as _,
+    any::{AnyArguments, AnyPoolOptions, AnyRow},
+    query::Query,
     migrate::Migrator,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -232,6 +233,27 @@ impl Sql {
 
 // The dialect's statements are put together from constants only, never from input.
 impl Sql {
+    /// The insert of one record (idempotent: a record already there is skipped).
+    fn insert(&self, stored: &StoredRecord) -> Query<'static, Any, AnyArguments> {
+        let r = &stored.record;
+        sqlx::query(self.insert_event())
+            .bind(stored.event_uid.clone())
+            .bind(r.time.clone())
+            .bind(r.host.clone())
+            .bind(i64::from(r.pid))
+            .bind(i64::from(r.ppid))
+            .bind(Some(r.analysis_id.clone()).filter(|a| !a.is_empty()))
+            .bind(r.reason.as_str().to_string())
+            .bind(r.limit.map(i64_of))
+            .bind(i64_of(r.rss_bytes))
+            .bind(i64_of(r.runtime_ms))
+            .bind(serde_json::to_string(&r.signals).expect("signals serialize"))
+            .bind(r.outcome.as_str().to_string())
+            .bind(r.comm.clone())
+            .bind(r.cmdline.clone())
+            .bind(i64::from(r.uid))
+    }
+
     fn insert_event(&self) -> AssertSqlSafe<String> {
         AssertSqlSafe(self.insert_event_text.clone())
     }
@@ -409,25 +431,7 @@ impl Store {
         };
         let mut tx = pool.begin().await?;
         for stored in &records {
-            let r = &stored.record;
-            sqlx::query(self.sql.insert_event())
-                .bind(stored.event_uid.clone())
-                .bind(r.time.clone())
-                .bind(r.host.clone())
-                .bind(i64::from(r.pid))
-                .bind(i64::from(r.ppid))
-                .bind(Some(r.analysis_id.clone()).filter(|a| !a.is_empty()))
-                .bind(r.reason.as_str().to_string())
-                .bind(r.limit.map(i64_of))
-                .bind(i64_of(r.rss_bytes))
-                .bind(i64_of(r.runtime_ms))
-                .bind(serde_json::to_string(&r.signals).expect("signals serialize"))
-                .bind(r.outcome.as_str().to_string())
-                .bind(r.comm.clone())
-                .bind(r.cmdline.clone())
-                .bind(i64::from(r.uid))
-                .execute(&mut *tx)
-                .await?;
+            self.sql.insert(stored).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         self.shared.spool.lock().expect("spool lock").consume(bytes, records.len())?;
@@ -526,6 +530,49 @@ fn record_from_row(row: &AnyRow) -> Result<KillRecord> {
         cmdline: row.try_get("cmdline")?,
         uid: u32_of("uid")?,
     })
+}
+
+/// `watchdog-user bench-store`: insert throughput of kill records, one transaction per
+/// record (what a daemon does for an isolated kill) against one per `batch` records (a
+/// spool flush after an outage, or a kill of a whole tree). Returns rows/s for each.
+pub async fn bench_inserts(url: &DatabaseUrl, rows: usize, batch: usize) -> Result<(f64, f64)> {
+    let pool = connect(url).await?;
+    let sql = Sql::new(url.dialect);
+    let record = |i: usize| StoredRecord {
+        event_uid: uuid::Uuid::new_v4().to_string(),
+        record: KillRecord {
+            time: crate::kill::now_rfc3339(),
+            host: "bench".into(),
+            pid: 1000 + i as u32,
+            ppid: 999,
+            analysis_id: "bench".into(),
+            reason: crate::policy::Reason::Timeout,
+            limit: Some(1_800_000),
+            rss_bytes: 123 << 20,
+            runtime_ms: 1_800_000,
+            signals: vec![crate::kill::SignalSent { signal: "SIGTERM".into(), at: crate::kill::now_rfc3339() }],
+            outcome: crate::kill::Outcome::ExitedAfterSigterm,
+            comm: "python3".into(),
+            cmdline: "python3 analysis.py --input data.h5".into(),
+            uid: 1000,
+        },
+    };
+    let started = std::time::Instant::now();
+    for i in 0..rows {
+        sql.insert(&record(i)).execute(&pool).await?;
+    }
+    let single = rows as f64 / started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    for chunk in (0..rows).collect::<Vec<_>>().chunks(batch.max(1)) {
+        let mut tx = pool.begin().await?;
+        for &i in chunk {
+            sql.insert(&record(i)).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+    }
+    let batched = rows as f64 / started.elapsed().as_secs_f64();
+    sqlx::query("DELETE FROM watchdog_events WHERE host = 'bench'").execute(&pool).await?;
+    Ok((single, batched))
 }
 
 /// `watchdog-user migrate`: apply the migrations and stop.

@@ -61,7 +61,7 @@ fn main() -> Result<()> {
         Cmd::Bench => {
             toolchain::setup()?;
             let bin = build_daemon(true)?;
-            for bench in ["bench-forks", "bench-latency"] {
+            for bench in ["bench-forks", "bench-latency", "bench-store"] {
                 step(&format!("running {bench}"));
                 let mut cmd = as_root(Path::new("cargo"));
                 cmd.current_dir(workspace_root())
