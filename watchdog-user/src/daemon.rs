@@ -18,6 +18,7 @@ use crate::{
     control::{self, Call, SocketGuard},
     ingest::{self, KernelEvent},
     kernel::Kernel,
+    supervise,
     procs::{self, ProcInfo},
     enforce::RootRef,
     kill::{KillJob, KillRecord},
@@ -63,6 +64,14 @@ pub struct Options {
     pub database: Result<DatabaseUrl, String>,
     /// Where the spool (and other state) lives.
     pub state_dir: PathBuf,
+    /// bpffs directory of the pinned maps and links.
+    pub pin_dir: PathBuf,
+    /// Drop pinned state first.
+    pub fresh: bool,
+    /// /status and /metrics listener.
+    pub http: Option<std::net::SocketAddr>,
+    /// What the options were resolved from, to resolve them again on SIGHUP.
+    pub args: crate::config::RunArgs,
 }
 
 pub async fn run(options: Options) -> Result<()> {
@@ -95,6 +104,9 @@ pub async fn run(options: Options) -> Result<()> {
         watched = watchdog.tree.len(),
         "watchdog ready: programs attached"
     );
+    supervise::ready(&watchdog.status_line());
+    let heartbeat_every = supervise::heartbeat_every();
+    let mut heartbeat = tokio::time::interval(heartbeat_every.unwrap_or(Duration::from_secs(3600)));
 
     let mut loss_check = tokio::time::interval(LOSS_CHECK_EVERY);
     let mut processes_sync = tokio::time::interval(PROCESSES_SYNC_EVERY);
@@ -102,6 +114,7 @@ pub async fn run(options: Options) -> Result<()> {
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             Some(batch) = event_rx.recv() => {
@@ -122,6 +135,7 @@ pub async fn run(options: Options) -> Result<()> {
                 }
             },
             _ = processes_sync.tick() => watchdog.sync_processes(),
+            _ = heartbeat.tick(), if heartbeat_every.is_some() => supervise::heartbeat(&watchdog.status_line()),
             _ = loss_check.tick() => watchdog.repair_losses(),
             _ = poll.tick() => watchdog.reconcile(),
             Some(root) = parent_exit_rx.recv() => watchdog.root_parent_died(root),
@@ -129,11 +143,17 @@ pub async fn run(options: Options) -> Result<()> {
             ended = &mut ingest_task => {
                 bail!("the ring buffer reader stopped: {:?}", ended.map(|r| r.map_err(|e| format!("{e:#}"))));
             }
+            _ = sighup.recv() => {
+                if let Some(every) = watchdog.reload(&options) {
+                    poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
-    tracing::info!("watchdog stopping: programs detached");
+    supervise::stopping();
+    tracing::info!("watchdog stopping");
     Ok(())
 }
 
@@ -170,6 +190,7 @@ pub(crate) struct Watchdog {
     pub(crate) self_pid: u32,
     pub(crate) defaults: Limits,
     pub(crate) dry_run: bool,
+    poll_interval: Duration,
     pub(crate) host: String,
     /// Kills in progress, and when they are next looked at.
     pub(crate) jobs: Vec<KillJob>,
@@ -200,6 +221,7 @@ impl Watchdog {
             self_pid: std::process::id(),
             defaults: options.defaults.clone(),
             dry_run: options.dry_run,
+            poll_interval: options.poll_interval,
             host: crate::kill::hostname(),
             jobs: Vec::new(),
             kill_tick_at: Instant::now(),
@@ -208,6 +230,43 @@ impl Watchdog {
             store,
             processes_dirty: true,
         }
+    }
+
+    /// SIGHUP: re-reads the settings; applies what can change while running (limits
+    /// for new analyses, poll interval, dry run) and returns the new poll interval.
+    /// A file that does not parse changes nothing.
+    fn reload(&mut self, running: &Options) -> Option<Duration> {
+        let new = match running.args.resolve() {
+            Ok(new) => new,
+            Err(err) => {
+                tracing::error!("{err:#}: keeping the running settings");
+                return None;
+            }
+        };
+        let needs_restart = new.socket != running.socket
+            || new.state_dir != running.state_dir
+            || new.pin_dir != running.pin_dir
+            || new.http != running.http
+            || new.database.as_ref().map(|u| &u.url) != running.database.as_ref().map(|u| &u.url);
+        if needs_restart {
+            tracing::warn!("socket, database, state, pin and http settings change only with a restart");
+        }
+        self.defaults = new.defaults.clone();
+        self.dry_run = new.dry_run;
+        self.poll_interval = new.poll_interval;
+        tracing::info!(defaults = ?self.defaults, dry_run = self.dry_run, poll = ?self.poll_interval, "settings reloaded");
+        Some(new.poll_interval)
+    }
+
+    /// One line for systemd's STATUS=.
+    fn status_line(&self) -> String {
+        format!(
+            "watching {} processes in {} analyses; {} kills; {} lost events",
+            self.tree.len(),
+            self.analyses.len(),
+            self.counters.kills,
+            self.kernel.lost_events()
+        )
     }
 
     fn answer_events(&self, filter: EventFilter, reply: oneshot::Sender<Response>) {
@@ -533,6 +592,11 @@ impl Watchdog {
             kills_total: self.counters.kills,
             dry_run: self.dry_run,
             db: Default::default(),
+            settings: crate::config::Runtime {
+                defaults: Some(self.defaults.clone()),
+                poll_interval_ms: crate::policy::millis(self.poll_interval),
+                dry_run: self.dry_run,
+            },
         }
     }
 

@@ -2,6 +2,7 @@
 
 mod btf;
 mod cli;
+mod config;
 mod control;
 mod daemon;
 mod enforce;
@@ -13,19 +14,20 @@ mod procs;
 mod protocol;
 mod spool;
 mod store;
+mod supervise;
 mod tree;
 
 use std::{path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Parser, Subcommand};
-use policy::{LimitOverrides, Limits, OrphanPolicy, Reason};
+use policy::{LimitOverrides, OrphanPolicy, Reason};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF process watchdog: daemon and CLI")]
 struct Args {
-    /// Control socket of the daemon.
-    #[arg(long, global = true, env = "WATCHDOG_SOCKET", default_value = "/run/watchdog/watchdog.sock")]
-    socket: PathBuf,
+    /// Control socket of the daemon [default: /run/watchdog/watchdog.sock].
+    #[arg(long, global = true, env = "WATCHDOG_SOCKET")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,44 +35,7 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: load the kernel programs and serve the control socket (root).
-    Run {
-        /// Kernel BTF to read struct offsets from.
-        #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
-        btf: PathBuf,
-        /// Ring buffer size in bytes (tests use a tiny one to provoke losses).
-        #[arg(long, hide = true)]
-        ring_bytes: Option<u32>,
-        /// Accept test-only fault requests (e.g. stall the main loop).
-        #[arg(long, hide = true)]
-        test_faults: bool,
-        /// Wall-clock limit of an analysis, from its registration.
-        #[arg(long, default_value = "30m", value_parser = policy::parse_duration)]
-        default_timeout: Duration,
-        /// RSS limit of each process.
-        #[arg(long, default_value = "2GiB", value_parser = policy::parse_size)]
-        default_memory: u64,
-        /// Limit on the RSS summed over an analysis (none unless given).
-        #[arg(long, value_parser = policy::parse_size)]
-        default_tree_memory: Option<u64>,
-        /// Time between SIGTERM and SIGKILL.
-        #[arg(long, default_value = "10s", value_parser = policy::parse_duration)]
-        grace: Duration,
-        /// What to do with orphans by default.
-        #[arg(long, value_enum, default_value_t = OrphanPolicy::Kill)]
-        orphans: OrphanPolicy,
-        /// Reconcile poll interval (RSS of every watched process, the safety net).
-        #[arg(long, default_value = "30s", value_parser = policy::parse_duration)]
-        poll_interval: Duration,
-        /// Log every kill that would be made; signal nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// postgres://USER:PASSWORD@HOST/DB or sqlite:///PATH (created when missing).
-        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE)]
-        database_url: String,
-        /// Where the spool of records waiting for the database lives.
-        #[arg(long, default_value = "/var/lib/watchdog")]
-        state_dir: PathBuf,
-    },
+    Run(config::RunArgs),
     /// Benchmark: kill-record inserts per second, single vs batched (prints figures).
     #[command(hide = true)]
     BenchStore {
@@ -83,7 +48,7 @@ enum Command {
     },
     /// Apply the database migrations and stop.
     Migrate {
-        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE)]
+        #[arg(long, env = "DATABASE_URL", default_value = "sqlite:///var/lib/watchdog/watchdog.db")]
         database_url: String,
     },
     /// Watch PID, its existing descendants and everything it forks from now on.
@@ -174,49 +139,24 @@ impl LimitArgs {
 
 fn main() {
     let args = Args::parse();
+    let socket = args.socket.clone().unwrap_or_else(|| config::DEFAULT_SOCKET.into());
     let result = match args.command {
-        Command::Run {
-            btf,
-            ring_bytes,
-            test_faults,
-            default_timeout,
-            default_memory,
-            default_tree_memory,
-            grace,
-            orphans,
-            poll_interval,
-            dry_run,
-            database_url,
-            state_dir,
-        } => run_daemon(daemon::Options {
-            database: store::DatabaseUrl::parse(&database_url),
-            state_dir,
-            socket: args.socket,
-            btf,
-            ring_bytes,
-            test_faults,
-            defaults: Limits {
-                timeout_ms: policy::millis(default_timeout),
-                memory_bytes: default_memory,
-                tree_memory_bytes: default_tree_memory,
-                grace_ms: policy::millis(grace),
-                orphans,
-            },
-            poll_interval,
-            dry_run,
-        }),
-        Command::Register { pid, analysis_id, limits } => {
-            cli::register(&args.socket, pid, analysis_id, limits.overrides())
+        Command::Run(mut run) => {
+            run.socket = args.socket;
+            run.resolve().and_then(run_daemon)
         }
-        Command::Unregister { pid, analysis_id } => cli::unregister(&args.socket, pid, analysis_id),
+        Command::Register { pid, analysis_id, limits } => {
+            cli::register(&socket, pid, analysis_id, limits.overrides())
+        }
+        Command::Unregister { pid, analysis_id } => cli::unregister(&socket, pid, analysis_id),
         Command::Exec { analysis_id, limits, command } => {
-            match cli::exec(&args.socket, analysis_id, limits.overrides(), &command) {
+            match cli::exec(&socket, analysis_id, limits.overrides(), &command) {
                 Ok(code) => std::process::exit(code),
                 Err(err) => Err(err),
             }
         }
-        Command::DumpTree { json, analysis_id } => cli::dump_tree(&args.socket, json, analysis_id),
-        Command::Status { json } => cli::status(&args.socket, json),
+        Command::DumpTree { json, analysis_id } => cli::dump_tree(&socket, json, analysis_id),
+        Command::Status { json } => cli::status(&socket, json),
         Command::Events { since, analysis_id, reason, host, json } => {
             let filter = store::EventFilter {
                 since: since.map(|d| humantime::format_rfc3339_millis(std::time::SystemTime::now() - d).to_string()),
@@ -224,7 +164,7 @@ fn main() {
                 reason: reason.map(|r| r.as_str().to_string()),
                 host,
             };
-            cli::events(&args.socket, filter, json)
+            cli::events(&socket, filter, json)
         }
         Command::Migrate { database_url } => migrate(&database_url),
         Command::BenchStore { database_url, rows, batch } => bench_store(&database_url, rows, batch),
@@ -234,8 +174,6 @@ fn main() {
         std::process::exit(1);
     }
 }
-
-const DEFAULT_DATABASE: &str = "sqlite:///var/lib/watchdog/watchdog.db";
 
 fn migrate(database_url: &str) -> anyhow::Result<()> {
     let url = store::DatabaseUrl::parse(database_url).map_err(anyhow::Error::msg)?;

@@ -118,6 +118,8 @@ pub struct Status {
     pub dry_run: bool,
     /// The database: "ok", or "spooling" with the error and the spool's depth.
     pub db: DbStatus,
+    /// The settings that can change on SIGHUP, as in force now.
+    pub settings: crate::config::Runtime,
 }
 
 /// Sends one request and waits for its response (the CLI side).

@@ -1,0 +1,164 @@
+//! The daemon's settings: command-line flags, a TOML file with the same names
+//! (`--config`), and the defaults, in that order of precedence. SIGHUP re-reads the
+//! file; a file that does not parse is refused with its line and the reason, and the
+//! running settings stay.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    daemon::Options,
+    policy::{self, Limits, OrphanPolicy},
+    store::DatabaseUrl,
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/watchdog/watchdog.sock";
+const DEFAULT_DATABASE: &str = "sqlite:///var/lib/watchdog/watchdog.db";
+
+/// Every `run` setting; each unset one falls back to the file, then the default.
+#[derive(clap::Args, Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunArgs {
+    /// TOML file with any of these settings by their long names (flags win).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Control socket [default: /run/watchdog/watchdog.sock].
+    #[arg(skip)]
+    pub socket: Option<PathBuf>,
+    /// postgres://USER:PASSWORD@HOST/DB or sqlite:///PATH [default: sqlite:///var/lib/watchdog/watchdog.db].
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Where the spool of records waiting for the database lives [default: /var/lib/watchdog].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// bpffs directory where the kernel maps and program links are pinned, so tracking
+    /// survives daemon restarts [default: /sys/fs/bpf/watchdog].
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// Drop the pinned state and start afresh.
+    #[arg(long)]
+    #[serde(skip)]
+    pub fresh: bool,
+    /// HTTP listener for /status and /metrics, or `none` [default: 127.0.0.1:9477].
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Kernel BTF to read struct offsets from [default: /sys/kernel/btf/vmlinux].
+    #[arg(long)]
+    pub btf: Option<PathBuf>,
+    /// Wall-clock limit of an analysis, from its registration [default: 30m].
+    #[arg(long)]
+    pub default_timeout: Option<String>,
+    /// RSS limit of each process [default: 2GiB].
+    #[arg(long)]
+    pub default_memory: Option<String>,
+    /// Limit on the RSS summed over an analysis [default: none].
+    #[arg(long)]
+    pub default_tree_memory: Option<String>,
+    /// Time between SIGTERM and SIGKILL [default: 10s].
+    #[arg(long)]
+    pub grace: Option<String>,
+    /// What to do with orphans by default [default: kill].
+    #[arg(long, value_enum)]
+    pub orphans: Option<OrphanPolicy>,
+    /// Reconcile poll interval [default: 30s].
+    #[arg(long)]
+    pub poll_interval: Option<String>,
+    /// Log every kill that would be made; signal nothing.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub dry_run: Option<bool>,
+    /// Ring buffer size in bytes (tests use a tiny one to provoke losses).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub ring_bytes: Option<u32>,
+    /// Accept test-only fault requests (e.g. stall the main loop).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub test_faults: bool,
+}
+
+/// What can change without a restart, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Runtime {
+    pub defaults: Option<Limits>,
+    pub poll_interval_ms: u64,
+    pub dry_run: bool,
+}
+
+impl RunArgs {
+    /// The settings file named by --config, parsed; errors carry the line.
+    pub fn read_file(&self) -> Result<RunArgs> {
+        let Some(path) = &self.config else { return Ok(RunArgs::default()) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading the config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|span| {
+                    let line = text[..span.start].lines().count().max(1);
+                    format!(" at line {line}")
+                })
+                .unwrap_or_default();
+            anyhow!("config file {}{at}: {}", path.display(), e.message())
+        })
+    }
+
+    /// Flags first, then the file.
+    fn merged(&self, file: RunArgs) -> RunArgs {
+        RunArgs {
+            config: self.config.clone(),
+            socket: self.socket.clone().or(file.socket),
+            database_url: self.database_url.clone().or(file.database_url),
+            state_dir: self.state_dir.clone().or(file.state_dir),
+            pin_dir: self.pin_dir.clone().or(file.pin_dir),
+            fresh: self.fresh,
+            http: self.http.clone().or(file.http),
+            btf: self.btf.clone().or(file.btf),
+            default_timeout: self.default_timeout.clone().or(file.default_timeout),
+            default_memory: self.default_memory.clone().or(file.default_memory),
+            default_tree_memory: self.default_tree_memory.clone().or(file.default_tree_memory),
+            grace: self.grace.clone().or(file.grace),
+            orphans: self.orphans.or(file.orphans),
+            poll_interval: self.poll_interval.clone().or(file.poll_interval),
+            dry_run: self.dry_run.or(file.dry_run),
+            ring_bytes: self.ring_bytes,
+            test_faults: self.test_faults,
+        }
+    }
+
+    /// The daemon's options: flags, then the file, then the defaults.
+    pub fn resolve(&self) -> Result<Options> {
+        let all = self.merged(self.read_file()?);
+        let duration = |name: &str, value: &Option<String>, default: &str| -> Result<Duration> {
+            policy::parse_duration(value.as_deref().unwrap_or(default)).map_err(|e| anyhow!("{name}: {e}"))
+        };
+        let size = |name: &str, value: &str| -> Result<u64> { policy::parse_size(value).map_err(|e| anyhow!("{name}: {e}")) };
+        let database_url = all.database_url.as_deref().unwrap_or(DEFAULT_DATABASE);
+        let http = match all.http.as_deref().unwrap_or("127.0.0.1:9477") {
+            "none" => None,
+            addr => Some(addr.parse().map_err(|e| anyhow!("http: {addr:?} is not an address ({e}): use HOST:PORT or none"))?),
+        };
+        Ok(Options {
+            socket: all.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            btf: all.btf.unwrap_or_else(|| "/sys/kernel/btf/vmlinux".into()),
+            ring_bytes: all.ring_bytes,
+            test_faults: all.test_faults,
+            defaults: Limits {
+                timeout_ms: policy::millis(duration("default-timeout", &all.default_timeout, "30m")?),
+                memory_bytes: size("default-memory", all.default_memory.as_deref().unwrap_or("2GiB"))?,
+                tree_memory_bytes: all.default_tree_memory.as_deref().map(|v| size("default-tree-memory", v)).transpose()?,
+                grace_ms: policy::millis(duration("grace", &all.grace, "10s")?),
+                orphans: all.orphans.unwrap_or(OrphanPolicy::Kill),
+            },
+            poll_interval: duration("poll-interval", &all.poll_interval, "30s")?,
+            dry_run: all.dry_run.unwrap_or(false),
+            database: DatabaseUrl::parse(database_url),
+            state_dir: all.state_dir.unwrap_or_else(|| "/var/lib/watchdog".into()),
+            pin_dir: all.pin_dir.unwrap_or_else(|| "/sys/fs/bpf/watchdog".into()),
+            fresh: all.fresh,
+            http,
+            args: self.clone(),
+        })
+    }
+}
