@@ -89,7 +89,9 @@ pub struct DbStatus {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Status {
-    pub db: DbStatus,
+    pub settings: serde_json::Value,
+    pub db: String,
+    pub database: DbStatus,
     pub monitored_count: usize,
     pub analyses: usize,
     pub forks_seen: u64,
@@ -114,6 +116,7 @@ pub struct Daemon {
     pub socket: PathBuf,
     wrapper: Vec<String>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 fn unique_dir(tag: &str) -> Result<PathBuf> {
@@ -132,15 +135,24 @@ impl Daemon {
     /// with `extra` daemon arguments, and waits until it answers on its socket. Its
     /// state and (unless `extra` names another) its SQLite database are in its own dir.
     pub fn start_with(wrapper: &[&str], extra: &[&str]) -> Result<Self> {
+        Self::start_full(wrapper, extra, &[])
+    }
+
+    /// Like [`Self::start_with`], with extra environment variables for the daemon.
+    pub fn start_full(wrapper: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let dir = unique_dir("test")?;
         let socket = dir.join("watchdog.sock");
         let mut args: Vec<String> = vec!["--state-dir".into(), dir.display().to_string()];
+        if !extra.contains(&"--http") {
+            args.extend(["--http".into(), "none".into()]);
+        }
         if !extra.contains(&"--database-url") {
             args.extend(["--database-url".into(), format!("sqlite://{}/watchdog.db", dir.display())]);
         }
         args.extend(extra.iter().map(|a| a.to_string()));
         let bystander = Command::new("sleep").arg("3600").process_group(0).spawn()?;
-        let child = Self::spawn(&dir, &socket, wrapper, &args)?;
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let child = Self::spawn(&dir, &socket, wrapper, &args, &env)?;
         let mut daemon = Self {
             child,
             bystander,
@@ -148,12 +160,19 @@ impl Daemon {
             socket,
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             args,
+            env,
         };
         daemon.await_serving()?;
         Ok(daemon)
     }
 
-    fn spawn(dir: &Path, socket: &Path, wrapper: &[impl AsRef<str>], args: &[String]) -> Result<Child> {
+    fn spawn(
+        dir: &Path,
+        socket: &Path,
+        wrapper: &[impl AsRef<str>],
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<Child> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log"))?;
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
@@ -164,6 +183,7 @@ impl Daemon {
             None => Command::new(watchdog_bin()),
         };
         cmd.arg("--socket").arg(socket).arg("run").args(args);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         cmd.spawn().context("starting the daemon")
     }
@@ -182,7 +202,7 @@ impl Daemon {
     pub fn restart(&mut self) -> Result<()> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
         self.child.wait()?;
-        self.child = Self::spawn(&self.dir, &self.socket, &self.wrapper, &self.args)?;
+        self.child = Self::spawn(&self.dir, &self.socket, &self.wrapper, &self.args, &self.env)?;
         self.await_serving()
     }
 
@@ -250,6 +270,12 @@ impl Daemon {
         let mut answer = String::new();
         BufReader::new(&stream).read_line(&mut answer)?;
         Ok(serde_json::from_str(&answer)?)
+    }
+
+    /// Sends a signal to the daemon (e.g. SIGHUP to reload its config).
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), signal)?;
+        Ok(())
     }
 
     /// Whether the daemon process is still running.

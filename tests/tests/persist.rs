@@ -188,7 +188,7 @@ fn timeout_kill(daemon: &Daemon, id: &str) -> Result<u32> {
 fn await_spool(daemon: &Daemon, depth: usize) -> Result<watchdog_tests::Status> {
     await_state(&format!("{depth} records spooled"), || {
         let status = daemon.status()?;
-        Ok((status.db.spool_depth == depth).then_some(status))
+        Ok((status.database.spool_depth == depth).then_some(status))
     })
 }
 
@@ -197,21 +197,21 @@ fn an_outage_with_a_restart_in_it_loses_nothing_and_duplicates_nothing() -> Resu
     let pg = TestPostgres::start()?;
     let db = Db::Postgres(pg);
     let mut daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
-    await_state("the database connected", || Ok((daemon.status()?.db.state == "ok").then_some(())))?;
+    await_state("the database connected", || Ok((daemon.status()?.db == "ok").then_some(())))?;
     let Db::Postgres(pg) = &db else { unreachable!() };
     pg.stop()?;
 
     let first = timeout_kill(&daemon, "outage-1")?;
     let second = timeout_kill(&daemon, "outage-2")?;
     let status = await_spool(&daemon, 2)?;
-    assert_eq!(status.db.state, "spooling", "{status:?}");
+    assert_eq!(status.db, "spooling", "{status:?}");
     daemon.restart()?;
-    assert_eq!(daemon.status()?.db.spool_depth, 2, "the spool survived the restart");
+    assert_eq!(daemon.status()?.database.spool_depth, 2, "the spool survived the restart");
     let third = timeout_kill(&daemon, "outage-3")?;
     await_spool(&daemon, 3)?;
 
     pg.restart()?;
-    await_state("the spool replayed", || Ok((daemon.status()?.db.spool_depth == 0).then_some(())))?;
+    await_state("the spool replayed", || Ok((daemon.status()?.database.spool_depth == 0).then_some(())))?;
     let rows = db.query("select pid, analysis_id from watchdog_events order by id")?;
     assert_eq!(rows, format!("{first}|outage-1\n{second}|outage-2\n{third}|outage-3"), "in order, once each");
     assert_eq!(db.query("select count(distinct event_uid) from watchdog_events")?, "3");
@@ -277,9 +277,9 @@ fn a_bad_url_a_wrong_password_or_a_refused_migration_is_one_line_and_the_daemon_
         let daemon = Daemon::start_with(&[], &["--database-url", url])?;
         let status = await_state("the database error in status", || {
             let status = daemon.status()?;
-            Ok(status.db.error.as_deref().unwrap_or_default().contains(expected).then_some(status))
+            Ok(status.database.error.as_deref().unwrap_or_default().contains(expected).then_some(status))
         })?;
-        assert_eq!(status.db.state, "spooling");
+        assert_eq!(status.db, "spooling");
         timeout_kill(&daemon, "still-enforced")?;
         await_spool(&daemon, 1)?;
         let out = daemon.cli(&["events"]);

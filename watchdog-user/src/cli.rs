@@ -153,11 +153,11 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
     }
     println!("watchdog {} up {}s", status.version, status.uptime_s);
     println!("watched processes: {} in {} analyses", status.monitored_count, status.analyses);
-    match &status.db.error {
-        None => println!("database: {} (spool {} records)", status.db.state, status.db.spool_depth),
+    match &status.database.error {
+        None => println!("database: {} (spool {} records)", status.database.state, status.database.spool_depth),
         Some(err) => println!(
             "database: {}: {err} ({} records spooled in {})",
-            status.db.state, status.db.spool_depth, status.db.spool_path
+            status.database.state, status.database.spool_depth, status.database.spool_path
         ),
     }
     println!(

@@ -50,21 +50,26 @@ pub struct RunArgs {
     pub btf: Option<PathBuf>,
     /// Wall-clock limit of an analysis, from its registration [default: 30m].
     #[arg(long)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub default_timeout: Option<String>,
     /// RSS limit of each process [default: 2GiB].
     #[arg(long)]
+    #[serde(default, deserialize_with = "size_text")]
     pub default_memory: Option<String>,
     /// Limit on the RSS summed over an analysis [default: none].
     #[arg(long)]
+    #[serde(default, deserialize_with = "size_text")]
     pub default_tree_memory: Option<String>,
     /// Time between SIGTERM and SIGKILL [default: 10s].
     #[arg(long)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub grace: Option<String>,
     /// What to do with orphans by default [default: kill].
     #[arg(long, value_enum)]
     pub orphans: Option<OrphanPolicy>,
     /// Reconcile poll interval [default: 30s].
     #[arg(long)]
+    #[serde(default, deserialize_with = "duration_text")]
     pub poll_interval: Option<String>,
     /// Log every kill that would be made; signal nothing.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -77,6 +82,19 @@ pub struct RunArgs {
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub test_faults: bool,
+}
+
+/// Checks a duration while the file is parsed, so its error names the line.
+fn duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    policy::parse_duration(&text).map_err(serde::de::Error::custom)?;
+    Ok(Some(text))
+}
+
+fn size_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    policy::parse_size(&text).map_err(serde::de::Error::custom)?;
+    Ok(Some(text))
 }
 
 /// What can change without a restart, as `status` reports it.
@@ -96,7 +114,7 @@ impl RunArgs {
             let at = e
                 .span()
                 .map(|span| {
-                    let line = text[..span.start].lines().count().max(1);
+                    let line = text[..span.start].matches('\n').count() + 1;
                     format!(" at line {line}")
                 })
                 .unwrap_or_default();

@@ -86,6 +86,9 @@ pub async fn run(options: Options) -> Result<()> {
     let (event_tx, mut event_rx) = mpsc::channel(ingest::CHANNEL_BATCHES);
     let mut ingest_task = tokio::spawn(ingest::run(ring, event_tx));
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
+    if let Some(addr) = options.http {
+        tokio::spawn(crate::http::serve(crate::http::bind(addr).await?, call_tx.clone()));
+    }
     tokio::spawn(control::serve(listener, call_tx));
 
     let (url, url_error) = match options.database.clone() {
@@ -258,6 +261,15 @@ impl Watchdog {
         Some(new.poll_interval)
     }
 
+    fn kills_by_reason(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut by_reason: std::collections::BTreeMap<String, u64> =
+            ["timeout", "memory", "tree_memory", "orphan"].iter().map(|r| (r.to_string(), 0)).collect();
+        for record in &self.records {
+            *by_reason.entry(record.reason.as_str().to_string()).or_default() += 1;
+        }
+        by_reason
+    }
+
     /// One line for systemd's STATUS=.
     fn status_line(&self) -> String {
         format!(
@@ -287,7 +299,8 @@ impl Watchdog {
         let (tx, rx) = oneshot::channel();
         let _ = self.store.send(StoreMsg::Status(tx));
         tokio::spawn(async move {
-            status.db = rx.await.unwrap_or_default();
+            status.database = rx.await.unwrap_or_default();
+            status.db = status.database.state.clone();
             let _ = reply.send(Response::Ok(Reply::Status(status)));
         });
     }
@@ -590,8 +603,15 @@ impl Watchdog {
             rss_reports: self.counters.rss_reports,
             grace_count: self.tree.pids().into_iter().filter(|p| self.jobs.iter().any(|j| j.target_pending(*p))).count(),
             kills_total: self.counters.kills,
+            kills_by_reason: self.kills_by_reason(),
+            kills_last_24h: {
+                let day_ago = humantime::format_rfc3339_millis(SystemTime::now() - Duration::from_secs(86_400)).to_string();
+                self.records.iter().filter(|r| r.time >= day_ago).count()
+            },
+            recent_events: self.records.iter().rev().take(20).cloned().collect(),
             dry_run: self.dry_run,
-            db: Default::default(),
+            db: String::new(),
+            database: Default::default(),
             settings: crate::config::Runtime {
                 defaults: Some(self.defaults.clone()),
                 poll_interval_ms: crate::policy::millis(self.poll_interval),

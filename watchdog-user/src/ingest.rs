@@ -3,6 +3,8 @@
 //! bounded channel, so a stalled loop fills the ring and shows up as counted drops
 //! rather than as unbounded memory.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use tokio::{
@@ -19,6 +21,40 @@ pub enum KernelEvent {
     Exit { pid: u32, analysis: AnalysisKey, start_ns: u64, exit_status: i32 },
     Exec { pid: u32, comm: String },
     Rss { pid: u32, analysis: AnalysisKey, rss_bytes: u64 },
+}
+
+/// Kernel event → read by the daemon, in seconds: a histogram for /metrics.
+pub struct Latency {
+    counts: [AtomicU64; LATENCY_BOUNDS.len()],
+    total: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+const LATENCY_BOUNDS: [f64; 10] = [0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 1.0];
+
+pub static LATENCY: Latency = Latency {
+    counts: [const { AtomicU64::new(0) }; LATENCY_BOUNDS.len()],
+    total: AtomicU64::new(0),
+    sum_ns: AtomicU64::new(0),
+};
+
+impl Latency {
+    fn observe(&self, ns: u64) {
+        let seconds = ns as f64 / 1e9;
+        for (bound, count) in LATENCY_BOUNDS.iter().zip(&self.counts) {
+            if seconds <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Cumulative buckets (upper bound, count), total count, sum in seconds.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let buckets = LATENCY_BOUNDS.iter().zip(&self.counts).map(|(b, c)| (*b, c.load(Ordering::Relaxed))).collect();
+        (buckets, self.total.load(Ordering::Relaxed), self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9)
+    }
 }
 
 /// Events drained together, handed over at once to keep channel overhead off the
@@ -43,6 +79,7 @@ fn decode(bytes: &[u8]) -> Option<KernelEvent> {
     // SAFETY: the kernel wrote an Event here (same #[repr(C)] type, watchdog-common);
     // the ring only guarantees 8-byte alignment, so read unaligned.
     let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    LATENCY.observe(crate::procs::boottime_ns().saturating_sub(ev.ts_ns));
     Some(match EventKind::from_raw(ev.kind)? {
         EventKind::Fork => KernelEvent::Fork {
             pid: ev.pid,

@@ -6,6 +6,7 @@ mod config;
 mod control;
 mod daemon;
 mod enforce;
+mod http;
 mod ingest;
 mod kernel;
 mod kill;

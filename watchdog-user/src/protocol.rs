@@ -115,9 +115,17 @@ pub struct Status {
     pub rss_reports: u64,
     pub grace_count: usize,
     pub kills_total: u64,
+    /// Processes killed (or recorded, for logged orphans and dry runs) by reason.
+    pub kills_by_reason: std::collections::BTreeMap<String, u64>,
+    /// Kills recorded in the last 24 hours (since the daemon started, at most).
+    pub kills_last_24h: usize,
+    /// The last 20 records, newest first.
+    pub recent_events: Vec<KillRecord>,
     pub dry_run: bool,
-    /// The database: "ok", or "spooling" with the error and the spool's depth.
-    pub db: DbStatus,
+    /// "ok", or "spooling" while records wait for the database.
+    pub db: String,
+    /// The database's state in full: the error and the spool's depth.
+    pub database: DbStatus,
     /// The settings that can change on SIGHUP, as in force now.
     pub settings: crate::config::Runtime,
 }
