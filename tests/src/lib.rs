@@ -117,6 +117,21 @@ pub struct Daemon {
     wrapper: Vec<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// Where its kernel state is pinned: removed on drop, which detaches its programs.
+    pub pin_dir: PathBuf,
+}
+
+/// bpffs at /sys/fs/bpf, mounted once before any daemon starts (two daemons mounting it
+/// at the same moment would stack two instances and lose each other's pins).
+fn ensure_bpffs() {
+    static MOUNTED: std::sync::Once = std::sync::Once::new();
+    MOUNTED.call_once(|| {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+            let status = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status();
+            assert!(status.is_ok_and(|s| s.success()), "mounting bpffs at /sys/fs/bpf failed");
+        }
+    });
 }
 
 fn unique_dir(tag: &str) -> Result<PathBuf> {
@@ -140,9 +155,14 @@ impl Daemon {
 
     /// Like [`Self::start_with`], with extra environment variables for the daemon.
     pub fn start_full(wrapper: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        ensure_bpffs();
         let dir = unique_dir("test")?;
         let socket = dir.join("watchdog.sock");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(dir.file_name().expect("a name"));
         let mut args: Vec<String> = vec!["--state-dir".into(), dir.display().to_string()];
+        if !extra.contains(&"--pin-dir") {
+            args.extend(["--pin-dir".into(), pin_dir.display().to_string()]);
+        }
         if !extra.contains(&"--http") {
             args.extend(["--http".into(), "none".into()]);
         }
@@ -161,6 +181,7 @@ impl Daemon {
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             args,
             env,
+            pin_dir,
         };
         daemon.await_serving()?;
         Ok(daemon)
@@ -196,6 +217,26 @@ impl Daemon {
             Ok(self.try_status().ok())
         })
         .map(drop)
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would: its pinned state stays.
+    pub fn crash(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Starts the daemon again (after `crash`) with the same state and `extra` more
+    /// arguments.
+    pub fn start_again_with(&mut self, extra: &[&str]) -> Result<()> {
+        self.args.extend(extra.iter().map(|a| a.to_string()));
+        self.start_again()
+    }
+
+    /// Starts the daemon again (after `crash`) with the same arguments and state.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.child = Self::spawn(&self.dir, &self.socket, &self.wrapper, &self.args, &self.env)?;
+        self.await_serving()
     }
 
     /// Stops the daemon (SIGTERM) and starts it again with the same state.
@@ -310,6 +351,7 @@ impl Drop for Daemon {
         // Captured by the test harness: shown only when the test fails.
         eprintln!("--- daemon log ---\n{}", self.log());
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
         if let Err(err) = untouched
             && !std::thread::panicking()
         {

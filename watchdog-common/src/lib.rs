@@ -12,6 +12,16 @@ pub const DROPS_MAP: &str = "DROPS";
 /// Name of the per-CPU counter of children that could not be added to [`WATCHED_MAP`]
 /// because it was full.
 pub const WATCH_FULL_MAP: &str = "WATCH_FULL";
+/// Name of the map of analyses (key → [`AnalysisEntry`]), written by the daemon only:
+/// pinned with the others, it lets a restarted daemon know its analyses again.
+pub const ANALYSES_MAP: &str = "ANALYSES";
+/// Name of the map of registered roots (pid → [`RootEntry`]), daemon-written too.
+pub const ROOTS_MAP: &str = "ROOTS";
+/// Capacity of [`ANALYSES_MAP`] and [`ROOTS_MAP`].
+pub const MAX_ANALYSES: u32 = 1 << 14;
+/// Longest analysis id, bytes.
+pub const ANALYSIS_ID_MAX: usize = 256;
+
 /// Name of the global holding the [`Config`] the daemon fills in at load time.
 pub const CONFIG_GLOBAL: &str = "WATCHDOG_CONFIG";
 
@@ -32,6 +42,35 @@ pub struct WatchEntry {
     pub mem_limit: u64,
     /// RSS last reported to userspace, bytes (per process; a child starts at 0).
     pub rss_reported: u64,
+}
+
+/// An analysis as the daemon needs it back after a restart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AnalysisEntry {
+    pub id: [u8; ANALYSIS_ID_MAX],
+    pub id_len: u32,
+    /// 0: kill, 1: log.
+    pub orphans: u32,
+    pub timeout_ms: u64,
+    pub memory_bytes: u64,
+    /// 0: none.
+    pub tree_memory_bytes: u64,
+    pub grace_ms: u64,
+    pub registered_unix_ms: u64,
+    pub deadline_unix_ms: u64,
+}
+
+/// A registered root and the process that launched it: if that one is gone after a
+/// restart, the root was orphaned while the daemon was down.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RootEntry {
+    pub analysis: u64,
+    pub start_ns: u64,
+    pub parent_start_ns: u64,
+    pub parent_pid: u32,
+    pub _pad: u32,
 }
 
 #[repr(u32)]
@@ -147,4 +186,6 @@ mod pod {
     unsafe impl aya::Pod for super::WatchEntry {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::AnalysisEntry {}
+    unsafe impl aya::Pod for super::RootEntry {}
 }

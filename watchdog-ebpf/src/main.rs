@@ -21,7 +21,9 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
-use watchdog_common::{Config, Event, EventKind, MAX_WATCHED, RING_BYTES, WatchEntry};
+use watchdog_common::{
+    AnalysisEntry, Config, Event, EventKind, MAX_ANALYSES, MAX_WATCHED, RING_BYTES, RootEntry, WatchEntry,
+};
 
 #[unsafe(no_mangle)]
 static WATCHDOG_CONFIG: Config = Config::UNSET;
@@ -37,6 +39,14 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static WATCH_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+// Written and read by the daemon only; here so they are created and pinned with the
+// rest, and a restarted daemon finds its analyses next to the processes it watches.
+#[map]
+static ANALYSES: HashMap<u64, AnalysisEntry> = HashMap::with_max_entries(MAX_ANALYSES, 0);
+
+#[map]
+static ROOTS: HashMap<u32, RootEntry> = HashMap::with_max_entries(MAX_ANALYSES, 0);
 
 /// Read through a volatile load: the loader rewrites the global after compilation, so
 /// LLVM must not fold the zeros it sees here into the code.

@@ -82,7 +82,7 @@ pub async fn run(options: Options) -> Result<()> {
     {
         bail!("--ring-bytes {bytes} is not a power of two of at least 4096: the kernel requires one");
     }
-    let (kernel, ring) = Kernel::load(&options.btf, options.ring_bytes)?;
+    let (kernel, ring) = Kernel::load(&options.btf, options.ring_bytes, &options.pin_dir, options.fresh)?;
     let (event_tx, mut event_rx) = mpsc::channel(ingest::CHANNEL_BATCHES);
     let mut ingest_task = tokio::spawn(ingest::run(ring, event_tx));
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
@@ -101,7 +101,11 @@ pub async fn run(options: Options) -> Result<()> {
     let store_tx = store::start(url, url_error, &options.state_dir.join("spool.jsonl"), crate::kill::hostname())?;
     let (parent_exit_tx, mut parent_exit_rx) = mpsc::unbounded_channel();
     let mut watchdog = Watchdog::new(kernel, &options, parent_exit_tx, store_tx);
-    watchdog.resync("start");
+    if watchdog.kernel.resumed() {
+        watchdog.resume();
+    } else {
+        watchdog.resync("start");
+    }
     tracing::info!(
         socket = %options.socket.display(),
         watched = watchdog.tree.len(),
@@ -398,6 +402,7 @@ impl Watchdog {
     pub(crate) fn forget_if_finished(&mut self, analysis: AnalysisKey) {
         if !self.tree.has_analysis(analysis) {
             self.analyses.forget(analysis);
+            self.kernel.forget_analysis(analysis);
         }
     }
 
@@ -450,16 +455,35 @@ impl Watchdog {
     fn register(&mut self, pid: u32, analysis_id: &str, overrides: &LimitOverrides) -> Result<Reply> {
         let info = self.check_registrable(pid, analysis_id)?;
         let limits = self.defaults.with(overrides).map_err(|e| anyhow::anyhow!("{e}: nothing was registered"))?;
+        let new_analysis = self.analyses.key(analysis_id).is_none();
         let key = self.analyses.key_for(analysis_id, &limits);
+        if new_analysis {
+            let entry = crate::enforce::entry_from_analysis(self.analyses.get(key).expect("just made"));
+            self.kernel.save_analysis(key, &entry)?;
+        }
         if !self.tree.contains(pid) && !self.watch_verified(&info, key)? {
             self.forget_if_finished(key);
             bail!("pid {pid} exited while it was being registered");
         }
         self.adopt_descendants(key)?;
+        self.save_root(&info, key)?;
         self.watch_root_parent(&info);
         let watched = self.tree.pids_of(key).len();
         tracing::info!(pid, analysis_id, watched, "registered");
         Ok(Reply::Registered { pid, analysis_id: analysis_id.to_string(), watched })
+    }
+
+    /// Remembers the root and its launcher in the kernel map, for a restarted daemon.
+    fn save_root(&mut self, root: &ProcInfo, key: AnalysisKey) -> Result<()> {
+        let parent_start_ns = procs::read(root.ppid).map_or(0, |p| p.start_ns);
+        let entry = watchdog_common::RootEntry {
+            analysis: key,
+            start_ns: root.start_ns,
+            parent_start_ns,
+            parent_pid: root.ppid,
+            _pad: 0,
+        };
+        self.kernel.save_root(root.pid, &entry)
     }
 
     /// Puts a process found in /proc into the kernel map, then checks it is still the
@@ -637,7 +661,7 @@ impl Watchdog {
 
     /// Rebuilds the tree from the kernel's map (which the programs keep exact even when
     /// events are lost) and /proc (for parentage and names).
-    fn resync(&mut self, reason: &str) {
+    pub(crate) fn resync(&mut self, reason: &str) {
         self.counters.resynced_at_ns = procs::boottime_ns();
         let watched = self.kernel.watched();
         let in_map: HashSet<u32> = watched.iter().map(|(pid, _)| *pid).collect();

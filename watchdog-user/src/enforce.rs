@@ -17,6 +17,47 @@ use crate::{
     tree::AnalysisKey,
 };
 
+/// An analysis as saved in the kernel map, back in the daemon's terms; its deadline
+/// keeps its wall-clock time (one that passed while we were down is due at once).
+fn analysis_from_entry(entry: &watchdog_common::AnalysisEntry, now_wall: std::time::SystemTime) -> crate::tree::Analysis {
+    let unix = |ms: u64| std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    let deadline_wall = unix(entry.deadline_unix_ms);
+    let left = deadline_wall.duration_since(now_wall).unwrap_or_default();
+    crate::tree::Analysis {
+        id: String::from_utf8_lossy(&entry.id[..entry.id_len as usize]).into_owned(),
+        limits: crate::policy::Limits {
+            timeout_ms: entry.timeout_ms,
+            memory_bytes: entry.memory_bytes,
+            tree_memory_bytes: (entry.tree_memory_bytes != 0).then_some(entry.tree_memory_bytes),
+            grace_ms: entry.grace_ms,
+            orphans: if entry.orphans == 1 { OrphanPolicy::Log } else { OrphanPolicy::Kill },
+        },
+        deadline: Instant::now() + left,
+        deadline_wall,
+        registered_wall: unix(entry.registered_unix_ms),
+        violated: false,
+    }
+}
+
+/// The kernel map's form of an analysis.
+pub(crate) fn entry_from_analysis(analysis: &crate::tree::Analysis) -> watchdog_common::AnalysisEntry {
+    let unix_ms = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, crate::policy::millis);
+    let mut id = [0u8; watchdog_common::ANALYSIS_ID_MAX];
+    let bytes = analysis.id.as_bytes();
+    id[..bytes.len()].copy_from_slice(bytes);
+    watchdog_common::AnalysisEntry {
+        id,
+        id_len: bytes.len() as u32,
+        orphans: u32::from(analysis.limits.orphans == OrphanPolicy::Log),
+        timeout_ms: analysis.limits.timeout_ms,
+        memory_bytes: analysis.limits.memory_bytes,
+        tree_memory_bytes: analysis.limits.tree_memory_bytes.unwrap_or(0),
+        grace_ms: analysis.limits.grace_ms,
+        registered_unix_ms: unix_ms(analysis.registered_wall),
+        deadline_unix_ms: unix_ms(analysis.deadline_wall),
+    }
+}
+
 /// How often a running kill looks for exits, new members and the end of its grace.
 const KILL_TICK: Duration = Duration::from_millis(10);
 /// Records kept in memory for `events` (the database keeps them all).
@@ -52,6 +93,42 @@ impl Watchdog {
             }
             Err(err) => tracing::warn!(parent, "cannot watch the parent of root {}: {err}", root.pid),
         }
+    }
+
+    /// After a restart: the kernel map says what is watched, the saved analyses and
+    /// roots say why. A process whose parent is no longer in the tree lost it while we
+    /// were down (descendants are only watched through a watched parent), and a root
+    /// whose launcher is gone was orphaned: both are flagged now, by their policy.
+    pub(crate) fn resume(&mut self) {
+        let now_wall = std::time::SystemTime::now();
+        for (key, entry) in self.kernel.saved_analyses() {
+            self.analyses.restore(key, analysis_from_entry(&entry, now_wall));
+        }
+        self.resync("restart");
+        let roots: std::collections::HashMap<u32, watchdog_common::RootEntry> = self.kernel.roots().into_iter().collect();
+        let parentless: Vec<u32> = self.tree.roots().iter().map(|n| n.pid).collect();
+        for pid in parentless {
+            let Some(node) = self.tree.get(pid) else { continue };
+            match roots.get(&pid).filter(|r| procs::same_start(r.start_ns, node.start_ns)) {
+                Some(root) => {
+                    let launcher_alive = procs::read(root.parent_pid)
+                        .is_some_and(|p| procs::same_start(p.start_ns, root.parent_start_ns));
+                    if launcher_alive {
+                        if let Some(info) = procs::read(pid) {
+                            self.watch_root_parent(&info);
+                        }
+                    } else {
+                        self.orphaned(pid);
+                    }
+                }
+                None => self.orphaned(pid),
+            }
+        }
+        tracing::info!(
+            analyses = self.analyses.len(),
+            watched = self.tree.len(),
+            "resumed the previous run's analyses"
+        );
     }
 
     pub(crate) fn root_parent_died(&mut self, root: RootRef) {

@@ -207,6 +207,13 @@ impl Analyses {
         self.last_key
     }
 
+    /// Puts back an analysis a previous daemon saved (after a restart).
+    pub fn restore(&mut self, key: AnalysisKey, analysis: Analysis) {
+        self.by_id.insert(analysis.id.clone(), key);
+        self.by_key.insert(key, analysis);
+        self.last_key = self.last_key.max(key);
+    }
+
     pub fn key(&self, id: &str) -> Option<AnalysisKey> {
         self.by_id.get(id).copied()
     }

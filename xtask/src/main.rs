@@ -75,6 +75,7 @@ fn main() -> Result<()> {
             toolchain::setup()?;
             packages::ensure_test_packages()?;
             let bin = build_daemon(false)?;
+            remove_stale_test_pins();
             step("running the test suite (as root: the tests load eBPF programs)");
             let mut cmd = as_root(Path::new("cargo"));
             cmd.current_dir(workspace_root())
@@ -82,6 +83,19 @@ fn main() -> Result<()> {
                 .args(["test", "--"])
                 .args(args);
             run_passing_exit_code(cmd)
+        }
+    }
+}
+
+/// Tests pin their kernel state under /sys/fs/bpf/watchdog-test-*, and remove it when
+/// they end; a run that was killed leaves programs attached. Machines are reused, so
+/// no run inherits them.
+fn remove_stale_test_pins() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else { return };
+    for entry in entries.filter_map(|e| e.ok()) {
+        if entry.file_name().to_string_lossy().starts_with("watchdog-test-") {
+            step(&format!("removing stale test pins {}", entry.path().display()));
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
