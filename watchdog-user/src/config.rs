@@ -180,3 +180,19 @@ impl RunArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example installed as /etc/watchdog/watchdog.toml must be valid.
+    #[test]
+    fn the_shipped_config_file_parses_and_resolves() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/watchdog.toml");
+        let args = RunArgs { config: Some(path.into()), ..Default::default() };
+        let options = args.resolve().unwrap();
+        assert_eq!(options.defaults.grace_ms, 10_000);
+        assert_eq!(options.http, Some("127.0.0.1:9477".parse().unwrap()));
+        assert_eq!(options.pin_dir, PathBuf::from("/sys/fs/bpf/watchdog"));
+    }
+}

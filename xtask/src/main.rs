@@ -35,6 +35,13 @@ enum Cmd {
     /// Set up, build (release), and run the benchmarks as root; prints their figures.
     /// Not part of `test`: figures need a quiet machine, not a pass/fail.
     Bench,
+    /// Set up, build (release), and install the daemon as a systemd service: the binary
+    /// in /usr/local/bin, the unit in /etc/systemd/system, the config in /etc/watchdog
+    /// (kept if present). `--destdir` installs under another root (packaging, tests).
+    Install {
+        #[arg(long, default_value = "/")]
+        destdir: PathBuf,
+    },
     /// Set up, build, and run the whole test suite as root. Arguments after `--` go to
     /// `cargo test` (e.g. a test name filter).
     Test {
@@ -57,6 +64,11 @@ fn main() -> Result<()> {
             cmd.arg("run").args(args);
             step(&format!("starting the daemon: {}", bin.display()));
             run_passing_exit_code(cmd)
+        }
+        Cmd::Install { destdir } => {
+            toolchain::setup()?;
+            let bin = build_daemon(true)?;
+            install(&bin, &destdir)
         }
         Cmd::Bench => {
             toolchain::setup()?;
@@ -85,6 +97,35 @@ fn main() -> Result<()> {
             run_passing_exit_code(cmd)
         }
     }
+}
+
+fn install(bin: &Path, destdir: &Path) -> Result<()> {
+    let root = workspace_root();
+    let place = |from: &Path, to: &str, keep_existing: bool| -> Result<()> {
+        let to = destdir.join(to.trim_start_matches('/'));
+        if keep_existing && to.exists() {
+            step(&format!("keeping the existing {}", to.display()));
+            return Ok(());
+        }
+        std::fs::create_dir_all(to.parent().expect("a file"))?;
+        std::fs::copy(from, &to).with_context(|| format!("installing {}", to.display()))?;
+        step(&format!("installed {}", to.display()));
+        Ok(())
+    };
+    place(bin, "/usr/local/bin/watchdog-user", false)?;
+    place(&root.join("deploy/watchdog.service"), "/etc/systemd/system/watchdog.service", false)?;
+    place(&root.join("deploy/watchdog.toml"), "/etc/watchdog/watchdog.toml", true)?;
+    if destdir == Path::new("/") && Path::new("/run/systemd/system").exists() {
+        run_checked({
+            let mut cmd = Command::new("systemctl");
+            cmd.arg("daemon-reload");
+            cmd
+        })?;
+        step("start it with: systemctl enable --now watchdog");
+    } else {
+        step("systemd is not running here: start the service where it is (systemctl enable --now watchdog)");
+    }
+    Ok(())
 }
 
 /// Tests pin their kernel state under /sys/fs/bpf/watchdog-test-*, and remove it when
