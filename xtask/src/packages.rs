@@ -13,11 +13,27 @@ fn postgres_server_installed() -> bool {
         .unwrap_or(false)
 }
 
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).exists()))
+}
+
 pub fn ensure_test_packages() -> Result<()> {
-    if postgres_server_installed() {
+    let mut missing = Vec::new();
+    if !postgres_server_installed() {
+        missing.push("postgresql");
+    }
+    if !on_path("systemd-analyze") {
+        missing.push("systemd");
+    }
+    if missing.is_empty() {
         return Ok(());
     }
-    step("installing Debian's postgresql package (the persistence tests run a throwaway server)");
+    step(&format!(
+        "installing Debian's {} (a throwaway database server for the persistence tests; \
+         systemd-analyze to verify the unit)",
+        missing.join(" and ")
+    ));
     let apt = |args: &[&str]| {
         let mut cmd = if nix::unistd::geteuid().is_root() { Command::new("apt-get") } else {
             let mut sudo = Command::new("sudo");
@@ -28,7 +44,9 @@ pub fn ensure_test_packages() -> Result<()> {
         cmd
     };
     run_checked(apt(&["update", "-q"]))?;
-    run_checked(apt(&["install", "-y", "-q", "--no-install-recommends", "postgresql"]))?;
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    run_checked(apt(&install))?;
     anyhow::ensure!(
         postgres_server_installed(),
         "postgresql installed but no initdb under /usr/lib/postgresql/*/bin"
