@@ -102,6 +102,7 @@ pub struct Status {
     pub resyncs: u64,
     pub rss_reports: u64,
     pub kills_total: u64,
+    pub last_poll_ms: f64,
 }
 
 /// A daemon of the test's own, stopped and cleaned up on drop.

@@ -181,6 +181,8 @@ pub(crate) struct Counters {
     /// Kernel loss counters as of the last resync.
     pub(crate) losses_repaired: u64,
     pub(crate) rss_reports: u64,
+    /// How long the last reconcile poll took, µs.
+    pub(crate) last_poll_us: u64,
     /// Processes recorded as killed (or would-be killed in a dry run).
     pub(crate) kills: u64,
     /// CLOCK_BOOTTIME of the last resync: fork events from before it are checked
@@ -625,6 +627,7 @@ impl Watchdog {
             watch_map_full: self.kernel.watch_map_full(),
             resyncs: self.counters.resyncs,
             rss_reports: self.counters.rss_reports,
+            last_poll_ms: self.counters.last_poll_us as f64 / 1000.0,
             grace_count: self.tree.pids().into_iter().filter(|p| self.jobs.iter().any(|j| j.target_pending(*p))).count(),
             kills_total: self.counters.kills,
             kills_by_reason: self.kills_by_reason(),

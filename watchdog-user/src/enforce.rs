@@ -319,6 +319,12 @@ impl Watchdog {
     /// The reconcile poll: RSS of every watched process against its analysis' limits.
     /// The safety net for the kernel's fast path.
     pub(crate) fn reconcile(&mut self) {
+        let started = Instant::now();
+        self.reconcile_now();
+        self.counters.last_poll_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    }
+
+    fn reconcile_now(&mut self) {
         let mut analyses = HashSet::new();
         for pid in self.tree.pids() {
             let rss = procs::rss_bytes(pid);

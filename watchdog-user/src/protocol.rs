@@ -113,6 +113,8 @@ pub struct Status {
     pub resyncs: u64,
     /// RSS reports from the kernel's memory fast path.
     pub rss_reports: u64,
+    /// Duration of the last reconcile poll (RSS of every watched process), ms.
+    pub last_poll_ms: f64,
     pub grace_count: usize,
     pub kills_total: u64,
     /// Processes killed (or recorded, for logged orphans and dry runs) by reason.

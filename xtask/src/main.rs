@@ -72,16 +72,10 @@ fn main() -> Result<()> {
         }
         Cmd::Bench => {
             toolchain::setup()?;
+            packages::ensure_test_packages()?;
+            packages::ensure_psutil()?;
             let bin = build_daemon(true)?;
-            for bench in ["bench-forks", "bench-latency", "bench-store"] {
-                step(&format!("running {bench}"));
-                let mut cmd = as_root(Path::new("cargo"));
-                cmd.current_dir(workspace_root())
-                    .env("WATCHDOG_BIN", &bin)
-                    .args(["run", "--quiet", "--release", "--package", "watchdog-tests", "--bin", bench]);
-                run_checked(cmd)?;
-            }
-            Ok(())
+            bench(&bin)
         }
         Cmd::Test { args } => {
             toolchain::setup()?;
@@ -97,6 +91,46 @@ fn main() -> Result<()> {
             run_passing_exit_code(cmd)
         }
     }
+}
+
+/// Runs every benchmark (each prints its Markdown section) and writes BENCHMARKS.md.
+fn bench(bin: &Path) -> Result<()> {
+    let mut report = String::from("# Benchmarks\n\nProduced by `cargo xtask bench` (release build, as root), every figure measured in the same run on the same machine.\n\n");
+    let uname = Command::new("uname").arg("-srm").output()?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    report.push_str(&format!(
+        "Machine: {}, {cores} cores ({cpu}), {}.\n\n",
+        String::from_utf8_lossy(&uname.stdout).trim(),
+        humantime_now()
+    ));
+    for bench in ["bench-latency", "bench-forks", "bench-overhead", "bench-store"] {
+        step(&format!("running {bench}"));
+        let mut cmd = as_root(Path::new("cargo"));
+        cmd.current_dir(workspace_root())
+            .env("WATCHDOG_BIN", bin)
+            .args(["run", "--quiet", "--release", "--package", "watchdog-tests", "--bin", bench]);
+        let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+        if !out.status.success() {
+            bail!("{bench} failed ({})", out.status);
+        }
+        let section = String::from_utf8_lossy(&out.stdout);
+        print!("{section}");
+        report.push_str(&section);
+        report.push('\n');
+    }
+    let path = workspace_root().join("BENCHMARKS.md");
+    std::fs::write(&path, report)?;
+    step(&format!("wrote {}", path.display()));
+    Ok(())
+}
+
+fn humantime_now() -> String {
+    let out = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
 
 fn install(bin: &Path, destdir: &Path) -> Result<()> {

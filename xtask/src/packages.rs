@@ -53,3 +53,15 @@ pub fn ensure_test_packages() -> Result<()> {
     );
     Ok(())
 }
+
+/// The reference poller (bench/poller.py) runs on psutil, from PyPI.
+pub fn ensure_psutil() -> Result<()> {
+    let has = Command::new("python3").args(["-c", "import psutil"]).status().is_ok_and(|s| s.success());
+    if has {
+        return Ok(());
+    }
+    step("installing psutil (PyPI) for the reference poller");
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "pip", "install", "-q", "psutil"]);
+    run_checked(cmd)
+}
