@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The approach watchdog replaces, written faithfully: a psutil poller.
 
-Every INTERVAL seconds it walks its table of watched processes (and adopts their
-children, as psutil's children(recursive=True) shows them), and for each one checks
+Every INTERVAL seconds it adopts the descendants of each registered process (psutil's
+children(recursive=True)) and walks its table of watched processes, and for each one checks
 the wall clock against its timeout, its RSS against its limit, and its parent against
 the one it had (a changed parent means an orphan). A violation gets SIGTERM, then
 SIGKILL after a 10 s grace if it is still there. psutil checks a process' creation
@@ -26,8 +26,9 @@ GRACE_S = 10.0
 
 
 class Watched:
-    def __init__(self, proc, timeout_s, memory_bytes, registered):
+    def __init__(self, proc, timeout_s, memory_bytes, registered, root=False):
         self.proc = proc
+        self.root = root
         self.timeout_s = timeout_s
         self.memory_bytes = memory_bytes
         self.registered = registered
@@ -53,6 +54,8 @@ def violation(w, now):
 def poll(table):
     now = time.time()
     for pid, w in list(table.items()):
+        if not w.root:
+            continue
         try:
             for child in w.proc.children(recursive=True):
                 if child.pid not in table:
@@ -92,7 +95,7 @@ def main():
             if words[0] == "watch":
                 pid, timeout_s, memory = int(words[1]), float(words[2]), int(words[3])
                 try:
-                    table[pid] = Watched(psutil.Process(pid), timeout_s, memory, time.time())
+                    table[pid] = Watched(psutil.Process(pid), timeout_s, memory, time.time(), root=True)
                     say(f"registered {pid} {time.clock_gettime_ns(time.CLOCK_REALTIME)}")
                 except psutil.NoSuchProcess:
                     say(f"gone {pid}")

@@ -449,6 +449,41 @@ pub fn python() -> &'static str {
     })
 }
 
+/// Whether `pid` is a living process (a zombie is not).
+pub fn alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|f| !matches!(f.first().map(String::as_str), Some("Z" | "X")))
+}
+
+/// The fields of /proc/PID/stat after the command name: state first.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit(')').next()?.split_whitespace().map(str::to_string).collect())
+}
+
+/// Living processes in process group `pgid`.
+pub fn alive_in_group(pgid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            stat_fields(*pid).is_some_and(|f| {
+                !matches!(f.first().map(String::as_str), Some("Z" | "X")) && f.get(2) == Some(&pgid.to_string())
+            })
+        })
+        .collect()
+}
+
+/// Waits for "go", then grows by 10 MiB of touched memory every 20 ms, to 600 MiB.
+pub const GROWER: &str = r#"
+import sys, time
+sys.stdin.readline()
+hold = []
+for _ in range(60):
+    hold.append(b"x" * (10 << 20))
+    time.sleep(0.02)
+print("survived", flush=True)
+time.sleep(600)
+"#;
+
 /// Live threads of a process, from /proc.
 pub fn thread_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use serde_json::Value;
-use watchdog_tests::{Daemon, Workload, await_state, one_line_error, python};
+use watchdog_tests::{Daemon, GROWER, Workload, alive, alive_in_group, await_state, one_line_error, python};
 
 /// Records for `pid` once the kill that covers it has finished.
 fn records_for(daemon: &Daemon, pids: &[u32]) -> Result<Vec<Value>> {
@@ -16,11 +16,6 @@ fn records_for(daemon: &Daemon, pids: &[u32]) -> Result<Vec<Value>> {
         let found: Vec<Value> = records.into_iter().filter(|r| pids.contains(&(r["pid"].as_u64().unwrap() as u32))).collect();
         Ok((found.len() >= pids.len()).then_some(found))
     })
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| !matches!(stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()), Some("Z" | "X")))
 }
 
 fn time_of(text: &Value) -> SystemTime {
@@ -75,18 +70,6 @@ fn a_timeout_sigterms_at_the_deadline_and_sigkills_what_ignores_it_after_the_gra
     }
     Ok(())
 }
-
-/// Grows by 10 MiB of touched memory every 20 ms, to 600 MiB.
-const GROWER: &str = r#"
-import sys, time
-sys.stdin.readline()
-hold = []
-for _ in range(60):
-    hold.append(b"x" * (10 << 20))
-    time.sleep(0.02)
-print("survived", flush=True)
-time.sleep(600)
-"#;
 
 #[test]
 fn a_process_over_its_memory_limit_is_killed_by_the_kernel_fast_path_not_the_poll() -> Result<()> {
@@ -235,22 +218,6 @@ while True:
             pass
         time.sleep(0.01)
 "#;
-
-fn alive_in_group(pgid: u32) -> Vec<u32> {
-    procfs_pids()
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-                fields.first().is_some_and(|s| *s != "Z" && *s != "X") && fields.get(2) == Some(&pgid.to_string().as_str())
-            })
-        })
-        .collect()
-}
-
-fn procfs_pids() -> Vec<u32> {
-    std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
-}
 
 #[test]
 fn a_fork_bomb_hitting_its_timeout_leaves_no_survivor() -> Result<()> {

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 use serde_json::Value;
-use watchdog_tests::{Daemon, Workload, await_state, one_line_error, pg::TestPostgres, python, watchdog_bin};
+use watchdog_tests::{Daemon, GROWER, Workload, await_state, one_line_error, pg::TestPostgres, python, watchdog_bin};
 
 /// The SQL side of a backend under test.
 enum Db {
@@ -84,16 +84,6 @@ if os.fork() == 0:
     time.sleep(600)
     os._exit(0)
 os.write(1, b"forked\n")
-time.sleep(600)
-"#;
-
-const GROWER: &str = r#"
-import sys, time
-sys.stdin.readline()
-hold = []
-for _ in range(60):
-    hold.append(b"x" * (10 << 20))
-    time.sleep(0.02)
 time.sleep(600)
 "#;
 

@@ -9,7 +9,7 @@ use std::{
 use anyhow::Result;
 use nix::{sys::signal::{Signal, kill}, unistd::Pid};
 use serde_json::Value;
-use watchdog_tests::{Daemon, Workload, all_nodes, await_state};
+use watchdog_tests::{Daemon, Workload, alive, all_nodes, await_state};
 
 /// The root forks a middle child with a grandchild, then a new child every 100 ms.
 const FORKS_CONTINUOUSLY: &str = r#"
@@ -30,11 +30,6 @@ while True:
     os.write(1, f"child {pid}\n".encode())
     time.sleep(0.1)
 "#;
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| !matches!(stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()), Some("Z" | "X")))
-}
 
 fn record_for(daemon: &Daemon, pid: u32) -> Result<Value> {
     await_state(&format!("a record for {pid}"), || {

@@ -25,9 +25,9 @@ const POLLER_VICTIMS: usize = 8;
 const MEMORY_LIMIT: u64 = 200 << 20;
 
 /// Victims print `term <handled ns> <violation ns> <rss bytes>` from their SIGTERM
-/// handler. A memory victim's violation is the start of the 16 MiB allocation that
-/// crossed the limit (so its latency is an upper bound); it grows 16 MiB per 16 ms
-/// (about 1 GiB/s) up to 1.5 GiB and holds.
+/// handler. A memory victim's violation is the start of the 4 MiB allocation that
+/// crossed the limit (so its latency is an upper bound, by up to one allocation, ~2 ms);
+/// it grows 4 MiB per 4 ms (about 1 GiB/s) up to 1.5 GiB and holds.
 const VICTIM: &str = r#"
 import os, signal, sys, time
 violation = 0
@@ -51,12 +51,12 @@ signal.signal(signal.SIGTERM, on_term)
 os.write(1, f"ready {os.getpid()}\n".encode())
 if mode == "memory":
     hold = []
-    for _ in range(96):
+    for _ in range(384):
         started = step = time.clock_gettime_ns(time.CLOCK_REALTIME)
-        hold.append(b"x" * (16 << 20))
+        hold.append(b"x" * (4 << 20))
         if not violation and rss() > limit:
             violation = started
-        time.sleep(max(0, 0.016 - (time.clock_gettime_ns(time.CLOCK_REALTIME) - started) / 1e9))
+        time.sleep(max(0, 0.004 - (time.clock_gettime_ns(time.CLOCK_REALTIME) - started) / 1e9))
 time.sleep(600)
 "#;
 
