@@ -100,7 +100,9 @@ fn overload() -> Result<()> {
          daemon); the 8 MiB ring never filled. Above what the ring holds, events are lost, \
          counted per CPU, and the daemon rebuilds the tree from the kernel's map, which the \
          fork program keeps exact on its own: nothing escapes. A poller sees only what is \
-         alive at a poll."
+         alive at a poll, and finds children only below the process it was given: the kept \
+         children whose worker had exited were reparented away from the root, and it never \
+         found them."
     );
     Ok(())
 }
