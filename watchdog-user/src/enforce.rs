@@ -60,6 +60,9 @@ pub(crate) fn entry_from_analysis(analysis: &crate::tree::Analysis) -> watchdog_
 
 /// How often a running kill looks for exits, new members and the end of its grace.
 const KILL_TICK: Duration = Duration::from_millis(10);
+/// How long a killed process is not flagged again as an orphan: its exit event, and its
+/// parent's, may still be queued when its kill finishes.
+const RECENTLY_KILLED_FOR: Duration = Duration::from_secs(10);
 /// Records kept in memory for `events` (the database keeps them all).
 const RECORDS_KEPT: usize = 10_000;
 
@@ -145,6 +148,16 @@ impl Watchdog {
         if node.orphan {
             return;
         }
+        // Its own exit may still be queued behind its parent's (a tree dying under a
+        // kill that has already finished): a dead process is no orphan.
+        let start_ns = node.start_ns;
+        if !procs::read(pid).is_some_and(|now| procs::same_start(now.start_ns, start_ns)) {
+            return;
+        }
+        if self.recently_killed.get(&pid).is_some_and(|(start, _)| procs::same_start(*start, start_ns)) {
+            return; // signalled by a kill that has finished; its exit is on its way
+        }
+        let Some(node) = self.tree.get_mut(pid) else { return };
         node.orphan = true;
         let analysis = node.analysis;
         let covered = self.jobs.iter().any(|j| j.has_target(pid));
@@ -298,6 +311,11 @@ impl Watchdog {
     /// Records a finished job: logged as one JSON line per process, kept for `events`.
     fn finish(&mut self, job: KillJob, outcome: Option<Outcome>) {
         self.processes_dirty = true;
+        let now = Instant::now();
+        self.recently_killed.retain(|_, (_, at)| now.duration_since(*at) < RECENTLY_KILLED_FOR);
+        for (pid, start_ns) in job.signalled() {
+            self.recently_killed.insert(pid, (start_ns, now));
+        }
         for mut record in job.records(&self.host) {
             if let Some(outcome) = outcome {
                 record.outcome = outcome;

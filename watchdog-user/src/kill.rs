@@ -292,6 +292,11 @@ impl KillJob {
         self.targets.values().all(|t| t.done)
     }
 
+    /// (pid, start time) of every process this job signalled.
+    pub fn signalled(&self) -> Vec<(u32, u64)> {
+        self.targets.values().filter(|t| !t.signals.is_empty()).map(|t| (t.info.pid, t.info.start_ns)).collect()
+    }
+
     /// The records of a finished job, one per target.
     pub fn records(&self, host: &str) -> Vec<KillRecord> {
         self.targets
