@@ -239,7 +239,8 @@ fn a_fork_bomb_hitting_its_timeout_leaves_no_survivor() -> Result<()> {
 
 /// Makes the next fork system-wide likely to get `pid` (root may set ns_last_pid).
 fn spawn_with_pid(pid: u32) -> Result<Workload> {
-    for _ in 0..50 {
+    // Other tests fork meanwhile (a fork bomb among them) and may take the pid first.
+    for _ in 0..2000 {
         std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())?;
         let candidate = Workload::spawn("sleep", &["600"])?;
         if candidate.pid() == pid {
