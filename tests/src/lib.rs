@@ -128,15 +128,25 @@ fn ensure_bpffs() {
     static MOUNTED: std::sync::Once = std::sync::Once::new();
     MOUNTED.call_once(|| {
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
-            let status = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status();
-            assert!(status.is_ok_and(|s| s.success()), "mounting bpffs at /sys/fs/bpf failed");
+        if !mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+        {
+            let status = Command::new("mount")
+                .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+                .status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "mounting bpffs at /sys/fs/bpf failed"
+            );
         }
     });
 }
 
 fn unique_dir(tag: &str) -> Result<PathBuf> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .subsec_nanos();
     let dir = std::env::temp_dir().join(format!("watchdog-{tag}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
@@ -168,11 +178,17 @@ impl Daemon {
             args.extend(["--http".into(), "none".into()]);
         }
         if !extra.contains(&"--database-url") {
-            args.extend(["--database-url".into(), format!("sqlite://{}/watchdog.db", dir.display())]);
+            args.extend([
+                "--database-url".into(),
+                format!("sqlite://{}/watchdog.db", dir.display()),
+            ]);
         }
         args.extend(extra.iter().map(|a| a.to_string()));
         let bystander = Command::new("sleep").arg("3600").process_group(0).spawn()?;
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let child = Self::spawn(&dir, &socket, wrapper, &args, &env)?;
         let mut daemon = Self {
             child,
@@ -195,7 +211,10 @@ impl Daemon {
         args: &[String],
         env: &[(String, String)],
     ) -> Result<Child> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))?;
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut cmd = Command::new(program.as_ref());
@@ -213,7 +232,10 @@ impl Daemon {
     fn await_serving(&mut self) -> Result<()> {
         await_state("the daemon to answer on its socket", || {
             if let Some(status) = self.child.try_wait()? {
-                bail!("the daemon exited ({status}) before serving:\n{}", self.log());
+                bail!(
+                    "the daemon exited ({status}) before serving:\n{}",
+                    self.log()
+                );
             }
             Ok(self.try_status().ok())
         })
@@ -236,7 +258,13 @@ impl Daemon {
 
     /// Starts the daemon again (after `crash`) with the same arguments and state.
     pub fn start_again(&mut self) -> Result<()> {
-        self.child = Self::spawn(&self.dir, &self.socket, &self.wrapper, &self.args, &self.env)?;
+        self.child = Self::spawn(
+            &self.dir,
+            &self.socket,
+            &self.wrapper,
+            &self.args,
+            &self.env,
+        )?;
         self.await_serving()
     }
 
@@ -244,7 +272,13 @@ impl Daemon {
     pub fn restart(&mut self) -> Result<()> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
         self.child.wait()?;
-        self.child = Self::spawn(&self.dir, &self.socket, &self.wrapper, &self.args, &self.env)?;
+        self.child = Self::spawn(
+            &self.dir,
+            &self.socket,
+            &self.wrapper,
+            &self.args,
+            &self.env,
+        )?;
         self.await_serving()
     }
 
@@ -280,8 +314,14 @@ impl Daemon {
     }
 
     pub fn register(&self, pid: u32, analysis: &str) -> Result<()> {
-        self.cli_ok(&["register", "--pid", &pid.to_string(), "--analysis-id", analysis])
-            .map(drop)
+        self.cli_ok(&[
+            "register",
+            "--pid",
+            &pid.to_string(),
+            "--analysis-id",
+            analysis,
+        ])
+        .map(drop)
     }
 
     pub fn tree(&self, analysis: Option<&str>) -> Result<Vec<TreeNode>> {
@@ -380,7 +420,11 @@ impl Workload {
             .with_context(|| format!("starting {program}"))?;
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        Ok(Self { child, stdin, stdout })
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+        })
     }
 
     /// A Python program: the test's process trees are written in the language the
@@ -445,7 +489,10 @@ pub fn python() -> &'static str {
             .args(["-c", "import sys; print(sys.executable)"])
             .output()
             .expect("python3 is installed");
-        String::from_utf8(out.stdout).expect("a UTF-8 path").trim().to_string()
+        String::from_utf8(out.stdout)
+            .expect("a UTF-8 path")
+            .trim()
+            .to_string()
     })
 }
 
@@ -457,16 +504,25 @@ pub fn alive(pid: u32) -> bool {
 /// The fields of /proc/PID/stat after the command name: state first.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some(stat.rsplit(')').next()?.split_whitespace().map(str::to_string).collect())
+    Some(
+        stat.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
 /// Living processes in process group `pgid`.
 pub fn alive_in_group(pgid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             stat_fields(*pid).is_some_and(|f| {
-                !matches!(f.first().map(String::as_str), Some("Z" | "X")) && f.get(2) == Some(&pgid.to_string())
+                !matches!(f.first().map(String::as_str), Some("Z" | "X"))
+                    && f.get(2) == Some(&pgid.to_string())
             })
         })
         .collect()
@@ -486,13 +542,23 @@ time.sleep(600)
 
 /// Live threads of a process, from /proc.
 pub fn thread_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Stderr of a CLI run, checked to be the one-line error a user should see.
 pub fn one_line_error(out: &Output) -> String {
-    assert!(!out.status.success(), "expected a failure, got {}", out.status);
+    assert!(
+        !out.status.success(),
+        "expected a failure, got {}",
+        out.status
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(stderr.lines().count(), 1, "expected one line, got: {stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "expected one line, got: {stderr}"
+    );
     stderr
 }

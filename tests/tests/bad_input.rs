@@ -12,13 +12,23 @@ use watchdog_tests::{Daemon, Workload, one_line_error, watchdog_bin};
 
 /// A pid no process has now.
 fn unused_pid() -> u32 {
-    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
-    (300..max).rev().find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()).unwrap()
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (300..max)
+        .rev()
+        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        .unwrap()
 }
 
 fn assert_still_serving_unchanged(daemon: &Daemon, watched_before: usize) -> Result<()> {
     let status = daemon.status()?;
-    assert_eq!(status.monitored_count, watched_before, "a refused request changed the watched set");
+    assert_eq!(
+        status.monitored_count, watched_before,
+        "a refused request changed the watched set"
+    );
     Ok(())
 }
 
@@ -29,17 +39,32 @@ fn registering_what_must_not_be_watched_is_refused_and_changes_nothing() -> Resu
     daemon.register(work.pid(), "kept")?;
 
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec![unused_pid().to_string(), "a".into()], "no process with pid"),
+        (
+            vec![unused_pid().to_string(), "a".into()],
+            "no process with pid",
+        ),
         (vec!["1".into(), "a".into()], "never touches"),
-        (vec![daemon.pid().to_string(), "a".into()], "the watchdog daemon itself"),
+        (
+            vec![daemon.pid().to_string(), "a".into()],
+            "the watchdog daemon itself",
+        ),
         (vec!["2".into(), "a".into()], "kernel thread"),
-        (vec![std::process::id().to_string(), "".into()], "analysis id is empty"),
-        (vec![work.pid().to_string(), "other".into()], "already watched as part of analysis \"kept\""),
+        (
+            vec![std::process::id().to_string(), "".into()],
+            "analysis id is empty",
+        ),
+        (
+            vec![work.pid().to_string(), "other".into()],
+            "already watched as part of analysis \"kept\"",
+        ),
     ];
     for (args, expected) in cases {
         let out = daemon.cli(&["register", "--pid", &args[0], "--analysis-id", &args[1]]);
         let error = one_line_error(&out);
-        assert!(error.contains(expected), "register {args:?}: {error:?} lacks {expected:?}");
+        assert!(
+            error.contains(expected),
+            "register {args:?}: {error:?} lacks {expected:?}"
+        );
         assert_still_serving_unchanged(&daemon, 1)?;
     }
     let tree = daemon.tree(None)?;
@@ -65,10 +90,17 @@ fn a_malformed_request_gets_an_error_and_the_connection_and_daemon_keep_serving(
         reader.read_line(&mut answer)?;
         Ok(serde_json::from_str(&answer)?)
     };
-    for garbage in ["not json", r#"{"op":"register","pid":"seven"}"#, r#"{"op":"launch_missiles"}"#] {
+    for garbage in [
+        "not json",
+        r#"{"op":"register","pid":"seven"}"#,
+        r#"{"op":"launch_missiles"}"#,
+    ] {
         let answer = ask(garbage)?;
         let error = answer["error"].as_str().unwrap_or_default();
-        assert!(error.starts_with("malformed request"), "{garbage}: {answer}");
+        assert!(
+            error.starts_with("malformed request"),
+            "{garbage}: {answer}"
+        );
     }
     let answer = ask(r#"{"op":"status"}"#)?;
     assert_eq!(answer["ok"]["kind"], "status", "{answer}");
@@ -82,7 +114,10 @@ fn a_socket_with_no_daemon_behind_it_names_the_fix() {
         .output()
         .unwrap();
     let error = one_line_error(&out);
-    assert!(error.contains("no watchdog daemon at /nonexistent/watchdog.sock"), "{error}");
+    assert!(
+        error.contains("no watchdog daemon at /nonexistent/watchdog.sock"),
+        "{error}"
+    );
     assert!(error.contains("watchdog-user run"), "{error}");
 }
 
@@ -94,14 +129,22 @@ fn bpf_refused_without_privilege_or_btf_is_one_clear_line() -> Result<()> {
     let socket = dir.join("s.sock");
 
     let as_nobody = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(watchdog_bin())
         .arg("--socket")
         .arg(&socket)
         .arg("run")
         .output()?;
     let error = one_line_error(&as_nobody);
-    assert!(error.contains("permission denied") && error.contains("run the daemon as root"), "{error}");
+    assert!(
+        error.contains("permission denied") && error.contains("run the daemon as root"),
+        "{error}"
+    );
     assert!(!socket.exists(), "a refused daemon leaves no socket behind");
 
     let no_btf = Command::new(watchdog_bin())

@@ -7,13 +7,18 @@ use std::{
 
 use anyhow::{Result, bail};
 use serde_json::Value;
-use watchdog_tests::{Daemon, GROWER, Workload, alive, alive_in_group, await_state, one_line_error, python};
+use watchdog_tests::{
+    Daemon, GROWER, Workload, alive, alive_in_group, await_state, one_line_error, python,
+};
 
 /// Records for `pid` once the kill that covers it has finished.
 fn records_for(daemon: &Daemon, pids: &[u32]) -> Result<Vec<Value>> {
     await_state("kill records", || {
         let records = daemon.events()?;
-        let found: Vec<Value> = records.into_iter().filter(|r| pids.contains(&(r["pid"].as_u64().unwrap() as u32))).collect();
+        let found: Vec<Value> = records
+            .into_iter()
+            .filter(|r| pids.contains(&(r["pid"].as_u64().unwrap() as u32)))
+            .collect();
         Ok((found.len() >= pids.len()).then_some(found))
     })
 }
@@ -23,7 +28,12 @@ fn time_of(text: &Value) -> SystemTime {
 }
 
 fn signals(record: &Value) -> Vec<&str> {
-    record["signals"].as_array().unwrap().iter().map(|s| s["signal"].as_str().unwrap()).collect()
+    record["signals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["signal"].as_str().unwrap())
+        .collect()
 }
 
 /// Reports its own pid and the pid of a child that ignores SIGTERM, then sleeps.
@@ -44,7 +54,17 @@ fn a_timeout_sigterms_at_the_deadline_and_sigkills_what_ignores_it_after_the_gra
     let daemon = Daemon::start()?;
     let mut work = Workload::python(PARENT_AND_STUBBORN_CHILD, &[])?;
     let registered_at = SystemTime::now();
-    daemon.cli_ok(&["register", "--pid", &work.pid().to_string(), "--analysis-id", "t", "--timeout", "2s", "--grace", "1s"])?;
+    daemon.cli_ok(&[
+        "register",
+        "--pid",
+        &work.pid().to_string(),
+        "--analysis-id",
+        "t",
+        "--timeout",
+        "2s",
+        "--grace",
+        "1s",
+    ])?;
     work.send("go")?;
     let child: u32 = work.read_line()?.parse()?;
 
@@ -55,7 +75,10 @@ fn a_timeout_sigterms_at_the_deadline_and_sigkills_what_ignores_it_after_the_gra
         assert_eq!(record["limit"], 2000);
         assert_eq!(record["analysis_id"], "t");
         let sigterm = time_of(&record["signals"][0]["at"]);
-        assert!(sigterm.duration_since(registered_at)? >= Duration::from_secs(2), "not before the deadline");
+        assert!(
+            sigterm.duration_since(registered_at)? >= Duration::from_secs(2),
+            "not before the deadline"
+        );
     }
     let parent = records.iter().find(|r| r["pid"] == work.pid()).unwrap();
     assert_eq!(parent["outcome"], "exited_after_sigterm");
@@ -63,9 +86,22 @@ fn a_timeout_sigterms_at_the_deadline_and_sigkills_what_ignores_it_after_the_gra
     let stubborn = records.iter().find(|r| r["pid"] == child).unwrap();
     assert_eq!(stubborn["outcome"], "killed");
     assert_eq!(signals(stubborn), vec!["SIGTERM", "SIGKILL"]);
-    let grace = time_of(&stubborn["signals"][1]["at"]).duration_since(time_of(&stubborn["signals"][0]["at"]))?;
-    assert!(grace >= Duration::from_secs(1), "SIGKILL only after the grace: {grace:?}");
-    for field in ["time", "host", "ppid", "rss_bytes", "runtime_ms", "comm", "cmdline", "uid"] {
+    let grace = time_of(&stubborn["signals"][1]["at"])
+        .duration_since(time_of(&stubborn["signals"][0]["at"]))?;
+    assert!(
+        grace >= Duration::from_secs(1),
+        "SIGKILL only after the grace: {grace:?}"
+    );
+    for field in [
+        "time",
+        "host",
+        "ppid",
+        "rss_bytes",
+        "runtime_ms",
+        "comm",
+        "cmdline",
+        "uid",
+    ] {
         assert!(!stubborn[field].is_null(), "{field} missing in {stubborn}");
     }
     Ok(())
@@ -76,16 +112,30 @@ fn a_process_over_its_memory_limit_is_killed_by_the_kernel_fast_path_not_the_pol
     const LIMIT: u64 = 200 << 20;
     let daemon = Daemon::start()?; // poll every 30 s: its first tick is at start, before this
     let mut work = Workload::python(GROWER, &[])?;
-    daemon.cli_ok(&["register", "--pid", &work.pid().to_string(), "--analysis-id", "m", "--memory", "200MiB"])?;
+    daemon.cli_ok(&[
+        "register",
+        "--pid",
+        &work.pid().to_string(),
+        "--analysis-id",
+        "m",
+        "--memory",
+        "200MiB",
+    ])?;
     let started = SystemTime::now();
     work.send("go")?;
     let record = records_for(&daemon, &[work.pid()])?.remove(0);
     assert_eq!(record["reason"], "memory");
     assert_eq!(record["limit"], LIMIT);
     let rss = record["rss_bytes"].as_u64().unwrap();
-    assert!(rss > LIMIT && rss < LIMIT + (32 << 20), "RSS at kill {rss} should be just over {LIMIT}");
+    assert!(
+        rss > LIMIT && rss < LIMIT + (32 << 20),
+        "RSS at kill {rss} should be just over {LIMIT}"
+    );
     let sigterm = time_of(&record["signals"][0]["at"]);
-    assert!(sigterm.duration_since(started)? < Duration::from_secs(10), "well before the 30 s poll");
+    assert!(
+        sigterm.duration_since(started)? < Duration::from_secs(10),
+        "well before the 30 s poll"
+    );
     assert!(daemon.status()?.rss_reports > 0);
     Ok(())
 }
@@ -105,11 +155,20 @@ time.sleep(600)
 "#;
 
 #[test]
-fn workers_under_the_process_limit_but_over_the_tree_limit_together_get_the_analysis_killed() -> Result<()> {
+fn workers_under_the_process_limit_but_over_the_tree_limit_together_get_the_analysis_killed()
+-> Result<()> {
     let daemon = Daemon::start()?;
     let mut work = Workload::python(FOUR_WORKERS, &[])?;
     daemon.cli_ok(&[
-        "register", "--pid", &work.pid().to_string(), "--analysis-id", "tm", "--memory", "200MiB", "--tree-memory", "320MiB",
+        "register",
+        "--pid",
+        &work.pid().to_string(),
+        "--analysis-id",
+        "tm",
+        "--memory",
+        "200MiB",
+        "--tree-memory",
+        "320MiB",
     ])?;
     work.send("go")?;
     let mut pids = vec![work.pid()];
@@ -117,7 +176,12 @@ fn workers_under_the_process_limit_but_over_the_tree_limit_together_get_the_anal
         pids.push(work.read_line()?.parse()?);
     }
     let records = records_for(&daemon, &pids)?;
-    assert!(records.iter().all(|r| r["reason"] == "tree_memory" && r["limit"] == 320u64 << 20), "{records:#?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["reason"] == "tree_memory" && r["limit"] == 320u64 << 20),
+        "{records:#?}"
+    );
     assert!(pids.iter().all(|p| !alive(*p)));
     Ok(())
 }
@@ -142,25 +206,41 @@ fn sigkilling_a_pool_parent_gets_every_worker_flagged_orphan_and_killed() -> Res
     let mut work = Workload::python(POOL, &[])?;
     daemon.register(work.pid(), "pool")?;
     work.send("go")?;
-    let workers: Vec<u32> = work.read_line()?.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let workers: Vec<u32> = work
+        .read_line()?
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     assert_eq!(workers.len(), 3);
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(work.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(work.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
     let records = records_for(&daemon, &workers)?;
     for record in &records {
         assert_eq!(record["reason"], "orphan", "{record}");
-        assert_eq!(record["ppid"], work.pid(), "the record names the dead parent");
+        assert_eq!(
+            record["ppid"],
+            work.pid(),
+            "the record names the dead parent"
+        );
         assert_eq!(record["outcome"], "exited_after_sigterm");
     }
     let named: BTreeSet<u64> = records.iter().map(|r| r["pid"].as_u64().unwrap()).collect();
     assert_eq!(named, workers.iter().map(|p| *p as u64).collect());
-    await_state("the workers gone", || Ok(workers.iter().all(|p| !alive(*p)).then_some(())))?;
+    await_state("the workers gone", || {
+        Ok(workers.iter().all(|p| !alive(*p)).then_some(()))
+    })?;
     Ok(())
 }
 
 /// A launcher (sh) starts a Python root and reports its pid, then waits.
 fn launcher() -> Result<Workload> {
-    let script = format!("{} -c 'import time; time.sleep(600)' & echo $!; wait", python());
+    let script = format!(
+        "{} -c 'import time; time.sleep(600)' & echo $!; wait",
+        python()
+    );
     Workload::spawn("sh", &["-c", &script])
 }
 
@@ -170,10 +250,16 @@ fn an_analysis_root_whose_launcher_dies_is_flagged_orphan_and_killed() -> Result
     let mut launcher = launcher()?;
     let root: u32 = launcher.read_line()?.parse()?;
     daemon.register(root, "launched")?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(launcher.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
     let record = records_for(&daemon, &[root])?.remove(0);
     assert_eq!(record["reason"], "orphan");
-    await_state("the orphaned root gone", || Ok((!alive(root)).then_some(())))?;
+    await_state(
+        "the orphaned root gone",
+        || Ok((!alive(root)).then_some(())),
+    )?;
     Ok(())
 }
 
@@ -182,15 +268,32 @@ fn with_orphans_log_an_orphan_is_recorded_and_left_alone() -> Result<()> {
     let daemon = Daemon::start()?;
     let mut launcher = launcher()?;
     let root: u32 = launcher.read_line()?.parse()?;
-    daemon.cli_ok(&["register", "--pid", &root.to_string(), "--analysis-id", "logged", "--orphans", "log"])?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+    daemon.cli_ok(&[
+        "register",
+        "--pid",
+        &root.to_string(),
+        "--analysis-id",
+        "logged",
+        "--orphans",
+        "log",
+    ])?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(launcher.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
     let record = records_for(&daemon, &[root])?.remove(0);
-    assert_eq!((record["reason"].as_str(), record["outcome"].as_str()), (Some("orphan"), Some("logged")));
+    assert_eq!(
+        (record["reason"].as_str(), record["outcome"].as_str()),
+        (Some("orphan"), Some("logged"))
+    );
     assert!(record["signals"].as_array().unwrap().is_empty());
     assert!(alive(root));
     let tree = daemon.tree(Some("logged"))?;
     assert!(tree[0].orphan, "dump-tree marks it");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(root as i32), nix::sys::signal::Signal::SIGKILL)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(root as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
     Ok(())
 }
 
@@ -223,10 +326,24 @@ while True:
 fn a_fork_bomb_hitting_its_timeout_leaves_no_survivor() -> Result<()> {
     let daemon = Daemon::start()?;
     let mut work = Workload::python(FORK_BOMB, &[])?;
-    daemon.cli_ok(&["register", "--pid", &work.pid().to_string(), "--analysis-id", "bomb", "--timeout", "3s", "--grace", "1s"])?;
+    daemon.cli_ok(&[
+        "register",
+        "--pid",
+        &work.pid().to_string(),
+        "--analysis-id",
+        "bomb",
+        "--timeout",
+        "3s",
+        "--grace",
+        "1s",
+    ])?;
     work.send("go")?;
-    await_state("the bomb to grow", || Ok((alive_in_group(work.pid()).len() > 100).then_some(())))?;
-    await_state("nothing of the bomb left", || Ok(alive_in_group(work.pid()).is_empty().then_some(())))?;
+    await_state("the bomb to grow", || {
+        Ok((alive_in_group(work.pid()).len() > 100).then_some(()))
+    })?;
+    await_state("nothing of the bomb left", || {
+        Ok(alive_in_group(work.pid()).is_empty().then_some(()))
+    })?;
     // Records reach the database one by one: await them, not just the first.
     let records = await_state("a record for every member", || {
         let records = daemon.events()?;
@@ -267,10 +384,22 @@ time.sleep(600)
 fn a_recycled_pid_of_a_watched_process_is_never_signalled() -> Result<()> {
     let daemon = Daemon::start_with(&[], &["--test-faults"])?;
     let mut work = Workload::python(PARENT_AND_SHORT_CHILD, &[])?;
-    daemon.cli_ok(&["register", "--pid", &work.pid().to_string(), "--analysis-id", "reuse", "--timeout", "2s", "--grace", "1s"])?;
+    daemon.cli_ok(&[
+        "register",
+        "--pid",
+        &work.pid().to_string(),
+        "--analysis-id",
+        "reuse",
+        "--timeout",
+        "2s",
+        "--grace",
+        "1s",
+    ])?;
     work.send("go")?;
     let child: u32 = work.read_line()?.parse()?;
-    await_state("the child watched", || Ok((watchdog_tests::all_nodes(&daemon.tree(None)?).len() == 2).then_some(())))?;
+    await_state("the child watched", || {
+        Ok((watchdog_tests::all_nodes(&daemon.tree(None)?).len() == 2).then_some(()))
+    })?;
     // Hold the daemon's loop so the child's exit is still queued when the deadline
     // fires: the kill then targets a pid that now names an unrelated process.
     daemon.request(r#"{"op":"stall","ms":3000}"#)?;
@@ -280,10 +409,18 @@ fn a_recycled_pid_of_a_watched_process_is_never_signalled() -> Result<()> {
 
     let parent = records_for(&daemon, &[work.pid()])?.remove(0);
     assert_eq!(parent["reason"], "timeout");
-    assert!(alive(unrelated.pid()), "the process that reused the pid was signalled");
+    assert!(
+        alive(unrelated.pid()),
+        "the process that reused the pid was signalled"
+    );
     let records = daemon.events()?;
     let about_child: Vec<&Value> = records.iter().filter(|r| r["pid"] == child).collect();
-    assert!(about_child.iter().all(|r| r["signals"].as_array().unwrap().is_empty()), "{about_child:#?}");
+    assert!(
+        about_child
+            .iter()
+            .all(|r| r["signals"].as_array().unwrap().is_empty()),
+        "{about_child:#?}"
+    );
     Ok(())
 }
 
@@ -291,11 +428,22 @@ fn a_recycled_pid_of_a_watched_process_is_never_signalled() -> Result<()> {
 fn dry_run_records_the_kills_it_would_make_and_signals_nothing() -> Result<()> {
     let daemon = Daemon::start_with(&[], &["--dry-run"])?;
     let work = Workload::spawn("sleep", &["600"])?;
-    daemon.cli_ok(&["register", "--pid", &work.pid().to_string(), "--analysis-id", "dry", "--timeout", "1s"])?;
+    daemon.cli_ok(&[
+        "register",
+        "--pid",
+        &work.pid().to_string(),
+        "--analysis-id",
+        "dry",
+        "--timeout",
+        "1s",
+    ])?;
     let mut launcher = launcher()?;
     let root: u32 = launcher.read_line()?.parse()?;
     daemon.register(root, "dry-orphan")?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(launcher.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
 
     let records = records_for(&daemon, &[work.pid(), root])?;
     for record in &records {
@@ -303,7 +451,10 @@ fn dry_run_records_the_kills_it_would_make_and_signals_nothing() -> Result<()> {
         assert!(record["signals"].as_array().unwrap().is_empty());
     }
     assert!(alive(work.pid()) && alive(root));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(root as i32), nix::sys::signal::Signal::SIGKILL)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(root as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
     Ok(())
 }
 
@@ -321,7 +472,14 @@ fn bad_limits_are_refused_with_a_clear_error_and_nothing_is_registered() -> Resu
         ("--grace", "soon", "such as 90s"),
         ("--orphans", "maybe", "possible values: kill, log"),
     ] {
-        let out = daemon.cli(&["register", "--pid", &pid, "--analysis-id", "bad", &format!("{flag}={value}")]);
+        let out = daemon.cli(&[
+            "register",
+            "--pid",
+            &pid,
+            "--analysis-id",
+            "bad",
+            &format!("{flag}={value}"),
+        ]);
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(expected), "{flag} {value}: {stderr}");
@@ -329,7 +487,13 @@ fn bad_limits_are_refused_with_a_clear_error_and_nothing_is_registered() -> Resu
     let answer = daemon.request(&format!(
         r#"{{"op":"register","pid":{pid},"analysis_id":"bad","limits":{{"memory_bytes":0}}}}"#
     ))?;
-    assert!(answer["error"].as_str().unwrap().contains("must be more than 0"), "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("must be more than 0"),
+        "{answer}"
+    );
     let out = daemon.cli(&["register", "--pid", &pid, "--analysis-id", ""]);
     one_line_error(&out);
     assert_eq!(daemon.status()?.monitored_count, 0, "nothing registered");

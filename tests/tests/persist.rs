@@ -4,7 +4,9 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 use serde_json::Value;
-use watchdog_tests::{Daemon, GROWER, Workload, await_state, one_line_error, pg::TestPostgres, python, watchdog_bin};
+use watchdog_tests::{
+    Daemon, GROWER, Workload, await_state, one_line_error, pg::TestPostgres, python, watchdog_bin,
+};
 
 /// The SQL side of a backend under test.
 enum Db {
@@ -14,7 +16,11 @@ enum Db {
 
 impl Db {
     fn sqlite() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("watchdog-sqlite-{}-{}", std::process::id(), rand_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "watchdog-sqlite-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         std::fs::create_dir_all(&dir)?;
         Ok(Self::Sqlite(dir.join("watchdog.db")))
     }
@@ -33,9 +39,16 @@ impl Db {
             Self::Sqlite(path) => {
                 // Python's sqlite3 module: the sqlite3 CLI is not on every machine.
                 let script = "import sqlite3, sys\nfor row in sqlite3.connect(sys.argv[1]).execute(sys.argv[2]):\n    print('|'.join('' if v is None else str(v) for v in row))";
-                let out = Command::new(python()).args(["-c", script]).arg(path).arg(sql).output()?;
+                let out = Command::new(python())
+                    .args(["-c", script])
+                    .arg(path)
+                    .arg(sql)
+                    .output()?;
                 if !out.status.success() {
-                    bail!("sqlite query {sql:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+                    bail!(
+                        "sqlite query {sql:?} failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
                 }
                 Ok(String::from_utf8(out.stdout)?.trim().to_string())
             }
@@ -52,15 +65,24 @@ impl Drop for Db {
 }
 
 fn rand_suffix() -> u32 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
 }
 
 fn both() -> Result<Vec<(&'static str, Db)>> {
-    Ok(vec![("postgres", Db::Postgres(TestPostgres::start()?)), ("sqlite", Db::sqlite()?)])
+    Ok(vec![
+        ("postgres", Db::Postgres(TestPostgres::start()?)),
+        ("sqlite", Db::sqlite()?),
+    ])
 }
 
 fn migrate(url: &str) -> std::process::Output {
-    Command::new(watchdog_bin()).args(["migrate", "--database-url", url]).output().unwrap()
+    Command::new(watchdog_bin())
+        .args(["migrate", "--database-url", url])
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -68,10 +90,19 @@ fn migrations_apply_to_an_empty_database_and_reapply_as_a_no_op() -> Result<()> 
     for (name, db) in both()? {
         for round in 0..2 {
             let out = migrate(&db.url());
-            assert!(out.status.success(), "{name} round {round}: {}", String::from_utf8_lossy(&out.stderr));
-            assert_eq!(db.query("select count(*) from _sqlx_migrations")?, "1", "{name}");
+            assert!(
+                out.status.success(),
+                "{name} round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                db.query("select count(*) from _sqlx_migrations")?,
+                "1",
+                "{name}"
+            );
         }
-        let tables = db.query("select count(*) from watchdog_events")? + &db.query("select count(*) from watchdog_processes")?;
+        let tables = db.query("select count(*) from watchdog_events")?
+            + &db.query("select count(*) from watchdog_processes")?;
         assert_eq!(tables, "00", "{name}: both tables exist, empty");
     }
     Ok(())
@@ -117,7 +148,10 @@ fn a_timeout_a_memory_and_an_orphan_kill_each_make_exactly_one_full_row() -> Res
         register(&daemon, parent.pid(), "orphan", &[])?;
         parent.send("go")?;
         assert_eq!(parent.read_line()?, "forked");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(parent.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(parent.pid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
 
         await_rows(&db, "select count(*) from watchdog_events", "3")?;
         let rows = db.query(
@@ -126,16 +160,35 @@ fn a_timeout_a_memory_and_an_orphan_kill_each_make_exactly_one_full_row() -> Res
         )?;
         let rows: Vec<Vec<&str>> = rows.lines().map(|l| l.split('|').collect()).collect();
         let reasons: Vec<(&str, &str)> = rows.iter().map(|r| (r[0], r[1])).collect();
-        assert_eq!(reasons, vec![("memory", "memory"), ("orphan", "orphan"), ("timeout", "timeout")], "{name}");
+        assert_eq!(
+            reasons,
+            vec![
+                ("memory", "memory"),
+                ("orphan", "orphan"),
+                ("timeout", "timeout")
+            ],
+            "{name}"
+        );
         for row in &rows {
             assert_eq!(row.len(), 14, "{name}: {row:?}");
-            assert!(row.iter().all(|field| !field.is_empty() && *field != "0" || *field == row[12]), "{name}: a context field is empty: {row:?}");
+            assert!(
+                row.iter()
+                    .all(|field| !field.is_empty() && *field != "0" || *field == row[12]),
+                "{name}: a context field is empty: {row:?}"
+            );
             assert!(row[8].contains("SIGTERM"), "{name}: {row:?}");
         }
-        assert_eq!(rows[0][13], (100u64 << 20).to_string(), "{name}: memory limit");
+        assert_eq!(
+            rows[0][13],
+            (100u64 << 20).to_string(),
+            "{name}: memory limit"
+        );
         assert_eq!(rows[1][13], "-1", "{name}: an orphan crosses no limit");
         assert_eq!(rows[2][13], "1000", "{name}: timeout limit in ms");
-        assert!(rows[0][6].parse::<u64>()? > 100 << 20, "{name}: RSS at kill recorded");
+        assert!(
+            rows[0][6].parse::<u64>()? > 100 << 20,
+            "{name}: RSS at kill recorded"
+        );
     }
     Ok(())
 }
@@ -148,8 +201,15 @@ fn watchdog_processes_follows_register_unregister_and_exit() -> Result<()> {
         register(&daemon, parent.pid(), "family", &["--timeout", "1h"])?;
         parent.send("go")?;
         assert_eq!(parent.read_line()?, "forked");
-        await_rows(&db, "select count(*) from watchdog_processes where analysis_id = 'family' and state = 'running'", "2")?;
-        let limits = db.query(&format!("select timeout_ms, memory_bytes, orphans from watchdog_processes where pid = {}", parent.pid()))?;
+        await_rows(
+            &db,
+            "select count(*) from watchdog_processes where analysis_id = 'family' and state = 'running'",
+            "2",
+        )?;
+        let limits = db.query(&format!(
+            "select timeout_ms, memory_bytes, orphans from watchdog_processes where pid = {}",
+            parent.pid()
+        ))?;
         assert_eq!(limits, format!("3600000|{}|kill", 2u64 << 30), "{name}");
 
         daemon.cli_ok(&["unregister", "--analysis-id", "family"])?;
@@ -157,7 +217,14 @@ fn watchdog_processes_follows_register_unregister_and_exit() -> Result<()> {
 
         let mut short = Workload::spawn("sleep", &["600"])?;
         register(&daemon, short.pid(), "short", &[])?;
-        await_rows(&db, &format!("select count(*) from watchdog_processes where pid = {}", short.pid()), "1")?;
+        await_rows(
+            &db,
+            &format!(
+                "select count(*) from watchdog_processes where pid = {}",
+                short.pid()
+            ),
+            "1",
+        )?;
         short.kill()?;
         await_rows(&db, "select count(*) from watchdog_processes", "0")?;
     }
@@ -171,7 +238,9 @@ fn timeout_kill(daemon: &Daemon, id: &str) -> Result<u32> {
     let mut sleeper = Workload::spawn("sleep", &["600"])?;
     register(daemon, sleeper.pid(), id, &["--timeout", "1s"])?;
     sleeper.wait()?;
-    await_state("the kill recorded", || Ok((daemon.status()?.kills_total > kills).then_some(())))?;
+    await_state("the kill recorded", || {
+        Ok((daemon.status()?.kills_total > kills).then_some(()))
+    })?;
     Ok(sleeper.pid())
 }
 
@@ -187,8 +256,12 @@ fn an_outage_with_a_restart_in_it_loses_nothing_and_duplicates_nothing() -> Resu
     let pg = TestPostgres::start()?;
     let db = Db::Postgres(pg);
     let mut daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
-    await_state("the database connected", || Ok((daemon.status()?.db == "ok").then_some(())))?;
-    let Db::Postgres(pg) = &db else { unreachable!() };
+    await_state("the database connected", || {
+        Ok((daemon.status()?.db == "ok").then_some(()))
+    })?;
+    let Db::Postgres(pg) = &db else {
+        unreachable!()
+    };
     pg.stop()?;
 
     let first = timeout_kill(&daemon, "outage-1")?;
@@ -196,15 +269,28 @@ fn an_outage_with_a_restart_in_it_loses_nothing_and_duplicates_nothing() -> Resu
     let status = await_spool(&daemon, 2)?;
     assert_eq!(status.db, "spooling", "{status:?}");
     daemon.restart()?;
-    assert_eq!(daemon.status()?.database.spool_depth, 2, "the spool survived the restart");
+    assert_eq!(
+        daemon.status()?.database.spool_depth,
+        2,
+        "the spool survived the restart"
+    );
     let third = timeout_kill(&daemon, "outage-3")?;
     await_spool(&daemon, 3)?;
 
     pg.restart()?;
-    await_state("the spool replayed", || Ok((daemon.status()?.database.spool_depth == 0).then_some(())))?;
+    await_state("the spool replayed", || {
+        Ok((daemon.status()?.database.spool_depth == 0).then_some(()))
+    })?;
     let rows = db.query("select pid, analysis_id from watchdog_events order by id")?;
-    assert_eq!(rows, format!("{first}|outage-1\n{second}|outage-2\n{third}|outage-3"), "in order, once each");
-    assert_eq!(db.query("select count(distinct event_uid) from watchdog_events")?, "3");
+    assert_eq!(
+        rows,
+        format!("{first}|outage-1\n{second}|outage-2\n{third}|outage-3"),
+        "in order, once each"
+    );
+    assert_eq!(
+        db.query("select count(distinct event_uid) from watchdog_events")?,
+        "3"
+    );
     Ok(())
 }
 
@@ -217,7 +303,10 @@ fn events_filters_and_json_match_the_rows() -> Result<()> {
     register(&daemon, parent.pid(), "beta", &[])?;
     parent.send("go")?;
     assert_eq!(parent.read_line()?, "forked");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(parent.pid() as i32), nix::sys::signal::Signal::SIGKILL)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(parent.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
     await_rows(&db, "select count(*) from watchdog_events", "2")?;
 
     let events = |args: &[&str]| -> Result<Vec<Value>> {
@@ -229,13 +318,29 @@ fn events_filters_and_json_match_the_rows() -> Result<()> {
     let rows = db.query("select pid, reason, analysis_id, outcome, time from watchdog_events order by time desc, id desc")?;
     let from_json: Vec<String> = all
         .iter()
-        .map(|e| format!("{}|{}|{}|{}|{}", e["pid"], e["reason"].as_str().unwrap(), e["analysis_id"].as_str().unwrap(), e["outcome"].as_str().unwrap(), e["time"].as_str().unwrap()))
+        .map(|e| {
+            format!(
+                "{}|{}|{}|{}|{}",
+                e["pid"],
+                e["reason"].as_str().unwrap(),
+                e["analysis_id"].as_str().unwrap(),
+                e["outcome"].as_str().unwrap(),
+                e["time"].as_str().unwrap()
+            )
+        })
         .collect();
-    assert_eq!(from_json.join("\n"), rows, "newest first, the same as the rows");
+    assert_eq!(
+        from_json.join("\n"),
+        rows,
+        "newest first, the same as the rows"
+    );
     assert_eq!(all[1]["pid"], killed);
 
     let only = |args: &[&str]| -> Result<Vec<String>> {
-        Ok(events(args)?.iter().map(|e| e["analysis_id"].as_str().unwrap().to_string()).collect())
+        Ok(events(args)?
+            .iter()
+            .map(|e| e["analysis_id"].as_str().unwrap().to_string())
+            .collect())
     };
     assert_eq!(only(&["--analysis-id", "alpha"])?, vec!["alpha"]);
     assert_eq!(only(&["--reason", "orphan"])?, vec!["beta"]);
@@ -245,29 +350,45 @@ fn events_filters_and_json_match_the_rows() -> Result<()> {
     assert_eq!(only(&["--host", &host])?.len(), 2);
     assert_eq!(only(&["--since", "1h"])?.len(), 2);
     let text = daemon.cli_ok(&["events"])?;
-    assert!(text.lines().count() == 3 && text.contains("alpha") && text.contains("orphan"), "{text}");
+    assert!(
+        text.lines().count() == 3 && text.contains("alpha") && text.contains("orphan"),
+        "{text}"
+    );
     let out = daemon.cli(&["events", "--reason", "boredom"]);
     assert!(!out.status.success());
     Ok(())
 }
 
 #[test]
-fn a_bad_url_a_wrong_password_or_a_refused_migration_is_one_line_and_the_daemon_enforces_and_spools() -> Result<()> {
+fn a_bad_url_a_wrong_password_or_a_refused_migration_is_one_line_and_the_daemon_enforces_and_spools()
+-> Result<()> {
     let pg = TestPostgres::start()?;
     let cases = [
         ("not a url", "invalid database URL"),
-        (&pg.url_as("watchdog", "wrong") as &str, "check the user and password"),
+        (
+            &pg.url_as("watchdog", "wrong") as &str,
+            "check the user and password",
+        ),
         (&pg.url_as("readonly", "secret"), "refused the migrations"),
     ];
     for (url, expected) in cases {
         let error = one_line_error(&migrate(url));
         assert!(error.contains(expected), "{url}: {error}");
-        assert!(!error.contains("wrong") && !error.contains(":secret@"), "no password in messages: {error}");
+        assert!(
+            !error.contains("wrong") && !error.contains(":secret@"),
+            "no password in messages: {error}"
+        );
 
         let daemon = Daemon::start_with(&[], &["--database-url", url])?;
         let status = await_state("the database error in status", || {
             let status = daemon.status()?;
-            Ok(status.database.error.as_deref().unwrap_or_default().contains(expected).then_some(status))
+            Ok(status
+                .database
+                .error
+                .as_deref()
+                .unwrap_or_default()
+                .contains(expected)
+                .then_some(status))
         })?;
         assert_eq!(status.db, "spooling");
         timeout_kill(&daemon, "still-enforced")?;

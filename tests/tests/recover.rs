@@ -7,7 +7,10 @@ use std::{
 };
 
 use anyhow::Result;
-use nix::{sys::signal::{Signal, kill}, unistd::Pid};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use serde_json::Value;
 use watchdog_tests::{Daemon, Workload, alive, all_nodes, await_state};
 
@@ -44,7 +47,15 @@ fn a_crashed_daemon_restarts_with_every_gap_fork_watched_and_acts_on_the_gap() -
     let mut work = Workload::python(FORKS_CONTINUOUSLY, &[])?;
     daemon.register(work.pid(), "recover")?;
     let sleeper = Workload::spawn("sleep", &["600"])?;
-    daemon.cli_ok(&["register", "--pid", &sleeper.pid().to_string(), "--analysis-id", "deadline", "--timeout", "2s"])?;
+    daemon.cli_ok(&[
+        "register",
+        "--pid",
+        &sleeper.pid().to_string(),
+        "--analysis-id",
+        "deadline",
+        "--timeout",
+        "2s",
+    ])?;
     work.send("go")?;
     let (mut middle, mut grandchild) = (0u32, 0u32);
     while middle == 0 || grandchild == 0 {
@@ -57,7 +68,10 @@ fn a_crashed_daemon_restarts_with_every_gap_fork_watched_and_acts_on_the_gap() -
         }
     }
     await_state("middle and grandchild watched", || {
-        let pids: BTreeSet<u32> = all_nodes(&daemon.tree(Some("recover"))?).iter().map(|n| n.pid).collect();
+        let pids: BTreeSet<u32> = all_nodes(&daemon.tree(Some("recover"))?)
+            .iter()
+            .map(|n| n.pid)
+            .collect();
         Ok((pids.contains(&middle) && pids.contains(&grandchild)).then_some(()))
     })?;
 
@@ -71,26 +85,40 @@ fn a_crashed_daemon_restarts_with_every_gap_fork_watched_and_acts_on_the_gap() -
             gap_children.push(pid.parse::<u32>()?);
         }
     }
-    assert!(gap_children.len() >= 10, "the root forked during the gap: {gap_children:?}");
+    assert!(
+        gap_children.len() >= 10,
+        "the root forked during the gap: {gap_children:?}"
+    );
     let restarted = SystemTime::now();
     daemon.start_again()?;
 
     let tree = await_state("every gap fork in the tree", || {
         let roots = daemon.tree(Some("recover"))?;
         let pids: BTreeSet<u32> = all_nodes(&roots).iter().map(|n| n.pid).collect();
-        Ok(gap_children.iter().all(|p| pids.contains(p)).then_some(roots))
+        Ok(gap_children
+            .iter()
+            .all(|p| pids.contains(p))
+            .then_some(roots))
     })?;
     assert!(all_nodes(&tree).iter().all(|n| n.analysis_id == "recover"));
-    assert!(!all_nodes(&tree).iter().any(|n| n.pid == middle), "the dead middle is gone");
+    assert!(
+        !all_nodes(&tree).iter().any(|n| n.pid == middle),
+        "the dead middle is gone"
+    );
 
     let orphan = record_for(&daemon, grandchild)?;
     assert_eq!(orphan["reason"], "orphan");
-    await_state("the orphan killed", || Ok((!alive(grandchild)).then_some(())))?;
+    await_state("the orphan killed", || {
+        Ok((!alive(grandchild)).then_some(()))
+    })?;
 
     let timeout = record_for(&daemon, sleeper.pid())?;
     assert_eq!(timeout["reason"], "timeout");
     let sigterm = humantime::parse_rfc3339(timeout["signals"][0]["at"].as_str().unwrap())?;
-    assert!(sigterm.duration_since(restarted)? < Duration::from_secs(5), "the passed deadline is enforced at once");
+    assert!(
+        sigterm.duration_since(restarted)? < Duration::from_secs(5),
+        "the passed deadline is enforced at once"
+    );
     assert!(alive(work.pid()), "the root itself broke no rule");
     Ok(())
 }
@@ -101,12 +129,23 @@ fn fresh_drops_the_pinned_state_deliberately() -> Result<()> {
     let work = Workload::spawn("sleep", &["600"])?;
     daemon.register(work.pid(), "kept-or-not")?;
     daemon.crash()?;
-    assert!(daemon.pin_dir.join("WATCHED").exists(), "pinned state outlives the daemon");
+    assert!(
+        daemon.pin_dir.join("WATCHED").exists(),
+        "pinned state outlives the daemon"
+    );
     daemon.start_again()?;
-    assert_eq!(daemon.tree(Some("kept-or-not"))?.len(), 1, "a restart picks it up");
+    assert_eq!(
+        daemon.tree(Some("kept-or-not"))?.len(),
+        1,
+        "a restart picks it up"
+    );
     daemon.crash()?;
     daemon.start_again_with(&["--fresh"])?;
-    assert_eq!(daemon.status()?.monitored_count, 0, "--fresh starts from nothing");
+    assert_eq!(
+        daemon.status()?.monitored_count,
+        0,
+        "--fresh starts from nothing"
+    );
     assert!(alive(work.pid()), "and touches no process");
     Ok(())
 }

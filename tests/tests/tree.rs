@@ -53,7 +53,10 @@ fn a_registered_process_children_and_grandchild_form_exactly_the_tree() -> Resul
     let got: BTreeSet<u32> = root.children.iter().map(|c| c.pid).collect();
     assert_eq!(got, children.iter().copied().collect());
     let first = root.children.iter().find(|c| c.pid == children[0]).unwrap();
-    assert_eq!(first.children.iter().map(|c| c.pid).collect::<Vec<_>>(), vec![grandchild]);
+    assert_eq!(
+        first.children.iter().map(|c| c.pid).collect::<Vec<_>>(),
+        vec![grandchild]
+    );
     assert_eq!(first.children[0].ppid, children[0]);
     for node in all_nodes(&roots) {
         assert_eq!(node.analysis_id, "tree-5");
@@ -129,7 +132,11 @@ fn five_thousand_short_lived_children_are_all_seen_and_gone() -> Result<()> {
     assert_eq!(status.lost_events, 0);
     assert_eq!(status.resyncs, 0);
     let roots = daemon.tree(Some("storm"))?;
-    assert_eq!(all_nodes(&roots).len(), 1, "only the forking parent is left");
+    assert_eq!(
+        all_nodes(&roots).len(),
+        1,
+        "only the forking parent is left"
+    );
     assert_eq!(roots[0].pid, work.pid());
     Ok(())
 }
@@ -140,7 +147,17 @@ fn exec_watches_a_forking_pipeline_and_passes_its_exit_code_through() -> Result<
     let script = "sleep 300 | sleep 301 & echo started; read go; exit 7";
     let mut exec = Workload::spawn(
         watchdog_tests::watchdog_bin().to_str().unwrap(),
-        &["--socket", daemon.socket.to_str().unwrap(), "exec", "--analysis-id", "pipe", "--", "sh", "-c", script],
+        &[
+            "--socket",
+            daemon.socket.to_str().unwrap(),
+            "exec",
+            "--analysis-id",
+            "pipe",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
     )?;
     assert_eq!(exec.read_line()?, "started");
 
@@ -148,7 +165,10 @@ fn exec_watches_a_forking_pipeline_and_passes_its_exit_code_through() -> Result<
     let roots = await_state("the shell and both sleeps, exec'd", || {
         let roots = daemon.tree(Some("pipe"))?;
         let comms: Vec<&str> = all_nodes(&roots).iter().map(|n| n.comm.as_str()).collect();
-        Ok((comms.len() == 3 && comms.iter().filter(|c| **c == "sleep").count() == 2).then_some(roots))
+        Ok(
+            (comms.len() == 3 && comms.iter().filter(|c| **c == "sleep").count() == 2)
+                .then_some(roots),
+        )
     })?;
     assert_eq!(roots.len(), 1);
     let shell = &roots[0];
@@ -167,11 +187,23 @@ fn the_programs_load_in_a_mount_namespace_without_tracefs() -> Result<()> {
     let hide_tracefs = "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug 2>/dev/null; \
         if grep -qw tracefs /proc/self/mounts; then echo 'tracefs still mounted' >&2; exit 99; fi; exec \"$@\"";
     let daemon = Daemon::start_with(
-        &["unshare", "--mount", "--propagation", "private", "sh", "-c", hide_tracefs, "sh"],
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            hide_tracefs,
+            "sh",
+        ],
         &[],
     )?;
     let mounts = std::fs::read_to_string(format!("/proc/{}/mounts", daemon_pid_of(&daemon)?))?;
-    assert!(!mounts.contains("tracefs"), "tracefs visible to the daemon:\n{mounts}");
+    assert!(
+        !mounts.contains("tracefs"),
+        "tracefs visible to the daemon:\n{mounts}"
+    );
 
     let mut work = Workload::python(THREE_CHILDREN_ONE_GRANDCHILD, &[])?;
     daemon.register(work.pid(), "no-tracefs")?;
@@ -185,7 +217,11 @@ fn the_programs_load_in_a_mount_namespace_without_tracefs() -> Result<()> {
 /// The daemon's pid when it runs behind a wrapper that execs it: the wrapper's pid.
 fn daemon_pid_of(daemon: &Daemon) -> Result<u32> {
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", daemon.pid()))?;
-    assert_eq!(comm.trim(), "watchdog-user", "the wrapper exec'd the daemon");
+    assert_eq!(
+        comm.trim(),
+        "watchdog-user",
+        "the wrapper exec'd the daemon"
+    );
     Ok(daemon.pid())
 }
 
@@ -219,18 +255,28 @@ fn lost_events_are_counted_and_the_tree_is_repaired_from_the_kernel_map() -> Res
     let stall = daemon.request(r#"{"op":"stall","ms":3000}"#)?;
     assert_eq!(stall["ok"]["kind"], "stalling", "{stall}");
     work.send("go")?;
-    let kept: BTreeSet<u32> = work.read_line()?.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let kept: BTreeSet<u32> = work
+        .read_line()?
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     assert_eq!(kept.len(), 2);
 
     let status = await_state("a resync after the losses", || {
         let s = daemon.status()?;
         Ok((s.resyncs >= 1).then_some(s))
     })?;
-    assert!(status.lost_events > 0, "the scenario must overflow the ring: {status:?}");
-    let roots = await_state("the repaired tree: the parent and the two kept children", || {
-        let roots = daemon.tree(Some("lossy"))?;
-        Ok((all_nodes(&roots).len() == 3).then_some(roots))
-    })?;
+    assert!(
+        status.lost_events > 0,
+        "the scenario must overflow the ring: {status:?}"
+    );
+    let roots = await_state(
+        "the repaired tree: the parent and the two kept children",
+        || {
+            let roots = daemon.tree(Some("lossy"))?;
+            Ok((all_nodes(&roots).len() == 3).then_some(roots))
+        },
+    )?;
     assert_eq!(roots.len(), 1);
     assert_eq!(roots[0].pid, work.pid());
     let children: BTreeSet<u32> = roots[0].children.iter().map(|c| c.pid).collect();

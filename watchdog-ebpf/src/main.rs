@@ -22,7 +22,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use watchdog_common::{
-    AnalysisEntry, Config, Event, EventKind, MAX_ANALYSES, MAX_WATCHED, RING_BYTES, RootEntry, WatchEntry,
+    AnalysisEntry, Config, Event, EventKind, MAX_ANALYSES, MAX_WATCHED, RING_BYTES, RootEntry,
+    WatchEntry,
 };
 
 #[unsafe(no_mangle)]
@@ -74,7 +75,15 @@ fn emit(kind: EventKind, pid: u32, ppid: u32, exit_status: i32, analysis: u64, s
     emit_value(kind, pid, ppid, exit_status, analysis, start_ns, 0);
 }
 
-fn emit_value(kind: EventKind, pid: u32, ppid: u32, exit_status: i32, analysis: u64, start_ns: u64, value: u64) {
+fn emit_value(
+    kind: EventKind,
+    pid: u32,
+    ppid: u32,
+    exit_status: i32,
+    analysis: u64,
+    start_ns: u64,
+    value: u64,
+) {
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
         bump(&DROPS);
         return;
@@ -111,7 +120,10 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
         // A new thread of a watched process: same process, not a new node.
         return Ok(());
     }
-    let child_entry = WatchEntry { rss_reported: 0, ..entry };
+    let child_entry = WatchEntry {
+        rss_reported: 0,
+        ..entry
+    };
     if WATCHED.insert(child_tgid, child_entry, 0).is_err() {
         bump(&WATCH_FULL);
     }
@@ -119,7 +131,14 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let real_parent: *const u8 = read_at(child, cfg.task_real_parent)?;
     let ppid: u32 = read_at(real_parent, cfg.task_tgid)?;
     let start_ns: u64 = read_at(child, cfg.task_start_boottime)?;
-    emit(EventKind::Fork, child_tgid, ppid, 0, entry.analysis, start_ns);
+    emit(
+        EventKind::Fork,
+        child_tgid,
+        ppid,
+        0,
+        entry.analysis,
+        start_ns,
+    );
     Ok(())
 }
 
@@ -150,7 +169,14 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // lets userspace tell this exit from one of a recycled PID.
     let leader: *const u8 = read_at(task, cfg.task_group_leader)?;
     let start_ns: u64 = read_at(leader, cfg.task_start_boottime)?;
-    emit(EventKind::Exit, tgid, 0, exit_status, entry.analysis, start_ns);
+    emit(
+        EventKind::Exit,
+        tgid,
+        0,
+        exit_status,
+        entry.analysis,
+        start_ns,
+    );
     Ok(())
 }
 
@@ -213,7 +239,8 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // SAFETY: a valid map value pointer; racing updates from other CPUs of the same
     // process at worst repeat or skip one report, never corrupt.
     let entry = unsafe { &mut *entry };
-    let crossed = entry.mem_limit != 0 && rss >= entry.mem_limit && entry.rss_reported < entry.mem_limit;
+    let crossed =
+        entry.mem_limit != 0 && rss >= entry.mem_limit && entry.rss_reported < entry.mem_limit;
     let moved = rss.abs_diff(entry.rss_reported) >= cfg.rss_step;
     if crossed || moved {
         entry.rss_reported = rss;

@@ -75,7 +75,12 @@ impl KernelBtf {
         let type_data = data
             .get(hdr_len + type_off..hdr_len + type_off + type_len)
             .context("BTF type section out of bounds")?;
-        let mut btf = Self { strings, types: Vec::new(), by_name: HashMap::new(), enumerators: HashMap::new() };
+        let mut btf = Self {
+            strings,
+            types: Vec::new(),
+            by_name: HashMap::new(),
+            enumerators: HashMap::new(),
+        };
         let mut at = 0;
         while at < type_data.len() {
             at = btf.parse_type(type_data, at)?;
@@ -94,12 +99,12 @@ impl KernelBtf {
         let mut members = Vec::new();
         // Trailing data per kind: (record size, records).
         let trailing = match kind {
-            1 | 14 | 17 => 4,          // int, var, decl_tag
-            3 => 12,                   // array
-            4 | 5 => 12 * vlen,        // struct, union
-            6 => 8 * vlen,             // enum
-            13 => 8 * vlen,            // func_proto
-            15 | 19 => 12 * vlen,      // datasec, enum64
+            1 | 14 | 17 => 4,     // int, var, decl_tag
+            3 => 12,              // array
+            4 | 5 => 12 * vlen,   // struct, union
+            6 => 8 * vlen,        // enum
+            13 => 8 * vlen,       // func_proto
+            15 | 19 => 12 * vlen, // datasec, enum64
             _ => 0,
         };
         let mut array_elem = 0;
@@ -110,7 +115,11 @@ impl KernelBtf {
             }
         } else if kind == KIND_FUNC_PROTO {
             for i in 0..vlen {
-                members.push((u32_at(data, next + 8 * i)?, u32_at(data, next + 8 * i + 4)?, 0));
+                members.push((
+                    u32_at(data, next + 8 * i)?,
+                    u32_at(data, next + 8 * i + 4)?,
+                    0,
+                ));
             }
         } else if kind == KIND_ARRAY {
             array_elem = u32_at(data, next)?;
@@ -127,7 +136,13 @@ impl KernelBtf {
         if !name.is_empty() {
             self.by_name.entry((name, kind)).or_insert(id);
         }
-        self.types.push(Type { kind, kind_flag: info >> 31 == 1, size_or_type, members, array_elem });
+        self.types.push(Type {
+            kind,
+            kind_flag: info >> 31 == 1,
+            size_or_type,
+            members,
+            array_elem,
+        });
         Ok(next)
     }
 
@@ -159,15 +174,28 @@ impl KernelBtf {
 
     fn find_member(&self, ty: &Type, member: &str, base_bits: u32) -> Option<(u32, u32)> {
         // With kind_flag set the high 8 bits of an offset hold a bitfield size.
-        let offset = |bits: u32| base_bits + if ty.kind_flag { bits & 0x00ff_ffff } else { bits };
-        if let Some(&(_, type_id, bits)) = ty.members.iter().find(|(n, _, _)| self.string(*n) == member) {
+        let offset = |bits: u32| {
+            base_bits
+                + if ty.kind_flag {
+                    bits & 0x00ff_ffff
+                } else {
+                    bits
+                }
+        };
+        if let Some(&(_, type_id, bits)) = ty
+            .members
+            .iter()
+            .find(|(n, _, _)| self.string(*n) == member)
+        {
             return Some((type_id, offset(bits)));
         }
         ty.members
             .iter()
             .filter(|(n, _, _)| *n == 0 || self.string(*n).is_empty())
             .find_map(|&(_, type_id, bits)| {
-                let inner = self.ty(type_id).filter(|t| t.kind == KIND_STRUCT || t.kind == 5)?;
+                let inner = self
+                    .ty(type_id)
+                    .filter(|t| t.kind == KIND_STRUCT || t.kind == 5)?;
                 self.find_member(inner, member, offset(bits))
             })
     }
@@ -178,13 +206,20 @@ impl KernelBtf {
 
     /// Whether `name.member` is an array of `struct elem`.
     pub fn is_array_of(&self, name: &str, member: &str, elem: &str) -> bool {
-        let Ok((type_id, _)) = self.member(name, member) else { return false };
-        let Some(array) = self.ty(type_id).filter(|t| t.kind == KIND_ARRAY) else { return false };
+        let Ok((type_id, _)) = self.member(name, member) else {
+            return false;
+        };
+        let Some(array) = self.ty(type_id).filter(|t| t.kind == KIND_ARRAY) else {
+            return false;
+        };
         self.by_name.get(&(elem.to_string(), KIND_STRUCT)) == Some(&array.array_elem)
     }
 
     pub fn enumerator(&self, name: &str) -> Result<u32> {
-        let value = *self.enumerators.get(name).with_context(|| format!("enumerator {name} is not in the kernel BTF"))?;
+        let value = *self
+            .enumerators
+            .get(name)
+            .with_context(|| format!("enumerator {name} is not in the kernel BTF"))?;
         u32::try_from(value).with_context(|| format!("{name} = {value} is not a small index"))
     }
 
@@ -206,7 +241,9 @@ impl KernelBtf {
             .get(&(name.clone(), KIND_TYPEDEF))
             .with_context(|| format!("tracepoint {tracepoint} has no BTF type {name}"))?;
         loop {
-            let ty = self.ty(id).with_context(|| format!("dangling BTF type id {id}"))?;
+            let ty = self
+                .ty(id)
+                .with_context(|| format!("dangling BTF type id {id}"))?;
             match ty.kind {
                 KIND_TYPEDEF | KIND_PTR => id = ty.size_or_type,
                 KIND_FUNC_PROTO => return Ok(ty.members.len().saturating_sub(1)),
@@ -221,7 +258,9 @@ impl KernelBtf {
         if self.is_array_of("mm_struct", "rss_stat", "percpu_counter") {
             self.add_rss_config(&mut config)?;
         } else {
-            tracing::warn!("this kernel's mm_struct.rss_stat is not per-CPU counters (< 6.2): memory limits use the poll only");
+            tracing::warn!(
+                "this kernel's mm_struct.rss_stat is not per-CPU counters (< 6.2): memory limits use the poll only"
+            );
         }
         Ok(config)
     }

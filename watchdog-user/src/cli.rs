@@ -20,14 +20,32 @@ use nix::{
 
 use crate::{
     policy::LimitOverrides,
-    store::EventFilter,
     protocol::{AnalysisView, Reply, Request, TreeNode, call},
+    store::EventFilter,
 };
 
-pub fn register(socket: &Path, pid: u32, analysis_id: String, limits: LimitOverrides) -> Result<()> {
-    match call(socket, &Request::Register { pid, analysis_id, limits })? {
-        Reply::Registered { pid, analysis_id, watched } => {
-            println!("registered pid {pid} as analysis {analysis_id:?} ({watched} processes watched)");
+pub fn register(
+    socket: &Path,
+    pid: u32,
+    analysis_id: String,
+    limits: LimitOverrides,
+) -> Result<()> {
+    match call(
+        socket,
+        &Request::Register {
+            pid,
+            analysis_id,
+            limits,
+        },
+    )? {
+        Reply::Registered {
+            pid,
+            analysis_id,
+            watched,
+        } => {
+            println!(
+                "registered pid {pid} as analysis {analysis_id:?} ({watched} processes watched)"
+            );
             Ok(())
         }
         other => unexpected(other),
@@ -74,7 +92,10 @@ fn size(bytes: u64) -> String {
 
 fn print_analysis(a: &AnalysisView) {
     let deadline = if a.deadline_in_ms >= 0 {
-        format!("deadline in {}", humantime::format_duration(Duration::from_secs(a.deadline_in_ms as u64 / 1000)))
+        format!(
+            "deadline in {}",
+            humantime::format_duration(Duration::from_secs(a.deadline_in_ms as u64 / 1000))
+        )
     } else {
         "deadline passed".to_string()
     };
@@ -152,9 +173,15 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("watchdog {} up {}s", status.version, status.uptime_s);
-    println!("watched processes: {} in {} analyses", status.monitored_count, status.analyses);
+    println!(
+        "watched processes: {} in {} analyses",
+        status.monitored_count, status.analyses
+    );
     match &status.database.error {
-        None => println!("database: {} (spool {} records)", status.database.state, status.database.spool_depth),
+        None => println!(
+            "database: {} (spool {} records)",
+            status.database.state, status.database.spool_depth
+        ),
         Some(err) => println!(
             "database: {}: {err} ({} records spooled in {})",
             status.database.state, status.database.spool_depth, status.database.spool_path
@@ -162,8 +189,12 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
     }
     println!(
         "kernel events: {} forks, {} exits, {} execs; lost {}; watch map full {}; resyncs {}",
-        status.forks_seen, status.exits_seen, status.execs_seen, status.lost_events,
-        status.watch_map_full, status.resyncs
+        status.forks_seen,
+        status.exits_seen,
+        status.execs_seen,
+        status.lost_events,
+        status.watch_map_full,
+        status.resyncs
     );
     Ok(())
 }
@@ -183,7 +214,12 @@ extern "C" fn forward_signal(signo: i32) {
 /// Forks; the child waits on a pipe until the daemon has registered it, and only then
 /// execs CMD: so CMD's very first fork already happens watched. Exits with CMD's code
 /// (128 + signal when it was killed, as shells do).
-pub fn exec(socket: &Path, analysis_id: String, limits: LimitOverrides, command: &[String]) -> Result<i32> {
+pub fn exec(
+    socket: &Path,
+    analysis_id: String,
+    limits: LimitOverrides,
+    command: &[String],
+) -> Result<i32> {
     let argv = command
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -202,12 +238,25 @@ pub fn exec(socket: &Path, analysis_id: String, limits: LimitOverrides, command:
             }
             let err = execvp(&argv[0], &argv).unwrap_err();
             eprintln!("watchdog-user: error: cannot run {:?}: {err}", command[0]);
-            unsafe { libc::_exit(if err == nix::errno::Errno::ENOENT { 127 } else { 126 }) };
+            unsafe {
+                libc::_exit(if err == nix::errno::Errno::ENOENT {
+                    127
+                } else {
+                    126
+                })
+            };
         }
         ForkResult::Parent { child } => child,
     };
     drop(gate_read);
-    let registered = call(socket, &Request::Register { pid: child.as_raw() as u32, analysis_id, limits });
+    let registered = call(
+        socket,
+        &Request::Register {
+            pid: child.as_raw() as u32,
+            analysis_id,
+            limits,
+        },
+    );
     if let Err(err) = registered {
         drop(gate_write);
         let _ = waitpid(child, None);

@@ -108,8 +108,11 @@ pub struct Runtime {
 impl RunArgs {
     /// The settings file named by --config, parsed; errors carry the line.
     pub fn read_file(&self) -> Result<RunArgs> {
-        let Some(path) = &self.config else { return Ok(RunArgs::default()) };
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading the config file {}", path.display()))?;
+        let Some(path) = &self.config else {
+            return Ok(RunArgs::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config file {}", path.display()))?;
         toml::from_str(&text).map_err(|e| {
             let at = e
                 .span()
@@ -135,7 +138,10 @@ impl RunArgs {
             btf: self.btf.clone().or(file.btf),
             default_timeout: self.default_timeout.clone().or(file.default_timeout),
             default_memory: self.default_memory.clone().or(file.default_memory),
-            default_tree_memory: self.default_tree_memory.clone().or(file.default_tree_memory),
+            default_tree_memory: self
+                .default_tree_memory
+                .clone()
+                .or(file.default_tree_memory),
             grace: self.grace.clone().or(file.grace),
             orphans: self.orphans.or(file.orphans),
             poll_interval: self.poll_interval.clone().or(file.poll_interval),
@@ -149,13 +155,18 @@ impl RunArgs {
     pub fn resolve(&self) -> Result<Options> {
         let all = self.merged(self.read_file()?);
         let duration = |name: &str, value: &Option<String>, default: &str| -> Result<Duration> {
-            policy::parse_duration(value.as_deref().unwrap_or(default)).map_err(|e| anyhow!("{name}: {e}"))
+            policy::parse_duration(value.as_deref().unwrap_or(default))
+                .map_err(|e| anyhow!("{name}: {e}"))
         };
-        let size = |name: &str, value: &str| -> Result<u64> { policy::parse_size(value).map_err(|e| anyhow!("{name}: {e}")) };
+        let size = |name: &str, value: &str| -> Result<u64> {
+            policy::parse_size(value).map_err(|e| anyhow!("{name}: {e}"))
+        };
         let database_url = all.database_url.as_deref().unwrap_or(DEFAULT_DATABASE);
         let http = match all.http.as_deref().unwrap_or("127.0.0.1:9477") {
             "none" => None,
-            addr => Some(addr.parse().map_err(|e| anyhow!("http: {addr:?} is not an address ({e}): use HOST:PORT or none"))?),
+            addr => Some(addr.parse().map_err(|e| {
+                anyhow!("http: {addr:?} is not an address ({e}): use HOST:PORT or none")
+            })?),
         };
         Ok(Options {
             socket: all.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
@@ -163,9 +174,20 @@ impl RunArgs {
             ring_bytes: all.ring_bytes,
             test_faults: all.test_faults,
             defaults: Limits {
-                timeout_ms: policy::millis(duration("default-timeout", &all.default_timeout, "30m")?),
-                memory_bytes: size("default-memory", all.default_memory.as_deref().unwrap_or("2GiB"))?,
-                tree_memory_bytes: all.default_tree_memory.as_deref().map(|v| size("default-tree-memory", v)).transpose()?,
+                timeout_ms: policy::millis(duration(
+                    "default-timeout",
+                    &all.default_timeout,
+                    "30m",
+                )?),
+                memory_bytes: size(
+                    "default-memory",
+                    all.default_memory.as_deref().unwrap_or("2GiB"),
+                )?,
+                tree_memory_bytes: all
+                    .default_tree_memory
+                    .as_deref()
+                    .map(|v| size("default-tree-memory", v))
+                    .transpose()?,
                 grace_ms: policy::millis(duration("grace", &all.grace, "10s")?),
                 orphans: all.orphans.unwrap_or(OrphanPolicy::Kill),
             },
@@ -189,7 +211,10 @@ mod tests {
     #[test]
     fn the_shipped_config_file_parses_and_resolves() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/watchdog.toml");
-        let args = RunArgs { config: Some(path.into()), ..Default::default() };
+        let args = RunArgs {
+            config: Some(path.into()),
+            ..Default::default()
+        };
         let options = args.resolve().unwrap();
         assert_eq!(options.defaults.grace_ms, 10_000);
         assert_eq!(options.http, Some("127.0.0.1:9477".parse().unwrap()));

@@ -16,16 +16,16 @@ use tokio::{
 
 use crate::{
     control::{self, Call, SocketGuard},
+    enforce::RootRef,
     ingest::{self, KernelEvent},
     kernel::Kernel,
-    supervise,
-    procs::{self, ProcInfo},
-    enforce::RootRef,
     kill::{KillJob, KillRecord},
     policy::{LimitOverrides, Limits},
+    procs::{self, ProcInfo},
     protocol::{AnalysisView, Reply, Request, Response, Status, TreeNode},
     store::{self, DatabaseUrl, EventFilter, ProcessRow, StoreMsg},
-    tree::{AnalysisKey, Analyses, Node, Tree},
+    supervise,
+    tree::{Analyses, AnalysisKey, Node, Tree},
 };
 
 fn rfc3339(at: SystemTime) -> String {
@@ -80,25 +80,42 @@ pub async fn run(options: Options) -> Result<()> {
     if let Some(bytes) = options.ring_bytes
         && (!bytes.is_power_of_two() || bytes < 4096)
     {
-        bail!("--ring-bytes {bytes} is not a power of two of at least 4096: the kernel requires one");
+        bail!(
+            "--ring-bytes {bytes} is not a power of two of at least 4096: the kernel requires one"
+        );
     }
-    let (kernel, ring) = Kernel::load(&options.btf, options.ring_bytes, &options.pin_dir, options.fresh)?;
+    let (kernel, ring) = Kernel::load(
+        &options.btf,
+        options.ring_bytes,
+        &options.pin_dir,
+        options.fresh,
+    )?;
     let (event_tx, mut event_rx) = mpsc::channel(ingest::CHANNEL_BATCHES);
     let mut ingest_task = tokio::spawn(ingest::run(ring, event_tx));
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     if let Some(addr) = options.http {
-        tokio::spawn(crate::http::serve(crate::http::bind(addr).await?, call_tx.clone()));
+        tokio::spawn(crate::http::serve(
+            crate::http::bind(addr).await?,
+            call_tx.clone(),
+        ));
     }
     tokio::spawn(control::serve(listener, call_tx));
 
     let (url, url_error) = match options.database.clone() {
         Ok(url) => (Some(url), None),
         Err(err) => {
-            tracing::error!("{err}: kill records are spooled until the daemon is restarted with a valid URL");
+            tracing::error!(
+                "{err}: kill records are spooled until the daemon is restarted with a valid URL"
+            );
             (None, Some(err))
         }
     };
-    let store_tx = store::start(url, url_error, &options.state_dir.join("spool.jsonl"), crate::kill::hostname())?;
+    let store_tx = store::start(
+        url,
+        url_error,
+        &options.state_dir.join("spool.jsonl"),
+        crate::kill::hostname(),
+    )?;
     let (parent_exit_tx, mut parent_exit_rx) = mpsc::unbounded_channel();
     let mut watchdog = Watchdog::new(kernel, &options, parent_exit_tx, store_tx);
     if watchdog.kernel.resumed() {
@@ -261,7 +278,9 @@ impl Watchdog {
             || new.http != running.http
             || new.database.as_ref().map(|u| &u.url) != running.database.as_ref().map(|u| &u.url);
         if needs_restart {
-            tracing::warn!("socket, database, state, pin and http settings change only with a restart");
+            tracing::warn!(
+                "socket, database, state, pin and http settings change only with a restart"
+            );
         }
         self.defaults = new.defaults.clone();
         self.dry_run = new.dry_run;
@@ -272,9 +291,14 @@ impl Watchdog {
 
     fn kills_by_reason(&self) -> std::collections::BTreeMap<String, u64> {
         let mut by_reason: std::collections::BTreeMap<String, u64> =
-            ["timeout", "memory", "tree_memory", "orphan"].iter().map(|r| (r.to_string(), 0)).collect();
+            ["timeout", "memory", "tree_memory", "orphan"]
+                .iter()
+                .map(|r| (r.to_string(), 0))
+                .collect();
         for record in &self.records {
-            *by_reason.entry(record.reason.as_str().to_string()).or_default() += 1;
+            *by_reason
+                .entry(record.reason.as_str().to_string())
+                .or_default() += 1;
         }
         by_reason
     }
@@ -328,7 +352,8 @@ impl Watchdog {
             .filter_map(|pid| {
                 let node = self.tree.get(pid)?;
                 let analysis = self.analyses.get(node.analysis)?;
-                let started = now_wall - Duration::from_nanos(now_boot.saturating_sub(node.start_ns));
+                let started =
+                    now_wall - Duration::from_nanos(now_boot.saturating_sub(node.start_ns));
                 let state = if self.jobs.iter().any(|j| j.target_pending(pid)) {
                     "grace"
                 } else if node.orphan {
@@ -359,7 +384,14 @@ impl Watchdog {
             self.processes_dirty = true;
         }
         match event {
-            KernelEvent::Fork { pid, ppid, analysis, start_ns, comm, ts_ns } => {
+            KernelEvent::Fork {
+                pid,
+                ppid,
+                analysis,
+                start_ns,
+                comm,
+                ts_ns,
+            } => {
                 self.counters.forks += 1;
                 tracing::trace!(pid, ppid, comm, "fork");
                 if self.analyses.id(analysis).is_none() {
@@ -372,17 +404,27 @@ impl Watchdog {
                     // and the kernel map says it is gone.
                     return;
                 }
-                self.tree.insert_forked(Node::new(pid, ppid, start_ns, comm, analysis));
+                self.tree
+                    .insert_forked(Node::new(pid, ppid, start_ns, comm, analysis));
                 self.join_dying_scope(pid, ppid, analysis);
             }
-            KernelEvent::Exit { pid, analysis, start_ns, exit_status } => {
+            KernelEvent::Exit {
+                pid,
+                analysis,
+                start_ns,
+                exit_status,
+            } => {
                 self.counters.exits += 1;
                 let same_process = self
                     .tree
                     .get(pid)
                     .is_some_and(|n| procs::same_start(n.start_ns, start_ns));
                 if same_process {
-                    let children = self.tree.get(pid).map(|n| n.children.clone()).unwrap_or_default();
+                    let children = self
+                        .tree
+                        .get(pid)
+                        .map(|n| n.children.clone())
+                        .unwrap_or_default();
                     self.tree.remove(pid);
                     tracing::debug!(pid, exit_status, "watched process exited");
                     for child in children {
@@ -391,7 +433,11 @@ impl Watchdog {
                 }
                 self.forget_if_finished(analysis);
             }
-            KernelEvent::Rss { pid, analysis, rss_bytes } => {
+            KernelEvent::Rss {
+                pid,
+                analysis,
+                rss_bytes,
+            } => {
                 self.counters.rss_reports += 1;
                 self.rss_reported(pid, analysis, rss_bytes);
             }
@@ -414,9 +460,17 @@ impl Watchdog {
     fn handle(&mut self, request: Request) -> Response {
         self.processes_dirty = true;
         let result = match request {
-            Request::Register { pid, analysis_id, limits } => self.register(pid, &analysis_id, &limits),
-            Request::Events { .. } | Request::Status => unreachable!("answered by the loop through the store"),
-            Request::Unregister { pid, analysis_id } => self.unregister(pid, analysis_id.as_deref()),
+            Request::Register {
+                pid,
+                analysis_id,
+                limits,
+            } => self.register(pid, &analysis_id, &limits),
+            Request::Events { .. } | Request::Status => {
+                unreachable!("answered by the loop through the store")
+            }
+            Request::Unregister { pid, analysis_id } => {
+                self.unregister(pid, analysis_id.as_deref())
+            }
             Request::DumpTree { analysis_id } => self.dump_tree(analysis_id.as_deref()),
             Request::Stall { .. } => Err(anyhow::anyhow!(
                 "stall is a test-only fault: start the daemon with --test-faults to use it"
@@ -434,10 +488,15 @@ impl Watchdog {
             bail!("the analysis id is empty: pass --analysis-id with a name for the analysis");
         }
         if analysis_id.len() > MAX_ANALYSIS_ID {
-            bail!("the analysis id is {} bytes long: use at most {MAX_ANALYSIS_ID}", analysis_id.len());
+            bail!(
+                "the analysis id is {} bytes long: use at most {MAX_ANALYSIS_ID}",
+                analysis_id.len()
+            );
         }
         if pid == 0 || pid == 1 {
-            bail!("refusing to watch pid {pid}: it is the system's init/idle task, which the watchdog never touches");
+            bail!(
+                "refusing to watch pid {pid}: it is the system's init/idle task, which the watchdog never touches"
+            );
         }
         if pid == self.self_pid {
             bail!("refusing to watch pid {pid}: it is the watchdog daemon itself");
@@ -446,24 +505,38 @@ impl Watchdog {
             bail!("no process with pid {pid}: check the pid (the process may have exited)");
         };
         if info.kernel_thread {
-            bail!("pid {pid} ({}) is a kernel thread: only user processes can be watched", info.comm);
+            bail!(
+                "pid {pid} ({}) is a kernel thread: only user processes can be watched",
+                info.comm
+            );
         }
         if let Some(node) = self.tree.get(pid) {
             let current = self.analyses.id(node.analysis).unwrap_or("?");
             if current != analysis_id {
-                bail!("pid {pid} is already watched as part of analysis {current:?}: unregister it first");
+                bail!(
+                    "pid {pid} is already watched as part of analysis {current:?}: unregister it first"
+                );
             }
         }
         Ok(info)
     }
 
-    fn register(&mut self, pid: u32, analysis_id: &str, overrides: &LimitOverrides) -> Result<Reply> {
+    fn register(
+        &mut self,
+        pid: u32,
+        analysis_id: &str,
+        overrides: &LimitOverrides,
+    ) -> Result<Reply> {
         let info = self.check_registrable(pid, analysis_id)?;
-        let limits = self.defaults.with(overrides).map_err(|e| anyhow::anyhow!("{e}: nothing was registered"))?;
+        let limits = self
+            .defaults
+            .with(overrides)
+            .map_err(|e| anyhow::anyhow!("{e}: nothing was registered"))?;
         let new_analysis = self.analyses.key(analysis_id).is_none();
         let key = self.analyses.key_for(analysis_id, &limits);
         if new_analysis {
-            let entry = crate::enforce::entry_from_analysis(self.analyses.get(key).expect("just made"));
+            let entry =
+                crate::enforce::entry_from_analysis(self.analyses.get(key).expect("just made"));
             self.kernel.save_analysis(key, &entry)?;
         }
         if !self.tree.contains(pid) && !self.watch_verified(&info, key)? {
@@ -475,7 +548,11 @@ impl Watchdog {
         self.watch_root_parent(&info);
         let watched = self.tree.pids_of(key).len();
         tracing::info!(pid, analysis_id, watched, "registered");
-        Ok(Reply::Registered { pid, analysis_id: analysis_id.to_string(), watched })
+        Ok(Reply::Registered {
+            pid,
+            analysis_id: analysis_id.to_string(),
+            watched,
+        })
     }
 
     /// Remembers the root and its launcher in the kernel map, for a restarted daemon.
@@ -497,12 +574,19 @@ impl Watchdog {
     fn watch_verified(&mut self, info: &ProcInfo, key: AnalysisKey) -> Result<bool> {
         let mem_limit = self.analyses.get(key).map_or(0, |a| a.limits.memory_bytes);
         self.kernel.watch(info.pid, key, mem_limit)?;
-        let still_there = procs::read(info.pid).is_some_and(|now| procs::same_start(now.start_ns, info.start_ns));
+        let still_there =
+            procs::read(info.pid).is_some_and(|now| procs::same_start(now.start_ns, info.start_ns));
         if !still_there {
             self.kernel.unwatch(info.pid);
             return Ok(false);
         }
-        self.tree.insert(Node::new(info.pid, info.ppid, info.start_ns, info.comm.clone(), key));
+        self.tree.insert(Node::new(
+            info.pid,
+            info.ppid,
+            info.start_ns,
+            info.comm.clone(),
+            key,
+        ));
         Ok(true)
     }
 
@@ -514,7 +598,8 @@ impl Watchdog {
         loop {
             let mut found = 0;
             for info in procs::all() {
-                let parent_in_analysis = self.tree.get(info.ppid).is_some_and(|p| p.analysis == key);
+                let parent_in_analysis =
+                    self.tree.get(info.ppid).is_some_and(|p| p.analysis == key);
                 if parent_in_analysis
                     && !self.tree.contains(info.pid)
                     && info.pid != self.self_pid
@@ -557,14 +642,21 @@ impl Watchdog {
             self.forget_if_finished(key);
         }
         tracing::info!(?pid, ?analysis_id, removed = pids.len(), "unregistered");
-        Ok(Reply::Unregistered { removed: pids.len() })
+        Ok(Reply::Unregistered {
+            removed: pids.len(),
+        })
     }
 
     fn dump_tree(&self, analysis_id: Option<&str>) -> Result<Reply> {
         let filter = match analysis_id {
             Some(id) => match self.analyses.key(id) {
                 Some(key) => Some(key),
-                None => return Ok(Reply::Tree { roots: Vec::new(), analyses: Vec::new() }),
+                None => {
+                    return Ok(Reply::Tree {
+                        roots: Vec::new(),
+                        analyses: Vec::new(),
+                    });
+                }
             },
             None => None,
         };
@@ -598,7 +690,11 @@ impl Watchdog {
         TreeNode {
             pid: node.pid,
             ppid: node.ppid,
-            analysis_id: self.analyses.id(node.analysis).unwrap_or_default().to_string(),
+            analysis_id: self
+                .analyses
+                .id(node.analysis)
+                .unwrap_or_default()
+                .to_string(),
             comm: node.comm.clone(),
             age_ms: now_ns.saturating_sub(node.start_ns) / 1_000_000,
             rss_bytes: procs::rss_bytes(node.pid),
@@ -631,11 +727,19 @@ impl Watchdog {
             resyncs: self.counters.resyncs,
             rss_reports: self.counters.rss_reports,
             last_poll_ms: self.counters.last_poll_us as f64 / 1000.0,
-            grace_count: self.tree.pids().into_iter().filter(|p| self.jobs.iter().any(|j| j.target_pending(*p))).count(),
+            grace_count: self
+                .tree
+                .pids()
+                .into_iter()
+                .filter(|p| self.jobs.iter().any(|j| j.target_pending(*p)))
+                .count(),
             kills_total: self.counters.kills,
             kills_by_reason: self.kills_by_reason(),
             kills_last_24h: {
-                let day_ago = humantime::format_rfc3339_millis(SystemTime::now() - Duration::from_secs(86_400)).to_string();
+                let day_ago = humantime::format_rfc3339_millis(
+                    SystemTime::now() - Duration::from_secs(86_400),
+                )
+                .to_string();
                 self.records.iter().filter(|r| r.time >= day_ago).count()
             },
             recent_events: self.records.iter().rev().take(20).cloned().collect(),
@@ -685,7 +789,10 @@ impl Watchdog {
                 continue;
             }
             match procs::read(pid) {
-                Some(info) => self.tree.insert(Node::new(pid, info.ppid, info.start_ns, info.comm, key)),
+                Some(info) => {
+                    self.tree
+                        .insert(Node::new(pid, info.ppid, info.start_ns, info.comm, key))
+                }
                 None => {
                     self.kernel.unwatch(pid);
                 }

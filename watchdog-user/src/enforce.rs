@@ -19,7 +19,10 @@ use crate::{
 
 /// An analysis as saved in the kernel map, back in the daemon's terms; its deadline
 /// keeps its wall-clock time (one that passed while we were down is due at once).
-fn analysis_from_entry(entry: &watchdog_common::AnalysisEntry, now_wall: std::time::SystemTime) -> crate::tree::Analysis {
+fn analysis_from_entry(
+    entry: &watchdog_common::AnalysisEntry,
+    now_wall: std::time::SystemTime,
+) -> crate::tree::Analysis {
     let unix = |ms: u64| std::time::UNIX_EPOCH + Duration::from_millis(ms);
     let deadline_wall = unix(entry.deadline_unix_ms);
     let left = deadline_wall.duration_since(now_wall).unwrap_or_default();
@@ -30,7 +33,11 @@ fn analysis_from_entry(entry: &watchdog_common::AnalysisEntry, now_wall: std::ti
             memory_bytes: entry.memory_bytes,
             tree_memory_bytes: (entry.tree_memory_bytes != 0).then_some(entry.tree_memory_bytes),
             grace_ms: entry.grace_ms,
-            orphans: if entry.orphans == 1 { OrphanPolicy::Log } else { OrphanPolicy::Kill },
+            orphans: if entry.orphans == 1 {
+                OrphanPolicy::Log
+            } else {
+                OrphanPolicy::Kill
+            },
         },
         deadline: Instant::now() + left,
         deadline_wall,
@@ -40,8 +47,13 @@ fn analysis_from_entry(entry: &watchdog_common::AnalysisEntry, now_wall: std::ti
 }
 
 /// The kernel map's form of an analysis.
-pub(crate) fn entry_from_analysis(analysis: &crate::tree::Analysis) -> watchdog_common::AnalysisEntry {
-    let unix_ms = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, crate::policy::millis);
+pub(crate) fn entry_from_analysis(
+    analysis: &crate::tree::Analysis,
+) -> watchdog_common::AnalysisEntry {
+    let unix_ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, crate::policy::millis)
+    };
     let mut id = [0u8; watchdog_common::ANALYSIS_ID_MAX];
     let bytes = analysis.id.as_bytes();
     id[..bytes.len()].copy_from_slice(bytes);
@@ -81,10 +93,17 @@ impl Watchdog {
         if parent <= 1 || parent == self.self_pid {
             return; // Already orphaned or started by us: nothing to lose.
         }
-        let Some(parent_info) = procs::read(parent) else { return };
-        let Some(pidfd) = PidFd::open_verified(parent, parent_info.start_ns) else { return };
+        let Some(parent_info) = procs::read(parent) else {
+            return;
+        };
+        let Some(pidfd) = PidFd::open_verified(parent, parent_info.start_ns) else {
+            return;
+        };
         let tx = self.parent_exit_tx.clone();
-        let root = RootRef { pid: root.pid, start_ns: root.start_ns };
+        let root = RootRef {
+            pid: root.pid,
+            start_ns: root.start_ns,
+        };
         // SAFETY: PidFd owns its fd and keeps it open, unchanged, for its whole life.
         match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
             Ok(fd) => {
@@ -94,7 +113,11 @@ impl Watchdog {
                     }
                 });
             }
-            Err(err) => tracing::warn!(parent, "cannot watch the parent of root {}: {err}", root.pid),
+            Err(err) => tracing::warn!(
+                parent,
+                "cannot watch the parent of root {}: {err}",
+                root.pid
+            ),
         }
     }
 
@@ -105,14 +128,21 @@ impl Watchdog {
     pub(crate) fn resume(&mut self) {
         let now_wall = std::time::SystemTime::now();
         for (key, entry) in self.kernel.saved_analyses() {
-            self.analyses.restore(key, analysis_from_entry(&entry, now_wall));
+            self.analyses
+                .restore(key, analysis_from_entry(&entry, now_wall));
         }
         self.resync("restart");
-        let roots: std::collections::HashMap<u32, watchdog_common::RootEntry> = self.kernel.roots().into_iter().collect();
+        let roots: std::collections::HashMap<u32, watchdog_common::RootEntry> =
+            self.kernel.roots().into_iter().collect();
         let parentless: Vec<u32> = self.tree.roots().iter().map(|n| n.pid).collect();
         for pid in parentless {
-            let Some(node) = self.tree.get(pid) else { continue };
-            match roots.get(&pid).filter(|r| procs::same_start(r.start_ns, node.start_ns)) {
+            let Some(node) = self.tree.get(pid) else {
+                continue;
+            };
+            match roots
+                .get(&pid)
+                .filter(|r| procs::same_start(r.start_ns, node.start_ns))
+            {
                 Some(root) => {
                     let launcher_alive = procs::read(root.parent_pid)
                         .is_some_and(|p| procs::same_start(p.start_ns, root.parent_start_ns));
@@ -135,7 +165,10 @@ impl Watchdog {
     }
 
     pub(crate) fn root_parent_died(&mut self, root: RootRef) {
-        let same = self.tree.get(root.pid).is_some_and(|n| procs::same_start(n.start_ns, root.start_ns));
+        let same = self
+            .tree
+            .get(root.pid)
+            .is_some_and(|n| procs::same_start(n.start_ns, root.start_ns));
         if same {
             self.orphaned(root.pid);
         }
@@ -144,7 +177,9 @@ impl Watchdog {
     /// `pid` lives on after its parent died: flag it, then kill or log it (and its
     /// subtree) by its analysis' policy, unless a kill already covers it.
     pub(crate) fn orphaned(&mut self, pid: u32) {
-        let Some(node) = self.tree.get_mut(pid) else { return };
+        let Some(node) = self.tree.get_mut(pid) else {
+            return;
+        };
         if node.orphan {
             return;
         }
@@ -154,10 +189,16 @@ impl Watchdog {
         if !procs::read(pid).is_some_and(|now| procs::same_start(now.start_ns, start_ns)) {
             return;
         }
-        if self.recently_killed.get(&pid).is_some_and(|(start, _)| procs::same_start(*start, start_ns)) {
+        if self
+            .recently_killed
+            .get(&pid)
+            .is_some_and(|(start, _)| procs::same_start(*start, start_ns))
+        {
             return; // signalled by a kill that has finished; its exit is on its way
         }
-        let Some(node) = self.tree.get_mut(pid) else { return };
+        let Some(node) = self.tree.get_mut(pid) else {
+            return;
+        };
         node.orphan = true;
         let analysis = node.analysis;
         let covered = self.jobs.iter().any(|j| j.has_target(pid));
@@ -168,8 +209,12 @@ impl Watchdog {
             // reparenting.
             let pids = self.tree.subtree(pid);
             match policy {
-                OrphanPolicy::Kill => self.start_kill(Scope::Subtree, Reason::Orphan, analysis, None, &pids),
-                OrphanPolicy::Log => self.record_only(Scope::Subtree, Reason::Orphan, analysis, &pids),
+                OrphanPolicy::Kill => {
+                    self.start_kill(Scope::Subtree, Reason::Orphan, analysis, None, &pids)
+                }
+                OrphanPolicy::Log => {
+                    self.record_only(Scope::Subtree, Reason::Orphan, analysis, &pids)
+                }
             }
         }
         if let Some(now) = procs::read(pid) {
@@ -189,7 +234,13 @@ impl Watchdog {
         self.finish(job, Some(Outcome::Logged));
     }
 
-    fn new_job(&self, scope: Scope, reason: Reason, analysis: AnalysisKey, limit: Option<u64>) -> KillJob {
+    fn new_job(
+        &self,
+        scope: Scope,
+        reason: Reason,
+        analysis: AnalysisKey,
+        limit: Option<u64>,
+    ) -> KillJob {
         let (id, grace) = self
             .analyses
             .get(analysis)
@@ -200,10 +251,20 @@ impl Watchdog {
 
     fn target_info(&self, pid: u32) -> Option<TargetInfo> {
         if let Some(node) = self.tree.get(pid) {
-            return Some(TargetInfo { pid, ppid: node.ppid, start_ns: node.start_ns, comm: node.comm.clone() });
+            return Some(TargetInfo {
+                pid,
+                ppid: node.ppid,
+                start_ns: node.start_ns,
+                comm: node.comm.clone(),
+            });
         }
         let info = procs::read(pid)?;
-        Some(TargetInfo { pid, ppid: info.ppid, start_ns: info.start_ns, comm: info.comm })
+        Some(TargetInfo {
+            pid,
+            ppid: info.ppid,
+            start_ns: info.start_ns,
+            comm: info.comm,
+        })
     }
 
     /// Starts a kill of `pids` (SIGTERM now, SIGKILL after the grace).
@@ -255,7 +316,9 @@ impl Watchdog {
         if self.jobs.is_empty() {
             return;
         }
-        let Some(info) = self.target_info(pid) else { return };
+        let Some(info) = self.target_info(pid) else {
+            return;
+        };
         if let Some(job) = self.jobs.iter_mut().find(|j| j.takes_child(ppid, analysis)) {
             job.add(info);
         }
@@ -291,7 +354,13 @@ impl Watchdog {
         for (key, timeout_ms) in due {
             self.analyses.get_mut(key).expect("listed").violated = true;
             let pids = self.tree.pids_of(key);
-            self.start_kill(Scope::Analysis, Reason::Timeout, key, Some(timeout_ms), &pids);
+            self.start_kill(
+                Scope::Analysis,
+                Reason::Timeout,
+                key,
+                Some(timeout_ms),
+                &pids,
+            );
         }
     }
 
@@ -312,7 +381,8 @@ impl Watchdog {
     fn finish(&mut self, job: KillJob, outcome: Option<Outcome>) {
         self.processes_dirty = true;
         let now = Instant::now();
-        self.recently_killed.retain(|_, (_, at)| now.duration_since(*at) < RECENTLY_KILLED_FOR);
+        self.recently_killed
+            .retain(|_, (_, at)| now.duration_since(*at) < RECENTLY_KILLED_FOR);
         for (pid, start_ns) in job.signalled() {
             self.recently_killed.insert(pid, (start_ns, now));
         }
@@ -339,7 +409,8 @@ impl Watchdog {
     pub(crate) fn reconcile(&mut self) {
         let started = Instant::now();
         self.reconcile_now();
-        self.counters.last_poll_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.counters.last_poll_us =
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     }
 
     fn reconcile_now(&mut self) {
@@ -359,30 +430,53 @@ impl Watchdog {
 
     /// The kernel's fast path: a watched process' RSS crossed its limit or moved.
     pub(crate) fn rss_reported(&mut self, pid: u32, analysis: AnalysisKey, rss_bytes: u64) {
-        let Some(node) = self.tree.get_mut(pid) else { return };
+        let Some(node) = self.tree.get_mut(pid) else {
+            return;
+        };
         node.rss_bytes = rss_bytes;
         self.check_process_memory(pid);
         self.check_tree_memory(analysis);
     }
 
     fn check_process_memory(&mut self, pid: u32) {
-        let Some(node) = self.tree.get(pid) else { return };
-        let Some(limit) = self.analyses.get(node.analysis).map(|a| a.limits.memory_bytes) else { return };
+        let Some(node) = self.tree.get(pid) else {
+            return;
+        };
+        let Some(limit) = self
+            .analyses
+            .get(node.analysis)
+            .map(|a| a.limits.memory_bytes)
+        else {
+            return;
+        };
         if node.rss_bytes > limit {
             self.memory_exceeded(pid, node.analysis, limit);
         }
     }
 
     fn check_tree_memory(&mut self, key: AnalysisKey) {
-        let Some(a) = self.analyses.get(key) else { return };
-        let Some(limit) = a.limits.tree_memory_bytes else { return };
+        let Some(a) = self.analyses.get(key) else {
+            return;
+        };
+        let Some(limit) = a.limits.tree_memory_bytes else {
+            return;
+        };
         if a.violated {
             return;
         }
         let pids = self.tree.pids_of(key);
-        let sum: u64 = pids.iter().filter_map(|p| self.tree.get(*p)).map(|n| n.rss_bytes).sum();
+        let sum: u64 = pids
+            .iter()
+            .filter_map(|p| self.tree.get(*p))
+            .map(|n| n.rss_bytes)
+            .sum();
         if sum > limit {
-            tracing::warn!(analysis_id = a.id.clone(), sum, limit, "tree memory limit crossed");
+            tracing::warn!(
+                analysis_id = a.id.clone(),
+                sum,
+                limit,
+                "tree memory limit crossed"
+            );
             self.analyses.get_mut(key).expect("exists").violated = true;
             self.start_kill(Scope::Analysis, Reason::TreeMemory, key, Some(limit), &pids);
         }
@@ -390,11 +484,19 @@ impl Watchdog {
 
     /// One process over the per-process limit: it alone is killed.
     pub(crate) fn memory_exceeded(&mut self, pid: u32, analysis: AnalysisKey, limit: u64) {
-        let Some(node) = self.tree.get_mut(pid) else { return };
+        let Some(node) = self.tree.get_mut(pid) else {
+            return;
+        };
         if node.memory_violated || self.jobs.iter().any(|j| j.has_target(pid)) {
             return;
         }
         node.memory_violated = true;
-        self.start_kill(Scope::Process, Reason::Memory, analysis, Some(limit), &[pid]);
+        self.start_kill(
+            Scope::Process,
+            Reason::Memory,
+            analysis,
+            Some(limit),
+            &[pid],
+        );
     }
 }

@@ -24,9 +24,11 @@ use crate::{
 
 /// Binds now, so a taken port fails the start instead of failing later, silently.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {addr}: pass --http with a free HOST:PORT, or --http none"))
+    TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen for HTTP on {addr}: pass --http with a free HOST:PORT, or --http none"
+        )
+    })
 }
 
 pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) {
@@ -41,7 +43,10 @@ pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) {
 
 async fn fetch_status(calls: &mpsc::Sender<Call>) -> Result<Status, String> {
     let (tx, rx) = oneshot::channel();
-    calls.send((Request::Status, tx)).await.map_err(|_| "the daemon is stopping".to_string())?;
+    calls
+        .send((Request::Status, tx))
+        .await
+        .map_err(|_| "the daemon is stopping".to_string())?;
     match rx.await {
         Ok(Response::Ok(Reply::Status(status))) => Ok(status),
         Ok(Response::Error(err)) => Err(err),
@@ -59,7 +64,10 @@ async fn status(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
 async fn metrics(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
     match fetch_status(&calls).await {
         Ok(status) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             prometheus_text(&status),
         )
             .into_response(),
@@ -82,12 +90,39 @@ fn one(value: impl Into<f64>) -> Vec<(String, f64)> {
 /// The Prometheus text exposition format (version 0.0.4).
 pub fn prometheus_text(s: &Status) -> String {
     let mut out = String::new();
-    metric(&mut out, "watchdog_watched_processes", "gauge", "Processes watched now.", &one(s.monitored_count as f64));
-    metric(&mut out, "watchdog_analyses", "gauge", "Analyses watched now.", &one(s.analyses as f64));
-    metric(&mut out, "watchdog_processes_in_grace", "gauge", "Processes signalled and not yet gone.", &one(s.grace_count as f64));
-    let by_reason: Vec<(String, f64)> =
-        s.kills_by_reason.iter().map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), *n as f64)).collect();
-    metric(&mut out, "watchdog_kills_total", "counter", "Processes killed (or recorded) since start, by reason.", &by_reason);
+    metric(
+        &mut out,
+        "watchdog_watched_processes",
+        "gauge",
+        "Processes watched now.",
+        &one(s.monitored_count as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_analyses",
+        "gauge",
+        "Analyses watched now.",
+        &one(s.analyses as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_processes_in_grace",
+        "gauge",
+        "Processes signalled and not yet gone.",
+        &one(s.grace_count as f64),
+    );
+    let by_reason: Vec<(String, f64)> = s
+        .kills_by_reason
+        .iter()
+        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), *n as f64))
+        .collect();
+    metric(
+        &mut out,
+        "watchdog_kills_total",
+        "counter",
+        "Processes killed (or recorded) since start, by reason.",
+        &by_reason,
+    );
     metric(
         &mut out,
         "watchdog_lost_events_total",
@@ -95,17 +130,50 @@ pub fn prometheus_text(s: &Status) -> String {
         "Kernel events lost: ring buffer full, or a child the watched map had no room for.",
         &one((s.lost_events + s.watch_map_full) as f64),
     );
-    metric(&mut out, "watchdog_ring_buffer_drops_total", "counter", "Events the kernel could not put in the ring buffer.", &one(s.lost_events as f64));
-    metric(&mut out, "watchdog_resyncs_total", "counter", "Tree rebuilds after lost events.", &one(s.resyncs as f64));
-    metric(&mut out, "watchdog_db_spool_depth", "gauge", "Kill records waiting for the database.", &one(s.database.spool_depth as f64));
-    metric(&mut out, "watchdog_uptime_seconds", "gauge", "Seconds since the daemon started.", &one(s.uptime_s as f64));
-    let _ = writeln!(out, "# HELP watchdog_event_latency_seconds From the kernel event to the daemon reading it.");
+    metric(
+        &mut out,
+        "watchdog_ring_buffer_drops_total",
+        "counter",
+        "Events the kernel could not put in the ring buffer.",
+        &one(s.lost_events as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_resyncs_total",
+        "counter",
+        "Tree rebuilds after lost events.",
+        &one(s.resyncs as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_db_spool_depth",
+        "gauge",
+        "Kill records waiting for the database.",
+        &one(s.database.spool_depth as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+        &one(s.uptime_s as f64),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP watchdog_event_latency_seconds From the kernel event to the daemon reading it."
+    );
     let _ = writeln!(out, "# TYPE watchdog_event_latency_seconds histogram");
     let (buckets, count, sum) = LATENCY.snapshot();
     for (le, n) in buckets {
-        let _ = writeln!(out, "watchdog_event_latency_seconds_bucket{{le=\"{le}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "watchdog_event_latency_seconds_bucket{{le=\"{le}\"}} {n}"
+        );
     }
-    let _ = writeln!(out, "watchdog_event_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(
+        out,
+        "watchdog_event_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
     let _ = writeln!(out, "watchdog_event_latency_seconds_sum {sum}");
     let _ = writeln!(out, "watchdog_event_latency_seconds_count {count}");
     out

@@ -17,10 +17,29 @@ use crate::tree::AnalysisKey;
 
 #[derive(Debug, Clone)]
 pub enum KernelEvent {
-    Fork { pid: u32, ppid: u32, analysis: AnalysisKey, start_ns: u64, comm: String, ts_ns: u64 },
-    Exit { pid: u32, analysis: AnalysisKey, start_ns: u64, exit_status: i32 },
-    Exec { pid: u32, comm: String },
-    Rss { pid: u32, analysis: AnalysisKey, rss_bytes: u64 },
+    Fork {
+        pid: u32,
+        ppid: u32,
+        analysis: AnalysisKey,
+        start_ns: u64,
+        comm: String,
+        ts_ns: u64,
+    },
+    Exit {
+        pid: u32,
+        analysis: AnalysisKey,
+        start_ns: u64,
+        exit_status: i32,
+    },
+    Exec {
+        pid: u32,
+        comm: String,
+    },
+    Rss {
+        pid: u32,
+        analysis: AnalysisKey,
+        rss_bytes: u64,
+    },
 }
 
 /// Kernel event → read by the daemon, in seconds: a histogram for /metrics.
@@ -30,7 +49,9 @@ pub struct Latency {
     sum_ns: AtomicU64,
 }
 
-const LATENCY_BOUNDS: [f64; 10] = [0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 1.0];
+const LATENCY_BOUNDS: [f64; 10] = [
+    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 1.0,
+];
 
 pub static LATENCY: Latency = Latency {
     counts: [const { AtomicU64::new(0) }; LATENCY_BOUNDS.len()],
@@ -52,8 +73,16 @@ impl Latency {
 
     /// Cumulative buckets (upper bound, count), total count, sum in seconds.
     pub fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
-        let buckets = LATENCY_BOUNDS.iter().zip(&self.counts).map(|(b, c)| (*b, c.load(Ordering::Relaxed))).collect();
-        (buckets, self.total.load(Ordering::Relaxed), self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9)
+        let buckets = LATENCY_BOUNDS
+            .iter()
+            .zip(&self.counts)
+            .map(|(b, c)| (*b, c.load(Ordering::Relaxed)))
+            .collect();
+        (
+            buckets,
+            self.total.load(Ordering::Relaxed),
+            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        )
     }
 }
 
@@ -95,8 +124,15 @@ fn decode(bytes: &[u8]) -> Option<KernelEvent> {
             start_ns: ev.start_ns,
             exit_status: ev.exit_status,
         },
-        EventKind::Exec => KernelEvent::Exec { pid: ev.pid, comm: comm(&ev.comm) },
-        EventKind::Rss => KernelEvent::Rss { pid: ev.pid, analysis: ev.analysis, rss_bytes: ev.value },
+        EventKind::Exec => KernelEvent::Exec {
+            pid: ev.pid,
+            comm: comm(&ev.comm),
+        },
+        EventKind::Rss => KernelEvent::Rss {
+            pid: ev.pid,
+            analysis: ev.analysis,
+            rss_bytes: ev.value,
+        },
     })
 }
 

@@ -9,8 +9,8 @@ use aya::{
     programs::{BtfTracePoint, links::FdLink},
 };
 use watchdog_common::{
-    ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DROPS_MAP, EVENTS_MAP, ROOTS_MAP, RootEntry, WATCH_FULL_MAP,
-    WATCHED_MAP, WatchEntry,
+    ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DROPS_MAP, EVENTS_MAP, ROOTS_MAP, RootEntry,
+    WATCH_FULL_MAP, WATCHED_MAP, WatchEntry,
 };
 
 use crate::btf::KernelBtf;
@@ -19,7 +19,12 @@ use crate::btf::KernelBtf;
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/watchdog"));
 
 /// The tracepoints we attach to, each by a program of the same name.
-const TRACEPOINTS: [&str; 4] = ["sched_process_fork", "sched_process_exit", "sched_process_exec", "rss_stat"];
+const TRACEPOINTS: [&str; 4] = [
+    "sched_process_fork",
+    "sched_process_exit",
+    "sched_process_exec",
+    "rss_stat",
+];
 
 pub struct Kernel {
     /// Owns the loaded object; the links are pinned, so they outlive it.
@@ -73,7 +78,14 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 6] = [WATCHED_MAP, EVENTS_MAP, DROPS_MAP, WATCH_FULL_MAP, ANALYSES_MAP, ROOTS_MAP];
+const PINNED_MAPS: [&str; 6] = [
+    WATCHED_MAP,
+    EVENTS_MAP,
+    DROPS_MAP,
+    WATCH_FULL_MAP,
+    ANALYSES_MAP,
+    ROOTS_MAP,
+];
 
 fn link_pin(pin_dir: &Path, tracepoint: &str) -> PathBuf {
     pin_dir.join(format!("link_{tracepoint}"))
@@ -99,17 +111,23 @@ pub fn drop_pins(pin_dir: &Path) -> Result<()> {
 fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let root = Path::new("/sys/fs/bpf");
-    let mounted = |path: &Path| nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    let mounted = |path: &Path| {
+        nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    };
     let parent = pin_dir.parent().unwrap_or(root);
     if !mounted(parent) {
         if parent != root {
-            bail!("{} is not on a bpffs: pass a --pin-dir under /sys/fs/bpf", pin_dir.display());
+            bail!(
+                "{} is not on a bpffs: pass a --pin-dir under /sys/fs/bpf",
+                pin_dir.display()
+            );
         }
         nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
             .map_err(|e| anyhow!("bpffs is not mounted at /sys/fs/bpf and mounting it failed ({e}): mount -t bpf bpf /sys/fs/bpf"))?;
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
-    std::fs::create_dir_all(pin_dir).with_context(|| format!("creating the pin directory {}", pin_dir.display()))
+    std::fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating the pin directory {}", pin_dir.display()))
 }
 
 impl Kernel {
@@ -119,7 +137,12 @@ impl Kernel {
     /// following the watched processes) and only the maps are reopened: `resumed` says so.
     /// Returns the kernel handle and the ring buffer for [`crate::ingest`].
     /// `ring_bytes` overrides the ring buffer's size (a power of two, at least a page).
-    pub fn load(btf_path: &Path, ring_bytes: Option<u32>, pin_dir: &Path, fresh: bool) -> Result<(Self, RingBuf<MapData>)> {
+    pub fn load(
+        btf_path: &Path,
+        ring_bytes: Option<u32>,
+        pin_dir: &Path,
+        fresh: bool,
+    ) -> Result<(Self, RingBuf<MapData>)> {
         let config = KernelBtf::from_file(btf_path)?.program_config()?;
         tracing::debug!(?config, "offsets read from kernel BTF");
         let btf = Btf::parse_file(btf_path, Endianness::default())
@@ -147,7 +170,9 @@ impl Kernel {
         resumed: bool,
     ) -> Result<(Self, RingBuf<MapData>)> {
         let mut loader = EbpfLoader::new();
-        loader.btf(Some(btf)).override_global(CONFIG_GLOBAL, config, true);
+        loader
+            .btf(Some(btf))
+            .override_global(CONFIG_GLOBAL, config, true);
         for name in PINNED_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));
         }
@@ -181,12 +206,19 @@ impl Kernel {
     }
 
     pub fn save_analysis(&mut self, key: u64, entry: &AnalysisEntry) -> Result<()> {
-        self.analyses.insert(key, entry, 0).context("saving the analysis in the kernel map")
+        self.analyses
+            .insert(key, entry, 0)
+            .context("saving the analysis in the kernel map")
     }
 
     pub fn forget_analysis(&mut self, key: u64) {
         let _ = self.analyses.remove(&key);
-        let roots: Vec<u32> = self.roots().into_iter().filter(|(_, r)| r.analysis == key).map(|(pid, _)| pid).collect();
+        let roots: Vec<u32> = self
+            .roots()
+            .into_iter()
+            .filter(|(_, r)| r.analysis == key)
+            .map(|(pid, _)| pid)
+            .collect();
         for pid in roots {
             let _ = self.roots.remove(&pid);
         }
@@ -197,7 +229,9 @@ impl Kernel {
     }
 
     pub fn save_root(&mut self, pid: u32, entry: &RootEntry) -> Result<()> {
-        self.roots.insert(pid, entry, 0).context("saving the root in the kernel map")
+        self.roots
+            .insert(pid, entry, 0)
+            .context("saving the root in the kernel map")
     }
 
     pub fn roots(&self) -> Vec<(u32, RootEntry)> {
@@ -206,7 +240,15 @@ impl Kernel {
 
     pub fn watch(&mut self, pid: u32, analysis: u64, mem_limit: u64) -> Result<()> {
         self.watched
-            .insert(pid, WatchEntry { analysis, mem_limit, rss_reported: 0 }, 0)
+            .insert(
+                pid,
+                WatchEntry {
+                    analysis,
+                    mem_limit,
+                    rss_reported: 0,
+                },
+                0,
+            )
             .with_context(|| format!("adding pid {pid} to the kernel's watched map"))
     }
 

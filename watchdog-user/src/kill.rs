@@ -50,12 +50,20 @@ impl PidFd {
                 0,
             )
         };
-        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// Whether the process has exited: a pidfd polls readable once it has.
     pub fn exited(&self) -> bool {
-        let mut fds = [libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        let mut fds = [libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
         // SAFETY: one valid pollfd, zero timeout.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
         rc > 0 && fds[0].revents & libc::POLLIN != 0
@@ -227,14 +235,26 @@ impl KillJob {
         let pid = info.pid;
         // The last line of defence: whatever the caller's bookkeeping says, these are
         // never signalled.
-        if pid <= 1 || pid == std::process::id() || procs::read(pid).is_some_and(|p| p.kernel_thread) {
-            tracing::error!(pid, "refusing to signal init, the daemon or a kernel thread");
+        if pid <= 1
+            || pid == std::process::id()
+            || procs::read(pid).is_some_and(|p| p.kernel_thread)
+        {
+            tracing::error!(
+                pid,
+                "refusing to signal init, the daemon or a kernel thread"
+            );
             return;
         }
         let pidfd = PidFd::open_verified(pid, info.start_ns);
-        let proc_text = |file: &str| std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&proc_text("cmdline")).replace('\0', " ").trim().to_string();
-        let uid = procfs::process::Process::new(pid as i32).and_then(|p| p.uid()).unwrap_or(0);
+        let proc_text =
+            |file: &str| std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&proc_text("cmdline"))
+            .replace('\0', " ")
+            .trim()
+            .to_string();
+        let uid = procfs::process::Process::new(pid as i32)
+            .and_then(|p| p.uid())
+            .unwrap_or(0);
         let mut target = Target {
             runtime_ms: procs::boottime_ns().saturating_sub(info.start_ns) / 1_000_000,
             info,
@@ -246,7 +266,11 @@ impl KillJob {
             sigkilled: false,
             done: false,
         };
-        let signal = if self.escalated() { Signal::SIGKILL } else { Signal::SIGTERM };
+        let signal = if self.escalated() {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGTERM
+        };
         self.signal(&mut target, signal);
         self.targets.insert(pid, target);
     }
@@ -257,13 +281,21 @@ impl KillJob {
             return;
         };
         if self.dry_run {
-            tracing::warn!(pid = target.info.pid, ?signal, reason = self.reason.as_str(), "dry run: would signal");
+            tracing::warn!(
+                pid = target.info.pid,
+                ?signal,
+                reason = self.reason.as_str(),
+                "dry run: would signal"
+            );
             target.done = true;
             return;
         }
         match pidfd.signal(signal) {
             Ok(()) => {
-                target.signals.push(SignalSent { signal: format!("{signal}"), at: now_rfc3339() });
+                target.signals.push(SignalSent {
+                    signal: format!("{signal}"),
+                    at: now_rfc3339(),
+                });
                 target.sigkilled |= signal == Signal::SIGKILL;
             }
             // ESRCH: it exited between our checks: nothing to do, nobody else hit.
@@ -294,7 +326,11 @@ impl KillJob {
 
     /// (pid, start time) of every process this job signalled.
     pub fn signalled(&self) -> Vec<(u32, u64)> {
-        self.targets.values().filter(|t| !t.signals.is_empty()).map(|t| (t.info.pid, t.info.start_ns)).collect()
+        self.targets
+            .values()
+            .filter(|t| !t.signals.is_empty())
+            .map(|t| (t.info.pid, t.info.start_ns))
+            .collect()
     }
 
     /// The records of a finished job, one per target.

@@ -49,7 +49,11 @@ enum Command {
     },
     /// Apply the database migrations and stop.
     Migrate {
-        #[arg(long, env = "DATABASE_URL", default_value = "sqlite:///var/lib/watchdog/watchdog.db")]
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "sqlite:///var/lib/watchdog/watchdog.db"
+        )]
         database_url: String,
     },
     /// Watch PID, its existing descendants and everything it forks from now on.
@@ -140,27 +144,42 @@ impl LimitArgs {
 
 fn main() {
     let args = Args::parse();
-    let socket = args.socket.clone().unwrap_or_else(|| config::DEFAULT_SOCKET.into());
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| config::DEFAULT_SOCKET.into());
     let result = match args.command {
         Command::Run(mut run) => {
             run.socket = args.socket;
             run.resolve().and_then(run_daemon)
         }
-        Command::Register { pid, analysis_id, limits } => {
-            cli::register(&socket, pid, analysis_id, limits.overrides())
-        }
+        Command::Register {
+            pid,
+            analysis_id,
+            limits,
+        } => cli::register(&socket, pid, analysis_id, limits.overrides()),
         Command::Unregister { pid, analysis_id } => cli::unregister(&socket, pid, analysis_id),
-        Command::Exec { analysis_id, limits, command } => {
-            match cli::exec(&socket, analysis_id, limits.overrides(), &command) {
-                Ok(code) => std::process::exit(code),
-                Err(err) => Err(err),
-            }
-        }
+        Command::Exec {
+            analysis_id,
+            limits,
+            command,
+        } => match cli::exec(&socket, analysis_id, limits.overrides(), &command) {
+            Ok(code) => std::process::exit(code),
+            Err(err) => Err(err),
+        },
         Command::DumpTree { json, analysis_id } => cli::dump_tree(&socket, json, analysis_id),
         Command::Status { json } => cli::status(&socket, json),
-        Command::Events { since, analysis_id, reason, host, json } => {
+        Command::Events {
+            since,
+            analysis_id,
+            reason,
+            host,
+            json,
+        } => {
             let filter = store::EventFilter {
-                since: since.map(|d| humantime::format_rfc3339_millis(std::time::SystemTime::now() - d).to_string()),
+                since: since.map(|d| {
+                    humantime::format_rfc3339_millis(std::time::SystemTime::now() - d).to_string()
+                }),
                 analysis_id,
                 reason: reason.map(|r| r.as_str().to_string()),
                 host,
@@ -168,7 +187,11 @@ fn main() {
             cli::events(&socket, filter, json)
         }
         Command::Migrate { database_url } => migrate(&database_url),
-        Command::BenchStore { database_url, rows, batch } => bench_store(&database_url, rows, batch),
+        Command::BenchStore {
+            database_url,
+            rows,
+            batch,
+        } => bench_store(&database_url, rows, batch),
     };
     if let Err(err) = result {
         eprintln!("watchdog-user: error: {err:#}");
@@ -178,14 +201,19 @@ fn main() {
 
 fn migrate(database_url: &str) -> anyhow::Result<()> {
     let url = store::DatabaseUrl::parse(database_url).map_err(anyhow::Error::msg)?;
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(store::migrate(&url))?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(store::migrate(&url))?;
     println!("migrations applied to {}", url.redacted());
     Ok(())
 }
 
 fn bench_store(database_url: &str, rows: usize, batch: usize) -> anyhow::Result<()> {
     let url = store::DatabaseUrl::parse(database_url).map_err(anyhow::Error::msg)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let (single, batched) = runtime.block_on(store::bench_inserts(&url, rows, batch))?;
     println!("{single:.0} {batched:.0}");
     Ok(())

@@ -73,7 +73,8 @@ impl Limits {
         };
         Ok(Self {
             timeout_ms: nonzero("the timeout", overrides.timeout_ms)?.unwrap_or(self.timeout_ms),
-            memory_bytes: nonzero("the memory limit", overrides.memory_bytes)?.unwrap_or(self.memory_bytes),
+            memory_bytes: nonzero("the memory limit", overrides.memory_bytes)?
+                .unwrap_or(self.memory_bytes),
             tree_memory_bytes: nonzero("the tree memory limit", overrides.tree_memory_bytes)?
                 .or(self.tree_memory_bytes),
             grace_ms: nonzero("the grace period", overrides.grace_ms)?.unwrap_or(self.grace_ms),
@@ -92,10 +93,13 @@ impl Limits {
 
 /// `90s`, `30m`, `1h 30m`: a positive duration (clap value parser).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text.trim())
-        .map_err(|e| format!("invalid duration {text:?} ({e}): use a positive duration such as 90s, 30m or 2h"))?;
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("invalid duration {text:?} ({e}): use a positive duration such as 90s, 30m or 2h")
+    })?;
     if duration.is_zero() {
-        return Err(format!("invalid duration {text:?}: it must be more than 0, such as 90s or 30m"));
+        return Err(format!(
+            "invalid duration {text:?}: it must be more than 0, such as 90s or 30m"
+        ));
     }
     Ok(duration)
 }
@@ -107,7 +111,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .parse()
         .map_err(|e| format!("invalid size {text:?} ({e}): use a size such as 512MiB or 2GiB"))?;
     if size.as_u64() == 0 {
-        return Err(format!("invalid size {text:?}: it must be more than 0, such as 512MiB or 2GiB"));
+        return Err(format!(
+            "invalid size {text:?}: it must be more than 0, such as 512MiB or 2GiB"
+        ));
     }
     Ok(size.as_u64())
 }
@@ -143,9 +149,23 @@ mod tests {
             orphans: OrphanPolicy::Kill,
         };
         let limits = defaults
-            .with(&LimitOverrides { timeout_ms: Some(2000), orphans: Some(OrphanPolicy::Log), ..Default::default() })
+            .with(&LimitOverrides {
+                timeout_ms: Some(2000),
+                orphans: Some(OrphanPolicy::Log),
+                ..Default::default()
+            })
             .unwrap();
-        assert_eq!((limits.timeout_ms, limits.grace_ms, limits.orphans), (2000, 10_000, OrphanPolicy::Log));
-        assert!(defaults.with(&LimitOverrides { memory_bytes: Some(0), ..Default::default() }).is_err());
+        assert_eq!(
+            (limits.timeout_ms, limits.grace_ms, limits.orphans),
+            (2000, 10_000, OrphanPolicy::Log)
+        );
+        assert!(
+            defaults
+                .with(&LimitOverrides {
+                    memory_bytes: Some(0),
+                    ..Default::default()
+                })
+                .is_err()
+        );
     }
 }

@@ -47,7 +47,10 @@ fn info_from(stat: procfs::process::Stat) -> ProcInfo {
 
 /// The process with this pid, if one lives (zombies count as exited).
 pub fn read(pid: u32) -> Option<ProcInfo> {
-    let stat = procfs::process::Process::new(pid as i32).ok()?.stat().ok()?;
+    let stat = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
     Some(info_from(stat)).filter(|p| !p.exited)
 }
 

@@ -45,7 +45,9 @@ pub enum Request {
     },
     /// Test-only fault (daemon started with --test-faults): the main loop answers, then
     /// stops for `ms` milliseconds, as a hung loop would.
-    Stall { ms: u64 },
+    Stall {
+        ms: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,12 +60,25 @@ pub enum Response {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Reply {
-    Registered { pid: u32, analysis_id: String, watched: usize },
-    Unregistered { removed: usize },
-    Tree { roots: Vec<TreeNode>, analyses: Vec<AnalysisView> },
-    Events { records: Vec<KillRecord> },
+    Registered {
+        pid: u32,
+        analysis_id: String,
+        watched: usize,
+    },
+    Unregistered {
+        removed: usize,
+    },
+    Tree {
+        roots: Vec<TreeNode>,
+        analyses: Vec<AnalysisView>,
+    },
+    Events {
+        records: Vec<KillRecord>,
+    },
     Status(Status),
-    Stalling { ms: u64 },
+    Stalling {
+        ms: u64,
+    },
 }
 
 /// One process of the live tree, with its children: the `dump-tree --json` shape.
@@ -151,7 +166,10 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply> {
         .read_line(&mut answer)
         .with_context(|| format!("reading the answer from {}", socket.display()))?;
     if answer.is_empty() {
-        return Err(anyhow!("the daemon at {} closed the connection without answering", socket.display()));
+        return Err(anyhow!(
+            "the daemon at {} closed the connection without answering",
+            socket.display()
+        ));
     }
     match serde_json::from_str(&answer).context("the daemon sent an answer this CLI cannot read")? {
         Response::Ok(reply) => Ok(reply),

@@ -30,7 +30,11 @@ impl Spool {
             .read(true)
             .open(path)
             .with_context(|| format!("opening the spool {}", path.display()))?;
-        let mut spool = Self { path: path.to_path_buf(), file, depth: 0 };
+        let mut spool = Self {
+            path: path.to_path_buf(),
+            file,
+            depth: 0,
+        };
         spool.depth = spool.snapshot()?.0.len();
         Ok(spool)
     }
@@ -63,7 +67,10 @@ impl Spool {
         for line in text.lines() {
             match serde_json::from_str(line) {
                 Ok(record) => records.push(record),
-                Err(err) => tracing::warn!("skipping a torn spool line in {}: {err}", self.path.display()),
+                Err(err) => tracing::warn!(
+                    "skipping a torn spool line in {}: {err}",
+                    self.path.display()
+                ),
             }
         }
         Ok((records, text.len() as u64))
@@ -82,7 +89,10 @@ impl Spool {
             file.write_all(&rest)?;
             file.sync_data()?;
             std::fs::rename(&tmp, &self.path)?;
-            self.file = OpenOptions::new().append(true).read(true).open(&self.path)?;
+            self.file = OpenOptions::new()
+                .append(true)
+                .read(true)
+                .open(&self.path)?;
         }
         self.depth = self.depth.saturating_sub(records);
         Ok(())

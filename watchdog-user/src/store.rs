@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::{
     Any, AnyPool, AssertSqlSafe, Row as _,
     any::{AnyArguments, AnyPoolOptions, AnyRow},
-    query::Query,
     migrate::Migrator,
+    query::Query,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
@@ -52,23 +52,39 @@ impl DatabaseUrl {
             if rest.is_empty() || rest.starts_with('/') {
                 return Err(format!("invalid database URL {text:?}: no host: {fix}"));
             }
-            return Ok(Self { url: text.to_string(), dialect: Dialect::Postgres });
+            return Ok(Self {
+                url: text.to_string(),
+                dialect: Dialect::Postgres,
+            });
         }
-        if let Some(path) = text.strip_prefix("sqlite://").or_else(|| text.strip_prefix("sqlite:")) {
+        if let Some(path) = text
+            .strip_prefix("sqlite://")
+            .or_else(|| text.strip_prefix("sqlite:"))
+        {
             let path = path.split('?').next().unwrap_or_default();
             if path.is_empty() {
                 return Err(format!("invalid database URL {text:?}: no file: {fix}"));
             }
             // Create the file (and its directory) when missing: the embedded default must
             // work out of the box.
-            let url = if text.contains('?') { text.to_string() } else { format!("{text}?mode=rwc") };
-            return Ok(Self { url, dialect: Dialect::Sqlite });
+            let url = if text.contains('?') {
+                text.to_string()
+            } else {
+                format!("{text}?mode=rwc")
+            };
+            return Ok(Self {
+                url,
+                dialect: Dialect::Sqlite,
+            });
         }
         Err(format!("invalid database URL {text:?}: {fix}"))
     }
 
     fn sqlite_path(&self) -> Option<PathBuf> {
-        let rest = self.url.strip_prefix("sqlite://").or_else(|| self.url.strip_prefix("sqlite:"))?;
+        let rest = self
+            .url
+            .strip_prefix("sqlite://")
+            .or_else(|| self.url.strip_prefix("sqlite:"))?;
         Some(PathBuf::from(rest.split('?').next()?))
     }
 
@@ -138,7 +154,10 @@ pub enum StoreMsg {
     Record(Box<KillRecord>),
     /// What is watched now on this host (the store writes the difference).
     Processes(Vec<ProcessRow>),
-    Query(EventFilter, oneshot::Sender<Result<Vec<KillRecord>, String>>),
+    Query(
+        EventFilter,
+        oneshot::Sender<Result<Vec<KillRecord>, String>>,
+    ),
     Status(oneshot::Sender<DbStatus>),
 }
 
@@ -146,7 +165,8 @@ pub enum StoreMsg {
 pub async fn connect(url: &DatabaseUrl) -> Result<AnyPool> {
     sqlx::any::install_default_drivers();
     if let Some(dir) = url.sqlite_path().as_deref().and_then(Path::parent) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating the database directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the database directory {}", dir.display()))?;
     }
     let pool = AnyPoolOptions::new()
         .max_connections(2)
@@ -283,7 +303,12 @@ impl Shared {
         let spool = self.spool.lock().expect("spool lock");
         let down = self.down.lock().expect("health lock").clone();
         DbStatus {
-            state: if down.is_none() && spool.depth() == 0 { "ok" } else { "spooling" }.into(),
+            state: if down.is_none() && spool.depth() == 0 {
+                "ok"
+            } else {
+                "spooling"
+            }
+            .into(),
             error: down,
             spool_depth: spool.depth(),
             spool_path: spool.path().display().to_string(),
@@ -304,15 +329,30 @@ pub fn start(
 ) -> Result<mpsc::UnboundedSender<StoreMsg>> {
     let shared = Arc::new(Shared {
         spool: Mutex::new(Spool::open(spool_path)?),
-        down: Mutex::new(Some(url_error.unwrap_or_else(|| "not connected yet".into()))),
+        down: Mutex::new(Some(
+            url_error.unwrap_or_else(|| "not connected yet".into()),
+        )),
     });
     let wake = Arc::new(Notify::new());
     let (inbox_tx, inbox) = mpsc::unbounded_channel();
     let (query_tx, queries) = mpsc::unbounded_channel();
     let (processes_tx, processes) = watch::channel(Vec::new());
-    tokio::spawn(front(inbox, shared.clone(), wake.clone(), query_tx, processes_tx));
+    tokio::spawn(front(
+        inbox,
+        shared.clone(),
+        wake.clone(),
+        query_tx,
+        processes_tx,
+    ));
     let dialect = url.as_ref().map_or(Dialect::Sqlite, |u| u.dialect);
-    let store = Store { url, sql: Sql::new(dialect), host, pool: None, shared, written: None };
+    let store = Store {
+        url,
+        sql: Sql::new(dialect),
+        host,
+        pool: None,
+        shared,
+        written: None,
+    };
     tokio::spawn(store.run(wake, queries, processes));
     Ok(inbox_tx)
 }
@@ -327,11 +367,17 @@ async fn front(
     while let Some(msg) = inbox.recv().await {
         match msg {
             StoreMsg::Record(record) => {
-                let stored = StoredRecord { event_uid: uuid::Uuid::new_v4().to_string(), record: *record };
+                let stored = StoredRecord {
+                    event_uid: uuid::Uuid::new_v4().to_string(),
+                    record: *record,
+                };
                 let mut spool = shared.spool.lock().expect("spool lock");
                 if let Err(err) = spool.append(&stored) {
                     // The kill_event log line is then the only copy: say so loudly.
-                    tracing::error!("could not spool a kill record to {}: {err:#}", spool.path().display());
+                    tracing::error!(
+                        "could not spool a kill record to {}: {err:#}",
+                        spool.path().display()
+                    );
                 }
                 wake.notify_one();
             }
@@ -390,7 +436,10 @@ impl Store {
         let Some(url) = self.url.clone() else { return };
         match connect(&url).await {
             Ok(pool) => {
-                tracing::info!(database = url.redacted(), "database connected, migrations applied");
+                tracing::info!(
+                    database = url.redacted(),
+                    "database connected, migrations applied"
+                );
                 self.pool = Some(pool);
                 *self.shared.down.lock().expect("health lock") = None;
                 self.written = None;
@@ -411,7 +460,9 @@ impl Store {
     /// Writes the spool, then the process table's difference; on failure the database
     /// is marked down and everything stays for the next try.
     async fn sync(&mut self, wanted: &[ProcessRow]) {
-        let Some(pool) = self.pool.clone() else { return };
+        let Some(pool) = self.pool.clone() else {
+            return;
+        };
         if let Err(err) = self.flush_spool(&pool).await {
             return self.went_down(format!("writing to the database failed: {err:#}"));
         }
@@ -434,18 +485,29 @@ impl Store {
             self.sql.insert(stored).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        self.shared.spool.lock().expect("spool lock").consume(bytes, records.len())?;
+        self.shared
+            .spool
+            .lock()
+            .expect("spool lock")
+            .consume(bytes, records.len())?;
         tracing::debug!(rows = records.len(), "kill records written");
         Ok(())
     }
 
-    async fn write_processes(&mut self, pool: &AnyPool, wanted: HashMap<u32, ProcessRow>) -> Result<()> {
+    async fn write_processes(
+        &mut self,
+        pool: &AnyPool,
+        wanted: HashMap<u32, ProcessRow>,
+    ) -> Result<()> {
         let mut tx = pool.begin().await?;
         let written = match self.written.take() {
             Some(written) => written,
             None => {
                 // Rows of an earlier run on this host describe processes we no longer know.
-                sqlx::query(self.sql.delete_host_processes).bind(self.host.clone()).execute(&mut *tx).await?;
+                sqlx::query(self.sql.delete_host_processes)
+                    .bind(self.host.clone())
+                    .execute(&mut *tx)
+                    .await?;
                 HashMap::new()
             }
         };
@@ -505,7 +567,10 @@ impl Store {
             .fetch_all(&pool)
             .await
             .map_err(|e| format!("reading watchdog_events failed: {e}"))?;
-        rows.iter().map(record_from_row).collect::<Result<_>>().map_err(|e| format!("{e:#}"))
+        rows.iter()
+            .map(record_from_row)
+            .collect::<Result<_>>()
+            .map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -519,9 +584,13 @@ fn record_from_row(row: &AnyRow) -> Result<KillRecord> {
         host: row.try_get("host")?,
         pid: u32_of("pid")?,
         ppid: u32_of("ppid")?,
-        analysis_id: row.try_get::<Option<String>, _>("analysis_id")?.unwrap_or_default(),
+        analysis_id: row
+            .try_get::<Option<String>, _>("analysis_id")?
+            .unwrap_or_default(),
         reason: serde_json::from_value(serde_json::Value::String(reason))?,
-        limit: row.try_get::<Option<i64>, _>("limit_value")?.map(|v| v as u64),
+        limit: row
+            .try_get::<Option<i64>, _>("limit_value")?
+            .map(|v| v as u64),
         rss_bytes: row.try_get::<i64, _>("rss_bytes")? as u64,
         runtime_ms: row.try_get::<i64, _>("runtime_ms")? as u64,
         signals: serde_json::from_str(&signals)?,
@@ -550,7 +619,10 @@ pub async fn bench_inserts(url: &DatabaseUrl, rows: usize, batch: usize) -> Resu
             limit: Some(1_800_000),
             rss_bytes: 123 << 20,
             runtime_ms: 1_800_000,
-            signals: vec![crate::kill::SignalSent { signal: "SIGTERM".into(), at: crate::kill::now_rfc3339() }],
+            signals: vec![crate::kill::SignalSent {
+                signal: "SIGTERM".into(),
+                at: crate::kill::now_rfc3339(),
+            }],
             outcome: crate::kill::Outcome::ExitedAfterSigterm,
             comm: "python3".into(),
             cmdline: "python3 analysis.py --input data.h5".into(),
@@ -571,7 +643,9 @@ pub async fn bench_inserts(url: &DatabaseUrl, rows: usize, batch: usize) -> Resu
         tx.commit().await?;
     }
     let batched = rows as f64 / started.elapsed().as_secs_f64();
-    sqlx::query("DELETE FROM watchdog_events WHERE host = 'bench'").execute(&pool).await?;
+    sqlx::query("DELETE FROM watchdog_events WHERE host = 'bench'")
+        .execute(&pool)
+        .await?;
     Ok((single, batched))
 }
 
@@ -590,9 +664,17 @@ mod tests {
         assert_eq!(pg.dialect, Dialect::Postgres);
         assert_eq!(pg.redacted(), "postgres://w:***@db:5432/watchdog");
         let lite = DatabaseUrl::parse("sqlite:///var/lib/watchdog/watchdog.db").unwrap();
-        assert_eq!(lite.sqlite_path().unwrap(), PathBuf::from("/var/lib/watchdog/watchdog.db"));
+        assert_eq!(
+            lite.sqlite_path().unwrap(),
+            PathBuf::from("/var/lib/watchdog/watchdog.db")
+        );
         for bad in ["mysql://x", "localhost", "postgres://", "sqlite://"] {
-            assert!(DatabaseUrl::parse(bad).unwrap_err().contains("postgres://USER"), "{bad}");
+            assert!(
+                DatabaseUrl::parse(bad)
+                    .unwrap_err()
+                    .contains("postgres://USER"),
+                "{bad}"
+            );
         }
     }
 }

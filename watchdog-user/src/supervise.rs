@@ -20,7 +20,9 @@ pub fn heartbeat_every() -> Option<Duration> {
 /// is full, and this is called from the main loop, which must never hang on it. A
 /// message that does not fit is dropped (the next heartbeat follows).
 fn send(states: &[NotifyState]) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let message: String = states.iter().map(|s| format!("{s}\n")).collect();
     let sent = (|| -> std::io::Result<()> {
         let socket = UnixDatagram::unbound()?;

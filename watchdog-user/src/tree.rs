@@ -116,7 +116,9 @@ impl Tree {
 
     /// Moves `pid` under its new parent (after reparenting by the kernel).
     pub fn reparent(&mut self, pid: u32, new_ppid: u32) {
-        let Some(old) = self.nodes.get(&pid).map(|n| n.ppid) else { return };
+        let Some(old) = self.nodes.get(&pid).map(|n| n.ppid) else {
+            return;
+        };
         if let Some(parent) = self.nodes.get_mut(&old) {
             parent.children.remove(&pid);
         }
@@ -258,7 +260,10 @@ mod tests {
         let mut tree = Tree::default();
         tree.insert(node(20, 10));
         tree.insert(node(10, 1));
-        assert_eq!(tree.roots().iter().map(|n| n.pid).collect::<Vec<_>>(), vec![10]);
+        assert_eq!(
+            tree.roots().iter().map(|n| n.pid).collect::<Vec<_>>(),
+            vec![10]
+        );
         assert_eq!(tree.subtree(10), vec![10, 20]);
     }
 

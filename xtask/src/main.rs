@@ -95,11 +95,17 @@ fn main() -> Result<()> {
 
 /// Runs every benchmark (each prints its Markdown section) and writes BENCHMARKS.md.
 fn bench(bin: &Path) -> Result<()> {
-    let mut report = String::from("# Benchmarks\n\nProduced by `cargo xtask bench` (release build, as root), every figure measured in the same run on the same machine.\n\n");
+    let mut report = String::from(
+        "# Benchmarks\n\nProduced by `cargo xtask bench` (release build, as root), every figure measured in the same run on the same machine.\n\n",
+    );
     let uname = Command::new("uname").arg("-srm").output()?;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     report.push_str(&format!(
@@ -107,12 +113,25 @@ fn bench(bin: &Path) -> Result<()> {
         String::from_utf8_lossy(&uname.stdout).trim(),
         humantime_now()
     ));
-    for bench in ["bench-latency", "bench-forks", "bench-overhead", "bench-store"] {
+    for bench in [
+        "bench-latency",
+        "bench-forks",
+        "bench-overhead",
+        "bench-store",
+    ] {
         step(&format!("running {bench}"));
         let mut cmd = as_root(Path::new("cargo"));
         cmd.current_dir(workspace_root())
             .env("WATCHDOG_BIN", bin)
-            .args(["run", "--quiet", "--release", "--package", "watchdog-tests", "--bin", bench]);
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "watchdog-tests",
+                "--bin",
+                bench,
+            ]);
         let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
         if !out.status.success() {
             bail!("{bench} failed ({})", out.status);
@@ -129,8 +148,11 @@ fn bench(bin: &Path) -> Result<()> {
 }
 
 fn humantime_now() -> String {
-    let out = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 fn install(bin: &Path, destdir: &Path) -> Result<()> {
@@ -147,8 +169,16 @@ fn install(bin: &Path, destdir: &Path) -> Result<()> {
         Ok(())
     };
     place(bin, "/usr/local/bin/watchdog-user", false)?;
-    place(&root.join("deploy/watchdog.service"), "/etc/systemd/system/watchdog.service", false)?;
-    place(&root.join("deploy/watchdog.toml"), "/etc/watchdog/watchdog.toml", true)?;
+    place(
+        &root.join("deploy/watchdog.service"),
+        "/etc/systemd/system/watchdog.service",
+        false,
+    )?;
+    place(
+        &root.join("deploy/watchdog.toml"),
+        "/etc/watchdog/watchdog.toml",
+        true,
+    )?;
     if destdir == Path::new("/") && Path::new("/run/systemd/system").exists() {
         run_checked({
             let mut cmd = Command::new("systemctl");
@@ -157,7 +187,9 @@ fn install(bin: &Path, destdir: &Path) -> Result<()> {
         })?;
         step("start it with: systemctl enable --now watchdog");
     } else {
-        step("systemd is not running here: start the service where it is (systemctl enable --now watchdog)");
+        step(
+            "systemd is not running here: start the service where it is (systemctl enable --now watchdog)",
+        );
     }
     Ok(())
 }
@@ -166,10 +198,19 @@ fn install(bin: &Path, destdir: &Path) -> Result<()> {
 /// they end; a run that was killed leaves programs attached. Machines are reused, so
 /// no run inherits them.
 fn remove_stale_test_pins() {
-    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else { return };
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
     for entry in entries.filter_map(|e| e.ok()) {
-        if entry.file_name().to_string_lossy().starts_with("watchdog-test-") {
-            step(&format!("removing stale test pins {}", entry.path().display()));
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("watchdog-test-")
+        {
+            step(&format!(
+                "removing stale test pins {}",
+                entry.path().display()
+            ));
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -191,7 +232,9 @@ pub fn workspace_root() -> PathBuf {
 /// build finds it even where CARGO_HOME/bin is not on the caller's PATH.
 fn path_with_linker() -> std::ffi::OsString {
     let mut dirs = vec![toolchain::cargo_home().join("bin")];
-    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
     std::env::join_paths(dirs).expect("PATH entries have no ':'")
 }
 

@@ -9,7 +9,11 @@ use crate::{run_checked, step};
 
 fn postgres_server_installed() -> bool {
     std::fs::read_dir("/usr/lib/postgresql")
-        .map(|versions| versions.filter_map(|v| v.ok()).any(|v| v.path().join("bin/initdb").exists()))
+        .map(|versions| {
+            versions
+                .filter_map(|v| v.ok())
+                .any(|v| v.path().join("bin/initdb").exists())
+        })
         .unwrap_or(false)
 }
 
@@ -35,7 +39,9 @@ pub fn ensure_test_packages() -> Result<()> {
         missing.join(" and ")
     ));
     let apt = |args: &[&str]| {
-        let mut cmd = if nix::unistd::geteuid().is_root() { Command::new("apt-get") } else {
+        let mut cmd = if nix::unistd::geteuid().is_root() {
+            Command::new("apt-get")
+        } else {
             let mut sudo = Command::new("sudo");
             sudo.arg("apt-get");
             sudo
@@ -56,7 +62,10 @@ pub fn ensure_test_packages() -> Result<()> {
 
 /// The reference poller (bench/poller.py) runs on psutil, from PyPI.
 pub fn ensure_psutil() -> Result<()> {
-    let has = Command::new("python3").args(["-c", "import psutil"]).status().is_ok_and(|s| s.success());
+    let has = Command::new("python3")
+        .args(["-c", "import psutil"])
+        .status()
+        .is_ok_and(|s| s.success());
     if has {
         return Ok(());
     }

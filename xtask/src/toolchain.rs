@@ -24,15 +24,31 @@ fn ensure_nightly_with_rust_src() -> Result<()> {
     if !toolchains.lines().any(|l| l.starts_with("nightly-")) {
         step("installing the nightly toolchain with rust-src (needed to build eBPF)");
         return run_checked(rustup(&[
-            "toolchain", "install", NIGHTLY, "--profile", "minimal", "-c", "rust-src",
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+            "-c",
+            "rust-src",
         ]));
     }
     let components = output(Command::new("rustup").args([
-        "component", "list", "--installed", "--toolchain", NIGHTLY,
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
     ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         step("adding rust-src to the nightly toolchain");
-        run_checked(rustup(&["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+        run_checked(rustup(&[
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            NIGHTLY,
+        ]))?;
     }
     Ok(())
 }
@@ -58,7 +74,8 @@ fn nightly() -> Result<Nightly> {
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .context("`rustc +nightly -vV` printed no LLVM version")?;
     let llvm_major = llvm.split('.').next().unwrap_or_default().to_string();
-    let sysroot = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
     Ok(Nightly {
         version_text,
         llvm_major,
@@ -69,7 +86,9 @@ fn nightly() -> Result<Nightly> {
 pub fn cargo_home() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        })
 }
 
 fn ensure_bpf_linker() -> Result<()> {
@@ -88,11 +107,19 @@ fn ensure_bpf_linker() -> Result<()> {
         "building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {} (about a minute)",
         nightly.llvm_major
     ));
-    let llvm_dir = home.join("watchdog-llvm").join(format!("llvm-{}", nightly.llvm_major));
+    let llvm_dir = home
+        .join("watchdog-llvm")
+        .join(format!("llvm-{}", nightly.llvm_major));
     install_nightly_libllvm(&nightly, &llvm_dir)?;
     let mut cmd = Command::new("cargo");
     cmd.env("LLVM_PREFIX", &llvm_dir)
-        .args(["install", "bpf-linker", "--force", "--locked", "--no-default-features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--force",
+            "--locked",
+            "--no-default-features",
+        ])
         .args(["--version", BPF_LINKER_VERSION])
         .args(["--features", &format!("llvm-{}", nightly.llvm_major)])
         .arg("--root")
@@ -124,7 +151,8 @@ fn install_nightly_libllvm(nightly: &Nightly, llvm_dir: &std::path::Path) -> Res
     let dest_dir = llvm_dir.join("lib");
     fs::create_dir_all(&dest_dir).with_context(|| format!("creating {}", dest_dir.display()))?;
     let dest = dest_dir.join(real.file_name().expect("a file"));
-    fs::copy(&real, &dest).with_context(|| format!("copying {} to {}", real.display(), dest.display()))?;
+    fs::copy(&real, &dest)
+        .with_context(|| format!("copying {} to {}", real.display(), dest.display()))?;
     let link = dest_dir.join("libLLVM.so");
     let _ = fs::remove_file(&link);
     std::os::unix::fs::symlink(dest.file_name().expect("a file"), &link)
@@ -132,7 +160,9 @@ fn install_nightly_libllvm(nightly: &Nightly, llvm_dir: &std::path::Path) -> Res
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("could not start {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed: {}",

@@ -25,11 +25,19 @@ fn main() -> Result<()> {
         return forker(args[2].parse()?, args[3].parse()?, args[4].parse()?);
     }
     println!("## 4. Fork storm\n");
-    println!("Watched forks per second the daemon follows with zero lost events: {FORKS} fork+exit per run, {RUNS} runs per row; the same forker unwatched (no daemon) for the ratio.\n");
-    println!("| forkers | median forks/s | min | max | runs | unwatched median | ratio | lost events |");
+    println!(
+        "Watched forks per second the daemon follows with zero lost events: {FORKS} fork+exit per run, {RUNS} runs per row; the same forker unwatched (no daemon) for the ratio.\n"
+    );
+    println!(
+        "| forkers | median forks/s | min | max | runs | unwatched median | ratio | lost events |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for workers in [1u64, 2, 4] {
-        let unwatched = median(&(0..RUNS).map(|_| run(None, workers)).collect::<Result<Vec<_>>>()?);
+        let unwatched = median(
+            &(0..RUNS)
+                .map(|_| run(None, workers))
+                .collect::<Result<Vec<_>>>()?,
+        );
         let mut rates = Vec::new();
         let mut lost = 0;
         for _ in 0..RUNS {
@@ -59,7 +67,10 @@ fn overload() -> Result<()> {
     const KEEP_EVERY: u64 = 200;
     let kept = FORKS / KEEP_EVERY;
     // Orphans only logged: the kept children outlive the workers that forked them.
-    let daemon = Daemon::start_with(&[], &["--ring-bytes", "65536", "--test-faults", "--orphans", "log"])?;
+    let daemon = Daemon::start_with(
+        &[],
+        &["--ring-bytes", "65536", "--test-faults", "--orphans", "log"],
+    )?;
     let mut work = spawn_forker(4, KEEP_EVERY)?;
     daemon.register(work.pid(), "overload")?;
     daemon.request(r#"{"op":"stall","ms":3000}"#)?;
@@ -71,9 +82,17 @@ fn overload() -> Result<()> {
     })?;
     let alive_kept = watchdog_tests::alive_in_group(work.pid()).len() - 1; // the forker itself
     // The tree should hold the forker and every kept child (the workers have exited).
-    let in_tree = || -> Result<usize> { Ok(watchdog_tests::all_nodes(&daemon.tree(Some("overload"))?).len()) };
-    let complete = await_state("the kept children in the tree", || Ok((in_tree()? == alive_kept + 1).then_some(())));
-    let escapes = if complete.is_ok() { 0 } else { (alive_kept + 1).saturating_sub(in_tree()?) };
+    let in_tree = || -> Result<usize> {
+        Ok(watchdog_tests::all_nodes(&daemon.tree(Some("overload"))?).len())
+    };
+    let complete = await_state("the kept children in the tree", || {
+        Ok((in_tree()? == alive_kept + 1).then_some(()))
+    });
+    let escapes = if complete.is_ok() {
+        0
+    } else {
+        (alive_kept + 1).saturating_sub(in_tree()?)
+    };
 
     let mut poller = Poller::start(1)?;
     let mut polled = spawn_forker(4, KEEP_EVERY)?;
@@ -83,12 +102,18 @@ fn overload() -> Result<()> {
     // Two more polls: every child still alive is found by then.
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let seen = poller.adopted();
-    println!("\nAbove the limit ({FORKS} forks from 4 forkers, 1 in {KEEP_EVERY} children kept alive, {kept} in all):\n");
-    println!("| watcher | lost events detected | resyncs | processes seen | kept children not watched (escapes) |");
+    println!(
+        "\nAbove the limit ({FORKS} forks from 4 forkers, 1 in {KEEP_EVERY} children kept alive, {kept} in all):\n"
+    );
+    println!(
+        "| watcher | lost events detected | resyncs | processes seen | kept children not watched (escapes) |"
+    );
     println!("|---|---|---|---|---|");
     println!(
         "| watchdog, 64 KiB ring, loop held 3 s | {} | {} | all {} (kernel map) | {escapes} |",
-        status.lost_events, status.resyncs, FORKS + 4
+        status.lost_events,
+        status.resyncs,
+        FORKS + 4
     );
     println!(
         "| psutil poller, 1 s | (cannot tell) | | {seen} of {} | {} |",
@@ -111,7 +136,12 @@ fn spawn_forker(workers: u64, keep_every: u64) -> Result<Workload> {
     let exe = std::env::current_exe()?;
     Workload::spawn(
         exe.to_str().context("UTF-8 path")?,
-        &["forker", &FORKS.to_string(), &workers.to_string(), &keep_every.to_string()],
+        &[
+            "forker",
+            &FORKS.to_string(),
+            &workers.to_string(),
+            &keep_every.to_string(),
+        ],
     )
 }
 

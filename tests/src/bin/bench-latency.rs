@@ -61,7 +61,10 @@ time.sleep(600)
 "#;
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_nanos() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos() as u64
 }
 
 /// A victim's `term` line: (handled, violation, rss).
@@ -69,7 +72,10 @@ fn term(work: &mut Workload) -> Result<(u64, u64, u64)> {
     loop {
         let line = work.read_line()?;
         if let Some(rest) = line.strip_prefix("term ") {
-            let v: Vec<u64> = rest.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+            let v: Vec<u64> = rest
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()?;
             return Ok((v[0], v[1], v[2]));
         }
     }
@@ -77,7 +83,10 @@ fn term(work: &mut Workload) -> Result<(u64, u64, u64)> {
 
 fn ready(work: &mut Workload) -> Result<u32> {
     let line = work.read_line()?;
-    Ok(line.strip_prefix("ready ").context("no ready line")?.parse()?)
+    Ok(line
+        .strip_prefix("ready ")
+        .context("no ready line")?
+        .parse()?)
 }
 
 fn victim(mode: &str) -> Result<Workload> {
@@ -102,7 +111,12 @@ impl Poller {
             .spawn()?;
         let stdin = child.stdin.take().expect("piped");
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        Ok(Self { child, stdin, stdout, adopted: Vec::new() })
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            adopted: Vec::new(),
+        })
     }
 
     fn line(&mut self, prefix: &str) -> Result<String> {
@@ -169,13 +183,26 @@ fn ours(daemon: &Daemon, mode: &str, trial: usize) -> Result<Sample> {
             at
         }
         "timeout" => {
-            let answer = daemon.request(&format!(r#"{{"op":"dump_tree","analysis_id":"{id}"}}"#))?;
-            answer["ok"]["analyses"][0]["deadline_unix_ms"].as_u64().context("no deadline")? * 1_000_000
+            let answer =
+                daemon.request(&format!(r#"{{"op":"dump_tree","analysis_id":"{id}"}}"#))?;
+            answer["ok"]["analyses"][0]["deadline_unix_ms"]
+                .as_u64()
+                .context("no deadline")?
+                * 1_000_000
         }
         _ => 0,
     };
     let (handled, violation, rss) = term(&mut work)?;
-    Ok(sample(mode, handled, if mode == "memory" { violation } else { violated }, rss))
+    Ok(sample(
+        mode,
+        handled,
+        if mode == "memory" {
+            violation
+        } else {
+            violated
+        },
+        rss,
+    ))
 }
 
 fn sample(mode: &str, handled: u64, violated: u64, rss: u64) -> Sample {
@@ -194,7 +221,9 @@ fn polled(interval_s: u32, mode: &str) -> Result<Vec<Sample>> {
         let mut work = victim(mode)?;
         if mode != "orphan" {
             // Violations spread over one interval, as they fall in real use.
-            let at = start + std::time::Duration::from_secs(interval_s.into()) * i as u32 / POLLER_VICTIMS as u32;
+            let at = start
+                + std::time::Duration::from_secs(interval_s.into()) * i as u32
+                    / POLLER_VICTIMS as u32;
             std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
         }
         let (timeout_s, memory) = match mode {
@@ -245,7 +274,11 @@ fn row(scenario: &str, watcher: &str, samples: &[Sample]) -> String {
     let overshoot = {
         let mut o: Vec<f64> = samples.iter().filter_map(|s| s.overshoot).collect();
         o.sort_by(f64::total_cmp);
-        if o.is_empty() { "".to_string() } else { format!("{:.2} / {:.2}", o[o.len() / 2], o[o.len() - 1]) }
+        if o.is_empty() {
+            "".to_string()
+        } else {
+            format!("{:.2} / {:.2}", o[o.len() / 2], o[o.len() - 1])
+        }
     };
     format!(
         "| {scenario} | {watcher} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {overshoot} |",
@@ -260,14 +293,25 @@ fn row(scenario: &str, watcher: &str, samples: &[Sample]) -> String {
 fn main() -> Result<()> {
     let daemon = Daemon::start_with(&[], &["--grace", "10s", "--poll-interval", "30s"])?;
     println!("## 1-3. Detection latency: violation → SIGTERM handled by the victim\n");
-    println!("Milliseconds. Overshoot: RSS at SIGTERM ÷ the 200 MiB limit, median / max, for a victim growing at ~1 GiB/s (capped at 1.5 GiB).\n");
+    println!(
+        "Milliseconds. Overshoot: RSS at SIGTERM ÷ the 200 MiB limit, median / max, for a victim growing at ~1 GiB/s (capped at 1.5 GiB).\n"
+    );
     println!("| scenario | watcher | median | p99 | min | max | runs | memory overshoot |");
     println!("|---|---|---|---|---|---|---|---|");
     for mode in ["orphan", "timeout", "memory"] {
-        let samples = (0..TRIALS).map(|t| ours(&daemon, mode, t)).collect::<Result<Vec<_>>>()?;
+        let samples = (0..TRIALS)
+            .map(|t| ours(&daemon, mode, t))
+            .collect::<Result<Vec<_>>>()?;
         println!("{}", row(mode, "watchdog (events)", &samples));
         for interval in [1, 30] {
-            println!("{}", row(mode, &format!("psutil poller, {interval} s"), &polled(interval, mode)?));
+            println!(
+                "{}",
+                row(
+                    mode,
+                    &format!("psutil poller, {interval} s"),
+                    &polled(interval, mode)?
+                )
+            );
         }
         std::io::stdout().flush()?;
     }

@@ -40,8 +40,15 @@ fn spawn_cost() -> Result<f64> {
 
 fn proc_field(pid: u32, file: &str, key: &str) -> Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))?;
-    let line = text.lines().find(|l| l.starts_with(key)).with_context(|| format!("no {key}"))?;
-    Ok(line.split_whitespace().nth(1).context("no value")?.parse()?)
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(key))
+        .with_context(|| format!("no {key}"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("no value")?
+        .parse()?)
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -51,7 +58,12 @@ fn rss_kib(pid: u32) -> Result<u64> {
 /// utime + stime of a process, in ms.
 fn cpu_ms(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     Ok(ticks as f64 * 1000.0 / procfs_ticks())
 }
@@ -89,7 +101,10 @@ fn forker(n: usize, short_lived: bool) -> Result<()> {
 
 fn spawn_forker(n: usize, short_lived: bool) -> Result<Workload> {
     let exe = std::env::current_exe()?;
-    Workload::spawn(exe.to_str().context("UTF-8")?, &["forker", &n.to_string(), &short_lived.to_string()])
+    Workload::spawn(
+        exe.to_str().context("UTF-8")?,
+        &["forker", &n.to_string(), &short_lived.to_string()],
+    )
 }
 
 fn main() -> Result<()> {
@@ -118,10 +133,14 @@ fn main() -> Result<()> {
     println!("## 5. Overhead\n");
     println!("| figure | value |");
     println!("|---|---|");
-    println!("| fork+exec+exit of an unwatched /bin/true, no programs attached (median of {RUNS} × {SPAWNS}) | {bare:.1} µs |");
+    println!(
+        "| fork+exec+exit of an unwatched /bin/true, no programs attached (median of {RUNS} × {SPAWNS}) | {bare:.1} µs |"
+    );
     println!("| the same with watchdog's programs attached | {attached:.1} µs |");
     println!("| ratio | {:.3} |", attached / bare);
-    println!("| daemon CPU (user + system) per 1,000 kernel events (fork storm, {events:.0} events) | {cpu_per_1000:.1} ms |");
+    println!(
+        "| daemon CPU (user + system) per 1,000 kernel events (fork storm, {events:.0} events) | {cpu_per_1000:.1} ms |"
+    );
     println!(
         "\nWhat limits it: every fork, exec and exit on the machine runs the programs' hash \
          lookup (a miss for unwatched processes), so the attached cost is that lookup and the \
@@ -135,7 +154,9 @@ fn main() -> Result<()> {
     daemon.register(crowd.pid(), "crowd")?;
     crowd.send("go")?;
     crowd.read_line()?;
-    await_state("10,000 watched", || Ok((daemon.status()?.monitored_count > WATCHED).then_some(())))?;
+    await_state("10,000 watched", || {
+        Ok((daemon.status()?.monitored_count > WATCHED).then_some(()))
+    })?;
     // The reconcile poll runs every second: let two pass over the whole crowd.
     std::thread::sleep(Duration::from_millis(2500));
     let status = daemon.status()?;
@@ -180,7 +201,10 @@ fn main() -> Result<()> {
         busy_rss as f64 / 1024.0,
         poller_rss as f64 / 1024.0
     );
-    println!("| one reconcile poll over {WATCHED} processes | {:.1} ms | {poll_ms:.1} ms |", status.last_poll_ms);
+    println!(
+        "| one reconcile poll over {WATCHED} processes | {:.1} ms | {poll_ms:.1} ms |",
+        status.last_poll_ms
+    );
     println!(
         "\nWhat limits it: the daemon's poll reads /proc/PID/statm of every watched process \
          (one open+read each); between polls it costs nothing, since the kernel reports \

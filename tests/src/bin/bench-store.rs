@@ -12,14 +12,28 @@ const ROWS: &str = "2000";
 
 fn run(url: &str, batch: usize) -> Result<(f64, f64)> {
     let out = Command::new(watchdog_bin())
-        .args(["bench-store", "--database-url", url, "--rows", ROWS, "--batch", &batch.to_string()])
+        .args([
+            "bench-store",
+            "--database-url",
+            url,
+            "--rows",
+            ROWS,
+            "--batch",
+            &batch.to_string(),
+        ])
         .output()?;
     if !out.status.success() {
-        bail!("bench-store failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "bench-store failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let text = String::from_utf8(out.stdout)?;
     let mut figures = text.split_whitespace().map(str::parse::<f64>);
-    Ok((figures.next().context("single")??, figures.next().context("batch")??))
+    Ok((
+        figures.next().context("single")??,
+        figures.next().context("batch")??,
+    ))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -33,7 +47,9 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let sqlite = format!("sqlite://{}/bench.db", dir.display());
     println!("## Store: kill-record inserts\n");
-    println!("Rows per second, median of {RUNS} runs of {ROWS} records, fsync and synchronous commit on.\n");
+    println!(
+        "Rows per second, median of {RUNS} runs of {ROWS} records, fsync and synchronous commit on.\n"
+    );
     println!("| database | batch | one transaction per record | batched | ratio |");
     println!("|---|---|---|---|---|");
     for (name, url) in [("postgres", pg.url()), ("sqlite", sqlite)] {
