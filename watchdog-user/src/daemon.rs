@@ -221,8 +221,6 @@ pub(crate) struct Watchdog {
     /// Kills in progress, and when they are next looked at.
     pub(crate) jobs: Vec<KillJob>,
     pub(crate) kill_tick_at: Instant,
-    /// Processes signalled by a finished kill (pid → start time, when): not orphans.
-    pub(crate) recently_killed: std::collections::HashMap<u32, (u64, Instant)>,
     /// Finished violations and kills, newest last (bounded).
     pub(crate) records: VecDeque<KillRecord>,
     /// Where the watchers of registered roots' parents report a parent's death.
@@ -253,7 +251,6 @@ impl Watchdog {
             host: crate::kill::hostname(),
             jobs: Vec::new(),
             kill_tick_at: Instant::now(),
-            recently_killed: std::collections::HashMap::new(),
             records: VecDeque::new(),
             parent_exit_tx,
             store,

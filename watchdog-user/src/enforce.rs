@@ -72,9 +72,6 @@ pub(crate) fn entry_from_analysis(
 
 /// How often a running kill looks for exits, new members and the end of its grace.
 const KILL_TICK: Duration = Duration::from_millis(10);
-/// How long a killed process is not flagged again as an orphan: its exit event, and its
-/// parent's, may still be queued when its kill finishes.
-const RECENTLY_KILLED_FOR: Duration = Duration::from_secs(10);
 /// Records kept in memory for `events` (the database keeps them all).
 const RECORDS_KEPT: usize = 10_000;
 
@@ -188,13 +185,6 @@ impl Watchdog {
         let start_ns = node.start_ns;
         if !procs::read(pid).is_some_and(|now| procs::same_start(now.start_ns, start_ns)) {
             return;
-        }
-        if self
-            .recently_killed
-            .get(&pid)
-            .is_some_and(|(start, _)| procs::same_start(*start, start_ns))
-        {
-            return; // signalled by a kill that has finished; its exit is on its way
         }
         let Some(node) = self.tree.get_mut(pid) else {
             return;
@@ -369,7 +359,10 @@ impl Watchdog {
             if job.scope == Scope::Analysis {
                 self.sweep_analysis(&mut job);
             }
-            if job.advance() {
+            // Done once every target has exited *and* the tree has taken in those exits:
+            // until then a target's children look parentless, and the job must still be
+            // there to claim them (else they would be flagged as orphans of this kill).
+            if job.advance() && !self.tree_still_holds(&job) {
                 self.finish(job, None);
             } else {
                 self.jobs.push(job);
@@ -377,15 +370,17 @@ impl Watchdog {
         }
     }
 
+    fn tree_still_holds(&self, job: &KillJob) -> bool {
+        job.signalled().into_iter().any(|(pid, start_ns)| {
+            self.tree
+                .get(pid)
+                .is_some_and(|n| procs::same_start(n.start_ns, start_ns))
+        })
+    }
+
     /// Records a finished job: logged as one JSON line per process, kept for `events`.
     fn finish(&mut self, job: KillJob, outcome: Option<Outcome>) {
         self.processes_dirty = true;
-        let now = Instant::now();
-        self.recently_killed
-            .retain(|_, (_, at)| now.duration_since(*at) < RECENTLY_KILLED_FOR);
-        for (pid, start_ns) in job.signalled() {
-            self.recently_killed.insert(pid, (start_ns, now));
-        }
         for mut record in job.records(&self.host) {
             if let Some(outcome) = outcome {
                 record.outcome = outcome;
