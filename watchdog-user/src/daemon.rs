@@ -455,17 +455,21 @@ impl Watchdog {
     }
 
     fn handle(&mut self, request: Request) -> Response {
-        self.processes_dirty = true;
         let result = match request {
             Request::Register {
                 pid,
                 analysis_id,
                 limits,
-            } => self.register(pid, &analysis_id, &limits),
-            Request::Events { .. } | Request::Status => {
-                unreachable!("answered by the loop through the store")
+            } => {
+                self.processes_dirty = true;
+                self.register(pid, &analysis_id, &limits)
             }
+            // The loop answers these through the store; never a panic in the daemon.
+            Request::Events { .. } | Request::Status => Err(anyhow::anyhow!(
+                "internal: this request is answered by the daemon loop"
+            )),
             Request::Unregister { pid, analysis_id } => {
+                self.processes_dirty = true;
                 self.unregister(pid, analysis_id.as_deref())
             }
             Request::DumpTree { analysis_id } => self.dump_tree(analysis_id.as_deref()),
