@@ -17,7 +17,6 @@ use nix::{
     sys::signal::{Signal, kill, killpg},
     unistd::Pid,
 };
-use serde::Deserialize;
 
 /// The daemon binary: `WATCHDOG_BIN` (set by `cargo xtask test`), else the debug build.
 pub fn watchdog_bin() -> PathBuf {
@@ -51,58 +50,21 @@ pub fn await_state<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) 
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct TreeNode {
-    pub pid: u32,
-    pub ppid: u32,
-    pub analysis_id: String,
-    pub comm: String,
-    pub age_ms: u64,
-    pub rss_bytes: u64,
-    pub orphan: bool,
-    #[serde(default)]
-    pub grace_left_ms: Option<u64>,
-    pub children: Vec<TreeNode>,
-}
+// The daemon's own wire types: a test reads exactly what the daemon sends.
+pub use watchdog_user::protocol::{Status, TreeNode};
+pub use watchdog_user::store::DbStatus;
 
-impl TreeNode {
-    /// This node and all below it, depth first.
-    pub fn flatten(&self) -> Vec<&TreeNode> {
-        let mut out = vec![self];
-        for child in &self.children {
-            out.extend(child.flatten());
-        }
-        out
+/// `node` and all below it, depth first.
+pub fn flatten(node: &TreeNode) -> Vec<&TreeNode> {
+    let mut out = vec![node];
+    for child in &node.children {
+        out.extend(flatten(child));
     }
+    out
 }
 
 pub fn all_nodes(roots: &[TreeNode]) -> Vec<&TreeNode> {
-    roots.iter().flat_map(TreeNode::flatten).collect()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct DbStatus {
-    pub state: String,
-    pub error: Option<String>,
-    pub spool_depth: usize,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Status {
-    pub settings: serde_json::Value,
-    pub db: String,
-    pub database: DbStatus,
-    pub monitored_count: usize,
-    pub analyses: usize,
-    pub forks_seen: u64,
-    pub exits_seen: u64,
-    pub execs_seen: u64,
-    pub lost_events: u64,
-    pub watch_map_full: u64,
-    pub resyncs: u64,
-    pub rss_reports: u64,
-    pub kills_total: u64,
-    pub last_poll_ms: f64,
+    roots.iter().flat_map(flatten).collect()
 }
 
 /// A daemon of the test's own, stopped and cleaned up on drop.

@@ -318,9 +318,12 @@ fn write(path: &std::path::Path, text: &str) -> Result<()> {
 }
 
 fn grace_ms(daemon: &Daemon) -> Result<u64> {
-    daemon.status()?.settings["defaults"]["grace_ms"]
-        .as_u64()
-        .context("no grace in status")
+    Ok(daemon
+        .status()?
+        .settings
+        .defaults
+        .context("no defaults in status")?
+        .grace_ms)
 }
 
 #[test]
@@ -352,8 +355,8 @@ fn a_bad_config_file_is_refused_on_start_and_on_sighup_with_its_line() -> Result
     let daemon = Daemon::start_with(&[], &["--config", config.to_str().unwrap()])?;
     assert_eq!(grace_ms(&daemon)?, 5000, "the file applies");
     assert_eq!(
-        daemon.status()?.settings["defaults"]["timeout_ms"],
-        3_600_000
+        daemon.status()?.settings.defaults.map(|d| d.timeout_ms),
+        Some(3_600_000)
     );
 
     write(&config, "grace = \"7s\"\ndefault-timeout = \"soon\"\n")?;

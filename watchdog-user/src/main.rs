@@ -1,22 +1,6 @@
 //! watchdog-user: the daemon (`run`) and the CLI that talks to it over the control socket.
 
-mod btf;
-mod cli;
-mod config;
-mod control;
-mod daemon;
-mod enforce;
-mod http;
-mod ingest;
-mod kernel;
-mod kill;
-mod policy;
-mod procs;
-mod protocol;
-mod spool;
-mod store;
-mod supervise;
-mod tree;
+use watchdog_user::{cli, config, daemon, policy, store};
 
 use std::{path::PathBuf, time::Duration};
 

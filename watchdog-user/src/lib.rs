@@ -1,0 +1,20 @@
+//! The daemon's stages and the socket's typed protocol, as a library: the binary, the
+//! end-to-end tests and the benchmarks all use these same types.
+
+pub mod btf;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod enforce;
+pub mod http;
+pub mod ingest;
+pub mod kernel;
+pub mod kill;
+pub mod policy;
+pub mod procs;
+pub mod protocol;
+pub mod spool;
+pub mod store;
+pub mod supervise;
+pub mod tree;
