@@ -100,6 +100,51 @@ impl EventKind {
     }
 }
 
+/// One record of the RSS iterator (`iter/task`): a watched process and its RSS now.
+/// The reconcile poll reads all of them in one `read` of the pinned iterator.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RssSample {
+    pub pid: u32,
+    pub _pad: u32,
+    /// CLOCK_BOOTTIME ns: with the pid, the process' identity.
+    pub start_ns: u64,
+    pub rss_bytes: u64,
+}
+
+/// Name of the iterator program (and of its pinned link).
+pub const RSS_ITER: &str = "rss_iter";
+
+/// Name of the descendants iterator: every living descendant of the process in
+/// [`WALK_TARGET_MAP`], as [`ProcRecord`]s. Registration reads it instead of /proc.
+pub const DESCENDANTS_ITER: &str = "descendants_iter";
+/// Name of the one-entry array naming the root whose descendants the iterator lists.
+pub const WALK_TARGET_MAP: &str = "WALK_TARGET";
+
+/// Key 0 of [`WALK_TARGET_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WalkTarget {
+    pub pid: u32,
+    pub _pad: u32,
+    /// The root's start time rounded down to what /proc can tell (clock ticks): a
+    /// descendant and all its ancestors up to the root started after it.
+    pub start_ns: u64,
+}
+
+/// One process found by the descendants iterator.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcRecord {
+    pub pid: u32,
+    pub ppid: u32,
+    pub start_ns: u64,
+    pub comm: [u8; 16],
+}
+
+/// How far up the descendants iterator follows parents looking for the root.
+pub const WALK_MAX_DEPTH: u32 = 64;
+
 /// One record in the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -153,6 +198,17 @@ pub struct Config {
     pub page_size: u64,
     /// Report an RSS change once it moves by this many bytes (tree sums use these).
     pub rss_step: u64,
+    /// `task_struct.children`: an exiting process with children wakes the daemon at
+    /// once (they may be orphans), one without does not.
+    pub task_children: u32,
+    /// `task_struct.exit_state`: non-zero once a process is a zombie.
+    pub task_exit_state: u32,
+    /// `task_struct.comm`, for the descendants iterator's records.
+    pub task_comm: u32,
+    pub _pad: u32,
+    /// Unread bytes in the ring past which every event wakes the daemon: events that
+    /// can wait are batched, but never so many that the ring could fill.
+    pub wake_watermark: u64,
 }
 
 impl Config {
@@ -177,6 +233,11 @@ impl Config {
         mm_shmempages: 0,
         page_size: 0,
         rss_step: 0,
+        task_children: 0,
+        task_exit_state: 0,
+        task_comm: 0,
+        _pad: 0,
+        wake_watermark: 0,
     };
 }
 
@@ -188,4 +249,7 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::AnalysisEntry {}
     unsafe impl aya::Pod for super::RootEntry {}
+    unsafe impl aya::Pod for super::RssSample {}
+    unsafe impl aya::Pod for super::WalkTarget {}
+    unsafe impl aya::Pod for super::ProcRecord {}
 }

@@ -13,18 +13,22 @@
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel, generated::bpf_seq_write,
     },
     macros::{btf_tracepoint, map},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use watchdog_common::{
-    AnalysisEntry, Config, Event, EventKind, MAX_ANALYSES, MAX_WATCHED, RING_BYTES, RootEntry,
-    WatchEntry,
+    AnalysisEntry, Config, Event, EventKind, MAX_ANALYSES, MAX_WATCHED, ProcRecord, RING_BYTES,
+    RootEntry, RssSample, WALK_MAX_DEPTH, WalkTarget, WatchEntry,
 };
+
+/// `bpf_ringbuf_query` flag: bytes written and not yet consumed.
+const BPF_RB_AVAIL_DATA: u64 = 0;
 
 #[unsafe(no_mangle)]
 static WATCHDOG_CONFIG: Config = Config::UNSET;
@@ -49,6 +53,9 @@ static ANALYSES: HashMap<u64, AnalysisEntry> = HashMap::with_max_entries(MAX_ANA
 #[map]
 static ROOTS: HashMap<u32, RootEntry> = HashMap::with_max_entries(MAX_ANALYSES, 0);
 
+#[map]
+static WALK_TARGET: Array<WalkTarget> = Array::with_max_entries(1, 0);
+
 /// Read through a volatile load: the loader rewrites the global after compilation, so
 /// LLVM must not fold the zeros it sees here into the code.
 fn config() -> Config {
@@ -71,11 +78,20 @@ fn bump(counter: &PerCpuArray<u64>) {
     }
 }
 
-fn emit(kind: EventKind, pid: u32, ppid: u32, exit_status: i32, analysis: u64, start_ns: u64) {
-    emit_value(kind, pid, ppid, exit_status, analysis, start_ns, 0);
+/// Whether an event must reach the daemon now. Forks, execs, exits of childless
+/// processes and RSS steps can wait for the daemon's next drain (the map is already
+/// right; nothing is decided on them alone), which saves a wake-up per event in a fork
+/// storm. Exits with children (possible orphans) and limit crossings wake it at once,
+/// and so does every event once the ring holds more than the watermark.
+fn wake_flags(urgent: bool) -> u64 {
+    if urgent || EVENTS.query(BPF_RB_AVAIL_DATA) >= config().wake_watermark {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
 }
 
-fn emit_value(
+struct Record {
     kind: EventKind,
     pid: u32,
     ppid: u32,
@@ -83,23 +99,26 @@ fn emit_value(
     analysis: u64,
     start_ns: u64,
     value: u64,
-) {
+    urgent: bool,
+}
+
+fn emit(record: Record) {
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
         bump(&DROPS);
         return;
     };
     slot.write(Event {
-        kind: kind as u32,
-        pid,
-        ppid,
-        exit_status,
-        analysis,
+        kind: record.kind as u32,
+        pid: record.pid,
+        ppid: record.ppid,
+        exit_status: record.exit_status,
+        analysis: record.analysis,
         ts_ns: unsafe { bpf_ktime_get_boot_ns() },
-        start_ns,
-        value,
+        start_ns: record.start_ns,
+        value: record.value,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
-    slot.submit(0);
+    slot.submit(wake_flags(record.urgent));
 }
 
 #[btf_tracepoint(function = "sched_process_fork")]
@@ -131,14 +150,16 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let real_parent: *const u8 = read_at(child, cfg.task_real_parent)?;
     let ppid: u32 = read_at(real_parent, cfg.task_tgid)?;
     let start_ns: u64 = read_at(child, cfg.task_start_boottime)?;
-    emit(
-        EventKind::Fork,
-        child_tgid,
+    emit(Record {
+        kind: EventKind::Fork,
+        pid: child_tgid,
         ppid,
-        0,
-        entry.analysis,
+        exit_status: 0,
+        analysis: entry.analysis,
         start_ns,
-    );
+        value: 0,
+        urgent: false,
+    });
     Ok(())
 }
 
@@ -169,15 +190,26 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // lets userspace tell this exit from one of a recycled PID.
     let leader: *const u8 = read_at(task, cfg.task_group_leader)?;
     let start_ns: u64 = read_at(leader, cfg.task_start_boottime)?;
-    emit(
-        EventKind::Exit,
-        tgid,
-        0,
+    emit(Record {
+        kind: EventKind::Exit,
+        pid: tgid,
+        ppid: 0,
         exit_status,
-        entry.analysis,
+        analysis: entry.analysis,
         start_ns,
-    );
+        value: 0,
+        urgent: has_children(&cfg, task)?,
+    });
     Ok(())
+}
+
+/// Whether `task` still has children. sched_process_exit fires before exit_notify
+/// reparents them, and by the last thread's exit its siblings' children have moved to
+/// it, so this sees every child of the process.
+fn has_children(cfg: &Config, task: *const u8) -> Result<bool, i64> {
+    let head = task.wrapping_add(cfg.task_children as usize);
+    let next: *const u8 = read_at(task, cfg.task_children)?;
+    Ok(next != head)
 }
 
 fn is_group_dead(ctx: &BtfTracePointContext, cfg: &Config, task: *const u8) -> Result<bool, i64> {
@@ -195,7 +227,16 @@ fn is_group_dead(ctx: &BtfTracePointContext, cfg: &Config, task: *const u8) -> R
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
     let tgid = current_tgid();
     if let Some(entry) = unsafe { WATCHED.get(tgid) } {
-        emit(EventKind::Exec, tgid, 0, 0, entry.analysis, 0);
+        emit(Record {
+            kind: EventKind::Exec,
+            pid: tgid,
+            ppid: 0,
+            exit_status: 0,
+            analysis: entry.analysis,
+            start_ns: 0,
+            value: 0,
+            urgent: false,
+        });
     }
     let _ = ctx.as_ptr();
     0
@@ -216,6 +257,14 @@ fn rss_counter(mm: *const u8, cfg: &Config, member: u32) -> Result<u64, i64> {
     Ok(if pages > 0 { pages as u64 } else { 0 })
 }
 
+/// File + anon + shmem pages of `mm`, in bytes: what /proc/PID/statm calls resident.
+fn rss_of(mm: *const u8, cfg: &Config) -> Result<u64, i64> {
+    let pages = rss_counter(mm, cfg, cfg.mm_filepages)?
+        + rss_counter(mm, cfg, cfg.mm_anonpages)?
+        + rss_counter(mm, cfg, cfg.mm_shmempages)?;
+    Ok(pages * cfg.page_size)
+}
+
 fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let cfg = config();
     if cfg.rss_enabled == 0 {
@@ -232,10 +281,7 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if own_mm != mm {
         return Ok(());
     }
-    let pages = rss_counter(mm, &cfg, cfg.mm_filepages)?
-        + rss_counter(mm, &cfg, cfg.mm_anonpages)?
-        + rss_counter(mm, &cfg, cfg.mm_shmempages)?;
-    let rss = pages * cfg.page_size;
+    let rss = rss_of(mm, &cfg)?;
     // SAFETY: a valid map value pointer; racing updates from other CPUs of the same
     // process at worst repeat or skip one report, never corrupt.
     let entry = unsafe { &mut *entry };
@@ -244,9 +290,144 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let moved = rss.abs_diff(entry.rss_reported) >= cfg.rss_step;
     if crossed || moved {
         entry.rss_reported = rss;
-        emit_value(EventKind::Rss, tgid, 0, 0, entry.analysis, 0, rss);
+        emit(Record {
+            kind: EventKind::Rss,
+            pid: tgid,
+            ppid: 0,
+            exit_status: 0,
+            analysis: entry.analysis,
+            start_ns: 0,
+            value: rss,
+            urgent: crossed,
+        });
     }
     Ok(())
+}
+
+/// `struct bpf_iter_meta` and `struct bpf_iter__task`: the iterator's context.
+#[repr(C)]
+struct IterMeta {
+    seq: *mut aya_ebpf::bindings::seq_file,
+    session_id: u64,
+    seq_num: u64,
+}
+
+#[repr(C)]
+struct IterTaskCtx {
+    meta: *const IterMeta,
+    task: *const u8,
+}
+
+/// The reconcile poll in one pass: a task iterator that writes one [`RssSample`] per
+/// watched process. Reading the pinned iterator runs it, so the daemon gets every
+/// watched RSS with one `read` instead of one /proc open+read per process.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task")]
+pub fn rss_iter(ctx: *mut core::ffi::c_void) -> i32 {
+    let _ = try_rss_iter(ctx.cast());
+    0
+}
+
+fn try_rss_iter(ctx: *const IterTaskCtx) -> Result<(), i64> {
+    // Direct loads, not probe reads: the verifier must see the seq_file pointer as the
+    // trusted BTF pointer bpf_seq_write takes.
+    let (meta, task) = unsafe { ((*ctx).meta, (*ctx).task) };
+    if task.is_null() {
+        return Ok(()); // The end of the walk.
+    }
+    let cfg = config();
+    let pid: u32 = read_at(task, cfg.task_pid)?;
+    let tgid: u32 = read_at(task, cfg.task_tgid)?;
+    if pid != tgid || unsafe { WATCHED.get(tgid) }.is_none() {
+        return Ok(());
+    }
+    let mm: *const u8 = read_at(task, cfg.task_mm)?;
+    if mm.is_null() {
+        return Ok(()); // Exiting: its address space is gone.
+    }
+    let sample = RssSample {
+        pid,
+        _pad: 0,
+        start_ns: read_at(task, cfg.task_start_boottime)?,
+        rss_bytes: rss_of(mm, &cfg)?,
+    };
+    let seq = unsafe { (*meta).seq };
+    unsafe {
+        bpf_seq_write(
+            seq,
+            (&sample as *const RssSample).cast(),
+            size_of::<RssSample>() as u32,
+        )
+    };
+    Ok(())
+}
+
+/// Registration's walk of the descendants of one root (`WALK_TARGET`), in the kernel:
+/// this kernel may lack /proc/PID/task/*/children, and scanning all of /proc costs
+/// what the host has, not what the analysis has. A process older than the root is
+/// skipped after one read; a younger one climbs its parents until it meets the root
+/// or one older than it (a descendant's ancestors up to the root are all younger).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task")]
+pub fn descendants_iter(ctx: *mut core::ffi::c_void) -> i32 {
+    let _ = try_descendants_iter(ctx.cast());
+    0
+}
+
+fn try_descendants_iter(ctx: *const IterTaskCtx) -> Result<(), i64> {
+    let (meta, task) = unsafe { ((*ctx).meta, (*ctx).task) };
+    if task.is_null() {
+        return Ok(());
+    }
+    let Some(target) = WALK_TARGET.get(0).copied() else {
+        return Ok(());
+    };
+    let cfg = config();
+    let start_ns: u64 = read_at(task, cfg.task_start_boottime)?;
+    if start_ns < target.start_ns {
+        return Ok(());
+    }
+    let pid: u32 = read_at(task, cfg.task_pid)?;
+    let tgid: u32 = read_at(task, cfg.task_tgid)?;
+    let exit_state: u32 = read_at(task, cfg.task_exit_state)?;
+    if pid != tgid || pid == target.pid || exit_state != 0 {
+        return Ok(()); // A thread, the root itself, or a zombie: nothing to watch.
+    }
+    let parent: *const u8 = read_at(task, cfg.task_real_parent)?;
+    let ppid: u32 = read_at(parent, cfg.task_tgid)?;
+    if !descends_from(&cfg, parent, &target)? {
+        return Ok(());
+    }
+    let record = ProcRecord {
+        pid,
+        ppid,
+        start_ns,
+        comm: read_at(task, cfg.task_comm)?,
+    };
+    unsafe {
+        bpf_seq_write(
+            (*meta).seq,
+            (&record as *const ProcRecord).cast(),
+            size_of::<ProcRecord>() as u32,
+        )
+    };
+    Ok(())
+}
+
+/// Whether `ancestor` or one of its parents is the target root.
+fn descends_from(cfg: &Config, mut ancestor: *const u8, target: &WalkTarget) -> Result<bool, i64> {
+    for _ in 0..WALK_MAX_DEPTH {
+        let tgid: u32 = read_at(ancestor, cfg.task_tgid)?;
+        let start_ns: u64 = read_at(ancestor, cfg.task_start_boottime)?;
+        if start_ns < target.start_ns || tgid <= 1 {
+            return Ok(false);
+        }
+        if tgid == target.pid {
+            return Ok(true);
+        }
+        ancestor = read_at(ancestor, cfg.task_real_parent)?;
+    }
+    Ok(false)
 }
 
 #[cfg(not(test))]

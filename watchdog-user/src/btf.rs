@@ -289,6 +289,9 @@ impl KernelBtf {
             task_signal: self.member_offset("task_struct", "signal")?,
             task_group_leader: self.member_offset("task_struct", "group_leader")?,
             signal_live: self.member_offset("signal_struct", "live")?,
+            task_children: self.member_offset("task_struct", "children")?,
+            task_exit_state: self.member_offset("task_struct", "exit_state")?,
+            task_comm: self.member_offset("task_struct", "comm")?,
             exit_has_group_dead: u32::from(self.tracepoint_arity("sched_process_exit")? >= 2),
             ..Config::UNSET
         })

@@ -36,6 +36,7 @@ pub fn register(
             pid,
             analysis_id,
             limits,
+            fresh: false,
         },
     )? {
         Reply::Registered {
@@ -204,10 +205,10 @@ static CHILD: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn forward_signal(signo: i32) {
     let child = CHILD.load(Ordering::Relaxed);
-    if child > 0 {
-        if let Ok(sig) = Signal::try_from(signo) {
-            let _ = kill(Pid::from_raw(child), sig);
-        }
+    if child > 0
+        && let Ok(sig) = Signal::try_from(signo)
+    {
+        let _ = kill(Pid::from_raw(child), sig);
     }
 }
 
@@ -255,6 +256,8 @@ pub fn exec(
             pid: child.as_raw() as u32,
             analysis_id,
             limits,
+            // Forked just now and waiting on our pipe: it has no descendants to find.
+            fresh: true,
         },
     );
     if let Err(err) = registered {

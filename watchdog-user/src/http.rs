@@ -48,7 +48,7 @@ async fn fetch_status(calls: &mpsc::Sender<Call>) -> Result<Status, String> {
         .await
         .map_err(|_| "the daemon is stopping".to_string())?;
     match rx.await {
-        Ok(Response::Ok(Reply::Status(status))) => Ok(status),
+        Ok(Response::Ok(Reply::Status(status))) => Ok(*status),
         Ok(Response::Error(err)) => Err(err),
         _ => Err("no status from the daemon".into()),
     }

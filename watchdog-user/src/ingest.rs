@@ -15,14 +15,39 @@ use watchdog_common::{Event, EventKind};
 
 use crate::tree::AnalysisKey;
 
-#[derive(Debug, Clone)]
+/// A process name as the kernel keeps it (16 bytes, NUL-padded): copied, never
+/// allocated, on the per-event path.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Comm(pub [u8; 16]);
+
+impl Comm {
+    pub fn new(name: &str) -> Self {
+        let mut raw = [0u8; 16];
+        let n = name.len().min(15);
+        raw[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Self(raw)
+    }
+
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        String::from_utf8_lossy(&self.0[..end])
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
 pub enum KernelEvent {
     Fork {
         pid: u32,
         ppid: u32,
         analysis: AnalysisKey,
         start_ns: u64,
-        comm: String,
+        comm: Comm,
         ts_ns: u64,
     },
     Exit {
@@ -33,7 +58,7 @@ pub enum KernelEvent {
     },
     Exec {
         pid: u32,
-        comm: String,
+        comm: Comm,
     },
     Rss {
         pid: u32,
@@ -96,26 +121,21 @@ pub type Batch = Vec<KernelEvent>;
 pub const BATCH_MAX: usize = 256;
 pub const CHANNEL_BATCHES: usize = 64;
 
-fn comm(raw: &[u8; 16]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
-}
-
-fn decode(bytes: &[u8]) -> Option<KernelEvent> {
+fn decode(bytes: &[u8], now_ns: u64) -> Option<KernelEvent> {
     if bytes.len() < size_of::<Event>() {
         return None;
     }
     // SAFETY: the kernel wrote an Event here (same #[repr(C)] type, watchdog-common);
     // the ring only guarantees 8-byte alignment, so read unaligned.
     let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    LATENCY.observe(crate::procs::boottime_ns().saturating_sub(ev.ts_ns));
+    LATENCY.observe(now_ns.saturating_sub(ev.ts_ns));
     Some(match EventKind::from_raw(ev.kind)? {
         EventKind::Fork => KernelEvent::Fork {
             pid: ev.pid,
             ppid: ev.ppid,
             analysis: ev.analysis,
             start_ns: ev.start_ns,
-            comm: comm(&ev.comm),
+            comm: Comm(ev.comm),
             ts_ns: ev.ts_ns,
         },
         EventKind::Exit => KernelEvent::Exit {
@@ -126,7 +146,7 @@ fn decode(bytes: &[u8]) -> Option<KernelEvent> {
         },
         EventKind::Exec => KernelEvent::Exec {
             pid: ev.pid,
-            comm: comm(&ev.comm),
+            comm: Comm(ev.comm),
         },
         EventKind::Rss => KernelEvent::Rss {
             pid: ev.pid,
@@ -136,11 +156,17 @@ fn decode(bytes: &[u8]) -> Option<KernelEvent> {
     })
 }
 
+/// How often the ring is drained without a wake-up from the kernel: events that can
+/// wait (see the programs' `wake_flags`) are picked up within this.
+pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
 fn drain(ring: &mut RingBuf<MapData>) -> Batch {
     let mut batch = Batch::with_capacity(BATCH_MAX);
+    // One clock read per batch: the latency histogram needs no finer "now".
+    let now_ns = crate::procs::boottime_ns();
     while batch.len() < BATCH_MAX {
         let Some(item) = ring.next() else { break };
-        match decode(&item) {
+        match decode(&item, now_ns) {
             Some(event) => batch.push(event),
             None => tracing::warn!(len = item.len(), "undecodable record in the ring buffer"),
         }
@@ -148,23 +174,42 @@ fn drain(ring: &mut RingBuf<MapData>) -> Batch {
     batch
 }
 
-/// Drains the ring buffer until the receiver goes away.
+/// Hands every waiting event to the loop; false when the loop has gone.
+async fn drain_all(ring: &mut RingBuf<MapData>, out: &mpsc::Sender<Batch>) -> bool {
+    loop {
+        let batch = drain(ring);
+        if batch.is_empty() {
+            return true;
+        }
+        if out.send(batch).await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// Drains the ring buffer, when the kernel wakes us and every [`DRAIN_EVERY`], until
+/// the receiver goes away.
 pub async fn run(ring: RingBuf<MapData>, out: mpsc::Sender<Batch>) -> Result<()> {
     // SAFETY: RingBuf owns its map fd and keeps it open, unchanged, for its whole life,
     // and the AsyncFd owns the RingBuf.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the reactor: {e}"))?;
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = ring.readable_mut().await?;
-        loop {
-            let batch = drain(guard.get_inner_mut());
-            if batch.is_empty() {
-                break;
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                if !drain_all(guard.get_inner_mut(), &out).await {
+                    return Ok(());
+                }
+                guard.clear_ready();
             }
-            if out.send(batch).await.is_err() {
-                return Ok(());
-            }
+            _ = tick.tick() => {}
         }
-        guard.clear_ready();
+        // Again after clearing readiness: a wake-up that came in between is not lost.
+        if !drain_all(ring.get_mut(), &out).await {
+            return Ok(());
+        }
     }
 }

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, links::FdLink},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, Iter, links::FdLink},
 };
 use watchdog_common::{
-    ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DROPS_MAP, EVENTS_MAP, ROOTS_MAP, RootEntry,
-    WATCH_FULL_MAP, WATCHED_MAP, WatchEntry,
+    ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, EVENTS_MAP,
+    ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER, RootEntry, RssSample, WALK_TARGET_MAP,
+    WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
 };
 
 use crate::btf::KernelBtf;
@@ -35,6 +36,58 @@ pub struct Kernel {
     analyses: HashMap<MapData, u64, AnalysisEntry>,
     roots: HashMap<MapData, u32, RootEntry>,
     resumed: bool,
+    /// The pinned RSS iterator, when this kernel has task iterators and per-CPU RSS
+    /// counters: reading it is the reconcile poll.
+    rss_iter: Option<PathBuf>,
+    walk_target: Array<MapData, WalkTarget>,
+    /// The pinned descendants iterator; without it registration scans /proc.
+    descendants_iter: Option<PathBuf>,
+}
+
+/// Attaches a task iterator and pins its link: each read of the pin runs it afresh.
+/// None (with a warning naming the fallback) where the kernel cannot run it.
+fn attach_iter(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    pin_dir: &Path,
+    name: &str,
+    fallback: &str,
+) -> Option<PathBuf> {
+    let mut attach = || -> Result<PathBuf> {
+        let program: &mut Iter = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        program.load("task", btf)?;
+        let link_id = program.attach()?;
+        let link: FdLink = program.take_link(link_id)?.try_into()?;
+        let path = iter_pin(pin_dir, name);
+        link.pin(&path)?;
+        Ok(path)
+    };
+    attach()
+        .inspect_err(|e| tracing::warn!("no {name} task iterator ({e:#}): {fallback}"))
+        .ok()
+}
+
+fn iter_pin(pin_dir: &Path, name: &str) -> PathBuf {
+    pin_dir.join(format!("iter_{name}"))
+}
+
+/// Runs a pinned iterator and reads its records.
+fn read_iter<T: Copy>(path: &Path) -> Result<Vec<T>> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("reading the task iterator {}", path.display()))?;
+    Ok(bytes
+        .chunks_exact(size_of::<T>())
+        // SAFETY: the iterator writes whole records of this #[repr(C)] type.
+        .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) })
+        .collect())
+}
+
+/// Runs the pinned RSS iterator: every watched process and its RSS, in one pass.
+pub fn read_rss_iter(path: &Path) -> Result<Vec<RssSample>> {
+    read_iter(path)
 }
 
 /// Loads and attaches every program, and pins each link so the programs stay attached
@@ -78,13 +131,15 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 6] = [
+const PINNED_MAPS: [&str; 7] = [
     WATCHED_MAP,
     EVENTS_MAP,
     DROPS_MAP,
     WATCH_FULL_MAP,
     ANALYSES_MAP,
     ROOTS_MAP,
+    // Pinned too so that a restarted daemon writes the map the pinned iterator reads.
+    WALK_TARGET_MAP,
 ];
 
 fn link_pin(pin_dir: &Path, tracepoint: &str) -> PathBuf {
@@ -112,7 +167,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let root = Path::new("/sys/fs/bpf");
     let mounted = |path: &Path| {
-        nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
     };
     let parent = pin_dir.parent().unwrap_or(root);
     if !mounted(parent) {
@@ -143,7 +198,8 @@ impl Kernel {
         pin_dir: &Path,
         fresh: bool,
     ) -> Result<(Self, RingBuf<MapData>)> {
-        let config = KernelBtf::from_file(btf_path)?.program_config()?;
+        let mut config = KernelBtf::from_file(btf_path)?.program_config()?;
+        config.wake_watermark = u64::from(ring_bytes.unwrap_or(RING_BYTES) / 4);
         tracing::debug!(?config, "offsets read from kernel BTF");
         let btf = Btf::parse_file(btf_path, Endianness::default())
             .map_err(|e| anyhow!("kernel BTF at {} is unusable: {e}", btf_path.display()))?;
@@ -182,11 +238,32 @@ impl Kernel {
         let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| refused("load the watchdog's eBPF maps and programs", e))?;
-        if resumed {
+        let (rss_iter, descendants_iter) = if resumed {
             tracing::info!(pin_dir = %pin_dir.display(), "programs still attached from the previous run: resuming");
+            let pinned = |name| Some(iter_pin(pin_dir, name)).filter(|p| p.exists());
+            (pinned(RSS_ITER), pinned(DESCENDANTS_ITER))
         } else {
             attach_and_pin(&mut ebpf, btf, pin_dir)?;
-        }
+            let rss_iter = (config.rss_enabled != 0)
+                .then(|| {
+                    attach_iter(
+                        &mut ebpf,
+                        btf,
+                        pin_dir,
+                        RSS_ITER,
+                        "the reconcile poll reads /proc instead",
+                    )
+                })
+                .flatten();
+            let descendants_iter = attach_iter(
+                &mut ebpf,
+                btf,
+                pin_dir,
+                DESCENDANTS_ITER,
+                "registration scans /proc for descendants instead",
+            );
+            (rss_iter, descendants_iter)
+        };
         let ring = RingBuf::try_from(take(&mut ebpf, EVENTS_MAP)?)?;
         let kernel = Self {
             watched: HashMap::try_from(take(&mut ebpf, WATCHED_MAP)?)?,
@@ -195,9 +272,17 @@ impl Kernel {
             analyses: HashMap::try_from(take(&mut ebpf, ANALYSES_MAP)?)?,
             roots: HashMap::try_from(take(&mut ebpf, ROOTS_MAP)?)?,
             resumed,
+            rss_iter,
+            walk_target: Array::try_from(take(&mut ebpf, WALK_TARGET_MAP)?)?,
+            descendants_iter,
             _ebpf: ebpf,
         };
         Ok((kernel, ring))
+    }
+
+    /// The pinned RSS iterator, if this kernel runs one (see [`read_rss_iter`]).
+    pub fn rss_iter(&self) -> Option<&Path> {
+        self.rss_iter.as_deref()
     }
 
     /// Whether this daemon took over programs a previous one left attached.
@@ -211,17 +296,31 @@ impl Kernel {
             .context("saving the analysis in the kernel map")
     }
 
-    pub fn forget_analysis(&mut self, key: u64) {
+    pub fn forget_analysis(&mut self, key: u64, roots: &[u32]) {
         let _ = self.analyses.remove(&key);
-        let roots: Vec<u32> = self
-            .roots()
-            .into_iter()
-            .filter(|(_, r)| r.analysis == key)
-            .map(|(pid, _)| pid)
-            .collect();
         for pid in roots {
-            let _ = self.roots.remove(&pid);
+            let _ = self.roots.remove(pid);
         }
+    }
+
+    /// The living descendants of `root` (not the root itself), from the kernel's
+    /// descendants iterator, or from a /proc scan where the kernel has none.
+    pub fn descendants(&mut self, root: crate::tree::ProcRef) -> Result<Vec<ProcRecord>> {
+        let Some(path) = &self.descendants_iter else {
+            return Ok(crate::procs::descendants_by_scan(root.pid));
+        };
+        let tick = 1_000_000_000 / procfs::ticks_per_second().max(1);
+        let target = WalkTarget {
+            pid: root.pid,
+            _pad: 0,
+            // /proc's start times are whole ticks: a process that /proc says started at
+            // the root's tick may have started a little before it in ns.
+            start_ns: root.start_ns - root.start_ns % tick,
+        };
+        self.walk_target
+            .set(0, target, 0)
+            .context("naming the root for the descendants iterator")?;
+        read_iter(path)
     }
 
     pub fn saved_analyses(&self) -> Vec<(u64, AnalysisEntry)> {

@@ -1,74 +1,16 @@
-//! Killing safely: through pidfds opened on a process whose identity (pid + start time)
-//! was checked after opening, so a recycled PID is never signalled; SIGTERM, a grace,
-//! then SIGKILL to whatever is left; one record per process with what happened.
+//! Kill jobs, as the rules see them: which processes a kill covers, which signal each
+//! gets when (SIGTERM, the grace, SIGKILL), when the kill is over, and its records.
+//! No I/O: `effects` sends the signals (through pidfds) and reports failures back.
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Instant, SystemTime},
 };
 
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
-use crate::{policy::Reason, procs};
-
-/// A handle on one process that stays bound to it even if its PID is reused.
-pub struct PidFd(OwnedFd);
-
-impl std::os::fd::AsRawFd for PidFd {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-impl PidFd {
-    /// Opens `pid` and checks it is still the process that started at `start_ns`.
-    /// None when it is gone or the PID now names another process.
-    pub fn open_verified(pid: u32, start_ns: u64) -> Option<Self> {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-        let pidfd = Self(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-        // Checked after opening: had the PID been recycled before the open, the start
-        // time read now is the new process'; after the open the fd is bound.
-        let same = procs::read(pid).is_some_and(|p| procs::same_start(p.start_ns, start_ns));
-        same.then_some(pidfd)
-    }
-
-    pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
-        // SAFETY: a valid pidfd, a valid signal number, no siginfo, no flags.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.0.as_raw_fd(),
-                signal as libc::c_int,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if rc < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Whether the process has exited: a pidfd polls readable once it has.
-    pub fn exited(&self) -> bool {
-        let mut fds = [libc::pollfd {
-            fd: self.0.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: one valid pollfd, zero timeout.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
-        rc > 0 && fds[0].revents & libc::POLLIN != 0
-    }
-}
+use crate::{policy::Reason, tree::ProcRef};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SignalSent {
@@ -121,8 +63,8 @@ pub struct KillRecord {
     pub uid: u32,
 }
 
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+pub fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 pub fn hostname() -> String {
@@ -131,23 +73,24 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// What is known of a target when the kill starts.
+/// What is known of a target when the kill starts: read before it is signalled, since
+/// a dead process has no cmdline.
+#[derive(Clone, Debug)]
 pub struct TargetInfo {
-    pub pid: u32,
+    pub process: ProcRef,
     pub ppid: u32,
-    pub start_ns: u64,
     pub comm: String,
+    pub cmdline: String,
+    pub uid: u32,
+    pub rss_bytes: u64,
+    pub runtime_ms: u64,
 }
 
 struct Target {
     info: TargetInfo,
-    pidfd: Option<PidFd>,
-    cmdline: String,
-    uid: u32,
-    rss_bytes: u64,
-    runtime_ms: u64,
     signals: Vec<SignalSent>,
     sigkilled: bool,
+    /// Exited (the tree took in its exit) or could not be signalled: nothing more to do.
     done: bool,
 }
 
@@ -162,6 +105,23 @@ pub enum Scope {
     Analysis,
 }
 
+/// Whether a job signals, or only records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Signal,
+    /// `--dry-run`: recorded as what would have been signalled.
+    DryRun,
+    /// Orphan policy `log`: recorded, never signalled.
+    LogOnly,
+}
+
+/// A signal the job wants sent now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignalOrder {
+    pub target: ProcRef,
+    pub signal: Signal,
+}
+
 /// A kill in progress: its targets, and when the grace ends.
 pub struct KillJob {
     pub reason: Reason,
@@ -169,33 +129,41 @@ pub struct KillJob {
     pub analysis_id: String,
     pub limit: Option<u64>,
     pub escalate_at: Instant,
-    pub dry_run: bool,
+    escalated: bool,
+    pub mode: Mode,
     pub scope: Scope,
     /// When the violation was seen.
-    time: String,
+    time: SystemTime,
     targets: BTreeMap<u32, Target>,
+    /// Targets not done yet: "is the kill over?" is asked after every event.
+    pending: usize,
+}
+
+/// Who and what a new job is about.
+pub struct JobSpec {
+    pub scope: Scope,
+    pub reason: Reason,
+    pub analysis: u64,
+    pub analysis_id: String,
+    pub limit: Option<u64>,
+    pub grace: std::time::Duration,
+    pub mode: Mode,
 }
 
 impl KillJob {
-    pub fn new(
-        scope: Scope,
-        reason: Reason,
-        analysis: u64,
-        analysis_id: &str,
-        limit: Option<u64>,
-        grace: std::time::Duration,
-        dry_run: bool,
-    ) -> Self {
+    pub fn new(spec: JobSpec, now: Instant, now_wall: SystemTime) -> Self {
         Self {
-            reason,
-            analysis,
-            analysis_id: analysis_id.to_string(),
-            limit,
-            escalate_at: Instant::now() + grace,
-            dry_run,
-            scope,
-            time: now_rfc3339(),
+            reason: spec.reason,
+            analysis: spec.analysis,
+            analysis_id: spec.analysis_id,
+            limit: spec.limit,
+            escalate_at: now + spec.grace,
+            escalated: false,
+            mode: spec.mode,
+            scope: spec.scope,
+            time: now_wall,
             targets: BTreeMap::new(),
+            pending: 0,
         }
     }
 
@@ -212,9 +180,9 @@ impl KillJob {
         }
     }
 
-    /// Seconds of grace left, when the grace is still running.
-    pub fn grace_left_ms(&self) -> Option<u64> {
-        let left = self.escalate_at.checked_duration_since(Instant::now())?;
+    /// Ms of grace left, while the grace is still running.
+    pub fn grace_left_ms(&self, now: Instant) -> Option<u64> {
+        let left = self.escalate_at.checked_duration_since(now)?;
         Some(crate::policy::millis(left))
     }
 
@@ -222,115 +190,124 @@ impl KillJob {
         self.targets.get(&pid).is_some_and(|t| !t.done)
     }
 
-    fn escalated(&self) -> bool {
-        Instant::now() >= self.escalate_at
+    /// When this job next needs the clock: the end of its grace.
+    pub fn wakeup(&self) -> Option<Instant> {
+        (!self.escalated && self.mode == Mode::Signal).then_some(self.escalate_at)
     }
 
-    /// Adds a process and signals it at once: SIGTERM, or SIGKILL if the grace is over
-    /// (a process forked while its tree is dying gets no grace of its own).
-    pub fn add(&mut self, info: TargetInfo) {
-        if self.targets.contains_key(&info.pid) {
-            return;
+    /// Adds a process; returns the signal it gets now: SIGTERM, or SIGKILL once the
+    /// grace is over (a process forked while its tree is dying gets no grace of its
+    /// own). A dry run or a log-only job signals nothing and is done with it at once.
+    pub fn add(
+        &mut self,
+        info: TargetInfo,
+        now: Instant,
+        now_wall: SystemTime,
+    ) -> Option<SignalOrder> {
+        let pid = info.process.pid;
+        if self.targets.contains_key(&pid) {
+            return None;
         }
-        let pid = info.pid;
-        // The last line of defence: whatever the caller's bookkeeping says, these are
-        // never signalled.
-        if pid <= 1
-            || pid == std::process::id()
-            || procs::read(pid).is_some_and(|p| p.kernel_thread)
-        {
-            tracing::error!(
-                pid,
-                "refusing to signal init, the daemon or a kernel thread"
-            );
-            return;
-        }
-        let pidfd = PidFd::open_verified(pid, info.start_ns);
-        let proc_text =
-            |file: &str| std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&proc_text("cmdline"))
-            .replace('\0', " ")
-            .trim()
-            .to_string();
-        let uid = procfs::process::Process::new(pid as i32)
-            .and_then(|p| p.uid())
-            .unwrap_or(0);
+        let process = info.process;
         let mut target = Target {
-            runtime_ms: procs::boottime_ns().saturating_sub(info.start_ns) / 1_000_000,
             info,
-            rss_bytes: procs::rss_bytes(pid),
-            cmdline,
-            uid,
-            pidfd,
             signals: Vec::new(),
             sigkilled: false,
-            done: false,
+            done: self.mode != Mode::Signal,
         };
-        let signal = if self.escalated() {
-            Signal::SIGKILL
-        } else {
-            Signal::SIGTERM
-        };
-        self.signal(&mut target, signal);
+        let order = (self.mode == Mode::Signal).then(|| {
+            let signal = if now >= self.escalate_at {
+                Signal::SIGKILL
+            } else {
+                Signal::SIGTERM
+            };
+            Self::note_signal(&mut target, signal, now_wall);
+            SignalOrder {
+                target: process,
+                signal,
+            }
+        });
+        self.pending += usize::from(!target.done);
         self.targets.insert(pid, target);
+        order
     }
 
-    fn signal(&self, target: &mut Target, signal: Signal) {
-        let Some(pidfd) = &target.pidfd else {
-            target.done = true;
+    fn mark_done(target: &mut Target, pending: &mut usize) {
+        if !std::mem::replace(&mut target.done, true) {
+            *pending -= 1;
+        }
+    }
+
+    fn note_signal(target: &mut Target, signal: Signal, at: SystemTime) {
+        target.signals.push(SignalSent {
+            signal: format!("{signal}"),
+            at: rfc3339(at),
+        });
+        target.sigkilled |= signal == Signal::SIGKILL;
+    }
+
+    /// Once the grace is over: SIGKILL for every target still alive (once).
+    pub fn escalate(&mut self, now: Instant, now_wall: SystemTime) -> Vec<SignalOrder> {
+        if self.escalated || self.mode != Mode::Signal || now < self.escalate_at {
+            return Vec::new();
+        }
+        self.escalated = true;
+        let mut orders = Vec::new();
+        for target in self.targets.values_mut() {
+            if !target.done && !target.sigkilled {
+                Self::note_signal(target, Signal::SIGKILL, now_wall);
+                orders.push(SignalOrder {
+                    target: target.info.process,
+                    signal: Signal::SIGKILL,
+                });
+            }
+        }
+        orders
+    }
+
+    /// The signal could not be delivered (the process was already gone, or its pid
+    /// names another process now): the target is done, with no signal recorded.
+    pub fn signal_failed(&mut self, process: ProcRef, signal: Signal) {
+        let Some(target) = self.targets.get_mut(&process.pid) else {
             return;
         };
-        if self.dry_run {
-            tracing::warn!(
-                pid = target.info.pid,
-                ?signal,
-                reason = self.reason.as_str(),
-                "dry run: would signal"
-            );
-            target.done = true;
+        if target.info.process != process {
             return;
         }
-        match pidfd.signal(signal) {
-            Ok(()) => {
-                target.signals.push(SignalSent {
-                    signal: format!("{signal}"),
-                    at: now_rfc3339(),
-                });
-                target.sigkilled |= signal == Signal::SIGKILL;
+        let name = format!("{signal}");
+        if let Some(at) = target.signals.iter().rposition(|s| s.signal == name) {
+            target.signals.remove(at);
+        }
+        target.sigkilled &= signal != Signal::SIGKILL;
+        Self::mark_done(target, &mut self.pending);
+    }
+
+    /// The tree took in the target's exit: done with it. True when it was a target.
+    pub fn exited(&mut self, process: ProcRef) -> bool {
+        match self.targets.get_mut(&process.pid) {
+            Some(target) if target.info.process == process => {
+                Self::mark_done(target, &mut self.pending);
+                true
             }
-            // ESRCH: it exited between our checks: nothing to do, nobody else hit.
-            Err(err) => {
-                tracing::debug!(pid = target.info.pid, "signal not delivered: {err}");
-                target.done = true;
-            }
+            _ => false,
         }
     }
 
-    /// Marks exited targets, SIGKILLs the rest once the grace is over. True when every
-    /// target is done.
-    pub fn advance(&mut self) -> bool {
-        let escalate = self.escalated() && !self.dry_run;
-        let pids: Vec<u32> = self.targets.keys().copied().collect();
-        for pid in pids {
-            let mut target = self.targets.remove(&pid).expect("listed");
-            if !target.done && target.pidfd.as_ref().is_some_and(PidFd::exited) {
-                target.done = true;
-            }
-            if !target.done && escalate && !target.sigkilled {
-                self.signal(&mut target, Signal::SIGKILL);
-            }
-            self.targets.insert(pid, target);
-        }
-        self.targets.values().all(|t| t.done)
+    /// Every target has exited (or could not be signalled).
+    pub fn pending_count(&self) -> usize {
+        self.pending
     }
 
-    /// (pid, start time) of every process this job signalled.
-    pub fn signalled(&self) -> Vec<(u32, u64)> {
+    pub fn is_done(&self) -> bool {
+        self.pending == 0
+    }
+
+    /// The targets signalled and not yet done (their pidfds are still needed).
+    pub fn signalled(&self) -> impl Iterator<Item = ProcRef> + '_ {
         self.targets
             .values()
             .filter(|t| !t.signals.is_empty())
-            .map(|t| (t.info.pid, t.info.start_ns))
-            .collect()
+            .map(|t| t.info.process)
     }
 
     /// The records of a finished job, one per target.
@@ -338,25 +315,26 @@ impl KillJob {
         self.targets
             .values()
             .map(|t| KillRecord {
-                time: self.time.clone(),
+                time: rfc3339(self.time),
                 host: host.to_string(),
-                pid: t.info.pid,
+                pid: t.info.process.pid,
                 ppid: t.info.ppid,
                 analysis_id: self.analysis_id.clone(),
                 reason: self.reason,
                 limit: self.limit,
-                rss_bytes: t.rss_bytes,
-                runtime_ms: t.runtime_ms,
+                rss_bytes: t.info.rss_bytes,
+                runtime_ms: t.info.runtime_ms,
                 signals: t.signals.clone(),
-                outcome: match () {
-                    _ if self.dry_run => Outcome::DryRun,
-                    _ if t.pidfd.is_none() || t.signals.is_empty() => Outcome::AlreadyGone,
-                    _ if t.sigkilled => Outcome::Killed,
-                    _ => Outcome::ExitedAfterSigterm,
+                outcome: match self.mode {
+                    Mode::DryRun => Outcome::DryRun,
+                    Mode::LogOnly => Outcome::Logged,
+                    Mode::Signal if t.signals.is_empty() => Outcome::AlreadyGone,
+                    Mode::Signal if t.sigkilled => Outcome::Killed,
+                    Mode::Signal => Outcome::ExitedAfterSigterm,
                 },
                 comm: t.info.comm.clone(),
-                cmdline: t.cmdline.clone(),
-                uid: t.uid,
+                cmdline: t.info.cmdline.clone(),
+                uid: t.info.uid,
             })
             .collect()
     }

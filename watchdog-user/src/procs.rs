@@ -1,5 +1,6 @@
-//! What /proc says about processes: the source for processes that existed before the
-//! kernel programs saw them, and the check that a PID still names the same process.
+//! What /proc says about processes: the check that a PID still names the same
+//! process, and what a kill record tells of it. The rules read /proc only through the
+//! [`Procs`] trait, so they can be tested against a fake one.
 
 use nix::time::{ClockId, clock_gettime};
 
@@ -54,15 +55,35 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
     Some(info_from(stat)).filter(|p| !p.exited)
 }
 
-/// Every living process now (processes that vanish mid-scan are skipped), by pid.
-pub fn all() -> Vec<ProcInfo> {
-    let Ok(iter) = procfs::process::all_processes() else {
+/// The living descendants of `root`, by scanning all of /proc: the fallback for
+/// kernels without task iterators (it costs what the host has, not the analysis).
+pub fn descendants_by_scan(root: u32) -> Vec<watchdog_common::ProcRecord> {
+    let Ok(all) = procfs::process::all_processes() else {
         return Vec::new();
     };
-    iter.filter_map(|p| p.ok()?.stat().ok())
+    let living: Vec<ProcInfo> = all
+        .filter_map(|p| p.ok()?.stat().ok())
         .map(info_from)
-        .filter(|p| !p.exited)
-        .collect()
+        .filter(|p| !p.exited && !p.kernel_thread)
+        .collect();
+    let mut children: std::collections::HashMap<u32, Vec<&ProcInfo>> = Default::default();
+    for p in &living {
+        children.entry(p.ppid).or_default().push(p);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        for child in children.get(&pid).into_iter().flatten() {
+            stack.push(child.pid);
+            out.push(watchdog_common::ProcRecord {
+                pid: child.pid,
+                ppid: child.ppid,
+                start_ns: child.start_ns,
+                comm: crate::ingest::Comm::new(&child.comm).0,
+            });
+        }
+    }
+    out
 }
 
 /// Resident set size now, 0 when the process is gone.
@@ -71,4 +92,43 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .and_then(|p| p.statm())
         .map(|m| m.resident * procfs::page_size())
         .unwrap_or(0)
+}
+
+/// What a kill record tells of a process, read before it is signalled.
+#[derive(Clone, Debug, Default)]
+pub struct Details {
+    pub cmdline: String,
+    pub uid: u32,
+    pub rss_bytes: u64,
+}
+
+/// The rules' window on /proc.
+pub trait Procs {
+    /// The living process with this pid (zombies count as exited).
+    fn read(&self, pid: u32) -> Option<ProcInfo>;
+    /// Its command line, owner and RSS now.
+    fn details(&self, pid: u32) -> Details;
+}
+
+/// The real /proc.
+pub struct SysProcs;
+
+impl Procs for SysProcs {
+    fn read(&self, pid: u32) -> Option<ProcInfo> {
+        read(pid)
+    }
+
+    fn details(&self, pid: u32) -> Details {
+        let process = procfs::process::Process::new(pid as i32).ok();
+        let cmdline = process
+            .as_ref()
+            .and_then(|p| p.cmdline().ok())
+            .map(|args| args.join(" "))
+            .unwrap_or_default();
+        Details {
+            cmdline,
+            uid: process.and_then(|p| p.uid().ok()).unwrap_or(0),
+            rss_bytes: rss_bytes(pid),
+        }
+    }
 }

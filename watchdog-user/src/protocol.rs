@@ -25,6 +25,10 @@ pub enum Request {
         analysis_id: String,
         #[serde(default)]
         limits: LimitOverrides,
+        /// The process was just started by the caller and has no descendants yet
+        /// (`exec`): the daemon watches it without looking for any.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fresh: bool,
     },
     /// Stop watching a process and its subtree, or a whole analysis.
     Unregister {
@@ -75,7 +79,7 @@ pub enum Reply {
     Events {
         records: Vec<KillRecord>,
     },
-    Status(Status),
+    Status(Box<Status>),
     Stalling {
         ms: u64,
     },

@@ -610,7 +610,7 @@ pub async fn bench_inserts(url: &DatabaseUrl, rows: usize, batch: usize) -> Resu
     let record = |i: usize| StoredRecord {
         event_uid: uuid::Uuid::new_v4().to_string(),
         record: KillRecord {
-            time: crate::kill::now_rfc3339(),
+            time: crate::kill::rfc3339(std::time::SystemTime::now()),
             host: "bench".into(),
             pid: 1000 + i as u32,
             ppid: 999,
@@ -621,7 +621,7 @@ pub async fn bench_inserts(url: &DatabaseUrl, rows: usize, batch: usize) -> Resu
             runtime_ms: 1_800_000,
             signals: vec![crate::kill::SignalSent {
                 signal: "SIGTERM".into(),
-                at: crate::kill::now_rfc3339(),
+                at: crate::kill::rfc3339(std::time::SystemTime::now()),
             }],
             outcome: crate::kill::Outcome::ExitedAfterSigterm,
             comm: "python3".into(),

@@ -1,14 +1,22 @@
-//! The live parentage tree of watched processes, and the registry of analyses.
+//! The live parentage tree of watched processes. Every question the per-event path
+//! asks is answered from an index: a node by pid, the children of a pid, the members
+//! of an analysis and the sum of their RSS. Nothing here scans all nodes except the
+//! views (`roots`, `iter`) that a person asks for.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    time::Instant,
-};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crate::policy::Limits;
+use crate::ingest::Comm;
 
 /// Daemon-assigned analysis key: what the kernel map stores instead of the id string.
 pub type AnalysisKey = u64;
+
+/// A process by identity: the pid with its start time survives PID reuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProcRef {
+    pub pid: u32,
+    /// CLOCK_BOOTTIME ns.
+    pub start_ns: u64,
+}
 
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -16,43 +24,66 @@ pub struct Node {
     pub ppid: u32,
     /// CLOCK_BOOTTIME ns: with `pid`, the identity of the process.
     pub start_ns: u64,
-    pub comm: String,
+    pub comm: Comm,
     pub analysis: AnalysisKey,
-    pub children: BTreeSet<u32>,
     /// Its parent died while it lived on.
     pub orphan: bool,
     /// A per-process memory violation was acted on (once).
     pub memory_violated: bool,
-    /// Last RSS known, from the kernel's fast path or the poll.
-    pub rss_bytes: u64,
+    /// Last RSS known, from the kernel's fast path or the poll. Changed only through
+    /// [`Tree::set_rss`], which keeps the analysis' sum.
+    rss_bytes: u64,
 }
 
 impl Node {
-    pub fn new(pid: u32, ppid: u32, start_ns: u64, comm: String, analysis: AnalysisKey) -> Self {
+    pub fn new(pid: u32, ppid: u32, start_ns: u64, comm: Comm, analysis: AnalysisKey) -> Self {
         Self {
             pid,
             ppid,
             start_ns,
             comm,
             analysis,
-            children: BTreeSet::new(),
             orphan: false,
             memory_violated: false,
             rss_bytes: 0,
         }
     }
+
+    pub fn rss_bytes(&self) -> u64 {
+        self.rss_bytes
+    }
+
+    pub fn proc_ref(&self) -> ProcRef {
+        ProcRef {
+            pid: self.pid,
+            start_ns: self.start_ns,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Members {
+    pids: HashSet<u32>,
+    rss_sum: u64,
 }
 
 #[derive(Default)]
 pub struct Tree {
     nodes: HashMap<u32, Node>,
-    /// Live processes per analysis, kept so "is this analysis over?" is O(1) per exit.
-    per_analysis: HashMap<AnalysisKey, usize>,
+    /// ppid → the nodes naming it as their parent, whether or not the parent is in the
+    /// tree: a parent inserted after its children (resync, registration) finds them
+    /// here instead of scanning every node.
+    children: HashMap<u32, BTreeSet<u32>>,
+    members: HashMap<AnalysisKey, Members>,
 }
 
 impl Tree {
     pub fn len(&self) -> usize {
         self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
     }
 
     pub fn get(&self, pid: u32) -> Option<&Node> {
@@ -63,55 +94,74 @@ impl Tree {
         self.nodes.contains_key(&pid)
     }
 
-    /// Adds a process (replacing a stale node of a recycled PID) under its parent, and
-    /// adopts children that were added before it.
-    pub fn insert(&mut self, mut node: Node) {
-        if self.nodes.contains_key(&node.pid) {
-            self.remove(node.pid);
-        }
-        node.children = self
-            .nodes
-            .values()
-            .filter(|n| n.ppid == node.pid)
-            .map(|n| n.pid)
-            .collect();
-        self.link(node);
+    /// Whether `process` is in the tree: the same pid *and* start time.
+    pub fn holds(&self, process: ProcRef) -> bool {
+        self.nodes
+            .get(&process.pid)
+            .is_some_and(|n| crate::procs::same_start(n.start_ns, process.start_ns))
     }
 
-    fn link(&mut self, node: Node) {
-        if let Some(parent) = self.nodes.get_mut(&node.ppid) {
-            parent.children.insert(node.pid);
-        }
-        *self.per_analysis.entry(node.analysis).or_default() += 1;
+    /// Adds a process, replacing a stale node of a recycled PID (returned).
+    pub fn insert(&mut self, node: Node) -> Option<Node> {
+        let stale = self.remove(node.pid);
+        self.children.entry(node.ppid).or_default().insert(node.pid);
+        let members = self.members.entry(node.analysis).or_default();
+        members.pids.insert(node.pid);
+        members.rss_sum += node.rss_bytes;
         self.nodes.insert(node.pid, node);
-    }
-
-    /// Adds a child reported by a fork event. Its parent is in the tree (or was a root's
-    /// unwatched parent), so it has no children yet: no adoption scan on this hot path.
-    pub fn insert_forked(&mut self, node: Node) {
-        if self.nodes.contains_key(&node.pid) {
-            return self.insert(node);
-        }
-        self.link(node);
+        stale
     }
 
     /// Removes one process; its children stay, as roots until something adopts them.
     pub fn remove(&mut self, pid: u32) -> Option<Node> {
         let node = self.nodes.remove(&pid)?;
-        if let Some(parent) = self.nodes.get_mut(&node.ppid) {
-            parent.children.remove(&pid);
-        }
-        if let Some(count) = self.per_analysis.get_mut(&node.analysis) {
-            *count -= 1;
-            if *count == 0 {
-                self.per_analysis.remove(&node.analysis);
+        self.unlink_child(node.ppid, pid);
+        if let Some(members) = self.members.get_mut(&node.analysis) {
+            members.pids.remove(&pid);
+            members.rss_sum -= node.rss_bytes;
+            if members.pids.is_empty() {
+                self.members.remove(&node.analysis);
             }
         }
         Some(node)
     }
 
-    pub fn get_mut(&mut self, pid: u32) -> Option<&mut Node> {
-        self.nodes.get_mut(&pid)
+    fn unlink_child(&mut self, ppid: u32, pid: u32) {
+        if let Some(siblings) = self.children.get_mut(&ppid) {
+            siblings.remove(&pid);
+            if siblings.is_empty() {
+                self.children.remove(&ppid);
+            }
+        }
+    }
+
+    /// Records a process' RSS, keeping its analysis' sum; returns the new sum.
+    pub fn set_rss(&mut self, pid: u32, rss_bytes: u64) -> Option<u64> {
+        let node = self.nodes.get_mut(&pid)?;
+        let old = std::mem::replace(&mut node.rss_bytes, rss_bytes);
+        let members = self.members.get_mut(&node.analysis)?;
+        members.rss_sum = members.rss_sum - old + rss_bytes;
+        Some(members.rss_sum)
+    }
+
+    pub fn set_comm(&mut self, pid: u32, comm: Comm) {
+        if let Some(node) = self.nodes.get_mut(&pid) {
+            node.comm = comm;
+        }
+    }
+
+    /// Flags `pid` as an orphan; false when it was already flagged (or is not here).
+    pub fn mark_orphan(&mut self, pid: u32) -> bool {
+        self.nodes
+            .get_mut(&pid)
+            .is_some_and(|n| !std::mem::replace(&mut n.orphan, true))
+    }
+
+    /// Flags a per-process memory violation; false when it was already acted on.
+    pub fn mark_memory_violated(&mut self, pid: u32) -> bool {
+        self.nodes
+            .get_mut(&pid)
+            .is_some_and(|n| !std::mem::replace(&mut n.memory_violated, true))
     }
 
     /// Moves `pid` under its new parent (after reparenting by the kernel).
@@ -119,13 +169,19 @@ impl Tree {
         let Some(old) = self.nodes.get(&pid).map(|n| n.ppid) else {
             return;
         };
-        if let Some(parent) = self.nodes.get_mut(&old) {
-            parent.children.remove(&pid);
-        }
-        if let Some(parent) = self.nodes.get_mut(&new_ppid) {
-            parent.children.insert(pid);
-        }
+        self.unlink_child(old, pid);
+        self.children.entry(new_ppid).or_default().insert(pid);
         self.nodes.get_mut(&pid).expect("checked").ppid = new_ppid;
+    }
+
+    /// The watched children of `pid`, by pid.
+    pub fn children_of(&self, pid: u32) -> impl Iterator<Item = u32> + '_ {
+        self.children
+            .get(&pid)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|c| self.nodes.contains_key(c))
     }
 
     /// `pid` and every watched descendant of it, parents before children.
@@ -133,27 +189,36 @@ impl Tree {
         let mut out = Vec::new();
         let mut stack = vec![pid];
         while let Some(p) = stack.pop() {
-            if let Some(node) = self.nodes.get(&p) {
+            if self.nodes.contains_key(&p) {
                 out.push(p);
-                stack.extend(node.children.iter().copied());
+                stack.extend(self.children_of(p));
             }
         }
         out
     }
 
-    pub fn pids_of(&self, analysis: AnalysisKey) -> Vec<u32> {
-        self.nodes
-            .values()
-            .filter(|n| n.analysis == analysis)
-            .map(|n| n.pid)
-            .collect()
+    /// The processes of one analysis.
+    pub fn members(&self, analysis: AnalysisKey) -> Vec<u32> {
+        self.members
+            .get(&analysis)
+            .map(|m| m.pids.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn member_count(&self, analysis: AnalysisKey) -> usize {
+        self.members.get(&analysis).map_or(0, |m| m.pids.len())
     }
 
     pub fn has_analysis(&self, analysis: AnalysisKey) -> bool {
-        self.per_analysis.contains_key(&analysis)
+        self.members.contains_key(&analysis)
     }
 
-    /// Nodes whose parent is not in the tree, in pid order.
+    /// The RSS summed over an analysis' processes, as last known.
+    pub fn rss_sum(&self, analysis: AnalysisKey) -> u64 {
+        self.members.get(&analysis).map_or(0, |m| m.rss_sum)
+    }
+
+    /// Nodes whose parent is not in the tree, in pid order (a view: scans).
     pub fn roots(&self) -> Vec<&Node> {
         let mut roots: Vec<&Node> = self
             .nodes
@@ -164,86 +229,12 @@ impl Tree {
         roots
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.nodes.keys().copied().collect()
-    }
-}
-
-/// One analysis: its id, its limits and its clock.
-pub struct Analysis {
-    pub id: String,
-    pub limits: Limits,
-    pub deadline: Instant,
-    /// The same deadline on the wall clock, for people and for latency measurements.
-    pub deadline_wall: std::time::SystemTime,
-    pub registered_wall: std::time::SystemTime,
-    /// A whole-analysis kill (timeout, tree memory) was started: do not start another.
-    pub violated: bool,
-}
-
-/// Analyses by id and by the small key the kernel map holds.
-#[derive(Default)]
-pub struct Analyses {
-    by_key: HashMap<AnalysisKey, Analysis>,
-    by_id: HashMap<String, AnalysisKey>,
-    last_key: AnalysisKey,
-}
-
-impl Analyses {
-    /// The key of analysis `id`, created with `limits` (its clock starting now) when new.
-    pub fn key_for(&mut self, id: &str, limits: &Limits) -> AnalysisKey {
-        if let Some(&key) = self.by_id.get(id) {
-            return key;
-        }
-        self.last_key += 1;
-        let analysis = Analysis {
-            id: id.to_string(),
-            limits: limits.clone(),
-            deadline: Instant::now() + limits.timeout(),
-            deadline_wall: std::time::SystemTime::now() + limits.timeout(),
-            registered_wall: std::time::SystemTime::now(),
-            violated: false,
-        };
-        self.by_key.insert(self.last_key, analysis);
-        self.by_id.insert(id.to_string(), self.last_key);
-        self.last_key
-    }
-
-    /// Puts back an analysis a previous daemon saved (after a restart).
-    pub fn restore(&mut self, key: AnalysisKey, analysis: Analysis) {
-        self.by_id.insert(analysis.id.clone(), key);
-        self.by_key.insert(key, analysis);
-        self.last_key = self.last_key.max(key);
-    }
-
-    pub fn key(&self, id: &str) -> Option<AnalysisKey> {
-        self.by_id.get(id).copied()
-    }
-
-    pub fn id(&self, key: AnalysisKey) -> Option<&str> {
-        self.by_key.get(&key).map(|a| a.id.as_str())
-    }
-
-    pub fn get(&self, key: AnalysisKey) -> Option<&Analysis> {
-        self.by_key.get(&key)
-    }
-
-    pub fn get_mut(&mut self, key: AnalysisKey) -> Option<&mut Analysis> {
-        self.by_key.get_mut(&key)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (AnalysisKey, &Analysis)> {
-        self.by_key.iter().map(|(k, a)| (*k, a))
-    }
-
-    pub fn forget(&mut self, key: AnalysisKey) {
-        if let Some(analysis) = self.by_key.remove(&key) {
-            self.by_id.remove(&analysis.id);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_key.len()
     }
 }
 
@@ -252,7 +243,7 @@ mod tests {
     use super::*;
 
     fn node(pid: u32, ppid: u32) -> Node {
-        Node::new(pid, ppid, 0, format!("p{pid}"), 1)
+        Node::new(pid, ppid, 0, Comm::new(&format!("p{pid}")), 1)
     }
 
     #[test]
@@ -271,11 +262,52 @@ mod tests {
     fn removing_a_parent_leaves_its_children_as_roots() {
         let mut tree = Tree::default();
         tree.insert(node(10, 1));
-        tree.insert_forked(node(20, 10));
-        tree.insert_forked(node(30, 20));
+        tree.insert(node(20, 10));
+        tree.insert(node(30, 20));
         tree.remove(20);
         let roots: Vec<u32> = tree.roots().iter().map(|n| n.pid).collect();
         assert_eq!(roots, vec![10, 30]);
-        assert!(tree.get(10).unwrap().children.is_empty());
+        assert_eq!(tree.children_of(10).count(), 0);
+    }
+
+    #[test]
+    fn analysis_members_and_rss_sums_follow_inserts_updates_and_removals() {
+        let mut tree = Tree::default();
+        tree.insert(node(10, 1));
+        tree.insert(node(20, 10));
+        let mut other = node(30, 1);
+        other.analysis = 2;
+        tree.insert(other);
+        assert_eq!(tree.set_rss(10, 100), Some(100));
+        assert_eq!(tree.set_rss(20, 50), Some(150));
+        assert_eq!(tree.set_rss(30, 7), Some(7));
+        assert_eq!(tree.set_rss(20, 20), Some(120));
+        assert_eq!(tree.member_count(1), 2);
+        tree.remove(10);
+        assert_eq!((tree.rss_sum(1), tree.member_count(1)), (20, 1));
+        tree.remove(20);
+        assert!(!tree.has_analysis(1));
+        assert_eq!(tree.rss_sum(2), 7);
+    }
+
+    #[test]
+    fn a_recycled_pid_replaces_the_stale_node_and_its_sum() {
+        let mut tree = Tree::default();
+        tree.insert(node(10, 1));
+        tree.set_rss(10, 100);
+        let stale = tree.insert(Node::new(10, 5, 99, Comm::new("new"), 1));
+        assert_eq!(stale.map(|n| n.rss_bytes()), Some(100));
+        assert_eq!((tree.rss_sum(1), tree.get(10).unwrap().ppid), (0, 5));
+    }
+
+    #[test]
+    fn reparenting_moves_a_child_between_parents() {
+        let mut tree = Tree::default();
+        tree.insert(node(10, 1));
+        tree.insert(node(11, 1));
+        tree.insert(node(20, 10));
+        tree.reparent(20, 11);
+        assert_eq!(tree.children_of(10).count(), 0);
+        assert_eq!(tree.children_of(11).collect::<Vec<_>>(), vec![20]);
     }
 }

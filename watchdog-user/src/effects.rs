@@ -1,0 +1,276 @@
+//! The edges: carries out the rules' [`Action`]s on the world — the kernel maps,
+//! signals through pidfds, watches on roots' launchers, the store — and does the I/O
+//! of a registration (putting a root and its descendants in the kernel map, checking
+//! each is still the process it was).
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use anyhow::Result;
+use nix::sys::signal::Signal;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+
+use crate::{
+    kernel::Kernel,
+    kill::SignalOrder,
+    procs::{self, ProcInfo, same_start},
+    rules::{Action, Registration},
+    store::StoreMsg,
+    tree::{AnalysisKey, ProcRef},
+};
+
+/// A handle on one process that stays bound to it even if its PID is reused.
+pub struct PidFd(OwnedFd);
+
+impl std::os::fd::AsRawFd for PidFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl PidFd {
+    /// Opens `pid` and checks it is still the process that started at `start_ns`.
+    /// None when it is gone or the PID now names another process.
+    pub fn open_verified(process: ProcRef) -> Option<Self> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+        let pidfd = Self(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        // Checked after opening: had the PID been recycled before the open, the start
+        // time read now is the new process'; after the open the fd is bound.
+        let same =
+            procs::read(process.pid).is_some_and(|p| same_start(p.start_ns, process.start_ns));
+        same.then_some(pidfd)
+    }
+
+    pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
+        // SAFETY: a valid pidfd, a valid signal number, no siginfo, no flags.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                signal as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What the world answered that the rules must hear.
+#[derive(Debug)]
+pub enum Feedback {
+    SignalFailed(SignalOrder),
+}
+
+pub struct Effects {
+    pub kernel: Kernel,
+    /// Pidfds of processes being killed, opened at their first signal.
+    pidfds: HashMap<ProcRef, PidFd>,
+    store: mpsc::UnboundedSender<StoreMsg>,
+    /// Where launcher watches report a launcher's exit (with the root it launched).
+    launcher_exits: mpsc::UnboundedSender<ProcRef>,
+    self_pid: u32,
+}
+
+impl Effects {
+    pub fn new(
+        kernel: Kernel,
+        store: mpsc::UnboundedSender<StoreMsg>,
+        launcher_exits: mpsc::UnboundedSender<ProcRef>,
+    ) -> Self {
+        Self {
+            kernel,
+            pidfds: HashMap::new(),
+            store,
+            launcher_exits,
+            self_pid: std::process::id(),
+        }
+    }
+
+    pub fn store(&self) -> &mpsc::UnboundedSender<StoreMsg> {
+        &self.store
+    }
+
+    /// Carries out the actions in order; returns what the rules must hear back.
+    pub fn apply(&mut self, actions: Vec<Action>) -> Vec<Feedback> {
+        let mut feedback = Vec::new();
+        for action in actions {
+            match action {
+                Action::Unwatch(pid) => {
+                    self.kernel.unwatch(pid);
+                }
+                Action::SaveAnalysis(key, entry) => {
+                    if let Err(err) = self.kernel.save_analysis(key, &entry) {
+                        tracing::error!("{err:#}: a restarted daemon will not know this analysis");
+                    }
+                }
+                Action::ForgetAnalysis(key, roots) => self.kernel.forget_analysis(key, &roots),
+                Action::SaveRoot(pid, entry) => {
+                    if let Err(err) = self.kernel.save_root(pid, &entry) {
+                        tracing::error!("{err:#}: a restarted daemon will not know this root");
+                    }
+                }
+                Action::WatchLauncher { root, launcher } => self.watch_launcher(root, launcher),
+                Action::Signal(order) => {
+                    if !self.signal(order) {
+                        feedback.push(Feedback::SignalFailed(order));
+                    }
+                }
+                Action::Release(process) => {
+                    self.pidfds.remove(&process);
+                }
+                Action::Record(record) => {
+                    tracing::warn!(target: "kill_event", "{}", serde_json::to_string(&record).expect("records serialize"));
+                    let _ = self.store.send(StoreMsg::Record(record));
+                }
+            }
+        }
+        feedback
+    }
+
+    /// Signals one process through a pidfd bound to it; false when it is gone (or its
+    /// pid names another process now), or must never be signalled.
+    fn signal(&mut self, order: SignalOrder) -> bool {
+        let pid = order.target.pid;
+        // The last line of defence: whatever the rules say, these are never signalled.
+        if pid <= 1 || pid == self.self_pid || procs::read(pid).is_some_and(|p| p.kernel_thread) {
+            tracing::error!(
+                pid,
+                "refusing to signal init, the daemon or a kernel thread"
+            );
+            return false;
+        }
+        let pidfd = match self.pidfds.entry(order.target) {
+            std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let Some(pidfd) = PidFd::open_verified(order.target) else {
+                    return false;
+                };
+                slot.insert(pidfd)
+            }
+        };
+        match pidfd.signal(order.signal) {
+            Ok(()) => true,
+            // ESRCH: it exited between our checks: nothing to do, nobody else hit.
+            Err(err) => {
+                tracing::debug!(pid, "signal not delivered: {err}");
+                self.pidfds.remove(&order.target);
+                false
+            }
+        }
+    }
+
+    /// The process that started a registered root is not watched, so its exit sends no
+    /// event: watch it through a pidfd, which polls readable the moment it exits.
+    fn watch_launcher(&self, root: ProcRef, launcher: ProcRef) {
+        let Some(pidfd) = PidFd::open_verified(launcher) else {
+            // Gone already: the rules hear it as an exit now.
+            let _ = self.launcher_exits.send(root);
+            return;
+        };
+        let tx = self.launcher_exits.clone();
+        // SAFETY: PidFd owns its fd and keeps it open, unchanged, for its whole life.
+        match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
+            Ok(fd) => {
+                tokio::spawn(async move {
+                    if fd.readable().await.is_ok() {
+                        let _ = tx.send(root);
+                    }
+                });
+            }
+            Err(err) => tracing::warn!(
+                launcher = launcher.pid,
+                "cannot watch the launcher of root {}: {err}",
+                root.pid
+            ),
+        }
+    }
+
+    /// Puts a registration's processes in the kernel map: the root, then (unless it is
+    /// `fresh`, started by `exec` and so childless) its descendants, found by the
+    /// kernel's descendants iterator. Returns those verified to be the same living
+    /// processes once in the map. A descendant that forks while this runs is caught
+    /// either by the kernel (its parent is already in the map) or by the next pass,
+    /// which runs until it finds nothing new.
+    pub fn watch_registration(
+        &mut self,
+        registration: &Registration,
+        fresh: bool,
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+    ) -> Result<Vec<ProcInfo>> {
+        let key = registration.key;
+        let mem_limit = registration.limits.memory_bytes;
+        let root = &registration.root;
+        let mut watched = Vec::new();
+        let mut seen = std::collections::HashSet::from([root.pid]);
+        if analysis_of(root.pid).is_none() {
+            if !self.watch_verified(root, key, mem_limit)? {
+                return Ok(watched);
+            }
+            watched.push(root.clone());
+        }
+        if fresh {
+            return Ok(watched);
+        }
+        let root_ref = ProcRef {
+            pid: root.pid,
+            start_ns: root.start_ns,
+        };
+        loop {
+            let mut found = 0;
+            for record in self.kernel.descendants(root_ref)? {
+                let pid = record.pid;
+                if pid == self.self_pid || analysis_of(pid).is_some() || !seen.insert(pid) {
+                    continue;
+                }
+                let info = ProcInfo {
+                    pid,
+                    ppid: record.ppid,
+                    start_ns: record.start_ns,
+                    comm: crate::ingest::Comm(record.comm).as_str().into_owned(),
+                    kernel_thread: false,
+                    exited: false,
+                };
+                if self.watch_verified(&info, key, mem_limit)? {
+                    watched.push(info);
+                    found += 1;
+                }
+            }
+            if found == 0 {
+                return Ok(watched);
+            }
+        }
+    }
+
+    /// Puts a process in the kernel map, then checks it is still the same living
+    /// process: if it exited (or its pid was recycled) in between, the kernel never
+    /// saw that exit as watched, so the entry is taken back out.
+    fn watch_verified(
+        &mut self,
+        info: &ProcInfo,
+        key: AnalysisKey,
+        mem_limit: u64,
+    ) -> Result<bool> {
+        self.kernel.watch(info.pid, key, mem_limit)?;
+        let still_there =
+            procs::read(info.pid).is_some_and(|now| same_start(now.start_ns, info.start_ns));
+        if !still_there {
+            self.kernel.unwatch(info.pid);
+        }
+        Ok(still_there)
+    }
+}

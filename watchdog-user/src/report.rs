@@ -1,0 +1,155 @@
+//! What people see of the core: `dump-tree` and `status`, read from the rules' state.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::{
+    procs::Procs,
+    protocol::{AnalysisView, Reply, Status, TreeNode},
+    rules::{Clock, Core},
+    tree::Node,
+};
+
+/// Milliseconds from `now` until `at`, negative when it has passed.
+fn signed_ms_until(at: Instant, now: Instant) -> i64 {
+    match at.checked_duration_since(now) {
+        Some(left) => i64::try_from(left.as_millis()).unwrap_or(i64::MAX),
+        None => -i64::try_from(now.duration_since(at).as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+pub fn dump_tree(
+    core: &Core,
+    analysis_id: Option<&str>,
+    procs: &dyn Procs,
+    clock: &Clock,
+) -> Result<Reply> {
+    let registry = core.registry();
+    let filter = match analysis_id {
+        Some(id) => match registry.key(id) {
+            Some(key) => Some(key),
+            None => {
+                return Ok(Reply::Tree {
+                    roots: Vec::new(),
+                    analyses: Vec::new(),
+                });
+            }
+        },
+        None => None,
+    };
+    let roots = core
+        .tree()
+        .roots()
+        .into_iter()
+        .filter(|n| filter.is_none_or(|key| n.analysis == key))
+        .map(|n| view(core, n, procs, clock))
+        .collect();
+    let analyses = registry
+        .iter()
+        .filter(|(key, _)| filter.is_none_or(|f| f == *key))
+        .map(|(key, a)| AnalysisView {
+            analysis_id: a.id.clone(),
+            processes: core.tree().member_count(key),
+            deadline_in_ms: signed_ms_until(a.deadline, clock.now),
+            deadline_unix_ms: a
+                .deadline_wall
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, crate::policy::millis),
+            limits: a.limits.clone(),
+        })
+        .collect();
+    Ok(Reply::Tree { roots, analyses })
+}
+
+fn view(core: &Core, node: &Node, procs: &dyn Procs, clock: &Clock) -> TreeNode {
+    TreeNode {
+        pid: node.pid,
+        ppid: node.ppid,
+        analysis_id: core
+            .registry()
+            .id(node.analysis)
+            .unwrap_or_default()
+            .to_string(),
+        comm: node.comm.as_str().into_owned(),
+        age_ms: clock.boot_ns.saturating_sub(node.start_ns) / 1_000_000,
+        rss_bytes: procs.details(node.pid).rss_bytes,
+        orphan: node.orphan,
+        grace_left_ms: core
+            .jobs()
+            .iter()
+            .find(|j| j.target_pending(node.pid))
+            .and_then(|j| j.grace_left_ms(clock.now)),
+        children: core
+            .tree()
+            .children_of(node.pid)
+            .filter_map(|c| core.tree().get(c))
+            .map(|c| view(core, c, procs, clock))
+            .collect(),
+    }
+}
+
+/// The kernel's side of the status: what only the maps know.
+pub struct KernelCounters {
+    pub lost_events: u64,
+    pub watch_map_full: u64,
+    pub last_poll_us: u64,
+}
+
+pub fn status(
+    core: &Core,
+    kernel: &KernelCounters,
+    started: Instant,
+    poll_interval: Duration,
+    clock: &Clock,
+) -> Status {
+    let counters = core.counters();
+    let settings = core.settings();
+    let day_ago = crate::kill::rfc3339(clock.wall - Duration::from_secs(86_400));
+    let mut kills_by_reason: std::collections::BTreeMap<String, u64> =
+        ["timeout", "memory", "tree_memory", "orphan"]
+            .iter()
+            .map(|r| (r.to_string(), 0))
+            .collect();
+    for (reason, count) in &counters.kills_by_reason {
+        kills_by_reason.insert(reason.to_string(), *count);
+    }
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_s: clock.now.duration_since(started).as_secs(),
+        monitored_count: core.tree().len(),
+        analyses: core.registry().len(),
+        forks_seen: counters.forks,
+        exits_seen: counters.exits,
+        execs_seen: counters.execs,
+        lost_events: kernel.lost_events,
+        watch_map_full: kernel.watch_map_full,
+        resyncs: counters.resyncs,
+        rss_reports: counters.rss_reports,
+        last_poll_ms: kernel.last_poll_us as f64 / 1000.0,
+        grace_count: core.jobs().iter().map(|j| j.pending_count()).sum(),
+        kills_total: counters.kills,
+        kills_by_reason,
+        kills_last_24h: core.recent().iter().filter(|r| r.time >= day_ago).count(),
+        recent_events: core.recent().iter().rev().take(20).cloned().collect(),
+        dry_run: settings.dry_run,
+        db: String::new(),
+        database: Default::default(),
+        settings: crate::config::Runtime {
+            defaults: Some(settings.defaults.clone()),
+            poll_interval_ms: crate::policy::millis(poll_interval),
+            dry_run: settings.dry_run,
+        },
+    }
+}
+
+/// One line for systemd's STATUS=.
+pub fn status_line(core: &Core, lost_events: u64) -> String {
+    format!(
+        "watching {} processes in {} analyses; {} kills; {} lost events",
+        core.tree().len(),
+        core.registry().len(),
+        core.counters().kills,
+        lost_events
+    )
+}

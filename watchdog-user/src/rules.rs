@@ -1,0 +1,1013 @@
+//! The rules core, sans I/O: a state machine fed kernel events, requests, poll results
+//! and the clock, which answers with [`Action`]s (watch this, signal that, record
+//! this) for `effects` to carry out. It reads /proc only through [`Procs`] and the
+//! time only from the [`Clock`] it is given, so every rule is unit-tested here with a
+//! fake /proc and a fake clock, without a kernel.
+//!
+//! The rules: a timeout or a tree-memory crossing kills the whole analysis; a process
+//! over its memory limit is killed alone; a process whose parent dies while it lives
+//! on is an orphan, killed with its subtree or only recorded, by its analysis' policy.
+//! A kill is SIGTERM, the grace, then SIGKILL; processes forked into a dying scope
+//! join it at once, and a dying analysis kills whatever later appears in it.
+
+use std::{
+    collections::{BTreeMap, HashSet, VecDeque},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Result, bail};
+use watchdog_common::{AnalysisEntry, RootEntry};
+
+use crate::{
+    ingest::{Comm, KernelEvent},
+    kill::{JobSpec, KillJob, KillRecord, Mode, Outcome, Scope, SignalOrder, TargetInfo, rfc3339},
+    policy::{LimitOverrides, Limits, OrphanPolicy, Reason},
+    procs::{ProcInfo, Procs, same_start},
+    protocol::Reply,
+    registry::{self, Registry, Root},
+    store::ProcessRow,
+    tree::{AnalysisKey, Node, ProcRef, Tree},
+};
+
+/// Longest analysis id accepted: ids are labels, not payloads.
+pub const MAX_ANALYSIS_ID: usize = watchdog_common::ANALYSIS_ID_MAX;
+/// Records kept in memory for `status` (the database keeps them all).
+const RECORDS_KEPT: usize = 10_000;
+/// How long a killed analysis is kept once empty: a member whose fork event was lost
+/// comes back with the next resync (the loss check runs every 200 ms) and is killed,
+/// instead of finding its analysis forgotten and escaping.
+pub const DYING_LINGER: Duration = Duration::from_secs(1);
+
+/// The time, as the driver read it once for this input.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    pub now: Instant,
+    pub wall: SystemTime,
+    /// CLOCK_BOOTTIME ns: the clock of start times and kernel timestamps.
+    pub boot_ns: u64,
+}
+
+impl Clock {
+    pub fn read() -> Self {
+        Self {
+            now: Instant::now(),
+            wall: SystemTime::now(),
+            boot_ns: crate::procs::boottime_ns(),
+        }
+    }
+
+    /// The same clock `by` later (tests drive time with this).
+    pub fn advanced(&self, by: Duration) -> Self {
+        Self {
+            now: self.now + by,
+            wall: self.wall + by,
+            boot_ns: self.boot_ns + crate::policy::millis(by) * 1_000_000,
+        }
+    }
+}
+
+/// What the rules ask the outside world to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Take the process out of the kernel's watched map.
+    Unwatch(u32),
+    /// Keep the analysis in the kernel (pinned) map, for a restarted daemon.
+    SaveAnalysis(AnalysisKey, Box<AnalysisEntry>),
+    /// The analysis is over: drop it and its roots from the kernel maps.
+    ForgetAnalysis(AnalysisKey, Vec<u32>),
+    SaveRoot(u32, RootEntry),
+    /// Tell the rules (`Core::on_launcher_exit`) when `launcher` exits.
+    WatchLauncher {
+        root: ProcRef,
+        launcher: ProcRef,
+    },
+    /// Send this signal, to this process only (never to a recycled pid); report a
+    /// failure with `Core::on_signal_failed`.
+    Signal(SignalOrder),
+    /// A finished kill no longer needs a handle on this process.
+    Release(ProcRef),
+    /// A finished violation or kill: log it, spool it, store it.
+    Record(Box<KillRecord>),
+}
+
+/// What can change while running (SIGHUP).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub defaults: Limits,
+    pub dry_run: bool,
+}
+
+#[derive(Default, Clone, Debug)]
+pub struct Counters {
+    pub forks: u64,
+    pub exits: u64,
+    pub execs: u64,
+    pub resyncs: u64,
+    pub rss_reports: u64,
+    /// Processes recorded as killed (or would-be killed in a dry run).
+    pub kills: u64,
+    pub kills_by_reason: BTreeMap<&'static str, u64>,
+}
+
+/// A registration that passed every check, ready for `effects` to put its processes
+/// in the kernel map and for [`Core::adopt`] to take them in.
+#[derive(Debug)]
+pub struct Registration {
+    pub root: ProcInfo,
+    pub analysis_id: String,
+    pub key: AnalysisKey,
+    pub new_analysis: bool,
+    pub limits: Limits,
+    pub launcher: Option<ProcInfo>,
+    pub owner: u32,
+}
+
+pub struct Core {
+    tree: Tree,
+    registry: Registry,
+    jobs: Vec<KillJob>,
+    settings: Settings,
+    counters: Counters,
+    /// Finished violations and kills, newest last (bounded).
+    recent: VecDeque<KillRecord>,
+    host: String,
+    self_pid: u32,
+    actions: Vec<Action>,
+    /// The tree changed since `watchdog_processes` was last brought up to date.
+    processes_dirty: bool,
+    /// CLOCK_BOOTTIME of the last resync: fork events from before it may describe
+    /// processes whose exits were lost.
+    resynced_at_ns: u64,
+    /// Killed analyses with no member left, and when they are forgotten.
+    lingering: BTreeMap<AnalysisKey, Instant>,
+}
+
+impl Core {
+    pub fn new(settings: Settings, host: String, self_pid: u32) -> Self {
+        Self {
+            tree: Tree::default(),
+            registry: Registry::default(),
+            jobs: Vec::new(),
+            settings,
+            counters: Counters::default(),
+            recent: VecDeque::new(),
+            host,
+            self_pid,
+            actions: Vec::new(),
+            processes_dirty: true,
+            resynced_at_ns: 0,
+            lingering: BTreeMap::new(),
+        }
+    }
+
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn jobs(&self) -> &[KillJob] {
+        &self.jobs
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.settings = settings;
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn recent(&self) -> &VecDeque<KillRecord> {
+        &self.recent
+    }
+
+    pub fn resynced_at_ns(&self) -> u64 {
+        self.resynced_at_ns
+    }
+
+    /// What the rules want done since the last call, in order.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// When the rules next need the clock: the soonest deadline or end of a grace.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        let graces = self.jobs.iter().filter_map(KillJob::wakeup);
+        let lingering = self.lingering.values().copied();
+        self.registry
+            .next_deadline()
+            .into_iter()
+            .chain(graces)
+            .chain(lingering)
+            .min()
+    }
+
+    // ---- kernel events -------------------------------------------------------------
+
+    pub fn on_event(&mut self, event: KernelEvent, procs: &dyn Procs, clock: &Clock) {
+        match event {
+            KernelEvent::Fork {
+                pid,
+                ppid,
+                analysis,
+                start_ns,
+                comm,
+                ..
+            } => self.forked(Node::new(pid, ppid, start_ns, comm, analysis), procs, clock),
+            KernelEvent::Exit {
+                pid,
+                analysis,
+                start_ns,
+                ..
+            } => {
+                self.counters.exits += 1;
+                self.exited(ProcRef { pid, start_ns }, procs, clock);
+                self.forget_if_finished(analysis, clock);
+            }
+            KernelEvent::Rss { pid, rss_bytes, .. } => {
+                self.counters.rss_reports += 1;
+                self.rss_seen(pid, rss_bytes, procs, clock);
+            }
+            KernelEvent::Exec { pid, comm } => {
+                self.counters.execs += 1;
+                self.tree.set_comm(pid, comm);
+            }
+        }
+        self.finish_done_jobs(clock);
+    }
+
+    fn forked(&mut self, node: Node, procs: &dyn Procs, clock: &Clock) {
+        self.counters.forks += 1;
+        if self.registry.get(node.analysis).is_none() {
+            // Forked while its analysis was being unregistered.
+            self.actions.push(Action::Unwatch(node.pid));
+            return;
+        }
+        let (pid, ppid, analysis) = (node.pid, node.ppid, node.analysis);
+        self.insert(node);
+        self.join_dying_scope(pid, ppid, analysis, procs, clock);
+    }
+
+    fn insert(&mut self, node: Node) {
+        if let Some(stale) = self.tree.insert(node) {
+            self.left_tree(stale.proc_ref());
+        }
+        self.processes_dirty = true;
+    }
+
+    /// A new member of a dying scope joins its kill at once; one of an analysis whose
+    /// kill is over (its fork event was still queued) gets a kill of its own.
+    fn join_dying_scope(
+        &mut self,
+        pid: u32,
+        ppid: u32,
+        analysis: AnalysisKey,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        if let Some(at) = self.jobs.iter().position(|j| j.takes_child(ppid, analysis)) {
+            self.lingering.remove(&analysis);
+            let mut job = self.jobs.swap_remove(at);
+            self.add_target(&mut job, pid, procs, clock);
+            self.jobs.push(job);
+        } else if let Some((reason, limit)) = self.registry.violation(analysis) {
+            self.lingering.remove(&analysis);
+            self.start_kill(
+                Scope::Analysis,
+                reason,
+                analysis,
+                limit,
+                &[pid],
+                procs,
+                clock,
+            );
+        }
+    }
+
+    fn exited(&mut self, process: ProcRef, procs: &dyn Procs, clock: &Clock) {
+        if !self.tree.holds(process) {
+            return; // A recycled pid's older exit, or one the tree already let go.
+        }
+        let children: Vec<u32> = self.tree.children_of(process.pid).collect();
+        self.remove(process.pid);
+        for child in children {
+            self.orphaned(child, procs, clock);
+        }
+    }
+
+    /// Takes a process out of the tree, wherever it went (exit, resync, unregister):
+    /// a kill waiting for it is done with it.
+    fn remove(&mut self, pid: u32) -> Option<Node> {
+        let node = self.tree.remove(pid)?;
+        self.left_tree(node.proc_ref());
+        self.processes_dirty = true;
+        Some(node)
+    }
+
+    fn left_tree(&mut self, process: ProcRef) {
+        for job in &mut self.jobs {
+            job.exited(process);
+        }
+    }
+
+    /// Forgets an analysis with no process and no kill left (a killed one only after
+    /// [`DYING_LINGER`]).
+    fn forget_if_finished(&mut self, key: AnalysisKey, clock: &Clock) {
+        if self.tree.has_analysis(key) || self.jobs.iter().any(|j| j.analysis == key) {
+            self.lingering.remove(&key);
+            return;
+        }
+        if self.registry.violation(key).is_some() {
+            let at = *self
+                .lingering
+                .entry(key)
+                .or_insert(clock.now + DYING_LINGER);
+            if clock.now < at {
+                return;
+            }
+        }
+        self.lingering.remove(&key);
+        if let Some(roots) = self.registry.forget(key) {
+            self.actions.push(Action::ForgetAnalysis(key, roots));
+        }
+    }
+
+    // ---- memory --------------------------------------------------------------------
+
+    fn rss_seen(&mut self, pid: u32, rss_bytes: u64, procs: &dyn Procs, clock: &Clock) {
+        let Some(sum) = self.tree.set_rss(pid, rss_bytes) else {
+            return;
+        };
+        self.check_process_memory(pid, procs, clock);
+        if let Some(analysis) = self.tree.get(pid).map(|n| n.analysis) {
+            self.check_tree_memory(analysis, sum, procs, clock);
+        }
+    }
+
+    /// The reconcile poll's findings: (process, RSS) of watched processes. Samples of a
+    /// pid that now names another process are ignored.
+    pub fn on_poll(&mut self, samples: &[(ProcRef, u64)], procs: &dyn Procs, clock: &Clock) {
+        let mut analyses = HashSet::new();
+        for &(process, rss) in samples {
+            if !self.tree.holds(process) {
+                continue;
+            }
+            self.tree.set_rss(process.pid, rss);
+            self.check_process_memory(process.pid, procs, clock);
+            if let Some(node) = self.tree.get(process.pid) {
+                analyses.insert(node.analysis);
+            }
+        }
+        for key in analyses {
+            let sum = self.tree.rss_sum(key);
+            self.check_tree_memory(key, sum, procs, clock);
+        }
+        self.finish_done_jobs(clock);
+    }
+
+    fn check_process_memory(&mut self, pid: u32, procs: &dyn Procs, clock: &Clock) {
+        let Some(node) = self.tree.get(pid) else {
+            return;
+        };
+        let analysis = node.analysis;
+        let Some(limit) = self.registry.get(analysis).map(|a| a.limits.memory_bytes) else {
+            return;
+        };
+        if node.rss_bytes() <= limit
+            || self.jobs.iter().any(|j| j.has_target(pid))
+            || !self.tree.mark_memory_violated(pid)
+        {
+            return;
+        }
+        self.start_kill(
+            Scope::Process,
+            Reason::Memory,
+            analysis,
+            Some(limit),
+            &[pid],
+            procs,
+            clock,
+        );
+    }
+
+    fn check_tree_memory(&mut self, key: AnalysisKey, sum: u64, procs: &dyn Procs, clock: &Clock) {
+        let Some(limit) = self
+            .registry
+            .get(key)
+            .and_then(|a| a.limits.tree_memory_bytes)
+        else {
+            return;
+        };
+        if sum <= limit
+            || !self
+                .registry
+                .mark_violated(key, Reason::TreeMemory, Some(limit))
+        {
+            return;
+        }
+        tracing::warn!(
+            analysis_id = self.registry.id(key).unwrap_or_default(),
+            sum,
+            limit,
+            "tree memory limit crossed"
+        );
+        let pids = self.tree.members(key);
+        self.start_kill(
+            Scope::Analysis,
+            Reason::TreeMemory,
+            key,
+            Some(limit),
+            &pids,
+            procs,
+            clock,
+        );
+    }
+
+    // ---- orphans -------------------------------------------------------------------
+
+    /// `pid` lives on after its parent died: flag it, then kill or log it (and its
+    /// subtree) by its analysis' policy, unless a kill already covers it.
+    fn orphaned(&mut self, pid: u32, procs: &dyn Procs, clock: &Clock) {
+        let Some(node) = self.tree.get(pid) else {
+            return;
+        };
+        if node.orphan {
+            return;
+        }
+        let (analysis, start_ns) = (node.analysis, node.start_ns);
+        // Its own exit may still be queued behind its parent's (a tree dying under a
+        // kill that has already finished): a dead process is no orphan.
+        let Some(now) = procs.read(pid).filter(|p| same_start(p.start_ns, start_ns)) else {
+            return;
+        };
+        self.tree.mark_orphan(pid);
+        self.processes_dirty = true;
+        let covered = self.jobs.iter().any(|j| j.has_target(pid));
+        let policy = self.registry.get(analysis).map(|a| a.limits.orphans);
+        if let (false, Some(policy)) = (covered, policy) {
+            tracing::warn!(pid, ?policy, "orphan: its parent died while it lives on");
+            // Recorded with the parent that died, before the tree follows the kernel's
+            // reparenting.
+            let pids = self.tree.subtree(pid);
+            match policy {
+                OrphanPolicy::Kill => self.start_kill(
+                    Scope::Subtree,
+                    Reason::Orphan,
+                    analysis,
+                    None,
+                    &pids,
+                    procs,
+                    clock,
+                ),
+                OrphanPolicy::Log => self.record_only(analysis, &pids, procs, clock),
+            }
+        }
+        self.tree.reparent(pid, now.ppid);
+    }
+
+    /// The process that launched a registered root exited.
+    pub fn on_launcher_exit(&mut self, root: ProcRef, procs: &dyn Procs, clock: &Clock) {
+        if self.tree.holds(root) {
+            self.orphaned(root.pid, procs, clock);
+        }
+        self.finish_done_jobs(clock);
+    }
+
+    // ---- kills ---------------------------------------------------------------------
+
+    fn job_spec(
+        &self,
+        scope: Scope,
+        reason: Reason,
+        analysis: AnalysisKey,
+        limit: Option<u64>,
+        mode: Mode,
+    ) -> JobSpec {
+        let (analysis_id, grace) = self
+            .registry
+            .get(analysis)
+            .map(|a| (a.id.clone(), a.limits.grace()))
+            .unwrap_or_else(|| (String::new(), self.settings.defaults.grace()));
+        JobSpec {
+            scope,
+            reason,
+            analysis,
+            analysis_id,
+            limit,
+            grace,
+            mode,
+        }
+    }
+
+    /// Starts a kill of `pids` (SIGTERM now, SIGKILL after the grace).
+    #[allow(clippy::too_many_arguments)]
+    fn start_kill(
+        &mut self,
+        scope: Scope,
+        reason: Reason,
+        analysis: AnalysisKey,
+        limit: Option<u64>,
+        pids: &[u32],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let mode = if self.settings.dry_run {
+            Mode::DryRun
+        } else {
+            Mode::Signal
+        };
+        let spec = self.job_spec(scope, reason, analysis, limit, mode);
+        tracing::warn!(
+            analysis_id = spec.analysis_id,
+            reason = reason.as_str(),
+            processes = pids.len(),
+            dry_run = self.settings.dry_run,
+            "limit crossed: killing"
+        );
+        let mut job = KillJob::new(spec, clock.now, clock.wall);
+        for &pid in pids {
+            self.add_target(&mut job, pid, procs, clock);
+        }
+        self.jobs.push(job);
+        self.processes_dirty = true;
+    }
+
+    /// A violation that is recorded, not acted on (orphan policy `log`).
+    fn record_only(
+        &mut self,
+        analysis: AnalysisKey,
+        pids: &[u32],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let spec = self.job_spec(
+            Scope::Subtree,
+            Reason::Orphan,
+            analysis,
+            None,
+            Mode::LogOnly,
+        );
+        let mut job = KillJob::new(spec, clock.now, clock.wall);
+        for &pid in pids {
+            self.add_target(&mut job, pid, procs, clock);
+        }
+        self.finish(job);
+    }
+
+    fn add_target(&mut self, job: &mut KillJob, pid: u32, procs: &dyn Procs, clock: &Clock) {
+        let Some(node) = self.tree.get(pid) else {
+            return;
+        };
+        if self.jobs.iter().any(|j| j.target_pending(pid)) {
+            return; // Already being killed: one kill, one record per process.
+        }
+        if pid <= 1 || pid == self.self_pid {
+            // Never, whatever the bookkeeping says (effects refuses these too).
+            tracing::error!(pid, "refusing to signal init or the daemon");
+            return;
+        }
+        let details = procs.details(pid);
+        let info = TargetInfo {
+            process: node.proc_ref(),
+            ppid: node.ppid,
+            comm: node.comm.as_str().into_owned(),
+            cmdline: details.cmdline,
+            uid: details.uid,
+            rss_bytes: details.rss_bytes.max(node.rss_bytes()),
+            runtime_ms: clock.boot_ns.saturating_sub(node.start_ns) / 1_000_000,
+        };
+        if let Some(order) = job.add(info, clock.now, clock.wall) {
+            self.actions.push(Action::Signal(order));
+        }
+    }
+
+    /// A signal could not be delivered (the process is gone, or its pid was recycled).
+    pub fn on_signal_failed(&mut self, order: SignalOrder, clock: &Clock) {
+        for job in &mut self.jobs {
+            job.signal_failed(order.target, order.signal);
+        }
+        self.finish_done_jobs(clock);
+    }
+
+    /// Deadlines that passed and graces that ended.
+    pub fn on_tick(&mut self, procs: &dyn Procs, clock: &Clock) {
+        for key in self.registry.due(clock.now) {
+            let Some(timeout_ms) = self.registry.get(key).map(|a| a.limits.timeout_ms) else {
+                continue;
+            };
+            if self
+                .registry
+                .mark_violated(key, Reason::Timeout, Some(timeout_ms))
+            {
+                let pids = self.tree.members(key);
+                self.start_kill(
+                    Scope::Analysis,
+                    Reason::Timeout,
+                    key,
+                    Some(timeout_ms),
+                    &pids,
+                    procs,
+                    clock,
+                );
+            }
+        }
+        for job in &mut self.jobs {
+            for order in job.escalate(clock.now, clock.wall) {
+                self.actions.push(Action::Signal(order));
+            }
+        }
+        let expired: Vec<AnalysisKey> = self
+            .lingering
+            .iter()
+            .filter(|(_, at)| **at <= clock.now)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in expired {
+            self.forget_if_finished(key, clock);
+        }
+        self.finish_done_jobs(clock);
+    }
+
+    /// Jobs are over once every target has exited *and* the tree has taken in those
+    /// exits: until then a target's children look parentless, and the job must still
+    /// be there to claim them (else they would be flagged as orphans of this kill).
+    fn finish_done_jobs(&mut self, clock: &Clock) {
+        if !self.jobs.iter().any(KillJob::is_done) {
+            return;
+        }
+        let (done, running): (Vec<KillJob>, Vec<KillJob>) = std::mem::take(&mut self.jobs)
+            .into_iter()
+            .partition(KillJob::is_done);
+        self.jobs = running;
+        for job in done {
+            let analysis = job.analysis;
+            self.finish(job);
+            self.forget_if_finished(analysis, clock);
+        }
+    }
+
+    /// Records a finished job: one record per process, kept for `status`.
+    fn finish(&mut self, job: KillJob) {
+        self.processes_dirty = true;
+        for process in job.signalled() {
+            self.actions.push(Action::Release(process));
+        }
+        for record in job.records(&self.host) {
+            if record.outcome != Outcome::Logged {
+                self.counters.kills += 1;
+            }
+            *self
+                .counters
+                .kills_by_reason
+                .entry(record.reason.as_str())
+                .or_default() += 1;
+            if self.recent.len() == RECORDS_KEPT {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(record.clone());
+            self.actions.push(Action::Record(Box::new(record)));
+        }
+    }
+
+    // ---- registration --------------------------------------------------------------
+
+    /// Checks a registration before anything is touched, so a refused one changes
+    /// nothing.
+    pub fn check_register(
+        &self,
+        pid: u32,
+        analysis_id: &str,
+        overrides: &LimitOverrides,
+        owner: u32,
+        procs: &dyn Procs,
+    ) -> Result<Registration> {
+        if analysis_id.trim().is_empty() {
+            bail!("the analysis id is empty: pass --analysis-id with a name for the analysis");
+        }
+        if analysis_id.len() > MAX_ANALYSIS_ID {
+            bail!(
+                "the analysis id is {} bytes long: use at most {MAX_ANALYSIS_ID}",
+                analysis_id.len()
+            );
+        }
+        if pid == 0 || pid == 1 {
+            bail!(
+                "refusing to watch pid {pid}: it is the system's init/idle task, which the watchdog never touches"
+            );
+        }
+        if pid == self.self_pid {
+            bail!("refusing to watch pid {pid}: it is the watchdog daemon itself");
+        }
+        let Some(root) = procs.read(pid) else {
+            bail!("no process with pid {pid}: check the pid (the process may have exited)");
+        };
+        if root.kernel_thread {
+            bail!(
+                "pid {pid} ({}) is a kernel thread: only user processes can be watched",
+                root.comm
+            );
+        }
+        if let Some(node) = self.tree.get(pid) {
+            let current = self.registry.id(node.analysis).unwrap_or("?");
+            if current != analysis_id {
+                bail!(
+                    "pid {pid} is already watched as part of analysis {current:?}: unregister it first"
+                );
+            }
+        }
+        let limits = self
+            .settings
+            .defaults
+            .with(overrides)
+            .map_err(|e| anyhow::anyhow!("{e}: nothing was registered"))?;
+        let existing = self.registry.key(analysis_id);
+        let launcher = Some(root.ppid)
+            .filter(|&p| p > 1 && p != self.self_pid)
+            .and_then(|p| procs.read(p));
+        Ok(Registration {
+            key: existing.unwrap_or_else(|| self.registry.next_key()),
+            new_analysis: existing.is_none(),
+            analysis_id: analysis_id.to_string(),
+            limits,
+            launcher,
+            owner,
+            root,
+        })
+    }
+
+    /// Which analysis, if any, holds `pid` now (the registration walk stops there).
+    pub fn analysis_of(&self, pid: u32) -> Option<AnalysisKey> {
+        self.tree.get(pid).map(|n| n.analysis)
+    }
+
+    /// Takes in a registration whose processes `effects` put in the kernel map
+    /// (`watched`: those verified to be the same living processes afterwards).
+    pub fn adopt(
+        &mut self,
+        registration: Registration,
+        watched: &[ProcInfo],
+        clock: &Clock,
+    ) -> Result<Reply> {
+        let Registration {
+            root,
+            analysis_id,
+            key,
+            new_analysis,
+            limits,
+            launcher,
+            owner,
+        } = registration;
+        let root_watched =
+            watched.iter().any(|p| p.pid == root.pid) || self.tree.contains(root.pid);
+        if !root_watched {
+            bail!("pid {} exited while it was being registered", root.pid);
+        }
+        if new_analysis {
+            let made = self
+                .registry
+                .create(&analysis_id, &limits, owner, clock.now, clock.wall);
+            debug_assert_eq!(made, key);
+            let entry = registry::entry_from_analysis(self.registry.get(key).expect("just made"));
+            self.actions
+                .push(Action::SaveAnalysis(key, Box::new(entry)));
+        }
+        for info in watched {
+            self.insert(Node::new(
+                info.pid,
+                info.ppid,
+                info.start_ns,
+                Comm::new(&info.comm),
+                key,
+            ));
+        }
+        let root_ref = ProcRef {
+            pid: root.pid,
+            start_ns: root.start_ns,
+        };
+        let launcher = launcher.map(|l| ProcRef {
+            pid: l.pid,
+            start_ns: l.start_ns,
+        });
+        let entry = Root {
+            process: root_ref,
+            analysis: key,
+            launcher,
+        };
+        self.registry.add_root(entry);
+        self.actions.push(Action::SaveRoot(
+            root.pid,
+            registry::entry_from_root(&entry),
+        ));
+        if let Some(launcher) = launcher {
+            self.actions.push(Action::WatchLauncher {
+                root: root_ref,
+                launcher,
+            });
+        }
+        let watched = self.tree.member_count(key);
+        tracing::info!(pid = root.pid, analysis_id, watched, "registered");
+        Ok(Reply::Registered {
+            pid: root.pid,
+            analysis_id,
+            watched,
+        })
+    }
+
+    /// Stops watching a process with its subtree, or a whole analysis.
+    pub fn unregister(
+        &mut self,
+        pid: Option<u32>,
+        analysis_id: Option<&str>,
+        clock: &Clock,
+    ) -> Result<Reply> {
+        let pids = match (pid, analysis_id) {
+            (Some(pid), None) => {
+                if !self.tree.contains(pid) {
+                    bail!("pid {pid} is not watched: see `watchdog-user dump-tree`");
+                }
+                self.tree.subtree(pid)
+            }
+            (None, Some(id)) => {
+                let Some(key) = self.registry.key(id) else {
+                    bail!("no analysis {id:?} is watched: see `watchdog-user dump-tree`");
+                };
+                self.tree.members(key)
+            }
+            _ => bail!("unregister takes exactly one of --pid or --analysis-id"),
+        };
+        let mut analyses = HashSet::new();
+        for &pid in &pids {
+            self.actions.push(Action::Unwatch(pid));
+            if let Some(node) = self.remove(pid) {
+                analyses.insert(node.analysis);
+            }
+        }
+        for key in analyses {
+            self.forget_if_finished(key, clock);
+        }
+        tracing::info!(?pid, ?analysis_id, removed = pids.len(), "unregistered");
+        Ok(Reply::Unregistered {
+            removed: pids.len(),
+        })
+    }
+
+    // ---- resync and restart --------------------------------------------------------
+
+    /// Rebuilds the tree from the kernel's map (which the programs keep exact even when
+    /// events are lost) and /proc (for parentage and names).
+    pub fn resync(
+        &mut self,
+        in_map: &[(u32, AnalysisKey)],
+        procs: &dyn Procs,
+        clock: &Clock,
+        reason: &str,
+    ) {
+        self.resynced_at_ns = clock.boot_ns;
+        self.counters.resyncs += u64::from(reason != "start" && reason != "restart");
+        let mapped: HashSet<u32> = in_map.iter().map(|(pid, _)| *pid).collect();
+        let mut touched = HashSet::new();
+        for pid in self.tree.pids() {
+            if !mapped.contains(&pid)
+                && let Some(node) = self.remove(pid)
+            {
+                touched.insert(node.analysis);
+            }
+        }
+        for &(pid, key) in in_map {
+            if self.registry.get(key).is_none() {
+                self.actions.push(Action::Unwatch(pid));
+                continue;
+            }
+            if self.tree.contains(pid) {
+                continue;
+            }
+            match procs.read(pid) {
+                Some(info) => {
+                    self.insert(Node::new(
+                        pid,
+                        info.ppid,
+                        info.start_ns,
+                        Comm::new(&info.comm),
+                        key,
+                    ));
+                    self.join_dying_scope(pid, info.ppid, key, procs, clock);
+                }
+                None => self.actions.push(Action::Unwatch(pid)),
+            }
+        }
+        for key in touched {
+            self.forget_if_finished(key, clock);
+        }
+        self.finish_done_jobs(clock);
+        tracing::info!(reason, watched = self.tree.len(), "tree resynced");
+    }
+
+    /// After a restart: the kernel map says what is watched, the saved analyses and
+    /// roots say why. A process whose parent is no longer in the tree lost it while we
+    /// were down (descendants are only watched through a watched parent), and a root
+    /// whose launcher is gone was orphaned: both are flagged now, by their policy.
+    pub fn resume(
+        &mut self,
+        analyses: &[(AnalysisKey, AnalysisEntry)],
+        roots: &[(u32, RootEntry)],
+        in_map: &[(u32, AnalysisKey)],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        for (key, entry) in analyses {
+            self.registry.restore(
+                *key,
+                registry::analysis_from_entry(entry, clock.now, clock.wall),
+            );
+        }
+        self.resync(in_map, procs, clock, "restart");
+        let saved: std::collections::HashMap<u32, RootEntry> = roots.iter().copied().collect();
+        let parentless: Vec<ProcRef> = self.tree.roots().iter().map(|n| n.proc_ref()).collect();
+        for process in parentless {
+            let root = saved
+                .get(&process.pid)
+                .filter(|r| same_start(r.start_ns, process.start_ns));
+            let Some(root) = root else {
+                self.orphaned(process.pid, procs, clock);
+                continue;
+            };
+            let launcher = (root.parent_pid != 0).then_some(ProcRef {
+                pid: root.parent_pid,
+                start_ns: root.parent_start_ns,
+            });
+            self.registry.add_root(Root {
+                process,
+                analysis: root.analysis,
+                launcher,
+            });
+            let Some(launcher) = launcher else { continue };
+            let launcher_alive = procs
+                .read(launcher.pid)
+                .is_some_and(|p| same_start(p.start_ns, launcher.start_ns));
+            if launcher_alive {
+                self.actions.push(Action::WatchLauncher {
+                    root: process,
+                    launcher,
+                });
+            } else {
+                self.orphaned(process.pid, procs, clock);
+            }
+        }
+        self.finish_done_jobs(clock);
+        tracing::info!(
+            analyses = self.registry.len(),
+            watched = self.tree.len(),
+            "resumed the previous run's analyses"
+        );
+    }
+
+    // ---- the process table -----------------------------------------------------------
+
+    /// What is watched now, for `watchdog_processes`, when it changed since last asked.
+    pub fn process_rows(&mut self, clock: &Clock) -> Option<Vec<ProcessRow>> {
+        if !std::mem::take(&mut self.processes_dirty) {
+            return None;
+        }
+        let rows = self
+            .tree
+            .iter()
+            .filter_map(|node| {
+                let analysis = self.registry.get(node.analysis)?;
+                let started =
+                    clock.wall - Duration::from_nanos(clock.boot_ns.saturating_sub(node.start_ns));
+                let state = if self.jobs.iter().any(|j| j.target_pending(node.pid)) {
+                    "grace"
+                } else if node.orphan {
+                    "orphan"
+                } else {
+                    "running"
+                };
+                Some(ProcessRow {
+                    pid: node.pid,
+                    ppid: node.ppid,
+                    start_time: rfc3339(started),
+                    analysis_id: analysis.id.clone(),
+                    timeout_ms: analysis.limits.timeout_ms,
+                    memory_bytes: analysis.limits.memory_bytes,
+                    tree_memory_bytes: analysis.limits.tree_memory_bytes,
+                    grace_ms: analysis.limits.grace_ms,
+                    orphans: format!("{:?}", analysis.limits.orphans).to_lowercase(),
+                    registered_at: rfc3339(analysis.registered_wall),
+                    state: state.into(),
+                })
+            })
+            .collect();
+        Some(rows)
+    }
+}
+
+#[cfg(test)]
+#[path = "rules_tests.rs"]
+mod tests;

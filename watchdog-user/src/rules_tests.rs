@@ -1,0 +1,650 @@
+//! The rules, tested without a kernel: a fake /proc, a fake clock, events fed by hand,
+//! and the actions the core returns checked one by one.
+
+use std::{cell::RefCell, collections::HashMap, time::Duration};
+
+use nix::sys::signal::Signal;
+use watchdog_common::RootEntry;
+
+use super::*;
+use crate::{ingest::KernelEvent, kill::SignalOrder, procs::Details};
+
+const SELF_PID: u32 = 999;
+const MIB: u64 = 1 << 20;
+
+/// /proc as the test says it is: living processes by pid.
+#[derive(Default)]
+struct FakeProcs(RefCell<HashMap<u32, ProcInfo>>);
+
+impl FakeProcs {
+    fn spawn(&self, pid: u32, ppid: u32, start_ns: u64) -> ProcInfo {
+        let info = ProcInfo {
+            pid,
+            ppid,
+            start_ns,
+            comm: format!("p{pid}"),
+            kernel_thread: false,
+            exited: false,
+        };
+        self.0.borrow_mut().insert(pid, info.clone());
+        info
+    }
+
+    fn die(&self, pid: u32) {
+        self.0.borrow_mut().remove(&pid);
+    }
+
+    fn reparent(&self, pid: u32, ppid: u32) {
+        if let Some(p) = self.0.borrow_mut().get_mut(&pid) {
+            p.ppid = ppid;
+        }
+    }
+}
+
+impl Procs for FakeProcs {
+    fn read(&self, pid: u32) -> Option<ProcInfo> {
+        self.0.borrow().get(&pid).cloned()
+    }
+
+    fn details(&self, pid: u32) -> Details {
+        Details {
+            cmdline: format!("cmd {pid}"),
+            uid: 1000,
+            rss_bytes: 0,
+        }
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        timeout_ms: 60_000,
+        memory_bytes: 100 * MIB,
+        tree_memory_bytes: None,
+        grace_ms: 1000,
+        orphans: OrphanPolicy::Kill,
+    }
+}
+
+struct World {
+    core: Core,
+    procs: FakeProcs,
+    clock: Clock,
+}
+
+/// Start times are the pid times 1,000 ns, kept under the clock's boot time.
+fn start(pid: u32) -> u64 {
+    u64::from(pid) * 1000
+}
+
+impl World {
+    fn new() -> Self {
+        Self::with(limits(), false)
+    }
+
+    fn with(defaults: Limits, dry_run: bool) -> Self {
+        let procs = FakeProcs::default();
+        procs.spawn(1, 0, 0);
+        Self {
+            core: Core::new(Settings { defaults, dry_run }, "host".into(), SELF_PID),
+            procs,
+            clock: Clock {
+                now: Instant::now(),
+                wall: SystemTime::now(),
+                boot_ns: 10_000_000_000,
+            },
+        }
+    }
+
+    /// A launcher (pid 50) starts `root`, which is registered as `id`.
+    fn register(&mut self, root: u32, id: &str, overrides: LimitOverrides) -> Vec<Action> {
+        self.procs.spawn(50, 1, start(50));
+        let info = self.procs.spawn(root, 50, start(root));
+        let registration = self
+            .core
+            .check_register(root, id, &overrides, 0, &self.procs)
+            .expect("registrable");
+        self.core
+            .adopt(registration, &[info], &self.clock)
+            .expect("adopted");
+        self.core.take_actions()
+    }
+
+    fn key(&self, id: &str) -> AnalysisKey {
+        self.core.registry().key(id).expect("registered")
+    }
+
+    fn fork(&mut self, pid: u32, ppid: u32) -> Vec<Action> {
+        self.procs.spawn(pid, ppid, start(pid));
+        let analysis = self.core.tree().get(ppid).expect("watched parent").analysis;
+        self.event(KernelEvent::Fork {
+            pid,
+            ppid,
+            analysis,
+            start_ns: start(pid),
+            comm: Comm::new("child"),
+            ts_ns: self.clock.boot_ns,
+        })
+    }
+
+    /// `pid` exits; its living children are reparented to init, as the kernel does.
+    fn exit(&mut self, pid: u32) -> Vec<Action> {
+        let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
+        self.procs.die(pid);
+        let children: Vec<u32> = self
+            .procs
+            .0
+            .borrow()
+            .values()
+            .filter(|p| p.ppid == pid)
+            .map(|p| p.pid)
+            .collect();
+        for child in children {
+            self.procs.reparent(child, 1);
+        }
+        self.event(KernelEvent::Exit {
+            pid,
+            analysis,
+            start_ns: start(pid),
+            exit_status: 0,
+        })
+    }
+
+    fn rss(&mut self, pid: u32, rss_bytes: u64) -> Vec<Action> {
+        let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
+        self.event(KernelEvent::Rss {
+            pid,
+            analysis,
+            rss_bytes,
+        })
+    }
+
+    fn event(&mut self, event: KernelEvent) -> Vec<Action> {
+        self.core.on_event(event, &self.procs, &self.clock);
+        self.core.take_actions()
+    }
+
+    fn advance(&mut self, by: Duration) -> Vec<Action> {
+        self.clock = self.clock.advanced(by);
+        self.core.on_tick(&self.procs, &self.clock);
+        self.core.take_actions()
+    }
+}
+
+fn signals(actions: &[Action]) -> Vec<(u32, Signal)> {
+    let mut out: Vec<(u32, Signal)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Signal(order) => Some((order.target.pid, order.signal)),
+            _ => None,
+        })
+        .collect();
+    out.sort_by_key(|(pid, _)| *pid);
+    out
+}
+
+fn records(actions: &[Action]) -> Vec<KillRecord> {
+    let mut out: Vec<KillRecord> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Record(r) => Some(r.as_ref().clone()),
+            _ => None,
+        })
+        .collect();
+    out.sort_by_key(|r| r.pid);
+    out
+}
+
+fn timeout(ms: u64) -> LimitOverrides {
+    LimitOverrides {
+        timeout_ms: Some(ms),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_timeout_sigterms_the_analysis_at_its_deadline_and_sigkills_what_ignores_it_after_the_grace() {
+    let mut w = World::new();
+    let actions = w.register(100, "a", timeout(2000));
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::SaveAnalysis(..)))
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::WatchLauncher { launcher, .. } if launcher.pid == 50))
+    );
+    w.fork(101, 100);
+    assert_eq!(
+        w.core.next_wakeup(),
+        Some(w.clock.now + Duration::from_secs(2))
+    );
+    assert!(
+        signals(&w.advance(Duration::from_millis(1999))).is_empty(),
+        "not before"
+    );
+    let actions = w.advance(Duration::from_millis(1));
+    assert_eq!(
+        signals(&actions),
+        [(100, Signal::SIGTERM), (101, Signal::SIGTERM)]
+    );
+    // The root obeys; the child ignores SIGTERM.
+    w.exit(100);
+    let actions = w.advance(Duration::from_millis(999));
+    assert!(signals(&actions).is_empty(), "the grace is not over");
+    let actions = w.advance(Duration::from_millis(1));
+    assert_eq!(signals(&actions), [(101, Signal::SIGKILL)]);
+    let actions = w.exit(101);
+    let records = records(&actions);
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].outcome, Outcome::ExitedAfterSigterm);
+    assert_eq!(records[1].outcome, Outcome::Killed);
+    assert!(
+        records
+            .iter()
+            .all(|r| r.reason == Reason::Timeout && r.limit == Some(2000))
+    );
+    assert_eq!(records[1].signals.len(), 2);
+    assert!(
+        !w.core.registry().is_empty(),
+        "a killed analysis lingers a moment"
+    );
+    let actions = w.advance(DYING_LINGER);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::ForgetAnalysis(..))),
+        "the analysis is over"
+    );
+    assert!(w.core.registry().is_empty());
+}
+
+#[test]
+fn a_process_over_its_memory_limit_is_killed_alone_and_once() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    assert!(
+        signals(&w.rss(101, 100 * MIB)).is_empty(),
+        "at the limit is not over it"
+    );
+    let actions = w.rss(101, 101 * MIB);
+    assert_eq!(signals(&actions), [(101, Signal::SIGTERM)]);
+    assert!(
+        signals(&w.rss(101, 150 * MIB)).is_empty(),
+        "one kill per violation"
+    );
+    let records = records(&w.exit(101));
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].reason, records[0].limit),
+        (Reason::Memory, Some(100 * MIB))
+    );
+    assert_eq!(
+        records[0].rss_bytes,
+        101 * MIB,
+        "the RSS when the kill started"
+    );
+    assert!(
+        w.core.tree().contains(100),
+        "the rest of the analysis lives on"
+    );
+}
+
+#[test]
+fn processes_under_their_own_limit_but_over_the_tree_limit_get_the_analysis_killed() {
+    let mut w = World::new();
+    w.register(
+        100,
+        "a",
+        LimitOverrides {
+            tree_memory_bytes: Some(250 * MIB),
+            ..Default::default()
+        },
+    );
+    w.fork(101, 100);
+    w.fork(102, 100);
+    w.rss(100, 80 * MIB);
+    w.rss(101, 80 * MIB);
+    assert!(signals(&w.rss(102, 80 * MIB)).is_empty(), "240 MiB: under");
+    let actions = w.rss(101, 95 * MIB);
+    assert_eq!(
+        signals(&actions),
+        [
+            (100, Signal::SIGTERM),
+            (101, Signal::SIGTERM),
+            (102, Signal::SIGTERM)
+        ]
+    );
+    assert_eq!(w.core.tree().rss_sum(w.key("a")), 255 * MIB);
+    assert!(
+        signals(&w.rss(102, 90 * MIB)).is_empty(),
+        "one kill per analysis"
+    );
+}
+
+#[test]
+fn the_poll_updates_rss_and_ignores_samples_of_recycled_pids() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    let stranger = ProcRef {
+        pid: 100,
+        start_ns: start(100) + 10_000_000_000,
+    };
+    w.core.on_poll(&[(stranger, 500 * MIB)], &w.procs, &w.clock);
+    assert!(signals(&w.core.take_actions()).is_empty());
+    let root = ProcRef {
+        pid: 100,
+        start_ns: start(100),
+    };
+    w.core.on_poll(&[(root, 500 * MIB)], &w.procs, &w.clock);
+    assert_eq!(signals(&w.core.take_actions()), [(100, Signal::SIGTERM)]);
+}
+
+#[test]
+fn a_child_whose_parent_dies_is_an_orphan_killed_with_its_subtree() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    w.fork(103, 102);
+    let actions = w.exit(101);
+    assert_eq!(
+        signals(&actions),
+        [(102, Signal::SIGTERM), (103, Signal::SIGTERM)]
+    );
+    let node = w.core.tree().get(102).unwrap();
+    assert!(node.orphan);
+    assert_eq!(node.ppid, 1, "the tree follows the kernel's reparenting");
+    assert!(!w.core.tree().get(103).unwrap().orphan, "its parent lives");
+    w.exit(103);
+    let records = records(&w.exit(102));
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].ppid, 101, "recorded with the parent that died");
+    assert!(
+        records
+            .iter()
+            .all(|r| r.reason == Reason::Orphan && r.limit.is_none())
+    );
+}
+
+#[test]
+fn a_child_already_dead_when_its_parents_exit_arrives_is_no_orphan() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    w.procs.die(102); // Its own exit is still queued behind its parent's.
+    let actions = w.exit(101);
+    assert!(signals(&actions).is_empty() && records(&actions).is_empty());
+    assert!(!w.core.tree().get(102).unwrap().orphan);
+}
+
+#[test]
+fn with_orphans_log_an_orphan_is_recorded_and_never_signalled() {
+    let mut w = World::new();
+    w.register(
+        100,
+        "a",
+        LimitOverrides {
+            orphans: Some(OrphanPolicy::Log),
+            ..Default::default()
+        },
+    );
+    w.fork(101, 100);
+    w.fork(102, 101);
+    let actions = w.exit(101);
+    assert!(signals(&actions).is_empty());
+    let records = records(&actions);
+    assert_eq!(records.len(), 1);
+    assert_eq!((records[0].pid, records[0].outcome), (102, Outcome::Logged));
+    assert!(w.core.tree().get(102).unwrap().orphan);
+    assert_eq!(w.core.counters().kills, 0, "a logged orphan is no kill");
+}
+
+#[test]
+fn a_root_whose_launcher_dies_is_an_orphan() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.procs.die(50);
+    w.procs.reparent(100, 1);
+    let root = ProcRef {
+        pid: 100,
+        start_ns: start(100),
+    };
+    w.core.on_launcher_exit(root, &w.procs, &w.clock);
+    assert_eq!(signals(&w.core.take_actions()), [(100, Signal::SIGTERM)]);
+}
+
+#[test]
+fn a_dry_run_records_what_it_would_kill_and_signals_nothing() {
+    let mut w = World::with(limits(), true);
+    w.register(100, "a", timeout(1000));
+    w.fork(101, 100);
+    let actions = w.advance(Duration::from_secs(1));
+    assert!(signals(&actions).is_empty());
+    let records = records(&actions);
+    assert_eq!(records.len(), 2);
+    assert!(
+        records
+            .iter()
+            .all(|r| r.outcome == Outcome::DryRun && r.signals.is_empty())
+    );
+    assert!(
+        w.core.tree().contains(100) && w.core.tree().contains(101),
+        "both live on"
+    );
+}
+
+#[test]
+fn a_process_gone_before_its_signal_is_recorded_as_already_gone() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    let actions = w.advance(Duration::from_secs(1));
+    let [Action::Signal(order)] = actions.as_slice() else {
+        panic!("one signal: {actions:?}");
+    };
+    w.core.on_signal_failed(*order, &w.clock);
+    let records = records(&w.core.take_actions());
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].outcome, Outcome::AlreadyGone);
+    assert!(records[0].signals.is_empty());
+}
+
+#[test]
+fn forks_into_a_dying_analysis_join_the_kill_and_after_the_grace_get_sigkill_at_once() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.advance(Duration::from_secs(1));
+    assert_eq!(signals(&w.fork(101, 100)), [(101, Signal::SIGTERM)]);
+    w.advance(Duration::from_secs(1));
+    assert_eq!(signals(&w.fork(102, 100)), [(102, Signal::SIGKILL)]);
+}
+
+#[test]
+fn a_member_that_appears_after_the_analysis_kill_ended_is_killed_on_arrival() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.fork(101, 100);
+    w.advance(Duration::from_secs(1));
+    w.exit(100);
+    // 101's kill is over when it exits; its child's fork event was lost, and the
+    // resync after the loss brings the child back from the kernel map.
+    let key = w.key("a");
+    w.procs.spawn(102, 101, start(102));
+    w.exit(101);
+    assert!(w.core.jobs().is_empty());
+    w.core
+        .resync(&[(102, key)], &w.procs, &w.clock, "lost events");
+    assert_eq!(signals(&w.core.take_actions()), [(102, Signal::SIGTERM)]);
+}
+
+#[test]
+fn an_exit_of_a_recycled_pid_leaves_the_watched_process_alone() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.event(KernelEvent::Exit {
+        pid: 101,
+        analysis: w.key("a"),
+        start_ns: start(101) + 50_000_000,
+        exit_status: 0,
+    });
+    assert!(w.core.tree().contains(101));
+}
+
+#[test]
+fn a_kill_signals_the_process_it_saw_by_pid_and_start_time() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    let actions = w.advance(Duration::from_secs(1));
+    let [Action::Signal(SignalOrder { target, .. })] = actions.as_slice() else {
+        panic!("one signal: {actions:?}");
+    };
+    assert_eq!(
+        *target,
+        ProcRef {
+            pid: 100,
+            start_ns: start(100)
+        }
+    );
+}
+
+#[test]
+fn what_must_never_be_watched_is_refused_and_nothing_changes() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.procs.spawn(SELF_PID, 1, 0);
+    let mut kthread = w.procs.spawn(2, 0, 0);
+    kthread.kernel_thread = true;
+    w.procs.0.borrow_mut().insert(2, kthread);
+    w.procs.spawn(200, 1, start(200));
+    let refused = |w: &World, pid: u32, id: &str, overrides: LimitOverrides| {
+        w.core
+            .check_register(pid, id, &overrides, 0, &w.procs)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(refused(&w, 1, "x", Default::default()).contains("init"));
+    assert!(refused(&w, SELF_PID, "x", Default::default()).contains("daemon itself"));
+    assert!(refused(&w, 2, "x", Default::default()).contains("kernel thread"));
+    assert!(refused(&w, 4242, "x", Default::default()).contains("no process"));
+    assert!(refused(&w, 100, "b", Default::default()).contains("already watched"));
+    assert!(refused(&w, 200, " ", Default::default()).contains("empty"));
+    assert!(refused(&w, 200, &"x".repeat(300), Default::default()).contains("at most"));
+    let zero = LimitOverrides {
+        memory_bytes: Some(0),
+        ..Default::default()
+    };
+    assert!(refused(&w, 200, "x", zero).contains("nothing was registered"));
+    assert_eq!((w.core.registry().len(), w.core.tree().len()), (1, 1));
+    assert!(w.core.take_actions().is_empty());
+}
+
+#[test]
+fn unregistering_stops_watching_and_ends_the_analysis() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.core.unregister(None, Some("a"), &w.clock).unwrap();
+    let actions = w.core.take_actions();
+    let unwatched: Vec<u32> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Unwatch(pid) => Some(*pid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(unwatched.len(), 2);
+    assert!(w.core.tree().is_empty() && w.core.registry().is_empty());
+    assert!(
+        w.core.unregister(Some(100), None, &w.clock).is_err(),
+        "not watched any more"
+    );
+}
+
+#[test]
+fn after_a_restart_passed_deadlines_are_enforced_and_processes_orphaned_in_the_gap_are_killed() {
+    let mut before = World::new();
+    before.register(100, "a", timeout(5000));
+    let key = before.key("a");
+    let entry = registry::entry_from_analysis(before.core.registry().get(key).unwrap());
+    // The daemon was down for 10 s: the deadline passed, 101's parent (102) died, and
+    // the root's launcher (50) too.
+    let mut w = World::new();
+    w.clock = before.clock.advanced(Duration::from_secs(10));
+    w.procs.spawn(100, 1, start(100));
+    w.procs.spawn(101, 1, start(101));
+    let roots = [(
+        100,
+        RootEntry {
+            analysis: key,
+            start_ns: start(100),
+            parent_start_ns: start(50),
+            parent_pid: 50,
+            _pad: 0,
+        },
+    )];
+    w.core.resume(
+        &[(key, entry)],
+        &roots,
+        &[(100, key), (101, key)],
+        &w.procs,
+        &w.clock,
+    );
+    let actions = w.core.take_actions();
+    assert_eq!(
+        signals(&actions),
+        [(100, Signal::SIGTERM), (101, Signal::SIGTERM)]
+    );
+    assert!(w.core.tree().get(100).unwrap().orphan && w.core.tree().get(101).unwrap().orphan);
+    assert!(
+        w.core.next_wakeup().is_some_and(|at| at <= w.clock.now),
+        "the deadline is due"
+    );
+    let actions = w.advance(Duration::ZERO);
+    assert!(
+        signals(&actions).is_empty(),
+        "already being killed: no second kill"
+    );
+    assert!(w.core.registry().get(key).unwrap().violation.is_some());
+}
+
+#[test]
+fn a_resync_drops_what_the_kernel_map_lost_and_adds_what_it_has() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    let key = w.key("a");
+    w.procs.spawn(102, 100, start(102));
+    w.core.resync(
+        &[(100, key), (102, key), (7, 999)],
+        &w.procs,
+        &w.clock,
+        "lost events",
+    );
+    let actions = w.core.take_actions();
+    assert!(!w.core.tree().contains(101) && w.core.tree().contains(102));
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Unwatch(7))),
+        "an unknown analysis' entry"
+    );
+    assert_eq!(w.core.counters().resyncs, 1);
+}
+
+#[test]
+fn the_process_table_is_sent_only_when_it_changed() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    let rows = w.core.process_rows(&w.clock).unwrap();
+    assert_eq!((rows.len(), rows[0].state.as_str()), (1, "running"));
+    assert!(w.core.process_rows(&w.clock).is_none());
+    w.rss(100, MIB);
+    assert!(
+        w.core.process_rows(&w.clock).is_none(),
+        "RSS reports change no row"
+    );
+    w.fork(101, 100);
+    assert_eq!(w.core.process_rows(&w.clock).unwrap().len(), 2);
+}
