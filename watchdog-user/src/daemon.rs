@@ -122,6 +122,7 @@ pub async fn run(options: Options) -> Result<()> {
         last_poll_us: 0,
         poll_started: None,
         poll_tx,
+        loop_longest: Duration::ZERO,
     };
     daemon.start();
     tracing::info!(
@@ -141,38 +142,52 @@ pub async fn run(options: Options) -> Result<()> {
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
     loop {
-        tokio::select! {
-            Some(batch) = event_rx.recv() => daemon.on_events(batch),
-            Some((request, reply)) = call_rx.recv() => match request {
-                Request::Stall { ms } if options.test_faults => {
-                    let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
-                    tracing::warn!(ms, "test fault: main loop stalled");
-                    std::thread::sleep(Duration::from_millis(ms));
-                }
-                Request::Events { filter } => daemon.answer_events(filter, reply),
-                Request::Status => daemon.answer_status(reply),
-                request => {
-                    let _ = reply.send(daemon.handle(request));
-                }
-            },
-            _ = processes_sync.tick() => daemon.sync_processes(),
-            _ = heartbeat.tick(), if heartbeat_every.is_some() => supervise::heartbeat(&daemon.status_line()),
-            _ = loss_check.tick() => daemon.repair_losses(),
-            _ = poll.tick() => daemon.start_poll(),
-            Some(samples) = poll_rx.recv() => daemon.on_poll(samples),
-            Some(root) = launcher_rx.recv() => daemon.on_launcher_exit(root),
-            _ = sleep_until_next(daemon.core.next_wakeup()) => daemon.on_tick(),
+        // Every input, typed; then handled and timed, so the loop's longest stall is
+        // known (status, /metrics) rather than guessed.
+        let input = tokio::select! {
+            Some(batch) = event_rx.recv() => Input::Events(batch),
+            Some(call) = call_rx.recv() => Input::Call(call),
+            _ = processes_sync.tick() => Input::SyncProcesses,
+            _ = heartbeat.tick(), if heartbeat_every.is_some() => Input::Heartbeat,
+            _ = loss_check.tick() => Input::LossCheck,
+            _ = poll.tick() => Input::Poll,
+            Some(samples) = poll_rx.recv() => Input::PollDone(samples),
+            Some(root) = launcher_rx.recv() => Input::LauncherExit(root),
+            _ = sleep_until_next(daemon.core.next_wakeup()) => Input::Tick,
             ended = &mut ingest_task => {
                 bail!("the ring buffer reader stopped: {:?}", ended.map(|r| r.map_err(|e| format!("{e:#}"))));
             }
-            _ = sighup.recv() => {
+            _ = sighup.recv() => Input::Reload,
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        };
+        let began = Instant::now();
+        match input {
+            Input::Events(batch) => daemon.on_events(batch),
+            Input::Call((Request::Stall { ms }, reply)) if options.test_faults => {
+                let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
+                tracing::warn!(ms, "test fault: main loop stalled");
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            Input::Call((Request::Events { filter }, reply)) => daemon.answer_events(filter, reply),
+            Input::Call((Request::Status, reply)) => daemon.answer_status(reply),
+            Input::Call((request, reply)) => {
+                let _ = reply.send(daemon.handle(request));
+            }
+            Input::SyncProcesses => daemon.sync_processes(),
+            Input::Heartbeat => supervise::heartbeat(&daemon.status_line()),
+            Input::LossCheck => daemon.repair_losses(),
+            Input::Poll => daemon.start_poll(),
+            Input::PollDone(samples) => daemon.on_poll(samples),
+            Input::LauncherExit(root) => daemon.on_launcher_exit(root),
+            Input::Tick => daemon.on_tick(),
+            Input::Reload => {
                 if let Some(every) = daemon.reload(&options) {
                     poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 }
             }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
         }
+        daemon.loop_longest = daemon.loop_longest.max(began.elapsed());
     }
     supervise::stopping();
     tracing::info!("watchdog stopping");
@@ -190,6 +205,20 @@ async fn sleep_until_next(at: Option<Instant>) {
 /// (process, RSS) of watched processes, read off the loop.
 type PollSamples = Vec<(ProcRef, u64)>;
 
+/// What the loop takes in.
+enum Input {
+    Events(ingest::Batch),
+    Call(Call),
+    SyncProcesses,
+    Heartbeat,
+    LossCheck,
+    Poll,
+    PollDone((PollSamples, Instant)),
+    LauncherExit(ProcRef),
+    Tick,
+    Reload,
+}
+
 /// The loop's state: the rules core, the effects, and the bookkeeping of the I/O that
 /// runs beside them.
 struct Daemon {
@@ -203,6 +232,8 @@ struct Daemon {
     last_poll_us: u64,
     poll_started: Option<Instant>,
     poll_tx: mpsc::UnboundedSender<(PollSamples, Instant)>,
+    /// The longest the loop took over one input since start.
+    loop_longest: Duration,
 }
 
 impl Daemon {
@@ -376,6 +407,7 @@ impl Daemon {
             lost_events: self.effects.kernel.lost_events(),
             watch_map_full: self.effects.kernel.watch_map_full(),
             last_poll_us: self.last_poll_us,
+            loop_longest_us: u64::try_from(self.loop_longest.as_micros()).unwrap_or(u64::MAX),
         }
     }
 

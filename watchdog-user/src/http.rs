@@ -132,6 +132,13 @@ pub fn prometheus_text(s: &Status) -> String {
     );
     metric(
         &mut out,
+        "watchdog_loop_longest_seconds",
+        "gauge",
+        "The longest the daemon loop spent on one input since start.",
+        &one(s.loop_longest_ms / 1000.0),
+    );
+    metric(
+        &mut out,
         "watchdog_ring_buffer_drops_total",
         "counter",
         "Events the kernel could not put in the ring buffer.",

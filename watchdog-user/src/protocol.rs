@@ -134,6 +134,10 @@ pub struct Status {
     pub rss_reports: u64,
     /// Duration of the last reconcile poll (RSS of every watched process), ms.
     pub last_poll_ms: f64,
+    /// The longest the daemon's loop spent on one input since start (a batch of kernel
+    /// events, a request, a poll's results), ms: how late anything else could be.
+    #[serde(default)]
+    pub loop_longest_ms: f64,
     pub grace_count: usize,
     pub kills_total: u64,
     /// Processes killed (or recorded, for logged orphans and dry runs) by reason.

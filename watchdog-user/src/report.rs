@@ -94,6 +94,7 @@ pub struct KernelCounters {
     pub lost_events: u64,
     pub watch_map_full: u64,
     pub last_poll_us: u64,
+    pub loop_longest_us: u64,
 }
 
 pub fn status(
@@ -127,6 +128,7 @@ pub fn status(
         resyncs: counters.resyncs,
         rss_reports: counters.rss_reports,
         last_poll_ms: kernel.last_poll_us as f64 / 1000.0,
+        loop_longest_ms: kernel.loop_longest_us as f64 / 1000.0,
         grace_count: core.jobs().iter().map(|j| j.pending_count()).sum(),
         kills_total: counters.kills,
         kills_by_reason,
