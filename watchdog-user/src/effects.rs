@@ -37,6 +37,14 @@ impl PidFd {
     /// Opens `pid` and checks it is still the process that started at `start_ns`.
     /// None when it is gone or the PID now names another process.
     pub fn open_verified(process: ProcRef) -> Option<Self> {
+        Self::open_checked(process, |_| true)
+    }
+
+    /// Opens `process` if it is still the one that started at its start time and
+    /// `accept` takes what /proc says of it: one read, after the open (had the PID been
+    /// recycled before the open, the start time read then is the new process'; after
+    /// the open the fd is bound).
+    fn open_checked(process: ProcRef, accept: impl Fn(&ProcInfo) -> bool) -> Option<Self> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.pid as libc::pid_t, 0) };
         if fd < 0 {
@@ -44,11 +52,9 @@ impl PidFd {
         }
         // SAFETY: the kernel just returned this fd to us; nothing else owns it.
         let pidfd = Self(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-        // Checked after opening: had the PID been recycled before the open, the start
-        // time read now is the new process'; after the open the fd is bound.
-        let same =
-            procs::read(process.pid).is_some_and(|p| same_start(p.start_ns, process.start_ns));
-        same.then_some(pidfd)
+        procs::read(process.pid)
+            .filter(|p| same_start(p.start_ns, process.start_ns) && accept(p))
+            .map(|_| pidfd)
     }
 
     pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
@@ -147,17 +153,20 @@ impl Effects {
     fn signal(&mut self, order: SignalOrder) -> bool {
         let pid = order.target.pid;
         // The last line of defence: whatever the rules say, these are never signalled.
-        if pid <= 1 || pid == self.self_pid || procs::read(pid).is_some_and(|p| p.kernel_thread) {
-            tracing::error!(
-                pid,
-                "refusing to signal init, the daemon or a kernel thread"
-            );
+        if pid <= 1 || pid == self.self_pid {
+            tracing::error!(pid, "refusing to signal init or the daemon");
             return false;
         }
+        let not_a_kernel_thread = |p: &ProcInfo| {
+            if p.kernel_thread {
+                tracing::error!(pid, "refusing to signal a kernel thread");
+            }
+            !p.kernel_thread
+        };
         let pidfd = match self.pidfds.entry(order.target) {
             std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
-                let Some(pidfd) = PidFd::open_verified(order.target) else {
+                let Some(pidfd) = PidFd::open_checked(order.target, not_a_kernel_thread) else {
                     return false;
                 };
                 slot.insert(pidfd)
