@@ -55,6 +55,8 @@ pub struct Options {
     pub pin_dir: PathBuf,
     /// Drop pinned state first.
     pub fresh: bool,
+    /// Turn the kernel programs' error reports on and forward them to this log.
+    pub kernel_log: bool,
     /// /status and /metrics listener.
     pub http: Option<std::net::SocketAddr>,
     /// What the options were resolved from, to resolve them again on SIGHUP.
@@ -71,12 +73,20 @@ pub async fn run(options: Options) -> Result<()> {
             "--ring-bytes {bytes} is not a power of two of at least 4096: the kernel requires one"
         );
     }
-    let (kernel, ring) = Kernel::load(
+    let (mut kernel, ring) = Kernel::load(
         &options.btf,
         options.ring_bytes,
         &options.pin_dir,
         options.fresh,
+        options.kernel_log,
     )?;
+    if let Some(logger) = kernel.take_logger() {
+        tokio::spawn(async move {
+            if let Err(err) = kernel::forward_kernel_log(logger).await {
+                tracing::error!("kernel log reading stopped: {err:#}");
+            }
+        });
+    }
     let (event_tx, mut event_rx) = mpsc::channel(ingest::CHANNEL_BATCHES);
     let mut ingest_task = tokio::spawn(ingest::run(ring, event_tx));
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
@@ -453,10 +463,11 @@ impl Daemon {
             || new.state_dir != running.state_dir
             || new.pin_dir != running.pin_dir
             || new.http != running.http
+            || new.kernel_log != running.kernel_log
             || new.database.as_ref().map(|u| &u.url) != running.database.as_ref().map(|u| &u.url);
         if needs_restart {
             tracing::warn!(
-                "socket, database, state, pin and http settings change only with a restart"
+                "socket, database, state, pin, http and kernel-log settings change only with a restart"
             );
         }
         self.core.set_settings(Settings {
