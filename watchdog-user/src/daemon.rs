@@ -116,15 +116,16 @@ pub async fn run(options: Options) -> Result<()> {
     )?;
     let (launcher_tx, mut launcher_rx) = mpsc::unbounded_channel();
     let (poll_tx, mut poll_rx) = mpsc::unbounded_channel();
+    let settings = Settings {
+        defaults: options.defaults.clone(),
+        dry_run: options.dry_run,
+        machine_memory: read_machine_memory(),
+    };
+    if let Some(warning) = settings.unreachable_default() {
+        tracing::warn!("{warning}");
+    }
     let mut daemon = Daemon {
-        core: Core::new(
-            Settings {
-                defaults: options.defaults.clone(),
-                dry_run: options.dry_run,
-            },
-            host,
-            std::process::id(),
-        ),
+        core: Core::new(settings, host, std::process::id()),
         effects: Effects::new(kernel, store_tx, launcher_tx),
         started: Instant::now(),
         poll_interval: options.poll_interval,
@@ -187,6 +188,20 @@ pub async fn run(options: Options) -> Result<()> {
     supervise::stopping();
     tracing::info!("watchdog stopping");
     Ok(())
+}
+
+/// The machine's total memory, once, at start (sysinfo reads /proc/meminfo).
+fn read_machine_memory() -> Option<u64> {
+    let started = Instant::now();
+    let total = procs::machine_memory();
+    let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    match total {
+        Some(bytes) => tracing::debug!(bytes, took_us, "machine memory read (sysinfo)"),
+        None => tracing::warn!(
+            "the machine's total memory could not be read: memory limits are not checked against it"
+        ),
+    }
+    total
 }
 
 /// Sleeps until `at`, or forever when nothing is scheduled.
@@ -470,10 +485,15 @@ impl Daemon {
                 "socket, database, state, pin, http and kernel-log settings change only with a restart"
             );
         }
-        self.core.set_settings(Settings {
+        let settings = Settings {
             defaults: new.defaults.clone(),
             dry_run: new.dry_run,
-        });
+            machine_memory: self.core.settings().machine_memory,
+        };
+        if let Some(warning) = settings.unreachable_default() {
+            tracing::warn!("{warning}");
+        }
+        self.core.set_settings(settings);
         self.poll_interval = new.poll_interval;
         tracing::info!(defaults = ?new.defaults, dry_run = new.dry_run, poll = ?new.poll_interval, "settings reloaded");
         Some(new.poll_interval)
