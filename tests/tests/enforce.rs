@@ -468,6 +468,8 @@ fn bad_limits_are_refused_with_a_clear_error_and_nothing_is_registered() -> Resu
         ("--timeout", "0s", "more than 0"),
         ("--memory", "lots", "such as 512MiB"),
         ("--memory", "0", "more than 0"),
+        // No process' RSS can pass the machine's memory (read with sysinfo at start).
+        ("--memory", "1PiB", "more than this machine's"),
         ("--tree-memory", "0B", "more than 0"),
         ("--grace", "soon", "such as 90s"),
         ("--orphans", "maybe", "possible values: kill, log"),

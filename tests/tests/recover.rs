@@ -149,3 +149,41 @@ fn fresh_drops_the_pinned_state_deliberately() -> Result<()> {
     assert!(alive(work.pid()), "and touches no process");
     Ok(())
 }
+
+/// `--kernel-log`: the programs with their error reports pass the verifier and follow
+/// forks; the reports' ring and switch are pinned with the other maps, and a restarted
+/// daemon resuming the programs reads them. No program fails in normal work.
+#[test]
+fn with_kernel_log_the_programs_load_follow_forks_and_resume() -> Result<()> {
+    let mut daemon = Daemon::start_with(&[], &["--kernel-log"])?;
+    let mut work = Workload::python(FORKS_CONTINUOUSLY, &[])?;
+    daemon.register(work.pid(), "logged")?;
+    work.send("go")?;
+    await_child_watched(&daemon, &mut work)?;
+    for map in ["AYA_LOGS", "KERNEL_LOG"] {
+        assert!(daemon.pin_dir.join(map).exists(), "{map} pinned");
+    }
+    daemon.restart()?;
+    await_child_watched(&daemon, &mut work)?;
+    let log = daemon.log();
+    assert!(log.contains("resuming"), "{log}");
+    assert_eq!(log.matches("kernel log on").count(), 2, "{log}");
+    assert!(!log.contains("watchdog_ebpf"), "a program failed: {log}");
+    Ok(())
+}
+
+/// The next child FORKS_CONTINUOUSLY reports, once the daemon has it in the tree.
+fn await_child_watched(daemon: &Daemon, work: &mut Workload) -> Result<()> {
+    let child = loop {
+        if let Some(pid) = work.read_line()?.strip_prefix("child ") {
+            break pid.parse::<u32>()?;
+        }
+    };
+    await_state(&format!("child {child} watched"), || {
+        let roots = daemon.tree(None)?;
+        Ok(all_nodes(&roots)
+            .iter()
+            .any(|n| n.pid == child)
+            .then_some(()))
+    })
+}

@@ -22,6 +22,15 @@ pub const MAX_ANALYSES: u32 = 1 << 14;
 /// Longest analysis id, bytes.
 pub const ANALYSIS_ID_MAX: usize = 256;
 
+/// Name of the one-entry switch (`u32`, 1 = on) the daemon writes at each start from
+/// `run --kernel-log`: whether the programs put their error reports in [`LOGS_MAP`].
+/// A map, not a load-time global, because pinned programs outlive the daemon that
+/// loaded them: each restarted daemon decides for itself.
+pub const KERNEL_LOG_MAP: &str = "KERNEL_LOG";
+/// Name of aya-log-ebpf's ring buffer of log records (aya-log-ebpf 0.2 names it so;
+/// 128 KiB). Pinned, so a restarted daemon reads what the resumed programs write.
+pub const LOGS_MAP: &str = "AYA_LOGS";
+
 /// Name of the global holding the [`Config`] the daemon fills in at load time.
 pub const CONFIG_GLOBAL: &str = "WATCHDOG_CONFIG";
 

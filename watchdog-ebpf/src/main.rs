@@ -8,6 +8,10 @@
 //!
 //! tp_btf programs: they need no tracefs, and give us the `task_struct` pointers. The
 //! struct offsets come from the running kernel's BTF through `WATCHDOG_CONFIG`.
+//!
+//! A program that fails (a kernel read refused) reports it with one aya-log `error!`
+//! record naming the program and the error code, when the daemon reads them
+//! (`run --kernel-log`). Only failures report: nothing of it is on the success path.
 #![no_std]
 #![no_main]
 
@@ -22,6 +26,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
+use aya_log_ebpf::error;
 use watchdog_common::{
     AnalysisEntry, Config, Event, EventKind, MAX_ANALYSES, MAX_WATCHED, ProcRecord, RING_BYTES,
     RootEntry, RssSample, WALK_MAX_DEPTH, WalkTarget, WatchEntry,
@@ -56,6 +61,11 @@ static ROOTS: HashMap<u32, RootEntry> = HashMap::with_max_entries(MAX_ANALYSES, 
 #[map]
 static WALK_TARGET: Array<WalkTarget> = Array::with_max_entries(1, 0);
 
+/// 1 while a daemon reads the error reports (`run --kernel-log`); written by the daemon
+/// at each start and pinned, so resumed programs follow the daemon now running.
+#[map]
+static KERNEL_LOG: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Read through a volatile load: the loader rewrites the global after compilation, so
 /// LLVM must not fold the zeros it sees here into the code.
 fn config() -> Config {
@@ -70,6 +80,18 @@ fn current_tgid() -> u32 {
 fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }
         .map_err(|e| e as i64)
+}
+
+/// Reports a failed program: one `error!` record with its name and the error code (a
+/// negative errno, e.g. -14 EFAULT or -34 ERANGE for a kernel read refused), when a daemon reads them.
+/// Called only once the program has failed. aya-log-ebpf's own global level
+/// (`AYA_LOG_LEVEL`) is left at its default: it is fixed when the programs are loaded,
+/// while [`KERNEL_LOG`] follows each restarted daemon.
+#[inline(always)]
+fn report<C>(ctx: &C, program: &str, code: i64) {
+    if KERNEL_LOG.get(0).is_some_and(|on| *on != 0) {
+        error!(ctx, target: "watchdog_ebpf", "{} failed: error {}", program, code);
+    }
 }
 
 fn bump(counter: &PerCpuArray<u64>) {
@@ -123,7 +145,9 @@ fn emit(record: Record) {
 
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> u32 {
-    let _ = try_fork(&ctx);
+    if let Err(code) = try_fork(&ctx) {
+        report(&ctx, "sched_process_fork", code);
+    }
     0
 }
 
@@ -165,7 +189,9 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
-    let _ = try_exit(&ctx);
+    if let Err(code) = try_exit(&ctx) {
+        report(&ctx, "sched_process_exit", code);
+    }
     0
 }
 
@@ -247,7 +273,9 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
 /// for the daemon's tree sums.
 #[btf_tracepoint(function = "rss_stat")]
 pub fn rss_stat(ctx: BtfTracePointContext) -> u32 {
-    let _ = try_rss_stat(&ctx);
+    if let Err(code) = try_rss_stat(&ctx) {
+        report(&ctx, "rss_stat", code);
+    }
     0
 }
 
@@ -324,7 +352,9 @@ struct IterTaskCtx {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
 pub fn rss_iter(ctx: *mut core::ffi::c_void) -> i32 {
-    let _ = try_rss_iter(ctx.cast());
+    if let Err(code) = try_rss_iter(ctx.cast()) {
+        report(&ctx, "rss_iter", code);
+    }
     0
 }
 
@@ -370,7 +400,9 @@ fn try_rss_iter(ctx: *const IterTaskCtx) -> Result<(), i64> {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
 pub fn descendants_iter(ctx: *mut core::ffi::c_void) -> i32 {
-    let _ = try_descendants_iter(ctx.cast());
+    if let Err(code) = try_descendants_iter(ctx.cast()) {
+        report(&ctx, "descendants_iter", code);
+    }
     0
 }
 

@@ -74,6 +74,9 @@ pub struct RunArgs {
     /// Log every kill that would be made; signal nothing.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub dry_run: Option<bool>,
+    /// Log the kernel programs' error reports (read with aya-log; off: they write none).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub kernel_log: Option<bool>,
     /// Ring buffer size in bytes (tests use a tiny one to provoke losses).
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -146,6 +149,7 @@ impl RunArgs {
             orphans: self.orphans.or(file.orphans),
             poll_interval: self.poll_interval.clone().or(file.poll_interval),
             dry_run: self.dry_run.or(file.dry_run),
+            kernel_log: self.kernel_log.or(file.kernel_log),
             ring_bytes: self.ring_bytes,
             test_faults: self.test_faults,
         }
@@ -197,6 +201,7 @@ impl RunArgs {
             state_dir: all.state_dir.unwrap_or_else(|| "/var/lib/watchdog".into()),
             pin_dir: all.pin_dir.unwrap_or_else(|| "/sys/fs/bpf/watchdog".into()),
             fresh: all.fresh,
+            kernel_log: all.kernel_log.unwrap_or(false),
             http,
             args: self.clone(),
         })

@@ -55,6 +55,8 @@ pub struct Options {
     pub pin_dir: PathBuf,
     /// Drop pinned state first.
     pub fresh: bool,
+    /// Turn the kernel programs' error reports on and forward them to this log.
+    pub kernel_log: bool,
     /// /status and /metrics listener.
     pub http: Option<std::net::SocketAddr>,
     /// What the options were resolved from, to resolve them again on SIGHUP.
@@ -71,12 +73,20 @@ pub async fn run(options: Options) -> Result<()> {
             "--ring-bytes {bytes} is not a power of two of at least 4096: the kernel requires one"
         );
     }
-    let (kernel, ring) = Kernel::load(
+    let (mut kernel, ring) = Kernel::load(
         &options.btf,
         options.ring_bytes,
         &options.pin_dir,
         options.fresh,
+        options.kernel_log,
     )?;
+    if let Some(logger) = kernel.take_logger() {
+        tokio::spawn(async move {
+            if let Err(err) = kernel::forward_kernel_log(logger).await {
+                tracing::error!("kernel log reading stopped: {err:#}");
+            }
+        });
+    }
     let (event_tx, mut event_rx) = mpsc::channel(ingest::CHANNEL_BATCHES);
     let mut ingest_task = tokio::spawn(ingest::run(ring, event_tx));
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
@@ -106,15 +116,16 @@ pub async fn run(options: Options) -> Result<()> {
     )?;
     let (launcher_tx, mut launcher_rx) = mpsc::unbounded_channel();
     let (poll_tx, mut poll_rx) = mpsc::unbounded_channel();
+    let settings = Settings {
+        defaults: options.defaults.clone(),
+        dry_run: options.dry_run,
+        machine_memory: read_machine_memory(),
+    };
+    if let Some(warning) = settings.unreachable_default() {
+        tracing::warn!("{warning}");
+    }
     let mut daemon = Daemon {
-        core: Core::new(
-            Settings {
-                defaults: options.defaults.clone(),
-                dry_run: options.dry_run,
-            },
-            host,
-            std::process::id(),
-        ),
+        core: Core::new(settings, host, std::process::id()),
         effects: Effects::new(kernel, store_tx, launcher_tx),
         started: Instant::now(),
         poll_interval: options.poll_interval,
@@ -192,6 +203,20 @@ pub async fn run(options: Options) -> Result<()> {
     supervise::stopping();
     tracing::info!("watchdog stopping");
     Ok(())
+}
+
+/// The machine's total memory, once, at start (sysinfo reads /proc/meminfo).
+fn read_machine_memory() -> Option<u64> {
+    let started = Instant::now();
+    let total = procs::machine_memory();
+    let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    match total {
+        Some(bytes) => tracing::debug!(bytes, took_us, "machine memory read (sysinfo)"),
+        None => tracing::warn!(
+            "the machine's total memory could not be read: memory limits are not checked against it"
+        ),
+    }
+    total
 }
 
 /// Sleeps until `at`, or forever when nothing is scheduled.
@@ -485,16 +510,22 @@ impl Daemon {
             || new.state_dir != running.state_dir
             || new.pin_dir != running.pin_dir
             || new.http != running.http
+            || new.kernel_log != running.kernel_log
             || new.database.as_ref().map(|u| &u.url) != running.database.as_ref().map(|u| &u.url);
         if needs_restart {
             tracing::warn!(
-                "socket, database, state, pin and http settings change only with a restart"
+                "socket, database, state, pin, http and kernel-log settings change only with a restart"
             );
         }
-        self.core.set_settings(Settings {
+        let settings = Settings {
             defaults: new.defaults.clone(),
             dry_run: new.dry_run,
-        });
+            machine_memory: self.core.settings().machine_memory,
+        };
+        if let Some(warning) = settings.unreachable_default() {
+            tracing::warn!("{warning}");
+        }
+        self.core.set_settings(settings);
         self.poll_interval = new.poll_interval;
         tracing::info!(defaults = ?new.defaults, dry_run = new.dry_run, poll = ?new.poll_interval, "settings reloaded");
         Some(new.poll_interval)

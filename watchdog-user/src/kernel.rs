@@ -10,9 +10,11 @@ use aya::{
 };
 use watchdog_common::{
     ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, EVENTS_MAP,
-    ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER, RootEntry, RssSample, WALK_TARGET_MAP,
-    WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
+    KERNEL_LOG_MAP, LOGS_MAP, ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER, RootEntry, RssSample,
+    WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
 };
+
+use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::btf::KernelBtf;
 
@@ -26,6 +28,10 @@ const TRACEPOINTS: [&str; 4] = [
     "sched_process_exec",
     "rss_stat",
 ];
+
+/// Reads the programs' error reports (aya-log records in `AYA_LOGS`) and hands them to
+/// the `log` crate, which tracing-subscriber's LogTracer forwards to the daemon's log.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 pub struct Kernel {
     /// Owns the loaded object; the links are pinned, so they outlive it.
@@ -42,6 +48,8 @@ pub struct Kernel {
     walk_target: Array<MapData, WalkTarget>,
     /// The pinned descendants iterator; without it registration scans /proc.
     descendants_iter: Option<PathBuf>,
+    /// The reader of the programs' error reports, with `--kernel-log`, until taken.
+    logger: Option<KernelLogger>,
 }
 
 /// Attaches a task iterator and pins its link: each read of the pin runs it afresh.
@@ -131,7 +139,7 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 7] = [
+const PINNED_MAPS: [&str; 9] = [
     WATCHED_MAP,
     EVENTS_MAP,
     DROPS_MAP,
@@ -140,6 +148,10 @@ const PINNED_MAPS: [&str; 7] = [
     ROOTS_MAP,
     // Pinned too so that a restarted daemon writes the map the pinned iterator reads.
     WALK_TARGET_MAP,
+    // The error reports and their switch: a restarted daemon reads the reports the
+    // resumed programs write, and turns them on or off for them.
+    LOGS_MAP,
+    KERNEL_LOG_MAP,
 ];
 
 fn link_pin(pin_dir: &Path, tracepoint: &str) -> PathBuf {
@@ -192,11 +204,14 @@ impl Kernel {
     /// following the watched processes) and only the maps are reopened: `resumed` says so.
     /// Returns the kernel handle and the ring buffer for [`crate::ingest`].
     /// `ring_bytes` overrides the ring buffer's size (a power of two, at least a page).
+    /// `kernel_log` turns the programs' error reports on (and keeps their reader for
+    /// [`Self::take_logger`]) or off.
     pub fn load(
         btf_path: &Path,
         ring_bytes: Option<u32>,
         pin_dir: &Path,
         fresh: bool,
+        kernel_log: bool,
     ) -> Result<(Self, RingBuf<MapData>)> {
         let mut config = KernelBtf::from_file(btf_path)?.program_config()?;
         config.wake_watermark = u64::from(ring_bytes.unwrap_or(RING_BYTES) / 4);
@@ -210,7 +225,7 @@ impl Kernel {
         }
         ensure_bpffs(pin_dir).map_err(|e| refused("pin its maps", e))?;
         let resumed = programs_pinned(pin_dir);
-        let loaded = Self::load_pinned(&btf, &config, ring_bytes, pin_dir, resumed);
+        let loaded = Self::load_pinned(&btf, &config, ring_bytes, pin_dir, resumed, kernel_log);
         if loaded.is_err() && !resumed {
             // Refused: leave no half-made pinned state behind.
             let _ = drop_pins(pin_dir);
@@ -224,6 +239,7 @@ impl Kernel {
         ring_bytes: Option<u32>,
         pin_dir: &Path,
         resumed: bool,
+        kernel_log: bool,
     ) -> Result<(Self, RingBuf<MapData>)> {
         let mut loader = EbpfLoader::new();
         loader
@@ -265,6 +281,7 @@ impl Kernel {
             (rss_iter, descendants_iter)
         };
         let ring = RingBuf::try_from(take(&mut ebpf, EVENTS_MAP)?)?;
+        let logger = set_kernel_log(&mut ebpf, kernel_log)?;
         let kernel = Self {
             watched: HashMap::try_from(take(&mut ebpf, WATCHED_MAP)?)?,
             drops: PerCpuArray::try_from(take(&mut ebpf, DROPS_MAP)?)?,
@@ -275,9 +292,15 @@ impl Kernel {
             rss_iter,
             walk_target: Array::try_from(take(&mut ebpf, WALK_TARGET_MAP)?)?,
             descendants_iter,
+            logger,
             _ebpf: ebpf,
         };
         Ok((kernel, ring))
+    }
+
+    /// The reader of the programs' error reports, when loaded with `kernel_log`.
+    pub fn take_logger(&mut self) -> Option<KernelLogger> {
+        self.logger.take()
     }
 
     /// The pinned RSS iterator, if this kernel runs one (see [`read_rss_iter`]).
@@ -375,6 +398,43 @@ impl Kernel {
 
     pub fn watch_map_full(&self) -> u64 {
         sum_per_cpu(&self.watch_full)
+    }
+}
+
+/// Turns the programs' error reports on or off (the switch is pinned: resumed programs
+/// follow this daemon), and with them on, takes the reader of their ring.
+fn set_kernel_log(ebpf: &mut Ebpf, on: bool) -> Result<Option<KernelLogger>> {
+    let mut switch: Array<MapData, u32> = Array::try_from(take(ebpf, KERNEL_LOG_MAP)?)?;
+    switch
+        .set(0, u32::from(on), 0)
+        .context("setting the kernel log switch")?;
+    if !on {
+        return Ok(None);
+    }
+    let logger = aya_log::EbpfLogger::init(ebpf)
+        .map_err(|e| anyhow!("reading the kernel programs' log ({LOGS_MAP}): {e}"))?;
+    tracing::info!("kernel log on: the programs' error reports go to this log");
+    Ok(Some(logger))
+}
+
+/// Forwards the programs' error reports as they come, to the end. aya-log panics on a
+/// record it cannot decode (e.g. one from programs of another aya-log version): then
+/// this stops, with a line saying so, and the daemon carries on.
+pub async fn forward_kernel_log(logger: KernelLogger) -> Result<()> {
+    // SAFETY: the logger owns its ring buffer's fd and keeps it open, unchanged, for its
+    // whole life, and the AsyncFd owns the logger.
+    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(|e| anyhow!("registering the kernel log with the reactor: {e}"))?;
+    loop {
+        let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            logger.get_mut().flush();
+        }));
+        if flushed.is_err() {
+            tracing::error!("a kernel log record could not be decoded: kernel log reading stopped");
+            return Ok(());
+        }
+        let mut guard = logger.readable_mut().await?;
+        guard.clear_ready();
     }
 }
 

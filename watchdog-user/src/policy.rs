@@ -118,6 +118,26 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(size.as_u64())
 }
 
+/// `bytes` for people, with one decimal in the largest unit that fits, rounded down
+/// (`up`: up). Rounded down, a figure passed back as a limit is never more than `bytes`.
+pub fn size_rounded(bytes: u64, up: bool) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    let Some(unit) = (0..UNITS.len()).rev().find(|u| bytes >> (10 * (u + 1)) > 0) else {
+        return format!("{bytes} B");
+    };
+    let scale = 1u128 << (10 * (unit + 1));
+    let scaled = u128::from(bytes) * 10;
+    let tenths = if up {
+        scaled.div_ceil(scale)
+    } else {
+        scaled / scale
+    };
+    match tenths % 10 {
+        0 => format!("{} {}", tenths / 10, UNITS[unit]),
+        tenth => format!("{}.{tenth} {}", tenths / 10, UNITS[unit]),
+    }
+}
+
 pub fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -137,6 +157,16 @@ mod tests {
         for bad in ["lots", "0", "-1MiB"] {
             assert!(parse_size(bad).unwrap_err().contains("512MiB"), "{bad}");
         }
+    }
+
+    #[test]
+    fn sizes_rounded_down_parse_back_to_no_more_than_they_show() {
+        let machine = 25_163_055_104; // 23.43 GiB
+        assert_eq!(size_rounded(machine, false), "23.4 GiB");
+        assert_eq!(size_rounded(machine, true), "23.5 GiB");
+        assert_eq!(size_rounded(64 << 30, true), "64 GiB");
+        assert_eq!(size_rounded(512, false), "512 B");
+        assert!(parse_size(&size_rounded(machine, false)).unwrap() <= machine);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use watchdog_common::{AnalysisEntry, RootEntry};
 use crate::{
     ingest::{Comm, KernelEvent},
     kill::{JobSpec, KillJob, KillRecord, Mode, Outcome, Scope, SignalOrder, TargetInfo, rfc3339},
-    policy::{LimitOverrides, Limits, OrphanPolicy, Reason},
+    policy::{self, LimitOverrides, Limits, OrphanPolicy, Reason},
     procs::{ProcInfo, Procs, same_start},
     protocol::Reply,
     registry::{self, Registry, Root},
@@ -90,11 +90,53 @@ pub enum Action {
     Record(Box<KillRecord>),
 }
 
-/// What can change while running (SIGHUP).
+/// What can change while running (SIGHUP), and the facts of the machine they apply to.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub defaults: Limits,
     pub dry_run: bool,
+    /// The machine's total memory, bytes (read once at start; None if unreadable): no
+    /// process' RSS can exceed it, so a per-process limit above it is refused.
+    pub machine_memory: Option<u64>,
+}
+
+impl Settings {
+    /// Why the default per-process memory limit can never be reached here, if it
+    /// cannot: the daemon warns at start and on reload (it is not refused: analyses
+    /// keep it, unenforceable, unless they pass a limit of their own).
+    pub fn unreachable_default(&self) -> Option<String> {
+        let total = self.machine_memory?;
+        let limit = self.defaults.memory_bytes;
+        (limit > total).then(|| {
+            format!(
+                "the default memory limit {} is more than this machine's {}: it can never \
+                 be reached, so analyses that keep it have no memory limit; set \
+                 --default-memory to at most {}",
+                policy::size_rounded(limit, true),
+                policy::size_rounded(total, false),
+                policy::size_rounded(total, false),
+            )
+        })
+    }
+
+    /// Refuses a per-process memory limit asked for above the machine's memory: no
+    /// process could reach it, so it would watch nothing. (The tree limit is not
+    /// checked: RSS summed over processes counts the pages they share once per process,
+    /// e.g. after fork, so the sum can exceed the machine's memory.)
+    fn check_reachable(&self, overrides: &LimitOverrides) -> Result<()> {
+        let (Some(total), Some(limit)) = (self.machine_memory, overrides.memory_bytes) else {
+            return Ok(());
+        };
+        if limit > total {
+            let at_most = policy::size_rounded(total, false);
+            bail!(
+                "the memory limit {} is more than this machine's {at_most}: it could never \
+                 be reached; use at most {at_most} (nothing was registered)",
+                policy::size_rounded(limit, true),
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Default, Clone, Debug)]
@@ -727,6 +769,7 @@ impl Core {
             .defaults
             .with(overrides)
             .map_err(|e| anyhow::anyhow!("{e}: nothing was registered"))?;
+        self.settings.check_reachable(overrides)?;
         let existing = self.registry.key(analysis_id);
         let launcher = Some(root.ppid)
             .filter(|&p| p > 1 && p != self.self_pid)

@@ -85,7 +85,15 @@ impl World {
         let procs = FakeProcs::default();
         procs.spawn(1, 0, 0);
         Self {
-            core: Core::new(Settings { defaults, dry_run }, "host".into(), SELF_PID),
+            core: Core::new(
+                Settings {
+                    defaults,
+                    dry_run,
+                    machine_memory: None,
+                },
+                "host".into(),
+                SELF_PID,
+            ),
             procs,
             clock: Clock {
                 now: Instant::now(),
@@ -540,6 +548,73 @@ fn what_must_never_be_watched_is_refused_and_nothing_changes() {
     assert!(refused(&w, 200, "x", zero).contains("nothing was registered"));
     assert_eq!((w.core.registry().len(), w.core.tree().len()), (1, 1));
     assert!(w.core.take_actions().is_empty());
+}
+
+#[test]
+fn a_memory_limit_above_the_machines_memory_is_refused_and_nothing_changes() {
+    const GIB: u64 = 1 << 30;
+    let machine = 25_163_055_104; // 23.43 GiB
+    let mut w = World::new();
+    w.core.set_settings(Settings {
+        machine_memory: Some(machine),
+        ..w.core.settings().clone()
+    });
+    w.procs.spawn(50, 1, start(50));
+    w.procs.spawn(200, 50, start(200));
+    let memory = |bytes| LimitOverrides {
+        memory_bytes: Some(bytes),
+        ..Default::default()
+    };
+    let refused = w
+        .core
+        .check_register(200, "big", &memory(64 * GIB), 0, &w.procs)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        refused,
+        "the memory limit 64 GiB is more than this machine's 23.4 GiB: it could never be \
+         reached; use at most 23.4 GiB (nothing was registered)"
+    );
+    assert!(w.core.registry().is_empty() && w.core.tree().is_empty());
+    assert!(w.core.take_actions().is_empty());
+    // What the refusal proposes, and the machine's whole memory, are accepted.
+    let proposed = policy::parse_size("23.4 GiB").unwrap();
+    for fits in [proposed, machine] {
+        assert!(
+            w.core
+                .check_register(200, "big", &memory(fits), 0, &w.procs)
+                .is_ok()
+        );
+    }
+    // A tree limit above it is reachable (shared pages count once per process).
+    let tree = LimitOverrides {
+        tree_memory_bytes: Some(64 * GIB),
+        ..Default::default()
+    };
+    assert!(
+        w.core
+            .check_register(200, "big", &tree, 0, &w.procs)
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_default_memory_limit_above_the_machines_memory_is_warned_of_not_refused() {
+    let mut w = World::new(); // 100 MiB per process by default
+    let small = Settings {
+        machine_memory: Some(64 * MIB),
+        ..w.core.settings().clone()
+    };
+    let warning = small.unreachable_default().expect("a warning");
+    assert!(warning.contains("at most 64 MiB"), "{warning}");
+    w.core.set_settings(small);
+    w.register(100, "a", LimitOverrides::default());
+    assert_eq!(w.core.registry().len(), 1);
+    let unknown = Settings {
+        machine_memory: None,
+        ..w.core.settings().clone()
+    };
+    assert!(unknown.unreachable_default().is_none());
 }
 
 #[test]
