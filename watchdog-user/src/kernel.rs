@@ -159,6 +159,8 @@ impl Kernel {
             // Refused: leave no half-made pinned state behind.
             let _ = drop_pins(pin_dir);
         }
+        drop(btf);
+        release_free_heap();
         loaded
     }
 
@@ -289,6 +291,18 @@ fn sum_per_cpu(counter: &PerCpuArray<MapData, u64>) -> u64 {
         .get(&0, 0)
         .map(|values| values.iter().sum())
         .unwrap_or(0)
+}
+
+/// Hands the heap freed since start back to the kernel. Parsing the kernel BTF (ours and
+/// aya's) peaks at ~30 MiB that is all free once the programs are loaded, but glibc keeps
+/// freed heap mapped (and resident) unless told: without this the idle daemon holds
+/// ~20 MiB of nothing.
+fn release_free_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Newer ones charge the memory
