@@ -230,5 +230,10 @@ fn tune_malloc() {
         // dynamic, glibc raises this threshold to the largest block freed so far (up to
         // 32 MiB) and such blocks then stay resident in the heap after they are freed.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        // One arena for all threads. By default each thread that allocates (2 tokio
+        // workers, the blocking pool, SQLite's worker) gets its own, and each keeps its
+        // own high-water mark of free memory; the daemon's threads never contend enough
+        // for per-thread arenas to pay.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
