@@ -178,7 +178,14 @@ impl Kernel {
         for name in PINNED_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));
         }
-        if let Some(bytes) = ring_bytes {
+        // A pinned ring keeps the size it was made with (another --ring-bytes, or an
+        // older default): take it from the pin, or the consumer would read it with the
+        // wrong size and mask, i.e. garbage.
+        let pinned_ring = resumed
+            .then(|| aya::maps::MapInfo::from_pin(pin_dir.join(EVENTS_MAP)).ok())
+            .flatten()
+            .map(|info| info.max_entries());
+        if let Some(bytes) = pinned_ring.or(ring_bytes) {
             loader.map_max_entries(EVENTS_MAP, bytes);
         }
         let mut ebpf = loader
