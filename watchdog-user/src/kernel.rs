@@ -145,6 +145,11 @@ impl Kernel {
     ) -> Result<(Self, RingBuf<MapData>)> {
         let config = KernelBtf::from_file(btf_path)?.program_config()?;
         tracing::debug!(?config, "offsets read from kernel BTF");
+        // EbpfLoader::new() parses /sys/kernel/btf/vmlinux for itself (~15 MiB of heap);
+        // it is given ours (from --btf) instead, so drop its copy before parsing ours:
+        // one parsed BTF alive at a time, not two.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
         let btf = Btf::parse_file(btf_path, Endianness::default())
             .map_err(|e| anyhow!("kernel BTF at {} is unusable: {e}", btf_path.display()))?;
         raise_memlock_limit();
@@ -154,7 +159,7 @@ impl Kernel {
         }
         ensure_bpffs(pin_dir).map_err(|e| refused("pin its maps", e))?;
         let resumed = programs_pinned(pin_dir);
-        let loaded = Self::load_pinned(&btf, &config, ring_bytes, pin_dir, resumed);
+        let loaded = Self::load_pinned(loader, &btf, &config, ring_bytes, pin_dir, resumed);
         if loaded.is_err() && !resumed {
             // Refused: leave no half-made pinned state behind.
             let _ = drop_pins(pin_dir);
@@ -164,14 +169,14 @@ impl Kernel {
         loaded
     }
 
-    fn load_pinned(
-        btf: &Btf,
-        config: &watchdog_common::Config,
+    fn load_pinned<'a>(
+        mut loader: EbpfLoader<'a>,
+        btf: &'a Btf,
+        config: &'a watchdog_common::Config,
         ring_bytes: Option<u32>,
         pin_dir: &Path,
         resumed: bool,
     ) -> Result<(Self, RingBuf<MapData>)> {
-        let mut loader = EbpfLoader::new();
         loader
             .btf(Some(btf))
             .override_global(CONFIG_GLOBAL, config, true);
