@@ -204,6 +204,7 @@ fn bench_store(database_url: &str, rows: usize, batch: usize) -> anyhow::Result<
 }
 
 fn run_daemon(options: daemon::Options) -> anyhow::Result<()> {
+    tune_malloc();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WATCHDOG_LOG")
@@ -217,4 +218,22 @@ fn run_daemon(options: daemon::Options) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(daemon::run(options))
+}
+
+/// glibc malloc settings for a long-running daemon, set before any thread starts.
+fn tune_malloc() {
+    // SAFETY: mallopt only changes the allocator's parameters; no thread runs yet.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        // Blocks of 128 KiB and more (the process table's rows with 10,000 watched,
+        // BTF parsing) get their own mapping, returned to the kernel when freed. Left
+        // dynamic, glibc raises this threshold to the largest block freed so far (up to
+        // 32 MiB) and such blocks then stay resident in the heap after they are freed.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        // One arena for all threads. By default each thread that allocates (2 tokio
+        // workers, the blocking pool, SQLite's worker) gets its own, and each keeps its
+        // own high-water mark of free memory; the daemon's threads never contend enough
+        // for per-thread arenas to pay.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }

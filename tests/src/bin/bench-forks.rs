@@ -122,7 +122,7 @@ fn overload() -> Result<()> {
     );
     println!(
         "\nWhat limits it: the machine's fork rate (two cores shared by the forkers and the \
-         daemon); the 8 MiB ring never filled. Above what the ring holds, events are lost, \
+         daemon); the 2 MiB ring never filled. Above what the ring holds, events are lost, \
          counted per CPU, and the daemon rebuilds the tree from the kernel's map, which the \
          fork program keeps exact on its own: nothing escapes. A poller sees only what is \
          alive at a poll, and finds children only below the process it was given: the kept \
