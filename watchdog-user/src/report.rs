@@ -45,8 +45,8 @@ pub fn dump_tree(
         .filter(|n| filter.is_none_or(|key| n.analysis == key))
         .map(|n| view(core, n, procs, clock))
         .collect();
-    let analyses = registry
-        .iter()
+    let analyses = core
+        .live_analyses()
         .filter(|(key, _)| filter.is_none_or(|f| f == *key))
         .map(|(key, a)| AnalysisView {
             analysis_id: a.id.clone(),
@@ -119,7 +119,7 @@ pub fn status(
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_s: clock.now.duration_since(started).as_secs(),
         monitored_count: core.tree().len(),
-        analyses: core.registry().len(),
+        analyses: core.live_analyses().count(),
         forks_seen: counters.forks,
         exits_seen: counters.exits,
         execs_seen: counters.execs,
@@ -150,7 +150,7 @@ pub fn status_line(core: &Core, lost_events: u64) -> String {
     format!(
         "watching {} processes in {} analyses; {} kills; {} lost events",
         core.tree().len(),
-        core.registry().len(),
+        core.live_analyses().count(),
         core.counters().kills,
         lost_events
     )

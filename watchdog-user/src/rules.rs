@@ -222,6 +222,14 @@ impl Core {
         self.settings = settings;
     }
 
+    /// The analyses people see: not the killed ones lingering empty before they are
+    /// forgotten.
+    pub fn live_analyses(&self) -> impl Iterator<Item = (AnalysisKey, &registry::Analysis)> {
+        self.registry
+            .iter()
+            .filter(|(key, _)| !self.lingering.contains_key(key))
+    }
+
     pub fn counters(&self) -> &Counters {
         &self.counters
     }
