@@ -144,6 +144,9 @@ struct Storm {
     reached: Option<Duration>,
     /// Round trips of the `status` probes, ms.
     round_trips: Vec<f64>,
+    /// When the longest round trip began (after "go") and how many were watched then:
+    /// where in the storm the daemon stalled.
+    longest_at: (Duration, usize),
     /// Watched processes at the last answered probe.
     last_watched: usize,
     /// Why probing stopped early, if the daemon stopped answering.
@@ -167,9 +170,11 @@ fn watch_storm(daemon: &Daemon, tree: &mut PauseTree, go: Instant) -> Result<Sto
                 return Ok(storm);
             }
         };
-        storm
-            .round_trips
-            .push(asked.elapsed().as_secs_f64() * 1000.0);
+        let round_trip = asked.elapsed().as_secs_f64() * 1000.0;
+        if storm.round_trips.iter().all(|&r| r < round_trip) {
+            storm.longest_at = (asked - go, storm.last_watched);
+        }
+        storm.round_trips.push(round_trip);
         storm.last_watched = status.monitored_count;
         // Until the tree reports, assume it forked all it was asked to.
         let descendants = storm.forked.map_or(DESCENDANTS, |(n, _)| n);
@@ -364,11 +369,15 @@ fn report(run: &Run, raised_pid_max: Option<u64>, restored_pid_max: u64) {
         ),
     };
     println!("| all {target} watched (root included), by the daemon's count | {reached} |");
-    println!("| fork events taken in | {} |", s.forks_seen);
     println!(
-        "| daemon CPU (user + system) during the storm, probes included | {:.1} s ({:.1} µs per fork event) |",
+        "| kernel events taken in: forks, exits, RSS reports | {}, {}, {} |",
+        s.forks_seen, s.exits_seen, s.rss_reports
+    );
+    let events = s.forks_seen + s.exits_seen + s.execs_seen + s.rss_reports;
+    println!(
+        "| daemon CPU (user + system) during the storm, probes included | {:.1} s ({:.1} µs per kernel event) |",
         run.storm_cpu_s,
-        run.storm_cpu_s * 1e6 / s.forks_seen.max(1) as f64
+        run.storm_cpu_s * 1e6 / events.max(1) as f64
     );
     println!("| lost events (ring buffer full) | {} |", s.lost_events);
     println!(
@@ -386,7 +395,9 @@ fn report(run: &Run, raised_pid_max: Option<u64>, restored_pid_max: u64) {
     );
     let stall = percentile(&storm.round_trips, 100.0);
     println!(
-        "| longest `status` round trip during the storm (main-loop stall) | {stall:.1} ms (median {:.2} ms, {} probes{}) |",
+        "| longest `status` round trip during the storm (main-loop stall) | {stall:.1} ms, asked {:.1} s in with {} watched (median {:.2} ms, {} probes{}) |",
+        storm.longest_at.0.as_secs_f64(),
+        storm.longest_at.1,
         percentile(&storm.round_trips, 50.0),
         storm.round_trips.len(),
         storm
