@@ -163,22 +163,29 @@ impl PauseTree {
         if self.reaped {
             return Ok(0);
         }
-        let pgid = Pid::from_raw(self.child.id() as i32);
-        killpg(pgid, Signal::SIGKILL).context("killing the pause tree")?;
-        // Every member is, or becomes when its parent dies, a child of this process
-        // (the subreaper) before the parent itself can be reaped: so when no child of
-        // the group is left to wait for, none is left at all.
-        let mut reaped = 0;
-        loop {
-            match waitpid(Pid::from_raw(-pgid.as_raw()), None) {
-                Ok(_) => reaped += 1,
-                Err(Errno::EINTR) => continue,
-                Err(Errno::ECHILD) => break,
-                Err(err) => return Err(err).context("reaping the pause tree"),
-            }
-        }
+        let reaped = kill_group_and_reap(self.child.id())?;
         self.reaped = true;
         Ok(reaped)
+    }
+}
+
+/// SIGKILLs process group `pgid`, a pause tree's, and reaps every member; returns how
+/// many. The tree's root is this process's child, and this process is the subreaper
+/// ([`PauseTree::spawn`] made it one).
+pub fn kill_group_and_reap(pgid: u32) -> Result<usize> {
+    let group = Pid::from_raw(-(pgid as i32));
+    killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL).context("killing the pause tree")?;
+    // Every member is, or becomes when its parent dies, a child of this process before
+    // the parent itself can be reaped: so when no child of the group is left to wait
+    // for, none is left at all.
+    let mut reaped = 0;
+    loop {
+        match waitpid(group, None) {
+            Ok(_) => reaped += 1,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::ECHILD) => return Ok(reaped),
+            Err(err) => return Err(err).context("reaping the pause tree"),
+        }
     }
 }
 

@@ -10,16 +10,19 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    ffi::CString,
-    sync::{
-        OnceLock,
-        atomic::{AtomicI32, Ordering},
-    },
+    path::PathBuf,
+    sync::{Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use nix::{
+    sys::{
+        signal::{SigSet, Signal, kill},
+        wait::waitpid,
+    },
+    unistd::Pid,
+};
 use watchdog_tests::{
     Daemon, Status,
     bench::{self, PauseTree, call_within, cpu_seconds, percentile, rss_mib},
@@ -51,8 +54,8 @@ fn main() -> Result<()> {
     if let Some(helper) = bench::run_helper() {
         return helper;
     }
-    let limits = raise_limits()?;
     install_interrupt_cleanup()?;
+    let limits = raise_limits()?;
     let run = run();
     let raised_pid_max = limits.first().map(|l| l.raised);
     drop(limits);
@@ -82,10 +85,10 @@ struct Run {
 fn run() -> Result<Run> {
     // No reconcile poll during the run: the figures are the event path's.
     let daemon = Daemon::start_with(&[], &["--poll-interval", "1h"])?;
-    DAEMON_PID.store(daemon.pid() as i32, Ordering::Relaxed);
+    cleanup().daemon = Some((daemon.pid(), daemon.pin_dir.clone(), daemon.dir.clone()));
     let idle_rss_mib = rss_mib(daemon.pid())?;
     let mut tree = PauseTree::spawn(&SHAPE, true)?;
-    TREE_PGID.store(tree.pid() as i32, Ordering::Relaxed);
+    cleanup().tree_pgid = Some(tree.pid());
     protocol::call(
         &daemon.socket,
         &Request::Register {
@@ -114,12 +117,12 @@ fn run() -> Result<Run> {
     let escapes = live.iter().filter(|pid| !in_tree.contains(pid)).count();
     // The daemon goes first: 100,000 exits are the kernel's and this bench's to handle,
     // not a flood of orphan kills and records for a daemon being measured no more.
+    cleanup().daemon = None;
     drop(daemon);
-    DAEMON_PID.store(0, Ordering::Relaxed);
     let started = Instant::now();
     let killed = tree.kill_and_reap()?;
     let kill_time = started.elapsed();
-    TREE_PGID.store(0, Ordering::Relaxed);
+    cleanup().tree_pgid = None;
     Ok(Run {
         forked,
         storm,
@@ -255,12 +258,13 @@ struct Sysctl {
 
 impl Drop for Sysctl {
     fn drop(&mut self) {
-        if let Err(err) = std::fs::write(self.path, self.original.to_string()) {
-            eprintln!(
-                "COULD NOT RESTORE {} to {}: {err}; write it back by hand",
-                self.path, self.original
-            );
-        }
+        restore(self.path, self.original);
+    }
+}
+
+fn restore(path: &str, original: u64) {
+    if let Err(err) = std::fs::write(path, original.to_string()) {
+        eprintln!("COULD NOT RESTORE {path} to {original}: {err}; write it back by hand");
     }
 }
 
@@ -269,25 +273,16 @@ fn read_sysctl(path: &str) -> Result<u64> {
     Ok(text.trim().parse()?)
 }
 
-/// Raises pid_max and threads-max where they are below what the run needs. The
-/// originals are noted for the interrupt handler before anything is written.
+/// Raises pid_max and threads-max where they are below what the run needs. Each
+/// original is known to the interrupt clean-up, and has its guard, before it is written.
 fn raise_limits() -> Result<Vec<Sysctl>> {
-    let wanted = [(PID_MAX, WANTED_PID_MAX), (THREADS_MAX, WANTED_THREADS_MAX)];
-    let mut originals = Vec::new();
-    for (path, _) in wanted {
-        originals.push((
-            CString::new(path)?,
-            read_sysctl(path)?.to_string().into_bytes(),
-        ));
-    }
-    let _ = ORIGINALS.set(originals);
     let mut raised = Vec::new();
-    for (path, value) in wanted {
+    for (path, value) in [(PID_MAX, WANTED_PID_MAX), (THREADS_MAX, WANTED_THREADS_MAX)] {
         let original = read_sysctl(path)?;
         if original >= value {
             continue;
         }
-        // The guard exists before the write: a half-done raise is still undone.
+        cleanup().originals.push((path, original));
         raised.push(Sysctl {
             path,
             original,
@@ -298,47 +293,67 @@ fn raise_limits() -> Result<Vec<Sysctl>> {
     Ok(raised)
 }
 
-static TREE_PGID: AtomicI32 = AtomicI32::new(0);
-static DAEMON_PID: AtomicI32 = AtomicI32::new(0);
-static ORIGINALS: OnceLock<Vec<(CString, Vec<u8>)>> = OnceLock::new();
+/// What an interrupt must undo, kept up to date by the run.
+#[derive(Default)]
+struct Cleanup {
+    tree_pgid: Option<u32>,
+    /// The daemon's pid, pin directory and state directory: its programs stay
+    /// attached until the pins are removed.
+    daemon: Option<(u32, PathBuf, PathBuf)>,
+    /// Kernel limits and their original values.
+    originals: Vec<(&'static str, u64)>,
+}
+
+static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
+    tree_pgid: None,
+    daemon: None,
+    originals: Vec::new(),
+});
+
+fn cleanup() -> MutexGuard<'static, Cleanup> {
+    CLEANUP.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Ctrl-C or a TERM mid-run runs no destructor: without this, 100,000 processes, a
-/// daemon and a raised pid_max would outlive the bench.
+/// daemon with its programs attached and a raised pid_max would outlive the bench.
+/// The signals are blocked here, before any thread exists, so every thread inherits
+/// the mask and one thread alone takes them, free to do the whole clean-up. (Spawned
+/// programs start with an empty mask: std resets it before exec.)
 fn install_interrupt_cleanup() -> Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_interrupt),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
+    let mut signals = SigSet::empty();
     for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler makes only async-signal-safe calls.
-        unsafe { sigaction(signal, &action) }?;
+        signals.add(signal);
     }
+    signals.thread_block()?;
+    std::thread::spawn(move || {
+        if let Ok(signal) = signals.wait() {
+            clean_up_after(signal);
+        }
+    });
     Ok(())
 }
 
-/// Kills the tree and the daemon and writes the original limits back, with only
-/// async-signal-safe calls (kill, open, write, close), then exits.
-extern "C" fn on_interrupt(_: libc::c_int) {
-    // SAFETY: plain system calls on values set before the handler was installed.
-    unsafe {
-        let pgid = TREE_PGID.load(Ordering::Relaxed);
-        if pgid > 0 {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
-        let daemon = DAEMON_PID.load(Ordering::Relaxed);
-        if daemon > 0 {
-            libc::kill(daemon, libc::SIGTERM);
-        }
-        for (path, value) in ORIGINALS.get().into_iter().flatten() {
-            let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
-            if fd >= 0 {
-                libc::write(fd, value.as_ptr().cast(), value.len());
-                libc::close(fd);
-            }
-        }
-        libc::_exit(130);
+/// The daemon goes first (no orphan kills for a tree being torn down), then the tree,
+/// then the limits; exits as the signal would have.
+fn clean_up_after(signal: Signal) -> ! {
+    eprintln!("bench-scale: {signal}: stopping the daemon, killing the tree, restoring limits");
+    let cleanup = cleanup();
+    if let Some((pid, pin_dir, dir)) = &cleanup.daemon {
+        let daemon = Pid::from_raw(*pid as i32);
+        let _ = kill(daemon, Signal::SIGKILL);
+        let _ = waitpid(daemon, None);
+        let _ = std::fs::remove_dir_all(pin_dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
+    if let Some(pgid) = cleanup.tree_pgid
+        && let Err(err) = bench::kill_group_and_reap(pgid)
+    {
+        eprintln!("bench-scale: killing the tree: {err:#}");
+    }
+    for (path, original) in &cleanup.originals {
+        restore(path, *original);
+    }
+    std::process::exit(128 + signal as i32);
 }
 
 fn report(run: &Run, raised_pid_max: Option<u64>, restored_pid_max: u64) {
