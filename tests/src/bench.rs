@@ -1,14 +1,14 @@
 //! What the benchmarks share beyond the test harness: the figures file `cargo xtask
 //! bench` turns into the summary table, percentiles, trees of idle processes
 //! (forked by the bench binary itself, so a process costs a fork, not an exec) and
-//! their clean-up, and time-bounded calls to the control socket.
+//! their clean-up, also on Ctrl-C, and time-bounded calls to the control socket.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::{fd::AsRawFd as _, unix::net::UnixStream, unix::process::CommandExt as _},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc,
+    sync::{Mutex, MutexGuard, PoisonError, mpsc},
     time::{Duration, Instant},
 };
 
@@ -16,12 +16,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use nix::{
     errno::Errno,
     sys::{
-        signal::{Signal, killpg},
+        signal::{SigSet, Signal, kill, killpg},
         wait::waitpid,
     },
     unistd::{ForkResult, Pid, fork},
 };
 use watchdog_user::protocol::{Reply, Request, Response};
+
+use crate::Daemon;
 
 /// Records one figure for the summary: `KEY=VALUE` appended to the file named by
 /// `WATCHDOG_BENCH_FIGURES` (set by `cargo xtask bench`); nothing when it is unset, so
@@ -90,6 +92,7 @@ impl PauseTree {
             .stdout(Stdio::piped())
             .spawn()
             .context("starting a pause tree")?;
+        cleanup().groups.push(child.id());
         let stdin = child.stdin.take().expect("piped");
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
         // A thread reads the root's lines, so every wait on them can have a deadline.
@@ -165,6 +168,7 @@ impl PauseTree {
         }
         let reaped = kill_group_and_reap(self.child.id())?;
         self.reaped = true;
+        cleanup().groups.retain(|&g| g != self.child.id());
         Ok(reaped)
     }
 }
@@ -174,7 +178,11 @@ impl PauseTree {
 /// ([`PauseTree::spawn`] made it one).
 pub fn kill_group_and_reap(pgid: u32) -> Result<usize> {
     let group = Pid::from_raw(-(pgid as i32));
-    killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL).context("killing the pause tree")?;
+    match killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL) {
+        // Already killed (an interrupt's clean-up and the bench can race here): reap.
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(err) => return Err(err).context("killing the pause tree"),
+    }
     // Every member is, or becomes when its parent dies, a child of this process before
     // the parent itself can be reaped: so when no child of the group is left to wait
     // for, none is left at all.
@@ -325,4 +333,93 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks as f64 / per_second)
+}
+
+/// What an interrupt must undo, kept up to date as the bench runs.
+struct Cleanup {
+    /// Daemons by pid, with their pin and state directories: their programs stay
+    /// attached to every fork on the machine until the pins are removed.
+    daemons: Vec<(u32, PathBuf, PathBuf)>,
+    /// Process groups of live pause trees.
+    groups: Vec<u32>,
+    /// Kernel limits (a /proc/sys path) raised, with their original values.
+    sysctls: Vec<(&'static str, u64)>,
+}
+
+static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
+    daemons: Vec::new(),
+    groups: Vec::new(),
+    sysctls: Vec::new(),
+});
+
+fn cleanup() -> MutexGuard<'static, Cleanup> {
+    CLEANUP.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// On an interrupt, stop `daemon` and remove its pins and state.
+pub fn on_interrupt_remove(daemon: &Daemon) {
+    cleanup()
+        .daemons
+        .push((daemon.pid(), daemon.pin_dir.clone(), daemon.dir.clone()));
+}
+
+/// `daemon` is being stopped the ordinary way: an interrupt leaves it alone.
+pub fn on_interrupt_keep(daemon: &Daemon) {
+    cleanup().daemons.retain(|(pid, ..)| *pid != daemon.pid());
+}
+
+/// On an interrupt, write `original` back to the /proc/sys file `path`.
+pub fn on_interrupt_restore(path: &'static str, original: u64) {
+    cleanup().sysctls.push((path, original));
+}
+
+/// Writes a kernel limit back, loudly when it cannot: a machine left with the bench's
+/// settings must not go unnoticed.
+pub fn restore_sysctl(path: &str, original: u64) {
+    if let Err(err) = std::fs::write(path, original.to_string()) {
+        eprintln!("COULD NOT RESTORE {path} to {original}: {err}; write it back by hand");
+    }
+}
+
+/// Ctrl-C or a TERM mid-run runs no destructor: without this, a bench's idle trees
+/// (100,000 processes for bench-scale), its daemon with programs attached, and raised
+/// kernel limits would outlive it. Call first in `main`: the signals are blocked
+/// before any thread exists, so every thread inherits the mask and one thread alone
+/// takes them, free to do the whole clean-up as ordinary code. (Spawned programs start
+/// with an empty mask: std resets it before exec.)
+pub fn install_interrupt_cleanup() -> Result<()> {
+    let mut signals = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(signal);
+    }
+    signals.thread_block()?;
+    std::thread::spawn(move || {
+        if let Ok(signal) = signals.wait() {
+            clean_up_after(signal);
+        }
+    });
+    Ok(())
+}
+
+/// Daemons first (no orphan kills or records for trees being torn down), then the
+/// trees, reaped, then the limits; exits as the signal would have.
+fn clean_up_after(signal: Signal) -> ! {
+    eprintln!("{signal}: stopping the daemons, killing the process trees, restoring limits");
+    let cleanup = cleanup();
+    for (pid, pin_dir, dir) in &cleanup.daemons {
+        let daemon = Pid::from_raw(*pid as i32);
+        let _ = kill(daemon, Signal::SIGKILL);
+        let _ = waitpid(daemon, None);
+        let _ = std::fs::remove_dir_all(pin_dir);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    for &pgid in &cleanup.groups {
+        if let Err(err) = kill_group_and_reap(pgid) {
+            eprintln!("killing process group {pgid}: {err:#}");
+        }
+    }
+    for &(path, original) in &cleanup.sysctls {
+        restore_sysctl(path, original);
+    }
+    std::process::exit(128 + signal as i32);
 }

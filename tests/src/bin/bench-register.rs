@@ -38,8 +38,10 @@ fn main() -> Result<()> {
     if let Some(helper) = bench::run_helper() {
         return helper;
     }
+    bench::install_interrupt_cleanup()?;
     // The reconcile poll must not land inside a measured round trip.
     let daemon = Daemon::start_with(&[], &["--poll-interval", "1h"])?;
+    bench::on_interrupt_remove(&daemon);
     let quiet = measure(&daemon, &[], QUIET_RUNS, "quiet", "one process, quiet host")?;
     let crowd = PauseTree::ready(&[CROWD], READY_WITHIN)?;
     let plain = measure(

@@ -6,23 +6,15 @@
 //! records the figures.
 //!
 //! 100,000 processes do not fit in the default pid_max (32,768): it is raised for the
-//! run and written back at the end, on error, on panic, and on SIGINT/SIGTERM.
+//! run and written back at the end, on error, on panic, and on SIGINT/SIGTERM/SIGHUP
+//! (see `bench::install_interrupt_cleanup`).
 
 use std::{
     collections::{HashMap, HashSet},
-    path::PathBuf,
-    sync::{Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use nix::{
-    sys::{
-        signal::{SigSet, Signal, kill},
-        wait::waitpid,
-    },
-    unistd::Pid,
-};
 use watchdog_tests::{
     Daemon, Status,
     bench::{self, PauseTree, call_within, cpu_seconds, percentile, rss_mib},
@@ -54,7 +46,7 @@ fn main() -> Result<()> {
     if let Some(helper) = bench::run_helper() {
         return helper;
     }
-    install_interrupt_cleanup()?;
+    bench::install_interrupt_cleanup()?;
     let limits = raise_limits()?;
     let run = run();
     let raised_pid_max = limits.first().map(|l| l.raised);
@@ -85,10 +77,9 @@ struct Run {
 fn run() -> Result<Run> {
     // No reconcile poll during the run: the figures are the event path's.
     let daemon = Daemon::start_with(&[], &["--poll-interval", "1h"])?;
-    cleanup().daemon = Some((daemon.pid(), daemon.pin_dir.clone(), daemon.dir.clone()));
+    bench::on_interrupt_remove(&daemon);
     let idle_rss_mib = rss_mib(daemon.pid())?;
     let mut tree = PauseTree::spawn(&SHAPE, true)?;
-    cleanup().tree_pgid = Some(tree.pid());
     protocol::call(
         &daemon.socket,
         &Request::Register {
@@ -117,12 +108,11 @@ fn run() -> Result<Run> {
     let escapes = live.iter().filter(|pid| !in_tree.contains(pid)).count();
     // The daemon goes first: 100,000 exits are the kernel's and this bench's to handle,
     // not a flood of orphan kills and records for a daemon being measured no more.
-    cleanup().daemon = None;
+    bench::on_interrupt_keep(&daemon);
     drop(daemon);
     let started = Instant::now();
     let killed = tree.kill_and_reap()?;
     let kill_time = started.elapsed();
-    cleanup().tree_pgid = None;
     Ok(Run {
         forked,
         storm,
@@ -258,13 +248,7 @@ struct Sysctl {
 
 impl Drop for Sysctl {
     fn drop(&mut self) {
-        restore(self.path, self.original);
-    }
-}
-
-fn restore(path: &str, original: u64) {
-    if let Err(err) = std::fs::write(path, original.to_string()) {
-        eprintln!("COULD NOT RESTORE {path} to {original}: {err}; write it back by hand");
+        bench::restore_sysctl(self.path, self.original);
     }
 }
 
@@ -282,7 +266,7 @@ fn raise_limits() -> Result<Vec<Sysctl>> {
         if original >= value {
             continue;
         }
-        cleanup().originals.push((path, original));
+        bench::on_interrupt_restore(path, original);
         raised.push(Sysctl {
             path,
             original,
@@ -291,69 +275,6 @@ fn raise_limits() -> Result<Vec<Sysctl>> {
         std::fs::write(path, value.to_string()).with_context(|| format!("raising {path}"))?;
     }
     Ok(raised)
-}
-
-/// What an interrupt must undo, kept up to date by the run.
-#[derive(Default)]
-struct Cleanup {
-    tree_pgid: Option<u32>,
-    /// The daemon's pid, pin directory and state directory: its programs stay
-    /// attached until the pins are removed.
-    daemon: Option<(u32, PathBuf, PathBuf)>,
-    /// Kernel limits and their original values.
-    originals: Vec<(&'static str, u64)>,
-}
-
-static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
-    tree_pgid: None,
-    daemon: None,
-    originals: Vec::new(),
-});
-
-fn cleanup() -> MutexGuard<'static, Cleanup> {
-    CLEANUP.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Ctrl-C or a TERM mid-run runs no destructor: without this, 100,000 processes, a
-/// daemon with its programs attached and a raised pid_max would outlive the bench.
-/// The signals are blocked here, before any thread exists, so every thread inherits
-/// the mask and one thread alone takes them, free to do the whole clean-up. (Spawned
-/// programs start with an empty mask: std resets it before exec.)
-fn install_interrupt_cleanup() -> Result<()> {
-    let mut signals = SigSet::empty();
-    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        signals.add(signal);
-    }
-    signals.thread_block()?;
-    std::thread::spawn(move || {
-        if let Ok(signal) = signals.wait() {
-            clean_up_after(signal);
-        }
-    });
-    Ok(())
-}
-
-/// The daemon goes first (no orphan kills for a tree being torn down), then the tree,
-/// then the limits; exits as the signal would have.
-fn clean_up_after(signal: Signal) -> ! {
-    eprintln!("bench-scale: {signal}: stopping the daemon, killing the tree, restoring limits");
-    let cleanup = cleanup();
-    if let Some((pid, pin_dir, dir)) = &cleanup.daemon {
-        let daemon = Pid::from_raw(*pid as i32);
-        let _ = kill(daemon, Signal::SIGKILL);
-        let _ = waitpid(daemon, None);
-        let _ = std::fs::remove_dir_all(pin_dir);
-        let _ = std::fs::remove_dir_all(dir);
-    }
-    if let Some(pgid) = cleanup.tree_pgid
-        && let Err(err) = bench::kill_group_and_reap(pgid)
-    {
-        eprintln!("bench-scale: killing the tree: {err:#}");
-    }
-    for (path, original) in &cleanup.originals {
-        restore(path, *original);
-    }
-    std::process::exit(128 + signal as i32);
 }
 
 fn report(run: &Run, raised_pid_max: Option<u64>, restored_pid_max: u64) {
