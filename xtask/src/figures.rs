@@ -92,20 +92,23 @@ fn at_most(value: f64, target: f64, decimals: usize) -> Option<(String, bool)> {
 }
 
 /// Lost events count both ways the kernel can drop a fork: a full ring buffer and a
-/// full watch map. A run that never got to 100,000 watched does not meet the target,
-/// whatever its counts.
+/// full watch map. A run that never got to 100,000 watched, or whose escapes could not
+/// be counted (the daemon showed no tree), does not meet the target.
 fn scale(f: &Figures) -> Option<(String, bool)> {
     let lost = f.num("scale_lost_events")? + f.num("scale_watch_map_full").unwrap_or(0.0);
-    let escapes = f.num("scale_escapes")?;
+    let escapes = f.num("scale_escapes");
     let reached = f.0.get("scale_reached").is_some_and(|r| r == "true");
-    let mut text = format!("{lost}, {escapes}");
+    let mut text = match escapes {
+        Some(escapes) => format!("{lost}, {escapes}"),
+        None => format!("{lost}, unknown"),
+    };
     if !reached {
         text.push_str(&format!(
             " (only {} watched)",
             f.num("scale_watched").unwrap_or(0.0)
         ));
     }
-    Some((text, reached && lost == 0.0 && escapes == 0.0))
+    Some((text, reached && lost == 0.0 && escapes == Some(0.0)))
 }
 
 /// The "Issue 9" section, Markdown.
@@ -160,5 +163,11 @@ mod tests {
             "scale_lost_events=0\nscale_escapes=0\nscale_reached=false\nscale_watched=51234\n",
         );
         assert!(summary(&figures).contains("| 0, 0 (only 51234 watched) | no |"));
+    }
+
+    #[test]
+    fn escapes_not_counted_are_not_met() {
+        let figures = Figures::parse("scale_lost_events=0\nscale_reached=true\n");
+        assert!(summary(&figures).contains("| 0, unknown | no |"));
     }
 }

@@ -49,7 +49,7 @@ fn main() -> Result<()> {
     bench::install_interrupt_cleanup()?;
     let limits = raise_limits()?;
     let run = run();
-    let raised_pid_max = limits.first().map(|l| l.raised);
+    let raised_pid_max = limits.iter().find(|l| l.path == PID_MAX).map(|l| l.raised);
     drop(limits);
     let restored = read_sysctl(PID_MAX)?;
     let run = run?;
@@ -68,7 +68,8 @@ struct Run {
     /// Daemon CPU from "go" to the end of the storm, s.
     storm_cpu_s: f64,
     live_descendants: usize,
-    escapes: usize,
+    /// Unknown when the daemon could not show its tree.
+    escapes: Option<usize>,
     dump_tree: Result<Duration, String>,
     killed: usize,
     kill_time: Duration,
@@ -98,14 +99,23 @@ fn run() -> Result<Run> {
         // Not forked within the storm's time: a last bounded wait, then report what is.
         None => tree.await_ready(Duration::from_secs(10)).ok(),
     };
-    let status = status(&daemon)?;
+    // A daemon that stopped answering is reported with what it last said.
+    let status = match status(&daemon) {
+        Ok(status) => status,
+        Err(err) => storm
+            .last
+            .clone()
+            .with_context(|| format!("no status at all: {err:#}"))?,
+    };
     let rss_mib = rss_mib(daemon.pid())?;
     let live = live_descendants(tree.pid())?;
-    let (in_tree, dump_tree) = match watched_pids(&daemon) {
-        Ok((pids, took)) => (pids, Ok(took)),
-        Err(err) => (HashSet::new(), Err(format!("{err:#}"))),
+    let (escapes, dump_tree) = match watched_pids(&daemon) {
+        Ok((in_tree, took)) => (
+            Some(live.iter().filter(|pid| !in_tree.contains(pid)).count()),
+            Ok(took),
+        ),
+        Err(err) => (None, Err(format!("{err:#}"))),
     };
-    let escapes = live.iter().filter(|pid| !in_tree.contains(pid)).count();
     // The daemon goes first: 100,000 exits are the kernel's and this bench's to handle,
     // not a flood of orphan kills and records for a daemon being measured no more.
     bench::on_interrupt_keep(&daemon);
@@ -142,6 +152,8 @@ struct Storm {
     longest_at: (Duration, usize),
     /// Watched processes at the last answered probe.
     last_watched: usize,
+    /// The last answer.
+    last: Option<Status>,
     /// Why probing stopped early, if the daemon stopped answering.
     unanswered: Option<String>,
 }
@@ -175,6 +187,7 @@ fn watch_storm(daemon: &Daemon, tree: &mut PauseTree, go: Instant) -> Result<Sto
             storm.reached = Some(go.elapsed());
         }
         let all_events = status.forks_seen >= descendants as u64;
+        storm.last = Some(status);
         if (storm.reached.is_some() && storm.forked.is_some() && all_events)
             || go.elapsed() > REACH_WITHIN
         {
@@ -321,9 +334,14 @@ fn report(run: &Run, raised_pid_max: Option<u64>, restored_pid_max: u64) {
         s.watch_map_full
     );
     println!("| resyncs | {} |", s.resyncs);
+    let escapes = run
+        .escapes
+        .map_or("unknown (no tree from the daemon)".into(), |e| {
+            e.to_string()
+        });
     println!(
-        "| live descendants (from /proc) missing from the daemon's tree (escapes) | {} of {} |",
-        run.escapes, run.live_descendants
+        "| live descendants (from /proc) missing from the daemon's tree (escapes) | {escapes} of {} |",
+        run.live_descendants
     );
     println!(
         "| daemon RSS idle → with the tree watched | {:.1} → {:.1} MiB |",
@@ -365,7 +383,9 @@ fn report(run: &Run, raised_pid_max: Option<u64>, restored_pid_max: u64) {
     bench::figure("scale_watched", storm.last_watched);
     bench::figure("scale_lost_events", s.lost_events);
     bench::figure("scale_watch_map_full", s.watch_map_full);
-    bench::figure("scale_escapes", run.escapes);
+    if let Some(escapes) = run.escapes {
+        bench::figure("scale_escapes", escapes);
+    }
     bench::figure("scale_rss_mib", format!("{:.1}", run.rss_mib));
     bench::figure("scale_stall_ms", format!("{stall:.1}"));
 }
