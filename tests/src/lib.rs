@@ -2,6 +2,7 @@
 //! and state directory), the real CLI, and real process trees that are killed when the
 //! test ends, pass or fail.
 
+pub mod bench;
 pub mod pg;
 
 use std::{

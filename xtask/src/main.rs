@@ -2,6 +2,7 @@
 //! command each. `run` and `test` call `setup` first, so the README's two commands are
 //! the whole set-up.
 
+mod figures;
 mod packages;
 mod toolchain;
 
@@ -93,8 +94,13 @@ fn main() -> Result<()> {
     }
 }
 
-/// Runs every benchmark (each prints its Markdown section) and writes BENCHMARKS.md.
+/// Runs every benchmark (each prints its Markdown section), then the issue 9 summary
+/// from the figures they recorded, and writes it all to BENCHMARKS.md.
 fn bench(bin: &Path) -> Result<()> {
+    // A fresh file per run: the summary must hold this run's figures only.
+    let figures_path = workspace_root().join("target/bench-figures.txt");
+    std::fs::create_dir_all(figures_path.parent().expect("a parent"))?;
+    std::fs::write(&figures_path, "")?;
     let mut report = String::from(
         "# Benchmarks\n\nProduced by `cargo xtask bench` (release build, as root), every figure measured in the same run on the same machine.\n\n",
     );
@@ -118,11 +124,14 @@ fn bench(bin: &Path) -> Result<()> {
         "bench-forks",
         "bench-overhead",
         "bench-store",
+        "bench-register",
+        "bench-scale",
     ] {
         step(&format!("running {bench}"));
         let mut cmd = as_root(Path::new("cargo"));
         cmd.current_dir(workspace_root())
             .env("WATCHDOG_BIN", bin)
+            .env(figures::ENV, &figures_path)
             .args([
                 "run",
                 "--quiet",
@@ -141,6 +150,9 @@ fn bench(bin: &Path) -> Result<()> {
         report.push_str(&section);
         report.push('\n');
     }
+    let summary = figures::summary(&figures::Figures::read(&figures_path));
+    println!("\n{summary}");
+    report.push_str(&summary);
     let path = workspace_root().join("BENCHMARKS.md");
     std::fs::write(&path, report)?;
     step(&format!("wrote {}", path.display()));

@@ -47,6 +47,9 @@ fn main() -> Result<()> {
         }
         rates.sort_by(f64::total_cmp);
         let watched = median(&rates);
+        if workers == 1 {
+            watchdog_tests::bench::figure("fork_ratio_1", format!("{:.3}", watched / unwatched));
+        }
         println!(
             "| {workers} | {watched:.0} | {:.0} | {:.0} | {RUNS} | {unwatched:.0} | {:.3} | {lost} |",
             rates[0],
