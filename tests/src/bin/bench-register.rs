@@ -78,6 +78,8 @@ fn measure(daemon: &Daemon, shape: &[usize], runs: usize, tag: &str, what: &str)
             pid: target.pid(),
             analysis_id: analysis_id.clone(),
             limits: LimitOverrides::default(),
+            // As `register --pid` does: the daemon looks for existing descendants.
+            fresh: false,
         };
         let started = Instant::now();
         let reply = protocol::call(&daemon.socket, &register)?;

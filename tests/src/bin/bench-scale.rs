@@ -87,6 +87,7 @@ fn run() -> Result<Run> {
             pid: tree.pid(),
             analysis_id: ANALYSIS.into(),
             limits: LimitOverrides::default(),
+            fresh: false,
         },
     )?;
     let cpu_before = cpu_seconds(daemon.pid())?;
@@ -168,7 +169,7 @@ fn watch_storm(daemon: &Daemon, tree: &mut PauseTree, go: Instant) -> Result<Sto
         }
         let asked = Instant::now();
         let status = match call_within(&daemon.socket, &Request::Status, CALL_TIMEOUT) {
-            Ok(Reply::Status(status)) => status,
+            Ok(Reply::Status(status)) => *status,
             Ok(other) => bail!("status answered with {other:?}"),
             Err(err) => {
                 storm.unanswered = Some(format!("{err:#}"));
@@ -199,7 +200,7 @@ fn watch_storm(daemon: &Daemon, tree: &mut PauseTree, go: Instant) -> Result<Sto
 
 fn status(daemon: &Daemon) -> Result<Status> {
     match call_within(&daemon.socket, &Request::Status, CALL_TIMEOUT)? {
-        Reply::Status(status) => Ok(status),
+        Reply::Status(status) => Ok(*status),
         other => bail!("status answered with {other:?}"),
     }
 }
