@@ -205,6 +205,12 @@ fn bench_store(database_url: &str, rows: usize, batch: usize) -> anyhow::Result<
 
 fn run_daemon(options: daemon::Options) -> anyhow::Result<()> {
     tune_malloc();
+    // A signal mask is inherited: a daemon started by a process that blocks SIGTERM
+    // (to sigwait it) would never stop. Before the runtime starts, so every thread
+    // it makes starts unblocked too.
+    if let Err(errno) = nix::sys::signal::SigSet::empty().thread_set_mask() {
+        eprintln!("watchdog-user: cannot clear the inherited signal mask ({errno})");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WATCHDOG_LOG")
