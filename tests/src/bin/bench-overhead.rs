@@ -57,20 +57,7 @@ fn rss_kib(pid: u32) -> Result<u64> {
 
 /// utime + stime of a process, in ms.
 fn cpu_ms(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok(ticks as f64 * 1000.0 / procfs_ticks())
-}
-
-fn procfs_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+    Ok(watchdog_tests::bench::cpu_seconds(pid)? * 1000.0)
 }
 
 /// With `forker` as argv[1]: waits for a line, forks `n` children that each wait for
@@ -211,9 +198,11 @@ fn main() -> Result<()> {
         status.last_poll_ms
     );
     println!(
-        "\nWhat limits it: the daemon's poll reads /proc/PID/statm of every watched process \
-         (one open+read each); between polls it costs nothing, since the kernel reports \
-         forks, exits and RSS crossings as they happen. The poller must walk children and \
+        "\nWhat limits it: the daemon's poll is one read of a BPF task iterator that \
+         writes the RSS of every watched process, off the daemon's loop; the kernel's walk \
+         of every task on the host (~2 µs a task here) is most of it. Between polls it \
+         costs nothing, since the kernel reports forks, exits and RSS crossings as they \
+         happen. The poller must walk children and \
          read stat and statm for every process at every poll, in Python, to find anything."
     );
     Ok(())
