@@ -472,8 +472,8 @@ impl Daemon {
 
     /// Sends what is watched now to the database writer, when it changed.
     fn sync_processes(&mut self) {
-        if let Some(rows) = self.core.process_rows(&Clock::read()) {
-            let _ = self.effects.store().send(StoreMsg::Processes(rows));
+        if let Some(snapshot) = self.core.process_snapshot(&Clock::read()) {
+            let _ = self.effects.store().send(StoreMsg::Processes(snapshot));
         }
     }
 

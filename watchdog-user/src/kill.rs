@@ -294,6 +294,14 @@ impl KillJob {
     }
 
     /// Every target has exited (or could not be signalled).
+    /// The targets not done yet.
+    pub fn pending_pids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.targets
+            .iter()
+            .filter(|(_, t)| !t.done)
+            .map(|(pid, _)| *pid)
+    }
+
     pub fn pending_count(&self) -> usize {
         self.pending
     }

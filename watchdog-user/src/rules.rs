@@ -20,12 +20,12 @@ use watchdog_common::{AnalysisEntry, RootEntry};
 
 use crate::{
     ingest::{Comm, KernelEvent},
-    kill::{JobSpec, KillJob, KillRecord, Mode, Outcome, Scope, SignalOrder, TargetInfo, rfc3339},
+    kill::{JobSpec, KillJob, KillRecord, Mode, Outcome, Scope, SignalOrder, TargetInfo},
     policy::{self, LimitOverrides, Limits, OrphanPolicy, Reason},
     procs::{ProcInfo, Procs, same_start},
     protocol::Reply,
     registry::{self, Registry, Root},
-    store::ProcessRow,
+    store::{AnalysisBrief, ProcessBrief, ProcessSnapshot},
     tree::{AnalysisKey, Node, ProcRef, Tree},
 };
 
@@ -1021,41 +1021,49 @@ impl Core {
 
     // ---- the process table -----------------------------------------------------------
 
-    /// What is watched now, for `watchdog_processes`, when it changed since last asked.
-    pub fn process_rows(&mut self, clock: &Clock) -> Option<Vec<ProcessRow>> {
+    /// What is watched now, for `watchdog_processes`, when it changed since last asked:
+    /// a compact copy, which the store turns into rows off the loop (formatting 100,000
+    /// rows here stalled the loop for over a second).
+    pub fn process_snapshot(&mut self, clock: &Clock) -> Option<ProcessSnapshot> {
         if !std::mem::take(&mut self.processes_dirty) {
             return None;
         }
-        let rows = self
+        let pending: HashSet<u32> = self.jobs.iter().flat_map(|j| j.pending_pids()).collect();
+        let processes = self
             .tree
             .iter()
-            .filter_map(|node| {
-                let analysis = self.registry.get(node.analysis)?;
-                let started =
-                    clock.wall - Duration::from_nanos(clock.boot_ns.saturating_sub(node.start_ns));
-                let state = if self.jobs.iter().any(|j| j.target_pending(node.pid)) {
+            .map(|node| ProcessBrief {
+                pid: node.pid,
+                ppid: node.ppid,
+                start_ns: node.start_ns,
+                analysis: node.analysis,
+                state: if pending.contains(&node.pid) {
                     "grace"
                 } else if node.orphan {
                     "orphan"
                 } else {
                     "running"
-                };
-                Some(ProcessRow {
-                    pid: node.pid,
-                    ppid: node.ppid,
-                    start_time: rfc3339(started),
-                    analysis_id: analysis.id.clone(),
-                    timeout_ms: analysis.limits.timeout_ms,
-                    memory_bytes: analysis.limits.memory_bytes,
-                    tree_memory_bytes: analysis.limits.tree_memory_bytes,
-                    grace_ms: analysis.limits.grace_ms,
-                    orphans: format!("{:?}", analysis.limits.orphans).to_lowercase(),
-                    registered_at: rfc3339(analysis.registered_wall),
-                    state: state.into(),
-                })
+                },
             })
             .collect();
-        Some(rows)
+        let analyses = self
+            .registry
+            .iter()
+            .map(|(key, a)| {
+                let brief = AnalysisBrief {
+                    id: a.id.clone(),
+                    limits: a.limits.clone(),
+                    registered_wall: a.registered_wall,
+                };
+                (key, brief)
+            })
+            .collect();
+        Some(ProcessSnapshot {
+            processes,
+            analyses,
+            wall: clock.wall,
+            boot_ns: clock.boot_ns,
+        })
     }
 }
 

@@ -712,14 +712,14 @@ fn a_resync_drops_what_the_kernel_map_lost_and_adds_what_it_has() {
 fn the_process_table_is_sent_only_when_it_changed() {
     let mut w = World::new();
     w.register(100, "a", LimitOverrides::default());
-    let rows = w.core.process_rows(&w.clock).unwrap();
+    let rows = w.core.process_snapshot(&w.clock).unwrap().rows();
     assert_eq!((rows.len(), rows[0].state.as_str()), (1, "running"));
-    assert!(w.core.process_rows(&w.clock).is_none());
+    assert!(w.core.process_snapshot(&w.clock).is_none());
     w.rss(100, MIB);
     assert!(
-        w.core.process_rows(&w.clock).is_none(),
+        w.core.process_snapshot(&w.clock).is_none(),
         "RSS reports change no row"
     );
     w.fork(101, 100);
-    assert_eq!(w.core.process_rows(&w.clock).unwrap().len(), 2);
+    assert_eq!(w.core.process_snapshot(&w.clock).unwrap().rows().len(), 2);
 }

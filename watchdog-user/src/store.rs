@@ -127,6 +127,56 @@ pub struct ProcessRow {
     pub state: String,
 }
 
+/// What is watched now, as the rules hand it over: compact, so the daemon loop copies
+/// it in a moment; the store's front task turns it into rows.
+pub struct ProcessSnapshot {
+    pub processes: Vec<ProcessBrief>,
+    pub analyses: HashMap<u64, AnalysisBrief>,
+    pub wall: std::time::SystemTime,
+    /// CLOCK_BOOTTIME at `wall`: start times are on this clock.
+    pub boot_ns: u64,
+}
+
+pub struct ProcessBrief {
+    pub pid: u32,
+    pub ppid: u32,
+    pub start_ns: u64,
+    pub analysis: u64,
+    pub state: &'static str,
+}
+
+pub struct AnalysisBrief {
+    pub id: String,
+    pub limits: crate::policy::Limits,
+    pub registered_wall: std::time::SystemTime,
+}
+
+impl ProcessSnapshot {
+    pub fn rows(&self) -> Vec<ProcessRow> {
+        let rfc3339 = crate::kill::rfc3339;
+        self.processes
+            .iter()
+            .filter_map(|p| {
+                let analysis = self.analyses.get(&p.analysis)?;
+                let age = Duration::from_nanos(self.boot_ns.saturating_sub(p.start_ns));
+                Some(ProcessRow {
+                    pid: p.pid,
+                    ppid: p.ppid,
+                    start_time: rfc3339(self.wall - age),
+                    analysis_id: analysis.id.clone(),
+                    timeout_ms: analysis.limits.timeout_ms,
+                    memory_bytes: analysis.limits.memory_bytes,
+                    tree_memory_bytes: analysis.limits.tree_memory_bytes,
+                    grace_ms: analysis.limits.grace_ms,
+                    orphans: format!("{:?}", analysis.limits.orphans).to_lowercase(),
+                    registered_at: rfc3339(analysis.registered_wall),
+                    state: p.state.into(),
+                })
+            })
+            .collect()
+    }
+}
+
 /// A snapshot of the process table, shared by the channel and the database task.
 type Rows = Arc<Vec<ProcessRow>>;
 
@@ -156,7 +206,7 @@ pub struct DbStatus {
 pub enum StoreMsg {
     Record(Box<KillRecord>),
     /// What is watched now on this host (the store writes the difference).
-    Processes(Vec<ProcessRow>),
+    Processes(ProcessSnapshot),
     Query(
         EventFilter,
         oneshot::Sender<Result<Vec<KillRecord>, String>>,
@@ -384,8 +434,8 @@ async fn front(
                 }
                 wake.notify_one();
             }
-            StoreMsg::Processes(rows) => {
-                processes.send_replace(Arc::new(rows));
+            StoreMsg::Processes(snapshot) => {
+                processes.send_replace(Arc::new(snapshot.rows()));
                 wake.notify_one();
             }
             StoreMsg::Query(filter, reply) => {
