@@ -5,10 +5,18 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    os::{fd::AsRawFd as _, unix::net::UnixStream, unix::process::CommandExt as _},
+    os::{
+        fd::{AsRawFd as _, IntoRawFd as _},
+        unix::net::UnixStream,
+        unix::process::CommandExt as _,
+    },
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
-    sync::{Mutex, MutexGuard, PoisonError, mpsc},
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicI32, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -16,7 +24,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use nix::{
     errno::Errno,
     sys::{
-        signal::{SigSet, Signal, kill, killpg},
+        signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, kill, killpg, sigaction},
         wait::waitpid,
     },
     unistd::{ForkResult, Pid, fork},
@@ -383,22 +391,49 @@ pub fn restore_sysctl(path: &str, original: u64) {
 
 /// Ctrl-C or a TERM mid-run runs no destructor: without this, a bench's idle trees
 /// (100,000 processes for bench-scale), its daemon with programs attached, and raised
-/// kernel limits would outlive it. Call first in `main`: the signals are blocked
-/// before any thread exists, so every thread inherits the mask and one thread alone
-/// takes them, free to do the whole clean-up as ordinary code. (Spawned programs start
-/// with an empty mask: std resets it before exec.)
+/// kernel limits would outlive it. The handler only writes the signal's number to a
+/// pipe; a thread reading it does the whole clean-up as ordinary code. Not sigwait on
+/// blocked signals: a blocked mask is inherited across exec (std does not reset it),
+/// and a daemon spawned with SIGTERM blocked never stops. A handler is reset by exec.
 pub fn install_interrupt_cleanup() -> Result<()> {
-    let mut signals = SigSet::empty();
-    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        signals.add(signal);
-    }
-    signals.thread_block()?;
+    // Close-on-exec: no spawned program holds the write end.
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    SIGNAL_PIPE.store(write_end.into_raw_fd(), Ordering::Relaxed);
     std::thread::spawn(move || {
-        if let Ok(signal) = signals.wait() {
+        let mut number = [0u8; 1];
+        let mut pipe = std::fs::File::from(read_end);
+        if std::io::Read::read_exact(&mut pipe, &mut number).is_ok()
+            && let Ok(signal) = Signal::try_from(i32::from(number[0]))
+        {
             clean_up_after(signal);
         }
     });
+    let action = SigAction::new(
+        SigHandler::Handler(forward_signal),
+        // Interrupted system calls of the bench itself resume as if nothing happened.
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only calls write(2), which is async-signal-safe.
+        unsafe { sigaction(signal, &action) }?;
+    }
     Ok(())
+}
+
+/// The write end of the pipe the clean-up thread reads.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn forward_signal(signal: libc::c_int) {
+    let number = signal as u8;
+    // SAFETY: write(2) of one byte from the stack to a pipe.
+    unsafe {
+        libc::write(
+            SIGNAL_PIPE.load(Ordering::Relaxed),
+            (&raw const number).cast(),
+            1,
+        )
+    };
 }
 
 /// Daemons first (no orphan kills or records for trees being torn down), then the

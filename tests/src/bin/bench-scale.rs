@@ -371,13 +371,16 @@ fn report(run: &Run, raised_pid_max: Option<u64>, restored_pid_max: u64) {
         run.kill_time.as_secs_f64()
     );
     println!(
-        "\nWhat limits it: the kernel map holds {} entries and the ring buffer about 130,000 \
-         events, so 100,000 forks fit both if the daemon drains the ring as fast as the two \
-         cores fork; a slower daemon loses events (counted) and must resync from the map. \
-         The daemon handles every fork event on its main loop, so a `status` probe waits \
-         behind whatever batch of events, or resync, is in progress: the longest round trip \
-         is the longest time the daemon could not answer anything, a kill deadline included.",
-        1 << 17
+        "\nWhat limits it: the kernel map holds {} entries and the ring buffer {} MiB (about \
+         {} events of 64 bytes), so 100,000 forks fit both if the daemon drains the ring as \
+         fast as the two cores fork; a slower daemon loses events (counted) and must resync \
+         from the map. The daemon handles every fork event on its main loop, so a `status` \
+         probe waits behind whatever batch of events, or resync, is in progress: the longest \
+         round trip is the longest time the daemon could not answer anything, a kill deadline \
+         included.",
+        watchdog_common::MAX_WATCHED,
+        watchdog_common::RING_BYTES >> 20,
+        watchdog_common::RING_BYTES / 64,
     );
     bench::figure("scale_descendants", run.forked.map_or(0, |(n, _)| n));
     bench::figure("scale_reached", storm.reached.is_some());
