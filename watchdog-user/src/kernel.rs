@@ -348,7 +348,7 @@ impl Kernel {
         let Some(path) = &self.descendants_iter else {
             return Ok(crate::procs::descendants_by_scan(root.pid));
         };
-        let tick = 1_000_000_000 / procfs::ticks_per_second().max(1);
+        let tick = crate::procs::ns_per_tick();
         let target = WalkTarget {
             pid: root.pid,
             _pad: 0,

@@ -19,7 +19,8 @@ pub struct ProcInfo {
     pub exited: bool,
 }
 
-fn ns_per_tick() -> u64 {
+/// The precision of /proc's start times.
+pub fn ns_per_tick() -> u64 {
     1_000_000_000 / procfs::ticks_per_second().max(1)
 }
 
@@ -108,6 +109,8 @@ pub trait Procs {
     fn read(&self, pid: u32) -> Option<ProcInfo>;
     /// Its command line, owner and RSS now.
     fn details(&self, pid: u32) -> Details;
+    /// Its RSS now, 0 when it is gone.
+    fn rss_bytes(&self, pid: u32) -> u64;
 }
 
 /// The real /proc.
@@ -130,6 +133,10 @@ impl Procs for SysProcs {
             uid: process.and_then(|p| p.uid().ok()).unwrap_or(0),
             rss_bytes: rss_bytes(pid),
         }
+    }
+
+    fn rss_bytes(&self, pid: u32) -> u64 {
+        rss_bytes(pid)
     }
 }
 

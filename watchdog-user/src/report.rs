@@ -73,7 +73,7 @@ fn view(core: &Core, node: &Node, procs: &dyn Procs, clock: &Clock) -> TreeNode 
             .to_string(),
         comm: node.comm.as_str().into_owned(),
         age_ms: clock.boot_ns.saturating_sub(node.start_ns) / 1_000_000,
-        rss_bytes: procs.details(node.pid).rss_bytes,
+        rss_bytes: procs.rss_bytes(node.pid),
         orphan: node.orphan,
         grace_left_ms: core
             .jobs()

@@ -53,6 +53,10 @@ impl Procs for FakeProcs {
             rss_bytes: 0,
         }
     }
+
+    fn rss_bytes(&self, _pid: u32) -> u64 {
+        0
+    }
 }
 
 fn limits() -> Limits {
