@@ -24,7 +24,7 @@ use crate::{
     procs::{self, SysProcs},
     protocol::{Reply, Request, Response},
     report::{self, KernelCounters},
-    rules::{Clock, Core, Settings},
+    rules::{Clock, Core, Resync, Settings},
     store::{self, DatabaseUrl, EventFilter, StoreMsg},
     supervise,
     tree::ProcRef,
@@ -289,7 +289,7 @@ impl Daemon {
             self.core
                 .resume(&analyses, &roots, &in_map, &SysProcs, &clock);
         } else {
-            self.core.resync(&in_map, &SysProcs, &clock, "start");
+            self.core.resync(&in_map, &SysProcs, &clock, Resync::Start);
         }
         self.settle(&clock);
     }
@@ -491,7 +491,8 @@ impl Daemon {
         self.losses_repaired = losses;
         let clock = Clock::read();
         let in_map = self.effects.kernel.watched();
-        self.core.resync(&in_map, &SysProcs, &clock, "lost events");
+        self.core
+            .resync(&in_map, &SysProcs, &clock, Resync::LostEvents);
         self.settle(&clock);
     }
 

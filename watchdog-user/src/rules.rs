@@ -90,6 +90,15 @@ pub enum Action {
     Record(Box<KillRecord>),
 }
 
+/// Why the tree is rebuilt from the kernel map; only a repair after lost events counts
+/// as a resync in `status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resync {
+    Start,
+    Restart,
+    LostEvents,
+}
+
 /// What can change while running (SIGHUP), and the facts of the machine they apply to.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -918,10 +927,10 @@ impl Core {
         in_map: &[(u32, AnalysisKey)],
         procs: &dyn Procs,
         clock: &Clock,
-        reason: &str,
+        reason: Resync,
     ) {
         self.resynced_at_ns = clock.boot_ns;
-        self.counters.resyncs += u64::from(reason != "start" && reason != "restart");
+        self.counters.resyncs += u64::from(reason == Resync::LostEvents);
         let mapped: HashSet<u32> = in_map.iter().map(|(pid, _)| *pid).collect();
         let mut touched = HashSet::new();
         for pid in self.tree.pids() {
@@ -957,7 +966,7 @@ impl Core {
             self.forget_if_finished(key, clock);
         }
         self.finish_done_jobs(clock);
-        tracing::info!(reason, watched = self.tree.len(), "tree resynced");
+        tracing::info!(?reason, watched = self.tree.len(), "tree resynced");
     }
 
     /// After a restart: the kernel map says what is watched, the saved analyses and
@@ -978,7 +987,7 @@ impl Core {
                 registry::analysis_from_entry(entry, clock.now, clock.wall),
             );
         }
-        self.resync(in_map, procs, clock, "restart");
+        self.resync(in_map, procs, clock, Resync::Restart);
         let saved: std::collections::HashMap<u32, RootEntry> = roots.iter().copied().collect();
         let parentless: Vec<ProcRef> = self.tree.roots().iter().map(|n| n.proc_ref()).collect();
         for process in parentless {

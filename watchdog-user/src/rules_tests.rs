@@ -488,7 +488,7 @@ fn a_member_that_appears_after_the_analysis_kill_ended_is_killed_on_arrival() {
     w.exit(101);
     assert!(w.core.jobs().is_empty());
     w.core
-        .resync(&[(102, key)], &w.procs, &w.clock, "lost events");
+        .resync(&[(102, key)], &w.procs, &w.clock, Resync::LostEvents);
     assert_eq!(signals(&w.core.take_actions()), [(102, Signal::SIGTERM)]);
 }
 
@@ -701,7 +701,7 @@ fn a_resync_drops_what_the_kernel_map_lost_and_adds_what_it_has() {
         &[(100, key), (102, key), (7, 999)],
         &w.procs,
         &w.clock,
-        "lost events",
+        Resync::LostEvents,
     );
     let actions = w.core.take_actions();
     assert!(!w.core.tree().contains(101) && w.core.tree().contains(102));
