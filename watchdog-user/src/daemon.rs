@@ -131,7 +131,7 @@ pub async fn run(options: Options) -> Result<()> {
         poll_interval: options.poll_interval,
         losses_repaired: 0,
         last_poll_us: 0,
-        poll_started: None,
+        polling: false,
         poll_tx,
         loop_longest: Duration::ZERO,
     };
@@ -230,6 +230,14 @@ async fn sleep_until_next(at: Option<Instant>) {
 /// (process, RSS) of watched processes, read off the loop.
 type PollSamples = Vec<(ProcRef, u64)>;
 
+fn sample_of(sample: &watchdog_common::RssSample) -> (ProcRef, u64) {
+    let process = ProcRef {
+        pid: sample.pid,
+        start_ns: sample.start_ns,
+    };
+    (process, sample.rss_bytes)
+}
+
 /// What the loop takes in.
 enum Input {
     Events(ingest::Batch),
@@ -255,7 +263,8 @@ struct Daemon {
     losses_repaired: u64,
     /// How long the last reconcile poll took, µs (read off the loop + applied on it).
     last_poll_us: u64,
-    poll_started: Option<Instant>,
+    /// A poll is reading: the next tick does not start another.
+    polling: bool,
     poll_tx: mpsc::UnboundedSender<(PollSamples, Instant)>,
     /// The longest the loop took over one input since start.
     loop_longest: Duration,
@@ -278,76 +287,64 @@ impl Daemon {
         }
     }
 
+    /// Feeds one input to the rules with the time read once for it, then settles.
+    fn feed(&mut self, input: impl FnOnce(&mut Core, &Clock)) {
+        let clock = Clock::read();
+        input(&mut self.core, &clock);
+        self.settle(&clock);
+    }
+
     /// A fresh start builds the tree from the (empty) map; a restart over pinned
     /// programs resumes the previous run's analyses.
     fn start(&mut self) {
-        let clock = Clock::read();
-        let in_map = self.effects.kernel.watched();
-        if self.effects.kernel.resumed() {
-            let analyses = self.effects.kernel.saved_analyses();
-            let roots = self.effects.kernel.roots();
-            self.core
-                .resume(&analyses, &roots, &in_map, &SysProcs, &clock);
+        let kernel = &self.effects.kernel;
+        let in_map = kernel.watched();
+        if kernel.resumed() {
+            let (analyses, roots) = (kernel.saved_analyses(), kernel.roots());
+            self.feed(|core, clock| core.resume(&analyses, &roots, &in_map, &SysProcs, clock));
         } else {
-            self.core.resync(&in_map, &SysProcs, &clock, Resync::Start);
+            self.feed(|core, clock| core.resync(&in_map, &SysProcs, clock, Resync::Start));
         }
-        self.settle(&clock);
     }
 
-    fn on_events(&mut self, batch: ingest::Batch) {
-        let clock = Clock::read();
+    fn on_events(&mut self, mut batch: ingest::Batch) {
         let resynced_at_ns = self.core.resynced_at_ns();
-        for event in batch {
-            // Queued before a resync: its exit may be among the lost events, and then
-            // the kernel map (authoritative) no longer has it.
-            if let KernelEvent::Fork { pid, ts_ns, .. } = event
-                && ts_ns <= resynced_at_ns
-                && !self.effects.kernel.is_watched(pid)
-            {
-                continue;
+        let kernel = &self.effects.kernel;
+        // A fork queued before a resync: its exit may be among the lost events, and
+        // then the kernel map (authoritative) no longer has it.
+        let stale = |event: &KernelEvent| {
+            matches!(*event, KernelEvent::Fork { pid, ts_ns, .. }
+                if ts_ns <= resynced_at_ns && !kernel.is_watched(pid))
+        };
+        batch.retain(|e| !stale(e));
+        self.feed(|core, clock| {
+            for event in batch {
+                core.on_event(event, &SysProcs, clock);
             }
-            self.core.on_event(event, &SysProcs, &clock);
-        }
-        self.settle(&clock);
+        });
     }
 
     fn on_tick(&mut self) {
-        let clock = Clock::read();
-        self.core.on_tick(&SysProcs, &clock);
-        self.settle(&clock);
+        self.feed(|core, clock| core.on_tick(&SysProcs, clock));
     }
 
     fn on_launcher_exit(&mut self, root: ProcRef) {
-        let clock = Clock::read();
-        self.core.on_launcher_exit(root, &SysProcs, &clock);
-        self.settle(&clock);
+        self.feed(|core, clock| core.on_launcher_exit(root, &SysProcs, clock));
     }
 
     /// The reconcile poll: RSS of every watched process, read off the loop (in one
     /// pass by the kernel's RSS iterator, or from /proc where there is none).
     fn start_poll(&mut self) {
-        if self.poll_started.is_some() {
+        if std::mem::replace(&mut self.polling, true) {
             return; // The last one is still reading.
         }
         let started = Instant::now();
-        self.poll_started = Some(started);
         let tx = self.poll_tx.clone();
         match self.effects.kernel.rss_iter().map(ToOwned::to_owned) {
             Some(path) => {
                 tokio::task::spawn_blocking(move || {
                     let samples = match kernel::read_rss_iter(&path) {
-                        Ok(samples) => samples
-                            .into_iter()
-                            .map(|s| {
-                                (
-                                    ProcRef {
-                                        pid: s.pid,
-                                        start_ns: s.start_ns,
-                                    },
-                                    s.rss_bytes,
-                                )
-                            })
-                            .collect(),
+                        Ok(samples) => samples.iter().map(sample_of).collect(),
                         Err(err) => {
                             tracing::error!("{err:#}: this poll saw nothing");
                             Vec::new()
@@ -370,10 +367,8 @@ impl Daemon {
     }
 
     fn on_poll(&mut self, (samples, started): (PollSamples, Instant)) {
-        let clock = Clock::read();
-        self.core.on_poll(&samples, &SysProcs, &clock);
-        self.settle(&clock);
-        self.poll_started = None;
+        self.feed(|core, clock| core.on_poll(&samples, &SysProcs, clock));
+        self.polling = false;
         self.last_poll_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     }
 
@@ -489,11 +484,8 @@ impl Daemon {
             "kernel events were lost: resyncing the tree from the kernel map and /proc"
         );
         self.losses_repaired = losses;
-        let clock = Clock::read();
         let in_map = self.effects.kernel.watched();
-        self.core
-            .resync(&in_map, &SysProcs, &clock, Resync::LostEvents);
-        self.settle(&clock);
+        self.feed(|core, clock| core.resync(&in_map, &SysProcs, clock, Resync::LostEvents));
     }
 
     /// SIGHUP: re-reads the settings; applies what can change while running (limits
