@@ -31,6 +31,54 @@ pub const KERNEL_LOG_MAP: &str = "KERNEL_LOG";
 /// 128 KiB). Pinned, so a restarted daemon reads what the resumed programs write.
 pub const LOGS_MAP: &str = "AYA_LOGS";
 
+/// Name of the one-entry array (`u64`) holding the [`LAYOUT`] of the build whose daemon
+/// loaded the pinned programs, written once they are attached: a daemon resuming pinned
+/// state reads it before any other map, and reads nothing of a layout not its own.
+pub const LAYOUT_MAP: &str = "LAYOUT";
+/// Bump it when a shared record changes without changing any size (fields reordered, a
+/// field's meaning or unit changed): sizes alone change [`LAYOUT`] by themselves.
+pub const LAYOUT_REVISION: u64 = 1;
+/// The layout of the records the pinned maps and the ring hold, as this build has them:
+/// [`LAYOUT_REVISION`] mixed with the size and alignment of every shared record (a new
+/// shared record belongs in this list).
+pub const LAYOUT: u64 = layout_hash(&[
+    LAYOUT_REVISION,
+    size_of::<WatchEntry>() as u64,
+    align_of::<WatchEntry>() as u64,
+    size_of::<AnalysisEntry>() as u64,
+    align_of::<AnalysisEntry>() as u64,
+    size_of::<RootEntry>() as u64,
+    align_of::<RootEntry>() as u64,
+    size_of::<Event>() as u64,
+    align_of::<Event>() as u64,
+    size_of::<Config>() as u64,
+    align_of::<Config>() as u64,
+    size_of::<RssSample>() as u64,
+    align_of::<RssSample>() as u64,
+    size_of::<WalkTarget>() as u64,
+    align_of::<WalkTarget>() as u64,
+    size_of::<ProcRecord>() as u64,
+    align_of::<ProcRecord>() as u64,
+]);
+
+/// FNV-1a over the words' bytes: any change of any word changes the result, at compile
+/// time. Never 0, which is what an unwritten [`LAYOUT_MAP`] holds.
+const fn layout_hash(words: &[u64]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < words.len() {
+        let bytes = words[i].to_le_bytes();
+        let mut j = 0;
+        while j < bytes.len() {
+            hash ^= bytes[j] as u64;
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            j += 1;
+        }
+        i += 1;
+    }
+    if hash == 0 { 1 } else { hash }
+}
+
 /// Name of the global holding the [`Config`] the daemon fills in at load time.
 pub const CONFIG_GLOBAL: &str = "WATCHDOG_CONFIG";
 

@@ -58,6 +58,11 @@ static ANALYSES: HashMap<u64, AnalysisEntry> = HashMap::with_max_entries(MAX_ANA
 #[map]
 static ROOTS: HashMap<u32, RootEntry> = HashMap::with_max_entries(MAX_ANALYSES, 0);
 
+/// The daemon's [`watchdog_common::LAYOUT`] (key 0), written once the programs are
+/// attached: a restarted daemon trusts the pinned maps only if it is its own.
+#[map]
+static LAYOUT: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map]
 static WALK_TARGET: Array<WalkTarget> = Array::with_max_entries(1, 0);
 
