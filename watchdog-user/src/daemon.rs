@@ -295,8 +295,17 @@ impl Daemon {
     }
 
     /// A fresh start builds the tree from the (empty) map; a restart over pinned
-    /// programs resumes the previous run's analyses.
+    /// programs resumes the previous run's analyses, and so does one that dropped
+    /// untrusted pins, once their surviving roots are watched again.
     fn start(&mut self) {
+        if let Some(salvage) = self.effects.kernel.take_salvage() {
+            let rewatched =
+                crate::pins::rewatch(&mut self.effects, salvage, &SysProcs, &Clock::read());
+            tracing::info!(
+                ?rewatched,
+                "saved analyses watched again over the fresh programs"
+            );
+        }
         let kernel = &self.effects.kernel;
         let in_map = kernel.watched();
         if kernel.resumed() {

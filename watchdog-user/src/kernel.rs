@@ -10,13 +10,16 @@ use aya::{
 };
 use watchdog_common::{
     ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, EVENTS_MAP,
-    KERNEL_LOG_MAP, LOGS_MAP, ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER, RootEntry, RssSample,
-    WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
+    KERNEL_LOG_MAP, LAYOUT, LAYOUT_MAP, LOGS_MAP, ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER,
+    RootEntry, RssSample, WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
 };
 
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::btf::KernelBtf;
+use crate::{
+    btf::KernelBtf,
+    pins::{self, Salvage, Verdict},
+};
 
 /// The object built by watchdog-user's build.rs from watchdog-ebpf.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/watchdog"));
@@ -42,6 +45,13 @@ pub struct Kernel {
     analyses: HashMap<MapData, u64, AnalysisEntry>,
     roots: HashMap<MapData, u32, RootEntry>,
     resumed: bool,
+    /// Pinned state was found untrustworthy and dropped at load (1), or not (0).
+    pinned_state_dropped: u64,
+    /// What the dropped state's analyses and roots were, when they could be read: for
+    /// [`pins::rewatch`].
+    salvage: Option<Salvage>,
+    /// There was such a salvage: the rules resume what it put back.
+    rebuilt: bool,
     /// The pinned RSS iterator, when this kernel has task iterators and per-CPU RSS
     /// counters: reading it is the reconcile poll.
     rss_iter: Option<PathBuf>,
@@ -139,7 +149,7 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 9] = [
+const PINNED_MAPS: [&str; 10] = [
     WATCHED_MAP,
     EVENTS_MAP,
     DROPS_MAP,
@@ -152,7 +162,41 @@ const PINNED_MAPS: [&str; 9] = [
     // resumed programs write, and turns them on or off for them.
     LOGS_MAP,
     KERNEL_LOG_MAP,
+    // This build's LAYOUT, written once the programs are attached: checked first.
+    LAYOUT_MAP,
 ];
+
+/// Maps whose size the loader sets: a pin keeps the size it was made with.
+const SIZED_AT_LOAD: [&str; 1] = [EVENTS_MAP];
+
+/// Maps every attached tracepoint program of ours uses.
+const USED_BY_PROGRAMS: [&str; 2] = [WATCHED_MAP, EVENTS_MAP];
+
+/// What the pinned state must be for this build to trust it.
+fn expected_pins(pin_dir: &Path) -> pins::Expected<'static> {
+    let tracepoints = TRACEPOINTS
+        .iter()
+        .map(|&tp| (link_pin(pin_dir, tp), tp, true));
+    let iters = [RSS_ITER, DESCENDANTS_ITER]
+        .into_iter()
+        .map(|name| (iter_pin(pin_dir, name), name, false));
+    pins::Expected {
+        maps: &PINNED_MAPS,
+        sized_at_load: &SIZED_AT_LOAD,
+        used_by_programs: &USED_BY_PROGRAMS,
+        links: tracepoints.chain(iters).collect(),
+        object: PROGRAMS,
+    }
+}
+
+/// Drops pinned state that failed its checks, in one log line that says why and what
+/// is kept: the saved analyses and roots are read first when their layout is ours.
+fn drop_untrusted(pin_dir: &Path, reason: &str) -> Result<Option<Salvage>> {
+    let salvage = pins::salvage(pin_dir, &expected_pins(pin_dir));
+    tracing::warn!("{}", pins::dropping_line(pin_dir, reason, &salvage));
+    drop_pins(pin_dir)?;
+    Ok(salvage.ok())
+}
 
 fn link_pin(pin_dir: &Path, tracepoint: &str) -> PathBuf {
     pin_dir.join(format!("link_{tracepoint}"))
@@ -224,18 +268,43 @@ impl Kernel {
         let btf = Btf::parse_file(btf_path, Endianness::default())
             .map_err(|e| anyhow!("kernel BTF at {} is unusable: {e}", btf_path.display()))?;
         raise_memlock_limit();
-        if fresh || !programs_pinned(pin_dir) {
-            // Partial pins (a crash mid-start) are not worth trusting.
+        // Pinned state is resumed only once checked (see `pins`); anything else is
+        // said, counted and dropped, keeping what can be read of it.
+        let mut dropped = None;
+        if fresh {
             drop_pins(pin_dir)?;
+        } else {
+            match pins::check(pin_dir, &expected_pins(pin_dir)) {
+                Verdict::Nothing => drop_pins(pin_dir)?,
+                Verdict::Trusted => {}
+                Verdict::Distrusted(reason) => dropped = Some(drop_untrusted(pin_dir, &reason)?),
+            }
         }
         ensure_bpffs(pin_dir).map_err(|e| refused("pin its maps", e))?;
         let resumed = programs_pinned(pin_dir);
-        let loaded = Self::load_pinned(
+        let mut loaded = Self::load_pinned(
             loader, &btf, &config, ring_bytes, pin_dir, resumed, kernel_log,
         );
-        if loaded.is_err() && !resumed {
+        if resumed && let Err(err) = &loaded {
+            // Checked, and still not resumable: a restart would find it the same, so
+            // drop it rather than exit into a crash loop.
+            let reason = format!("resuming it failed ({err:#})");
+            dropped = Some(drop_untrusted(pin_dir, &reason)?);
+            ensure_bpffs(pin_dir).map_err(|e| refused("pin its maps", e))?;
+            let mut loader = EbpfLoader::new();
+            loader.btf(None);
+            loaded = Self::load_pinned(
+                loader, &btf, &config, ring_bytes, pin_dir, false, kernel_log,
+            );
+        }
+        if loaded.is_err() && (!resumed || dropped.is_some()) {
             // Refused: leave no half-made pinned state behind.
             let _ = drop_pins(pin_dir);
+        }
+        if let (Ok((kernel, _)), Some(salvage)) = (&mut loaded, dropped) {
+            kernel.pinned_state_dropped = 1;
+            kernel.rebuilt = salvage.is_some();
+            kernel.salvage = salvage;
         }
         drop(btf);
         release_free_heap();
@@ -294,6 +363,11 @@ impl Kernel {
                 DESCENDANTS_ITER,
                 "registration scans /proc for descendants instead",
             );
+            // Last: pins without it (a start that did not finish) are not resumed.
+            let mut layout: Array<MapData, u64> = Array::try_from(take(&mut ebpf, LAYOUT_MAP)?)?;
+            layout
+                .set(0, LAYOUT, 0)
+                .context("writing this build's layout in the pinned LAYOUT map")?;
             (rss_iter, descendants_iter)
         };
         let ring = RingBuf::try_from(take(&mut ebpf, EVENTS_MAP)?)?;
@@ -305,6 +379,9 @@ impl Kernel {
             analyses: HashMap::try_from(take(&mut ebpf, ANALYSES_MAP)?)?,
             roots: HashMap::try_from(take(&mut ebpf, ROOTS_MAP)?)?,
             resumed,
+            pinned_state_dropped: 0,
+            salvage: None,
+            rebuilt: false,
             rss_iter,
             walk_target: Array::try_from(take(&mut ebpf, WALK_TARGET_MAP)?)?,
             descendants_iter,
@@ -324,9 +401,21 @@ impl Kernel {
         self.rss_iter.as_deref()
     }
 
-    /// Whether this daemon took over programs a previous one left attached.
+    /// Whether this daemon took over programs a previous one left attached, or dropped
+    /// untrusted pins and has the previous run's analyses to watch again
+    /// ([`Self::take_salvage`]): either way the rules resume the saved analyses.
     pub fn resumed(&self) -> bool {
-        self.resumed
+        self.resumed || self.rebuilt
+    }
+
+    /// Untrusted pinned state dropped at load: 1, else 0 (status, /metrics).
+    pub fn pinned_state_dropped(&self) -> u64 {
+        self.pinned_state_dropped
+    }
+
+    /// The dropped state's analyses and roots, to watch again over the fresh programs.
+    pub fn take_salvage(&mut self) -> Option<Salvage> {
+        self.salvage.take()
     }
 
     pub fn save_analysis(&mut self, key: u64, entry: &AnalysisEntry) -> Result<()> {
@@ -362,8 +451,9 @@ impl Kernel {
         read_iter(path)
     }
 
+    /// The saved analyses, without any no daemon could have saved.
     pub fn saved_analyses(&self) -> Vec<(u64, AnalysisEntry)> {
-        self.analyses.iter().filter_map(|r| r.ok()).collect()
+        pins::sane_analyses(self.analyses.iter().filter_map(|r| r.ok()))
     }
 
     pub fn save_root(&mut self, pid: u32, entry: &RootEntry) -> Result<()> {

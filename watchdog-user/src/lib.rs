@@ -11,6 +11,7 @@ pub mod http;
 pub mod ingest;
 pub mod kernel;
 pub mod kill;
+pub mod pins;
 pub mod policy;
 pub mod procs;
 pub mod protocol;
