@@ -197,6 +197,9 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         status.watch_map_full,
         status.resyncs
     );
+    if status.pinned_state_dropped > 0 {
+        println!("pinned state: dropped at start, not trusted (the daemon's log says why)");
+    }
     Ok(())
 }
 

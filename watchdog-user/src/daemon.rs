@@ -435,6 +435,7 @@ impl Daemon {
         KernelCounters {
             lost_events: self.effects.kernel.lost_events(),
             watch_map_full: self.effects.kernel.watch_map_full(),
+            pinned_state_dropped: self.effects.kernel.pinned_state_dropped(),
             last_poll_us: self.last_poll_us,
             loop_longest_us: u64::try_from(self.loop_longest.as_micros()).unwrap_or(u64::MAX),
         }

@@ -146,6 +146,13 @@ pub fn prometheus_text(s: &Status) -> String {
     );
     metric(
         &mut out,
+        "watchdog_pinned_state_dropped_total",
+        "counter",
+        "Pinned state found untrustworthy at start (another layout, or not the maps the attached programs use), dropped and rebuilt.",
+        &one(s.pinned_state_dropped as f64),
+    );
+    metric(
+        &mut out,
         "watchdog_resyncs_total",
         "counter",
         "Tree rebuilds after lost events.",

@@ -128,6 +128,10 @@ pub struct Status {
     pub lost_events: u64,
     /// Children the kernel could not add to its watched map (full).
     pub watch_map_full: u64,
+    /// Pinned state found untrustworthy at start (not this build's layout, or not the
+    /// maps the attached programs use), dropped and rebuilt: 0 or 1.
+    #[serde(default)]
+    pub pinned_state_dropped: u64,
     /// Times the tree was rebuilt from the kernel map and /proc after a loss.
     pub resyncs: u64,
     /// RSS reports from the kernel's memory fast path.

@@ -93,6 +93,8 @@ fn view(core: &Core, node: &Node, procs: &dyn Procs, clock: &Clock) -> TreeNode 
 pub struct KernelCounters {
     pub lost_events: u64,
     pub watch_map_full: u64,
+    /// Untrusted pinned state dropped at start (0 or 1).
+    pub pinned_state_dropped: u64,
     pub last_poll_us: u64,
     pub loop_longest_us: u64,
 }
@@ -125,6 +127,7 @@ pub fn status(
         execs_seen: counters.execs,
         lost_events: kernel.lost_events,
         watch_map_full: kernel.watch_map_full,
+        pinned_state_dropped: kernel.pinned_state_dropped,
         resyncs: counters.resyncs,
         rss_reports: counters.rss_reports,
         last_poll_ms: kernel.last_poll_us as f64 / 1000.0,
