@@ -3,6 +3,7 @@
 //! test ends, pass or fail.
 
 pub mod bench;
+pub mod bpf;
 pub mod pg;
 
 use std::{

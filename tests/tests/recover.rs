@@ -6,13 +6,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
 use serde_json::Value;
-use watchdog_tests::{Daemon, Workload, alive, all_nodes, await_state};
+use watchdog_tests::{Daemon, Workload, alive, alive_in_group, all_nodes, await_state, bpf};
 
 /// The root forks a middle child with a grandchild, then a new child every 100 ms.
 const FORKS_CONTINUOUSLY: &str = r#"
@@ -186,4 +186,227 @@ fn await_child_watched(daemon: &Daemon, work: &mut Workload) -> Result<()> {
             .any(|n| n.pid == child)
             .then_some(()))
     })
+}
+
+// ---- pinned state verified before it is trusted ------------------------------------
+
+/// Forks a child (which sleeps) for each line read, and prints its pid.
+const FORKS_ON_DEMAND: &str = r#"
+import os, sys, time
+while sys.stdin.readline():
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(600); os._exit(0)
+    print(f"child {pid}", flush=True)
+time.sleep(600)
+"#;
+
+/// Asks `work` (FORKS_ON_DEMAND) for a child and returns its pid.
+fn fork_child(work: &mut Workload) -> Result<u32> {
+    work.send("fork")?;
+    let line = work.read_line()?;
+    Ok(line
+        .strip_prefix("child ")
+        .with_context(|| format!("unexpected line {line:?}"))?
+        .parse()?)
+}
+
+fn await_in_tree(daemon: &Daemon, analysis: &str, pids: &[u32]) -> Result<()> {
+    await_state(&format!("{pids:?} watched in {analysis}"), || {
+        let roots = daemon.tree(Some(analysis))?;
+        let watched: BTreeSet<u32> = all_nodes(&roots).iter().map(|n| n.pid).collect();
+        Ok(pids.iter().all(|p| watched.contains(p)).then_some(()))
+    })
+}
+
+/// The analysis' deadline as the daemon has it (Unix ms).
+fn deadline_ms(daemon: &Daemon, analysis: &str) -> Result<u64> {
+    let answer = daemon.request(&format!(
+        r#"{{"op":"dump_tree","analysis_id":"{analysis}"}}"#
+    ))?;
+    answer["ok"]["analyses"][0]["deadline_unix_ms"]
+        .as_u64()
+        .with_context(|| format!("no deadline for {analysis}: {answer}"))
+}
+
+/// The lines of the daemon's log that say pinned state was dropped: exactly one.
+fn the_drop_line(daemon: &Daemon) -> String {
+    let log = daemon.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("is not trusted"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line says why: {log}");
+    lines[0].to_string()
+}
+
+/// A new analysis registered on the daemon that dropped the pins: the children it forks
+/// after its registration are tracked, and its timeout kills them all.
+fn new_analysis_is_enforced(daemon: &Daemon) -> Result<()> {
+    let mut work = Workload::python(FORKS_ON_DEMAND, &[])?;
+    daemon.cli_ok(&[
+        "register",
+        "--pid",
+        &work.pid().to_string(),
+        "--analysis-id",
+        "after",
+        "--timeout",
+        "3s",
+        "--grace",
+        "1s",
+    ])?;
+    let children = [fork_child(&mut work)?, fork_child(&mut work)?];
+    await_in_tree(daemon, "after", &children)?;
+    await_state("the timeout to kill the new analysis, children too", || {
+        Ok(alive_in_group(work.pid()).is_empty().then_some(()))
+    })?;
+    for child in children {
+        assert_eq!(record_for(daemon, child)?["reason"], "timeout");
+    }
+    Ok(())
+}
+
+/// Pins another build's layout would have: the daemon reads none of it (it cannot know
+/// what its bytes mean), says so in one line, counts it, and starts afresh.
+#[test]
+fn pins_of_another_layout_are_dropped_said_and_counted_and_nothing_is_read() -> Result<()> {
+    let mut daemon = Daemon::start()?;
+    let before = Workload::spawn("sleep", &["600"])?;
+    daemon.register(before.pid(), "before")?;
+    daemon.crash()?;
+    let layout = bpf::open_pinned(&daemon.pin_dir.join("LAYOUT"))?;
+    bpf::update(&layout, &0u32.to_ne_bytes(), &0x0bad_1a70_u64.to_ne_bytes())?;
+    drop(layout);
+    daemon.start_again()?;
+
+    let line = the_drop_line(&daemon);
+    assert!(
+        line.contains("pinned LAYOUT is 0x000000000bad1a70"),
+        "{line}"
+    );
+    assert!(line.contains("starting empty"), "{line}");
+    let status = daemon.status()?;
+    assert_eq!(status.pinned_state_dropped, 1);
+    assert_eq!(status.analyses, 0, "nothing of another layout is read");
+    assert!(alive(before.pid()), "and no process is touched");
+    new_analysis_is_enforced(&daemon)
+}
+
+/// A pinned map of another shape (value size) under pinned links of this build: said,
+/// counted, dropped; the saved analyses (our layout) are still read and watched again.
+#[test]
+fn a_pinned_map_of_another_shape_is_dropped_and_the_saved_analyses_kept() -> Result<()> {
+    let mut daemon = Daemon::start()?;
+    let before = Workload::spawn("sleep", &["600"])?;
+    daemon.register(before.pid(), "before")?;
+    daemon.crash()?;
+    bpf::replace_pinned_map(
+        &daemon.pin_dir.join("WATCHED"),
+        bpf::BPF_MAP_TYPE_HASH,
+        4,
+        8,
+        16,
+        "WATCHED",
+    )?;
+    daemon.start_again()?;
+
+    let line = the_drop_line(&daemon);
+    assert!(
+        line.contains("pinned WATCHED (map id")
+            && line.contains("is a hash of 4-byte keys and 8-byte values, 16 entries"),
+        "{line}"
+    );
+    assert!(
+        line.contains("1 saved analyses and 1 roots were read first"),
+        "{line}"
+    );
+    assert_eq!(daemon.status()?.pinned_state_dropped, 1);
+    await_in_tree(&daemon, "before", &[before.pid()])?;
+    new_analysis_is_enforced(&daemon)
+}
+
+/// The split brain: links kept, the WATCHED pin replaced by a new map of the very same
+/// shape, which the attached programs never read. The daemon finds that the pinned map
+/// is not the programs' own, says so, drops it all and rebuilds: an analysis registered
+/// before, whose root survives, is watched again (its old and new children) and keeps
+/// its deadline; a new analysis' children are tracked.
+#[test]
+fn a_map_swapped_under_pinned_links_is_caught_and_a_surviving_analysis_rewatched() -> Result<()> {
+    let mut daemon = Daemon::start()?;
+    let mut survivor = Workload::python(FORKS_ON_DEMAND, &[])?;
+    daemon.cli_ok(&[
+        "register",
+        "--pid",
+        &survivor.pid().to_string(),
+        "--analysis-id",
+        "survivor",
+        "--timeout",
+        "8s",
+        "--grace",
+        "1s",
+    ])?;
+    let old_child = fork_child(&mut survivor)?;
+    await_in_tree(&daemon, "survivor", &[survivor.pid(), old_child])?;
+    let deadline = deadline_ms(&daemon, "survivor")?;
+    daemon.crash()?;
+    bpf::replace_pinned_map(
+        &daemon.pin_dir.join("WATCHED"),
+        bpf::BPF_MAP_TYPE_HASH,
+        4,
+        size_of::<watchdog_common::WatchEntry>() as u32,
+        watchdog_common::MAX_WATCHED,
+        "WATCHED",
+    )?;
+    daemon.start_again()?;
+
+    let line = the_drop_line(&daemon);
+    assert!(
+        line.contains("pinned WATCHED (map id")
+            && line.contains("is not the map the attached sched_process_")
+            && line.contains("program uses (id"),
+        "{line}"
+    );
+    assert!(line.contains("roots were read first"), "{line}");
+    assert_eq!(daemon.status()?.pinned_state_dropped, 1);
+
+    await_in_tree(&daemon, "survivor", &[survivor.pid(), old_child])?;
+    let new_child = fork_child(&mut survivor)?;
+    await_in_tree(&daemon, "survivor", &[new_child])?;
+    assert_eq!(
+        deadline_ms(&daemon, "survivor")?,
+        deadline,
+        "the deadline is the one registered, not restarted"
+    );
+    new_analysis_is_enforced(&daemon)?;
+
+    await_state("the survivor's timeout to kill it all", || {
+        Ok(alive_in_group(survivor.pid()).is_empty().then_some(()))
+    })?;
+    let record = record_for(&daemon, new_child)?;
+    assert_eq!(record["reason"], "timeout");
+    let sigterm = humantime::parse_rfc3339(record["signals"][0]["at"].as_str().unwrap())?;
+    let sigterm_ms = sigterm.duration_since(SystemTime::UNIX_EPOCH)?.as_millis() as u64;
+    assert!(
+        sigterm_ms >= deadline && sigterm_ms < deadline + 2000,
+        "killed at the deadline registered before the swap ({deadline}), not later: {sigterm_ms}"
+    );
+    for pid in [survivor.pid(), old_child] {
+        assert_eq!(record_for(&daemon, pid)?["reason"], "timeout");
+    }
+    Ok(())
+}
+
+/// A plain restart over untouched pins resumes them: nothing is dropped.
+#[test]
+fn untouched_pins_are_resumed_not_dropped() -> Result<()> {
+    let mut daemon = Daemon::start()?;
+    let work = Workload::spawn("sleep", &["600"])?;
+    daemon.register(work.pid(), "kept")?;
+    daemon.crash()?;
+    daemon.start_again()?;
+    let log = daemon.log();
+    assert!(log.contains("resuming"), "{log}");
+    assert!(!log.contains("is not trusted"), "{log}");
+    assert_eq!(daemon.status()?.pinned_state_dropped, 0);
+    await_in_tree(&daemon, "kept", &[work.pid()])
 }
