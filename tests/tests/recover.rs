@@ -240,6 +240,21 @@ fn the_drop_line(daemon: &Daemon) -> String {
     lines[0].to_string()
 }
 
+/// The body of a plain HTTP/1.1 GET to the daemon's --http listener.
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    anyhow::ensure!(head.contains(" 200 "), "GET {path}: {head}");
+    Ok(body.to_string())
+}
+
 /// A new analysis registered on the daemon that dropped the pins: the children it forks
 /// after its registration are tracked, and its timeout kills them all.
 fn new_analysis_is_enforced(daemon: &Daemon) -> Result<()> {
@@ -270,7 +285,10 @@ fn new_analysis_is_enforced(daemon: &Daemon) -> Result<()> {
 /// what its bytes mean), says so in one line, counts it, and starts afresh.
 #[test]
 fn pins_of_another_layout_are_dropped_said_and_counted_and_nothing_is_read() -> Result<()> {
-    let mut daemon = Daemon::start()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut daemon = Daemon::start_with(&[], &["--http", &format!("127.0.0.1:{port}")])?;
     let before = Workload::spawn("sleep", &["600"])?;
     daemon.register(before.pid(), "before")?;
     daemon.crash()?;
@@ -288,6 +306,15 @@ fn pins_of_another_layout_are_dropped_said_and_counted_and_nothing_is_read() -> 
     let status = daemon.status()?;
     assert_eq!(status.pinned_state_dropped, 1);
     assert_eq!(status.analyses, 0, "nothing of another layout is read");
+    let status: Value = serde_json::from_str(&http_get(port, "/status")?)?;
+    assert_eq!(status["pinned_state_dropped"], 1, "{status}");
+    let metrics = http_get(port, "/metrics")?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "watchdog_pinned_state_dropped_total 1"),
+        "{metrics}"
+    );
     assert!(alive(before.pid()), "and no process is touched");
     new_analysis_is_enforced(&daemon)
 }

@@ -283,6 +283,7 @@ fn status_and_metrics_count_a_scripted_scenario_and_the_metrics_parse() -> Resul
     assert_eq!(value("watchdog_lost_events_total", None)?, 0.0);
     assert_eq!(value("watchdog_ring_buffer_drops_total", None)?, 0.0);
     assert_eq!(value("watchdog_db_spool_depth", None)?, 0.0);
+    assert_eq!(value("watchdog_pinned_state_dropped_total", None)?, 0.0);
     let histogram = scrape
         .samples
         .iter()
