@@ -112,6 +112,9 @@ struct LimitArgs {
     /// kill: SIGTERM orphans at once; log: only record them.
     #[arg(long, value_enum)]
     orphans: Option<OrphanPolicy>,
+    /// Most processes at once, 0 for no limit (more: killed as a fork bomb).
+    #[arg(long)]
+    max_processes: Option<u64>,
 }
 
 impl LimitArgs {
@@ -122,6 +125,7 @@ impl LimitArgs {
             tree_memory_bytes: self.tree_memory,
             grace_ms: self.grace.map(policy::millis),
             orphans: self.orphans,
+            max_processes: self.max_processes,
         }
     }
 }
