@@ -29,8 +29,8 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use watchdog_common::{
     AnalysisEntry, BPF_F_NO_PREALLOC, Config, ERROR_SLOTS, Event, EventKind, FORK_UNTRACKED,
-    MAX_ANALYSES, MAX_WATCHED, PROGRAM_NAMES, ProcRecord, ProgramError, RING_BYTES, RootEntry,
-    RssSample, WALK_MAX_DEPTH, WalkTarget, WatchEntry, error_slot,
+    MAX_ANALYSES, MAX_WATCHED, ProcRecord, ProgramError, RING_BYTES, RootEntry, RssSample,
+    WALK_MAX_DEPTH, WalkTarget, WatchEntry, error_slot,
 };
 
 /// `bpf_ringbuf_query` flag: bytes written and not yet consumed.
@@ -104,9 +104,17 @@ enum Program {
 }
 
 impl Program {
+    /// Literals, not `PROGRAM_NAMES[self]`: a string read out of an array is a pointer
+    /// loaded from memory, which the verifier does not let aya-log copy from.
     #[inline(always)]
     fn name(self) -> &'static str {
-        PROGRAM_NAMES[self as usize]
+        match self {
+            Self::Fork => "sched_process_fork",
+            Self::Exit => "sched_process_exit",
+            Self::RssStat => "rss_stat",
+            Self::RssIter => "rss_iter",
+            Self::DescendantsIter => "descendants_iter",
+        }
     }
 }
 

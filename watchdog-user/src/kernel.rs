@@ -127,6 +127,18 @@ fn attach_and_pin(ebpf: &mut Ebpf, btf: &Btf, pin_dir: &Path) -> Result<()> {
 fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
     let err = err.into();
     let chain = format!("{err:#}");
+    // The verifier refuses a program with EACCES too: that is no question of privilege,
+    // and its last lines say why.
+    if let Some((_, log)) = chain.split_once("Verifier output:")
+        && !log.trim().is_empty()
+    {
+        let tail: Vec<&str> = log.trim().lines().rev().take(12).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return anyhow!(
+            "the kernel's verifier refused to {what}: {}",
+            tail.join(" | ")
+        );
+    }
     let denied = err.chain().any(|e| {
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
