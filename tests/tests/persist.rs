@@ -95,9 +95,12 @@ fn migrations_apply_to_an_empty_database_and_reapply_as_a_no_op() -> Result<()> 
                 "{name} round {round}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            // Every migration of the dialect, applied once.
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations/");
+            let files = std::fs::read_dir(format!("{dir}{name}"))?.count();
             assert_eq!(
                 db.query("select count(*) from _sqlx_migrations")?,
-                "1",
+                files.to_string(),
                 "{name}"
             );
         }

@@ -12,6 +12,9 @@ pub const DROPS_MAP: &str = "DROPS";
 /// Name of the per-CPU counter of children that could not be added to [`WATCHED_MAP`]
 /// because it was full.
 pub const WATCH_FULL_MAP: &str = "WATCH_FULL";
+/// Name of the per-CPU counters of the programs' own failures, indexed by
+/// [`error_slot`]: a failure is counted, never only dropped.
+pub const ERRORS_MAP: &str = "ERRORS";
 /// Name of the map of analyses (key → [`AnalysisEntry`]), written by the daemon only:
 /// pinned with the others, it lets a restarted daemon know its analyses again.
 pub const ANALYSES_MAP: &str = "ANALYSES";
@@ -82,8 +85,51 @@ const fn layout_hash(words: &[u64]) -> u64 {
 /// Name of the global holding the [`Config`] the daemon fills in at load time.
 pub const CONFIG_GLOBAL: &str = "WATCHDOG_CONFIG";
 
-/// Capacity of [`WATCHED_MAP`]: processes watched at once, across all analyses.
+/// Capacity of [`WATCHED_MAP`] in the object file. The daemon sets it at load time to the
+/// host's `pid_max` (no more processes can live at once, so the map cannot fill by
+/// count); the map allocates per entry (`BPF_F_NO_PREALLOC`), so the capacity costs no
+/// memory until used.
 pub const MAX_WATCHED: u32 = 1 << 17;
+
+/// `BPF_F_NO_PREALLOC`: a hash map that allocates its entries as they are inserted.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// The programs whose failures [`ERRORS_MAP`] counts, in slot order (the exec program
+/// has nothing that can fail).
+pub const PROGRAM_NAMES: [&str; 5] = [
+    "sched_process_fork",
+    "sched_process_exit",
+    "rss_stat",
+    "rss_iter",
+    "descendants_iter",
+];
+
+/// What failed in a program.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramError {
+    /// A read of kernel memory was refused (bpf_probe_read_kernel).
+    Read = 0,
+    /// An update of a map failed for another reason than a full map (those are counted
+    /// in [`WATCH_FULL_MAP`]).
+    MapUpdate = 1,
+}
+
+/// The kinds of [`ProgramError`], in slot order.
+pub const PROGRAM_ERRORS: [&str; 2] = ["read", "map_update"];
+
+/// The slot of [`ERRORS_MAP`] that counts `error` in program number `program` (its
+/// index in [`PROGRAM_NAMES`]).
+pub const fn error_slot(program: u32, error: ProgramError) -> u32 {
+    program * PROGRAM_ERRORS.len() as u32 + error as u32
+}
+
+/// Slots in [`ERRORS_MAP`].
+pub const ERROR_SLOTS: u32 = (PROGRAM_NAMES.len() * PROGRAM_ERRORS.len()) as u32;
+
+/// [`Event::value`] of a fork whose child could not be put in [`WATCHED_MAP`] (full,
+/// or out of memory): the kernel does not follow that child, so the daemon must.
+pub const FORK_UNTRACKED: u64 = 1;
 /// Size of the ring buffer in bytes (a power of two, a multiple of the page size).
 /// At 72 bytes an event (64 and the ring's 8-byte header) this holds ~29,000 events:
 /// over a second of the fastest watched fork storm this machine runs (~11,000 forks/s,
@@ -103,6 +149,10 @@ pub struct WatchEntry {
     pub mem_limit: u64,
     /// RSS last reported to userspace, bytes (per process; a child starts at 0).
     pub rss_reported: u64,
+    /// The process' start time (CLOCK_BOOTTIME, ns): with the pid, its identity. A kill
+    /// that finds its target in the map checks it, so an entry can never name a
+    /// recycled pid's new process.
+    pub start_ns: u64,
 }
 
 /// An analysis as the daemon needs it back after a restart.
@@ -120,6 +170,8 @@ pub struct AnalysisEntry {
     pub grace_ms: u64,
     pub registered_unix_ms: u64,
     pub deadline_unix_ms: u64,
+    /// Most processes the analysis may have at once; 0: no limit.
+    pub max_processes: u64,
 }
 
 /// A registered root and the process that launched it: if that one is gone after a
@@ -138,7 +190,7 @@ pub struct RootEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
     /// A watched process created a new process (not a thread); the child is already in
-    /// [`WATCHED_MAP`] when this is sent.
+    /// [`WATCHED_MAP`] when this is sent, unless the event says [`FORK_UNTRACKED`].
     Fork = 1,
     /// The last thread of a watched process exited; it has been removed from the map.
     Exit = 2,
@@ -224,7 +276,7 @@ pub struct Event {
     /// Fork and exit: the process' start time (CLOCK_BOOTTIME, ns): with the pid, the
     /// identity of the process that survives PID reuse.
     pub start_ns: u64,
-    /// Rss: bytes.
+    /// Rss: bytes. Fork: [`FORK_UNTRACKED`] when the child is not in the map.
     pub value: u64,
     pub comm: [u8; 16],
 }

@@ -28,18 +28,24 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use watchdog_common::{
-    AnalysisEntry, Config, Event, EventKind, MAX_ANALYSES, MAX_WATCHED, ProcRecord, RING_BYTES,
-    RootEntry, RssSample, WALK_MAX_DEPTH, WalkTarget, WatchEntry,
+    AnalysisEntry, BPF_F_NO_PREALLOC, Config, ERROR_SLOTS, Event, EventKind, FORK_UNTRACKED,
+    MAX_ANALYSES, MAX_WATCHED, ProcRecord, ProgramError, RING_BYTES, RootEntry, RssSample,
+    WALK_MAX_DEPTH, WalkTarget, WatchEntry, error_slot,
 };
 
 /// `bpf_ringbuf_query` flag: bytes written and not yet consumed.
 const BPF_RB_AVAIL_DATA: u64 = 0;
+/// What a hash map update returns when the map is full.
+const E2BIG: i64 = 7;
 
 #[unsafe(no_mangle)]
 static WATCHDOG_CONFIG: Config = Config::UNSET;
 
+/// Allocated per entry: the daemon sizes it to `pid_max` at load time, which costs
+/// nothing until processes are watched, and then cannot fill by count.
 #[map]
-static WATCHED: HashMap<u32, WatchEntry> = HashMap::with_max_entries(MAX_WATCHED, 0);
+static WATCHED: HashMap<u32, WatchEntry> =
+    HashMap::with_max_entries(MAX_WATCHED, BPF_F_NO_PREALLOC);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
@@ -49,6 +55,11 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static WATCH_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The programs' own failures, per program and kind (`error_slot`): the daemon exports
+/// them, so a failing program is seen even without `--kernel-log`.
+#[map]
+static ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ERROR_SLOTS, 0);
 
 // Written and read by the daemon only; here so they are created and pinned with the
 // rest, and a restarted daemon finds its analyses next to the processes it watches.
@@ -87,20 +98,55 @@ fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i64> {
         .map_err(|e| e as i64)
 }
 
-/// Reports a failed program: one `error!` record with its name and the error code (a
-/// negative errno, e.g. -14 EFAULT or -34 ERANGE for a kernel read refused), when a daemon reads them.
-/// Called only once the program has failed. aya-log-ebpf's own global level
-/// (`AYA_LOG_LEVEL`) is left at its default: it is fixed when the programs are loaded,
-/// while [`KERNEL_LOG`] follows each restarted daemon.
-#[inline(always)]
-fn report<C>(ctx: &C, program: &str, code: i64) {
-    if KERNEL_LOG.get(0).is_some_and(|on| *on != 0) {
-        error!(ctx, target: "watchdog_ebpf", "{} failed: error {}", program, code);
+/// The programs, by their slot in `watchdog_common::PROGRAM_NAMES`.
+#[derive(Clone, Copy)]
+enum Program {
+    Fork = 0,
+    Exit = 1,
+    RssStat = 2,
+    RssIter = 3,
+    DescendantsIter = 4,
+}
+
+impl Program {
+    /// Literals, not `PROGRAM_NAMES[self]`: a string read out of an array is a pointer
+    /// loaded from memory, which the verifier does not let aya-log copy from.
+    #[inline(always)]
+    fn name(self) -> &'static str {
+        match self {
+            Self::Fork => "sched_process_fork",
+            Self::Exit => "sched_process_exit",
+            Self::RssStat => "rss_stat",
+            Self::RssIter => "rss_iter",
+            Self::DescendantsIter => "descendants_iter",
+        }
     }
 }
 
-fn bump(counter: &PerCpuArray<u64>) {
-    if let Some(slot) = counter.get_ptr_mut(0) {
+/// Counts a failure of `program` and reports it: one `error!` record with its name and
+/// the error code (a negative errno, e.g. -14 EFAULT or -34 ERANGE for a kernel read
+/// refused), when a daemon reads them. Called only once the program has failed.
+/// aya-log-ebpf's own global level (`AYA_LOG_LEVEL`) is left at its default: it is
+/// fixed when the programs are loaded, while [`KERNEL_LOG`] follows each restarted
+/// daemon.
+#[inline(always)]
+fn failed<C>(ctx: &C, program: Program, error: ProgramError, code: i64) {
+    bump(&ERRORS, error_slot(program as u32, error));
+    if KERNEL_LOG.get(0).is_some_and(|on| *on != 0) {
+        error!(ctx, target: "watchdog_ebpf", "{} failed: error {}", program.name(), code);
+    }
+}
+
+/// The end of a program: a failed kernel read is counted and reported.
+#[inline(always)]
+fn finish<C>(ctx: &C, program: Program, result: Result<(), i64>) {
+    if let Err(code) = result {
+        failed(ctx, program, ProgramError::Read, code);
+    }
+}
+
+fn bump(counter: &PerCpuArray<u64>, slot: u32) {
+    if let Some(slot) = counter.get_ptr_mut(slot) {
         unsafe { *slot += 1 };
     }
 }
@@ -145,10 +191,12 @@ impl Record {
     }
 }
 
-fn emit(record: Record) {
+/// Sends one event; false when the ring was full (the loss is counted, and the daemon
+/// resyncs from the map).
+fn emit(record: Record) -> bool {
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
-        bump(&DROPS);
-        return;
+        bump(&DROPS, 0);
+        return false;
     };
     slot.write(Event {
         kind: record.kind as u32,
@@ -162,13 +210,12 @@ fn emit(record: Record) {
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
     slot.submit(wake_flags(record.urgent));
+    true
 }
 
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> u32 {
-    if let Err(code) = try_fork(&ctx) {
-        report(&ctx, "sched_process_fork", code);
-    }
+    finish(&ctx, Program::Fork, try_fork(&ctx));
     0
 }
 
@@ -184,20 +231,34 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
         // A new thread of a watched process: same process, not a new node.
         return Ok(());
     }
+    let start_ns: u64 = read_at(child, cfg.task_start_boottime)?;
     let child_entry = WatchEntry {
         rss_reported: 0,
+        start_ns,
         ..entry
     };
-    if WATCHED.insert(child_tgid, child_entry, 0).is_err() {
-        bump(&WATCH_FULL);
-    }
+    // A child the map cannot take is still reported, at once and flagged: the daemon
+    // follows it another way. Never dropped.
+    let untracked = match WATCHED.insert(child_tgid, child_entry, 0) {
+        Ok(()) => false,
+        Err(code) => {
+            let code = i64::from(code);
+            if code == -E2BIG {
+                bump(&WATCH_FULL, 0);
+            } else {
+                failed(ctx, Program::Fork, ProgramError::MapUpdate, code);
+            }
+            true
+        }
+    };
     // real_parent, not the forking task: CLONE_PARENT makes them differ.
     let real_parent: *const u8 = read_at(child, cfg.task_real_parent)?;
     let ppid: u32 = read_at(real_parent, cfg.task_tgid)?;
-    let start_ns: u64 = read_at(child, cfg.task_start_boottime)?;
     emit(Record {
         ppid,
         start_ns,
+        value: if untracked { FORK_UNTRACKED } else { 0 },
+        urgent: untracked,
         ..Record::new(EventKind::Fork, child_tgid, entry.analysis)
     });
     Ok(())
@@ -205,9 +266,7 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
-    if let Err(code) = try_exit(&ctx) {
-        report(&ctx, "sched_process_exit", code);
-    }
+    finish(&ctx, Program::Exit, try_exit(&ctx));
     0
 }
 
@@ -276,9 +335,7 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
 /// for the daemon's tree sums.
 #[btf_tracepoint(function = "rss_stat")]
 pub fn rss_stat(ctx: BtfTracePointContext) -> u32 {
-    if let Err(code) = try_rss_stat(&ctx) {
-        report(&ctx, "rss_stat", code);
-    }
+    finish(&ctx, Program::RssStat, try_rss_stat(&ctx));
     0
 }
 
@@ -319,13 +376,16 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let crossed =
         entry.mem_limit != 0 && rss >= entry.mem_limit && entry.rss_reported < entry.mem_limit;
     let moved = rss.abs_diff(entry.rss_reported) >= cfg.rss_step;
-    if crossed || moved {
-        entry.rss_reported = rss;
-        emit(Record {
+    // What was reported is what the daemon heard: a report lost to a full ring leaves
+    // it unchanged, so the next change reports the crossing again.
+    if (crossed || moved)
+        && emit(Record {
             value: rss,
             urgent: crossed,
             ..Record::new(EventKind::Rss, tgid, entry.analysis)
-        });
+        })
+    {
+        entry.rss_reported = rss;
     }
     Ok(())
 }
@@ -350,9 +410,7 @@ struct IterTaskCtx {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
 pub fn rss_iter(ctx: *mut core::ffi::c_void) -> i32 {
-    if let Err(code) = try_rss_iter(ctx.cast()) {
-        report(&ctx, "rss_iter", code);
-    }
+    finish(&ctx, Program::RssIter, try_rss_iter(ctx.cast()));
     0
 }
 
@@ -405,9 +463,11 @@ fn seq_write<T>(meta: *const IterMeta, record: &T) {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
 pub fn descendants_iter(ctx: *mut core::ffi::c_void) -> i32 {
-    if let Err(code) = try_descendants_iter(ctx.cast()) {
-        report(&ctx, "descendants_iter", code);
-    }
+    finish(
+        &ctx,
+        Program::DescendantsIter,
+        try_descendants_iter(ctx.cast()),
+    );
     0
 }
 

@@ -101,8 +101,12 @@ fn print_analysis(a: &AnalysisView) {
         "deadline passed".to_string()
     };
     let tree_memory = a.limits.tree_memory_bytes.map_or("none".to_string(), size);
+    let max_processes = match a.limits.max_processes {
+        0 => "no limit".to_string(),
+        n => n.to_string(),
+    };
     println!(
-        "analysis {}: {} processes, {deadline} (timeout {}), memory {}/process, tree memory {tree_memory}, grace {}, orphans {:?}",
+        "analysis {}: {} processes (at most {max_processes}), {deadline} (timeout {}), memory {}/process, tree memory {tree_memory}, grace {}, orphans {:?}",
         a.analysis_id,
         a.processes,
         humantime::format_duration(Duration::from_millis(a.limits.timeout_ms)),

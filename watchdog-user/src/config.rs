@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// What to do with orphans by default [default: kill].
     #[arg(long, value_enum)]
     pub orphans: Option<OrphanPolicy>,
+    /// Most processes an analysis may have at once, 0 for no limit (a fork bomb is
+    /// killed with reason max_processes) [default: 10000].
+    #[arg(long, alias = "max-processes")]
+    pub default_max_processes: Option<u64>,
     /// Reconcile poll interval [default: 30s].
     #[arg(long)]
     #[serde(default, deserialize_with = "duration_text")]
@@ -81,6 +85,11 @@ pub struct RunArgs {
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub ring_bytes: Option<u32>,
+    /// Capacity of the kernel's watched map [default: the host's pid_max]; tests shrink
+    /// it to fill it.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub watched_capacity: Option<u32>,
     /// Accept test-only fault requests (e.g. stall the main loop).
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -147,10 +156,12 @@ impl RunArgs {
                 .or(file.default_tree_memory),
             grace: self.grace.clone().or(file.grace),
             orphans: self.orphans.or(file.orphans),
+            default_max_processes: self.default_max_processes.or(file.default_max_processes),
             poll_interval: self.poll_interval.clone().or(file.poll_interval),
             dry_run: self.dry_run.or(file.dry_run),
             kernel_log: self.kernel_log.or(file.kernel_log),
             ring_bytes: self.ring_bytes,
+            watched_capacity: self.watched_capacity,
             test_faults: self.test_faults,
         }
     }
@@ -176,6 +187,7 @@ impl RunArgs {
             socket: all.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
             btf: all.btf.unwrap_or_else(|| "/sys/kernel/btf/vmlinux".into()),
             ring_bytes: all.ring_bytes,
+            watched_capacity: all.watched_capacity,
             test_faults: all.test_faults,
             defaults: Limits {
                 timeout_ms: policy::millis(duration(
@@ -194,6 +206,9 @@ impl RunArgs {
                     .transpose()?,
                 grace_ms: policy::millis(duration("grace", &all.grace, "10s")?),
                 orphans: all.orphans.unwrap_or(OrphanPolicy::Kill),
+                max_processes: all
+                    .default_max_processes
+                    .unwrap_or(policy::DEFAULT_MAX_PROCESSES),
             },
             poll_interval: duration("poll-interval", &all.poll_interval, "30s")?,
             dry_run: all.dry_run.unwrap_or(false),

@@ -22,7 +22,7 @@ use crate::{
     kernel::{self, Kernel},
     policy::Limits,
     procs::{self, SysProcs},
-    protocol::{Reply, Request, Response},
+    protocol::{Faults, Reply, Request, Response},
     report::{self, KernelCounters},
     rules::{Clock, Core, Resync, Settings},
     store::{self, DatabaseUrl, EventFilter, StoreMsg},
@@ -40,6 +40,8 @@ pub struct Options {
     pub socket: PathBuf,
     pub btf: PathBuf,
     pub ring_bytes: Option<u32>,
+    /// Test-only: the watched map's capacity instead of pid_max.
+    pub watched_capacity: Option<u32>,
     pub test_faults: bool,
     /// Limits for analyses that do not set their own.
     pub defaults: Limits,
@@ -76,6 +78,7 @@ pub async fn run(options: Options) -> Result<()> {
     let (mut kernel, ring) = Kernel::load(
         &options.btf,
         options.ring_bytes,
+        options.watched_capacity,
         &options.pin_dir,
         options.fresh,
         options.kernel_log,
@@ -337,8 +340,26 @@ impl Daemon {
         self.feed(|core, clock| core.on_tick(&SysProcs, clock));
     }
 
-    fn on_launcher_exit(&mut self, root: ProcRef) {
-        self.feed(|core, clock| core.on_launcher_exit(root, &SysProcs, clock));
+    fn on_launcher_exit(&mut self, launcher: ProcRef) {
+        let roots = self.effects.launcher_exited(launcher);
+        self.feed(|core, clock| {
+            for root in roots {
+                core.on_launcher_exit(root, &SysProcs, clock);
+            }
+        });
+    }
+
+    /// Processes the kernel map could not take go back into it once it has room (with
+    /// what they forked meanwhile); launchers without a pidfd are checked in /proc.
+    fn follow_untracked(&mut self) {
+        self.effects.check_polled_launchers();
+        for (process, key, mem_limit) in self.core.untracked() {
+            let core = &self.core;
+            let outcome = self
+                .effects
+                .retrack(process, key, mem_limit, &|pid| core.analysis_of(pid));
+            self.feed(|core, clock| core.retracked(process, outcome, &SysProcs, clock));
+        }
     }
 
     /// The reconcile poll: RSS of every watched process, read off the loop (in one
@@ -438,6 +459,19 @@ impl Daemon {
             pinned_state_dropped: self.effects.kernel.pinned_state_dropped(),
             last_poll_us: self.last_poll_us,
             loop_longest_us: u64::try_from(self.loop_longest.as_micros()).unwrap_or(u64::MAX),
+            faults: Faults {
+                watched_capacity: self.effects.kernel.watched_capacity(),
+                pidfd_failures: self.effects.pidfd_failures,
+                launchers_watched: self.effects.launchers_watched(),
+                program_errors: self
+                    .effects
+                    .kernel
+                    .program_errors()
+                    .into_iter()
+                    .map(|(program, kind, n)| (format!("{program}/{kind}"), n))
+                    .collect(),
+                ..Faults::default()
+            },
         }
     }
 
@@ -482,10 +516,12 @@ impl Daemon {
         }
     }
 
-    /// When the kernel counted lost events (ring full) or children it could not watch
-    /// (map full) since the last look, the tree may be wrong: rebuild it.
+    /// When the kernel counted lost events (ring full) since the last look, the tree
+    /// may be wrong: rebuild it. (A child the map had no room for is no loss: its
+    /// fork event says so, and the rules follow it.)
     fn repair_losses(&mut self) {
-        let losses = self.effects.kernel.lost_events() + self.effects.kernel.watch_map_full();
+        self.follow_untracked();
+        let losses = self.effects.kernel.lost_events();
         if losses == self.losses_repaired {
             return;
         }

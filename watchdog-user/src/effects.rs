@@ -4,7 +4,7 @@
 //! each is still the process it was).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
@@ -19,7 +19,7 @@ use crate::{
     kernel::Kernel,
     kill::SignalOrder,
     procs::{self, ProcInfo, same_start},
-    rules::{Action, Registration},
+    rules::{Action, Registration, Retrack},
     store::StoreMsg,
     tree::{AnalysisKey, ProcRef},
 };
@@ -33,10 +33,19 @@ impl std::os::fd::AsRawFd for PidFd {
     }
 }
 
+/// Why no pidfd could be had.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The process is gone, or its pid names another process now.
+    Gone,
+    /// The process may live, but no descriptor could be opened (e.g. EMFILE): it is
+    /// not followed this way, and that must be said.
+    Failed(std::io::Error),
+}
+
 impl PidFd {
     /// Opens `pid` and checks it is still the process that started at `start_ns`.
-    /// None when it is gone or the PID now names another process.
-    pub fn open_verified(process: ProcRef) -> Option<Self> {
+    pub fn open_verified(process: ProcRef) -> Result<Self, OpenError> {
         Self::open_checked(process, |_| true)
     }
 
@@ -44,17 +53,25 @@ impl PidFd {
     /// `accept` takes what /proc says of it: one read, after the open (had the PID been
     /// recycled before the open, the start time read then is the new process'; after
     /// the open the fd is bound).
-    fn open_checked(process: ProcRef, accept: impl Fn(&ProcInfo) -> bool) -> Option<Self> {
+    fn open_checked(
+        process: ProcRef,
+        accept: impl Fn(&ProcInfo) -> bool,
+    ) -> Result<Self, OpenError> {
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.pid as libc::pid_t, 0) };
         if fd < 0 {
-            return None;
+            let err = std::io::Error::last_os_error();
+            return Err(match err.raw_os_error() {
+                Some(libc::ESRCH) => OpenError::Gone,
+                _ => OpenError::Failed(err),
+            });
         }
         // SAFETY: the kernel just returned this fd to us; nothing else owns it.
         let pidfd = Self(unsafe { OwnedFd::from_raw_fd(fd as i32) });
         procs::read(process.pid)
             .filter(|p| same_start(p.start_ns, process.start_ns) && accept(p))
             .map(|_| pidfd)
+            .ok_or(OpenError::Gone)
     }
 
     pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
@@ -87,9 +104,31 @@ pub struct Effects {
     /// Pidfds of processes being killed, opened at their first signal.
     pidfds: HashMap<ProcRef, PidFd>,
     store: mpsc::UnboundedSender<StoreMsg>,
-    /// Where launcher watches report a launcher's exit (with the root it launched).
+    /// Where launcher watches report a launcher's exit.
     launcher_exits: mpsc::UnboundedSender<ProcRef>,
+    /// One watch per launcher, however many roots it started; dropped with its last
+    /// root, so descriptors do not grow with registrations.
+    launchers: HashMap<ProcRef, LauncherWatch>,
+    /// Descriptors that could not be opened, and signals that could not be sent for
+    /// another reason than the process being gone.
+    pub pidfd_failures: u64,
     self_pid: u32,
+}
+
+/// A launcher being watched, and the roots it started.
+struct LauncherWatch {
+    roots: HashSet<ProcRef>,
+    /// The task waiting on its pidfd; None where no pidfd could be had and the
+    /// launcher is checked in /proc at each [`Effects::check_polled_launchers`].
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for LauncherWatch {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 impl Effects {
@@ -103,8 +142,15 @@ impl Effects {
             pidfds: HashMap::new(),
             store,
             launcher_exits,
+            launchers: HashMap::new(),
+            pidfd_failures: 0,
             self_pid: std::process::id(),
         }
+    }
+
+    /// Launchers watched now (one descriptor each, at most).
+    pub fn launchers_watched(&self) -> usize {
+        self.launchers.len()
     }
 
     pub fn store(&self) -> &mpsc::UnboundedSender<StoreMsg> {
@@ -116,15 +162,18 @@ impl Effects {
         let mut feedback = Vec::new();
         for action in actions {
             match action {
-                Action::Unwatch(pid) => {
-                    self.kernel.unwatch(pid);
+                Action::Unwatch(process) => {
+                    self.kernel.unwatch(process);
                 }
                 Action::SaveAnalysis(key, entry) => {
                     if let Err(err) = self.kernel.save_analysis(key, &entry) {
                         tracing::error!("{err:#}: a restarted daemon will not know this analysis");
                     }
                 }
-                Action::ForgetAnalysis(key, roots) => self.kernel.forget_analysis(key, &roots),
+                Action::ForgetAnalysis(key, roots) => {
+                    self.kernel.forget_analysis(key, &roots);
+                    self.forget_launchers_of(&roots);
+                }
                 Action::SaveRoot(pid, entry) => {
                     if let Err(err) = self.kernel.save_root(pid, &entry) {
                         tracing::error!("{err:#}: a restarted daemon will not know this root");
@@ -166,10 +215,17 @@ impl Effects {
         let pidfd = match self.pidfds.entry(order.target) {
             std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
-                let Some(pidfd) = PidFd::open_checked(order.target, not_a_kernel_thread) else {
-                    return false;
-                };
-                slot.insert(pidfd)
+                match PidFd::open_checked(order.target, not_a_kernel_thread) {
+                    Ok(pidfd) => slot.insert(pidfd),
+                    Err(OpenError::Gone) => return false,
+                    Err(OpenError::Failed(err)) => {
+                        // Not gone: it stays a target, and the next signal (SIGKILL
+                        // after the grace) tries again.
+                        self.pidfd_failures += 1;
+                        tracing::error!(pid, "cannot open a pidfd to signal it: {err}");
+                        return true;
+                    }
+                }
             }
         };
         match pidfd.signal(order.signal) {
@@ -184,29 +240,81 @@ impl Effects {
     }
 
     /// The process that started a registered root is not watched, so its exit sends no
-    /// event: watch it through a pidfd, which polls readable the moment it exits.
-    fn watch_launcher(&self, root: ProcRef, launcher: ProcRef) {
-        let Some(pidfd) = PidFd::open_verified(launcher) else {
-            // Gone already: the rules hear it as an exit now.
-            let _ = self.launcher_exits.send(root);
+    /// event: watch it through a pidfd, which polls readable the moment it exits. One
+    /// watch per launcher, shared by the roots it started. Where no pidfd can be had
+    /// (out of descriptors), it is said, counted, and the launcher is checked in /proc
+    /// at every [`Self::check_polled_launchers`] instead: never left unwatched.
+    fn watch_launcher(&mut self, root: ProcRef, launcher: ProcRef) {
+        if let Some(watch) = self.launchers.get_mut(&launcher) {
+            watch.roots.insert(root);
             return;
-        };
-        let tx = self.launcher_exits.clone();
-        // SAFETY: PidFd owns its fd and keeps it open, unchanged, for its whole life.
-        match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
-            Ok(fd) => {
-                tokio::spawn(async move {
-                    if fd.readable().await.is_ok() {
-                        let _ = tx.send(root);
-                    }
-                });
-            }
-            Err(err) => tracing::warn!(
-                launcher = launcher.pid,
-                "cannot watch the launcher of root {}: {err}",
-                root.pid
-            ),
         }
+        let task = match PidFd::open_verified(launcher).map(|fd| self.await_exit(launcher, fd)) {
+            Ok(Ok(task)) => Some(task),
+            Err(OpenError::Gone) => {
+                // Gone already: the rules hear it as an exit now.
+                let _ = self.launcher_exits.send(launcher);
+                None
+            }
+            Err(OpenError::Failed(err)) | Ok(Err(err)) => {
+                self.pidfd_failures += 1;
+                tracing::warn!(
+                    launcher = launcher.pid,
+                    "cannot watch the launcher of root {} through a pidfd ({err}): checking it in /proc every 200 ms instead",
+                    root.pid
+                );
+                None
+            }
+        };
+        let roots = HashSet::from([root]);
+        self.launchers
+            .insert(launcher, LauncherWatch { roots, task });
+    }
+
+    /// A task that reports `launcher` once its pidfd polls readable (it exited).
+    fn await_exit(
+        &self,
+        launcher: ProcRef,
+        pidfd: PidFd,
+    ) -> std::io::Result<tokio::task::AbortHandle> {
+        // SAFETY: PidFd owns its fd and keeps it open, unchanged, for its whole life.
+        let fd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }?;
+        let tx = self.launcher_exits.clone();
+        let task = tokio::spawn(async move {
+            if fd.readable().await.is_ok() {
+                let _ = tx.send(launcher);
+            }
+        });
+        Ok(task.abort_handle())
+    }
+
+    /// The roots `launcher` started, now that it exited; its watch is over.
+    pub fn launcher_exited(&mut self, launcher: ProcRef) -> Vec<ProcRef> {
+        self.launchers
+            .remove(&launcher)
+            .map(|watch| watch.roots.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Launchers watched without a pidfd: those that exited, reported like the others.
+    pub fn check_polled_launchers(&mut self) {
+        for (launcher, watch) in &self.launchers {
+            let alive = || {
+                procs::read(launcher.pid).is_some_and(|p| same_start(p.start_ns, launcher.start_ns))
+            };
+            if watch.task.is_none() && !alive() {
+                let _ = self.launcher_exits.send(*launcher);
+            }
+        }
+    }
+
+    /// Roots that are over: their launchers' watches end with the last of them.
+    fn forget_launchers_of(&mut self, roots: &[u32]) {
+        let gone: HashSet<u32> = roots.iter().copied().collect();
+        self.launchers.retain(|_, watch| {
+            watch.roots.retain(|root| !gone.contains(&root.pid));
+            !watch.roots.is_empty()
+        });
     }
 
     /// Puts a registration's processes in the kernel map: the root, then (unless it is
@@ -225,23 +333,56 @@ impl Effects {
         let mem_limit = registration.limits.memory_bytes;
         let root = &registration.root;
         let mut watched = Vec::new();
-        let mut seen = std::collections::HashSet::from([root.pid]);
         if analysis_of(root.pid).is_none() {
-            if !self.watch_verified(root, key, mem_limit)? {
+            if !self.watch_verified(root.proc_ref(), key, mem_limit)? {
                 return Ok(watched);
             }
             watched.push(root.clone());
         }
-        if fresh {
-            return Ok(watched);
+        if !fresh {
+            watched.extend(self.watch_descendants(root.proc_ref(), key, mem_limit, analysis_of)?);
         }
-        let root_ref = ProcRef {
-            pid: root.pid,
-            start_ns: root.start_ns,
-        };
+        Ok(watched)
+    }
+
+    /// Hands a process the kernel map could not take back to it, with the descendants
+    /// it forked meanwhile (the kernel did not see those forks).
+    pub fn retrack(
+        &mut self,
+        process: ProcRef,
+        key: AnalysisKey,
+        mem_limit: u64,
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+    ) -> Retrack {
+        match self.watch_verified(process, key, mem_limit) {
+            Err(_) => return Retrack::NoRoom,
+            Ok(false) => return Retrack::Gone,
+            Ok(true) => {}
+        }
+        match self.watch_descendants(process, key, mem_limit, analysis_of) {
+            Ok(found) => Retrack::Watched(found),
+            Err(err) => {
+                // All or nothing: the next attempt walks again.
+                tracing::debug!(pid = process.pid, "retrack incomplete: {err:#}");
+                self.kernel.unwatch(process);
+                Retrack::NoRoom
+            }
+        }
+    }
+
+    /// Puts the living descendants of `root` in the kernel map.
+    fn watch_descendants(
+        &mut self,
+        root: ProcRef,
+        key: AnalysisKey,
+        mem_limit: u64,
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+    ) -> Result<Vec<ProcInfo>> {
+        let mut watched = Vec::new();
+        let mut seen = HashSet::from([root.pid]);
         loop {
             let mut found = 0;
-            for record in self.kernel.descendants(root_ref)? {
+            for record in self.kernel.descendants(root)? {
                 let pid = record.pid;
                 if pid == self.self_pid || analysis_of(pid).is_some() || !seen.insert(pid) {
                     continue;
@@ -254,7 +395,7 @@ impl Effects {
                     kernel_thread: false,
                     exited: false,
                 };
-                if self.watch_verified(&info, key, mem_limit)? {
+                if self.watch_verified(info.proc_ref(), key, mem_limit)? {
                     watched.push(info);
                     found += 1;
                 }
@@ -270,15 +411,15 @@ impl Effects {
     /// saw that exit as watched, so the entry is taken back out.
     fn watch_verified(
         &mut self,
-        info: &ProcInfo,
+        process: ProcRef,
         key: AnalysisKey,
         mem_limit: u64,
     ) -> Result<bool> {
-        self.kernel.watch(info.pid, key, mem_limit)?;
+        self.kernel.watch(process, key, mem_limit)?;
         let still_there =
-            procs::read(info.pid).is_some_and(|now| same_start(now.start_ns, info.start_ns));
+            procs::read(process.pid).is_some_and(|now| same_start(now.start_ns, process.start_ns));
         if !still_there {
-            self.kernel.unwatch(info.pid);
+            self.kernel.unwatch(process);
         }
         Ok(still_there)
     }

@@ -153,6 +153,46 @@ pub fn prometheus_text(s: &Status) -> String {
     );
     metric(
         &mut out,
+        "watchdog_untracked_forks_total",
+        "counter",
+        "Children the kernel's watched map could not take; the daemon followed them itself.",
+        &one(s.faults.untracked_forks as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_pidfd_failures_total",
+        "counter",
+        "Pidfds that could not be opened (e.g. out of descriptors).",
+        &one(s.faults.pidfd_failures as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_launchers_watched",
+        "gauge",
+        "Launchers of registered roots watched now.",
+        &one(s.faults.launchers_watched as f64),
+    );
+    let program_errors: Vec<(String, f64)> = s
+        .faults
+        .program_errors
+        .iter()
+        .filter_map(|(key, n)| {
+            let (program, kind) = key.split_once('/')?;
+            Some((
+                format!("{{program=\"{program}\",kind=\"{kind}\"}}"),
+                *n as f64,
+            ))
+        })
+        .collect();
+    metric(
+        &mut out,
+        "watchdog_kernel_program_errors_total",
+        "counter",
+        "Failures inside the kernel programs, by program and kind (read, map_update).",
+        &program_errors,
+    );
+    metric(
+        &mut out,
         "watchdog_resyncs_total",
         "counter",
         "Tree rebuilds after lost events.",

@@ -49,6 +49,8 @@ pub enum KernelEvent {
         start_ns: u64,
         comm: Comm,
         ts_ns: u64,
+        /// The kernel map could not take the child: the kernel does not follow it.
+        untracked: bool,
     },
     Exit {
         pid: u32,
@@ -137,6 +139,7 @@ fn decode(bytes: &[u8], now_ns: u64) -> Option<KernelEvent> {
             start_ns: ev.start_ns,
             comm: Comm(ev.comm),
             ts_ns: ev.ts_ns,
+            untracked: ev.value == watchdog_common::FORK_UNTRACKED,
         },
         EventKind::Exit => KernelEvent::Exit {
             pid: ev.pid,

@@ -9,9 +9,10 @@ use aya::{
     programs::{BtfTracePoint, Iter, links::FdLink},
 };
 use watchdog_common::{
-    ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, EVENTS_MAP,
-    KERNEL_LOG_MAP, LAYOUT, LAYOUT_MAP, LOGS_MAP, ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER,
-    RootEntry, RssSample, WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
+    ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, ERRORS_MAP,
+    EVENTS_MAP, KERNEL_LOG_MAP, LAYOUT, LAYOUT_MAP, LOGS_MAP, PROGRAM_ERRORS, PROGRAM_NAMES,
+    ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER, RootEntry, RssSample, WALK_TARGET_MAP,
+    WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
 };
 
 use tokio::io::{Interest, unix::AsyncFd};
@@ -19,6 +20,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 use crate::{
     btf::KernelBtf,
     pins::{self, Salvage, Verdict},
+    tree::ProcRef,
 };
 
 /// The object built by watchdog-user's build.rs from watchdog-ebpf.
@@ -42,6 +44,9 @@ pub struct Kernel {
     watched: HashMap<MapData, u32, WatchEntry>,
     drops: PerCpuArray<MapData, u64>,
     watch_full: PerCpuArray<MapData, u64>,
+    errors: PerCpuArray<MapData, u64>,
+    /// How many processes the watched map holds at most.
+    watched_capacity: u32,
     analyses: HashMap<MapData, u64, AnalysisEntry>,
     roots: HashMap<MapData, u32, RootEntry>,
     resumed: bool,
@@ -133,6 +138,18 @@ fn attach_and_pin(ebpf: &mut Ebpf, btf: &Btf, pin_dir: &Path) -> Result<()> {
 fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
     let err = err.into();
     let chain = format!("{err:#}");
+    // The verifier refuses a program with EACCES too: that is no question of privilege,
+    // and its last lines say why.
+    if let Some((_, log)) = chain.split_once("Verifier output:")
+        && !log.trim().is_empty()
+    {
+        let tail: Vec<&str> = log.trim().lines().rev().take(12).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return anyhow!(
+            "the kernel's verifier refused to {what}: {}",
+            tail.join(" | ")
+        );
+    }
     let denied = err.chain().any(|e| {
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
@@ -149,11 +166,12 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 10] = [
+const PINNED_MAPS: [&str; 11] = [
     WATCHED_MAP,
     EVENTS_MAP,
     DROPS_MAP,
     WATCH_FULL_MAP,
+    ERRORS_MAP,
     ANALYSES_MAP,
     ROOTS_MAP,
     // Pinned too so that a restarted daemon writes the map the pinned iterator reads.
@@ -167,7 +185,7 @@ const PINNED_MAPS: [&str; 10] = [
 ];
 
 /// Maps whose size the loader sets: a pin keeps the size it was made with.
-const SIZED_AT_LOAD: [&str; 1] = [EVENTS_MAP];
+const SIZED_AT_LOAD: [&str; 2] = [EVENTS_MAP, WATCHED_MAP];
 
 /// Maps every attached tracepoint program of ours uses.
 const USED_BY_PROGRAMS: [&str; 2] = [WATCHED_MAP, EVENTS_MAP];
@@ -249,10 +267,12 @@ impl Kernel {
     /// Returns the kernel handle and the ring buffer for [`crate::ingest`].
     /// `ring_bytes` overrides the ring buffer's size (a power of two, at least a page).
     /// `kernel_log` turns the programs' error reports on (and keeps their reader for
-    /// [`Self::take_logger`]) or off.
+    /// [`Self::take_logger`]) or off. `watched_capacity` overrides the watched map's
+    /// capacity (the host's `pid_max`), for tests that fill it.
     pub fn load(
         btf_path: &Path,
         ring_bytes: Option<u32>,
+        watched_capacity: Option<u32>,
         pin_dir: &Path,
         fresh: bool,
         kernel_log: bool,
@@ -282,9 +302,12 @@ impl Kernel {
         }
         ensure_bpffs(pin_dir).map_err(|e| refused("pin its maps", e))?;
         let resumed = programs_pinned(pin_dir);
-        let mut loaded = Self::load_pinned(
-            loader, &btf, &config, ring_bytes, pin_dir, resumed, kernel_log,
-        );
+        let sizes = Sizes {
+            ring_bytes,
+            watched_capacity: watched_capacity.unwrap_or_else(pid_max),
+        };
+        let mut loaded =
+            Self::load_pinned(loader, &btf, &config, sizes, pin_dir, resumed, kernel_log);
         if resumed && let Err(err) = &loaded {
             // Checked, and still not resumable: a restart would find it the same, so
             // drop it rather than exit into a crash loop.
@@ -293,9 +316,7 @@ impl Kernel {
             ensure_bpffs(pin_dir).map_err(|e| refused("pin its maps", e))?;
             let mut loader = EbpfLoader::new();
             loader.btf(None);
-            loaded = Self::load_pinned(
-                loader, &btf, &config, ring_bytes, pin_dir, false, kernel_log,
-            );
+            loaded = Self::load_pinned(loader, &btf, &config, sizes, pin_dir, false, kernel_log);
         }
         if loaded.is_err() && (!resumed || dropped.is_some()) {
             // Refused: leave no half-made pinned state behind.
@@ -315,7 +336,7 @@ impl Kernel {
         mut loader: EbpfLoader<'a>,
         btf: &'a Btf,
         config: &'a watchdog_common::Config,
-        ring_bytes: Option<u32>,
+        sizes: Sizes,
         pin_dir: &Path,
         resumed: bool,
         kernel_log: bool,
@@ -326,16 +347,20 @@ impl Kernel {
         for name in PINNED_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));
         }
-        // A pinned ring keeps the size it was made with (another --ring-bytes, or an
-        // older default): take it from the pin, or the consumer would read it with the
-        // wrong size and mask, i.e. garbage.
-        let pinned_ring = resumed
-            .then(|| aya::maps::MapInfo::from_pin(pin_dir.join(EVENTS_MAP)).ok())
-            .flatten()
-            .map(|info| info.max_entries());
-        if let Some(bytes) = pinned_ring.or(ring_bytes) {
+        // A pinned map keeps the size it was made with (another --ring-bytes, or an
+        // older default): take it from the pin, or the ring's consumer would read it
+        // with the wrong size and mask, i.e. garbage.
+        let pinned_size = |name: &str| {
+            resumed
+                .then(|| aya::maps::MapInfo::from_pin(pin_dir.join(name)).ok())
+                .flatten()
+                .map(|info| info.max_entries())
+        };
+        if let Some(bytes) = pinned_size(EVENTS_MAP).or(sizes.ring_bytes) {
             loader.map_max_entries(EVENTS_MAP, bytes);
         }
+        let watched_capacity = pinned_size(WATCHED_MAP).unwrap_or(sizes.watched_capacity);
+        loader.map_max_entries(WATCHED_MAP, watched_capacity);
         let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| refused("load the watchdog's eBPF maps and programs", e))?;
@@ -376,6 +401,8 @@ impl Kernel {
             watched: HashMap::try_from(take(&mut ebpf, WATCHED_MAP)?)?,
             drops: PerCpuArray::try_from(take(&mut ebpf, DROPS_MAP)?)?,
             watch_full: PerCpuArray::try_from(take(&mut ebpf, WATCH_FULL_MAP)?)?,
+            errors: PerCpuArray::try_from(take(&mut ebpf, ERRORS_MAP)?)?,
+            watched_capacity,
             analyses: HashMap::try_from(take(&mut ebpf, ANALYSES_MAP)?)?,
             roots: HashMap::try_from(take(&mut ebpf, ROOTS_MAP)?)?,
             resumed,
@@ -466,23 +493,26 @@ impl Kernel {
         self.roots.iter().filter_map(|r| r.ok()).collect()
     }
 
-    pub fn watch(&mut self, pid: u32, analysis: u64, mem_limit: u64) -> Result<()> {
+    pub fn watch(&mut self, process: ProcRef, analysis: u64, mem_limit: u64) -> Result<()> {
+        let entry = WatchEntry {
+            analysis,
+            mem_limit,
+            rss_reported: 0,
+            start_ns: process.start_ns,
+        };
         self.watched
-            .insert(
-                pid,
-                WatchEntry {
-                    analysis,
-                    mem_limit,
-                    rss_reported: 0,
-                },
-                0,
-            )
-            .with_context(|| format!("adding pid {pid} to the kernel's watched map"))
+            .insert(process.pid, entry, 0)
+            .with_context(|| format!("adding pid {} to the kernel's watched map", process.pid))
     }
 
-    /// Removes `pid`; false when it was not there (e.g. it exited meanwhile).
-    pub fn unwatch(&mut self, pid: u32) -> bool {
-        self.watched.remove(&pid).is_ok()
+    /// Removes `process`; false when it was not there (e.g. it exited meanwhile), or its
+    /// pid's entry names another process now.
+    pub fn unwatch(&mut self, process: ProcRef) -> bool {
+        let same = self
+            .watched
+            .get(&process.pid, 0)
+            .is_ok_and(|entry| crate::procs::same_start(entry.start_ns, process.start_ns));
+        same && self.watched.remove(&process.pid).is_ok()
     }
 
     pub fn is_watched(&self, pid: u32) -> bool {
@@ -490,11 +520,40 @@ impl Kernel {
     }
 
     /// The kernel's watched set: authoritative, since the programs update it themselves.
-    pub fn watched(&self) -> Vec<(u32, u64)> {
+    /// Each process with its start time, so nothing taken from here can name a recycled
+    /// pid's new process.
+    pub fn watched(&self) -> Vec<(ProcRef, u64)> {
         self.watched
             .iter()
             .filter_map(|r| r.ok())
-            .map(|(pid, entry)| (pid, entry.analysis))
+            .map(|(pid, entry)| {
+                let process = ProcRef {
+                    pid,
+                    start_ns: entry.start_ns,
+                };
+                (process, entry.analysis)
+            })
+            .collect()
+    }
+
+    pub fn watched_capacity(&self) -> u32 {
+        self.watched_capacity
+    }
+
+    /// The programs' failures so far: (program, kind, count), the ones that happened.
+    pub fn program_errors(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let Ok(values) = self.errors.iter().collect::<Result<Vec<_>, _>>() else {
+            return Vec::new();
+        };
+        let kinds = PROGRAM_ERRORS.len();
+        values
+            .iter()
+            .enumerate()
+            .map(|(slot, per_cpu)| {
+                let (program, kind) = (PROGRAM_NAMES[slot / kinds], PROGRAM_ERRORS[slot % kinds]);
+                (program, kind, per_cpu.iter().sum::<u64>())
+            })
+            .filter(|(_, _, count)| *count > 0)
             .collect()
     }
 
@@ -542,6 +601,21 @@ pub async fn forward_kernel_log(logger: KernelLogger) -> Result<()> {
         let mut guard = logger.readable_mut().await?;
         guard.clear_ready();
     }
+}
+
+/// Sizes chosen at load time (a resumed daemon keeps the pinned maps' own).
+#[derive(Clone, Copy)]
+struct Sizes {
+    ring_bytes: Option<u32>,
+    watched_capacity: u32,
+}
+
+/// The most processes that can live at once on this host: the watched map's capacity.
+fn pid_max() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(watchdog_common::MAX_WATCHED)
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {

@@ -112,6 +112,9 @@ struct LimitArgs {
     /// kill: SIGTERM orphans at once; log: only record them.
     #[arg(long, value_enum)]
     orphans: Option<OrphanPolicy>,
+    /// Most processes at once, 0 for no limit (more: killed as a fork bomb).
+    #[arg(long)]
+    max_processes: Option<u64>,
 }
 
 impl LimitArgs {
@@ -122,6 +125,7 @@ impl LimitArgs {
             tree_memory_bytes: self.tree_memory,
             grace_ms: self.grace.map(policy::millis),
             orphans: self.orphans,
+            max_processes: self.max_processes,
         }
     }
 }
@@ -205,6 +209,7 @@ fn bench_store(database_url: &str, rows: usize, batch: usize) -> anyhow::Result<
 
 fn run_daemon(options: daemon::Options) -> anyhow::Result<()> {
     tune_malloc();
+    raise_descriptor_limit();
     // A signal mask is inherited: a daemon started by a process that blocks SIGTERM
     // (to sigwait it) would never stop. Before the runtime starts, so every thread
     // it makes starts unblocked too.
@@ -224,6 +229,20 @@ fn run_daemon(options: daemon::Options) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(daemon::run(options))
+}
+
+/// A kill holds one pidfd per target until it is over, and each launcher of a
+/// registered root holds one: a large kill needs more than the usual soft limit of
+/// 1,024. The soft limit goes up to the hard one (the unit sets `LimitNOFILE`); what
+/// still cannot be opened is counted and said (`pidfd_failures`), never silent.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let raised = getrlimit(Resource::RLIMIT_NOFILE)
+        .and_then(|(_, hard)| setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map(|()| hard));
+    match raised {
+        Ok(limit) => tracing::debug!(limit, "descriptor limit raised to the hard limit"),
+        Err(err) => tracing::warn!("could not raise the descriptor limit: {err}"),
+    }
 }
 
 /// glibc malloc settings for a long-running daemon, set before any thread starts.

@@ -514,6 +514,7 @@ mod tests {
             grace_ms: 1000,
             registered_unix_ms: 0,
             deadline_unix_ms: 0,
+            max_processes: 0,
         }
     }
 

@@ -22,6 +22,11 @@ pub enum Reason {
     Memory,
     TreeMemory,
     Orphan,
+    /// More processes at once than `--max-processes`: a fork bomb.
+    MaxProcesses,
+    /// The kernel's watched map could not take a process, and this analysis held the
+    /// most of it: killed so that no other analysis loses its tracking.
+    MapFull,
 }
 
 impl Reason {
@@ -31,6 +36,8 @@ impl Reason {
             Self::Memory => "memory",
             Self::TreeMemory => "tree_memory",
             Self::Orphan => "orphan",
+            Self::MaxProcesses => "max_processes",
+            Self::MapFull => "map_full",
         }
     }
 }
@@ -45,7 +52,14 @@ pub struct Limits {
     pub tree_memory_bytes: Option<u64>,
     pub grace_ms: u64,
     pub orphans: OrphanPolicy,
+    /// Most processes at once (like systemd's TasksMax); 0: no limit.
+    #[serde(default)]
+    pub max_processes: u64,
 }
+
+/// Default of `--max-processes`: far above what a multiprocessing pool uses, far below
+/// what a fork bomb reaches.
+pub const DEFAULT_MAX_PROCESSES: u64 = 10_000;
 
 /// What a register/exec request asks to change from the daemon's defaults.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -61,6 +75,9 @@ pub struct LimitOverrides {
     pub grace_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub orphans: Option<OrphanPolicy>,
+    /// 0: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_processes: Option<u64>,
 }
 
 impl Limits {
@@ -79,6 +96,7 @@ impl Limits {
                 .or(self.tree_memory_bytes),
             grace_ms: nonzero("the grace period", overrides.grace_ms)?.unwrap_or(self.grace_ms),
             orphans: overrides.orphans.unwrap_or(self.orphans),
+            max_processes: overrides.max_processes.unwrap_or(self.max_processes),
         })
     }
 
@@ -177,6 +195,7 @@ mod tests {
             tree_memory_bytes: None,
             grace_ms: 10_000,
             orphans: OrphanPolicy::Kill,
+            max_processes: DEFAULT_MAX_PROCESSES,
         };
         let limits = defaults
             .with(&LimitOverrides {

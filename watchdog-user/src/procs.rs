@@ -19,6 +19,15 @@ pub struct ProcInfo {
     pub exited: bool,
 }
 
+impl ProcInfo {
+    pub fn proc_ref(&self) -> crate::tree::ProcRef {
+        crate::tree::ProcRef {
+            pid: self.pid,
+            start_ns: self.start_ns,
+        }
+    }
+}
+
 /// The precision of /proc's start times.
 pub fn ns_per_tick() -> u64 {
     1_000_000_000 / procfs::ticks_per_second().max(1)

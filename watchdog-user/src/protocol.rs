@@ -157,6 +157,28 @@ pub struct Status {
     pub database: DbStatus,
     /// The settings that can change on SIGHUP, as in force now.
     pub settings: crate::config::Runtime,
+    /// Faults met and how they were handled: each one counted, none silent.
+    #[serde(default)]
+    pub faults: Faults,
+}
+
+/// The faults the daemon met, for `status` and /metrics.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Faults {
+    /// How many processes the kernel's watched map can hold (the host's pid_max).
+    pub watched_capacity: u32,
+    /// Children the kernel map could not take (full or out of memory), since start;
+    /// each was followed by the daemon and handed back to the map when it had room.
+    pub untracked_forks: u64,
+    /// Of those, how many the daemon follows without the kernel right now.
+    pub untracked_now: usize,
+    /// Pidfds that could not be opened (e.g. out of descriptors) for a signal or a
+    /// launcher watch; launchers are then checked in /proc instead.
+    pub pidfd_failures: u64,
+    /// Launchers of registered roots watched now (one pidfd each).
+    pub launchers_watched: usize,
+    /// Failures inside the kernel programs, by "program/kind" (kind: read, map_update).
+    pub program_errors: std::collections::BTreeMap<String, u64>,
 }
 
 /// Sends one request and waits for its response (the CLI side).

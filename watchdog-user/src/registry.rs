@@ -197,6 +197,7 @@ pub fn entry_from_analysis(analysis: &Analysis) -> AnalysisEntry {
         grace_ms: analysis.limits.grace_ms,
         registered_unix_ms: unix_ms(analysis.registered_wall),
         deadline_unix_ms: unix_ms(analysis.deadline_wall),
+        max_processes: analysis.limits.max_processes,
     }
 }
 
@@ -219,6 +220,7 @@ pub fn analysis_from_entry(entry: &AnalysisEntry, now: Instant, now_wall: System
             } else {
                 OrphanPolicy::Kill
             },
+            max_processes: entry.max_processes,
         },
         deadline: now + left,
         deadline_wall,
@@ -255,6 +257,7 @@ mod tests {
             tree_memory_bytes: None,
             grace_ms: 1000,
             orphans: OrphanPolicy::Kill,
+            max_processes: 0,
         }
     }
 

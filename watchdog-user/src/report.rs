@@ -3,8 +3,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use clap::ValueEnum as _;
 
 use crate::{
+    policy::Reason,
     procs::Procs,
     protocol::{AnalysisView, Reply, Status, TreeNode},
     rules::{Clock, Core},
@@ -97,6 +99,7 @@ pub struct KernelCounters {
     pub pinned_state_dropped: u64,
     pub last_poll_us: u64,
     pub loop_longest_us: u64,
+    pub faults: crate::protocol::Faults,
 }
 
 pub fn status(
@@ -109,11 +112,10 @@ pub fn status(
     let counters = core.counters();
     let settings = core.settings();
     let day_ago = crate::kill::rfc3339(clock.wall - Duration::from_secs(86_400));
-    let mut kills_by_reason: std::collections::BTreeMap<String, u64> =
-        ["timeout", "memory", "tree_memory", "orphan"]
-            .iter()
-            .map(|r| (r.to_string(), 0))
-            .collect();
+    let mut kills_by_reason: std::collections::BTreeMap<String, u64> = Reason::value_variants()
+        .iter()
+        .map(|r| (r.as_str().to_string(), 0))
+        .collect();
     for (reason, count) in &counters.kills_by_reason {
         kills_by_reason.insert(reason.to_string(), *count);
     }
@@ -144,6 +146,11 @@ pub fn status(
             defaults: Some(settings.defaults.clone()),
             poll_interval_ms: crate::policy::millis(poll_interval),
             dry_run: settings.dry_run,
+        },
+        faults: crate::protocol::Faults {
+            untracked_forks: counters.untracked_forks,
+            untracked_now: core.untracked().len(),
+            ..kernel.faults.clone()
         },
     }
 }

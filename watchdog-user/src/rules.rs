@@ -70,7 +70,7 @@ impl Clock {
 #[derive(Debug)]
 pub enum Action {
     /// Take the process out of the kernel's watched map.
-    Unwatch(u32),
+    Unwatch(ProcRef),
     /// Keep the analysis in the kernel (pinned) map, for a restarted daemon.
     SaveAnalysis(AnalysisKey, Box<AnalysisEntry>),
     /// The analysis is over: drop it and its roots from the kernel maps.
@@ -158,6 +158,8 @@ pub struct Counters {
     /// Processes recorded as killed (or would-be killed in a dry run).
     pub kills: u64,
     pub kills_by_reason: BTreeMap<&'static str, u64>,
+    /// Children the kernel map could not take, followed by the rules instead.
+    pub untracked_forks: u64,
 }
 
 /// A registration that passed every check, ready for `effects` to put its processes
@@ -191,6 +193,21 @@ pub struct Core {
     resynced_at_ns: u64,
     /// Killed analyses with no member left, and when they are forgotten.
     lingering: BTreeMap<AnalysisKey, Instant>,
+    /// Processes the kernel map could not take (full, or out of memory), by pid: in
+    /// the tree, but the kernel reports neither their forks nor their exit, so they
+    /// are handed back to the map as soon as it has room (see [`Core::untracked`]).
+    untracked: BTreeMap<u32, ProcRef>,
+}
+
+/// What became of an attempt to hand an untracked process back to the kernel map.
+#[derive(Debug)]
+pub enum Retrack {
+    /// In the map now, with the descendants it forked meanwhile (also in the map).
+    Watched(Vec<ProcInfo>),
+    /// The map still cannot take it: tried again later.
+    NoRoom,
+    /// It exited (or its pid names another process now).
+    Gone,
 }
 
 impl Core {
@@ -208,6 +225,7 @@ impl Core {
             processes_dirty: true,
             resynced_at_ns: 0,
             lingering: BTreeMap::new(),
+            untracked: BTreeMap::new(),
         }
     }
 
@@ -278,8 +296,12 @@ impl Core {
                 analysis,
                 start_ns,
                 comm,
+                untracked,
                 ..
-            } => self.forked(Node::new(pid, ppid, start_ns, comm, analysis), procs, clock),
+            } => {
+                let node = Node::new(pid, ppid, start_ns, comm, analysis);
+                self.forked(node, untracked, procs, clock);
+            }
             KernelEvent::Exit {
                 pid,
                 analysis,
@@ -302,16 +324,133 @@ impl Core {
         self.finish_done_jobs(clock);
     }
 
-    fn forked(&mut self, node: Node, procs: &dyn Procs, clock: &Clock) {
+    fn forked(&mut self, node: Node, untracked: bool, procs: &dyn Procs, clock: &Clock) {
         self.counters.forks += 1;
         if self.registry.get(node.analysis).is_none() {
             // Forked while its analysis was being unregistered.
-            self.actions.push(Action::Unwatch(node.pid));
+            if !untracked {
+                self.actions.push(Action::Unwatch(node.proc_ref()));
+            }
             return;
         }
-        let (pid, ppid, analysis) = (node.pid, node.ppid, node.analysis);
+        let (process, ppid, analysis) = (node.proc_ref(), node.ppid, node.analysis);
         self.insert(node);
-        self.join_dying_scope(pid, ppid, analysis, procs, clock);
+        self.join_dying_scope(process.pid, ppid, analysis, procs, clock);
+        self.check_process_count(analysis, procs, clock);
+        if untracked {
+            self.counters.untracked_forks += 1;
+            self.untracked.insert(process.pid, process);
+            self.make_room(procs, clock);
+        }
+    }
+
+    /// A fork bomb is stopped from its fork events: more members than the analysis'
+    /// `max_processes` and the whole analysis is killed.
+    fn check_process_count(&mut self, key: AnalysisKey, procs: &dyn Procs, clock: &Clock) {
+        let Some(max) = self.registry.get(key).map(|a| a.limits.max_processes) else {
+            return;
+        };
+        if max != 0 && self.tree.member_count(key) as u64 > max {
+            self.kill_analysis(key, Reason::MaxProcesses, Some(max), procs, clock);
+        }
+    }
+
+    /// The kernel map could not take a process: the analysis holding the most of it is
+    /// killed (unless it is being killed already, which frees room by itself), so one
+    /// analysis filling the map never costs another its tracking. Like the OOM killer,
+    /// the largest goes.
+    fn make_room(&mut self, procs: &dyn Procs, clock: &Clock) {
+        let largest = self
+            .registry
+            .iter()
+            .map(|(key, analysis)| (self.tree.member_count(key), key, analysis.violation))
+            .max_by_key(|(members, ..)| *members);
+        let Some((members, key, None)) = largest else {
+            return;
+        };
+        tracing::error!(
+            analysis_id = self.registry.id(key).unwrap_or_default(),
+            members,
+            "the kernel's watched map is full: killing the analysis that holds the most of it"
+        );
+        self.kill_analysis(key, Reason::MapFull, None, procs, clock);
+    }
+
+    /// Marks an analysis violated and kills all its members; false when it was already.
+    fn kill_analysis(
+        &mut self,
+        key: AnalysisKey,
+        reason: Reason,
+        limit: Option<u64>,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) -> bool {
+        if !self.registry.mark_violated(key, reason, limit) {
+            return false;
+        }
+        let pids = self.tree.members(key);
+        self.start_kill(Scope::Analysis, reason, key, limit, &pids, procs, clock);
+        true
+    }
+
+    /// Untracked processes to hand back to the kernel map: (process, analysis, its
+    /// per-process memory limit).
+    pub fn untracked(&self) -> Vec<(ProcRef, AnalysisKey, u64)> {
+        self.untracked
+            .values()
+            .filter_map(|process| {
+                let key = self.tree.get(process.pid)?.analysis;
+                let limit = self.registry.get(key)?.limits.memory_bytes;
+                Some((*process, key, limit))
+            })
+            .collect()
+    }
+
+    /// What the effects made of handing `process` back to the kernel map.
+    pub fn retracked(
+        &mut self,
+        process: ProcRef,
+        outcome: Retrack,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let Some(key) = self.tree.get(process.pid).map(|n| n.analysis) else {
+            self.untracked.remove(&process.pid);
+            return;
+        };
+        match outcome {
+            Retrack::NoRoom => return,
+            Retrack::Watched(found) => {
+                self.untracked.remove(&process.pid);
+                tracing::info!(
+                    pid = process.pid,
+                    descendants = found.len(),
+                    "an untracked process is in the kernel map again"
+                );
+                for info in found {
+                    if self.tree.contains(info.pid) {
+                        continue;
+                    }
+                    let node = Node::new(
+                        info.pid,
+                        info.ppid,
+                        info.start_ns,
+                        Comm::new(&info.comm),
+                        key,
+                    );
+                    self.insert(node);
+                    self.join_dying_scope(info.pid, info.ppid, key, procs, clock);
+                }
+                self.check_process_count(key, procs, clock);
+            }
+            Retrack::Gone => {
+                // No exit event comes for a process the kernel did not follow.
+                self.untracked.remove(&process.pid);
+                self.exited(process, procs, clock);
+                self.forget_if_finished(key, clock);
+            }
+        }
+        self.finish_done_jobs(clock);
     }
 
     fn insert(&mut self, node: Node) {
@@ -464,29 +603,14 @@ impl Core {
         else {
             return;
         };
-        if sum <= limit
-            || !self
-                .registry
-                .mark_violated(key, Reason::TreeMemory, Some(limit))
-        {
-            return;
+        if sum > limit && self.kill_analysis(key, Reason::TreeMemory, Some(limit), procs, clock) {
+            tracing::warn!(
+                analysis_id = self.registry.id(key).unwrap_or_default(),
+                sum,
+                limit,
+                "tree memory limit crossed"
+            );
         }
-        tracing::warn!(
-            analysis_id = self.registry.id(key).unwrap_or_default(),
-            sum,
-            limit,
-            "tree memory limit crossed"
-        );
-        let pids = self.tree.members(key);
-        self.start_kill(
-            Scope::Analysis,
-            Reason::TreeMemory,
-            key,
-            Some(limit),
-            &pids,
-            procs,
-            clock,
-        );
     }
 
     // ---- orphans -------------------------------------------------------------------
@@ -661,21 +785,7 @@ impl Core {
             let Some(timeout_ms) = self.registry.get(key).map(|a| a.limits.timeout_ms) else {
                 continue;
             };
-            if self
-                .registry
-                .mark_violated(key, Reason::Timeout, Some(timeout_ms))
-            {
-                let pids = self.tree.members(key);
-                self.start_kill(
-                    Scope::Analysis,
-                    Reason::Timeout,
-                    key,
-                    Some(timeout_ms),
-                    &pids,
-                    procs,
-                    clock,
-                );
-            }
+            self.kill_analysis(key, Reason::Timeout, Some(timeout_ms), procs, clock);
         }
         for job in &mut self.jobs {
             for order in job.escalate(clock.now, clock.wall) {
@@ -904,8 +1014,8 @@ impl Core {
         };
         let mut analyses = HashSet::new();
         for &pid in &pids {
-            self.actions.push(Action::Unwatch(pid));
             if let Some(node) = self.remove(pid) {
+                self.actions.push(Action::Unwatch(node.proc_ref()));
                 analyses.insert(node.analysis);
             }
         }
@@ -924,42 +1034,47 @@ impl Core {
     /// events are lost) and /proc (for parentage and names).
     pub fn resync(
         &mut self,
-        in_map: &[(u32, AnalysisKey)],
+        in_map: &[(ProcRef, AnalysisKey)],
         procs: &dyn Procs,
         clock: &Clock,
         reason: Resync,
     ) {
         self.resynced_at_ns = clock.boot_ns;
         self.counters.resyncs += u64::from(reason == Resync::LostEvents);
-        let mapped: HashSet<u32> = in_map.iter().map(|(pid, _)| *pid).collect();
+        let mapped: HashSet<u32> = in_map.iter().map(|(p, _)| p.pid).collect();
         let mut touched = HashSet::new();
         for pid in self.tree.pids() {
+            // A process the rules follow without the kernel (the map could not take
+            // it) is not in the map by definition.
             if !mapped.contains(&pid)
+                && !self.untracked.contains_key(&pid)
                 && let Some(node) = self.remove(pid)
             {
                 touched.insert(node.analysis);
             }
         }
-        for &(pid, key) in in_map {
+        for &(process, key) in in_map {
             if self.registry.get(key).is_none() {
-                self.actions.push(Action::Unwatch(pid));
+                self.actions.push(Action::Unwatch(process));
                 continue;
             }
-            if self.tree.contains(pid) {
+            if self.tree.holds(process) {
                 continue;
             }
-            match procs.read(pid) {
-                Some(info) => {
+            // The entry's start time is the process' identity: /proc must show that very
+            // process, never whatever holds its pid now.
+            match procs.read(process.pid) {
+                Some(info) if same_start(info.start_ns, process.start_ns) => {
                     self.insert(Node::new(
-                        pid,
+                        process.pid,
                         info.ppid,
-                        info.start_ns,
+                        process.start_ns,
                         Comm::new(&info.comm),
                         key,
                     ));
-                    self.join_dying_scope(pid, info.ppid, key, procs, clock);
+                    self.join_dying_scope(process.pid, info.ppid, key, procs, clock);
                 }
-                None => self.actions.push(Action::Unwatch(pid)),
+                _ => self.actions.push(Action::Unwatch(process)),
             }
         }
         for key in touched {
@@ -977,7 +1092,7 @@ impl Core {
         &mut self,
         analyses: &[(AnalysisKey, AnalysisEntry)],
         roots: &[(u32, RootEntry)],
-        in_map: &[(u32, AnalysisKey)],
+        in_map: &[(ProcRef, AnalysisKey)],
         procs: &dyn Procs,
         clock: &Clock,
     ) {

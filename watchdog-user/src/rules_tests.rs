@@ -66,6 +66,7 @@ fn limits() -> Limits {
         tree_memory_bytes: None,
         grace_ms: 1000,
         orphans: OrphanPolicy::Kill,
+        max_processes: 0,
     }
 }
 
@@ -78,6 +79,15 @@ struct World {
 /// Start times are the pid times 1,000 ns, kept under the clock's boot time.
 fn start(pid: u32) -> u64 {
     u64::from(pid) * 1000
+}
+
+/// A kernel map entry: the process as it started, in its analysis.
+fn mapped(pid: u32, key: AnalysisKey) -> (ProcRef, AnalysisKey) {
+    let process = ProcRef {
+        pid,
+        start_ns: start(pid),
+    };
+    (process, key)
 }
 
 impl World {
@@ -135,6 +145,7 @@ impl World {
             start_ns: start(pid),
             comm: Comm::new("child"),
             ts_ns: self.clock.boot_ns,
+            untracked: false,
         })
     }
 
@@ -158,6 +169,21 @@ impl World {
             analysis,
             start_ns: start(pid),
             exit_status: 0,
+        })
+    }
+
+    /// `ppid` forks `pid`, which the kernel map could not take.
+    fn fork_untracked(&mut self, pid: u32, ppid: u32) -> Vec<Action> {
+        self.procs.spawn(pid, ppid, start(pid));
+        let analysis = self.core.tree().get(ppid).expect("watched parent").analysis;
+        self.event(KernelEvent::Fork {
+            pid,
+            ppid,
+            analysis,
+            start_ns: start(pid),
+            comm: Comm::new("child"),
+            ts_ns: self.clock.boot_ns,
+            untracked: true,
         })
     }
 
@@ -488,7 +514,7 @@ fn a_member_that_appears_after_the_analysis_kill_ended_is_killed_on_arrival() {
     w.exit(101);
     assert!(w.core.jobs().is_empty());
     w.core
-        .resync(&[(102, key)], &w.procs, &w.clock, Resync::LostEvents);
+        .resync(&[mapped(102, key)], &w.procs, &w.clock, Resync::LostEvents);
     assert_eq!(signals(&w.core.take_actions()), [(102, Signal::SIGTERM)]);
 }
 
@@ -631,7 +657,7 @@ fn unregistering_stops_watching_and_ends_the_analysis() {
     let unwatched: Vec<u32> = actions
         .iter()
         .filter_map(|a| match a {
-            Action::Unwatch(pid) => Some(*pid),
+            Action::Unwatch(process) => Some(process.pid),
             _ => None,
         })
         .collect();
@@ -668,7 +694,7 @@ fn after_a_restart_passed_deadlines_are_enforced_and_processes_orphaned_in_the_g
     w.core.resume(
         &[(key, entry)],
         &roots,
-        &[(100, key), (101, key)],
+        &[mapped(100, key), mapped(101, key)],
         &w.procs,
         &w.clock,
     );
@@ -698,7 +724,7 @@ fn a_resync_drops_what_the_kernel_map_lost_and_adds_what_it_has() {
     let key = w.key("a");
     w.procs.spawn(102, 100, start(102));
     w.core.resync(
-        &[(100, key), (102, key), (7, 999)],
+        &[mapped(100, key), mapped(102, key), mapped(7, 999)],
         &w.procs,
         &w.clock,
         Resync::LostEvents,
@@ -706,7 +732,9 @@ fn a_resync_drops_what_the_kernel_map_lost_and_adds_what_it_has() {
     let actions = w.core.take_actions();
     assert!(!w.core.tree().contains(101) && w.core.tree().contains(102));
     assert!(
-        actions.iter().any(|a| matches!(a, Action::Unwatch(7))),
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Unwatch(p) if p.pid == 7)),
         "an unknown analysis' entry"
     );
     assert_eq!(w.core.counters().resyncs, 1);
@@ -726,4 +754,150 @@ fn the_process_table_is_sent_only_when_it_changed() {
     );
     w.fork(101, 100);
     assert_eq!(w.core.process_snapshot(&w.clock).unwrap().rows().len(), 2);
+}
+
+fn reasons(actions: &[Action]) -> Vec<&'static str> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Record(r) => Some(r.reason.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_fork_bomb_past_max_processes_kills_its_analysis_and_no_other() {
+    let mut w = World::new();
+    let cap = LimitOverrides {
+        max_processes: Some(3),
+        ..Default::default()
+    };
+    w.register(100, "bomb", cap);
+    w.register(200, "calm", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 100);
+    assert!(
+        signals(&w.fork(201, 200)).is_empty(),
+        "another analysis forks freely"
+    );
+    let actions = w.fork(103, 100);
+    assert_eq!(
+        signals(&actions),
+        [
+            (100, Signal::SIGTERM),
+            (101, Signal::SIGTERM),
+            (102, Signal::SIGTERM),
+            (103, Signal::SIGTERM)
+        ],
+        "the fourth process is one too many: the whole analysis goes"
+    );
+    let bomb = w.key("bomb");
+    assert_eq!(
+        w.core.registry().get(bomb).unwrap().violation,
+        Some((Reason::MaxProcesses, Some(3)))
+    );
+    assert_eq!(
+        signals(&w.fork(104, 103)),
+        [(104, Signal::SIGTERM)],
+        "forks while dying join the kill"
+    );
+    let mut records = Vec::new();
+    for pid in [100, 101, 102, 103, 104] {
+        records.extend(reasons(&w.exit(pid)));
+    }
+    assert_eq!(
+        records, ["max_processes"; 5],
+        "one record per killed process"
+    );
+    assert!(w.core.tree().contains(200) && w.core.tree().contains(201));
+}
+
+#[test]
+fn a_child_the_full_map_could_not_take_is_followed_and_the_largest_analysis_pays_for_it() {
+    let mut w = World::new();
+    w.register(100, "hog", LimitOverrides::default());
+    for pid in 101..110 {
+        w.fork(pid, 100);
+    }
+    w.register(200, "victim", LimitOverrides::default());
+    let actions = w.fork_untracked(201, 200);
+    let killed: Vec<u32> = signals(&actions).iter().map(|(pid, _)| *pid).collect();
+    assert_eq!(
+        killed,
+        (100..110).collect::<Vec<_>>(),
+        "the hog is killed, the victim is not"
+    );
+    assert!(
+        w.core.tree().contains(201),
+        "the untracked child is in the tree"
+    );
+    let victim = w.key("victim");
+    assert_eq!(
+        w.core.untracked(),
+        [(
+            ProcRef {
+                pid: 201,
+                start_ns: start(201)
+            },
+            victim,
+            100 * MIB
+        )]
+    );
+    assert_eq!(w.core.counters().untracked_forks, 1);
+    // A second child that cannot be put in the map: the hog is dying already.
+    assert!(signals(&w.fork_untracked(202, 200)).is_empty());
+    // Room again: 201 goes back into the map with the grandchild it forked meanwhile.
+    w.procs.spawn(203, 201, start(203));
+    let grandchild = w.procs.0.borrow()[&203].clone();
+    let process = ProcRef {
+        pid: 201,
+        start_ns: start(201),
+    };
+    w.core.retracked(
+        process,
+        Retrack::Watched(vec![grandchild]),
+        &w.procs,
+        &w.clock,
+    );
+    assert_eq!(w.core.tree().get(203).map(|n| n.analysis), Some(victim));
+    // 202 exited before it could be put back: no exit event comes, the rules end it.
+    w.procs.die(202);
+    let process = ProcRef {
+        pid: 202,
+        start_ns: start(202),
+    };
+    w.core.retracked(process, Retrack::Gone, &w.procs, &w.clock);
+    assert!(!w.core.tree().contains(202) && w.core.untracked().is_empty());
+    assert!(w.core.registry().get(victim).unwrap().violation.is_none());
+}
+
+#[test]
+fn a_map_entry_whose_pid_now_names_another_process_is_dropped_not_adopted() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    let key = w.key("a");
+    // The map remembers pid 300 as started at 1 s; pid 300 is now a process started
+    // at 5 s, nobody's.
+    w.procs.spawn(300, 1, 5_000_000_000);
+    let stale = ProcRef {
+        pid: 300,
+        start_ns: 1_000_000_000,
+    };
+    w.core.resync(
+        &[mapped(100, key), (stale, key)],
+        &w.procs,
+        &w.clock,
+        Resync::LostEvents,
+    );
+    assert!(
+        !w.core.tree().contains(300),
+        "the new owner of the pid is not adopted"
+    );
+    assert!(
+        w.core
+            .take_actions()
+            .iter()
+            .any(|a| matches!(a, Action::Unwatch(p) if *p == stale))
+    );
 }
