@@ -16,9 +16,9 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
-pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 
 /// `union bpf_attr`, as bytes: each command fills the fields it reads, the rest is 0.
 #[repr(C, align(8))]
@@ -62,19 +62,45 @@ fn owned(fd: libc::c_long) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
 }
 
-/// Creates a map of this shape, named `name`.
-pub fn create_map(
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    name: &str,
-) -> Result<OwnedFd> {
+/// A map's type and size, as `struct bpf_map_info` has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+/// The id and shape of the map pinned at `path`.
+pub fn map_info(path: &Path) -> Result<(u32, Shape)> {
+    let fd = open_pinned(path)?;
+    // struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, ...
+    let mut info = [0u8; 96];
     let mut attr = Attr::new();
-    attr.put_u32(0, map_type)
-        .put_u32(4, key_size)
-        .put_u32(8, value_size)
-        .put_u32(12, max_entries);
+    attr.put_u32(0, fd.as_raw_fd() as u32)
+        .put_u32(4, info.len() as u32)
+        .put_u64(8, info.as_mut_ptr() as u64);
+    attr.call(BPF_OBJ_GET_INFO_BY_FD, "BPF_OBJ_GET_INFO_BY_FD")?;
+    let word = |i: usize| u32::from_ne_bytes(info[i * 4..i * 4 + 4].try_into().unwrap());
+    let shape = Shape {
+        map_type: word(0),
+        key_size: word(2),
+        value_size: word(3),
+        max_entries: word(4),
+        flags: word(5),
+    };
+    Ok((word(1), shape))
+}
+
+/// Creates a map of this shape, named `name`.
+pub fn create_map(shape: Shape, name: &str) -> Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, shape.map_type)
+        .put_u32(4, shape.key_size)
+        .put_u32(8, shape.value_size)
+        .put_u32(12, shape.max_entries)
+        .put_u32(16, shape.flags);
     // map_name: 16 bytes at offset 28 (after map_flags, inner_map_fd, numa_node).
     let bytes = name.as_bytes();
     let len = bytes.len().min(15);
@@ -115,15 +141,8 @@ pub fn update(fd: &OwnedFd, key: &[u8], value: &[u8]) -> Result<()> {
 
 /// Replaces the map pinned at `path` with a new one of this shape and name: the old
 /// pin goes, so whatever still uses the old map (attached programs) keeps it.
-pub fn replace_pinned_map(
-    path: &Path,
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    name: &str,
-) -> Result<()> {
+pub fn replace_pinned_map(path: &Path, shape: Shape, name: &str) -> Result<()> {
     std::fs::remove_file(path)?;
-    let fd = create_map(map_type, key_size, value_size, max_entries, name)?;
+    let fd = create_map(shape, name)?;
     pin(&fd, path)
 }

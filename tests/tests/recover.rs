@@ -327,14 +327,14 @@ fn a_pinned_map_of_another_shape_is_dropped_and_the_saved_analyses_kept() -> Res
     let before = Workload::spawn("sleep", &["600"])?;
     daemon.register(before.pid(), "before")?;
     daemon.crash()?;
-    bpf::replace_pinned_map(
-        &daemon.pin_dir.join("WATCHED"),
-        bpf::BPF_MAP_TYPE_HASH,
-        4,
-        8,
-        16,
-        "WATCHED",
-    )?;
+    let shape = bpf::Shape {
+        map_type: bpf::BPF_MAP_TYPE_HASH,
+        key_size: 4,
+        value_size: 8,
+        max_entries: 16,
+        flags: 0,
+    };
+    bpf::replace_pinned_map(&daemon.pin_dir.join("WATCHED"), shape, "WATCHED")?;
     daemon.start_again()?;
 
     let line = the_drop_line(&daemon);
@@ -376,21 +376,20 @@ fn a_map_swapped_under_pinned_links_is_caught_and_a_surviving_analysis_rewatched
     await_in_tree(&daemon, "survivor", &[survivor.pid(), old_child])?;
     let deadline = deadline_ms(&daemon, "survivor")?;
     daemon.crash()?;
-    bpf::replace_pinned_map(
-        &daemon.pin_dir.join("WATCHED"),
-        bpf::BPF_MAP_TYPE_HASH,
-        4,
-        size_of::<watchdog_common::WatchEntry>() as u32,
-        watchdog_common::MAX_WATCHED,
-        "WATCHED",
-    )?;
+    // The same type, sizes, entries and flags, the same name: only its id differs.
+    let watched = daemon.pin_dir.join("WATCHED");
+    let (old_id, shape) = bpf::map_info(&watched)?;
+    bpf::replace_pinned_map(&watched, shape, "WATCHED")?;
+    let (new_id, new_shape) = bpf::map_info(&watched)?;
+    assert_eq!(new_shape, shape);
+    assert_ne!(new_id, old_id);
     daemon.start_again()?;
 
     let line = the_drop_line(&daemon);
     assert!(
-        line.contains("pinned WATCHED (map id")
-            && line.contains("is not the map the attached sched_process_")
-            && line.contains("program uses (id"),
+        line.contains(&format!(
+            "pinned WATCHED (map id {new_id}) is not the map the attached sched_process_"
+        )) && line.contains(&format!("program uses (id {old_id})")),
         "{line}"
     );
     assert!(line.contains("roots were read first"), "{line}");
