@@ -425,12 +425,10 @@ async fn front(
                     record: *record,
                 };
                 let mut spool = shared.spool.lock().expect("spool lock");
-                if let Err(err) = spool.append(&stored) {
-                    // The kill_event log line is then the only copy: say so loudly.
-                    tracing::error!(
-                        "could not spool a kill record to {}: {err:#}",
-                        spool.path().display()
-                    );
+                spool.push(stored);
+                if let Err(err) = spool.flush() {
+                    // Held by the spool, and appended with the next record.
+                    tracing::error!("{err:#}: {} kill records held in memory", spool.held());
                 }
                 wake.notify_one();
             }
@@ -528,7 +526,7 @@ impl Store {
 
     async fn flush_spool(&mut self, pool: &AnyPool) -> Result<()> {
         let (records, bytes) = {
-            let spool = self.shared.spool.lock().expect("spool lock");
+            let mut spool = self.shared.spool.lock().expect("spool lock");
             if spool.depth() == 0 {
                 return Ok(());
             }
