@@ -188,6 +188,17 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             status.database.state, status.database.spool_depth, status.database.spool_path
         ),
     }
+    if status.database.unspooled > 0 {
+        println!(
+            "spool: {} records held in memory, not yet spooled: {}",
+            status.database.unspooled,
+            status
+                .database
+                .spool_error
+                .as_deref()
+                .unwrap_or("(no error)")
+        );
+    }
     println!(
         "kernel events: {} forks, {} exits, {} execs; lost {}; watch map full {}; resyncs {}",
         status.forks_seen,

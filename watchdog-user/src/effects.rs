@@ -114,6 +114,9 @@ impl Effects {
     /// Carries out the actions in order; returns what the rules must hear back.
     pub fn apply(&mut self, actions: Vec<Action>) -> Vec<Feedback> {
         let mut feedback = Vec::new();
+        // The records go to the store together: a tree killed at once is one spool write
+        // and one fsync.
+        let mut records = Vec::new();
         for action in actions {
             match action {
                 Action::Unwatch(pid) => {
@@ -141,9 +144,12 @@ impl Effects {
                 }
                 Action::Record(record) => {
                     tracing::warn!(target: "kill_event", "{}", serde_json::to_string(&record).expect("records serialize"));
-                    let _ = self.store.send(StoreMsg::Record(record));
+                    records.push(*record);
                 }
             }
+        }
+        if !records.is_empty() {
+            let _ = self.store.send(StoreMsg::Records(records));
         }
         feedback
     }

@@ -160,6 +160,28 @@ pub fn prometheus_text(s: &Status) -> String {
     );
     metric(
         &mut out,
+        "watchdog_db_unspooled",
+        "gauge",
+        "Kill records held in memory because the spool could not be written (a full disk?); \
+         tried again every second.",
+        &one(s.database.unspooled as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_spool_records_total",
+        "counter",
+        "Kill records appended to the spool since start.",
+        &one(s.database.spooled_total as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_spool_fsyncs_total",
+        "counter",
+        "Spool fsyncs since start (records arriving together share one).",
+        &one(s.database.spool_fsyncs as f64),
+    );
+    metric(
+        &mut out,
         "watchdog_uptime_seconds",
         "gauge",
         "Seconds since the daemon started.",

@@ -7,8 +7,8 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow};
@@ -26,8 +26,11 @@ use crate::{kill::KillRecord, spool::Spool};
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
 
-/// How often a down database is retried.
+/// How often a down database, or a spool that could not be written, is retried.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// Most messages the front task takes in one go (one spool write, one fsync for all the
+/// records among them): bounds how long a status waits behind a burst.
+const BATCH_MAX: usize = 4096;
 /// Most rows `events` returns.
 const EVENTS_LIMIT: i64 = 1000;
 
@@ -201,10 +204,25 @@ pub struct DbStatus {
     pub error: Option<String>,
     pub spool_depth: usize,
     pub spool_path: String,
+    /// Kill records held in memory because appending them to the spool failed (a full
+    /// disk): tried again every second and with the next record, never dropped.
+    #[serde(default)]
+    pub unspooled: usize,
+    /// Why the spool could not be written, while records are held because of it.
+    #[serde(default)]
+    pub spool_error: Option<String>,
+    /// Records appended to the spool since start, and the fsyncs that made them
+    /// durable (records arriving together share one).
+    #[serde(default)]
+    pub spooled_total: u64,
+    #[serde(default)]
+    pub spool_fsyncs: u64,
 }
 
 pub enum StoreMsg {
-    Record(Box<KillRecord>),
+    /// Kill records, in order: those of one pass of the daemon loop (a tree killed at
+    /// once comes as one message).
+    Records(Vec<KillRecord>),
     /// What is watched now on this host (the store writes the difference).
     Processes(ProcessSnapshot),
     Query(
@@ -352,11 +370,21 @@ struct Shared {
 }
 
 impl Shared {
+    /// The spool, also after a task panicked holding it: what it holds must still be
+    /// written at shutdown.
+    fn spool(&self) -> MutexGuard<'_, Spool> {
+        self.spool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn status(&self) -> DbStatus {
-        let spool = self.spool.lock().expect("spool lock");
-        let down = self.down.lock().expect("health lock").clone();
+        let spool = self.spool();
+        let down = self
+            .down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         DbStatus {
-            state: if down.is_none() && spool.depth() == 0 {
+            state: if down.is_none() && spool.depth() == 0 && spool.held() == 0 {
                 "ok"
             } else {
                 "spooling"
@@ -365,11 +393,51 @@ impl Shared {
             error: down,
             spool_depth: spool.depth(),
             spool_path: spool.path().display().to_string(),
+            unspooled: spool.held(),
+            spool_error: spool.error().map(str::to_owned),
+            spooled_total: spool.appended(),
+            spool_fsyncs: spool.syncs(),
+        }
+    }
+
+    /// Appends every record the spool holds: one write, one fsync. One error line when
+    /// appending starts failing (or fails differently), one line when it works again;
+    /// returns whether nothing is held any more.
+    fn spool_held(spool: &mut Spool) -> bool {
+        let failing = spool.error().map(str::to_owned);
+        match spool.flush() {
+            Ok(n) => {
+                if let Some(error) = failing {
+                    tracing::info!(
+                        "the spool {} takes records again ({error} before): {n} held kill records \
+                         written",
+                        spool.path().display()
+                    );
+                }
+                true
+            }
+            Err(err) => {
+                if failing.as_deref() != spool.error() {
+                    tracing::error!(
+                        "{err:#}: {} kill records are held in memory and tried again every second \
+                         (status: unspooled)",
+                        spool.held()
+                    );
+                }
+                false
+            }
         }
     }
 }
 
 type QueryReply = oneshot::Sender<Result<Vec<KillRecord>, String>>;
+
+fn stored(record: KillRecord) -> StoredRecord {
+    StoredRecord {
+        event_uid: uuid::Uuid::new_v4().to_string(),
+        record,
+    }
+}
 
 /// Starts the store: a front task that answers at once (records are spooled, status
 /// read from memory) and a database task that may wait on the network. `url` is None
@@ -410,39 +478,80 @@ pub fn start(
     Ok(inbox_tx)
 }
 
+/// The single writer of the spool. It takes every message already queued at once:
+/// their records are appended in one write with one fsync (a kill of 1,000 processes
+/// costs a few fsyncs, not 1,000), and the statuses and queries among them are answered
+/// after, so they see those records. Returns when the daemon closes the inbox.
 async fn front(
     mut inbox: mpsc::UnboundedReceiver<StoreMsg>,
     shared: Arc<Shared>,
     wake: Arc<Notify>,
     queries: mpsc::UnboundedSender<(EventFilter, QueryReply)>,
     processes: watch::Sender<Rows>,
-) {
-    while let Some(msg) = inbox.recv().await {
-        match msg {
-            StoreMsg::Record(record) => {
-                let stored = StoredRecord {
-                    event_uid: uuid::Uuid::new_v4().to_string(),
-                    record: *record,
-                };
-                let mut spool = shared.spool.lock().expect("spool lock");
-                spool.push(stored);
-                if let Err(err) = spool.flush() {
-                    // Held by the spool, and appended with the next record.
-                    tracing::error!("{err:#}: {} kill records held in memory", spool.held());
+) -> Result<()> {
+    // When records are held because the spool could not take them: the next try.
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let first = tokio::select! {
+            msg = inbox.recv() => match msg {
+                Some(msg) => msg,
+                None => return Ok(()),
+            },
+            _ = sleep_until(retry_at) => {
+                let mut spool = shared.spool();
+                retry_at = (!Shared::spool_held(&mut spool)).then(|| Instant::now() + RETRY_EVERY);
+                if spool.held() == 0 {
+                    wake.notify_one();
                 }
-                wake.notify_one();
+                continue;
             }
-            StoreMsg::Processes(snapshot) => {
-                processes.send_replace(Arc::new(snapshot.rows()));
-                wake.notify_one();
-            }
-            StoreMsg::Query(filter, reply) => {
-                let _ = queries.send((filter, reply));
-            }
-            StoreMsg::Status(reply) => {
-                let _ = reply.send(shared.status());
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX
+            && let Ok(msg) = inbox.try_recv()
+        {
+            batch.push(msg);
+        }
+        let mut records = Vec::new();
+        let mut answers = Vec::new();
+        for msg in batch {
+            match msg {
+                StoreMsg::Records(batch) => records.extend(batch.into_iter().map(stored)),
+                StoreMsg::Processes(snapshot) => {
+                    processes.send_replace(Arc::new(snapshot.rows()));
+                    wake.notify_one();
+                }
+                other => answers.push(other),
             }
         }
+        if !records.is_empty() {
+            let mut spool = shared.spool();
+            for record in records {
+                spool.push(record);
+            }
+            let all_spooled = Shared::spool_held(&mut spool);
+            retry_at = (!all_spooled).then(|| Instant::now() + RETRY_EVERY);
+            drop(spool);
+            wake.notify_one();
+        }
+        for msg in answers {
+            match msg {
+                StoreMsg::Query(filter, reply) => {
+                    let _ = queries.send((filter, reply));
+                }
+                StoreMsg::Status(reply) => {
+                    let _ = reply.send(shared.status());
+                }
+                _ => unreachable!("only queries and statuses are answered after"),
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -465,7 +574,7 @@ impl Store {
         wake: Arc<Notify>,
         mut queries: mpsc::UnboundedReceiver<(EventFilter, QueryReply)>,
         mut processes: watch::Receiver<Rows>,
-    ) {
+    ) -> Result<()> {
         loop {
             if self.pool.is_none() {
                 self.reconnect().await;
@@ -479,7 +588,8 @@ impl Store {
                     Some((filter, reply)) => {
                         let _ = reply.send(self.query(&filter).await);
                     }
-                    None => return,
+                    // The front task is gone: the daemon is stopping (or it died).
+                    None => return Ok(()),
                 },
             }
         }
@@ -494,7 +604,11 @@ impl Store {
                     "database connected, migrations applied"
                 );
                 self.pool = Some(pool);
-                *self.shared.down.lock().expect("health lock") = None;
+                *self
+                    .shared
+                    .down
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
                 self.written = None;
             }
             Err(err) => self.went_down(format!("{err:#}")),
@@ -502,7 +616,11 @@ impl Store {
     }
 
     fn went_down(&mut self, error: String) {
-        let mut down = self.shared.down.lock().expect("health lock");
+        let mut down = self
+            .shared
+            .down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if down.as_ref() != Some(&error) {
             tracing::error!("{error}; kill records are spooled until it is back");
         }
@@ -526,7 +644,7 @@ impl Store {
 
     async fn flush_spool(&mut self, pool: &AnyPool) -> Result<()> {
         let (records, bytes) = {
-            let mut spool = self.shared.spool.lock().expect("spool lock");
+            let mut spool = self.shared.spool();
             if spool.depth() == 0 {
                 return Ok(());
             }
@@ -537,11 +655,7 @@ impl Store {
             self.sql.insert(stored).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        self.shared
-            .spool
-            .lock()
-            .expect("spool lock")
-            .consume(bytes, records.len())?;
+        self.shared.spool().consume(bytes, records.len())?;
         tracing::debug!(rows = records.len(), "kill records written");
         Ok(())
     }
