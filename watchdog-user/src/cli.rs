@@ -199,6 +199,12 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
                 .unwrap_or("(no error)")
         );
     }
+    if status.records_unqueued > 0 {
+        println!(
+            "store: {} records the daemon could not hand to its store task (spooled at shutdown)",
+            status.records_unqueued
+        );
+    }
     println!(
         "kernel events: {} forks, {} exits, {} execs; lost {}; watch map full {}; resyncs {}",
         status.forks_seen,

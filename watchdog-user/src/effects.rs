@@ -17,7 +17,7 @@ use tokio::{
 
 use crate::{
     kernel::Kernel,
-    kill::SignalOrder,
+    kill::{KillRecord, SignalOrder},
     procs::{self, ProcInfo, same_start},
     rules::{Action, Registration},
     store::StoreMsg,
@@ -90,6 +90,9 @@ pub struct Effects {
     /// Where launcher watches report a launcher's exit (with the root it launched).
     launcher_exits: mpsc::UnboundedSender<ProcRef>,
     self_pid: u32,
+    /// Records the store did not take (its task had stopped): kept for the shutdown,
+    /// which spools them directly.
+    unqueued: Vec<KillRecord>,
 }
 
 impl Effects {
@@ -104,11 +107,22 @@ impl Effects {
             store,
             launcher_exits,
             self_pid: std::process::id(),
+            unqueued: Vec::new(),
         }
     }
 
     pub fn store(&self) -> &mpsc::UnboundedSender<StoreMsg> {
         &self.store
+    }
+
+    /// How many records the store did not take.
+    pub fn unqueued(&self) -> usize {
+        self.unqueued.len()
+    }
+
+    /// The records the store did not take, for the shutdown to spool.
+    pub fn take_unqueued(&mut self) -> Vec<KillRecord> {
+        std::mem::take(&mut self.unqueued)
     }
 
     /// Carries out the actions in order; returns what the rules must hear back.
@@ -148,8 +162,11 @@ impl Effects {
                 }
             }
         }
-        if !records.is_empty() {
-            let _ = self.store.send(StoreMsg::Records(records));
+        if !records.is_empty()
+            && let Err(mpsc::error::SendError(StoreMsg::Records(records))) =
+                self.store.send(StoreMsg::Records(records))
+        {
+            self.unqueued.extend(records);
         }
         feedback
     }

@@ -147,6 +147,10 @@ pub struct Status {
     /// The last 20 records, newest first.
     pub recent_events: Vec<KillRecord>,
     pub dry_run: bool,
+    /// Kill records the daemon loop could not hand to the store (its task had stopped):
+    /// held by the loop and spooled at shutdown, never dropped.
+    #[serde(default)]
+    pub records_unqueued: u64,
     /// "ok", or "spooling" while records wait for the database.
     pub db: String,
     /// The database's state in full: the error and the spool's depth.

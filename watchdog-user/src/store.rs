@@ -21,7 +21,7 @@ use sqlx::{
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-use crate::{kill::KillRecord, spool::Spool};
+use crate::{kill::KillRecord, spool::Spool, tasks::Tasks};
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -31,6 +31,9 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Most messages the front task takes in one go (one spool write, one fsync for all the
 /// records among them): bounds how long a status waits behind a burst.
 const BATCH_MAX: usize = 4096;
+/// The store's tasks, as the supervisor names them.
+pub const FRONT_TASK: &str = "store front";
+pub const WRITER_TASK: &str = "database writer";
 /// Most rows `events` returns.
 const EVENTS_LIMIT: i64 = 1000;
 
@@ -432,6 +435,53 @@ impl Shared {
 
 type QueryReply = oneshot::Sender<Result<Vec<KillRecord>, String>>;
 
+/// Inbox of the front task. Shared, so that records still queued when the front task
+/// died are not dropped with it: the daemon spools them at shutdown.
+type Inbox = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<StoreMsg>>>;
+
+/// What the daemon keeps of the store besides its sender: what it needs to spool what
+/// is left at shutdown, whatever became of the store's tasks.
+pub struct StoreHandle {
+    shared: Arc<Shared>,
+    inbox: Inbox,
+}
+
+impl StoreHandle {
+    /// At shutdown, once the front task has ended (or died): appends whatever is still
+    /// held: records the spool could not take yet, records left in the inbox, and
+    /// `unqueued`, the records the daemon could not hand to the store. One line says
+    /// what became of them.
+    pub fn last_flush(&self, unqueued: Vec<KillRecord>) {
+        let mut spool = self.shared.spool();
+        if let Ok(mut inbox) = self.inbox.try_lock() {
+            while let Ok(msg) = inbox.try_recv() {
+                if let StoreMsg::Records(records) = msg {
+                    for record in records {
+                        spool.push(stored(record));
+                    }
+                }
+            }
+        }
+        for record in unqueued {
+            spool.push(stored(record));
+        }
+        let held = spool.held();
+        if held == 0 {
+            return;
+        }
+        match spool.flush() {
+            Ok(n) => tracing::info!(
+                "{n} kill records still held at shutdown written to the spool {}",
+                spool.path().display()
+            ),
+            Err(err) => tracing::error!(
+                "{err:#}: {held} kill records held at shutdown could not be spooled; their \
+                 kill_event log lines are their only copy"
+            ),
+        }
+    }
+}
+
 fn stored(record: KillRecord) -> StoredRecord {
     StoredRecord {
         event_uid: uuid::Uuid::new_v4().to_string(),
@@ -439,15 +489,16 @@ fn stored(record: KillRecord) -> StoredRecord {
     }
 }
 
-/// Starts the store: a front task that answers at once (records are spooled, status
-/// read from memory) and a database task that may wait on the network. `url` is None
-/// when it did not parse: the daemon then runs and spools.
+/// Starts the store, its two tasks supervised: a front task that answers at once
+/// (records are spooled, status read from memory) and a database task that may wait on
+/// the network. `url` is None when it did not parse: the daemon then runs and spools.
 pub fn start(
     url: Option<DatabaseUrl>,
     url_error: Option<String>,
     spool_path: &Path,
     host: String,
-) -> Result<mpsc::UnboundedSender<StoreMsg>> {
+    tasks: &mut Tasks,
+) -> Result<(mpsc::UnboundedSender<StoreMsg>, StoreHandle)> {
     let shared = Arc::new(Shared {
         spool: Mutex::new(Spool::open(spool_path)?),
         down: Mutex::new(Some(
@@ -456,26 +507,30 @@ pub fn start(
     });
     let wake = Arc::new(Notify::new());
     let (inbox_tx, inbox) = mpsc::unbounded_channel();
+    let inbox: Inbox = Arc::new(tokio::sync::Mutex::new(inbox));
     let (query_tx, queries) = mpsc::unbounded_channel();
     let (processes_tx, processes) = watch::channel(Rows::default());
-    tokio::spawn(front(
-        inbox,
-        shared.clone(),
-        wake.clone(),
-        query_tx,
-        processes_tx,
-    ));
+    tasks.spawn(
+        FRONT_TASK,
+        front(
+            inbox.clone(),
+            shared.clone(),
+            wake.clone(),
+            query_tx,
+            processes_tx,
+        ),
+    );
     let dialect = url.as_ref().map_or(Dialect::Sqlite, |u| u.dialect);
     let store = Store {
         url,
         sql: Sql::new(dialect),
         host,
         pool: None,
-        shared,
+        shared: shared.clone(),
         written: None,
     };
-    tokio::spawn(store.run(wake, queries, processes));
-    Ok(inbox_tx)
+    tasks.spawn(WRITER_TASK, store.run(wake, queries, processes));
+    Ok((inbox_tx, StoreHandle { shared, inbox }))
 }
 
 /// The single writer of the spool. It takes every message already queued at once:
@@ -483,12 +538,14 @@ pub fn start(
 /// costs a few fsyncs, not 1,000), and the statuses and queries among them are answered
 /// after, so they see those records. Returns when the daemon closes the inbox.
 async fn front(
-    mut inbox: mpsc::UnboundedReceiver<StoreMsg>,
+    inbox: Inbox,
     shared: Arc<Shared>,
     wake: Arc<Notify>,
     queries: mpsc::UnboundedSender<(EventFilter, QueryReply)>,
     processes: watch::Sender<Rows>,
 ) -> Result<()> {
+    // Held for the task's life; released if it dies, so the daemon can drain the rest.
+    let mut inbox = inbox.lock_owned().await;
     // When records are held because the spool could not take them: the next try.
     let mut retry_at: Option<Instant> = None;
     loop {
