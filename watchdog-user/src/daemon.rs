@@ -24,7 +24,7 @@ use crate::{
     kernel::{self, Kernel},
     policy::Limits,
     procs::{self, SysProcs},
-    protocol::{Reply, Request, Response},
+    protocol::{Reply, Request, Response, TestFault},
     report::{self, KernelCounters},
     rules::{Clock, Core, Resync, Settings},
     store::{self, DatabaseUrl, EventFilter, StoreMsg},
@@ -188,6 +188,14 @@ pub async fn run(options: Options) -> Result<()> {
                 let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
                 tracing::warn!(ms, "test fault: main loop stalled");
                 std::thread::sleep(Duration::from_millis(ms));
+            }
+            Input::Call((Request::Fault { what }, reply)) if options.test_faults => {
+                match what {
+                    TestFault::StorePanic => {
+                        let _ = daemon.effects.store().send(StoreMsg::FailNextWrite);
+                    }
+                }
+                let _ = reply.send(Response::Ok(Reply::FaultArmed { what }));
             }
             Input::Call((Request::Events { filter }, reply)) => daemon.answer_events(filter, reply),
             Input::Call((Request::Status, reply)) => daemon.answer_status(reply),
@@ -418,6 +426,9 @@ impl Daemon {
             )),
             Request::Stall { .. } => Err(anyhow::anyhow!(
                 "stall is a test-only fault: start the daemon with --test-faults to use it"
+            )),
+            Request::Fault { .. } => Err(anyhow::anyhow!(
+                "fault is a test-only request: start the daemon with --test-faults to use it"
             )),
         };
         self.settle(&clock);

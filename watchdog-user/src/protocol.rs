@@ -52,6 +52,18 @@ pub enum Request {
     Stall {
         ms: u64,
     },
+    /// Test-only fault (daemon started with --test-faults): arms the fault `what`.
+    Fault {
+        what: TestFault,
+    },
+}
+
+/// The faults `Request::Fault` can arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TestFault {
+    /// The store's database task panics at its next write of kill records.
+    StorePanic,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,6 +94,9 @@ pub enum Reply {
     Status(Box<Status>),
     Stalling {
         ms: u64,
+    },
+    FaultArmed {
+        what: TestFault,
     },
 }
 

@@ -7,7 +7,10 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -233,6 +236,8 @@ pub enum StoreMsg {
         oneshot::Sender<Result<Vec<KillRecord>, String>>,
     ),
     Status(oneshot::Sender<DbStatus>),
+    /// Test fault (`--test-faults` only): the database task panics at its next write.
+    FailNextWrite,
 }
 
 /// Connects and applies the migrations; the error is one line naming the fix.
@@ -370,6 +375,8 @@ struct Shared {
     spool: Mutex<Spool>,
     /// None while connected; else why the database is not in use.
     down: Mutex<Option<String>>,
+    /// Test fault: the database task panics at its next write.
+    fail_next_write: AtomicBool,
 }
 
 impl Shared {
@@ -504,6 +511,7 @@ pub fn start(
         down: Mutex::new(Some(
             url_error.unwrap_or_else(|| "not connected yet".into()),
         )),
+        fail_next_write: AtomicBool::new(false),
     });
     let wake = Arc::new(Notify::new());
     let (inbox_tx, inbox) = mpsc::unbounded_channel();
@@ -577,6 +585,10 @@ async fn front(
                 StoreMsg::Processes(snapshot) => {
                     processes.send_replace(Arc::new(snapshot.rows()));
                     wake.notify_one();
+                }
+                StoreMsg::FailNextWrite => {
+                    tracing::warn!("test fault: the database task panics at its next write");
+                    shared.fail_next_write.store(true, Ordering::SeqCst);
                 }
                 other => answers.push(other),
             }
@@ -707,6 +719,12 @@ impl Store {
             }
             spool.snapshot()?
         };
+        if self.shared.fail_next_write.swap(false, Ordering::SeqCst) {
+            panic!(
+                "test fault: told to fail at its next write ({} records in the spool)",
+                records.len()
+            );
+        }
         let mut tx = pool.begin().await?;
         for stored in &records {
             self.sql.insert(stored).execute(&mut *tx).await?;
