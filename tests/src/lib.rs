@@ -328,6 +328,29 @@ impl Daemon {
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// How the daemon exited, once it has (by itself: nothing here stops it).
+    pub fn await_exit(&mut self) -> Result<std::process::ExitStatus> {
+        await_state("the daemon to exit", || Ok(self.child.try_wait()?))
+    }
+}
+
+/// One SQL query's rows from a SQLite file, as text with `|` between columns.
+pub fn sqlite_query(path: &Path, sql: &str) -> Result<String> {
+    // Python's sqlite3 module: the sqlite3 CLI is not on every machine.
+    let script = "import sqlite3, sys\nfor row in sqlite3.connect(sys.argv[1]).execute(sys.argv[2]):\n    print('|'.join('' if v is None else str(v) for v in row))";
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(path)
+        .arg(sql)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "sqlite query {sql:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 impl Daemon {

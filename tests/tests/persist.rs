@@ -2,10 +2,11 @@
 
 use std::process::Command;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde_json::Value;
 use watchdog_tests::{
-    Daemon, GROWER, Workload, await_state, one_line_error, pg::TestPostgres, python, watchdog_bin,
+    Daemon, GROWER, Workload, await_state, one_line_error, pg::TestPostgres, sqlite_query,
+    watchdog_bin,
 };
 
 /// The SQL side of a backend under test.
@@ -36,22 +37,7 @@ impl Db {
     fn query(&self, sql: &str) -> Result<String> {
         match self {
             Self::Postgres(pg) => pg.query(sql),
-            Self::Sqlite(path) => {
-                // Python's sqlite3 module: the sqlite3 CLI is not on every machine.
-                let script = "import sqlite3, sys\nfor row in sqlite3.connect(sys.argv[1]).execute(sys.argv[2]):\n    print('|'.join('' if v is None else str(v) for v in row))";
-                let out = Command::new(python())
-                    .args(["-c", script])
-                    .arg(path)
-                    .arg(sql)
-                    .output()?;
-                if !out.status.success() {
-                    bail!(
-                        "sqlite query {sql:?} failed: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-                Ok(String::from_utf8(out.stdout)?.trim().to_string())
-            }
+            Self::Sqlite(path) => sqlite_query(path, sql),
         }
     }
 }

@@ -192,6 +192,23 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
             status.database.state, status.database.spool_depth, status.database.spool_path
         ),
     }
+    if status.database.unspooled > 0 {
+        println!(
+            "spool: {} records held in memory, not yet spooled: {}",
+            status.database.unspooled,
+            status
+                .database
+                .spool_error
+                .as_deref()
+                .unwrap_or("(no error)")
+        );
+    }
+    if status.records_unqueued > 0 {
+        println!(
+            "store: {} records the daemon could not hand to its store task (spooled at shutdown)",
+            status.records_unqueued
+        );
+    }
     println!(
         "kernel events: {} forks, {} exits, {} execs; lost {}; watch map full {}; resyncs {}",
         status.forks_seen,

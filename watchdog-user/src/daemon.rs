@@ -2,7 +2,9 @@
 //! (`ingest`), requests (`control`, `http`), poll results, launcher exits and the clock,
 //! feeds them to the rules core (`rules`), and hands the actions it returns to
 //! `effects`. The loop holds no rule of its own; one owner of the state means no locks
-//! and no interleaving to reason about.
+//! and no interleaving to reason about. Every task it starts is supervised (`tasks`):
+//! one that ends stops the daemon (systemd restarts it), after what the store holds has
+//! been spooled.
 
 use std::{
     path::PathBuf,
@@ -22,11 +24,12 @@ use crate::{
     kernel::{self, Kernel},
     policy::Limits,
     procs::{self, SysProcs},
-    protocol::{Faults, Reply, Request, Response},
+    protocol::{Faults, Reply, Request, Response, TestFault},
     report::{self, KernelCounters},
     rules::{Clock, Core, Resync, Settings},
     store::{self, DatabaseUrl, EventFilter, StoreMsg},
     supervise,
+    tasks::{TaskEnded, Tasks},
     tree::ProcRef,
 };
 
@@ -35,6 +38,8 @@ use crate::{
 const LOSS_CHECK_EVERY: Duration = Duration::from_millis(200);
 /// How often the `watchdog_processes` table is brought up to date (when changed).
 const PROCESSES_SYNC_EVERY: Duration = Duration::from_millis(500);
+/// How long the shutdown waits for the store's front task to take what is queued.
+const STORE_FINISH_WITHIN: Duration = Duration::from_secs(5);
 
 pub struct Options {
     pub socket: PathBuf,
@@ -83,23 +88,22 @@ pub async fn run(options: Options) -> Result<()> {
         options.fresh,
         options.kernel_log,
     )?;
+    // Every task the daemon starts is supervised: one that ends stops the daemon.
+    let mut tasks = Tasks::new();
     if let Some(logger) = kernel.take_logger() {
-        tokio::spawn(async move {
-            if let Err(err) = kernel::forward_kernel_log(logger).await {
-                tracing::error!("kernel log reading stopped: {err:#}");
-            }
-        });
+        tasks.spawn("kernel log forwarder", kernel::forward_kernel_log(logger));
     }
     let (event_tx, mut event_rx) = mpsc::channel(ingest::CHANNEL_BATCHES);
-    let mut ingest_task = tokio::spawn(ingest::run(ring, event_tx));
+    tasks.spawn("ring buffer reader", ingest::run(ring, event_tx));
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     if let Some(addr) = options.http {
-        tokio::spawn(crate::http::serve(
-            crate::http::bind(addr).await?,
-            call_tx.clone(),
-        ));
+        let listener = crate::http::bind(addr).await?;
+        tasks.spawn("HTTP server", crate::http::serve(listener, call_tx.clone()));
     }
-    tokio::spawn(control::serve(listener, call_tx));
+    tasks.spawn("control socket server", async move {
+        control::serve(listener, call_tx).await;
+        Ok(())
+    });
 
     let (url, url_error) = match options.database.clone() {
         Ok(url) => (Some(url), None),
@@ -111,11 +115,12 @@ pub async fn run(options: Options) -> Result<()> {
         }
     };
     let host = crate::kill::hostname();
-    let store_tx = store::start(
+    let (store_tx, store) = store::start(
         url,
         url_error,
         &options.state_dir.join("spool.jsonl"),
         host.clone(),
+        &mut tasks,
     )?;
     let (launcher_tx, mut launcher_rx) = mpsc::unbounded_channel();
     let (poll_tx, mut poll_rx) = mpsc::unbounded_channel();
@@ -155,7 +160,7 @@ pub async fn run(options: Options) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
-    loop {
+    let ended = loop {
         // Every input, typed; then handled and timed, so the loop's longest stall is
         // known (status, /metrics) rather than guessed.
         let input = tokio::select! {
@@ -168,12 +173,16 @@ pub async fn run(options: Options) -> Result<()> {
             Some(samples) = poll_rx.recv() => Input::PollDone(samples),
             Some(root) = launcher_rx.recv() => Input::LauncherExit(root),
             _ = sleep_until_next(daemon.core.next_wakeup()) => Input::Tick,
-            ended = &mut ingest_task => {
-                bail!("the ring buffer reader stopped: {:?}", ended.map(|r| r.map_err(|e| format!("{e:#}"))));
+            ended = tasks.ended() => {
+                tracing::error!(
+                    "{ended}: stopping, so that the daemon is restarted (the pinned kernel \
+                     programs keep tracking meanwhile)"
+                );
+                break Some(ended);
             }
             _ = sighup.recv() => Input::Reload,
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break None,
+            _ = sigint.recv() => break None,
         };
         let began = Instant::now();
         match input {
@@ -182,6 +191,14 @@ pub async fn run(options: Options) -> Result<()> {
                 let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
                 tracing::warn!(ms, "test fault: main loop stalled");
                 std::thread::sleep(Duration::from_millis(ms));
+            }
+            Input::Call((Request::Fault { what }, reply)) if options.test_faults => {
+                match what {
+                    TestFault::StorePanic => {
+                        let _ = daemon.effects.store().send(StoreMsg::FailNextWrite);
+                    }
+                }
+                let _ = reply.send(Response::Ok(Reply::FaultArmed { what }));
             }
             Input::Call((Request::Events { filter }, reply)) => daemon.answer_events(filter, reply),
             Input::Call((Request::Status, reply)) => daemon.answer_status(reply),
@@ -202,10 +219,26 @@ pub async fn run(options: Options) -> Result<()> {
             }
         }
         daemon.loop_longest = daemon.loop_longest.max(began.elapsed());
-    }
+    };
     supervise::stopping();
     tracing::info!("watchdog stopping");
-    Ok(())
+    // Closing the store's inbox lets its front task spool what is queued and end; then
+    // whatever is still held (also by a store task that died, and the records the loop
+    // could not hand over) is spooled here.
+    let unqueued = daemon.effects.take_unqueued();
+    drop(daemon);
+    if !tasks.finish(store::FRONT_TASK, STORE_FINISH_WITHIN).await {
+        tracing::warn!(
+            "the {} task did not end within {STORE_FINISH_WITHIN:?}: spooling what it holds \
+             without it",
+            store::FRONT_TASK
+        );
+    }
+    store.last_flush(unqueued);
+    match ended {
+        Some(ended) => Err(TaskEnded(ended).into()),
+        None => Ok(()),
+    }
 }
 
 /// The machine's total memory, once, at start (sysinfo reads /proc/meminfo).
@@ -424,6 +457,9 @@ impl Daemon {
             Request::Stall { .. } => Err(anyhow::anyhow!(
                 "stall is a test-only fault: start the daemon with --test-faults to use it"
             )),
+            Request::Fault { .. } => Err(anyhow::anyhow!(
+                "fault is a test-only request: start the daemon with --test-faults to use it"
+            )),
         };
         self.settle(&clock);
         match result {
@@ -472,6 +508,7 @@ impl Daemon {
                     .collect(),
                 ..Faults::default()
             },
+            records_unqueued: self.effects.unqueued() as u64,
         }
     }
 

@@ -17,7 +17,7 @@ use tokio::{
 
 use crate::{
     kernel::Kernel,
-    kill::SignalOrder,
+    kill::{KillRecord, SignalOrder},
     procs::{self, ProcInfo, same_start},
     rules::{Action, Registration, Retrack},
     store::StoreMsg,
@@ -113,6 +113,9 @@ pub struct Effects {
     /// another reason than the process being gone.
     pub pidfd_failures: u64,
     self_pid: u32,
+    /// Records the store did not take (its task had stopped): kept for the shutdown,
+    /// which spools them directly.
+    unqueued: Vec<KillRecord>,
 }
 
 /// A launcher being watched, and the roots it started.
@@ -145,6 +148,7 @@ impl Effects {
             launchers: HashMap::new(),
             pidfd_failures: 0,
             self_pid: std::process::id(),
+            unqueued: Vec::new(),
         }
     }
 
@@ -157,9 +161,22 @@ impl Effects {
         &self.store
     }
 
+    /// How many records the store did not take.
+    pub fn unqueued(&self) -> usize {
+        self.unqueued.len()
+    }
+
+    /// The records the store did not take, for the shutdown to spool.
+    pub fn take_unqueued(&mut self) -> Vec<KillRecord> {
+        std::mem::take(&mut self.unqueued)
+    }
+
     /// Carries out the actions in order; returns what the rules must hear back.
     pub fn apply(&mut self, actions: Vec<Action>) -> Vec<Feedback> {
         let mut feedback = Vec::new();
+        // The records go to the store together: a tree killed at once is one spool write
+        // and one fsync.
+        let mut records = Vec::new();
         for action in actions {
             match action {
                 Action::Unwatch(process) => {
@@ -190,9 +207,15 @@ impl Effects {
                 }
                 Action::Record(record) => {
                     tracing::warn!(target: "kill_event", "{}", serde_json::to_string(&record).expect("records serialize"));
-                    let _ = self.store.send(StoreMsg::Record(record));
+                    records.push(*record);
                 }
             }
+        }
+        if !records.is_empty()
+            && let Err(mpsc::error::SendError(StoreMsg::Records(records))) =
+                self.store.send(StoreMsg::Records(records))
+        {
+            self.unqueued.extend(records);
         }
         feedback
     }

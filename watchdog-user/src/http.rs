@@ -31,14 +31,15 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
-pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) {
+/// Serves until the listener fails (the daemon's supervisor reports why).
+pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) -> Result<()> {
     let app = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(calls);
-    if let Err(err) = axum::serve(listener, app).await {
-        tracing::error!("the HTTP listener stopped: {err}");
-    }
+    axum::serve(listener, app)
+        .await
+        .context("the HTTP listener stopped")
 }
 
 async fn fetch_status(calls: &mpsc::Sender<Call>) -> Result<Status, String> {
@@ -204,6 +205,36 @@ pub fn prometheus_text(s: &Status) -> String {
         "gauge",
         "Kill records waiting for the database.",
         &one(s.database.spool_depth as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_db_unspooled",
+        "gauge",
+        "Kill records held in memory because the spool could not be written (a full disk?); \
+         tried again every second.",
+        &one(s.database.unspooled as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_spool_records_total",
+        "counter",
+        "Kill records appended to the spool since start.",
+        &one(s.database.spooled_total as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_spool_fsyncs_total",
+        "counter",
+        "Spool fsyncs since start (records arriving together share one).",
+        &one(s.database.spool_fsyncs as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_records_unqueued_total",
+        "counter",
+        "Kill records the daemon loop could not hand to its store task (stopped); held and \
+         spooled at shutdown.",
+        &one(s.records_unqueued as f64),
     );
     metric(
         &mut out,

@@ -21,4 +21,5 @@ pub mod rules;
 pub mod spool;
 pub mod store;
 pub mod supervise;
+pub mod tasks;
 pub mod tree;

@@ -182,7 +182,10 @@ fn main() {
         } => bench_store(&database_url, rows, batch),
     };
     if let Err(err) = result {
-        eprintln!("watchdog-user: error: {err:#}");
+        // A task that ended has been logged, as one line, when it did.
+        if !err.is::<watchdog_user::tasks::TaskEnded>() {
+            eprintln!("watchdog-user: error: {err:#}");
+        }
         std::process::exit(1);
     }
 }
@@ -224,6 +227,7 @@ fn run_daemon(options: daemon::Options) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    watchdog_user::tasks::install_panic_hook();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -52,6 +52,18 @@ pub enum Request {
     Stall {
         ms: u64,
     },
+    /// Test-only fault (daemon started with --test-faults): arms the fault `what`.
+    Fault {
+        what: TestFault,
+    },
+}
+
+/// The faults `Request::Fault` can arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TestFault {
+    /// The store's database task panics at its next write of kill records.
+    StorePanic,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,6 +94,9 @@ pub enum Reply {
     Status(Box<Status>),
     Stalling {
         ms: u64,
+    },
+    FaultArmed {
+        what: TestFault,
     },
 }
 
@@ -151,6 +166,10 @@ pub struct Status {
     /// The last 20 records, newest first.
     pub recent_events: Vec<KillRecord>,
     pub dry_run: bool,
+    /// Kill records the daemon loop could not hand to the store (its task had stopped):
+    /// held by the loop and spooled at shutdown, never dropped.
+    #[serde(default)]
+    pub records_unqueued: u64,
     /// "ok", or "spooling" while records wait for the database.
     pub db: String,
     /// The database's state in full: the error and the spool's depth.

@@ -91,7 +91,8 @@ fn view(core: &Core, node: &Node, procs: &dyn Procs, clock: &Clock) -> TreeNode 
     }
 }
 
-/// The kernel's side of the status: what only the maps know.
+/// What the status takes from beside the rules: the kernel's counters (what only
+/// the maps know) and the loop's own bookkeeping.
 pub struct KernelCounters {
     pub lost_events: u64,
     pub watch_map_full: u64,
@@ -100,6 +101,8 @@ pub struct KernelCounters {
     pub last_poll_us: u64,
     pub loop_longest_us: u64,
     pub faults: crate::protocol::Faults,
+    /// Kill records the store did not take (its task had stopped).
+    pub records_unqueued: u64,
 }
 
 pub fn status(
@@ -140,6 +143,7 @@ pub fn status(
         kills_last_24h: core.recent().iter().filter(|r| r.time >= day_ago).count(),
         recent_events: core.recent().iter().rev().take(20).cloned().collect(),
         dry_run: settings.dry_run,
+        records_unqueued: kernel.records_unqueued,
         db: String::new(),
         database: Default::default(),
         settings: crate::config::Runtime {

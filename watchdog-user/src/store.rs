@@ -7,8 +7,11 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow};
@@ -21,13 +24,19 @@ use sqlx::{
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-use crate::{kill::KillRecord, spool::Spool};
+use crate::{kill::KillRecord, spool::Spool, tasks::Tasks};
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
 
-/// How often a down database is retried.
+/// How often a down database, or a spool that could not be written, is retried.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// Most messages the front task takes in one go (one spool write, one fsync for all the
+/// records among them): bounds how long a status waits behind a burst.
+const BATCH_MAX: usize = 4096;
+/// The store's tasks, as the supervisor names them.
+pub const FRONT_TASK: &str = "store front";
+pub const WRITER_TASK: &str = "database writer";
 /// Most rows `events` returns.
 const EVENTS_LIMIT: i64 = 1000;
 
@@ -201,10 +210,25 @@ pub struct DbStatus {
     pub error: Option<String>,
     pub spool_depth: usize,
     pub spool_path: String,
+    /// Kill records held in memory because appending them to the spool failed (a full
+    /// disk): tried again every second and with the next record, never dropped.
+    #[serde(default)]
+    pub unspooled: usize,
+    /// Why the spool could not be written, while records are held because of it.
+    #[serde(default)]
+    pub spool_error: Option<String>,
+    /// Records appended to the spool since start, and the fsyncs that made them
+    /// durable (records arriving together share one).
+    #[serde(default)]
+    pub spooled_total: u64,
+    #[serde(default)]
+    pub spool_fsyncs: u64,
 }
 
 pub enum StoreMsg {
-    Record(Box<KillRecord>),
+    /// Kill records, in order: those of one pass of the daemon loop (a tree killed at
+    /// once comes as one message).
+    Records(Vec<KillRecord>),
     /// What is watched now on this host (the store writes the difference).
     Processes(ProcessSnapshot),
     Query(
@@ -212,6 +236,8 @@ pub enum StoreMsg {
         oneshot::Sender<Result<Vec<KillRecord>, String>>,
     ),
     Status(oneshot::Sender<DbStatus>),
+    /// Test fault (`--test-faults` only): the database task panics at its next write.
+    FailNextWrite,
 }
 
 /// Connects and applies the migrations; the error is one line naming the fix.
@@ -349,14 +375,26 @@ struct Shared {
     spool: Mutex<Spool>,
     /// None while connected; else why the database is not in use.
     down: Mutex<Option<String>>,
+    /// Test fault: the database task panics at its next write.
+    fail_next_write: AtomicBool,
 }
 
 impl Shared {
+    /// The spool, also after a task panicked holding it: what it holds must still be
+    /// written at shutdown.
+    fn spool(&self) -> MutexGuard<'_, Spool> {
+        self.spool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn status(&self) -> DbStatus {
-        let spool = self.spool.lock().expect("spool lock");
-        let down = self.down.lock().expect("health lock").clone();
+        let spool = self.spool();
+        let down = self
+            .down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         DbStatus {
-            state: if down.is_none() && spool.depth() == 0 {
+            state: if down.is_none() && spool.depth() == 0 && spool.held() == 0 {
                 "ok"
             } else {
                 "spooling"
@@ -365,86 +403,225 @@ impl Shared {
             error: down,
             spool_depth: spool.depth(),
             spool_path: spool.path().display().to_string(),
+            unspooled: spool.held(),
+            spool_error: spool.error().map(str::to_owned),
+            spooled_total: spool.appended(),
+            spool_fsyncs: spool.syncs(),
+        }
+    }
+
+    /// Appends every record the spool holds: one write, one fsync. One error line when
+    /// appending starts failing (or fails differently), one line when it works again;
+    /// returns whether nothing is held any more.
+    fn spool_held(spool: &mut Spool) -> bool {
+        let failing = spool.error().map(str::to_owned);
+        match spool.flush() {
+            Ok(n) => {
+                if let Some(error) = failing {
+                    tracing::info!(
+                        "the spool {} takes records again ({error} before): {n} held kill records \
+                         written",
+                        spool.path().display()
+                    );
+                }
+                true
+            }
+            Err(err) => {
+                if failing.as_deref() != spool.error() {
+                    tracing::error!(
+                        "{err:#}: {} kill records are held in memory and tried again every second \
+                         (status: unspooled)",
+                        spool.held()
+                    );
+                }
+                false
+            }
         }
     }
 }
 
 type QueryReply = oneshot::Sender<Result<Vec<KillRecord>, String>>;
 
-/// Starts the store: a front task that answers at once (records are spooled, status
-/// read from memory) and a database task that may wait on the network. `url` is None
-/// when it did not parse: the daemon then runs and spools.
+/// Inbox of the front task. Shared, so that records still queued when the front task
+/// died are not dropped with it: the daemon spools them at shutdown.
+type Inbox = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<StoreMsg>>>;
+
+/// What the daemon keeps of the store besides its sender: what it needs to spool what
+/// is left at shutdown, whatever became of the store's tasks.
+pub struct StoreHandle {
+    shared: Arc<Shared>,
+    inbox: Inbox,
+}
+
+impl StoreHandle {
+    /// At shutdown, once the front task has ended (or died): appends whatever is still
+    /// held: records the spool could not take yet, records left in the inbox, and
+    /// `unqueued`, the records the daemon could not hand to the store. One line says
+    /// what became of them.
+    pub fn last_flush(&self, unqueued: Vec<KillRecord>) {
+        let mut spool = self.shared.spool();
+        if let Ok(mut inbox) = self.inbox.try_lock() {
+            while let Ok(msg) = inbox.try_recv() {
+                if let StoreMsg::Records(records) = msg {
+                    for record in records {
+                        spool.push(stored(record));
+                    }
+                }
+            }
+        }
+        for record in unqueued {
+            spool.push(stored(record));
+        }
+        let held = spool.held();
+        if held == 0 {
+            return;
+        }
+        match spool.flush() {
+            Ok(n) => tracing::info!(
+                "{n} kill records still held at shutdown written to the spool {}",
+                spool.path().display()
+            ),
+            Err(err) => tracing::error!(
+                "{err:#}: {held} kill records held at shutdown could not be spooled; their \
+                 kill_event log lines are their only copy"
+            ),
+        }
+    }
+}
+
+fn stored(record: KillRecord) -> StoredRecord {
+    StoredRecord {
+        event_uid: uuid::Uuid::new_v4().to_string(),
+        record,
+    }
+}
+
+/// Starts the store, its two tasks supervised: a front task that answers at once
+/// (records are spooled, status read from memory) and a database task that may wait on
+/// the network. `url` is None when it did not parse: the daemon then runs and spools.
 pub fn start(
     url: Option<DatabaseUrl>,
     url_error: Option<String>,
     spool_path: &Path,
     host: String,
-) -> Result<mpsc::UnboundedSender<StoreMsg>> {
+    tasks: &mut Tasks,
+) -> Result<(mpsc::UnboundedSender<StoreMsg>, StoreHandle)> {
     let shared = Arc::new(Shared {
         spool: Mutex::new(Spool::open(spool_path)?),
         down: Mutex::new(Some(
             url_error.unwrap_or_else(|| "not connected yet".into()),
         )),
+        fail_next_write: AtomicBool::new(false),
     });
     let wake = Arc::new(Notify::new());
     let (inbox_tx, inbox) = mpsc::unbounded_channel();
+    let inbox: Inbox = Arc::new(tokio::sync::Mutex::new(inbox));
     let (query_tx, queries) = mpsc::unbounded_channel();
     let (processes_tx, processes) = watch::channel(Rows::default());
-    tokio::spawn(front(
-        inbox,
-        shared.clone(),
-        wake.clone(),
-        query_tx,
-        processes_tx,
-    ));
+    tasks.spawn(
+        FRONT_TASK,
+        front(
+            inbox.clone(),
+            shared.clone(),
+            wake.clone(),
+            query_tx,
+            processes_tx,
+        ),
+    );
     let dialect = url.as_ref().map_or(Dialect::Sqlite, |u| u.dialect);
     let store = Store {
         url,
         sql: Sql::new(dialect),
         host,
         pool: None,
-        shared,
+        shared: shared.clone(),
         written: None,
     };
-    tokio::spawn(store.run(wake, queries, processes));
-    Ok(inbox_tx)
+    tasks.spawn(WRITER_TASK, store.run(wake, queries, processes));
+    Ok((inbox_tx, StoreHandle { shared, inbox }))
 }
 
+/// The single writer of the spool. It takes every message already queued at once:
+/// their records are appended in one write with one fsync (a tree of 1,000 killed at
+/// once, which the loop sends as one message, costs one fsync, not 1,000), and the
+/// statuses and queries among them are answered after, so they see those records.
+/// Returns when the daemon closes the inbox.
 async fn front(
-    mut inbox: mpsc::UnboundedReceiver<StoreMsg>,
+    inbox: Inbox,
     shared: Arc<Shared>,
     wake: Arc<Notify>,
     queries: mpsc::UnboundedSender<(EventFilter, QueryReply)>,
     processes: watch::Sender<Rows>,
-) {
-    while let Some(msg) = inbox.recv().await {
-        match msg {
-            StoreMsg::Record(record) => {
-                let stored = StoredRecord {
-                    event_uid: uuid::Uuid::new_v4().to_string(),
-                    record: *record,
-                };
-                let mut spool = shared.spool.lock().expect("spool lock");
-                if let Err(err) = spool.append(&stored) {
-                    // The kill_event log line is then the only copy: say so loudly.
-                    tracing::error!(
-                        "could not spool a kill record to {}: {err:#}",
-                        spool.path().display()
-                    );
+) -> Result<()> {
+    // Held for the task's life; released if it dies, so the daemon can drain the rest.
+    let mut inbox = inbox.lock_owned().await;
+    // When records are held because the spool could not take them: the next try.
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let first = tokio::select! {
+            msg = inbox.recv() => match msg {
+                Some(msg) => msg,
+                None => return Ok(()),
+            },
+            _ = sleep_until(retry_at) => {
+                let mut spool = shared.spool();
+                retry_at = (!Shared::spool_held(&mut spool)).then(|| Instant::now() + RETRY_EVERY);
+                if spool.held() == 0 {
+                    wake.notify_one();
                 }
-                wake.notify_one();
+                continue;
             }
-            StoreMsg::Processes(snapshot) => {
-                processes.send_replace(Arc::new(snapshot.rows()));
-                wake.notify_one();
-            }
-            StoreMsg::Query(filter, reply) => {
-                let _ = queries.send((filter, reply));
-            }
-            StoreMsg::Status(reply) => {
-                let _ = reply.send(shared.status());
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX
+            && let Ok(msg) = inbox.try_recv()
+        {
+            batch.push(msg);
+        }
+        let mut records = Vec::new();
+        let mut answers = Vec::new();
+        for msg in batch {
+            match msg {
+                StoreMsg::Records(batch) => records.extend(batch.into_iter().map(stored)),
+                StoreMsg::Processes(snapshot) => {
+                    processes.send_replace(Arc::new(snapshot.rows()));
+                    wake.notify_one();
+                }
+                StoreMsg::FailNextWrite => {
+                    tracing::warn!("test fault: the database task panics at its next write");
+                    shared.fail_next_write.store(true, Ordering::SeqCst);
+                }
+                other => answers.push(other),
             }
         }
+        if !records.is_empty() {
+            let mut spool = shared.spool();
+            for record in records {
+                spool.push(record);
+            }
+            let all_spooled = Shared::spool_held(&mut spool);
+            retry_at = (!all_spooled).then(|| Instant::now() + RETRY_EVERY);
+            drop(spool);
+            wake.notify_one();
+        }
+        for msg in answers {
+            match msg {
+                StoreMsg::Query(filter, reply) => {
+                    let _ = queries.send((filter, reply));
+                }
+                StoreMsg::Status(reply) => {
+                    let _ = reply.send(shared.status());
+                }
+                _ => unreachable!("only queries and statuses are answered after"),
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -467,7 +644,7 @@ impl Store {
         wake: Arc<Notify>,
         mut queries: mpsc::UnboundedReceiver<(EventFilter, QueryReply)>,
         mut processes: watch::Receiver<Rows>,
-    ) {
+    ) -> Result<()> {
         loop {
             if self.pool.is_none() {
                 self.reconnect().await;
@@ -481,7 +658,8 @@ impl Store {
                     Some((filter, reply)) => {
                         let _ = reply.send(self.query(&filter).await);
                     }
-                    None => return,
+                    // The front task is gone: the daemon is stopping (or it died).
+                    None => return Ok(()),
                 },
             }
         }
@@ -496,7 +674,11 @@ impl Store {
                     "database connected, migrations applied"
                 );
                 self.pool = Some(pool);
-                *self.shared.down.lock().expect("health lock") = None;
+                *self
+                    .shared
+                    .down
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = None;
                 self.written = None;
             }
             Err(err) => self.went_down(format!("{err:#}")),
@@ -504,7 +686,11 @@ impl Store {
     }
 
     fn went_down(&mut self, error: String) {
-        let mut down = self.shared.down.lock().expect("health lock");
+        let mut down = self
+            .shared
+            .down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if down.as_ref() != Some(&error) {
             tracing::error!("{error}; kill records are spooled until it is back");
         }
@@ -528,22 +714,24 @@ impl Store {
 
     async fn flush_spool(&mut self, pool: &AnyPool) -> Result<()> {
         let (records, bytes) = {
-            let spool = self.shared.spool.lock().expect("spool lock");
+            let mut spool = self.shared.spool();
             if spool.depth() == 0 {
                 return Ok(());
             }
             spool.snapshot()?
         };
+        if self.shared.fail_next_write.swap(false, Ordering::SeqCst) {
+            panic!(
+                "test fault: told to fail at its next write ({} records in the spool)",
+                records.len()
+            );
+        }
         let mut tx = pool.begin().await?;
         for stored in &records {
             self.sql.insert(stored).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        self.shared
-            .spool
-            .lock()
-            .expect("spool lock")
-            .consume(bytes, records.len())?;
+        self.shared.spool().consume(bytes, records.len())?;
         tracing::debug!(rows = records.len(), "kill records written");
         Ok(())
     }
