@@ -447,3 +447,45 @@ fn a_full_disk_leaves_no_partial_spool_line_and_holds_the_records_until_it_has_r
     );
     Ok(())
 }
+
+#[test]
+fn a_record_the_database_refuses_for_good_is_set_aside_and_blocks_none_behind_it() -> Result<()> {
+    let pg = watchdog_tests::pg::TestPostgres::start()?;
+    let daemon = Daemon::start_with(&[], &["--database-url", &pg.url()])?;
+    await_state("the database connected", || {
+        Ok((daemon.status()?.database.state == "ok").then_some(()))
+    })?;
+    // An operator's rule the record breaks: no retry can ever insert it.
+    pg.query(
+        "ALTER TABLE watchdog_events ADD CONSTRAINT no_poison CHECK (analysis_id <> 'poison')",
+    )?;
+    let poisoned = timeout_kill(&daemon, &["sleep", "600"], "poison")?;
+    let fine = timeout_kill(&daemon, &["sleep", "600"], "fine")?;
+    let status = await_state("the spool drained past the refused record", || {
+        let status = daemon.status()?;
+        let drained = status.database.spool_depth == 0 && status.database.rejected == 1;
+        Ok(drained.then_some(status))
+    })?;
+    assert_eq!(status.database.state, "ok");
+    let rows = pg.query("SELECT pid, analysis_id FROM watchdog_events ORDER BY id")?;
+    assert_eq!(
+        rows,
+        format!("{fine}|fine"),
+        "the record behind it is in, once"
+    );
+    let rejected = std::fs::read_to_string(daemon.dir.join("spool.jsonl.rejected"))?;
+    let kept: Value = serde_json::from_str(rejected.trim())?;
+    assert_eq!(
+        (kept["pid"].as_u64(), kept["analysis_id"].as_str()),
+        (Some(u64::from(poisoned)), Some("poison"))
+    );
+    let log = daemon.log();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("refused the kill record"))
+            .count(),
+        1,
+        "said once: {log}"
+    );
+    Ok(())
+}

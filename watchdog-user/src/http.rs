@@ -238,6 +238,13 @@ pub fn prometheus_text(s: &Status) -> String {
     );
     metric(
         &mut out,
+        "watchdog_db_rejected_total",
+        "counter",
+        "Kill records the database refused for good, set aside in <spool>.rejected.",
+        &one(s.database.rejected as f64),
+    );
+    metric(
+        &mut out,
         "watchdog_uptime_seconds",
         "gauge",
         "Seconds since the daemon started.",

@@ -155,9 +155,29 @@ impl Spool {
 
     /// Where lines that do not parse are moved: `<spool>.corrupt`.
     pub fn corrupt_path(&self) -> PathBuf {
+        self.side_path(".corrupt")
+    }
+
+    /// Where records the database refuses for good are moved: `<spool>.rejected`.
+    pub fn rejected_path(&self) -> PathBuf {
+        self.side_path(".rejected")
+    }
+
+    fn side_path(&self, suffix: &str) -> PathBuf {
         let mut name = OsString::from(self.path.as_os_str());
-        name.push(".corrupt");
+        name.push(suffix);
         name.into()
+    }
+
+    /// Keeps a record the database refused for good (a constraint it breaks) in
+    /// `<spool>.rejected`, durably, so that it stops blocking the records behind it
+    /// and is still there for whoever fixes the cause.
+    pub fn set_aside(&self, record: &StoredRecord) -> Result<PathBuf> {
+        let path = self.rejected_path();
+        let mut line = serde_json::to_vec(record).expect("records serialize");
+        line.push(b'\n');
+        append_durably(&path, &line)?;
+        Ok(path)
     }
 
     /// Records in the file, waiting for the database.
@@ -303,19 +323,12 @@ impl Spool {
         }
         let corrupt_path = self.corrupt_path();
         if !scan.corrupt.is_empty() {
-            let mut side = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&corrupt_path)
-                .with_context(|| format!("opening {}", corrupt_path.display()))?;
             let mut out = Vec::new();
             for line in &scan.corrupt {
                 out.extend_from_slice(line);
                 out.push(b'\n');
             }
-            side.write_all(&out)
-                .and_then(|()| side.sync_data())
-                .with_context(|| format!("writing {}", corrupt_path.display()))?;
+            append_durably(&corrupt_path, &out)?;
         }
         let mut whole = Vec::with_capacity(bytes.len());
         for line in &scan.kept {
@@ -387,6 +400,18 @@ impl Spool {
         self.depth = self.depth.saturating_sub(records);
         Ok(())
     }
+}
+
+/// Appends `bytes` to a side file and fsyncs it.
+fn append_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut side = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    side.write_all(bytes)
+        .and_then(|()| side.sync_data())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn open_append(path: &Path) -> Result<File> {

@@ -5,11 +5,11 @@
 //! database.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -223,6 +223,10 @@ pub struct DbStatus {
     pub spooled_total: u64,
     #[serde(default)]
     pub spool_fsyncs: u64,
+    /// Records the database refused for good (a constraint they break), moved to
+    /// `<spool>.rejected` so that they block nothing behind them.
+    #[serde(default)]
+    pub rejected: u64,
 }
 
 pub enum StoreMsg {
@@ -366,6 +370,20 @@ impl Sql {
     }
 }
 
+/// Whether the database refused a record for what it is (a constraint it breaks), so
+/// that trying again can never succeed; anything else (the connection, a timeout) is
+/// worth another try.
+fn refused_for_good(err: &sqlx::Error) -> bool {
+    use sqlx::error::ErrorKind;
+    let sqlx::Error::Database(db) = err else {
+        return false;
+    };
+    matches!(
+        db.kind(),
+        ErrorKind::CheckViolation | ErrorKind::NotNullViolation | ErrorKind::ForeignKeyViolation
+    )
+}
+
 fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -377,6 +395,8 @@ struct Shared {
     down: Mutex<Option<String>>,
     /// Test fault: the database task panics at its next write.
     fail_next_write: AtomicBool,
+    /// Records the database refused for good, set aside in `<spool>.rejected`.
+    rejected: AtomicU64,
 }
 
 impl Shared {
@@ -407,6 +427,7 @@ impl Shared {
             spool_error: spool.error().map(str::to_owned),
             spooled_total: spool.appended(),
             spool_fsyncs: spool.syncs(),
+            rejected: self.rejected.load(Ordering::Relaxed),
         }
     }
 
@@ -512,6 +533,7 @@ pub fn start(
             url_error.unwrap_or_else(|| "not connected yet".into()),
         )),
         fail_next_write: AtomicBool::new(false),
+        rejected: AtomicU64::new(0),
     });
     let wake = Arc::new(Notify::new());
     let (inbox_tx, inbox) = mpsc::unbounded_channel();
@@ -726,11 +748,39 @@ impl Store {
                 records.len()
             );
         }
-        let mut tx = pool.begin().await?;
-        for stored in &records {
-            self.sql.insert(stored).execute(&mut *tx).await?;
+        // A record the database refuses for good (it breaks a constraint) would block
+        // every record behind it forever: it is set aside, said, and the rest go in.
+        let mut refused: HashSet<&str> = HashSet::new();
+        loop {
+            let mut tx = pool.begin().await?;
+            let mut rejected = None;
+            for stored in records
+                .iter()
+                .filter(|r| !refused.contains(r.event_uid.as_str()))
+            {
+                match self.sql.insert(stored).execute(&mut *tx).await {
+                    Ok(_) => {}
+                    Err(err) if refused_for_good(&err) => {
+                        rejected = Some((stored, err));
+                        break;
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            let Some((stored, err)) = rejected else {
+                tx.commit().await?;
+                break;
+            };
+            tx.rollback().await?;
+            let side = self.shared.spool().set_aside(stored)?;
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "the database refused the kill record of pid {} for good ({err}): kept in {}",
+                stored.record.pid,
+                side.display()
+            );
+            refused.insert(&stored.event_uid);
         }
-        tx.commit().await?;
         self.shared.spool().consume(bytes, records.len())?;
         tracing::debug!(rows = records.len(), "kill records written");
         Ok(())
