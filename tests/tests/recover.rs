@@ -240,19 +240,11 @@ fn the_drop_line(daemon: &Daemon) -> String {
     lines[0].to_string()
 }
 
-/// The body of a plain HTTP/1.1 GET to the daemon's --http listener.
-fn http_get(port: u16, path: &str) -> Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    anyhow::ensure!(head.contains(" 200 "), "GET {path}: {head}");
-    Ok(body.to_string())
+/// The body of a GET to the daemon's --http listener, which must answer 200.
+fn http_ok(port: u16, path: &str) -> Result<String> {
+    let (code, body) = watchdog_tests::http_get(port, path)?;
+    anyhow::ensure!(code == 200, "GET {path}: {code}");
+    Ok(body)
 }
 
 /// A new analysis registered on the daemon that dropped the pins: the children it forks
@@ -306,9 +298,9 @@ fn pins_of_another_layout_are_dropped_said_and_counted_and_nothing_is_read() -> 
     let status = daemon.status()?;
     assert_eq!(status.pinned_state_dropped, 1);
     assert_eq!(status.analyses, 0, "nothing of another layout is read");
-    let status: Value = serde_json::from_str(&http_get(port, "/status")?)?;
+    let status: Value = serde_json::from_str(&http_ok(port, "/status")?)?;
     assert_eq!(status["pinned_state_dropped"], 1, "{status}");
-    let metrics = http_get(port, "/metrics")?;
+    let metrics = http_ok(port, "/metrics")?;
     assert!(
         metrics
             .lines()

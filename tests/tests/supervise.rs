@@ -1,8 +1,6 @@
 //! Supervision: the systemd unit, sd_notify, /status and /metrics, the config file.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
     os::unix::net::UnixDatagram,
     process::Command,
     time::{Duration, Instant},
@@ -11,7 +9,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use watchdog_tests::{Daemon, Workload, all_nodes, await_state, one_line_error, watchdog_bin};
+use watchdog_tests::{
+    Daemon, Workload, all_nodes, await_state, http_get, one_line_error, watchdog_bin,
+};
 
 #[test]
 fn systemd_analyze_verify_accepts_the_unit() -> Result<()> {
@@ -171,24 +171,6 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// A plain HTTP/1.1 GET: status code and body.
-fn get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status code")?
-        .parse()?;
-    Ok((code, body.to_string()))
-}
-
 const PARENT_AND_CHILD: &str = "import os, sys, time\nsys.stdin.readline()\nif os.fork() == 0:\n    time.sleep(600)\nos.write(1, b'forked\\n')\ntime.sleep(600)";
 
 #[test]
@@ -221,7 +203,7 @@ fn status_and_metrics_count_a_scripted_scenario_and_the_metrics_parse() -> Resul
     )?;
 
     let status: Value = await_state("3 kills in /status", || {
-        let (code, body) = get(port, "/status")?;
+        let (code, body) = http_get(port, "/status")?;
         assert_eq!(code, 200);
         let status: Value = serde_json::from_str(&body)?;
         let settled =
@@ -250,7 +232,7 @@ fn status_and_metrics_count_a_scripted_scenario_and_the_metrics_parse() -> Resul
     );
     assert_eq!(status["db"], "ok");
 
-    let (code, text) = get(port, "/metrics")?;
+    let (code, text) = http_get(port, "/metrics")?;
     assert_eq!(code, 200);
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))?;
     let value = |name: &str, label: Option<(&str, &str)>| -> Result<f64> {
@@ -310,7 +292,7 @@ fn status_and_metrics_count_a_scripted_scenario_and_the_metrics_parse() -> Resul
             "undeclared {name}"
         );
     }
-    assert_eq!(get(port, "/nope")?.0, 404);
+    assert_eq!(http_get(port, "/nope")?.0, 404);
     Ok(())
 }
 

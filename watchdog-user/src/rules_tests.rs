@@ -136,6 +136,15 @@ impl World {
     }
 
     fn fork(&mut self, pid: u32, ppid: u32) -> Vec<Action> {
+        self.fork_flagged(pid, ppid, false)
+    }
+
+    /// `ppid` forks `pid`, which the kernel map could not take.
+    fn fork_untracked(&mut self, pid: u32, ppid: u32) -> Vec<Action> {
+        self.fork_flagged(pid, ppid, true)
+    }
+
+    fn fork_flagged(&mut self, pid: u32, ppid: u32, untracked: bool) -> Vec<Action> {
         self.procs.spawn(pid, ppid, start(pid));
         let analysis = self.core.tree().get(ppid).expect("watched parent").analysis;
         self.event(KernelEvent::Fork {
@@ -145,7 +154,7 @@ impl World {
             start_ns: start(pid),
             comm: Comm::new("child"),
             ts_ns: self.clock.boot_ns,
-            untracked: false,
+            untracked,
         })
     }
 
@@ -169,21 +178,6 @@ impl World {
             analysis,
             start_ns: start(pid),
             exit_status: 0,
-        })
-    }
-
-    /// `ppid` forks `pid`, which the kernel map could not take.
-    fn fork_untracked(&mut self, pid: u32, ppid: u32) -> Vec<Action> {
-        self.procs.spawn(pid, ppid, start(pid));
-        let analysis = self.core.tree().get(ppid).expect("watched parent").analysis;
-        self.event(KernelEvent::Fork {
-            pid,
-            ppid,
-            analysis,
-            start_ns: start(pid),
-            comm: Comm::new("child"),
-            ts_ns: self.clock.boot_ns,
-            untracked: true,
         })
     }
 
