@@ -509,6 +509,7 @@ impl Daemon {
                 ..Faults::default()
             },
             records_unqueued: self.effects.unqueued() as u64,
+            control: control::STATS.snapshot(),
         }
     }
 

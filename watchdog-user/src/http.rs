@@ -31,7 +31,9 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
-/// Serves until the listener fails (the daemon's supervisor reports why).
+/// Serves until the listener fails (the daemon's supervisor reports why). Read-only: two
+/// GET routes (HEAD too), any other method is 405 and any other path 404; no handler
+/// takes a body, so none is ever buffered.
 pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) -> Result<()> {
     let app = Router::new()
         .route("/status", get(status))
@@ -242,6 +244,55 @@ pub fn prometheus_text(s: &Status) -> String {
         "counter",
         "Kill records the database refused for good, set aside in <spool>.rejected.",
         &one(s.database.rejected as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_control_connections",
+        "gauge",
+        "Control socket connections open now.",
+        &one(s.control.connections as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_control_connections_max",
+        "gauge",
+        "The most control socket connections served at once.",
+        &one(s.control.max_connections as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_control_connections_evicted_total",
+        "counter",
+        "Idle control socket connections closed (with an error line) to make room for a new client.",
+        &one(s.control.evicted as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_control_connections_refused_total",
+        "counter",
+        "Control socket clients refused (an error line, then closed): the most were open, all busy.",
+        &one(s.control.refused as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_control_requests_oversized_total",
+        "counter",
+        "Control request lines over 64 KiB: answered with an error, the connection closed unread.",
+        &one(s.control.oversized as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_control_connections_timed_out_total",
+        "counter",
+        "Control socket connections closed after 30 s without a complete request (or unread answer).",
+        &one(s.control.timed_out as f64),
+    );
+    metric(
+        &mut out,
+        "watchdog_control_requests_not_utf8_total",
+        "counter",
+        "Control request lines that were not UTF-8 (answered with an error).",
+        &one(s.control.not_utf8 as f64),
     );
     metric(
         &mut out,

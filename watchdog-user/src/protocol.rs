@@ -16,6 +16,54 @@ use crate::{
     store::{DbStatus, EventFilter},
 };
 
+/// The longest request line the daemon reads, its newline not counted. A longer one is
+/// answered with an error and its connection closed, without the daemon reading the rest.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// How a request must look: every framing error ends with it.
+pub const REQUEST_SHAPE: &str = "a request is one JSON object on one line of at most 64 KiB, in UTF-8, e.g. {\"op\":\"status\"}";
+
+/// Why a request line is not a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadRequest {
+    /// Longer than [`MAX_REQUEST_BYTES`] (without its newline): the bytes seen so far.
+    TooLong(usize),
+    /// Not UTF-8: the offset of the first invalid byte.
+    NotUtf8(usize),
+    /// UTF-8, but not one of the requests: serde's reason.
+    Malformed(String),
+}
+
+impl std::fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLong(seen) => write!(
+                f,
+                "request too long (over {MAX_REQUEST_BYTES} bytes without a newline, {seen} read): \
+                 {REQUEST_SHAPE}; the connection is closed"
+            ),
+            Self::NotUtf8(at) => write!(
+                f,
+                "malformed request (invalid UTF-8 at byte {at}): {REQUEST_SHAPE}"
+            ),
+            Self::Malformed(reason) => write!(
+                f,
+                "malformed request ({reason}): send one JSON object per line, e.g. {{\"op\":\"status\"}}"
+            ),
+        }
+    }
+}
+
+/// One request line (its newline taken off) to the request it holds. Pure: the control
+/// socket and the fuzz tests go through this very function.
+pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(BadRequest::TooLong(line.len()));
+    }
+    let text = std::str::from_utf8(line).map_err(|e| BadRequest::NotUtf8(e.valid_up_to()))?;
+    serde_json::from_str(text).map_err(|e| BadRequest::Malformed(e.to_string()))
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -71,6 +119,33 @@ pub enum TestFault {
 pub enum Response {
     Ok(Reply),
     Error(String),
+}
+
+impl Response {
+    /// The response as its one wire line, newline included. An error message is made one
+    /// line first (a control character, e.g. a newline inside an analysis id that a
+    /// message quotes, is escaped), so that the CLI prints every error on one line.
+    pub fn to_line(&self) -> String {
+        let mut line = match self {
+            Self::Error(message) if message.chars().any(char::is_control) => {
+                let flat: String = message
+                    .chars()
+                    .map(|c| {
+                        if c.is_control() {
+                            c.escape_default().to_string()
+                        } else {
+                            c.to_string()
+                        }
+                    })
+                    .collect();
+                serde_json::to_string(&Self::Error(flat))
+            }
+            _ => serde_json::to_string(self),
+        }
+        .expect("responses serialize");
+        line.push('\n');
+        line
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -179,6 +254,31 @@ pub struct Status {
     /// Faults met and how they were handled: each one counted, none silent.
     #[serde(default)]
     pub faults: Faults,
+    /// The control socket's connections and the requests it refused unread.
+    #[serde(default)]
+    pub control: ControlStats,
+}
+
+/// The control socket's bounds at work, for `status` and /metrics.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ControlStats {
+    /// Connections open now.
+    pub connections: u64,
+    /// The most connections served at once.
+    pub max_connections: u64,
+    /// Idle connections closed since start to give their place to a new client, when
+    /// `max_connections` were open.
+    pub evicted: u64,
+    /// New clients refused since start: `max_connections` were open, all busy with a
+    /// request.
+    pub refused: u64,
+    /// Request lines over [`MAX_REQUEST_BYTES`]: answered, then the connection closed.
+    pub oversized: u64,
+    /// Connections closed after the idle timeout without a complete request (or with
+    /// an answer not read in that time).
+    pub timed_out: u64,
+    /// Request lines that were not UTF-8 (answered; the connection stays open).
+    pub not_utf8: u64,
 }
 
 /// The faults the daemon met, for `status` and /metrics.

@@ -103,6 +103,8 @@ pub struct KernelCounters {
     pub faults: crate::protocol::Faults,
     /// Kill records the store did not take (its task had stopped).
     pub records_unqueued: u64,
+    /// The control socket's connections and refusals.
+    pub control: crate::protocol::ControlStats,
 }
 
 pub fn status(
@@ -156,6 +158,7 @@ pub fn status(
             untracked_now: core.untracked().len(),
             ..kernel.faults.clone()
         },
+        control: kernel.control.clone(),
     }
 }
 
