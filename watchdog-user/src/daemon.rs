@@ -437,55 +437,18 @@ impl Daemon {
 
     fn handle(&mut self, request: Request) -> Response {
         let clock = Clock::read();
-        let result = match request {
-            Request::Register {
-                pid,
-                analysis_id,
-                limits,
-                fresh,
-            } => self.register(pid, &analysis_id, &limits, fresh, &clock),
-            Request::Unregister { pid, analysis_id } => {
-                self.core.unregister(pid, analysis_id.as_deref(), &clock)
-            }
-            Request::DumpTree { analysis_id } => {
-                report::dump_tree(&self.core, analysis_id.as_deref(), &SysProcs, &clock)
-            }
-            // The loop answers these through the store; never a panic in the daemon.
-            Request::Events { .. } | Request::Status => Err(anyhow::anyhow!(
-                "internal: this request is answered by the daemon loop"
-            )),
-            Request::Stall { .. } => Err(anyhow::anyhow!(
-                "stall is a test-only fault: start the daemon with --test-faults to use it"
-            )),
-            Request::Fault { .. } => Err(anyhow::anyhow!(
-                "fault is a test-only request: start the daemon with --test-faults to use it"
-            )),
-        };
+        let effects = &mut self.effects;
+        let response = crate::requests::respond(
+            &mut self.core,
+            request,
+            &SysProcs,
+            &clock,
+            &mut |core, registration, fresh| {
+                effects.watch_registration(registration, fresh, &|pid| core.analysis_of(pid))
+            },
+        );
         self.settle(&clock);
-        match result {
-            Ok(reply) => Response::Ok(reply),
-            Err(err) => Response::Error(format!("{err:#}")),
-        }
-    }
-
-    /// Checked by the rules, put in the kernel map by the effects, taken in by the
-    /// rules: a refused registration changes nothing.
-    fn register(
-        &mut self,
-        pid: u32,
-        analysis_id: &str,
-        limits: &crate::policy::LimitOverrides,
-        fresh: bool,
-        clock: &Clock,
-    ) -> Result<Reply> {
-        let registration = self
-            .core
-            .check_register(pid, analysis_id, limits, 0, &SysProcs)?;
-        let core = &self.core;
-        let watched = self
-            .effects
-            .watch_registration(&registration, fresh, &|pid| core.analysis_of(pid))?;
-        self.core.adopt(registration, &watched, clock)
+        response
     }
 
     fn kernel_counters(&self) -> KernelCounters {

@@ -17,6 +17,7 @@ pub mod procs;
 pub mod protocol;
 pub mod registry;
 pub mod report;
+pub mod requests;
 pub mod rules;
 pub mod spool;
 pub mod store;
