@@ -15,6 +15,8 @@ pub mod pins;
 pub mod policy;
 pub mod procs;
 pub mod protocol;
+#[cfg(test)]
+mod protocol_fuzz;
 pub mod registry;
 pub mod report;
 pub mod requests;

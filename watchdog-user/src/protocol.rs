@@ -64,7 +64,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
     serde_json::from_str(text).map_err(|e| BadRequest::Malformed(e.to_string()))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Watch `pid`, its existing descendants, and all it forks from now on.

@@ -1193,4 +1193,4 @@ impl Core {
 
 #[cfg(test)]
 #[path = "rules_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -14,10 +14,10 @@ const MIB: u64 = 1 << 20;
 
 /// /proc as the test says it is: living processes by pid.
 #[derive(Default)]
-struct FakeProcs(RefCell<HashMap<u32, ProcInfo>>);
+pub(crate) struct FakeProcs(RefCell<HashMap<u32, ProcInfo>>);
 
 impl FakeProcs {
-    fn spawn(&self, pid: u32, ppid: u32, start_ns: u64) -> ProcInfo {
+    pub(crate) fn spawn(&self, pid: u32, ppid: u32, start_ns: u64) -> ProcInfo {
         let info = ProcInfo {
             pid,
             ppid,
