@@ -317,7 +317,7 @@ fn a_huge_line_invalid_utf8_and_5000_idle_connections_each_get_their_error_in_bo
 fn with_every_connection_busy_a_new_client_is_refused_at_once() -> Result<()> {
     raise_nofile(CAP as u64 + 1_000)?;
     let daemon = Daemon::start_with(&[], &["--test-faults"])?;
-    let stall = daemon.request(r#"{"op":"stall","ms":6000}"#)?;
+    let stall = daemon.request(r#"{"op":"stall","ms":8000}"#)?;
     assert_eq!(stall["ok"]["kind"], "stalling", "{stall}");
     let mut busy = Vec::with_capacity(CAP);
     for _ in 0..CAP {
@@ -325,9 +325,9 @@ fn with_every_connection_busy_a_new_client_is_refused_at_once() -> Result<()> {
         (&stream).write_all(b"{\"op\":\"status\"}\n")?;
         busy.push(stream);
     }
-    // Each request is read (its place taken) before the newcomer comes: wait for them
-    // to be read by waiting a little; the loop stays stalled for seconds.
-    std::thread::sleep(Duration::from_millis(500));
+    // Give the daemon time to read every request (each connection then holds its place,
+    // busy, until the loop answers); the loop stays stalled for seconds more.
+    std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
     let newcomer = UnixStream::connect(&daemon.socket)?;
     let message = error_line(&newcomer, Duration::from_secs(2))?;
