@@ -34,7 +34,7 @@ use crate::protocol::{
     BadRequest, ControlStats, MAX_REQUEST_BYTES, REQUEST_SHAPE, Request, Response,
 };
 
-/// Connections served at once. Each costs a descriptor and about 2.5 KiB while idle (its
+/// Connections served at once. Each costs a descriptor and about 3 KiB while idle (its
 /// task, socket registration and a 256-byte first read); the daemon's descriptor limit
 /// is raised to the hard one, and kills need descriptors (pidfds) too.
 pub const MAX_CONNECTIONS: usize = 1024;
