@@ -15,6 +15,7 @@ use crate::{
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/watchdog/watchdog.sock";
+pub const DEFAULT_SOCKET_GROUP: &str = "watchdog";
 const DEFAULT_DATABASE: &str = "sqlite:///var/lib/watchdog/watchdog.db";
 
 /// Every `run` setting; each unset one falls back to the file, then the default.
@@ -28,6 +29,15 @@ pub struct RunArgs {
     /// Control socket [default: /run/watchdog/watchdog.sock].
     #[arg(skip)]
     pub socket: Option<PathBuf>,
+    /// Group given the control socket (root:GROUP, mode 0660): its members may use the
+    /// watchdog, for their own processes. Where it does not exist the socket stays
+    /// root-only [default: watchdog].
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Members of this group may do everything root may: watch and unregister anyone's
+    /// processes and analyses [default: none].
+    #[arg(long)]
+    pub admin_group: Option<String>,
     /// postgres://USER:PASSWORD@HOST/DB or sqlite:///PATH [default: sqlite:///var/lib/watchdog/watchdog.db].
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
@@ -142,6 +152,8 @@ impl RunArgs {
         RunArgs {
             config: self.config.clone(),
             socket: self.socket.clone().or(file.socket),
+            socket_group: self.socket_group.clone().or(file.socket_group),
+            admin_group: self.admin_group.clone().or(file.admin_group),
             database_url: self.database_url.clone().or(file.database_url),
             state_dir: self.state_dir.clone().or(file.state_dir),
             pin_dir: self.pin_dir.clone().or(file.pin_dir),
@@ -185,6 +197,10 @@ impl RunArgs {
         };
         Ok(Options {
             socket: all.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            socket_group: all
+                .socket_group
+                .unwrap_or_else(|| DEFAULT_SOCKET_GROUP.into()),
+            admin_group: all.admin_group,
             btf: all.btf.unwrap_or_else(|| "/sys/kernel/btf/vmlinux".into()),
             ring_bytes: all.ring_bytes,
             watched_capacity: all.watched_capacity,

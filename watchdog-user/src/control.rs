@@ -13,10 +13,14 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::protocol::{Request, Response};
+use crate::{
+    access::Peer,
+    protocol::{Request, Response},
+};
 
-/// A request on its way to the daemon loop, with where to send the answer.
-pub type Call = (Request, oneshot::Sender<Response>);
+/// A request on its way to the daemon loop, with who sent it (the connection's peer
+/// credentials, read at accept) and where to send the answer.
+pub type Call = (Request, Peer, oneshot::Sender<Response>);
 
 /// Binds the socket (mode 0660, parent directory created). A leftover socket file with
 /// no daemon behind it is replaced; a live daemon's socket is not.
@@ -47,18 +51,19 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(connection(stream, calls.clone()));
+                let peer = Peer::of(&stream);
+                tokio::spawn(connection(stream, peer, calls.clone()));
             }
             Err(err) => tracing::warn!("control socket accept failed: {err}"),
         }
     }
 }
 
-async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
+async fn connection(stream: UnixStream, peer: Peer, calls: mpsc::Sender<Call>) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let response = answer(&line, &calls).await;
+        let response = answer(&line, &peer, &calls).await;
         let mut out = serde_json::to_string(&response).expect("responses serialize");
         out.push('\n');
         if write.write_all(out.as_bytes()).await.is_err() {
@@ -67,7 +72,7 @@ async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
     }
 }
 
-async fn answer(line: &str, calls: &mpsc::Sender<Call>) -> Response {
+async fn answer(line: &str, peer: &Peer, calls: &mpsc::Sender<Call>) -> Response {
     let request: Request = match serde_json::from_str(line) {
         Ok(request) => request,
         Err(err) => {
@@ -77,7 +82,7 @@ async fn answer(line: &str, calls: &mpsc::Sender<Call>) -> Response {
         }
     };
     let (tx, rx) = oneshot::channel();
-    if calls.send((request, tx)).await.is_err() {
+    if calls.send((request, peer.clone(), tx)).await.is_err() {
         return Response::Error("the daemon is shutting down".into());
     }
     rx.await

@@ -18,6 +18,7 @@ use tokio::{
 };
 
 use crate::{
+    access::{self, Peer},
     control::{self, Call, SocketGuard},
     effects::{Effects, Feedback},
     ingest::{self, KernelEvent},
@@ -43,6 +44,10 @@ const STORE_FINISH_WITHIN: Duration = Duration::from_secs(5);
 
 pub struct Options {
     pub socket: PathBuf,
+    /// Group whose members may connect to the socket.
+    pub socket_group: String,
+    /// Group whose members may do everything root may.
+    pub admin_group: Option<String>,
     pub btf: PathBuf,
     pub ring_bytes: Option<u32>,
     /// Test-only: the watched map's capacity instead of pid_max.
@@ -73,6 +78,15 @@ pub struct Options {
 pub async fn run(options: Options) -> Result<()> {
     let listener = control::bind(&options.socket).await?;
     let _socket = SocketGuard(options.socket.clone());
+    match access::share_socket(&options.socket, &options.socket_group) {
+        Ok(gid) => tracing::info!(
+            socket = %options.socket.display(),
+            group = options.socket_group,
+            gid,
+            "the socket is open to root and the socket group (mode 0660)"
+        ),
+        Err(warning) => tracing::warn!("{warning}"),
+    }
     if let Some(bytes) = options.ring_bytes
         && (!bytes.is_power_of_two() || bytes < 4096)
     {
@@ -128,6 +142,7 @@ pub async fn run(options: Options) -> Result<()> {
         defaults: options.defaults.clone(),
         dry_run: options.dry_run,
         machine_memory: read_machine_memory(),
+        admin_gid: admin_gid(options.admin_group.as_deref()),
     };
     if let Some(warning) = settings.unreachable_default() {
         tracing::warn!("{warning}");
@@ -187,12 +202,16 @@ pub async fn run(options: Options) -> Result<()> {
         let began = Instant::now();
         match input {
             Input::Events(batch) => daemon.on_events(batch),
-            Input::Call((Request::Stall { ms }, reply)) if options.test_faults => {
+            Input::Call((Request::Stall { ms }, peer, reply))
+                if options.test_faults && daemon.core.is_admin(&peer) =>
+            {
                 let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
                 tracing::warn!(ms, "test fault: main loop stalled");
                 std::thread::sleep(Duration::from_millis(ms));
             }
-            Input::Call((Request::Fault { what }, reply)) if options.test_faults => {
+            Input::Call((Request::Fault { what }, peer, reply))
+                if options.test_faults && daemon.core.is_admin(&peer) =>
+            {
                 match what {
                     TestFault::StorePanic => {
                         let _ = daemon.effects.store().send(StoreMsg::FailNextWrite);
@@ -200,10 +219,13 @@ pub async fn run(options: Options) -> Result<()> {
                 }
                 let _ = reply.send(Response::Ok(Reply::FaultArmed { what }));
             }
-            Input::Call((Request::Events { filter }, reply)) => daemon.answer_events(filter, reply),
-            Input::Call((Request::Status, reply)) => daemon.answer_status(reply),
-            Input::Call((request, reply)) => {
-                let _ = reply.send(daemon.handle(request));
+            // Reads are open to everyone who can connect.
+            Input::Call((Request::Events { filter }, _, reply)) => {
+                daemon.answer_events(filter, reply)
+            }
+            Input::Call((Request::Status, _, reply)) => daemon.answer_status(reply),
+            Input::Call((request, peer, reply)) => {
+                let _ = reply.send(daemon.handle(request, &peer));
             }
             Input::SyncProcesses => daemon.sync_processes(),
             Input::Heartbeat => supervise::heartbeat(&daemon.status_line()),
@@ -239,6 +261,22 @@ pub async fn run(options: Options) -> Result<()> {
         Some(ended) => Err(TaskEnded(ended).into()),
         None => Ok(()),
     }
+}
+
+/// The gid of `--admin-group`, said in one line when there is no such group (then only
+/// root may do everything).
+fn admin_gid(group: Option<&str>) -> Option<u32> {
+    let group = group?;
+    let gid = access::group_gid(group);
+    match gid {
+        Some(gid) => tracing::info!(group, gid, "members of the admin group may do everything"),
+        None => tracing::warn!(
+            "the admin group {group:?} does not exist: only root may watch or unregister \
+             other users' processes; create it (`groupadd {group}`) and reload, or fix \
+             --admin-group"
+        ),
+    }
+    gid
 }
 
 /// The machine's total memory, once, at start (sysinfo reads /proc/meminfo).
@@ -435,7 +473,8 @@ impl Daemon {
         self.last_poll_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     }
 
-    fn handle(&mut self, request: Request) -> Response {
+    /// Answers a request of `peer`'s; the rules decide what it may do.
+    fn handle(&mut self, request: Request, peer: &Peer) -> Response {
         let clock = Clock::read();
         let result = match request {
             Request::Register {
@@ -443,9 +482,10 @@ impl Daemon {
                 analysis_id,
                 limits,
                 fresh,
-            } => self.register(pid, &analysis_id, &limits, fresh, &clock),
+            } => self.register(pid, &analysis_id, &limits, fresh, peer, &clock),
             Request::Unregister { pid, analysis_id } => {
-                self.core.unregister(pid, analysis_id.as_deref(), &clock)
+                self.core
+                    .unregister(pid, analysis_id.as_deref(), peer, &SysProcs, &clock)
             }
             Request::DumpTree { analysis_id } => {
                 report::dump_tree(&self.core, analysis_id.as_deref(), &SysProcs, &clock)
@@ -454,6 +494,9 @@ impl Daemon {
             Request::Events { .. } | Request::Status => Err(anyhow::anyhow!(
                 "internal: this request is answered by the daemon loop"
             )),
+            Request::Stall { .. } | Request::Fault { .. } if !self.core.is_admin(peer) => {
+                Err(crate::rules::admin_only(peer, "a test fault"))
+            }
             Request::Stall { .. } => Err(anyhow::anyhow!(
                 "stall is a test-only fault: start the daemon with --test-faults to use it"
             )),
@@ -469,22 +512,38 @@ impl Daemon {
     }
 
     /// Checked by the rules, put in the kernel map by the effects, taken in by the
-    /// rules: a refused registration changes nothing.
+    /// rules: a refused registration changes nothing. A caller confined to its own
+    /// processes has the root's existing descendants checked before anything is put in
+    /// the kernel map (and each again as the walk watches it, which takes back what it
+    /// put there should one fail).
     fn register(
         &mut self,
         pid: u32,
         analysis_id: &str,
         limits: &crate::policy::LimitOverrides,
         fresh: bool,
+        peer: &Peer,
         clock: &Clock,
     ) -> Result<Reply> {
         let registration = self
             .core
-            .check_register(pid, analysis_id, limits, 0, &SysProcs)?;
+            .check_register(pid, analysis_id, limits, peer, &SysProcs)?;
+        // `exec`'s process was just forked by the caller and has no descendants; and a
+        // `fresh` claim never watches an existing one (only what it forks from now on).
+        if registration.confined_to.is_some() && !fresh {
+            let descendants = self.effects.descendants(registration.root.proc_ref())?;
+            self.core
+                .check_descendants(&registration, &descendants, &SysProcs)?;
+        }
         let core = &self.core;
-        let watched = self
-            .effects
-            .watch_registration(&registration, fresh, &|pid| core.analysis_of(pid))?;
+        let permit =
+            |process: ProcRef| core.check_descendants(&registration, &[process], &SysProcs);
+        let watched = self.effects.watch_registration(
+            &registration,
+            fresh,
+            &|pid| core.analysis_of(pid),
+            &permit,
+        )?;
         self.core.adopt(registration, &watched, clock)
     }
 
@@ -583,6 +642,7 @@ impl Daemon {
             }
         };
         let needs_restart = new.socket != running.socket
+            || new.socket_group != running.socket_group
             || new.state_dir != running.state_dir
             || new.pin_dir != running.pin_dir
             || new.http != running.http
@@ -590,13 +650,14 @@ impl Daemon {
             || new.database.as_ref().map(|u| &u.url) != running.database.as_ref().map(|u| &u.url);
         if needs_restart {
             tracing::warn!(
-                "socket, database, state, pin, http and kernel-log settings change only with a restart"
+                "socket, socket group, database, state, pin, http and kernel-log settings change only with a restart"
             );
         }
         let settings = Settings {
             defaults: new.defaults.clone(),
             dry_run: new.dry_run,
             machine_memory: self.core.settings().machine_memory,
+            admin_gid: admin_gid(new.admin_group.as_deref()),
         };
         if let Some(warning) = settings.unreachable_default() {
             tracing::warn!("{warning}");

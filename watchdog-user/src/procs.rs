@@ -120,6 +120,9 @@ pub trait Procs {
     fn details(&self, pid: u32) -> Details;
     /// Its RSS now, 0 when it is gone.
     fn rss_bytes(&self, pid: u32) -> u64;
+    /// The real uid of `process` (the first field of /proc/PID/status `Uid:`): who runs
+    /// it. None when it is gone, or its pid names another process now.
+    fn real_uid(&self, process: crate::tree::ProcRef) -> Option<u32>;
 }
 
 /// The real /proc.
@@ -147,6 +150,22 @@ impl Procs for SysProcs {
     fn rss_bytes(&self, pid: u32) -> u64 {
         rss_bytes(pid)
     }
+
+    fn real_uid(&self, process: crate::tree::ProcRef) -> Option<u32> {
+        real_uid(process)
+    }
+}
+
+/// The real uid of `process`, None when it is gone or its pid was recycled. Both reads
+/// go through one handle on its /proc directory, which stays bound to the process it
+/// was opened on: the uid read is that of the process whose start time was checked.
+pub fn real_uid(process: crate::tree::ProcRef) -> Option<u32> {
+    let handle = procfs::process::Process::new(process.pid as i32).ok()?;
+    let info = info_from(handle.stat().ok()?);
+    if info.exited || !same_start(info.start_ns, process.start_ns) {
+        return None;
+    }
+    Some(handle.status().ok()?.ruid)
 }
 
 /// The machine's total memory in bytes (MemTotal), through sysinfo; None when it cannot

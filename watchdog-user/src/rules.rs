@@ -19,6 +19,7 @@ use anyhow::{Result, bail};
 use watchdog_common::{AnalysisEntry, RootEntry};
 
 use crate::{
+    access::Peer,
     ingest::{Comm, KernelEvent},
     kill::{JobSpec, KillJob, KillRecord, Mode, Outcome, Scope, SignalOrder, TargetInfo},
     policy::{self, LimitOverrides, Limits, OrphanPolicy, Reason},
@@ -66,6 +67,16 @@ impl Clock {
     }
 }
 
+/// The refusal of what only root and the admin group may do (test faults), to a caller
+/// that is neither ([`Core::is_admin`]).
+pub fn admin_only(caller: &Peer, what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "refused by rule admin-only: {what} is for root and members of the admin group \
+         (--admin-group), and you are uid {}",
+        caller.uid
+    )
+}
+
 /// What the rules ask the outside world to do.
 #[derive(Debug)]
 pub enum Action {
@@ -107,6 +118,8 @@ pub struct Settings {
     /// The machine's total memory, bytes (read once at start; None if unreadable): no
     /// process' RSS can exceed it, so a per-process limit above it is refused.
     pub machine_memory: Option<u64>,
+    /// Members of this group (`--admin-group`) may do everything root may.
+    pub admin_gid: Option<u32>,
 }
 
 impl Settings {
@@ -172,7 +185,11 @@ pub struct Registration {
     pub new_analysis: bool,
     pub limits: Limits,
     pub launcher: Option<ProcInfo>,
+    /// Uid of the caller: the owner of the analysis, when this creates it.
     pub owner: u32,
+    /// The only uid whose processes this registration may watch (the caller's), or
+    /// None for root and the admin group: every descendant the walk finds is checked.
+    pub confined_to: Option<u32>,
 }
 
 pub struct Core {
@@ -673,16 +690,17 @@ impl Core {
         limit: Option<u64>,
         mode: Mode,
     ) -> JobSpec {
-        let (analysis_id, grace) = self
+        let (analysis_id, grace, owner_uid) = self
             .registry
             .get(analysis)
-            .map(|a| (a.id.clone(), a.limits.grace()))
-            .unwrap_or_else(|| (String::new(), self.settings.defaults.grace()));
+            .map(|a| (a.id.clone(), a.limits.grace(), Some(a.owner)))
+            .unwrap_or_else(|| (String::new(), self.settings.defaults.grace(), None));
         JobSpec {
             scope,
             reason,
             analysis,
             analysis_id,
+            owner_uid,
             limit,
             grace,
             mode,
@@ -847,14 +865,24 @@ impl Core {
 
     // ---- registration --------------------------------------------------------------
 
+    /// Whether `caller` may do everything: root, or a member of `--admin-group`.
+    pub fn is_admin(&self, caller: &Peer) -> bool {
+        caller.uid == 0
+            || self
+                .settings
+                .admin_gid
+                .is_some_and(|gid| caller.in_group(gid))
+    }
+
     /// Checks a registration before anything is touched, so a refused one changes
-    /// nothing.
+    /// nothing. A caller other than root and the admin group may watch only processes
+    /// that run as itself (real uid), and join only analyses it created.
     pub fn check_register(
         &self,
         pid: u32,
         analysis_id: &str,
         overrides: &LimitOverrides,
-        owner: u32,
+        caller: &Peer,
         procs: &dyn Procs,
     ) -> Result<Registration> {
         if analysis_id.trim().is_empty() {
@@ -883,11 +911,27 @@ impl Core {
                 root.comm
             );
         }
+        let confined_to = (!self.is_admin(caller)).then_some(caller.uid);
+        if let Some(uid) = confined_to {
+            self.check_own_process(&root, uid, None, procs)?;
+        }
         if let Some(node) = self.tree.get(pid) {
             let current = self.registry.id(node.analysis).unwrap_or("?");
             if current != analysis_id {
                 bail!(
                     "pid {pid} is already watched as part of analysis {current:?}: unregister it first"
+                );
+            }
+        }
+        let existing = self.registry.key(analysis_id);
+        if let (Some(uid), Some(key)) = (confined_to, existing) {
+            let owner = self.registry.get(key).map_or(0, |a| a.owner);
+            if owner != uid {
+                bail!(
+                    "refused by rule own-analyses: analysis {analysis_id:?} was created by uid \
+                     {owner}, and you are uid {uid}: only its owner, root or a member of the \
+                     admin group may add processes to it; pick another --analysis-id (nothing \
+                     was registered)"
                 );
             }
         }
@@ -897,7 +941,6 @@ impl Core {
             .with(overrides)
             .map_err(|e| anyhow::anyhow!("{e}: nothing was registered"))?;
         self.settings.check_reachable(overrides)?;
-        let existing = self.registry.key(analysis_id);
         let launcher = Some(root.ppid)
             .filter(|&p| p > 1 && p != self.self_pid)
             .and_then(|p| procs.read(p));
@@ -907,9 +950,79 @@ impl Core {
             analysis_id: analysis_id.to_string(),
             limits,
             launcher,
-            owner,
+            owner: caller.uid,
+            confined_to,
             root,
         })
+    }
+
+    /// Refuses a process that does not run as `uid` (its real uid); `root_pid` names
+    /// the registered root when `process` is one of its descendants. A process gone
+    /// meanwhile is no refusal: nothing of it can be watched.
+    fn check_own_process(
+        &self,
+        process: &ProcInfo,
+        uid: u32,
+        root_pid: Option<u32>,
+        procs: &dyn Procs,
+    ) -> Result<()> {
+        let Some(runs_as) = procs.real_uid(process.proc_ref()) else {
+            if root_pid.is_none() {
+                bail!(
+                    "no process with pid {}: check the pid (the process may have exited)",
+                    process.pid
+                );
+            }
+            return Ok(());
+        };
+        if runs_as == uid {
+            return Ok(());
+        }
+        let what = match root_pid {
+            None => format!("pid {} ({})", process.pid, process.comm),
+            Some(root) => format!(
+                "pid {} ({}), a descendant of pid {root},",
+                process.pid, process.comm
+            ),
+        };
+        bail!(
+            "refused by rule own-processes: {what} runs as uid {runs_as}, and you are uid \
+             {uid}: only root or a member of the admin group may watch another user's \
+             processes; register a process of your own (nothing was registered)"
+        )
+    }
+
+    /// For a caller confined to its own processes: every existing descendant of the
+    /// root that the walk would watch must run as the caller too. Called with the
+    /// descendants found before anything is put in the kernel map, and again by the walk
+    /// for each one it watches (one that appeared or changed hands meanwhile).
+    pub fn check_descendants(
+        &self,
+        registration: &Registration,
+        descendants: &[ProcRef],
+        procs: &dyn Procs,
+    ) -> Result<()> {
+        let Some(uid) = registration.confined_to else {
+            return Ok(());
+        };
+        for process in descendants {
+            if process.pid == self.self_pid || self.tree.contains(process.pid) {
+                continue; // The walk leaves these alone.
+            }
+            let info = ProcInfo {
+                pid: process.pid,
+                ppid: 0,
+                start_ns: process.start_ns,
+                comm: procs
+                    .read(process.pid)
+                    .map(|p| p.comm)
+                    .unwrap_or_else(|| "?".into()),
+                kernel_thread: false,
+                exited: false,
+            };
+            self.check_own_process(&info, uid, Some(registration.root.pid), procs)?;
+        }
+        Ok(())
     }
 
     /// Which analysis, if any, holds `pid` now (the registration walk stops there).
@@ -933,6 +1046,7 @@ impl Core {
             limits,
             launcher,
             owner,
+            confined_to: _,
         } = registration;
         let root_watched =
             watched.iter().any(|p| p.pid == root.pid) || self.tree.contains(root.pid);
@@ -990,24 +1104,52 @@ impl Core {
         })
     }
 
-    /// Stops watching a process with its subtree, or a whole analysis.
+    /// Stops watching a process with its subtree, or a whole analysis. A caller other
+    /// than root and the admin group may unregister only analyses it created, and a
+    /// process only when it runs as the caller and all of its subtree is in analyses
+    /// the caller created.
     pub fn unregister(
         &mut self,
         pid: Option<u32>,
         analysis_id: Option<&str>,
+        caller: &Peer,
+        procs: &dyn Procs,
         clock: &Clock,
     ) -> Result<Reply> {
+        let confined_to = (!self.is_admin(caller)).then_some(caller.uid);
         let pids = match (pid, analysis_id) {
             (Some(pid), None) => {
-                if !self.tree.contains(pid) {
+                let Some(node) = self.tree.get(pid) else {
                     bail!("pid {pid} is not watched: see `watchdog-user dump-tree`");
+                };
+                let subtree = self.tree.subtree(pid);
+                if let Some(uid) = confined_to {
+                    let runs_as = procs.real_uid(node.proc_ref());
+                    if let Some(runs_as) = runs_as.filter(|&r| r != uid) {
+                        bail!(
+                            "refused by rule own-processes: pid {pid} ({}) runs as uid \
+                             {runs_as}, and you are uid {uid}: only root or a member of the \
+                             admin group may unregister another user's processes (nothing was \
+                             unregistered)",
+                            node.comm.as_str()
+                        );
+                    }
+                    for &member in &subtree {
+                        let Some(key) = self.tree.get(member).map(|n| n.analysis) else {
+                            continue;
+                        };
+                        self.check_own_analysis(key, uid, "unregister processes of")?;
+                    }
                 }
-                self.tree.subtree(pid)
+                subtree
             }
             (None, Some(id)) => {
                 let Some(key) = self.registry.key(id) else {
                     bail!("no analysis {id:?} is watched: see `watchdog-user dump-tree`");
                 };
+                if let Some(uid) = confined_to {
+                    self.check_own_analysis(key, uid, "unregister")?;
+                }
                 self.tree.members(key)
             }
             _ => bail!("unregister takes exactly one of --pid or --analysis-id"),
@@ -1022,10 +1164,33 @@ impl Core {
         for key in analyses {
             self.forget_if_finished(key, clock);
         }
-        tracing::info!(?pid, ?analysis_id, removed = pids.len(), "unregistered");
+        tracing::info!(
+            ?pid,
+            ?analysis_id,
+            uid = caller.uid,
+            removed = pids.len(),
+            "unregistered"
+        );
         Ok(Reply::Unregistered {
             removed: pids.len(),
         })
+    }
+
+    /// Refuses `doing` to an analysis `uid` did not create.
+    fn check_own_analysis(&self, key: AnalysisKey, uid: u32, doing: &str) -> Result<()> {
+        let Some(analysis) = self.registry.get(key) else {
+            return Ok(());
+        };
+        if analysis.owner != uid {
+            bail!(
+                "refused by rule own-analyses: analysis {:?} was created by uid {}, and you \
+                 are uid {uid}: only its owner, root or a member of the admin group may \
+                 {doing} it (nothing was unregistered)",
+                analysis.id,
+                analysis.owner
+            );
+        }
+        Ok(())
     }
 
     // ---- resync and restart --------------------------------------------------------
@@ -1178,6 +1343,7 @@ impl Core {
                     id: a.id.clone(),
                     limits: a.limits.clone(),
                     registered_wall: a.registered_wall,
+                    owner_uid: a.owner,
                 };
                 (key, brief)
             })
