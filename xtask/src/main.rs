@@ -191,6 +191,9 @@ fn install(bin: &Path, destdir: &Path) -> Result<()> {
         "/etc/watchdog/watchdog.toml",
         true,
     )?;
+    if destdir == Path::new("/") {
+        ensure_socket_group()?;
+    }
     if destdir == Path::new("/") && Path::new("/run/systemd/system").exists() {
         run_checked({
             let mut cmd = Command::new("systemctl");
@@ -203,6 +206,32 @@ fn install(bin: &Path, destdir: &Path) -> Result<()> {
             "systemd is not running here: start the service where it is (systemctl enable --now watchdog)",
         );
     }
+    Ok(())
+}
+
+/// The socket's group (`watchdog`, the daemon's default --socket-group): its members may
+/// use the watchdog for their own processes. Created when missing; without it the
+/// socket stays root-only.
+fn ensure_socket_group() -> Result<()> {
+    const GROUP: &str = "watchdog";
+    let exists = Command::new("getent")
+        .args(["group", GROUP])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if exists {
+        step(&format!("keeping the existing group {GROUP}"));
+    } else {
+        run_checked({
+            let mut cmd = Command::new("groupadd");
+            cmd.args(["--system", GROUP]);
+            cmd
+        })?;
+        step(&format!("created the group {GROUP}"));
+    }
+    step(&format!(
+        "users in group {GROUP} may watch their own processes: usermod -aG {GROUP} USER"
+    ));
     Ok(())
 }
 
