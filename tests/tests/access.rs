@@ -575,3 +575,34 @@ fn root_and_the_admin_group_may_do_everything() -> Result<()> {
     assert!(hers.alive_now() && his.alive_now() && roots.alive_now() && mine.alive_now());
     Ok(())
 }
+
+#[test]
+fn without_its_group_the_socket_stays_root_only_and_the_daemon_says_so_once() -> Result<()> {
+    let mut accounts = Accounts::new("n");
+    let missing = format!("{}-missing", accounts.prefix);
+    let other = accounts.group("sock")?;
+    let dave = accounts.user("d", &[&other])?;
+    let daemon = Daemon::start_with(&[], &["--socket-group", &missing])?;
+    std::fs::set_permissions(&daemon.dir, std::fs::Permissions::from_mode(0o755))?;
+    let socket = std::fs::metadata(&daemon.socket)?;
+    assert_eq!(
+        (socket.mode() & 0o777, socket.uid(), socket.gid()),
+        (0o660, 0, 0),
+        "root-only"
+    );
+    let log = daemon.log();
+    let said: Vec<&str> = log.lines().filter(|l| l.contains(&missing)).collect();
+    assert_eq!(said.len(), 1, "one line:\n{log}");
+    assert!(
+        said[0].contains("does not exist")
+            && said[0].contains(&format!("groupadd --system {missing}")),
+        "{}",
+        said[0]
+    );
+    eprintln!("daemon: {}", said[0]);
+    let line = one_line_error(&dave.cli(&daemon, &["status"]));
+    eprintln!("{}: {line}", dave.name);
+    assert!(line.contains("it is root-only"), "{line}");
+    daemon.cli_ok(&["status"])?;
+    Ok(())
+}

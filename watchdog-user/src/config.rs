@@ -255,5 +255,7 @@ mod tests {
         assert_eq!(options.defaults.grace_ms, 10_000);
         assert_eq!(options.http, Some("127.0.0.1:9477".parse().unwrap()));
         assert_eq!(options.pin_dir, PathBuf::from("/sys/fs/bpf/watchdog"));
+        assert_eq!(options.socket_group, "watchdog");
+        assert_eq!(options.admin_group, None);
     }
 }

@@ -78,15 +78,6 @@ pub struct Options {
 pub async fn run(options: Options) -> Result<()> {
     let listener = control::bind(&options.socket).await?;
     let _socket = SocketGuard(options.socket.clone());
-    match access::share_socket(&options.socket, &options.socket_group) {
-        Ok(gid) => tracing::info!(
-            socket = %options.socket.display(),
-            group = options.socket_group,
-            gid,
-            "the socket is open to root and the socket group (mode 0660)"
-        ),
-        Err(warning) => tracing::warn!("{warning}"),
-    }
     if let Some(bytes) = options.ring_bytes
         && (!bytes.is_power_of_two() || bytes < 4096)
     {
@@ -102,6 +93,17 @@ pub async fn run(options: Options) -> Result<()> {
         options.fresh,
         options.kernel_log,
     )?;
+    // Once the programs are loaded (a daemon that cannot start says only why): until
+    // then the socket is root:root, mode 0660.
+    match access::share_socket(&options.socket, &options.socket_group) {
+        Ok(gid) => tracing::info!(
+            socket = %options.socket.display(),
+            group = options.socket_group,
+            gid,
+            "the socket is open to root and the socket group (mode 0660)"
+        ),
+        Err(warning) => tracing::warn!("{warning}"),
+    }
     // Every task the daemon starts is supervised: one that ends stops the daemon.
     let mut tasks = Tasks::new();
     if let Some(logger) = kernel.take_logger() {

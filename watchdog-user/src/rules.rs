@@ -9,6 +9,10 @@
 //! on is an orphan, killed with its subtree or only recorded, by its analysis' policy.
 //! A kill is SIGTERM, the grace, then SIGKILL; processes forked into a dying scope
 //! join it at once, and a dying analysis kills whatever later appears in it.
+//!
+//! Who may ask for what: root and the admin group anything; anyone else may watch and
+//! unwatch only processes running as itself (real uid), in analyses it created
+//! ([`Core::check_register`], [`Core::check_descendants`], [`Core::unregister`]).
 
 use std::{
     collections::{BTreeMap, HashSet, VecDeque},
