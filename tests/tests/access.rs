@@ -63,7 +63,18 @@ impl Accounts {
 impl Drop for Accounts {
     fn drop(&mut self) {
         for user in &self.users {
-            let _ = Command::new("userdel").arg(user).output();
+            // userdel refuses a user whose processes (just SIGKILLed, maybe not yet
+            // reaped) still exist: a few tries.
+            for _ in 0..40 {
+                let done = Command::new("userdel")
+                    .arg(user)
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if done {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         for group in &self.groups {
             let _ = Command::new("groupdel").arg(group).output();
@@ -604,5 +615,48 @@ fn without_its_group_the_socket_stays_root_only_and_the_daemon_says_so_once() ->
     eprintln!("{}: {line}", dave.name);
     assert!(line.contains("it is root-only"), "{line}");
     daemon.cli_ok(&["status"])?;
+    Ok(())
+}
+
+#[test]
+fn owners_survive_a_daemon_restart() -> Result<()> {
+    let mut accounts = Accounts::new("s");
+    let group = accounts.group("sock")?;
+    let alice = accounts.user("a", &[&group])?;
+    let bob = accounts.user("b", &[&group])?;
+    let mut daemon = daemon(&group, None)?;
+    let (mut hers, her_pids) = two_of(&alice)?;
+    alice.cli_ok(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &her_pids[0].to_string(),
+            "--analysis-id",
+            "alice-a",
+        ],
+    )?;
+    daemon.restart()?;
+    // Read back from the pinned analysis by the new daemon.
+    assert_eq!(analyses(&daemon)?, vec![("alice-a".into(), alice.uid, 2)]);
+    let (_his, his_pids) = two_of(&bob)?;
+    bob.refused(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &his_pids[0].to_string(),
+            "--analysis-id",
+            "alice-a",
+        ],
+        "own-analyses",
+    );
+    bob.refused(
+        &daemon,
+        &["unregister", "--analysis-id", "alice-a"],
+        "own-analyses",
+    );
+    alice.cli_ok(&daemon, &["unregister", "--analysis-id", "alice-a"])?;
+    assert!(analyses(&daemon)?.is_empty() && hers.alive_now());
     Ok(())
 }
