@@ -37,6 +37,9 @@ const RECORDS_KEPT: usize = 10_000;
 /// comes back with the next resync (the loss check runs every 200 ms) and is killed,
 /// instead of finding its analysis forgotten and escaping.
 pub const DYING_LINGER: Duration = Duration::from_secs(1);
+/// How long after a parent's exit its children are looked at again when /proc did not
+/// show them reparented yet (the exit event is sent before the kernel reparents).
+const REPARENT_RECHECK: Duration = Duration::from_millis(20);
 
 /// The time, as the driver read it once for this input.
 #[derive(Clone, Copy, Debug)]
@@ -193,6 +196,9 @@ pub struct Core {
     resynced_at_ns: u64,
     /// Killed analyses with no member left, and when they are forgotten.
     lingering: BTreeMap<AnalysisKey, Instant>,
+    /// Children of a dead parent that /proc did not yet show reparented, and when to
+    /// look again (once): until then nobody can tell adopted from orphaned.
+    reparent_checks: BTreeMap<u32, Instant>,
     /// Processes the kernel map could not take (full, or out of memory), by pid: in
     /// the tree, but the kernel reports neither their forks nor their exit, so they
     /// are handed back to the map as soon as it has room (see [`Core::untracked`]).
@@ -225,6 +231,7 @@ impl Core {
             processes_dirty: true,
             resynced_at_ns: 0,
             lingering: BTreeMap::new(),
+            reparent_checks: BTreeMap::new(),
             untracked: BTreeMap::new(),
         }
     }
@@ -278,11 +285,13 @@ impl Core {
     pub fn next_wakeup(&self) -> Option<Instant> {
         let graces = self.jobs.iter().filter_map(KillJob::wakeup);
         let lingering = self.lingering.values().copied();
+        let rechecks = self.reparent_checks.values().copied();
         self.registry
             .next_deadline()
             .into_iter()
             .chain(graces)
             .chain(lingering)
+            .chain(rechecks)
             .min()
     }
 
@@ -496,7 +505,7 @@ impl Core {
         let children: Vec<u32> = self.tree.children_of(process.pid).collect();
         self.remove(process.pid);
         for child in children {
-            self.orphaned(child, procs, clock);
+            self.parent_gone(child, false, procs, clock);
         }
     }
 
@@ -614,6 +623,39 @@ impl Core {
     }
 
     // ---- orphans -------------------------------------------------------------------
+
+    /// `pid`'s parent died. Adopted by a process of its own analysis (a subreaper the
+    /// analysis runs: tini, a job runner, `PR_SET_CHILD_SUBREAPER`), it is no orphan:
+    /// the tree follows the kernel and nobody is signalled. Reparented anywhere else
+    /// (init, a subreaper outside the analysis) it is an orphan. The exit event can
+    /// come before the kernel has reparented the children: then /proc still names the
+    /// dead parent, and the question is asked again once, a moment later.
+    fn parent_gone(&mut self, pid: u32, rechecked: bool, procs: &dyn Procs, clock: &Clock) {
+        let Some(node) = self.tree.get(pid) else {
+            return;
+        };
+        let (analysis, start_ns, old_ppid) = (node.analysis, node.start_ns, node.ppid);
+        let Some(now) = procs.read(pid).filter(|p| same_start(p.start_ns, start_ns)) else {
+            return; // Dead too: no orphan.
+        };
+        if now.ppid == old_ppid && !rechecked {
+            self.reparent_checks
+                .insert(pid, clock.now + REPARENT_RECHECK);
+            return;
+        }
+        let adopter = self.tree.get(now.ppid).map(|n| n.analysis);
+        if now.ppid != old_ppid && adopter == Some(analysis) {
+            tracing::debug!(
+                pid,
+                adopter = now.ppid,
+                "adopted inside its analysis: no orphan"
+            );
+            self.tree.reparent(pid, now.ppid);
+            self.processes_dirty = true;
+            return;
+        }
+        self.orphaned(pid, procs, clock);
+    }
 
     /// `pid` lives on after its parent died: flag it, then kill or log it (and its
     /// subtree) by its analysis' policy, unless a kill already covers it.
@@ -800,6 +842,16 @@ impl Core {
             .collect();
         for key in expired {
             self.forget_if_finished(key, clock);
+        }
+        let rechecks: Vec<u32> = self
+            .reparent_checks
+            .iter()
+            .filter(|(_, at)| **at <= clock.now)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in rechecks {
+            self.reparent_checks.remove(&pid);
+            self.parent_gone(pid, true, procs, clock);
         }
         self.finish_done_jobs(clock);
     }

@@ -160,6 +160,12 @@ impl World {
 
     /// `pid` exits; its living children are reparented to init, as the kernel does.
     fn exit(&mut self, pid: u32) -> Vec<Action> {
+        self.exit_to(pid, Some(1))
+    }
+
+    /// `pid` exits; its living children go to `adopter` (a subreaper), or stay with
+    /// the dead parent in /proc for now (None: the kernel has not reparented them yet).
+    fn exit_to(&mut self, pid: u32, adopter: Option<u32>) -> Vec<Action> {
         let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
         self.procs.die(pid);
         let children: Vec<u32> = self
@@ -170,8 +176,8 @@ impl World {
             .filter(|p| p.ppid == pid)
             .map(|p| p.pid)
             .collect();
-        for child in children {
-            self.procs.reparent(child, 1);
+        for child in children.iter().filter(|_| adopter.is_some()) {
+            self.procs.reparent(*child, adopter.unwrap_or(1));
         }
         self.event(KernelEvent::Exit {
             pid,
@@ -893,5 +899,56 @@ fn a_map_entry_whose_pid_now_names_another_process_is_dropped_not_adopted() {
             .take_actions()
             .iter()
             .any(|a| matches!(a, Action::Unwatch(p) if *p == stale))
+    );
+}
+
+#[test]
+fn a_grandchild_adopted_by_a_subreaper_of_its_own_analysis_is_no_orphan() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    // 100 is a subreaper: when 101 dies, 102 is 100's.
+    let actions = w.exit_to(101, Some(100));
+    assert!(signals(&actions).is_empty(), "adopted, not orphaned");
+    assert_eq!(
+        w.core.tree().get(102).map(|n| (n.ppid, n.orphan)),
+        Some((100, false))
+    );
+    // Reparented to init instead, it is an orphan as before.
+    w.fork(103, 100);
+    w.fork(104, 103);
+    assert_eq!(signals(&w.exit(103)), [(104, Signal::SIGTERM)]);
+}
+
+#[test]
+fn children_not_yet_reparented_are_looked_at_again_before_anything_is_decided() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    let actions = w.exit_to(101, None);
+    assert!(
+        signals(&actions).is_empty(),
+        "nothing decided while /proc names the dead parent"
+    );
+    assert!(
+        w.core
+            .next_wakeup()
+            .is_some_and(|at| at <= w.clock.now + Duration::from_millis(20))
+    );
+    // A moment later the kernel has given it to the analysis' subreaper.
+    w.procs.reparent(102, 100);
+    let actions = w.advance(Duration::from_millis(20));
+    assert!(signals(&actions).is_empty());
+    assert_eq!(w.core.tree().get(102).map(|n| n.ppid), Some(100));
+    // The same, reparented to init: an orphan at the second look.
+    w.fork(103, 100);
+    w.fork(104, 103);
+    w.exit_to(103, None);
+    w.procs.reparent(104, 1);
+    assert_eq!(
+        signals(&w.advance(Duration::from_millis(20))),
+        [(104, Signal::SIGTERM)]
     );
 }
