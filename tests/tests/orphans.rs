@@ -46,7 +46,10 @@ fn a_grandchild_adopted_by_the_analysis_subreaper_lives_on_and_one_reparented_to
     let (reaper, adopted) = start(&daemon, "subreaper")?;
     await_state("the grandchild under the subreaper in the tree", || {
         let tree = daemon.tree(Some("subreaper"))?;
-        let node = all_nodes(&tree).into_iter().find(|n| n.pid == adopted).cloned();
+        let node = all_nodes(&tree)
+            .into_iter()
+            .find(|n| n.pid == adopted)
+            .cloned();
         Ok(node.filter(|n| n.ppid == reaper.pid() && !n.orphan))
     })?;
     let (_plain, orphan) = start(&daemon, "plain")?;

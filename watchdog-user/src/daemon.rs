@@ -54,6 +54,8 @@ pub struct Options {
     pub poll_interval: Duration,
     /// Log every kill that would be made, signal nothing.
     pub dry_run: bool,
+    /// What the per-process memory limit compares.
+    pub memory_metric: crate::policy::MemoryMetric,
     /// The database, or why its URL was refused (the daemon then runs, spooling).
     pub database: Result<DatabaseUrl, String>,
     /// Where the spool (and other state) lives.
@@ -128,6 +130,7 @@ pub async fn run(options: Options) -> Result<()> {
         defaults: options.defaults.clone(),
         dry_run: options.dry_run,
         machine_memory: read_machine_memory(),
+        memory_metric: options.memory_metric,
     };
     if let Some(warning) = settings.unreachable_default() {
         tracing::warn!("{warning}");
@@ -597,6 +600,7 @@ impl Daemon {
             defaults: new.defaults.clone(),
             dry_run: new.dry_run,
             machine_memory: self.core.settings().machine_memory,
+            memory_metric: new.memory_metric,
         };
         if let Some(warning) = settings.unreachable_default() {
             tracing::warn!("{warning}");

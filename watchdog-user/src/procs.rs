@@ -120,6 +120,9 @@ pub trait Procs {
     fn details(&self, pid: u32) -> Details;
     /// Its RSS now, 0 when it is gone.
     fn rss_bytes(&self, pid: u32) -> u64;
+    /// Its proportional set size now (a shared page counts 1/N in each of the N
+    /// processes sharing it); None when it is gone or unreadable.
+    fn pss_bytes(&self, pid: u32) -> Option<u64>;
 }
 
 /// The real /proc.
@@ -147,6 +150,19 @@ impl Procs for SysProcs {
     fn rss_bytes(&self, pid: u32) -> u64 {
         rss_bytes(pid)
     }
+
+    fn pss_bytes(&self, pid: u32) -> Option<u64> {
+        pss_bytes(pid)
+    }
+}
+
+/// PSS from /proc/PID/smaps_rollup (kernel 4.14+): one file, summed by the kernel over
+/// the address space. Costs a walk of the process' page tables: see BENCHMARKS.md.
+pub fn pss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The machine's total memory in bytes (MemTotal), through sysinfo; None when it cannot

@@ -11,7 +11,7 @@
 //! join it at once, and a dying analysis kills whatever later appears in it.
 
 use std::{
-    collections::{BTreeMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -40,6 +40,9 @@ pub const DYING_LINGER: Duration = Duration::from_secs(1);
 /// How long after a parent's exit its children are looked at again when /proc did not
 /// show them reparented yet (the exit event is sent before the kernel reparents).
 const REPARENT_RECHECK: Duration = Duration::from_millis(20);
+/// With an analysis over its tree limit by RSS but not by PSS, the PSS is measured
+/// again once the RSS sum grows by this part of the limit (and at every poll).
+const PSS_REMEASURE_PART: u64 = 32;
 
 /// The time, as the driver read it once for this input.
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +113,8 @@ pub struct Settings {
     /// The machine's total memory, bytes (read once at start; None if unreadable): no
     /// process' RSS can exceed it, so a per-process limit above it is refused.
     pub machine_memory: Option<u64>,
+    /// What the per-process limit compares (the tree limit always counts PSS).
+    pub memory_metric: policy::MemoryMetric,
 }
 
 impl Settings {
@@ -199,6 +204,10 @@ pub struct Core {
     /// Children of a dead parent that /proc did not yet show reparented, and when to
     /// look again (once): until then nobody can tell adopted from orphaned.
     reparent_checks: BTreeMap<u32, Instant>,
+    /// Analyses whose RSS sum is over their tree limit while their PSS sum was not:
+    /// the RSS sum at that measure (PSS is measured again once RSS grows further, and
+    /// at every poll).
+    pss_under: HashMap<AnalysisKey, u64>,
     /// Processes the kernel map could not take (full, or out of memory), by pid: in
     /// the tree, but the kernel reports neither their forks nor their exit, so they
     /// are handed back to the map as soon as it has room (see [`Core::untracked`]).
@@ -232,6 +241,7 @@ impl Core {
             resynced_at_ns: 0,
             lingering: BTreeMap::new(),
             reparent_checks: BTreeMap::new(),
+            pss_under: HashMap::new(),
             untracked: BTreeMap::new(),
         }
     }
@@ -573,6 +583,9 @@ impl Core {
             }
         }
         for key in analyses {
+            // Writes to shared pages (copy-on-write) raise the PSS, not the RSS: the
+            // poll measures again whatever is over its limit by RSS.
+            self.pss_under.remove(&key);
             let sum = self.tree.rss_sum(key);
             self.check_tree_memory(key, sum, procs, clock);
         }
@@ -587,10 +600,16 @@ impl Core {
         let Some(limit) = self.registry.get(analysis).map(|a| a.limits.memory_bytes) else {
             return;
         };
-        if node.rss_bytes() <= limit
-            || self.jobs.iter().any(|j| j.has_target(pid))
-            || !self.tree.mark_memory_violated(pid)
+        if node.rss_bytes() <= limit || self.jobs.iter().any(|j| j.has_target(pid)) {
+            return;
+        }
+        // RSS is an upper bound of PSS: only a crossing by RSS needs the PSS read.
+        if self.settings.memory_metric == policy::MemoryMetric::Pss
+            && procs.pss_bytes(pid).is_none_or(|pss| pss <= limit)
         {
+            return;
+        }
+        if !self.tree.mark_memory_violated(pid) {
             return;
         }
         self.start_kill(
@@ -612,14 +631,43 @@ impl Core {
         else {
             return;
         };
-        if sum > limit && self.kill_analysis(key, Reason::TreeMemory, Some(limit), procs, clock) {
-            tracing::warn!(
-                analysis_id = self.registry.id(key).unwrap_or_default(),
-                sum,
-                limit,
-                "tree memory limit crossed"
-            );
+        // The RSS sum counts a page shared by N processes N times (a pool forked from
+        // a parent holding its data): it is an upper bound, and only once it crosses
+        // is the PSS sum, which counts every page once, measured and compared.
+        if sum <= limit || self.registry.violation(key).is_some() {
+            return;
         }
+        let measured_at = self.pss_under.get(&key).copied();
+        if measured_at.is_some_and(|at| sum < at.saturating_add(limit / PSS_REMEASURE_PART)) {
+            return;
+        }
+        let pss: u64 = self
+            .tree
+            .members(key)
+            .into_iter()
+            .map(|pid| procs.pss_bytes(pid).unwrap_or(0))
+            .sum();
+        let analysis_id = self.registry.id(key).unwrap_or_default().to_string();
+        if pss <= limit {
+            tracing::debug!(
+                analysis_id,
+                rss_sum = sum,
+                pss,
+                limit,
+                "over the tree limit by RSS only: shared pages"
+            );
+            self.pss_under.insert(key, sum);
+            return;
+        }
+        self.pss_under.remove(&key);
+        tracing::warn!(
+            analysis_id,
+            pss,
+            rss_sum = sum,
+            limit,
+            "tree memory limit crossed"
+        );
+        self.kill_analysis(key, Reason::TreeMemory, Some(limit), procs, clock);
     }
 
     // ---- orphans -------------------------------------------------------------------

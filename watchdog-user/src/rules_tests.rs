@@ -14,7 +14,7 @@ const MIB: u64 = 1 << 20;
 
 /// /proc as the test says it is: living processes by pid.
 #[derive(Default)]
-struct FakeProcs(RefCell<HashMap<u32, ProcInfo>>);
+struct FakeProcs(RefCell<HashMap<u32, ProcInfo>>, RefCell<HashMap<u32, u64>>);
 
 impl FakeProcs {
     fn spawn(&self, pid: u32, ppid: u32, start_ns: u64) -> ProcInfo {
@@ -56,6 +56,10 @@ impl Procs for FakeProcs {
 
     fn rss_bytes(&self, _pid: u32) -> u64 {
         0
+    }
+
+    fn pss_bytes(&self, pid: u32) -> Option<u64> {
+        self.1.borrow().get(&pid).copied()
     }
 }
 
@@ -104,6 +108,7 @@ impl World {
                     defaults,
                     dry_run,
                     machine_memory: None,
+                    memory_metric: policy::MemoryMetric::Rss,
                 },
                 "host".into(),
                 SELF_PID,
@@ -187,7 +192,20 @@ impl World {
         })
     }
 
+    /// The kernel reports `pid`'s RSS; its pages are its own (PSS = RSS) unless the
+    /// test says otherwise with [`Self::pss`].
     fn rss(&mut self, pid: u32, rss_bytes: u64) -> Vec<Action> {
+        self.pss(pid, rss_bytes);
+        self.rss_shared(pid, rss_bytes)
+    }
+
+    /// What /proc/PID/smaps_rollup says of `pid`.
+    fn pss(&mut self, pid: u32, pss_bytes: u64) {
+        self.procs.1.borrow_mut().insert(pid, pss_bytes);
+    }
+
+    /// The kernel reports `pid`'s RSS; its PSS stays what the test set.
+    fn rss_shared(&mut self, pid: u32, rss_bytes: u64) -> Vec<Action> {
         let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
         self.event(KernelEvent::Rss {
             pid,
@@ -950,5 +968,101 @@ fn children_not_yet_reparented_are_looked_at_again_before_anything_is_decided() 
     assert_eq!(
         signals(&w.advance(Duration::from_millis(20))),
         [(104, Signal::SIGTERM)]
+    );
+}
+
+#[test]
+fn a_pool_sharing_its_parents_pages_is_measured_by_pss_and_lives_under_the_tree_limit() {
+    let mut w = World::new();
+    let tree = LimitOverrides {
+        tree_memory_bytes: Some(1024 * MIB),
+        memory_bytes: Some(4096 * MIB),
+        ..Default::default()
+    };
+    w.register(100, "pool", tree);
+    // A parent holding 600 MiB forks 3 workers sharing it: RSS 4 x 600, PSS 4 x 150.
+    for pid in 101..104 {
+        w.fork(pid, 100);
+    }
+    for pid in 100..104 {
+        w.pss(pid, 150 * MIB);
+    }
+    for pid in 100..104 {
+        assert!(
+            signals(&w.rss_shared(pid, 600 * MIB)).is_empty(),
+            "2.4 GiB of RSS, 600 MiB of PSS"
+        );
+    }
+    // Each worker writes its own 300 MiB copy: the PSS sum passes 1 GiB.
+    for pid in 101..104 {
+        w.pss(pid, 450 * MIB);
+    }
+    let actions = w.rss_shared(101, 900 * MIB);
+    assert_eq!(
+        signals(&actions).len(),
+        4,
+        "the analysis is killed once its PSS crosses"
+    );
+    assert_eq!(
+        w.core.registry().get(w.key("pool")).unwrap().violation,
+        Some((Reason::TreeMemory, Some(1024 * MIB)))
+    );
+}
+
+#[test]
+fn copy_on_write_raises_pss_without_rss_and_the_poll_measures_it_again() {
+    let mut w = World::new();
+    let tree = LimitOverrides {
+        tree_memory_bytes: Some(1024 * MIB),
+        memory_bytes: Some(4096 * MIB),
+        ..Default::default()
+    };
+    w.register(100, "pool", tree);
+    w.fork(101, 100);
+    w.pss(100, 300 * MIB);
+    w.pss(101, 300 * MIB);
+    w.rss_shared(100, 600 * MIB);
+    assert!(signals(&w.rss_shared(101, 600 * MIB)).is_empty());
+    // 101 writes to the shared pages: same RSS, its PSS grows; no kernel report.
+    w.pss(101, 800 * MIB);
+    let key = w.key("pool");
+    let samples = [
+        (
+            ProcRef {
+                pid: 100,
+                start_ns: start(100),
+            },
+            600 * MIB,
+        ),
+        (
+            ProcRef {
+                pid: 101,
+                start_ns: start(101),
+            },
+            600 * MIB,
+        ),
+    ];
+    w.core.on_poll(&samples, &w.procs, &w.clock);
+    assert_eq!(signals(&w.core.take_actions()).len(), 2);
+    assert!(w.core.registry().get(key).unwrap().violation.is_some());
+}
+
+#[test]
+fn with_the_pss_metric_a_process_over_its_limit_by_shared_pages_only_lives() {
+    let mut w = World::new(); // 100 MiB per process
+    w.core.set_settings(Settings {
+        memory_metric: policy::MemoryMetric::Pss,
+        ..w.core.settings().clone()
+    });
+    w.register(100, "a", LimitOverrides::default());
+    w.pss(100, 60 * MIB);
+    assert!(
+        signals(&w.rss_shared(100, 150 * MIB)).is_empty(),
+        "PSS 60 MiB"
+    );
+    w.pss(100, 120 * MIB);
+    assert_eq!(
+        signals(&w.rss_shared(100, 160 * MIB)),
+        [(100, Signal::SIGTERM)]
     );
 }
