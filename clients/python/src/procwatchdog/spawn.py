@@ -148,7 +148,13 @@ class Watch:
     itself is not watched: it is never killed. At the end of the block the analysis is
     unregistered: what still runs from it is no longer watched.
 
-    ``pids``: the children registered so far. ``client``, ``analysis_id``, ``limits``.
+    The timeout counts from the first process the block starts (the daemon makes the
+    analysis then, and forgets it once all its processes have ended). What the block
+    starts is, like any registered process, killed as an orphan (``orphans="kill"``) if
+    this process dies while it runs.
+
+    ``pids``: the subprocess children registered so far (a child of ``os.fork``
+    registers itself, in its own copy). ``client``, ``analysis_id``, ``limits``.
     """
 
     def __init__(self, analysis_id: str, *, client: Optional[Client] = None, **limits: Any):
@@ -158,6 +164,7 @@ class Watch:
         self.analysis_id = analysis_id
         self.limits = _limits(**limits)
         self.pids: List[int] = []
+        self.forked = False  # an os.fork child (which registers itself) was started
 
     def __repr__(self) -> str:
         return f"Watch({self.analysis_id!r}, client={self.client!r})"
@@ -177,8 +184,8 @@ class Watch:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         with _lock:
             _active.remove(self)
-        if not self.pids:
-            return
+        if not (self.pids or self.forked):
+            return  # nothing was started: the daemon never heard of this block
         try:
             self.client.unregister(analysis_id=self.analysis_id)
         except NotFound:
@@ -206,6 +213,12 @@ def _watched_init(self: subprocess.Popen, *args: Any, **kwargs: Any) -> None:
     if arguments.get("preexec_fn") is None:
         arguments.pop("preexec_fn", None)
     _start_gated(functools.partial(_original_init, self), popen_args, {**arguments, **extra}, watch.register)
+
+
+def _before_fork() -> None:
+    watch = _current()
+    if watch is not None and not getattr(_local, "gating", 0):
+        watch.forked = True
 
 
 def _after_fork_in_child() -> None:
@@ -239,5 +252,5 @@ def _install_hooks() -> None:
         if _hooks_installed:
             return
         subprocess.Popen.__init__ = _watched_init  # type: ignore[method-assign]
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
         _hooks_installed = True

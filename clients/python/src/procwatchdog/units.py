@@ -145,7 +145,7 @@ def parse_duration_ms(value: Duration, what: str = "duration") -> int:
     if ms == 0:
         raise ValueError(
             f"invalid {what} {shown}: it is less than a millisecond, the smallest unit the "
-            "daemon counts; use at least 1ms"
+            "daemon counts: use at least 1ms, such as 90s or 30m"
         )
     if ms > _U64_MAX:
         raise ValueError(f"invalid {what} {shown}: it is too long")
