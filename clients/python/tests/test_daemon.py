@@ -205,3 +205,34 @@ def test_register_unregister_tree_and_status(as_user, daemon):
     assert seen["status"]["kind"] == "status" and seen["status"]["version"]
     assert seen["gone"] == {"kind": "unregistered", "removed": 1}
     assert seen["after"]["roots"] == []
+
+
+def test_watch_block_registers_multiprocessing_fork_workers(as_user):
+    seen = as_user(
+        """
+        import multiprocessing
+
+        def where(_):
+            return os.getpid()
+
+        with wd.watch("py-pool", timeout="5m") as w:
+            with multiprocessing.get_context("fork").Pool(2) as pool:
+                workers = sorted(set(pool.map(where, range(20))))
+                watched = sorted(n["pid"] for n in wd.tree("py-pool")["roots"])
+        out({"workers": workers, "watched": watched, "me": os.getpid(), "pids": w.pids})
+        """
+    )
+    assert seen["workers"] and set(seen["workers"]) <= set(seen["watched"])
+    assert seen["me"] not in seen["watched"], "the process that opened the block is never watched"
+
+
+def test_popen_of_a_missing_command_raises_and_leaves_nothing_watched(as_user):
+    seen = as_user(
+        """
+        err = error_of(lambda: wd.Popen(["/nonexistent/command"], "py-missing", timeout="1m"))
+        time.sleep(0.5)
+        out({"err": err, "tree": wd.tree("py-missing")})
+        """
+    )
+    assert seen["err"]["type"] == "FileNotFoundError"
+    assert seen["tree"]["roots"] == []
