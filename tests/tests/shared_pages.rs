@@ -52,7 +52,10 @@ fn a_pool_sharing_its_parents_data_lives_under_a_tree_limit_its_summed_rss_cross
     assert_eq!(shared.read_line()?, "ready");
     let rss_sum: u64 = await_state("the shared pool's RSS over 500 MiB", || {
         let tree = daemon.tree(Some("share"))?;
-        let sum: u64 = watchdog_tests::all_nodes(&tree).iter().map(|n| n.rss_bytes).sum();
+        let sum: u64 = watchdog_tests::all_nodes(&tree)
+            .iter()
+            .map(|n| n.rss_bytes)
+            .sum();
         Ok((sum > 500 << 20).then_some(sum))
     })?;
     let writers = pool(&daemon, "write")?;
@@ -64,16 +67,26 @@ fn a_pool_sharing_its_parents_data_lives_under_a_tree_limit_its_summed_rss_cross
             .collect();
         Ok((records.len() == 4).then_some(records))
     })?;
-    assert!(records.iter().all(|r| r["reason"] == "tree_memory"), "{records:?}");
+    assert!(
+        records.iter().all(|r| r["reason"] == "tree_memory"),
+        "{records:?}"
+    );
     await_state("nothing of the writing pool left", || {
         Ok(alive_in_group(writers.pid()).is_empty().then_some(()))
     })?;
     // The poll that killed the writers measured the sharing pool too.
-    assert_eq!(alive_in_group(shared.pid()).len(), 4, "the sharing pool lives");
+    assert_eq!(
+        alive_in_group(shared.pid()).len(),
+        4,
+        "the sharing pool lives"
+    );
     assert!(
         daemon.events()?.iter().all(|r| r["analysis_id"] != "share"),
         "no record for the sharing pool"
     );
-    eprintln!("sharing pool: RSS sum {} MiB under a 500 MiB tree limit", rss_sum >> 20);
+    eprintln!(
+        "sharing pool: RSS sum {} MiB under a 500 MiB tree limit",
+        rss_sum >> 20
+    );
     Ok(())
 }

@@ -110,7 +110,10 @@ fn pss_cost(daemon: &Daemon) -> Result<f64> {
             .iter()
             .filter(|&&pid| watchdog_user::procs::pss_bytes(pid).is_some())
             .count();
-        anyhow::ensure!(read == pids.len(), "PSS unreadable for some watched processes");
+        anyhow::ensure!(
+            read == pids.len(),
+            "PSS unreadable for some watched processes"
+        );
         runs.push(started.elapsed().as_secs_f64() * 1e3);
     }
     Ok(median(runs))
@@ -124,7 +127,11 @@ fn main() -> Result<()> {
 
     // 5. Overhead.
     let bare = spawn_cost()?;
-    let daemon = Daemon::start_with(&[], &["--poll-interval", "1s"])?;
+    // 10,000 watched processes in one analysis: past the default process limit.
+    let daemon = Daemon::start_with(
+        &[],
+        &["--poll-interval", "1s", "--default-max-processes", "0"],
+    )?;
     let idle_rss = rss_kib(daemon.pid())?;
     let attached = spawn_cost()?;
     let mut storm = spawn_forker(20_000, true)?;
