@@ -88,6 +88,11 @@ pub struct RunArgs {
     /// Log every kill that would be made; signal nothing.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub dry_run: Option<bool>,
+    /// What the per-process memory limit compares: rss (resident pages, shared ones in
+    /// full) or pss (a page shared by N processes counts 1/N) [default: rss]. The tree
+    /// limit always counts PSS.
+    #[arg(long, value_enum)]
+    pub memory_metric: Option<policy::MemoryMetric>,
     /// Log the kernel programs' error reports (read with aya-log; off: they write none).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub kernel_log: Option<bool>,
@@ -171,6 +176,7 @@ impl RunArgs {
             default_max_processes: self.default_max_processes.or(file.default_max_processes),
             poll_interval: self.poll_interval.clone().or(file.poll_interval),
             dry_run: self.dry_run.or(file.dry_run),
+            memory_metric: self.memory_metric.or(file.memory_metric),
             kernel_log: self.kernel_log.or(file.kernel_log),
             ring_bytes: self.ring_bytes,
             watched_capacity: self.watched_capacity,
@@ -228,6 +234,7 @@ impl RunArgs {
             },
             poll_interval: duration("poll-interval", &all.poll_interval, "30s")?,
             dry_run: all.dry_run.unwrap_or(false),
+            memory_metric: all.memory_metric.unwrap_or_default(),
             database: DatabaseUrl::parse(database_url),
             state_dir: all.state_dir.unwrap_or_else(|| "/var/lib/watchdog".into()),
             pin_dir: all.pin_dir.unwrap_or_else(|| "/sys/fs/bpf/watchdog".into()),

@@ -59,6 +59,8 @@ pub struct Options {
     pub poll_interval: Duration,
     /// Log every kill that would be made, signal nothing.
     pub dry_run: bool,
+    /// What the per-process memory limit compares.
+    pub memory_metric: crate::policy::MemoryMetric,
     /// The database, or why its URL was refused (the daemon then runs, spooling).
     pub database: Result<DatabaseUrl, String>,
     /// Where the spool (and other state) lives.
@@ -145,6 +147,7 @@ pub async fn run(options: Options) -> Result<()> {
         dry_run: options.dry_run,
         machine_memory: read_machine_memory(),
         admin_gid: admin_gid(options.admin_group.as_deref()),
+        memory_metric: options.memory_metric,
     };
     if let Some(warning) = settings.unreachable_default() {
         tracing::warn!("{warning}");
@@ -660,6 +663,7 @@ impl Daemon {
             dry_run: new.dry_run,
             machine_memory: self.core.settings().machine_memory,
             admin_gid: admin_gid(new.admin_group.as_deref()),
+            memory_metric: new.memory_metric,
         };
         if let Some(warning) = settings.unreachable_default() {
             tracing::warn!("{warning}");

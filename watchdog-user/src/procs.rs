@@ -123,6 +123,9 @@ pub trait Procs {
     /// The real uid of `process` (the first field of /proc/PID/status `Uid:`): who runs
     /// it. None when it is gone, or its pid names another process now.
     fn real_uid(&self, process: crate::tree::ProcRef) -> Option<u32>;
+    /// Its proportional set size now (a shared page counts 1/N in each of the N
+    /// processes sharing it); None when it is gone or unreadable.
+    fn pss_bytes(&self, pid: u32) -> Option<u64>;
 }
 
 /// The real /proc.
@@ -154,6 +157,10 @@ impl Procs for SysProcs {
     fn real_uid(&self, process: crate::tree::ProcRef) -> Option<u32> {
         real_uid(process)
     }
+
+    fn pss_bytes(&self, pid: u32) -> Option<u64> {
+        pss_bytes(pid)
+    }
 }
 
 /// The real uid of `process`, None when it is gone or its pid was recycled. Both reads
@@ -166,6 +173,15 @@ pub fn real_uid(process: crate::tree::ProcRef) -> Option<u32> {
         return None;
     }
     Some(handle.status().ok()?.ruid)
+}
+
+/// PSS from /proc/PID/smaps_rollup (kernel 4.14+): one file, summed by the kernel over
+/// the address space. Costs a walk of the process' page tables: see BENCHMARKS.md.
+pub fn pss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The machine's total memory in bytes (MemTotal), through sysinfo; None when it cannot

@@ -15,7 +15,7 @@
 //! ([`Core::check_register`], [`Core::check_descendants`], [`Core::unregister`]).
 
 use std::{
-    collections::{BTreeMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -42,6 +42,12 @@ const RECORDS_KEPT: usize = 10_000;
 /// comes back with the next resync (the loss check runs every 200 ms) and is killed,
 /// instead of finding its analysis forgotten and escaping.
 pub const DYING_LINGER: Duration = Duration::from_secs(1);
+/// How long after a parent's exit its children are looked at again when /proc did not
+/// show them reparented yet (the exit event is sent before the kernel reparents).
+const REPARENT_RECHECK: Duration = Duration::from_millis(20);
+/// With an analysis over its tree limit by RSS but not by PSS, the PSS is measured
+/// again once the RSS sum grows by this part of the limit (and at every poll).
+const PSS_REMEASURE_PART: u64 = 32;
 
 /// The time, as the driver read it once for this input.
 #[derive(Clone, Copy, Debug)]
@@ -124,6 +130,8 @@ pub struct Settings {
     pub machine_memory: Option<u64>,
     /// Members of this group (`--admin-group`) may do everything root may.
     pub admin_gid: Option<u32>,
+    /// What the per-process limit compares (the tree limit always counts PSS).
+    pub memory_metric: policy::MemoryMetric,
 }
 
 impl Settings {
@@ -214,6 +222,13 @@ pub struct Core {
     resynced_at_ns: u64,
     /// Killed analyses with no member left, and when they are forgotten.
     lingering: BTreeMap<AnalysisKey, Instant>,
+    /// Children of a dead parent that /proc did not yet show reparented, and when to
+    /// look again (once): until then nobody can tell adopted from orphaned.
+    reparent_checks: BTreeMap<u32, Instant>,
+    /// Analyses whose RSS sum is over their tree limit while their PSS sum was not:
+    /// the RSS sum at that measure (PSS is measured again once RSS grows further, and
+    /// at every poll).
+    pss_under: HashMap<AnalysisKey, u64>,
     /// Processes the kernel map could not take (full, or out of memory), by pid: in
     /// the tree, but the kernel reports neither their forks nor their exit, so they
     /// are handed back to the map as soon as it has room (see [`Core::untracked`]).
@@ -246,6 +261,8 @@ impl Core {
             processes_dirty: true,
             resynced_at_ns: 0,
             lingering: BTreeMap::new(),
+            reparent_checks: BTreeMap::new(),
+            pss_under: HashMap::new(),
             untracked: BTreeMap::new(),
         }
     }
@@ -299,11 +316,13 @@ impl Core {
     pub fn next_wakeup(&self) -> Option<Instant> {
         let graces = self.jobs.iter().filter_map(KillJob::wakeup);
         let lingering = self.lingering.values().copied();
+        let rechecks = self.reparent_checks.values().copied();
         self.registry
             .next_deadline()
             .into_iter()
             .chain(graces)
             .chain(lingering)
+            .chain(rechecks)
             .min()
     }
 
@@ -517,7 +536,7 @@ impl Core {
         let children: Vec<u32> = self.tree.children_of(process.pid).collect();
         self.remove(process.pid);
         for child in children {
-            self.orphaned(child, procs, clock);
+            self.parent_gone(child, false, procs, clock);
         }
     }
 
@@ -585,6 +604,9 @@ impl Core {
             }
         }
         for key in analyses {
+            // Writes to shared pages (copy-on-write) raise the PSS, not the RSS: the
+            // poll measures again whatever is over its limit by RSS.
+            self.pss_under.remove(&key);
             let sum = self.tree.rss_sum(key);
             self.check_tree_memory(key, sum, procs, clock);
         }
@@ -599,10 +621,16 @@ impl Core {
         let Some(limit) = self.registry.get(analysis).map(|a| a.limits.memory_bytes) else {
             return;
         };
-        if node.rss_bytes() <= limit
-            || self.jobs.iter().any(|j| j.has_target(pid))
-            || !self.tree.mark_memory_violated(pid)
+        if node.rss_bytes() <= limit || self.jobs.iter().any(|j| j.has_target(pid)) {
+            return;
+        }
+        // RSS is an upper bound of PSS: only a crossing by RSS needs the PSS read.
+        if self.settings.memory_metric == policy::MemoryMetric::Pss
+            && procs.pss_bytes(pid).is_none_or(|pss| pss <= limit)
         {
+            return;
+        }
+        if !self.tree.mark_memory_violated(pid) {
             return;
         }
         self.start_kill(
@@ -624,17 +652,79 @@ impl Core {
         else {
             return;
         };
-        if sum > limit && self.kill_analysis(key, Reason::TreeMemory, Some(limit), procs, clock) {
-            tracing::warn!(
-                analysis_id = self.registry.id(key).unwrap_or_default(),
-                sum,
-                limit,
-                "tree memory limit crossed"
-            );
+        // The RSS sum counts a page shared by N processes N times (a pool forked from
+        // a parent holding its data): it is an upper bound, and only once it crosses
+        // is the PSS sum, which counts every page once, measured and compared.
+        if sum <= limit || self.registry.violation(key).is_some() {
+            return;
         }
+        let measured_at = self.pss_under.get(&key).copied();
+        if measured_at.is_some_and(|at| sum < at.saturating_add(limit / PSS_REMEASURE_PART)) {
+            return;
+        }
+        let pss: u64 = self
+            .tree
+            .members(key)
+            .into_iter()
+            .map(|pid| procs.pss_bytes(pid).unwrap_or(0))
+            .sum();
+        let analysis_id = self.registry.id(key).unwrap_or_default().to_string();
+        if pss <= limit {
+            tracing::debug!(
+                analysis_id,
+                rss_sum = sum,
+                pss,
+                limit,
+                "over the tree limit by RSS only: shared pages"
+            );
+            self.pss_under.insert(key, sum);
+            return;
+        }
+        self.pss_under.remove(&key);
+        tracing::warn!(
+            analysis_id,
+            pss,
+            rss_sum = sum,
+            limit,
+            "tree memory limit crossed"
+        );
+        self.kill_analysis(key, Reason::TreeMemory, Some(limit), procs, clock);
     }
 
     // ---- orphans -------------------------------------------------------------------
+
+    /// `pid`'s parent died. Adopted by a process of its own analysis (a subreaper the
+    /// analysis runs: tini, a job runner, `PR_SET_CHILD_SUBREAPER`), it is no orphan:
+    /// the tree follows the kernel and nobody is signalled. Reparented anywhere else
+    /// (init, a subreaper outside the analysis) it is an orphan. The exit event can
+    /// come before the kernel has reparented the children: then /proc still names the
+    /// dead parent, and the question is asked again once, a moment later.
+    fn parent_gone(&mut self, pid: u32, rechecked: bool, procs: &dyn Procs, clock: &Clock) {
+        let Some(node) = self.tree.get(pid) else {
+            return;
+        };
+        let (analysis, start_ns, old_ppid) = (node.analysis, node.start_ns, node.ppid);
+        let Some(now) = procs.read(pid).filter(|p| same_start(p.start_ns, start_ns)) else {
+            return; // Dead too: no orphan.
+        };
+        if now.ppid == old_ppid && !rechecked {
+            self.reparent_checks
+                .insert(pid, clock.now + REPARENT_RECHECK);
+            return;
+        }
+        let adopter = self.tree.get(now.ppid).map(|n| n.analysis);
+        if now.ppid != old_ppid && adopter == Some(analysis) {
+            tracing::debug!(
+                pid,
+                adopter = now.ppid,
+                "adopted inside its analysis: no orphan"
+            );
+            self.tree.reparent(pid, now.ppid);
+            self.processes_dirty = true;
+            return;
+        }
+        self.orphaned(pid, procs, clock);
+    }
 
     /// `pid` lives on after its parent died: flag it, then kill or log it (and its
     /// subtree) by its analysis' policy, unless a kill already covers it.
@@ -822,6 +912,16 @@ impl Core {
             .collect();
         for key in expired {
             self.forget_if_finished(key, clock);
+        }
+        let rechecks: Vec<u32> = self
+            .reparent_checks
+            .iter()
+            .filter(|(_, at)| **at <= clock.now)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in rechecks {
+            self.reparent_checks.remove(&pid);
+            self.parent_gone(pid, true, procs, clock);
         }
         self.finish_done_jobs(clock);
     }

@@ -12,10 +12,14 @@ use crate::{access::Peer, ingest::KernelEvent, kill::SignalOrder, procs::Details
 const SELF_PID: u32 = 999;
 const MIB: u64 = 1 << 20;
 
-/// /proc as the test says it is: living processes by pid, and the real uids of those
-/// that do not run as root.
+/// /proc as the test says it is: living processes by pid, the PSS of those that have
+/// one, and the real uids of those that do not run as root.
 #[derive(Default)]
-struct FakeProcs(RefCell<HashMap<u32, ProcInfo>>, RefCell<HashMap<u32, u32>>);
+struct FakeProcs(
+    RefCell<HashMap<u32, ProcInfo>>,
+    RefCell<HashMap<u32, u64>>,
+    RefCell<HashMap<u32, u32>>,
+);
 
 impl FakeProcs {
     fn spawn(&self, pid: u32, ppid: u32, start_ns: u64) -> ProcInfo {
@@ -33,7 +37,7 @@ impl FakeProcs {
 
     /// A process that runs as `uid`.
     fn spawn_as(&self, pid: u32, ppid: u32, uid: u32) -> ProcInfo {
-        self.1.borrow_mut().insert(pid, uid);
+        self.2.borrow_mut().insert(pid, uid);
         self.spawn(pid, ppid, start(pid))
     }
 
@@ -65,10 +69,14 @@ impl Procs for FakeProcs {
         0
     }
 
+    fn pss_bytes(&self, pid: u32) -> Option<u64> {
+        self.1.borrow().get(&pid).copied()
+    }
+
     fn real_uid(&self, process: ProcRef) -> Option<u32> {
         let info = self.read(process.pid)?;
         same_start(info.start_ns, process.start_ns)
-            .then(|| self.1.borrow().get(&process.pid).copied().unwrap_or(0))
+            .then(|| self.2.borrow().get(&process.pid).copied().unwrap_or(0))
     }
 }
 
@@ -118,6 +126,7 @@ impl World {
                     dry_run,
                     machine_memory: None,
                     admin_gid: None,
+                    memory_metric: policy::MemoryMetric::Rss,
                 },
                 "host".into(),
                 SELF_PID,
@@ -174,6 +183,12 @@ impl World {
 
     /// `pid` exits; its living children are reparented to init, as the kernel does.
     fn exit(&mut self, pid: u32) -> Vec<Action> {
+        self.exit_to(pid, Some(1))
+    }
+
+    /// `pid` exits; its living children go to `adopter` (a subreaper), or stay with
+    /// the dead parent in /proc for now (None: the kernel has not reparented them yet).
+    fn exit_to(&mut self, pid: u32, adopter: Option<u32>) -> Vec<Action> {
         let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
         self.procs.die(pid);
         let children: Vec<u32> = self
@@ -184,8 +199,8 @@ impl World {
             .filter(|p| p.ppid == pid)
             .map(|p| p.pid)
             .collect();
-        for child in children {
-            self.procs.reparent(child, 1);
+        for child in children.iter().filter(|_| adopter.is_some()) {
+            self.procs.reparent(*child, adopter.unwrap_or(1));
         }
         self.event(KernelEvent::Exit {
             pid,
@@ -195,7 +210,20 @@ impl World {
         })
     }
 
+    /// The kernel reports `pid`'s RSS; its pages are its own (PSS = RSS) unless the
+    /// test says otherwise with [`Self::pss`].
     fn rss(&mut self, pid: u32, rss_bytes: u64) -> Vec<Action> {
+        self.pss(pid, rss_bytes);
+        self.rss_shared(pid, rss_bytes)
+    }
+
+    /// What /proc/PID/smaps_rollup says of `pid`.
+    fn pss(&mut self, pid: u32, pss_bytes: u64) {
+        self.procs.1.borrow_mut().insert(pid, pss_bytes);
+    }
+
+    /// The kernel reports `pid`'s RSS; its PSS stays what the test set.
+    fn rss_shared(&mut self, pid: u32, rss_bytes: u64) -> Vec<Action> {
         let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
         self.event(KernelEvent::Rss {
             pid,
@@ -1179,4 +1207,151 @@ fn the_owner_is_in_dump_tree_kill_records_and_the_process_table() {
     let killed = records(&actions);
     assert_eq!(killed.len(), 1);
     assert_eq!(killed[0].owner_uid, Some(ALICE));
+}
+
+#[test]
+fn a_grandchild_adopted_by_a_subreaper_of_its_own_analysis_is_no_orphan() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    // 100 is a subreaper: when 101 dies, 102 is 100's.
+    let actions = w.exit_to(101, Some(100));
+    assert!(signals(&actions).is_empty(), "adopted, not orphaned");
+    assert_eq!(
+        w.core.tree().get(102).map(|n| (n.ppid, n.orphan)),
+        Some((100, false))
+    );
+    // Reparented to init instead, it is an orphan as before.
+    w.fork(103, 100);
+    w.fork(104, 103);
+    assert_eq!(signals(&w.exit(103)), [(104, Signal::SIGTERM)]);
+}
+
+#[test]
+fn children_not_yet_reparented_are_looked_at_again_before_anything_is_decided() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    let actions = w.exit_to(101, None);
+    assert!(
+        signals(&actions).is_empty(),
+        "nothing decided while /proc names the dead parent"
+    );
+    assert!(
+        w.core
+            .next_wakeup()
+            .is_some_and(|at| at <= w.clock.now + Duration::from_millis(20))
+    );
+    // A moment later the kernel has given it to the analysis' subreaper.
+    w.procs.reparent(102, 100);
+    let actions = w.advance(Duration::from_millis(20));
+    assert!(signals(&actions).is_empty());
+    assert_eq!(w.core.tree().get(102).map(|n| n.ppid), Some(100));
+    // The same, reparented to init: an orphan at the second look.
+    w.fork(103, 100);
+    w.fork(104, 103);
+    w.exit_to(103, None);
+    w.procs.reparent(104, 1);
+    assert_eq!(
+        signals(&w.advance(Duration::from_millis(20))),
+        [(104, Signal::SIGTERM)]
+    );
+}
+
+#[test]
+fn a_pool_sharing_its_parents_pages_is_measured_by_pss_and_lives_under_the_tree_limit() {
+    let mut w = World::new();
+    let tree = LimitOverrides {
+        tree_memory_bytes: Some(1024 * MIB),
+        memory_bytes: Some(4096 * MIB),
+        ..Default::default()
+    };
+    w.register(100, "pool", tree);
+    // A parent holding 600 MiB forks 3 workers sharing it: RSS 4 x 600, PSS 4 x 150.
+    for pid in 101..104 {
+        w.fork(pid, 100);
+    }
+    for pid in 100..104 {
+        w.pss(pid, 150 * MIB);
+    }
+    for pid in 100..104 {
+        assert!(
+            signals(&w.rss_shared(pid, 600 * MIB)).is_empty(),
+            "2.4 GiB of RSS, 600 MiB of PSS"
+        );
+    }
+    // Each worker writes its own 300 MiB copy: the PSS sum passes 1 GiB.
+    for pid in 101..104 {
+        w.pss(pid, 450 * MIB);
+    }
+    let actions = w.rss_shared(101, 900 * MIB);
+    assert_eq!(
+        signals(&actions).len(),
+        4,
+        "the analysis is killed once its PSS crosses"
+    );
+    assert_eq!(
+        w.core.registry().get(w.key("pool")).unwrap().violation,
+        Some((Reason::TreeMemory, Some(1024 * MIB)))
+    );
+}
+
+#[test]
+fn copy_on_write_raises_pss_without_rss_and_the_poll_measures_it_again() {
+    let mut w = World::new();
+    let tree = LimitOverrides {
+        tree_memory_bytes: Some(1024 * MIB),
+        memory_bytes: Some(4096 * MIB),
+        ..Default::default()
+    };
+    w.register(100, "pool", tree);
+    w.fork(101, 100);
+    w.pss(100, 300 * MIB);
+    w.pss(101, 300 * MIB);
+    w.rss_shared(100, 600 * MIB);
+    assert!(signals(&w.rss_shared(101, 600 * MIB)).is_empty());
+    // 101 writes to the shared pages: same RSS, its PSS grows; no kernel report.
+    w.pss(101, 800 * MIB);
+    let key = w.key("pool");
+    let samples = [
+        (
+            ProcRef {
+                pid: 100,
+                start_ns: start(100),
+            },
+            600 * MIB,
+        ),
+        (
+            ProcRef {
+                pid: 101,
+                start_ns: start(101),
+            },
+            600 * MIB,
+        ),
+    ];
+    w.core.on_poll(&samples, &w.procs, &w.clock);
+    assert_eq!(signals(&w.core.take_actions()).len(), 2);
+    assert!(w.core.registry().get(key).unwrap().violation.is_some());
+}
+
+#[test]
+fn with_the_pss_metric_a_process_over_its_limit_by_shared_pages_only_lives() {
+    let mut w = World::new(); // 100 MiB per process
+    w.core.set_settings(Settings {
+        memory_metric: policy::MemoryMetric::Pss,
+        ..w.core.settings().clone()
+    });
+    w.register(100, "a", LimitOverrides::default());
+    w.pss(100, 60 * MIB);
+    assert!(
+        signals(&w.rss_shared(100, 150 * MIB)).is_empty(),
+        "PSS 60 MiB"
+    );
+    w.pss(100, 120 * MIB);
+    assert_eq!(
+        signals(&w.rss_shared(100, 160 * MIB)),
+        [(100, Signal::SIGTERM)]
+    );
 }

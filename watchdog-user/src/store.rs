@@ -209,7 +209,8 @@ pub struct EventFilter {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct DbStatus {
-    /// "ok" or "spooling".
+    /// "ok", or "spooling" while the database cannot be reached (records in flight to
+    /// a reachable one show in `spool_depth` only).
     pub state: String,
     pub error: Option<String>,
     pub spool_depth: usize,
@@ -420,12 +421,9 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         DbStatus {
-            state: if down.is_none() && spool.depth() == 0 && spool.held() == 0 {
-                "ok"
-            } else {
-                "spooling"
-            }
-            .into(),
+            // A record merely in flight to a reachable database is no outage: only
+            // an unreachable one makes the daemon spool (the depth says the rest).
+            state: if down.is_none() { "ok" } else { "spooling" }.into(),
             error: down,
             spool_depth: spool.depth(),
             spool_path: spool.path().display().to_string(),
