@@ -172,6 +172,10 @@ pub struct AnalysisEntry {
     pub deadline_unix_ms: u64,
     /// Most processes the analysis may have at once; 0: no limit.
     pub max_processes: u64,
+    /// Uid of the caller that created it: only it (or an admin) may add processes to it
+    /// or unregister it, also after a restart.
+    pub owner_uid: u32,
+    pub _pad: u32,
 }
 
 /// A registered root and the process that launched it: if that one is gone after a

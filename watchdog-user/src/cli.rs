@@ -106,14 +106,23 @@ fn print_analysis(a: &AnalysisView) {
         n => n.to_string(),
     };
     println!(
-        "analysis {}: {} processes (at most {max_processes}), {deadline} (timeout {}), memory {}/process, tree memory {tree_memory}, grace {}, orphans {:?}",
+        "analysis {} (owner {}): {} processes (at most {max_processes}), {deadline} (timeout {}), memory {}/process, tree memory {tree_memory}, grace {}, orphans {:?}",
         a.analysis_id,
+        user(a.owner_uid),
         a.processes,
         humantime::format_duration(Duration::from_millis(a.limits.timeout_ms)),
         size(a.limits.memory_bytes),
         humantime::format_duration(Duration::from_millis(a.limits.grace_ms)),
         a.limits.orphans,
     );
+}
+
+/// A uid with its user's name, when it has one: `uid 1001 (alice)`.
+fn user(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => format!("uid {uid} ({})", user.name),
+        _ => format!("uid {uid}"),
+    }
 }
 
 fn print_node(node: &TreeNode, depth: usize) {
@@ -126,11 +135,12 @@ fn print_node(node: &TreeNode, depth: usize) {
         marks.push_str(&format!("  IN GRACE ({}s left)", left.div_ceil(1000)));
     }
     println!(
-        "{:indent$}{} {}  analysis={}  age={}  rss={}{marks}",
+        "{:indent$}{} {}  analysis={}  owner={}  age={}  rss={}{marks}",
         "",
         node.pid,
         node.comm,
         node.analysis_id,
+        node.owner_uid,
         age,
         size(node.rss_bytes),
         indent = depth * 2

@@ -15,6 +15,7 @@ use crate::{
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/watchdog/watchdog.sock";
+pub const DEFAULT_SOCKET_GROUP: &str = "watchdog";
 const DEFAULT_DATABASE: &str = "sqlite:///var/lib/watchdog/watchdog.db";
 
 /// Every `run` setting; each unset one falls back to the file, then the default.
@@ -28,6 +29,15 @@ pub struct RunArgs {
     /// Control socket [default: /run/watchdog/watchdog.sock].
     #[arg(skip)]
     pub socket: Option<PathBuf>,
+    /// Group given the control socket (root:GROUP, mode 0660): its members may use the
+    /// watchdog, for their own processes. Where it does not exist the socket stays
+    /// root-only [default: watchdog].
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Members of this group may do everything root may: watch and unregister anyone's
+    /// processes and analyses [default: none].
+    #[arg(long)]
+    pub admin_group: Option<String>,
     /// postgres://USER:PASSWORD@HOST/DB or sqlite:///PATH [default: sqlite:///var/lib/watchdog/watchdog.db].
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
@@ -78,6 +88,11 @@ pub struct RunArgs {
     /// Log every kill that would be made; signal nothing.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub dry_run: Option<bool>,
+    /// What the per-process memory limit compares: rss (resident pages, shared ones in
+    /// full) or pss (a page shared by N processes counts 1/N) [default: rss]. The tree
+    /// limit always counts PSS.
+    #[arg(long, value_enum)]
+    pub memory_metric: Option<policy::MemoryMetric>,
     /// Log the kernel programs' error reports (read with aya-log; off: they write none).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub kernel_log: Option<bool>,
@@ -142,6 +157,8 @@ impl RunArgs {
         RunArgs {
             config: self.config.clone(),
             socket: self.socket.clone().or(file.socket),
+            socket_group: self.socket_group.clone().or(file.socket_group),
+            admin_group: self.admin_group.clone().or(file.admin_group),
             database_url: self.database_url.clone().or(file.database_url),
             state_dir: self.state_dir.clone().or(file.state_dir),
             pin_dir: self.pin_dir.clone().or(file.pin_dir),
@@ -159,6 +176,7 @@ impl RunArgs {
             default_max_processes: self.default_max_processes.or(file.default_max_processes),
             poll_interval: self.poll_interval.clone().or(file.poll_interval),
             dry_run: self.dry_run.or(file.dry_run),
+            memory_metric: self.memory_metric.or(file.memory_metric),
             kernel_log: self.kernel_log.or(file.kernel_log),
             ring_bytes: self.ring_bytes,
             watched_capacity: self.watched_capacity,
@@ -185,6 +203,10 @@ impl RunArgs {
         };
         Ok(Options {
             socket: all.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            socket_group: all
+                .socket_group
+                .unwrap_or_else(|| DEFAULT_SOCKET_GROUP.into()),
+            admin_group: all.admin_group,
             btf: all.btf.unwrap_or_else(|| "/sys/kernel/btf/vmlinux".into()),
             ring_bytes: all.ring_bytes,
             watched_capacity: all.watched_capacity,
@@ -212,6 +234,7 @@ impl RunArgs {
             },
             poll_interval: duration("poll-interval", &all.poll_interval, "30s")?,
             dry_run: all.dry_run.unwrap_or(false),
+            memory_metric: all.memory_metric.unwrap_or_default(),
             database: DatabaseUrl::parse(database_url),
             state_dir: all.state_dir.unwrap_or_else(|| "/var/lib/watchdog".into()),
             pin_dir: all.pin_dir.unwrap_or_else(|| "/sys/fs/bpf/watchdog".into()),
@@ -239,5 +262,7 @@ mod tests {
         assert_eq!(options.defaults.grace_ms, 10_000);
         assert_eq!(options.http, Some("127.0.0.1:9477".parse().unwrap()));
         assert_eq!(options.pin_dir, PathBuf::from("/sys/fs/bpf/watchdog"));
+        assert_eq!(options.socket_group, "watchdog");
+        assert_eq!(options.admin_group, None);
     }
 }

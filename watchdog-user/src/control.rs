@@ -30,8 +30,9 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
 };
 
-use crate::protocol::{
-    BadRequest, ControlStats, MAX_REQUEST_BYTES, REQUEST_SHAPE, Request, Response,
+use crate::{
+    access::Peer,
+    protocol::{BadRequest, ControlStats, MAX_REQUEST_BYTES, REQUEST_SHAPE, Request, Response},
 };
 
 /// Connections served at once. Each costs a descriptor and about 3 KiB while idle (its
@@ -52,8 +53,9 @@ const FIRST_READ: usize = 256;
 /// The least a request line's buffer grows by once the first read did not hold it.
 const READ_CHUNK: usize = 4096;
 
-/// A request on its way to the daemon loop, with where to send the answer.
-pub type Call = (Request, oneshot::Sender<Response>);
+/// A request on its way to the daemon loop, with who sent it (the connection's peer
+/// credentials, read at accept) and where to send the answer.
+pub type Call = (Request, Peer, oneshot::Sender<Response>);
 
 /// Binds the socket (mode 0660, parent directory created). A leftover socket file with
 /// no daemon behind it is replaced; a live daemon's socket is not.
@@ -242,7 +244,8 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
             Ok((stream, _)) => match places.admit() {
                 Some(place) => {
                     full = false;
-                    tokio::spawn(connection(stream, calls.clone(), place));
+                    let peer = Peer::of(&stream);
+                    tokio::spawn(connection(stream, peer, calls.clone(), place));
                 }
                 None => {
                     if !std::mem::replace(&mut full, true) {
@@ -274,10 +277,10 @@ fn refuse(stream: &UnixStream) {
     let _ = stream.try_write(response.to_line().as_bytes());
 }
 
-async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>, place: Place) {
+async fn connection(stream: UnixStream, peer: Peer, calls: mpsc::Sender<Call>, place: Place) {
     let _open = Open::new();
     let (read, write) = stream.into_split();
-    converse(read, write, &calls, IDLE_TIMEOUT, place).await;
+    converse(read, write, &peer, &calls, IDLE_TIMEOUT, place).await;
 }
 
 /// One connection: request lines in, one response line out for each, until the client
@@ -287,6 +290,7 @@ async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>, place: Place)
 pub async fn converse<R, W>(
     mut read: R,
     mut write: W,
+    peer: &Peer,
     calls: &mpsc::Sender<Call>,
     idle: Duration,
     mut place: Place,
@@ -302,7 +306,7 @@ pub async fn converse<R, W>(
         };
         let frame = if place.unpark() { frame } else { None };
         let (response, last) = match frame {
-            Some(Ok(Ok(Frame::Line(line)))) => (answer(&line, calls).await, false),
+            Some(Ok(Ok(Frame::Line(line)))) => (answer(&line, peer, calls).await, false),
             Some(Ok(Ok(Frame::TooLong(seen)))) => {
                 STATS.oversized.fetch_add(1, Relaxed);
                 tracing::debug!(seen, "control socket: request line too long, closing");
@@ -343,7 +347,7 @@ pub async fn converse<R, W>(
     }
 }
 
-async fn answer(line: &[u8], calls: &mpsc::Sender<Call>) -> Response {
+async fn answer(line: &[u8], peer: &Peer, calls: &mpsc::Sender<Call>) -> Response {
     let request = match crate::protocol::parse_request(line) {
         Ok(request) => request,
         Err(err) => {
@@ -354,7 +358,7 @@ async fn answer(line: &[u8], calls: &mpsc::Sender<Call>) -> Response {
         }
     };
     let (tx, rx) = oneshot::channel();
-    if calls.send((request, tx)).await.is_err() {
+    if calls.send((request, peer.clone(), tx)).await.is_err() {
         return Response::Error("the daemon is shutting down".into());
     }
     rx.await

@@ -18,6 +18,7 @@ use tokio::{
 };
 
 use crate::{
+    access::{self, Peer},
     control::{self, Call, SocketGuard},
     effects::{Effects, Feedback},
     ingest::{self, KernelEvent},
@@ -43,6 +44,10 @@ const STORE_FINISH_WITHIN: Duration = Duration::from_secs(5);
 
 pub struct Options {
     pub socket: PathBuf,
+    /// Group whose members may connect to the socket.
+    pub socket_group: String,
+    /// Group whose members may do everything root may.
+    pub admin_group: Option<String>,
     pub btf: PathBuf,
     pub ring_bytes: Option<u32>,
     /// Test-only: the watched map's capacity instead of pid_max.
@@ -54,6 +59,8 @@ pub struct Options {
     pub poll_interval: Duration,
     /// Log every kill that would be made, signal nothing.
     pub dry_run: bool,
+    /// What the per-process memory limit compares.
+    pub memory_metric: crate::policy::MemoryMetric,
     /// The database, or why its URL was refused (the daemon then runs, spooling).
     pub database: Result<DatabaseUrl, String>,
     /// Where the spool (and other state) lives.
@@ -88,6 +95,17 @@ pub async fn run(options: Options) -> Result<()> {
         options.fresh,
         options.kernel_log,
     )?;
+    // Once the programs are loaded (a daemon that cannot start says only why): until
+    // then the socket is root:root, mode 0660.
+    match access::share_socket(&options.socket, &options.socket_group) {
+        Ok(gid) => tracing::info!(
+            socket = %options.socket.display(),
+            group = options.socket_group,
+            gid,
+            "the socket is open to root and the socket group (mode 0660)"
+        ),
+        Err(warning) => tracing::warn!("{warning}"),
+    }
     // Every task the daemon starts is supervised: one that ends stops the daemon.
     let mut tasks = Tasks::new();
     if let Some(logger) = kernel.take_logger() {
@@ -128,6 +146,8 @@ pub async fn run(options: Options) -> Result<()> {
         defaults: options.defaults.clone(),
         dry_run: options.dry_run,
         machine_memory: read_machine_memory(),
+        admin_gid: admin_gid(options.admin_group.as_deref()),
+        memory_metric: options.memory_metric,
     };
     if let Some(warning) = settings.unreachable_default() {
         tracing::warn!("{warning}");
@@ -187,12 +207,16 @@ pub async fn run(options: Options) -> Result<()> {
         let began = Instant::now();
         match input {
             Input::Events(batch) => daemon.on_events(batch),
-            Input::Call((Request::Stall { ms }, reply)) if options.test_faults => {
+            Input::Call((Request::Stall { ms }, peer, reply))
+                if options.test_faults && daemon.core.is_admin(&peer) =>
+            {
                 let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
                 tracing::warn!(ms, "test fault: main loop stalled");
                 std::thread::sleep(Duration::from_millis(ms));
             }
-            Input::Call((Request::Fault { what }, reply)) if options.test_faults => {
+            Input::Call((Request::Fault { what }, peer, reply))
+                if options.test_faults && daemon.core.is_admin(&peer) =>
+            {
                 match what {
                     TestFault::StorePanic => {
                         let _ = daemon.effects.store().send(StoreMsg::FailNextWrite);
@@ -200,10 +224,13 @@ pub async fn run(options: Options) -> Result<()> {
                 }
                 let _ = reply.send(Response::Ok(Reply::FaultArmed { what }));
             }
-            Input::Call((Request::Events { filter }, reply)) => daemon.answer_events(filter, reply),
-            Input::Call((Request::Status, reply)) => daemon.answer_status(reply),
-            Input::Call((request, reply)) => {
-                let _ = reply.send(daemon.handle(request));
+            // Reads are open to everyone who can connect.
+            Input::Call((Request::Events { filter }, _, reply)) => {
+                daemon.answer_events(filter, reply)
+            }
+            Input::Call((Request::Status, _, reply)) => daemon.answer_status(reply),
+            Input::Call((request, peer, reply)) => {
+                let _ = reply.send(daemon.handle(request, &peer));
             }
             Input::SyncProcesses => daemon.sync_processes(),
             Input::Heartbeat => supervise::heartbeat(&daemon.status_line()),
@@ -239,6 +266,22 @@ pub async fn run(options: Options) -> Result<()> {
         Some(ended) => Err(TaskEnded(ended).into()),
         None => Ok(()),
     }
+}
+
+/// The gid of `--admin-group`, said in one line when there is no such group (then only
+/// root may do everything).
+fn admin_gid(group: Option<&str>) -> Option<u32> {
+    let group = group?;
+    let gid = access::group_gid(group);
+    match gid {
+        Some(gid) => tracing::info!(group, gid, "members of the admin group may do everything"),
+        None => tracing::warn!(
+            "the admin group {group:?} does not exist: only root may watch or unregister \
+             other users' processes; create it (`groupadd {group}`) and reload, or fix \
+             --admin-group"
+        ),
+    }
+    gid
 }
 
 /// The machine's total memory, once, at start (sysinfo reads /proc/meminfo).
@@ -435,17 +478,16 @@ impl Daemon {
         self.last_poll_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     }
 
-    fn handle(&mut self, request: Request) -> Response {
+    /// Answers a request of `peer`'s; the rules decide what it may do.
+    fn handle(&mut self, request: Request, peer: &Peer) -> Response {
         let clock = Clock::read();
-        let effects = &mut self.effects;
         let response = crate::requests::respond(
             &mut self.core,
             request,
+            peer,
             &SysProcs,
             &clock,
-            &mut |core, registration, fresh| {
-                effects.watch_registration(registration, fresh, &|pid| core.analysis_of(pid))
-            },
+            &mut self.effects,
         );
         self.settle(&clock);
         response
@@ -547,6 +589,7 @@ impl Daemon {
             }
         };
         let needs_restart = new.socket != running.socket
+            || new.socket_group != running.socket_group
             || new.state_dir != running.state_dir
             || new.pin_dir != running.pin_dir
             || new.http != running.http
@@ -554,13 +597,15 @@ impl Daemon {
             || new.database.as_ref().map(|u| &u.url) != running.database.as_ref().map(|u| &u.url);
         if needs_restart {
             tracing::warn!(
-                "socket, database, state, pin, http and kernel-log settings change only with a restart"
+                "socket, socket group, database, state, pin, http and kernel-log settings change only with a restart"
             );
         }
         let settings = Settings {
             defaults: new.defaults.clone(),
             dry_run: new.dry_run,
             machine_memory: self.core.settings().machine_memory,
+            admin_gid: admin_gid(new.admin_group.as_deref()),
+            memory_metric: new.memory_metric,
         };
         if let Some(warning) = settings.unreachable_default() {
             tracing::warn!("{warning}");

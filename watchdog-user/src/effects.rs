@@ -345,27 +345,80 @@ impl Effects {
     /// kernel's descendants iterator. Returns those verified to be the same living
     /// processes once in the map. A descendant that forks while this runs is caught
     /// either by the kernel (its parent is already in the map) or by the next pass,
-    /// which runs until it finds nothing new.
+    /// which runs until it finds nothing new. Each descendant found must pass `permit`
+    /// (the rules' access check, done beforehand too, so this only catches one that
+    /// changed hands meanwhile); when one does not, or the map refuses one, everything
+    /// this put in the map is taken back out and the error returned: a refused
+    /// registration leaves the kernel map as it was.
     pub fn watch_registration(
         &mut self,
         registration: &Registration,
         fresh: bool,
         analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+        permit: &dyn Fn(ProcRef) -> Result<()>,
     ) -> Result<Vec<ProcInfo>> {
         let key = registration.key;
         let mem_limit = registration.limits.memory_bytes;
         let root = &registration.root;
         let mut watched = Vec::new();
-        if analysis_of(root.pid).is_none() {
+        let root_is_new = analysis_of(root.pid).is_none();
+        if root_is_new {
             if !self.watch_verified(root.proc_ref(), key, mem_limit)? {
                 return Ok(watched);
             }
             watched.push(root.clone());
         }
-        if !fresh {
-            watched.extend(self.watch_descendants(root.proc_ref(), key, mem_limit, analysis_of)?);
+        if !fresh
+            && let Err(err) = self.watch_descendants(
+                root.proc_ref(),
+                key,
+                mem_limit,
+                analysis_of,
+                permit,
+                &mut watched,
+            )
+        {
+            self.roll_back(root.proc_ref(), root_is_new, &watched, analysis_of);
+            return Err(err);
         }
         Ok(watched)
+    }
+
+    /// Takes a refused registration's processes back out of the kernel map: those the
+    /// walk put there and, when the root was put there by it, whatever the kernel added
+    /// below the root meanwhile (forked while it was watched; the tree does not know
+    /// them yet, and their queued fork events find no analysis to join).
+    fn roll_back(
+        &mut self,
+        root: ProcRef,
+        root_is_new: bool,
+        watched: &[ProcInfo],
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+    ) {
+        for info in watched {
+            self.kernel.unwatch(info.proc_ref());
+        }
+        if !root_is_new {
+            return;
+        }
+        loop {
+            let Ok(below) = self.kernel.descendants(root) else {
+                return;
+            };
+            let mut removed = 0;
+            for record in below {
+                let process = ProcRef {
+                    pid: record.pid,
+                    start_ns: record.start_ns,
+                };
+                if analysis_of(process.pid).is_none() && self.kernel.unwatch(process) {
+                    removed += 1;
+                }
+            }
+            if removed == 0 {
+                return;
+            }
+        }
     }
 
     /// Hands a process the kernel map could not take back to it, with the descendants
@@ -382,8 +435,11 @@ impl Effects {
             Ok(false) => return Retrack::Gone,
             Ok(true) => {}
         }
-        match self.watch_descendants(process, key, mem_limit, analysis_of) {
-            Ok(found) => Retrack::Watched(found),
+        let mut found = Vec::new();
+        // Members of an analysis already: no access check.
+        let anyone = |_: ProcRef| Ok(());
+        match self.watch_descendants(process, key, mem_limit, analysis_of, &anyone, &mut found) {
+            Ok(()) => Retrack::Watched(found),
             Err(err) => {
                 // All or nothing: the next attempt walks again.
                 tracing::debug!(pid = process.pid, "retrack incomplete: {err:#}");
@@ -393,15 +449,18 @@ impl Effects {
         }
     }
 
-    /// Puts the living descendants of `root` in the kernel map.
+    /// Puts the living descendants of `root` in the kernel map, each once `permit`
+    /// allows it, adding them to `watched` (which holds what was put there when an
+    /// error stops the walk).
     fn watch_descendants(
         &mut self,
         root: ProcRef,
         key: AnalysisKey,
         mem_limit: u64,
         analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
-    ) -> Result<Vec<ProcInfo>> {
-        let mut watched = Vec::new();
+        permit: &dyn Fn(ProcRef) -> Result<()>,
+        watched: &mut Vec<ProcInfo>,
+    ) -> Result<()> {
         let mut seen = HashSet::from([root.pid]);
         loop {
             let mut found = 0;
@@ -418,15 +477,31 @@ impl Effects {
                     kernel_thread: false,
                     exited: false,
                 };
+                permit(info.proc_ref())?;
                 if self.watch_verified(info.proc_ref(), key, mem_limit)? {
                     watched.push(info);
                     found += 1;
                 }
             }
             if found == 0 {
-                return Ok(watched);
+                return Ok(());
             }
         }
+    }
+
+    /// The living descendants of `root`, as the registration walk will find them,
+    /// without putting anything in the kernel map: what the rules check before a
+    /// registration by a caller confined to its own processes.
+    pub fn descendants(&mut self, root: ProcRef) -> Result<Vec<ProcRef>> {
+        Ok(self
+            .kernel
+            .descendants(root)?
+            .into_iter()
+            .map(|r| ProcRef {
+                pid: r.pid,
+                start_ns: r.start_ns,
+            })
+            .collect())
     }
 
     /// Puts a process in the kernel map, then checks it is still the same living

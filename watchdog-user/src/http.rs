@@ -17,6 +17,7 @@ use tokio::{
 };
 
 use crate::{
+    access::Peer,
     control::Call,
     ingest::LATENCY,
     protocol::{Reply, Request, Response, Status},
@@ -47,7 +48,7 @@ pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) -> Result<(
 async fn fetch_status(calls: &mpsc::Sender<Call>) -> Result<Status, String> {
     let (tx, rx) = oneshot::channel();
     calls
-        .send((Request::Status, tx))
+        .send((Request::Status, Peer::http(), tx))
         .await
         .map_err(|_| "the daemon is stopping".to_string())?;
     match rx.await {

@@ -61,6 +61,10 @@ pub struct KillRecord {
     pub comm: String,
     pub cmdline: String,
     pub uid: u32,
+    /// Uid of the caller that created the analysis (None in records of a build that
+    /// did not keep it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
 }
 
 pub fn rfc3339(at: SystemTime) -> String {
@@ -127,6 +131,8 @@ pub struct KillJob {
     pub reason: Reason,
     pub analysis: u64,
     pub analysis_id: String,
+    /// Uid of the analysis' owner, for the records.
+    pub owner_uid: Option<u32>,
     pub limit: Option<u64>,
     pub escalate_at: Instant,
     escalated: bool,
@@ -145,6 +151,7 @@ pub struct JobSpec {
     pub reason: Reason,
     pub analysis: u64,
     pub analysis_id: String,
+    pub owner_uid: Option<u32>,
     pub limit: Option<u64>,
     pub grace: std::time::Duration,
     pub mode: Mode,
@@ -156,6 +163,7 @@ impl KillJob {
             reason: spec.reason,
             analysis: spec.analysis,
             analysis_id: spec.analysis_id,
+            owner_uid: spec.owner_uid,
             limit: spec.limit,
             escalate_at: now + spec.grace,
             escalated: false,
@@ -343,6 +351,7 @@ impl KillJob {
                 comm: t.info.comm.clone(),
                 cmdline: t.info.cmdline.clone(),
                 uid: t.info.uid,
+                owner_uid: self.owner_uid,
             })
             .collect()
     }

@@ -1,6 +1,7 @@
 //! The daemon's stages and the socket's typed protocol, as a library: the binary, the
 //! end-to-end tests and the benchmarks all use these same types.
 
+pub mod access;
 pub mod btf;
 pub mod cli;
 pub mod config;

@@ -20,7 +20,7 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: load the kernel programs and serve the control socket (root).
-    Run(config::RunArgs),
+    Run(Box<config::RunArgs>),
     /// Benchmark: kill-record inserts per second, single vs batched (prints figures).
     #[command(hide = true)]
     BenchStore {

@@ -449,12 +449,17 @@ pub fn rewatch(
             new_analysis: false,
             limits: analysis.limits,
             launcher: None,
-            owner: 0,
+            owner: analysis.owner,
+            // Watched again as it was registered: its owner's rights were checked then.
+            confined_to: None,
         };
         let key = saved.analysis;
-        let watched = effects.watch_registration(&registration, false, &|pid| {
-            taken.contains(&pid).then_some(key)
-        });
+        let watched = effects.watch_registration(
+            &registration,
+            false,
+            &|pid| taken.contains(&pid).then_some(key),
+            &|_| Ok(()),
+        );
         let watched = match watched {
             Ok(watched) if !watched.is_empty() => watched,
             Ok(_) => continue, // It exited meanwhile.
@@ -515,6 +520,8 @@ mod tests {
             registered_unix_ms: 0,
             deadline_unix_ms: 0,
             max_processes: 0,
+            owner_uid: 0,
+            _pad: 0,
         }
     }
 

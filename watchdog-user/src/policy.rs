@@ -42,6 +42,19 @@ impl Reason {
     }
 }
 
+/// What the per-process memory limit is compared with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryMetric {
+    /// Resident pages, shared ones included (what `ps` and `top` show): read for free
+    /// from the kernel's counters.
+    #[default]
+    Rss,
+    /// Proportional set size: a page shared by N processes counts 1/N in each. Read
+    /// from /proc/PID/smaps_rollup (a walk of the address space) when the RSS crosses.
+    Pss,
+}
+
 /// The limits in force for one analysis.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Limits {

@@ -120,6 +120,12 @@ pub trait Procs {
     fn details(&self, pid: u32) -> Details;
     /// Its RSS now, 0 when it is gone.
     fn rss_bytes(&self, pid: u32) -> u64;
+    /// The real uid of `process` (the first field of /proc/PID/status `Uid:`): who runs
+    /// it. None when it is gone, or its pid names another process now.
+    fn real_uid(&self, process: crate::tree::ProcRef) -> Option<u32>;
+    /// Its proportional set size now (a shared page counts 1/N in each of the N
+    /// processes sharing it); None when it is gone or unreadable.
+    fn pss_bytes(&self, pid: u32) -> Option<u64>;
 }
 
 /// The real /proc.
@@ -147,6 +153,35 @@ impl Procs for SysProcs {
     fn rss_bytes(&self, pid: u32) -> u64 {
         rss_bytes(pid)
     }
+
+    fn real_uid(&self, process: crate::tree::ProcRef) -> Option<u32> {
+        real_uid(process)
+    }
+
+    fn pss_bytes(&self, pid: u32) -> Option<u64> {
+        pss_bytes(pid)
+    }
+}
+
+/// The real uid of `process`, None when it is gone or its pid was recycled. Both reads
+/// go through one handle on its /proc directory, which stays bound to the process it
+/// was opened on: the uid read is that of the process whose start time was checked.
+pub fn real_uid(process: crate::tree::ProcRef) -> Option<u32> {
+    let handle = procfs::process::Process::new(process.pid as i32).ok()?;
+    let info = info_from(handle.stat().ok()?);
+    if info.exited || !same_start(info.start_ns, process.start_ns) {
+        return None;
+    }
+    Some(handle.status().ok()?.ruid)
+}
+
+/// PSS from /proc/PID/smaps_rollup (kernel 4.14+): one file, summed by the kernel over
+/// the address space. Costs a walk of the process' page tables: see BENCHMARKS.md.
+pub fn pss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The machine's total memory in bytes (MemTotal), through sysinfo; None when it cannot

@@ -181,6 +181,9 @@ pub struct TreeNode {
     pub pid: u32,
     pub ppid: u32,
     pub analysis_id: String,
+    /// Uid of the caller that created its analysis.
+    #[serde(default)]
+    pub owner_uid: u32,
     pub comm: String,
     pub age_ms: u64,
     pub rss_bytes: u64,
@@ -196,6 +199,10 @@ pub struct TreeNode {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AnalysisView {
     pub analysis_id: String,
+    /// Uid of the caller that created it: only it, root and the admin group may add
+    /// processes to it or unregister it.
+    #[serde(default)]
+    pub owner_uid: u32,
     pub processes: usize,
     /// Negative once the deadline has passed.
     pub deadline_in_ms: i64,
@@ -300,15 +307,39 @@ pub struct Faults {
     pub program_errors: std::collections::BTreeMap<String, u64>,
 }
 
-/// Sends one request and waits for its response (the CLI side).
-pub fn call(socket: &Path, request: &Request) -> Result<Reply> {
-    let stream = UnixStream::connect(socket).map_err(|e| {
-        anyhow!(
-            "no watchdog daemon at {} ({e}): start one with `watchdog-user run` \
+/// Why the CLI cannot reach the daemon, in one line naming the fix.
+fn cannot_connect(socket: &Path, err: &std::io::Error) -> anyhow::Error {
+    if err.kind() != std::io::ErrorKind::PermissionDenied {
+        return anyhow!(
+            "no watchdog daemon at {} ({err}): start one with `watchdog-user run` \
              (or `cargo xtask run`), or point --socket / WATCHDOG_SOCKET at a running one",
             socket.display()
-        )
-    })?;
+        );
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let gid = std::fs::metadata(socket).map(|m| m.gid()).ok();
+    match gid {
+        Some(0) | None => anyhow!(
+            "permission denied on the watchdog socket {}: it is root-only (the daemon found \
+             no socket group; its log says which): run as root, or ask an admin to create the \
+             group (`groupadd --system watchdog`), restart the daemon and add you to it",
+            socket.display()
+        ),
+        Some(gid) => {
+            let group = crate::access::group_name(gid).unwrap_or_else(|| gid.to_string());
+            anyhow!(
+                "permission denied on the watchdog socket {}: only root and members of group \
+                 {group:?} may use it, and you are not one: ask an admin to add you \
+                 (`usermod -aG {group} $USER`, then log in again)",
+                socket.display()
+            )
+        }
+    }
+}
+
+/// Sends one request and waits for its response (the CLI side).
+pub fn call(socket: &Path, request: &Request) -> Result<Reply> {
+    let stream = UnixStream::connect(socket).map_err(|e| cannot_connect(socket, &e))?;
     let mut line = serde_json::to_string(request).expect("requests serialize");
     line.push('\n');
     (&stream)

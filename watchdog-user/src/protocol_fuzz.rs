@@ -22,13 +22,16 @@ use tokio::{
 };
 
 use crate::{
+    access::Peer,
     control::{Call, Frame, LineReader, Places, converse},
-    policy::{LimitOverrides, Limits, OrphanPolicy},
-    procs::Procs as _,
+    policy::{LimitOverrides, Limits, MemoryMetric, OrphanPolicy},
+    procs::{ProcInfo, Procs as _},
     protocol::{BadRequest, MAX_REQUEST_BYTES, Reply, Request, Response, TestFault, parse_request},
-    report, requests,
-    rules::{Clock, Core, Settings, tests::FakeProcs},
+    report,
+    requests::{self, Watch},
+    rules::{Clock, Core, Registration, Settings, tests::FakeProcs},
     store::EventFilter,
+    tree::{AnalysisKey, ProcRef},
 };
 
 /// Cases per property unless `PROPTEST_CASES` says otherwise: a few thousand, the whole
@@ -237,6 +240,68 @@ fn reference_frames(data: &[u8], max: usize) -> Vec<Frame> {
 }
 
 const SELF_PID: u32 = 999;
+/// The uid of the fake world's user processes, and the admin group.
+const USER: u32 = 1000;
+const ADMINS: u32 = 50;
+/// The fake world's pids: 100..=120 (those above 110 run as USER).
+const PIDS: std::ops::RangeInclusive<u32> = 100..=120;
+
+/// The callers a session may come from: root, the user owning half the processes,
+/// another user, an admin-group member, and the HTTP listener.
+fn peer() -> BoxedStrategy<Peer> {
+    prop::sample::select(vec![
+        Peer::root(),
+        Peer::user(USER, &[]),
+        Peer::user(USER + 1, &[]),
+        Peer::user(USER + 2, &[ADMINS]),
+        Peer::http(),
+    ])
+    .boxed()
+}
+
+/// The effects of a registration on the fake world: descendants from the fake /proc,
+/// each process checked by `permit` as the real walk does.
+struct FakeWatch<'a>(&'a FakeProcs);
+
+impl Watch for FakeWatch<'_> {
+    fn descendants(&mut self, root: ProcRef) -> anyhow::Result<Vec<ProcRef>> {
+        let mut found = Vec::new();
+        let mut parents = vec![root.pid];
+        while let Some(parent) = parents.pop() {
+            for child in PIDS
+                .filter_map(|p| self.0.read(p))
+                .filter(|p| p.ppid == parent)
+            {
+                parents.push(child.pid);
+                found.push(child.proc_ref());
+            }
+        }
+        Ok(found)
+    }
+
+    fn watch(
+        &mut self,
+        registration: &Registration,
+        fresh: bool,
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+        permit: &dyn Fn(ProcRef) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Vec<ProcInfo>> {
+        let root = registration.root.proc_ref();
+        let mut processes = vec![root];
+        if !fresh {
+            processes.extend(self.descendants(root)?);
+        }
+        let mut watched = Vec::new();
+        for process in processes {
+            if analysis_of(process.pid).is_some() {
+                continue;
+            }
+            permit(process)?;
+            watched.extend(self.0.read(process.pid));
+        }
+        Ok(watched)
+    }
+}
 
 /// The daemon loop's side of the session, on a fake world: pids 100..=120 live, with
 /// 50 as their launcher; each call answered through the same handler the daemon uses.
@@ -244,9 +309,13 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
     let procs = FakeProcs::default();
     procs.spawn(1, 0, 0);
     procs.spawn(50, 1, 50_000);
-    for pid in 100..=120 {
+    for pid in PIDS {
         let ppid = if pid % 3 == 0 { pid - 1 } else { 50 };
-        procs.spawn(pid, ppid, u64::from(pid) * 1000);
+        if pid > 110 {
+            procs.spawn_as(pid, ppid, USER);
+        } else {
+            procs.spawn(pid, ppid, u64::from(pid) * 1000);
+        }
     }
     let defaults = Limits {
         timeout_ms: 60_000,
@@ -260,6 +329,8 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
         defaults,
         dry_run: false,
         machine_memory: Some(1 << 34),
+        admin_gid: Some(ADMINS),
+        memory_metric: MemoryMetric::Rss,
     };
     let mut core = Core::new(settings, "host".into(), SELF_PID);
     let started = Instant::now();
@@ -269,7 +340,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
         boot_ns: 10_000_000_000,
     };
     let mut answered = 0;
-    while let Some((request, reply)) = calls.recv().await {
+    while let Some((request, peer, reply)) = calls.recv().await {
         let response = match request {
             Request::Status => {
                 let counters = report::KernelCounters {
@@ -292,11 +363,10 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
             other => requests::respond(
                 &mut core,
                 other,
+                &peer,
                 &procs,
                 &clock,
-                &mut |_core, registration, _fresh| {
-                    Ok(procs.read(registration.root.pid).into_iter().collect())
-                },
+                &mut FakeWatch(&procs),
             ),
         };
         // The effects are not the protocol's: what the core asked for is dropped.
@@ -312,7 +382,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
 
 /// Feeds `input` to the connection loop in `chunks`, against the fake loop: the lines
 /// written back, and how many calls reached the loop.
-fn session(input: Vec<u8>, chunks: Vec<usize>) -> (String, usize) {
+fn session(input: Vec<u8>, chunks: Vec<usize>, peer: &Peer) -> (String, usize) {
     runtime().block_on(async move {
         let (tx, rx) = mpsc::channel::<Call>(4);
         let mut out = Vec::new();
@@ -321,6 +391,7 @@ fn session(input: Vec<u8>, chunks: Vec<usize>) -> (String, usize) {
             converse(
                 Chunked::new(input, chunks),
                 &mut out,
+                peer,
                 &tx,
                 Duration::from_secs(3600),
                 place,
@@ -417,13 +488,14 @@ proptest! {
         lines in vec(line(), 1..25),
         chunks in vec(1usize..400, 1..6),
         unterminated in any::<bool>(),
+        peer in peer(),
     ) {
         let mut input = lines.join(&b'\n');
         if !unterminated || lines.last().is_some_and(Vec::is_empty) {
             input.push(b'\n');
         }
         let parsed = lines.iter().filter(|l| parse_request(l).is_ok()).count();
-        let (out, answered) = session(input, chunks);
+        let (out, answered) = session(input, chunks, &peer);
         prop_assert!(out.ends_with('\n'), "{:?}", out);
         let responses: Vec<&str> = out.lines().collect();
         prop_assert_eq!(responses.len(), lines.len(), "{}", out);
@@ -444,7 +516,7 @@ fn an_oversized_line_gets_one_error_and_is_not_read_further() {
     let mut input = vec![b'x'; 10 * MAX_REQUEST_BYTES];
     input.extend_from_slice(b"\n{\"op\":\"status\"}\n");
     let total = input.len();
-    let (out, answered) = session(input, vec![7000]);
+    let (out, answered) = session(input, vec![7000], &Peer::root());
     let responses: Vec<&str> = out.lines().collect();
     assert_eq!(responses.len(), 1, "{out}");
     let Response::Error(message) = serde_json::from_str(responses[0]).unwrap() else {
@@ -462,6 +534,7 @@ fn invalid_utf8_gets_an_error_and_the_next_line_is_answered() {
     let (out, answered) = session(
         b"{\"op\":\"st\xffatus\"}\n{\"op\":\"status\"}\n".to_vec(),
         vec![5],
+        &Peer::root(),
     );
     let responses: Vec<Response> = out
         .lines()
@@ -491,7 +564,15 @@ fn an_idle_connection_times_out_with_an_error() {
             client_write.write_all(sent).await.unwrap();
             let (tx, _rx) = mpsc::channel::<Call>(1);
             let place = Places::new(1).admit().expect("a free place");
-            converse(read, write, &tx, Duration::from_millis(50), place).await;
+            converse(
+                read,
+                write,
+                &Peer::root(),
+                &tx,
+                Duration::from_millis(50),
+                place,
+            )
+            .await;
             let mut out = String::new();
             client_read.read_to_string(&mut out).await.unwrap();
             out
@@ -519,7 +600,15 @@ fn a_newcomer_takes_the_longest_idle_place_and_is_refused_when_none_is_idle() {
             let (read, write) = tokio::io::split(server);
             let tx = tx.clone();
             tokio::spawn(async move {
-                converse(read, write, &tx, Duration::from_secs(60), place).await;
+                converse(
+                    read,
+                    write,
+                    &Peer::root(),
+                    &tx,
+                    Duration::from_secs(60),
+                    place,
+                )
+                .await;
             });
             client
         };
@@ -528,7 +617,7 @@ fn a_newcomer_takes_the_longest_idle_place_and_is_refused_when_none_is_idle() {
         let mut b = connect(places.admit().expect("a free place"));
         // B becomes busy: its request waits for the loop.
         b.write_all(b"{\"op\":\"status\"}\n").await.unwrap();
-        let (_, reply_b) = rx.recv().await.expect("B's request reaches the loop");
+        let (_, _, reply_b) = rx.recv().await.expect("B's request reaches the loop");
         // A newcomer, C, takes A's place: A gets its error and is closed.
         let mut c = connect(places.admit().expect("the idle one's place"));
         let mut out = String::new();
@@ -537,7 +626,7 @@ fn a_newcomer_takes_the_longest_idle_place_and_is_refused_when_none_is_idle() {
         assert_eq!(out.lines().count(), 1, "{out}");
         // C becomes busy too: with both places busy, a newcomer is refused.
         c.write_all(b"{\"op\":\"status\"}\n").await.unwrap();
-        let (_, reply_c) = rx.recv().await.expect("C's request reaches the loop");
+        let (_, _, reply_c) = rx.recv().await.expect("C's request reaches the loop");
         assert!(places.admit().is_none(), "a place while all are busy");
         // Answered, both are idle again and B, the longer idle, gives its place.
         for (reply, client) in [(reply_b, &mut b), (reply_c, &mut c)] {

@@ -198,6 +198,8 @@ pub fn entry_from_analysis(analysis: &Analysis) -> AnalysisEntry {
         registered_unix_ms: unix_ms(analysis.registered_wall),
         deadline_unix_ms: unix_ms(analysis.deadline_wall),
         max_processes: analysis.limits.max_processes,
+        owner_uid: analysis.owner,
+        _pad: 0,
     }
 }
 
@@ -226,7 +228,7 @@ pub fn analysis_from_entry(entry: &AnalysisEntry, now: Instant, now_wall: System
         deadline_wall,
         registered_wall: unix(entry.registered_unix_ms),
         violation: None,
-        owner: 0,
+        owner: entry.owner_uid,
         roots: Vec::new(),
     }
 }
@@ -286,10 +288,11 @@ mod tests {
         let mut registry = Registry::default();
         let now = Instant::now();
         let wall = SystemTime::now();
-        let key = registry.create("a/b", &limits(60_000), 0, now, wall);
+        let key = registry.create("a/b", &limits(60_000), 1234, now, wall);
         let saved = entry_from_analysis(registry.get(key).unwrap());
         let back = analysis_from_entry(&saved, now, wall);
         assert_eq!(back.id, "a/b");
+        assert_eq!(back.owner, 1234, "a restarted daemon keeps the owner");
         assert_eq!(back.limits, limits(60_000));
         let left = back.deadline - now;
         assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(59));

@@ -52,6 +52,7 @@ pub fn dump_tree(
         .filter(|(key, _)| filter.is_none_or(|f| f == *key))
         .map(|(key, a)| AnalysisView {
             analysis_id: a.id.clone(),
+            owner_uid: a.owner,
             processes: core.tree().member_count(key),
             deadline_in_ms: signed_ms_until(a.deadline, clock.now),
             deadline_unix_ms: a
@@ -65,14 +66,12 @@ pub fn dump_tree(
 }
 
 fn view(core: &Core, node: &Node, procs: &dyn Procs, clock: &Clock) -> TreeNode {
+    let analysis = core.registry().get(node.analysis);
     TreeNode {
         pid: node.pid,
         ppid: node.ppid,
-        analysis_id: core
-            .registry()
-            .id(node.analysis)
-            .unwrap_or_default()
-            .to_string(),
+        analysis_id: analysis.map(|a| a.id.clone()).unwrap_or_default(),
+        owner_uid: analysis.map_or(0, |a| a.owner),
         comm: node.comm.as_str().into_owned(),
         age_ms: clock.boot_ns.saturating_sub(node.start_ns) / 1_000_000,
         rss_bytes: procs.rss_bytes(node.pid),

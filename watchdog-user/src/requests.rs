@@ -1,28 +1,63 @@
 //! One control request, one response, against the rules core: what the daemon loop does
 //! with a call it answers itself (`status` and `events` also need the store, and are
-//! answered beside it). The one effect, putting a registration's processes in the kernel
-//! map, is passed in as `watch`, so the fuzz tests run this very code on a fake world.
+//! answered beside it). The effects a registration needs are behind [`Watch`], so the
+//! fuzz tests run this very code on a fake world.
 
 use anyhow::{Result, anyhow};
 
 use crate::{
+    access::Peer,
+    effects::Effects,
+    policy::LimitOverrides,
     procs::{ProcInfo, Procs},
-    protocol::{Request, Response},
+    protocol::{Reply, Request, Response},
     report,
     rules::{Clock, Core, Registration},
+    tree::{AnalysisKey, ProcRef},
 };
 
-/// Puts a checked registration's processes in the kernel map (`fresh`: the root was just
-/// started and has no descendants) and returns those verified to be watched.
-pub type Watch<'a> = dyn FnMut(&Core, &Registration, bool) -> Result<Vec<ProcInfo>> + 'a;
+/// What a registration needs of the outside world.
+pub trait Watch {
+    /// The root's existing descendants (checked for a confined caller first).
+    fn descendants(&mut self, root: ProcRef) -> Result<Vec<ProcRef>>;
 
-/// The response to `request`. The actions the core queued are the caller's to settle.
+    /// Puts a checked registration's processes in the kernel map (`fresh`: the root was
+    /// just started and has no descendants; `permit` checks each process as it is
+    /// watched) and returns those verified to be watched.
+    fn watch(
+        &mut self,
+        registration: &Registration,
+        fresh: bool,
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+        permit: &dyn Fn(ProcRef) -> Result<()>,
+    ) -> Result<Vec<ProcInfo>>;
+}
+
+impl Watch for Effects {
+    fn descendants(&mut self, root: ProcRef) -> Result<Vec<ProcRef>> {
+        Effects::descendants(self, root)
+    }
+
+    fn watch(
+        &mut self,
+        registration: &Registration,
+        fresh: bool,
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+        permit: &dyn Fn(ProcRef) -> Result<()>,
+    ) -> Result<Vec<ProcInfo>> {
+        self.watch_registration(registration, fresh, analysis_of, permit)
+    }
+}
+
+/// The response to `peer`'s `request`; the rules decide what it may do. The actions the
+/// core queued are the caller's to settle.
 pub fn respond(
     core: &mut Core,
     request: Request,
+    peer: &Peer,
     procs: &dyn Procs,
     clock: &Clock,
-    watch: &mut Watch<'_>,
+    effects: &mut dyn Watch,
 ) -> Response {
     let result = match request {
         Request::Register {
@@ -30,17 +65,16 @@ pub fn respond(
             analysis_id,
             limits,
             fresh,
-        } => {
-            // Checked by the rules, put in the kernel map by the effects, taken in by
-            // the rules: a refused registration changes nothing.
-            core.check_register(pid, &analysis_id, &limits, 0, procs)
-                .and_then(|registration| {
-                    let watched = watch(core, &registration, fresh)?;
-                    core.adopt(registration, &watched, clock)
-                })
-        }
+        } => register(
+            core,
+            (pid, &analysis_id, &limits, fresh),
+            peer,
+            procs,
+            clock,
+            effects,
+        ),
         Request::Unregister { pid, analysis_id } => {
-            core.unregister(pid, analysis_id.as_deref(), clock)
+            core.unregister(pid, analysis_id.as_deref(), peer, procs, clock)
         }
         Request::DumpTree { analysis_id } => {
             report::dump_tree(core, analysis_id.as_deref(), procs, clock)
@@ -49,6 +83,9 @@ pub fn respond(
         Request::Events { .. } | Request::Status => Err(anyhow!(
             "internal: this request is answered by the daemon loop"
         )),
+        Request::Stall { .. } | Request::Fault { .. } if !core.is_admin(peer) => {
+            Err(crate::rules::admin_only(peer, "a test fault"))
+        }
         Request::Stall { .. } => Err(anyhow!(
             "stall is a test-only fault: start the daemon with --test-faults to use it"
         )),
@@ -60,4 +97,32 @@ pub fn respond(
         Ok(reply) => Response::Ok(reply),
         Err(err) => Response::Error(format!("{err:#}")),
     }
+}
+
+/// Checked by the rules, put in the kernel map by the effects, taken in by the rules:
+/// a refused registration changes nothing. A caller confined to its own processes has
+/// the root's existing descendants checked before anything is put in the kernel map
+/// (and each again as the walk watches it, which takes back what it put there should
+/// one fail).
+fn register(
+    core: &mut Core,
+    (pid, analysis_id, limits, fresh): (u32, &str, &LimitOverrides, bool),
+    peer: &Peer,
+    procs: &dyn Procs,
+    clock: &Clock,
+    effects: &mut dyn Watch,
+) -> Result<Reply> {
+    let registration = core.check_register(pid, analysis_id, limits, peer, procs)?;
+    // `exec`'s process was just forked by the caller and has no descendants; and a
+    // `fresh` claim never watches an existing one (only what it forks from now on).
+    if registration.confined_to.is_some() && !fresh {
+        let descendants = effects.descendants(registration.root.proc_ref())?;
+        core.check_descendants(&registration, &descendants, procs)?;
+    }
+    let watched = {
+        let core = &*core;
+        let permit = |process: ProcRef| core.check_descendants(&registration, &[process], procs);
+        effects.watch(&registration, fresh, &|pid| core.analysis_of(pid), &permit)?
+    };
+    core.adopt(registration, &watched, clock)
 }

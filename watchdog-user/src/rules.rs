@@ -9,9 +9,13 @@
 //! on is an orphan, killed with its subtree or only recorded, by its analysis' policy.
 //! A kill is SIGTERM, the grace, then SIGKILL; processes forked into a dying scope
 //! join it at once, and a dying analysis kills whatever later appears in it.
+//!
+//! Who may ask for what: root and the admin group anything; anyone else may watch and
+//! unwatch only processes running as itself (real uid), in analyses it created
+//! ([`Core::check_register`], [`Core::check_descendants`], [`Core::unregister`]).
 
 use std::{
-    collections::{BTreeMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -19,6 +23,7 @@ use anyhow::{Result, bail};
 use watchdog_common::{AnalysisEntry, RootEntry};
 
 use crate::{
+    access::Peer,
     ingest::{Comm, KernelEvent},
     kill::{JobSpec, KillJob, KillRecord, Mode, Outcome, Scope, SignalOrder, TargetInfo},
     policy::{self, LimitOverrides, Limits, OrphanPolicy, Reason},
@@ -37,6 +42,12 @@ const RECORDS_KEPT: usize = 10_000;
 /// comes back with the next resync (the loss check runs every 200 ms) and is killed,
 /// instead of finding its analysis forgotten and escaping.
 pub const DYING_LINGER: Duration = Duration::from_secs(1);
+/// How long after a parent's exit its children are looked at again when /proc did not
+/// show them reparented yet (the exit event is sent before the kernel reparents).
+const REPARENT_RECHECK: Duration = Duration::from_millis(20);
+/// With an analysis over its tree limit by RSS but not by PSS, the PSS is measured
+/// again once the RSS sum grows by this part of the limit (and at every poll).
+const PSS_REMEASURE_PART: u64 = 32;
 
 /// The time, as the driver read it once for this input.
 #[derive(Clone, Copy, Debug)]
@@ -64,6 +75,16 @@ impl Clock {
             boot_ns: self.boot_ns + crate::policy::millis(by) * 1_000_000,
         }
     }
+}
+
+/// The refusal of what only root and the admin group may do (test faults), to a caller
+/// that is neither ([`Core::is_admin`]).
+pub fn admin_only(caller: &Peer, what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "refused by rule admin-only: {what} is for root and members of the admin group \
+         (--admin-group), and you are uid {}",
+        caller.uid
+    )
 }
 
 /// What the rules ask the outside world to do.
@@ -107,6 +128,10 @@ pub struct Settings {
     /// The machine's total memory, bytes (read once at start; None if unreadable): no
     /// process' RSS can exceed it, so a per-process limit above it is refused.
     pub machine_memory: Option<u64>,
+    /// Members of this group (`--admin-group`) may do everything root may.
+    pub admin_gid: Option<u32>,
+    /// What the per-process limit compares (the tree limit always counts PSS).
+    pub memory_metric: policy::MemoryMetric,
 }
 
 impl Settings {
@@ -172,7 +197,11 @@ pub struct Registration {
     pub new_analysis: bool,
     pub limits: Limits,
     pub launcher: Option<ProcInfo>,
+    /// Uid of the caller: the owner of the analysis, when this creates it.
     pub owner: u32,
+    /// The only uid whose processes this registration may watch (the caller's), or
+    /// None for root and the admin group: every descendant the walk finds is checked.
+    pub confined_to: Option<u32>,
 }
 
 pub struct Core {
@@ -193,6 +222,13 @@ pub struct Core {
     resynced_at_ns: u64,
     /// Killed analyses with no member left, and when they are forgotten.
     lingering: BTreeMap<AnalysisKey, Instant>,
+    /// Children of a dead parent that /proc did not yet show reparented, and when to
+    /// look again (once): until then nobody can tell adopted from orphaned.
+    reparent_checks: BTreeMap<u32, Instant>,
+    /// Analyses whose RSS sum is over their tree limit while their PSS sum was not:
+    /// the RSS sum at that measure (PSS is measured again once RSS grows further, and
+    /// at every poll).
+    pss_under: HashMap<AnalysisKey, u64>,
     /// Processes the kernel map could not take (full, or out of memory), by pid: in
     /// the tree, but the kernel reports neither their forks nor their exit, so they
     /// are handed back to the map as soon as it has room (see [`Core::untracked`]).
@@ -225,6 +261,8 @@ impl Core {
             processes_dirty: true,
             resynced_at_ns: 0,
             lingering: BTreeMap::new(),
+            reparent_checks: BTreeMap::new(),
+            pss_under: HashMap::new(),
             untracked: BTreeMap::new(),
         }
     }
@@ -278,11 +316,13 @@ impl Core {
     pub fn next_wakeup(&self) -> Option<Instant> {
         let graces = self.jobs.iter().filter_map(KillJob::wakeup);
         let lingering = self.lingering.values().copied();
+        let rechecks = self.reparent_checks.values().copied();
         self.registry
             .next_deadline()
             .into_iter()
             .chain(graces)
             .chain(lingering)
+            .chain(rechecks)
             .min()
     }
 
@@ -496,7 +536,7 @@ impl Core {
         let children: Vec<u32> = self.tree.children_of(process.pid).collect();
         self.remove(process.pid);
         for child in children {
-            self.orphaned(child, procs, clock);
+            self.parent_gone(child, false, procs, clock);
         }
     }
 
@@ -564,6 +604,9 @@ impl Core {
             }
         }
         for key in analyses {
+            // Writes to shared pages (copy-on-write) raise the PSS, not the RSS: the
+            // poll measures again whatever is over its limit by RSS.
+            self.pss_under.remove(&key);
             let sum = self.tree.rss_sum(key);
             self.check_tree_memory(key, sum, procs, clock);
         }
@@ -578,10 +621,16 @@ impl Core {
         let Some(limit) = self.registry.get(analysis).map(|a| a.limits.memory_bytes) else {
             return;
         };
-        if node.rss_bytes() <= limit
-            || self.jobs.iter().any(|j| j.has_target(pid))
-            || !self.tree.mark_memory_violated(pid)
+        if node.rss_bytes() <= limit || self.jobs.iter().any(|j| j.has_target(pid)) {
+            return;
+        }
+        // RSS is an upper bound of PSS: only a crossing by RSS needs the PSS read.
+        if self.settings.memory_metric == policy::MemoryMetric::Pss
+            && procs.pss_bytes(pid).is_none_or(|pss| pss <= limit)
         {
+            return;
+        }
+        if !self.tree.mark_memory_violated(pid) {
             return;
         }
         self.start_kill(
@@ -603,17 +652,79 @@ impl Core {
         else {
             return;
         };
-        if sum > limit && self.kill_analysis(key, Reason::TreeMemory, Some(limit), procs, clock) {
-            tracing::warn!(
-                analysis_id = self.registry.id(key).unwrap_or_default(),
-                sum,
-                limit,
-                "tree memory limit crossed"
-            );
+        // The RSS sum counts a page shared by N processes N times (a pool forked from
+        // a parent holding its data): it is an upper bound, and only once it crosses
+        // is the PSS sum, which counts every page once, measured and compared.
+        if sum <= limit || self.registry.violation(key).is_some() {
+            return;
         }
+        let measured_at = self.pss_under.get(&key).copied();
+        if measured_at.is_some_and(|at| sum < at.saturating_add(limit / PSS_REMEASURE_PART)) {
+            return;
+        }
+        let pss: u64 = self
+            .tree
+            .members(key)
+            .into_iter()
+            .map(|pid| procs.pss_bytes(pid).unwrap_or(0))
+            .sum();
+        let analysis_id = self.registry.id(key).unwrap_or_default().to_string();
+        if pss <= limit {
+            tracing::debug!(
+                analysis_id,
+                rss_sum = sum,
+                pss,
+                limit,
+                "over the tree limit by RSS only: shared pages"
+            );
+            self.pss_under.insert(key, sum);
+            return;
+        }
+        self.pss_under.remove(&key);
+        tracing::warn!(
+            analysis_id,
+            pss,
+            rss_sum = sum,
+            limit,
+            "tree memory limit crossed"
+        );
+        self.kill_analysis(key, Reason::TreeMemory, Some(limit), procs, clock);
     }
 
     // ---- orphans -------------------------------------------------------------------
+
+    /// `pid`'s parent died. Adopted by a process of its own analysis (a subreaper the
+    /// analysis runs: tini, a job runner, `PR_SET_CHILD_SUBREAPER`), it is no orphan:
+    /// the tree follows the kernel and nobody is signalled. Reparented anywhere else
+    /// (init, a subreaper outside the analysis) it is an orphan. The exit event can
+    /// come before the kernel has reparented the children: then /proc still names the
+    /// dead parent, and the question is asked again once, a moment later.
+    fn parent_gone(&mut self, pid: u32, rechecked: bool, procs: &dyn Procs, clock: &Clock) {
+        let Some(node) = self.tree.get(pid) else {
+            return;
+        };
+        let (analysis, start_ns, old_ppid) = (node.analysis, node.start_ns, node.ppid);
+        let Some(now) = procs.read(pid).filter(|p| same_start(p.start_ns, start_ns)) else {
+            return; // Dead too: no orphan.
+        };
+        if now.ppid == old_ppid && !rechecked {
+            self.reparent_checks
+                .insert(pid, clock.now + REPARENT_RECHECK);
+            return;
+        }
+        let adopter = self.tree.get(now.ppid).map(|n| n.analysis);
+        if now.ppid != old_ppid && adopter == Some(analysis) {
+            tracing::debug!(
+                pid,
+                adopter = now.ppid,
+                "adopted inside its analysis: no orphan"
+            );
+            self.tree.reparent(pid, now.ppid);
+            self.processes_dirty = true;
+            return;
+        }
+        self.orphaned(pid, procs, clock);
+    }
 
     /// `pid` lives on after its parent died: flag it, then kill or log it (and its
     /// subtree) by its analysis' policy, unless a kill already covers it.
@@ -673,16 +784,17 @@ impl Core {
         limit: Option<u64>,
         mode: Mode,
     ) -> JobSpec {
-        let (analysis_id, grace) = self
+        let (analysis_id, grace, owner_uid) = self
             .registry
             .get(analysis)
-            .map(|a| (a.id.clone(), a.limits.grace()))
-            .unwrap_or_else(|| (String::new(), self.settings.defaults.grace()));
+            .map(|a| (a.id.clone(), a.limits.grace(), Some(a.owner)))
+            .unwrap_or_else(|| (String::new(), self.settings.defaults.grace(), None));
         JobSpec {
             scope,
             reason,
             analysis,
             analysis_id,
+            owner_uid,
             limit,
             grace,
             mode,
@@ -801,6 +913,16 @@ impl Core {
         for key in expired {
             self.forget_if_finished(key, clock);
         }
+        let rechecks: Vec<u32> = self
+            .reparent_checks
+            .iter()
+            .filter(|(_, at)| **at <= clock.now)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in rechecks {
+            self.reparent_checks.remove(&pid);
+            self.parent_gone(pid, true, procs, clock);
+        }
         self.finish_done_jobs(clock);
     }
 
@@ -847,14 +969,24 @@ impl Core {
 
     // ---- registration --------------------------------------------------------------
 
+    /// Whether `caller` may do everything: root, or a member of `--admin-group`.
+    pub fn is_admin(&self, caller: &Peer) -> bool {
+        caller.uid == 0
+            || self
+                .settings
+                .admin_gid
+                .is_some_and(|gid| caller.in_group(gid))
+    }
+
     /// Checks a registration before anything is touched, so a refused one changes
-    /// nothing.
+    /// nothing. A caller other than root and the admin group may watch only processes
+    /// that run as itself (real uid), and join only analyses it created.
     pub fn check_register(
         &self,
         pid: u32,
         analysis_id: &str,
         overrides: &LimitOverrides,
-        owner: u32,
+        caller: &Peer,
         procs: &dyn Procs,
     ) -> Result<Registration> {
         if analysis_id.trim().is_empty() {
@@ -883,11 +1015,27 @@ impl Core {
                 root.comm
             );
         }
+        let confined_to = (!self.is_admin(caller)).then_some(caller.uid);
+        if let Some(uid) = confined_to {
+            self.check_own_process(&root, uid, None, procs)?;
+        }
         if let Some(node) = self.tree.get(pid) {
             let current = self.registry.id(node.analysis).unwrap_or("?");
             if current != analysis_id {
                 bail!(
                     "pid {pid} is already watched as part of analysis {current:?}: unregister it first"
+                );
+            }
+        }
+        let existing = self.registry.key(analysis_id);
+        if let (Some(uid), Some(key)) = (confined_to, existing) {
+            let owner = self.registry.get(key).map_or(0, |a| a.owner);
+            if owner != uid {
+                bail!(
+                    "refused by rule own-analyses: analysis {analysis_id:?} was created by uid \
+                     {owner}, and you are uid {uid}: only its owner, root or a member of the \
+                     admin group may add processes to it; pick another --analysis-id (nothing \
+                     was registered)"
                 );
             }
         }
@@ -897,7 +1045,6 @@ impl Core {
             .with(overrides)
             .map_err(|e| anyhow::anyhow!("{e}: nothing was registered"))?;
         self.settings.check_reachable(overrides)?;
-        let existing = self.registry.key(analysis_id);
         let launcher = Some(root.ppid)
             .filter(|&p| p > 1 && p != self.self_pid)
             .and_then(|p| procs.read(p));
@@ -907,9 +1054,79 @@ impl Core {
             analysis_id: analysis_id.to_string(),
             limits,
             launcher,
-            owner,
+            owner: caller.uid,
+            confined_to,
             root,
         })
+    }
+
+    /// Refuses a process that does not run as `uid` (its real uid); `root_pid` names
+    /// the registered root when `process` is one of its descendants. A process gone
+    /// meanwhile is no refusal: nothing of it can be watched.
+    fn check_own_process(
+        &self,
+        process: &ProcInfo,
+        uid: u32,
+        root_pid: Option<u32>,
+        procs: &dyn Procs,
+    ) -> Result<()> {
+        let Some(runs_as) = procs.real_uid(process.proc_ref()) else {
+            if root_pid.is_none() {
+                bail!(
+                    "no process with pid {}: check the pid (the process may have exited)",
+                    process.pid
+                );
+            }
+            return Ok(());
+        };
+        if runs_as == uid {
+            return Ok(());
+        }
+        let what = match root_pid {
+            None => format!("pid {} ({})", process.pid, process.comm),
+            Some(root) => format!(
+                "pid {} ({}), a descendant of pid {root},",
+                process.pid, process.comm
+            ),
+        };
+        bail!(
+            "refused by rule own-processes: {what} runs as uid {runs_as}, and you are uid \
+             {uid}: only root or a member of the admin group may watch another user's \
+             processes; register a process of your own (nothing was registered)"
+        )
+    }
+
+    /// For a caller confined to its own processes: every existing descendant of the
+    /// root that the walk would watch must run as the caller too. Called with the
+    /// descendants found before anything is put in the kernel map, and again by the walk
+    /// for each one it watches (one that appeared or changed hands meanwhile).
+    pub fn check_descendants(
+        &self,
+        registration: &Registration,
+        descendants: &[ProcRef],
+        procs: &dyn Procs,
+    ) -> Result<()> {
+        let Some(uid) = registration.confined_to else {
+            return Ok(());
+        };
+        for process in descendants {
+            if process.pid == self.self_pid || self.tree.contains(process.pid) {
+                continue; // The walk leaves these alone.
+            }
+            let info = ProcInfo {
+                pid: process.pid,
+                ppid: 0,
+                start_ns: process.start_ns,
+                comm: procs
+                    .read(process.pid)
+                    .map(|p| p.comm)
+                    .unwrap_or_else(|| "?".into()),
+                kernel_thread: false,
+                exited: false,
+            };
+            self.check_own_process(&info, uid, Some(registration.root.pid), procs)?;
+        }
+        Ok(())
     }
 
     /// Which analysis, if any, holds `pid` now (the registration walk stops there).
@@ -933,6 +1150,7 @@ impl Core {
             limits,
             launcher,
             owner,
+            confined_to: _,
         } = registration;
         let root_watched =
             watched.iter().any(|p| p.pid == root.pid) || self.tree.contains(root.pid);
@@ -990,24 +1208,52 @@ impl Core {
         })
     }
 
-    /// Stops watching a process with its subtree, or a whole analysis.
+    /// Stops watching a process with its subtree, or a whole analysis. A caller other
+    /// than root and the admin group may unregister only analyses it created, and a
+    /// process only when it runs as the caller and all of its subtree is in analyses
+    /// the caller created.
     pub fn unregister(
         &mut self,
         pid: Option<u32>,
         analysis_id: Option<&str>,
+        caller: &Peer,
+        procs: &dyn Procs,
         clock: &Clock,
     ) -> Result<Reply> {
+        let confined_to = (!self.is_admin(caller)).then_some(caller.uid);
         let pids = match (pid, analysis_id) {
             (Some(pid), None) => {
-                if !self.tree.contains(pid) {
+                let Some(node) = self.tree.get(pid) else {
                     bail!("pid {pid} is not watched: see `watchdog-user dump-tree`");
+                };
+                let subtree = self.tree.subtree(pid);
+                if let Some(uid) = confined_to {
+                    let runs_as = procs.real_uid(node.proc_ref());
+                    if let Some(runs_as) = runs_as.filter(|&r| r != uid) {
+                        bail!(
+                            "refused by rule own-processes: pid {pid} ({}) runs as uid \
+                             {runs_as}, and you are uid {uid}: only root or a member of the \
+                             admin group may unregister another user's processes (nothing was \
+                             unregistered)",
+                            node.comm.as_str()
+                        );
+                    }
+                    for &member in &subtree {
+                        let Some(key) = self.tree.get(member).map(|n| n.analysis) else {
+                            continue;
+                        };
+                        self.check_own_analysis(key, uid, "unregister processes of")?;
+                    }
                 }
-                self.tree.subtree(pid)
+                subtree
             }
             (None, Some(id)) => {
                 let Some(key) = self.registry.key(id) else {
                     bail!("no analysis {id:?} is watched: see `watchdog-user dump-tree`");
                 };
+                if let Some(uid) = confined_to {
+                    self.check_own_analysis(key, uid, "unregister")?;
+                }
                 self.tree.members(key)
             }
             _ => bail!("unregister takes exactly one of --pid or --analysis-id"),
@@ -1022,10 +1268,33 @@ impl Core {
         for key in analyses {
             self.forget_if_finished(key, clock);
         }
-        tracing::info!(?pid, ?analysis_id, removed = pids.len(), "unregistered");
+        tracing::info!(
+            ?pid,
+            ?analysis_id,
+            uid = caller.uid,
+            removed = pids.len(),
+            "unregistered"
+        );
         Ok(Reply::Unregistered {
             removed: pids.len(),
         })
+    }
+
+    /// Refuses `doing` to an analysis `uid` did not create.
+    fn check_own_analysis(&self, key: AnalysisKey, uid: u32, doing: &str) -> Result<()> {
+        let Some(analysis) = self.registry.get(key) else {
+            return Ok(());
+        };
+        if analysis.owner != uid {
+            bail!(
+                "refused by rule own-analyses: analysis {:?} was created by uid {}, and you \
+                 are uid {uid}: only its owner, root or a member of the admin group may \
+                 {doing} it (nothing was unregistered)",
+                analysis.id,
+                analysis.owner
+            );
+        }
+        Ok(())
     }
 
     // ---- resync and restart --------------------------------------------------------
@@ -1178,6 +1447,7 @@ impl Core {
                     id: a.id.clone(),
                     limits: a.limits.clone(),
                     registered_wall: a.registered_wall,
+                    owner_uid: a.owner,
                 };
                 (key, brief)
             })

@@ -7,14 +7,19 @@ use nix::sys::signal::Signal;
 use watchdog_common::RootEntry;
 
 use super::*;
-use crate::{ingest::KernelEvent, kill::SignalOrder, procs::Details};
+use crate::{access::Peer, ingest::KernelEvent, kill::SignalOrder, procs::Details};
 
 const SELF_PID: u32 = 999;
 const MIB: u64 = 1 << 20;
 
-/// /proc as the test says it is: living processes by pid.
+/// /proc as the test says it is: living processes by pid, the PSS of those that have
+/// one, and the real uids of those that do not run as root.
 #[derive(Default)]
-pub(crate) struct FakeProcs(RefCell<HashMap<u32, ProcInfo>>);
+pub(crate) struct FakeProcs(
+    RefCell<HashMap<u32, ProcInfo>>,
+    RefCell<HashMap<u32, u64>>,
+    RefCell<HashMap<u32, u32>>,
+);
 
 impl FakeProcs {
     pub(crate) fn spawn(&self, pid: u32, ppid: u32, start_ns: u64) -> ProcInfo {
@@ -28,6 +33,12 @@ impl FakeProcs {
         };
         self.0.borrow_mut().insert(pid, info.clone());
         info
+    }
+
+    /// A process that runs as `uid`.
+    pub(crate) fn spawn_as(&self, pid: u32, ppid: u32, uid: u32) -> ProcInfo {
+        self.2.borrow_mut().insert(pid, uid);
+        self.spawn(pid, ppid, start(pid))
     }
 
     fn die(&self, pid: u32) {
@@ -56,6 +67,16 @@ impl Procs for FakeProcs {
 
     fn rss_bytes(&self, _pid: u32) -> u64 {
         0
+    }
+
+    fn pss_bytes(&self, pid: u32) -> Option<u64> {
+        self.1.borrow().get(&pid).copied()
+    }
+
+    fn real_uid(&self, process: ProcRef) -> Option<u32> {
+        let info = self.read(process.pid)?;
+        same_start(info.start_ns, process.start_ns)
+            .then(|| self.2.borrow().get(&process.pid).copied().unwrap_or(0))
     }
 }
 
@@ -104,6 +125,8 @@ impl World {
                     defaults,
                     dry_run,
                     machine_memory: None,
+                    admin_gid: None,
+                    memory_metric: policy::MemoryMetric::Rss,
                 },
                 "host".into(),
                 SELF_PID,
@@ -123,7 +146,7 @@ impl World {
         let info = self.procs.spawn(root, 50, start(root));
         let registration = self
             .core
-            .check_register(root, id, &overrides, 0, &self.procs)
+            .check_register(root, id, &overrides, &Peer::root(), &self.procs)
             .expect("registrable");
         self.core
             .adopt(registration, &[info], &self.clock)
@@ -160,6 +183,12 @@ impl World {
 
     /// `pid` exits; its living children are reparented to init, as the kernel does.
     fn exit(&mut self, pid: u32) -> Vec<Action> {
+        self.exit_to(pid, Some(1))
+    }
+
+    /// `pid` exits; its living children go to `adopter` (a subreaper), or stay with
+    /// the dead parent in /proc for now (None: the kernel has not reparented them yet).
+    fn exit_to(&mut self, pid: u32, adopter: Option<u32>) -> Vec<Action> {
         let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
         self.procs.die(pid);
         let children: Vec<u32> = self
@@ -170,8 +199,8 @@ impl World {
             .filter(|p| p.ppid == pid)
             .map(|p| p.pid)
             .collect();
-        for child in children {
-            self.procs.reparent(child, 1);
+        for child in children.iter().filter(|_| adopter.is_some()) {
+            self.procs.reparent(*child, adopter.unwrap_or(1));
         }
         self.event(KernelEvent::Exit {
             pid,
@@ -181,7 +210,20 @@ impl World {
         })
     }
 
+    /// The kernel reports `pid`'s RSS; its pages are its own (PSS = RSS) unless the
+    /// test says otherwise with [`Self::pss`].
     fn rss(&mut self, pid: u32, rss_bytes: u64) -> Vec<Action> {
+        self.pss(pid, rss_bytes);
+        self.rss_shared(pid, rss_bytes)
+    }
+
+    /// What /proc/PID/smaps_rollup says of `pid`.
+    fn pss(&mut self, pid: u32, pss_bytes: u64) {
+        self.procs.1.borrow_mut().insert(pid, pss_bytes);
+    }
+
+    /// The kernel reports `pid`'s RSS; its PSS stays what the test set.
+    fn rss_shared(&mut self, pid: u32, rss_bytes: u64) -> Vec<Action> {
         let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
         self.event(KernelEvent::Rss {
             pid,
@@ -554,7 +596,7 @@ fn what_must_never_be_watched_is_refused_and_nothing_changes() {
     w.procs.spawn(200, 1, start(200));
     let refused = |w: &World, pid: u32, id: &str, overrides: LimitOverrides| {
         w.core
-            .check_register(pid, id, &overrides, 0, &w.procs)
+            .check_register(pid, id, &overrides, &Peer::root(), &w.procs)
             .unwrap_err()
             .to_string()
     };
@@ -591,7 +633,7 @@ fn a_memory_limit_above_the_machines_memory_is_refused_and_nothing_changes() {
     };
     let refused = w
         .core
-        .check_register(200, "big", &memory(64 * GIB), 0, &w.procs)
+        .check_register(200, "big", &memory(64 * GIB), &Peer::root(), &w.procs)
         .unwrap_err()
         .to_string();
     assert_eq!(
@@ -606,7 +648,7 @@ fn a_memory_limit_above_the_machines_memory_is_refused_and_nothing_changes() {
     for fits in [proposed, machine] {
         assert!(
             w.core
-                .check_register(200, "big", &memory(fits), 0, &w.procs)
+                .check_register(200, "big", &memory(fits), &Peer::root(), &w.procs)
                 .is_ok()
         );
     }
@@ -617,7 +659,7 @@ fn a_memory_limit_above_the_machines_memory_is_refused_and_nothing_changes() {
     };
     assert!(
         w.core
-            .check_register(200, "big", &tree, 0, &w.procs)
+            .check_register(200, "big", &tree, &Peer::root(), &w.procs)
             .is_ok()
     );
 }
@@ -646,7 +688,9 @@ fn unregistering_stops_watching_and_ends_the_analysis() {
     let mut w = World::new();
     w.register(100, "a", LimitOverrides::default());
     w.fork(101, 100);
-    w.core.unregister(None, Some("a"), &w.clock).unwrap();
+    w.core
+        .unregister(None, Some("a"), &Peer::root(), &w.procs, &w.clock)
+        .unwrap();
     let actions = w.core.take_actions();
     let unwatched: Vec<u32> = actions
         .iter()
@@ -658,7 +702,9 @@ fn unregistering_stops_watching_and_ends_the_analysis() {
     assert_eq!(unwatched.len(), 2);
     assert!(w.core.tree().is_empty() && w.core.registry().is_empty());
     assert!(
-        w.core.unregister(Some(100), None, &w.clock).is_err(),
+        w.core
+            .unregister(Some(100), None, &Peer::root(), &w.procs, &w.clock)
+            .is_err(),
         "not watched any more"
     );
 }
@@ -893,5 +939,419 @@ fn a_map_entry_whose_pid_now_names_another_process_is_dropped_not_adopted() {
             .take_actions()
             .iter()
             .any(|a| matches!(a, Action::Unwatch(p) if *p == stale))
+    );
+}
+
+// ---- who may do what (issue 11) ---------------------------------------------------------
+
+const ALICE: u32 = 1001;
+const BOB: u32 = 1002;
+const ADMIN_GID: u32 = 600;
+
+impl World {
+    /// Registers `root` as `caller` would: the rules' checks, the descendants checked
+    /// as the daemon does before anything is put in the kernel map, then adoption of
+    /// the root and every living descendant (what the walk would watch).
+    fn register_as(&mut self, caller: &Peer, root: u32, id: &str) -> Result<Reply> {
+        let registration =
+            self.core
+                .check_register(root, id, &LimitOverrides::default(), caller, &self.procs)?;
+        let below = self.descendants_of(root);
+        let refs: Vec<ProcRef> = below.iter().map(ProcInfo::proc_ref).collect();
+        self.core
+            .check_descendants(&registration, &refs, &self.procs)?;
+        let mut watched = vec![registration.root.clone()];
+        watched.extend(below);
+        self.core.adopt(registration, &watched, &self.clock)
+    }
+
+    fn descendants_of(&self, root: u32) -> Vec<ProcInfo> {
+        let all: Vec<ProcInfo> = self.procs.0.borrow().values().cloned().collect();
+        let mut out = Vec::new();
+        let mut stack = vec![root];
+        while let Some(pid) = stack.pop() {
+            for child in all.iter().filter(|p| p.ppid == pid && p.pid != pid) {
+                stack.push(child.pid);
+                out.push(child.clone());
+            }
+        }
+        out
+    }
+
+    fn unregister_as(
+        &mut self,
+        caller: &Peer,
+        pid: Option<u32>,
+        id: Option<&str>,
+    ) -> Result<Reply> {
+        self.core
+            .unregister(pid, id, caller, &self.procs, &self.clock)
+    }
+
+    /// (analyses, watched processes): what a refusal must leave as it was.
+    fn sizes(&self) -> (usize, usize) {
+        (self.core.registry().len(), self.core.tree().len())
+    }
+
+    fn owner(&self, id: &str) -> u32 {
+        self.core.registry().get(self.key(id)).expect("known").owner
+    }
+}
+
+#[test]
+fn a_user_may_register_only_processes_that_run_as_themselves() {
+    let mut w = World::new();
+    let (alice, bob) = (Peer::user(ALICE, &[]), Peer::user(BOB, &[]));
+    w.procs.spawn_as(100, 1, ALICE);
+    w.procs.spawn_as(101, 100, ALICE);
+    w.procs.spawn_as(200, 1, BOB);
+    w.procs.spawn(300, 1, start(300)); // root's
+    let Reply::Registered { watched, .. } = w.register_as(&alice, 100, "a").unwrap() else {
+        panic!("registered")
+    };
+    assert_eq!(watched, 2, "the root and its descendant");
+    assert_eq!(w.owner("a"), ALICE);
+    w.core.take_actions();
+    for (victim, runs_as) in [(200, BOB), (300, 0)] {
+        let refused = w.register_as(&alice, victim, "b").unwrap_err().to_string();
+        assert_eq!(
+            refused,
+            format!(
+                "refused by rule own-processes: pid {victim} (p{victim}) runs as uid {runs_as}, \
+                 and you are uid {ALICE}: only root or a member of the admin group may watch \
+                 another user's processes; register a process of your own (nothing was \
+                 registered)"
+            )
+        );
+        assert!(!refused.contains('\n'), "one line");
+        assert_eq!(w.sizes(), (1, 2), "nothing changed");
+        assert!(
+            w.core.take_actions().is_empty(),
+            "nothing asked of the kernel"
+        );
+    }
+    // Bob registers his own, into an analysis of his own.
+    w.register_as(&bob, 200, "b").unwrap();
+    assert_eq!(w.owner("b"), BOB);
+}
+
+#[test]
+fn one_descendant_of_another_user_refuses_the_whole_registration() {
+    let mut w = World::new();
+    let alice = Peer::user(ALICE, &[]);
+    w.procs.spawn_as(100, 1, ALICE);
+    w.procs.spawn_as(101, 100, ALICE);
+    w.procs.spawn(102, 101, start(102)); // e.g. under sudo: root's
+    let refused = w.register_as(&alice, 100, "a").unwrap_err().to_string();
+    assert!(
+        refused.starts_with(
+            "refused by rule own-processes: pid 102 (p102), a descendant of pid 100, runs as \
+             uid 0, and you are uid 1001"
+        ),
+        "{refused}"
+    );
+    assert!(refused.ends_with("(nothing was registered)"), "{refused}");
+    assert_eq!(w.sizes(), (0, 0));
+    assert!(w.core.take_actions().is_empty());
+    // Root may register the same tree.
+    w.register_as(&Peer::root(), 100, "a").unwrap();
+    assert_eq!(w.sizes(), (1, 3));
+    assert_eq!(w.owner("a"), 0, "owned by who created it");
+}
+
+#[test]
+fn a_user_cannot_join_unregister_or_strip_another_users_analysis() {
+    let mut w = World::new();
+    let (alice, bob) = (Peer::user(ALICE, &[]), Peer::user(BOB, &[]));
+    w.procs.spawn_as(100, 1, ALICE);
+    w.procs.spawn_as(200, 1, BOB);
+    w.register_as(&alice, 100, "a").unwrap();
+    w.core.take_actions();
+    let joined = w.register_as(&bob, 200, "a").unwrap_err().to_string();
+    assert_eq!(
+        joined,
+        "refused by rule own-analyses: analysis \"a\" was created by uid 1001, and you are \
+         uid 1002: only its owner, root or a member of the admin group may add processes to \
+         it; pick another --analysis-id (nothing was registered)"
+    );
+    let by_id = w
+        .unregister_as(&bob, None, Some("a"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        by_id,
+        "refused by rule own-analyses: analysis \"a\" was created by uid 1001, and you are \
+         uid 1002: only its owner, root or a member of the admin group may unregister it \
+         (nothing was unregistered)"
+    );
+    let by_pid = w
+        .unregister_as(&bob, Some(100), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        by_pid.starts_with("refused by rule own-processes: pid 100 (p100) runs as uid 1001"),
+        "{by_pid}"
+    );
+    assert_eq!(w.sizes(), (1, 1), "alice's analysis is untouched");
+    assert!(w.core.take_actions().is_empty());
+    // A process of bob's that root put in alice's analysis is alice's to unregister
+    // only if it runs as alice: it does not.
+    w.procs.spawn_as(201, 1, BOB);
+    w.register_as(&Peer::root(), 201, "a").unwrap();
+    let theirs = w
+        .unregister_as(&alice, Some(201), None)
+        .unwrap_err()
+        .to_string();
+    assert!(theirs.contains("rule own-processes"), "{theirs}");
+    // Alice unregisters her own process, then her analysis.
+    assert!(matches!(
+        w.unregister_as(&alice, Some(100), None).unwrap(),
+        Reply::Unregistered { removed: 1 }
+    ));
+    w.unregister_as(&alice, None, Some("a")).unwrap();
+    assert_eq!(w.sizes(), (0, 0));
+}
+
+#[test]
+fn unregistering_a_process_cannot_reach_into_another_users_analysis_below_it() {
+    let mut w = World::new();
+    let alice = Peer::user(ALICE, &[]);
+    w.procs.spawn_as(100, 1, ALICE);
+    w.register_as(&alice, 100, "a").unwrap();
+    // A child of alice's process that bob owns, registered (by root) in bob's analysis
+    // before its parent was: the tree holds it below 100.
+    w.procs.spawn_as(101, 100, BOB);
+    let (key_b, info) = (w.core.registry().next_key(), w.procs.read(101).unwrap());
+    let registration = w
+        .core
+        .check_register(
+            101,
+            "b",
+            &LimitOverrides::default(),
+            &Peer::root(),
+            &w.procs,
+        )
+        .unwrap();
+    w.core.adopt(registration, &[info], &w.clock).unwrap();
+    w.core.take_actions();
+    let refused = w
+        .unregister_as(&alice, Some(100), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("rule own-analyses") && refused.contains("analysis \"b\""),
+        "{refused}"
+    );
+    assert_eq!(w.sizes(), (2, 2));
+    assert!(w.core.tree().get(101).is_some_and(|n| n.analysis == key_b));
+}
+
+#[test]
+fn root_and_the_admin_group_may_do_everything() {
+    let mut w = World::new();
+    w.core.set_settings(Settings {
+        admin_gid: Some(ADMIN_GID),
+        ..w.core.settings().clone()
+    });
+    let (alice, bob) = (Peer::user(ALICE, &[]), Peer::user(BOB, &[]));
+    let admin = Peer::user(1003, &[100, ADMIN_GID]);
+    let admin_by_primary_group = Peer {
+        gid: ADMIN_GID,
+        ..Peer::user(1004, &[])
+    };
+    for peer in [&Peer::root(), &admin, &admin_by_primary_group] {
+        assert!(w.core.is_admin(peer), "{peer:?}");
+    }
+    for peer in [&alice, &bob, &Peer::http()] {
+        assert!(!w.core.is_admin(peer), "{peer:?}");
+    }
+    w.procs.spawn_as(100, 1, ALICE);
+    w.procs.spawn_as(200, 1, BOB);
+    w.procs.spawn(300, 1, start(300));
+    w.register_as(&alice, 100, "a").unwrap();
+    // The admin adds bob's and root's processes to alice's analysis.
+    w.register_as(&admin, 200, "a").unwrap();
+    w.register_as(&admin, 300, "a").unwrap();
+    assert_eq!(w.owner("a"), ALICE, "joining does not change the owner");
+    assert_eq!(w.sizes(), (1, 3));
+    w.unregister_as(&admin_by_primary_group, Some(200), None)
+        .unwrap();
+    w.unregister_as(&Peer::root(), None, Some("a")).unwrap();
+    assert_eq!(w.sizes(), (0, 0));
+    // Test faults are theirs alone.
+    let refused = crate::rules::admin_only(&alice, "a test fault").to_string();
+    assert_eq!(
+        refused,
+        "refused by rule admin-only: a test fault is for root and members of the admin group \
+         (--admin-group), and you are uid 1001"
+    );
+}
+
+#[test]
+fn the_owner_is_in_dump_tree_kill_records_and_the_process_table() {
+    let mut w = World::new();
+    let alice = Peer::user(ALICE, &[]);
+    w.procs.spawn_as(100, 1, ALICE);
+    w.register_as(&alice, 100, "a").unwrap();
+    let Reply::Tree { roots, analyses } =
+        crate::report::dump_tree(&w.core, None, &w.procs, &w.clock).unwrap()
+    else {
+        panic!("a tree")
+    };
+    assert_eq!((roots[0].owner_uid, analyses[0].owner_uid), (ALICE, ALICE));
+    let snapshot = w.core.process_snapshot(&w.clock).expect("changed");
+    assert_eq!(snapshot.rows()[0].owner_uid, ALICE);
+    w.core.take_actions();
+    w.advance(Duration::from_secs(61)); // past the 60 s timeout
+    let actions = w.exit(100);
+    let killed = records(&actions);
+    assert_eq!(killed.len(), 1);
+    assert_eq!(killed[0].owner_uid, Some(ALICE));
+}
+
+#[test]
+fn a_grandchild_adopted_by_a_subreaper_of_its_own_analysis_is_no_orphan() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    // 100 is a subreaper: when 101 dies, 102 is 100's.
+    let actions = w.exit_to(101, Some(100));
+    assert!(signals(&actions).is_empty(), "adopted, not orphaned");
+    assert_eq!(
+        w.core.tree().get(102).map(|n| (n.ppid, n.orphan)),
+        Some((100, false))
+    );
+    // Reparented to init instead, it is an orphan as before.
+    w.fork(103, 100);
+    w.fork(104, 103);
+    assert_eq!(signals(&w.exit(103)), [(104, Signal::SIGTERM)]);
+}
+
+#[test]
+fn children_not_yet_reparented_are_looked_at_again_before_anything_is_decided() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    let actions = w.exit_to(101, None);
+    assert!(
+        signals(&actions).is_empty(),
+        "nothing decided while /proc names the dead parent"
+    );
+    assert!(
+        w.core
+            .next_wakeup()
+            .is_some_and(|at| at <= w.clock.now + Duration::from_millis(20))
+    );
+    // A moment later the kernel has given it to the analysis' subreaper.
+    w.procs.reparent(102, 100);
+    let actions = w.advance(Duration::from_millis(20));
+    assert!(signals(&actions).is_empty());
+    assert_eq!(w.core.tree().get(102).map(|n| n.ppid), Some(100));
+    // The same, reparented to init: an orphan at the second look.
+    w.fork(103, 100);
+    w.fork(104, 103);
+    w.exit_to(103, None);
+    w.procs.reparent(104, 1);
+    assert_eq!(
+        signals(&w.advance(Duration::from_millis(20))),
+        [(104, Signal::SIGTERM)]
+    );
+}
+
+#[test]
+fn a_pool_sharing_its_parents_pages_is_measured_by_pss_and_lives_under_the_tree_limit() {
+    let mut w = World::new();
+    let tree = LimitOverrides {
+        tree_memory_bytes: Some(1024 * MIB),
+        memory_bytes: Some(4096 * MIB),
+        ..Default::default()
+    };
+    w.register(100, "pool", tree);
+    // A parent holding 600 MiB forks 3 workers sharing it: RSS 4 x 600, PSS 4 x 150.
+    for pid in 101..104 {
+        w.fork(pid, 100);
+    }
+    for pid in 100..104 {
+        w.pss(pid, 150 * MIB);
+    }
+    for pid in 100..104 {
+        assert!(
+            signals(&w.rss_shared(pid, 600 * MIB)).is_empty(),
+            "2.4 GiB of RSS, 600 MiB of PSS"
+        );
+    }
+    // Each worker writes its own 300 MiB copy: the PSS sum passes 1 GiB.
+    for pid in 101..104 {
+        w.pss(pid, 450 * MIB);
+    }
+    let actions = w.rss_shared(101, 900 * MIB);
+    assert_eq!(
+        signals(&actions).len(),
+        4,
+        "the analysis is killed once its PSS crosses"
+    );
+    assert_eq!(
+        w.core.registry().get(w.key("pool")).unwrap().violation,
+        Some((Reason::TreeMemory, Some(1024 * MIB)))
+    );
+}
+
+#[test]
+fn copy_on_write_raises_pss_without_rss_and_the_poll_measures_it_again() {
+    let mut w = World::new();
+    let tree = LimitOverrides {
+        tree_memory_bytes: Some(1024 * MIB),
+        memory_bytes: Some(4096 * MIB),
+        ..Default::default()
+    };
+    w.register(100, "pool", tree);
+    w.fork(101, 100);
+    w.pss(100, 300 * MIB);
+    w.pss(101, 300 * MIB);
+    w.rss_shared(100, 600 * MIB);
+    assert!(signals(&w.rss_shared(101, 600 * MIB)).is_empty());
+    // 101 writes to the shared pages: same RSS, its PSS grows; no kernel report.
+    w.pss(101, 800 * MIB);
+    let key = w.key("pool");
+    let samples = [
+        (
+            ProcRef {
+                pid: 100,
+                start_ns: start(100),
+            },
+            600 * MIB,
+        ),
+        (
+            ProcRef {
+                pid: 101,
+                start_ns: start(101),
+            },
+            600 * MIB,
+        ),
+    ];
+    w.core.on_poll(&samples, &w.procs, &w.clock);
+    assert_eq!(signals(&w.core.take_actions()).len(), 2);
+    assert!(w.core.registry().get(key).unwrap().violation.is_some());
+}
+
+#[test]
+fn with_the_pss_metric_a_process_over_its_limit_by_shared_pages_only_lives() {
+    let mut w = World::new(); // 100 MiB per process
+    w.core.set_settings(Settings {
+        memory_metric: policy::MemoryMetric::Pss,
+        ..w.core.settings().clone()
+    });
+    w.register(100, "a", LimitOverrides::default());
+    w.pss(100, 60 * MIB);
+    assert!(
+        signals(&w.rss_shared(100, 150 * MIB)).is_empty(),
+        "PSS 60 MiB"
+    );
+    w.pss(100, 120 * MIB);
+    assert_eq!(
+        signals(&w.rss_shared(100, 160 * MIB)),
+        [(100, Signal::SIGTERM)]
     );
 }

@@ -448,6 +448,7 @@ mod tests {
                 outcome: Outcome::ExitedAfterSigterm,
                 comm: comm.into(),
                 cmdline: format!("{comm} --run {n}"),
+                owner_uid: None,
                 uid: 0,
             },
         }

@@ -134,6 +134,8 @@ pub struct ProcessRow {
     pub orphans: String,
     pub registered_at: String,
     pub state: String,
+    /// Uid of the caller that created the analysis.
+    pub owner_uid: u32,
 }
 
 /// What is watched now, as the rules hand it over: compact, so the daemon loop copies
@@ -158,6 +160,7 @@ pub struct AnalysisBrief {
     pub id: String,
     pub limits: crate::policy::Limits,
     pub registered_wall: std::time::SystemTime,
+    pub owner_uid: u32,
 }
 
 impl ProcessSnapshot {
@@ -180,6 +183,7 @@ impl ProcessSnapshot {
                     orphans: format!("{:?}", analysis.limits.orphans).to_lowercase(),
                     registered_at: rfc3339(analysis.registered_wall),
                     state: p.state.into(),
+                    owner_uid: analysis.owner_uid,
                 })
             })
             .collect()
@@ -205,7 +209,8 @@ pub struct EventFilter {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct DbStatus {
-    /// "ok" or "spooling".
+    /// "ok", or "spooling" while the database cannot be reached (records in flight to
+    /// a reachable one show in `spool_depth` only).
     pub state: String,
     pub error: Option<String>,
     pub spool_depth: usize,
@@ -307,26 +312,27 @@ impl Sql {
         Self {
             insert_event_text: format!(
                 "INSERT INTO watchdog_events (event_uid, time, host, pid, ppid, analysis_id, reason, \
-                 limit_value, rss_bytes, runtime_ms, signals, outcome, comm, cmdline, uid) \
-                 VALUES ($1, $2{ts}, $3, $4, $5, $6, $7, $8, $9, $10, $11{json}, $12, $13, $14, $15) \
+                 limit_value, rss_bytes, runtime_ms, signals, outcome, comm, cmdline, uid, owner_uid) \
+                 VALUES ($1, $2{ts}, $3, $4, $5, $6, $7, $8, $9, $10, $11{json}, $12, $13, $14, $15, $16) \
                  ON CONFLICT (event_uid) DO NOTHING"
             ),
             select_events_text: format!(
                 "SELECT {time_out} AS time, host, pid, ppid, analysis_id, reason, limit_value, rss_bytes, \
-                 runtime_ms, {signals_out} AS signals, outcome, comm, cmdline, uid FROM watchdog_events \
+                 runtime_ms, {signals_out} AS signals, outcome, comm, cmdline, uid, owner_uid FROM watchdog_events \
                  WHERE ($1{text} IS NULL OR time >= $1{ts}) AND ($2{text} IS NULL OR analysis_id = $2) \
                  AND ($3{text} IS NULL OR reason = $3) AND ($4{text} IS NULL OR host = $4) \
                  ORDER BY time DESC, id DESC LIMIT $5"
             ),
             upsert_process_text: format!(
                 "INSERT INTO watchdog_processes (host, pid, ppid, start_time, analysis_id, timeout_ms, \
-                 memory_bytes, tree_memory_bytes, grace_ms, orphans, registered_at, state) \
-                 VALUES ($1, $2, $3, $4{ts}, $5, $6, $7, $8, $9, $10, $11{ts}, $12) \
+                 memory_bytes, tree_memory_bytes, grace_ms, orphans, registered_at, state, owner_uid) \
+                 VALUES ($1, $2, $3, $4{ts}, $5, $6, $7, $8, $9, $10, $11{ts}, $12, $13) \
                  ON CONFLICT (host, pid) DO UPDATE SET ppid = excluded.ppid, start_time = excluded.start_time, \
                  analysis_id = excluded.analysis_id, timeout_ms = excluded.timeout_ms, \
                  memory_bytes = excluded.memory_bytes, tree_memory_bytes = excluded.tree_memory_bytes, \
                  grace_ms = excluded.grace_ms, orphans = excluded.orphans, \
-                 registered_at = excluded.registered_at, state = excluded.state"
+                 registered_at = excluded.registered_at, state = excluded.state, \
+                 owner_uid = excluded.owner_uid"
             ),
             delete_process: "DELETE FROM watchdog_processes WHERE host = $1 AND pid = $2",
             delete_host_processes: "DELETE FROM watchdog_processes WHERE host = $1",
@@ -355,6 +361,7 @@ impl Sql {
             .bind(r.comm.clone())
             .bind(r.cmdline.clone())
             .bind(i64::from(r.uid))
+            .bind(r.owner_uid.map(i64::from))
     }
 
     fn insert_event(&self) -> AssertSqlSafe<String> {
@@ -414,12 +421,9 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         DbStatus {
-            state: if down.is_none() && spool.depth() == 0 && spool.held() == 0 {
-                "ok"
-            } else {
-                "spooling"
-            }
-            .into(),
+            // A record merely in flight to a reachable database is no outage: only
+            // an unreachable one makes the daemon spool (the depth says the rest).
+            state: if down.is_none() { "ok" } else { "spooling" }.into(),
             error: down,
             spool_depth: spool.depth(),
             spool_path: spool.path().display().to_string(),
@@ -824,6 +828,7 @@ impl Store {
                 .bind(row.orphans.clone())
                 .bind(row.registered_at.clone())
                 .bind(row.state.clone())
+                .bind(i64::from(row.owner_uid))
                 .execute(&mut *tx)
                 .await?;
         }
@@ -891,6 +896,9 @@ fn record_from_row(row: &AnyRow) -> Result<KillRecord> {
         comm: row.try_get("comm")?,
         cmdline: row.try_get("cmdline")?,
         uid: u32_of("uid")?,
+        owner_uid: row
+            .try_get::<Option<i64>, _>("owner_uid")?
+            .and_then(|v| u32::try_from(v).ok()),
     })
 }
 
@@ -920,6 +928,7 @@ pub async fn bench_inserts(url: &DatabaseUrl, rows: usize, batch: usize) -> Resu
             comm: "python3".into(),
             cmdline: "python3 analysis.py --input data.h5".into(),
             uid: 1000,
+            owner_uid: Some(1000),
         },
     };
     let started = std::time::Instant::now();

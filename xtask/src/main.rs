@@ -81,6 +81,7 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             toolchain::setup()?;
             packages::ensure_test_packages()?;
+            packages::ensure_pytest()?;
             let bin = build_daemon(false)?;
             remove_stale_test_pins();
             step("running the test suite (as root: the tests load eBPF programs)");
@@ -88,10 +89,48 @@ fn main() -> Result<()> {
             cmd.current_dir(workspace_root())
                 .env("WATCHDOG_BIN", &bin)
                 .args(["test", "--"])
-                .args(args);
-            run_passing_exit_code(cmd)
+                .args(&args);
+            let cargo_passed = run_status(cmd)?;
+            // A filter names Rust tests: the Python client's suite is left out then.
+            let python_passed = if args.is_empty() {
+                python_client_tests(&bin)?
+            } else {
+                step(
+                    "a test filter was given: the Python client's tests are left out (run them with python3 -m pytest clients/python/tests)",
+                );
+                true
+            };
+            let failed: Vec<&str> = [
+                (cargo_passed, "cargo test"),
+                (python_passed, "pytest clients/python/tests"),
+            ]
+            .into_iter()
+            .filter_map(|(passed, what)| (!passed).then_some(what))
+            .collect();
+            if !failed.is_empty() {
+                bail!("failed: {}", failed.join(" and "));
+            }
+            Ok(())
         }
     }
+}
+
+/// The Python client's tests (pytest), against a real daemon (`bin`) as root; they make
+/// their own non-root user to drive the client. Whether they passed.
+fn python_client_tests(bin: &Path) -> Result<bool> {
+    step("running the Python client's tests (pytest clients/python/tests, as root)");
+    let mut cmd = as_root(Path::new("python3"));
+    cmd.current_dir(workspace_root())
+        .env("WATCHDOG_BIN", bin)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .args([
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "clients/python/tests",
+        ]);
+    run_status(cmd)
 }
 
 /// Runs every benchmark (each prints its Markdown section), then the issue 9 summary
@@ -191,6 +230,9 @@ fn install(bin: &Path, destdir: &Path) -> Result<()> {
         "/etc/watchdog/watchdog.toml",
         true,
     )?;
+    if destdir == Path::new("/") {
+        ensure_socket_group()?;
+    }
     if destdir == Path::new("/") && Path::new("/run/systemd/system").exists() {
         run_checked({
             let mut cmd = Command::new("systemctl");
@@ -203,6 +245,32 @@ fn install(bin: &Path, destdir: &Path) -> Result<()> {
             "systemd is not running here: start the service where it is (systemctl enable --now watchdog)",
         );
     }
+    Ok(())
+}
+
+/// The socket's group (`watchdog`, the daemon's default --socket-group): its members may
+/// use the watchdog for their own processes. Created when missing; without it the
+/// socket stays root-only.
+fn ensure_socket_group() -> Result<()> {
+    const GROUP: &str = "watchdog";
+    let exists = Command::new("getent")
+        .args(["group", GROUP])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if exists {
+        step(&format!("keeping the existing group {GROUP}"));
+    } else {
+        run_checked({
+            let mut cmd = Command::new("groupadd");
+            cmd.args(["--system", GROUP]);
+            cmd
+        })?;
+        step(&format!("created the group {GROUP}"));
+    }
+    step(&format!(
+        "users in group {GROUP} may watch their own processes: usermod -aG {GROUP} USER"
+    ));
     Ok(())
 }
 
@@ -296,6 +364,14 @@ pub fn run_checked(mut cmd: Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Runs `cmd` to its end: whether it succeeded.
+fn run_status(mut cmd: Command) -> Result<bool> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    Ok(status.success())
 }
 
 fn run_passing_exit_code(mut cmd: Command) -> Result<()> {

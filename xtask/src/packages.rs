@@ -1,5 +1,5 @@
-//! System packages the test suite needs and a fresh machine may lack: the PostgreSQL
-//! server (the persistence tests start their own throwaway one).
+//! Packages the test suite needs and a fresh machine may lack: the PostgreSQL server (the
+//! persistence tests start their own throwaway one), pytest (the Python client's tests).
 
 use std::process::Command;
 
@@ -72,5 +72,30 @@ pub fn ensure_psutil() -> Result<()> {
     step("installing psutil (PyPI) for the reference poller");
     let mut cmd = Command::new("python3");
     cmd.args(["-m", "pip", "install", "-q", "psutil"]);
+    run_checked(cmd)
+}
+
+/// The Python client's tests (clients/python/tests) run on pytest, from PyPI; installed
+/// for the Python that runs them (root's, through sudo when not root).
+pub fn ensure_pytest() -> Result<()> {
+    let python = || {
+        if nix::unistd::geteuid().is_root() {
+            Command::new("python3")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("--preserve-env=PATH").arg("python3");
+            sudo
+        }
+    };
+    let has = python()
+        .args(["-c", "import pytest"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if has {
+        return Ok(());
+    }
+    step("installing pytest (PyPI) for the Python client's tests");
+    let mut cmd = python();
+    cmd.args(["-m", "pip", "install", "-q", "pytest"]);
     run_checked(cmd)
 }

@@ -94,6 +94,31 @@ fn spawn_forker(n: usize, short_lived: bool) -> Result<Workload> {
     )
 }
 
+/// Median ms to read the PSS (smaps_rollup) of 1,000 watched processes: what the tree
+/// limit costs when an analysis of that size is over it by RSS.
+fn pss_cost(daemon: &Daemon) -> Result<f64> {
+    let tree = daemon.tree(Some("crowd"))?;
+    let pids: Vec<u32> = watchdog_tests::all_nodes(&tree)
+        .iter()
+        .map(|n| n.pid)
+        .take(1000)
+        .collect();
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let read = pids
+            .iter()
+            .filter(|&&pid| watchdog_user::procs::pss_bytes(pid).is_some())
+            .count();
+        anyhow::ensure!(
+            read == pids.len(),
+            "PSS unreadable for some watched processes"
+        );
+        runs.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(runs))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("forker") {
@@ -102,7 +127,11 @@ fn main() -> Result<()> {
 
     // 5. Overhead.
     let bare = spawn_cost()?;
-    let daemon = Daemon::start_with(&[], &["--poll-interval", "1s"])?;
+    // 10,000 watched processes in one analysis: past the default process limit.
+    let daemon = Daemon::start_with(
+        &[],
+        &["--poll-interval", "1s", "--default-max-processes", "0"],
+    )?;
     let idle_rss = rss_kib(daemon.pid())?;
     let attached = spawn_cost()?;
     let mut storm = spawn_forker(20_000, true)?;
@@ -150,6 +179,7 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(2500));
     let status = daemon.status()?;
     let busy_rss = rss_kib(daemon.pid())?;
+    let pss_1k_ms = pss_cost(&daemon)?;
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/poller.py");
     let mut poller = std::process::Command::new(python())
@@ -181,6 +211,7 @@ fn main() -> Result<()> {
     let _ = poller.kill();
     let _ = poller.wait();
 
+    figure("pss_1k_ms", format!("{pss_1k_ms:.1}"));
     figure("rss_idle_mib", format!("{:.1}", idle_rss as f64 / 1024.0));
     figure("rss_10k_mib", format!("{:.1}", busy_rss as f64 / 1024.0));
     figure("poll_10k_ms", format!("{:.1}", status.last_poll_ms));
@@ -196,6 +227,9 @@ fn main() -> Result<()> {
     println!(
         "| one reconcile poll over {WATCHED} processes | {:.1} ms | {poll_ms:.1} ms |",
         status.last_poll_ms
+    );
+    println!(
+        "| the tree limit's shared-page measure (PSS from smaps_rollup) over 1,000 processes | {pss_1k_ms:.1} ms | |"
     );
     println!(
         "\nWhat limits it: the daemon's poll is one read of a BPF task iterator that \

@@ -76,8 +76,12 @@ struct Run {
 }
 
 fn run() -> Result<Run> {
-    // No reconcile poll during the run: the figures are the event path's.
-    let daemon = Daemon::start_with(&[], &["--poll-interval", "1h"])?;
+    // No reconcile poll during the run: the figures are the event path's. One analysis
+    // of 100,000 processes is far past the default process limit: none here.
+    let daemon = Daemon::start_with(
+        &[],
+        &["--poll-interval", "1h", "--default-max-processes", "0"],
+    )?;
     bench::on_interrupt_remove(&daemon);
     let idle_rss_mib = rss_mib(daemon.pid())?;
     let mut tree = PauseTree::spawn(&SHAPE, true)?;

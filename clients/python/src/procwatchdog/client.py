@@ -1,0 +1,281 @@
+"""The client: one JSON request per line over the daemon's Unix socket, one JSON answer.
+
+The protocol is ``watchdog-user/src/protocol.rs``: a request is an object tagged by
+``"op"``; the answer is ``{"ok": {...}}`` (the reply, tagged by ``"kind"``) or
+``{"error": "<one line>"}``. Each call opens its own connection, as the CLI does, so a
+``Client`` holds no connection and can be shared between threads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import os
+import socket as _socket
+from typing import Any, Dict, List, Optional, Union
+
+from .errors import NoDaemon, WatchdogError, classify
+from .units import Duration, Size, parse_duration_ms, parse_size_bytes
+
+DEFAULT_SOCKET = "/run/watchdog/watchdog.sock"
+
+# The daemon's kill reasons (policy.rs `Reason`), for `events(reason=...)`.
+REASONS = ("timeout", "memory", "tree_memory", "orphan", "max_processes", "map_full")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def limits(
+    timeout: Optional[Duration] = None,
+    memory: Optional[Size] = None,
+    tree_memory: Optional[Size] = None,
+    grace: Optional[Duration] = None,
+    orphans: Optional[str] = None,
+    max_processes: Optional[int] = None,
+) -> Dict[str, Any]:
+    """The protocol's ``limits`` object for these values; each left as None takes the
+    daemon's default (``--default-timeout`` 30m, ``--default-memory`` 2GiB, no tree
+    limit, ``--grace`` 10s, ``--orphans kill``, ``--default-max-processes`` 10000, unless
+    the host's daemon is configured otherwise). ValueError/TypeError for a bad value,
+    before anything is sent."""
+    out: Dict[str, Any] = {}
+    if timeout is not None:
+        out["timeout_ms"] = parse_duration_ms(timeout, "timeout")
+    if memory is not None:
+        out["memory_bytes"] = parse_size_bytes(memory, "memory limit")
+    if tree_memory is not None:
+        out["tree_memory_bytes"] = parse_size_bytes(tree_memory, "tree memory limit")
+    if grace is not None:
+        out["grace_ms"] = parse_duration_ms(grace, "grace period")
+    if orphans is not None:
+        if orphans not in ("kill", "log"):
+            raise ValueError(f"invalid orphans {orphans!r}: use 'kill' (SIGTERM them at once) or 'log' (only record them)")
+        out["orphans"] = orphans
+    if max_processes is not None:
+        if isinstance(max_processes, bool) or not isinstance(max_processes, int) or max_processes < 0:
+            raise ValueError(
+                f"invalid max_processes {max_processes!r}: use a number of processes such as 500, or 0 for no limit"
+            )
+        out["max_processes"] = max_processes
+    return out
+
+
+def _pid(pid: Any) -> int:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0 or pid > 0xFFFFFFFF:
+        raise ValueError(f"invalid pid {pid!r}: a process id is a positive int")
+    return pid
+
+
+def _since(since: Union[None, Duration, datetime.datetime]) -> Optional[str]:
+    """The protocol's ``since`` (RFC 3339, UTC, milliseconds, as the daemon writes
+    record times) for a datetime, or for a duration meaning "the last ...". """
+    if since is None:
+        return None
+    if isinstance(since, datetime.datetime):
+        at = since.astimezone(datetime.timezone.utc)  # a naive datetime is local time
+    else:
+        back = parse_duration_ms(since, "since")
+        at = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(milliseconds=back)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+class Client:
+    """A client of the watchdog daemon at ``socket`` (default: ``$WATCHDOG_SOCKET``,
+    else ``/run/watchdog/watchdog.sock``). ``timeout``: seconds to wait for an answer."""
+
+    def __init__(self, socket: Optional[PathLike] = None, *, timeout: float = 30.0):
+        if socket is None:
+            socket = os.environ.get("WATCHDOG_SOCKET") or DEFAULT_SOCKET
+        self.socket = os.fspath(socket)
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"Client(socket={self.socket!r})"
+
+    # --- the requests -------------------------------------------------------------
+
+    def register(
+        self,
+        pid: int,
+        analysis_id: str,
+        *,
+        timeout: Optional[Duration] = None,
+        memory: Optional[Size] = None,
+        tree_memory: Optional[Size] = None,
+        grace: Optional[Duration] = None,
+        orphans: Optional[str] = None,
+        max_processes: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """Watch ``pid``, its existing descendants and all it forks from now on, as
+        analysis ``analysis_id``. Returns the daemon's reply:
+        ``{"kind": "registered", "pid": ..., "analysis_id": ..., "watched": N}``."""
+        return self._register(
+            _pid(pid),
+            analysis_id,
+            limits(timeout, memory, tree_memory, grace, orphans, max_processes),
+            fresh=False,
+        )
+
+    def _register(self, pid: int, analysis_id: str, limits_: Dict[str, Any], *, fresh: bool) -> Dict[str, Any]:
+        if not isinstance(analysis_id, str):
+            raise TypeError(f"the analysis id must be a str, not {type(analysis_id).__name__}")
+        request: Dict[str, Any] = {"op": "register", "pid": pid, "analysis_id": analysis_id, "limits": limits_}
+        if fresh:
+            request["fresh"] = True
+        return self.call(request)
+
+    def unregister(self, pid: Optional[int] = None, analysis_id: Optional[str] = None) -> Dict[str, Any]:
+        """Stop watching ``pid`` with its subtree, or the whole analysis ``analysis_id``
+        (exactly one of them). Returns ``{"kind": "unregistered", "removed": N}``."""
+        if (pid is None) == (analysis_id is None):
+            raise ValueError("unregister takes exactly one of pid= or analysis_id=")
+        request: Dict[str, Any] = {"op": "unregister"}
+        if pid is not None:
+            request["pid"] = _pid(pid)
+        else:
+            request["analysis_id"] = analysis_id
+        return self.call(request)
+
+    def tree(self, analysis_id: Optional[str] = None) -> Dict[str, Any]:
+        """The live tree: ``{"roots": [node, ...], "analyses": [analysis, ...]}``; a node
+        has pid, ppid, analysis_id, comm, age_ms, rss_bytes, orphan, grace_left_ms (while
+        being killed) and children; an analysis has analysis_id, processes,
+        deadline_in_ms, deadline_unix_ms and limits."""
+        request: Dict[str, Any] = {"op": "dump_tree"}
+        if analysis_id is not None:
+            request["analysis_id"] = analysis_id
+        return self.call(request)
+
+    def status(self) -> Dict[str, Any]:
+        """The daemon's counters, as ``watchdog-user status --json`` shows them."""
+        return self.call({"op": "status"})
+
+    def events(
+        self,
+        since: Union[None, Duration, datetime.datetime] = None,
+        analysis_id: Optional[str] = None,
+        reason: Optional[str] = None,
+        host: Optional[str] = None,
+    ) -> List[Dict[str, Any]]:
+        """The kill history, newest first: one dict per killed (or logged) process, with
+        time, host, pid, ppid, analysis_id, reason, limit, rss_bytes, runtime_ms,
+        signals, outcome, comm, cmdline, uid. ``since``: a duration (``"1h"``: the last
+        hour) or a datetime; ``reason``: one of ``REASONS``."""
+        if reason is not None and reason not in REASONS:
+            raise ValueError(f"invalid reason {reason!r}: use one of {', '.join(REASONS)}")
+        wanted = {"since": _since(since), "analysis_id": analysis_id, "reason": reason, "host": host}
+        reply = self.call({"op": "events", "filter": {k: v for k, v in wanted.items() if v is not None}})
+        return reply["records"]
+
+    # --- starting processes already watched -----------------------------------------
+
+    def Popen(self, args: Any, analysis_id: str, **kwargs: Any) -> "Popen":  # noqa: N802
+        """``procwatchdog.Popen`` through this client."""
+        from .spawn import Popen
+
+        return Popen(args, analysis_id, client=self, **kwargs)
+
+    def watch(self, analysis_id: str, **limits_: Any) -> "Watch":
+        """``procwatchdog.watch`` through this client."""
+        from .spawn import Watch
+
+        return Watch(analysis_id, client=self, **limits_)
+
+    # --- the wire -------------------------------------------------------------------
+
+    def call(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """Sends one request (a dict with "op") and returns the reply's object; raises
+        the typed error for ``{"error": ...}``."""
+        op = request.get("op")
+        line = (json.dumps(request) + "\n").encode()
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket)
+            except OSError as err:
+                raise NoDaemon(self._no_daemon(err), socket=self.socket, op=op) from err
+            try:
+                sock.sendall(line)
+                answer = _read_line(sock)
+            except _socket.timeout:
+                raise WatchdogError(
+                    f"the daemon at {self.socket} did not answer {op} within {self.timeout:g}s",
+                    socket=self.socket,
+                    op=op,
+                ) from None
+            except OSError as err:
+                raise WatchdogError(
+                    f"talking to the daemon at {self.socket} failed ({err.strerror or err})",
+                    socket=self.socket,
+                    op=op,
+                ) from err
+        finally:
+            sock.close()
+        if not answer:
+            raise WatchdogError(
+                f"the daemon at {self.socket} closed the connection without answering {op}",
+                socket=self.socket,
+                op=op,
+            )
+        try:
+            response = json.loads(answer)
+        except ValueError:
+            raise WatchdogError(
+                f"the daemon at {self.socket} sent an answer this client cannot read: {answer[:200]!r}",
+                socket=self.socket,
+                op=op,
+            ) from None
+        if isinstance(response, dict) and "ok" in response:
+            return response["ok"]
+        if isinstance(response, dict) and isinstance(response.get("error"), str):
+            raise classify(response["error"], socket=self.socket, op=op)
+        raise WatchdogError(
+            f"the daemon at {self.socket} sent an answer this client cannot read: {answer[:200]!r}",
+            socket=self.socket,
+            op=op,
+        )
+
+    def _no_daemon(self, err: OSError) -> str:
+        path = self.socket
+        if err.errno in (errno.EACCES, errno.EPERM):
+            group = _group_of(path)
+            who = f" (group {group!r})" if group else ""
+            return (
+                f"cannot connect to the watchdog daemon at {path}: permission denied. The socket "
+                f"is open to root and its group{who} only: ask an administrator to add this user "
+                "to that group (then log in again)"
+            )
+        reason = {
+            errno.ENOENT: "no such socket",
+            errno.ECONNREFUSED: "connection refused: the socket is left from a daemon that stopped",
+            errno.ENOTSOCK: "not a socket",
+        }.get(err.errno, err.strerror or str(err))
+        return (
+            f"no watchdog daemon at {path} ({reason}): start one with `watchdog-user run` "
+            "(or `cargo xtask run`), or pass socket= / set WATCHDOG_SOCKET to a running one's"
+        )
+
+
+def _read_line(sock: _socket.socket) -> str:
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        end = chunk.find(b"\n")
+        if end >= 0:
+            chunks.append(chunk[:end])
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def _group_of(path: str) -> Optional[str]:
+    try:
+        import grp
+
+        return grp.getgrgid(os.stat(path).st_gid).gr_name
+    except (OSError, KeyError, ImportError):
+        return None

@@ -1,0 +1,238 @@
+"""The client against a real daemon, driven by a real non-root user (see conftest.py).
+
+Each test's client code runs as that user in its own Python process and reports what it
+saw with ``out(...)``; the test then checks it, and checks from root what the user
+cannot see for itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie waiting for its reaper counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_popen_is_killed_at_its_timeout_and_events_show_it(as_user, daemon):
+    seen = as_user(
+        """
+        proc = wd.Popen(["sleep", "300"], "py-timeout", timeout="2s", grace="1s")
+        start = time.monotonic()
+        code = proc.wait(timeout=120)
+        took = time.monotonic() - start
+        records = wait_for("the timeout record", lambda: wd.events(analysis_id="py-timeout"))
+        out({"pid": proc.pid, "registration": proc.registration, "code": code, "took": took,
+             "records": records, "uid": os.getuid(), "recent": wd.events(since="1h", reason="timeout"),
+             "future": wd.events(since=__import__("datetime").datetime.now() + __import__("datetime").timedelta(hours=1))})
+        """
+    )
+    assert seen["registration"] == {"kind": "registered", "pid": seen["pid"], "analysis_id": "py-timeout", "watched": 1}
+    assert seen["code"] == -15, "killed by SIGTERM, its grace not needed"
+    assert 1.5 < seen["took"] < 30, seen["took"]
+    [record] = seen["records"]
+    assert (record["pid"], record["reason"], record["limit"]) == (seen["pid"], "timeout", 2000)
+    assert record["uid"] == daemon.uid == seen["uid"] != 0
+    assert record["comm"] == "sleep" and record["cmdline"].startswith("sleep 300")
+    assert [r["pid"] for r in seen["recent"] if r["analysis_id"] == "py-timeout"] == [seen["pid"]]
+    assert seen["future"] == []
+
+
+def test_popen_is_killed_past_its_memory_limit(as_user, daemon):
+    seen = as_user(
+        """
+        hog = "import time; x = b'\\\\x01' * (200 << 20); time.sleep(120)"
+        proc = wd.Popen([sys.executable, "-c", hog], "py-memory", memory="64MiB", timeout="5m")
+        code = proc.wait(timeout=120)
+        records = wait_for("the memory record", lambda: wd.events(analysis_id="py-memory", reason="memory"))
+        out({"pid": proc.pid, "code": code, "records": records})
+        """
+    )
+    assert seen["code"] in (-15, -9), seen["code"]
+    [record] = seen["records"]
+    assert (record["pid"], record["reason"], record["limit"]) == (seen["pid"], "memory", 64 << 20)
+    assert record["rss_bytes"] >= 64 << 20
+    assert record["uid"] == daemon.uid
+
+
+def test_watch_block_catches_an_orphan_and_unregisters_at_its_end(as_user):
+    seen = as_user(
+        """
+        with wd.watch("py-orphan", timeout="5m", orphans="kill") as w:
+            # sh starts sleep in the background and exits once it runs: sleep is orphaned.
+            script = ('sleep 300 >/dev/null 2>&1 & pid=$!; '
+                      'while [ "$(cat /proc/$pid/comm)" != sleep ]; do :; done; echo $pid')
+            printed = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
+            orphan = int(printed)
+            records = wait_for("the orphan's record",
+                               lambda: [r for r in wd.events(analysis_id="py-orphan", reason="orphan")
+                                        if r["pid"] == orphan])
+            sh_pids = list(w.pids)
+            # A child os.fork()ed in the block is watched too, from its first instruction.
+            child = os.fork()
+            if child == 0:
+                time.sleep(60)
+                os._exit(0)
+            in_tree = wait_for("the forked child in the tree", lambda: [
+                n for root in wd.tree("py-orphan")["roots"] for n in [root] + root["children"]
+                if n["pid"] == child])
+            registered = list(w.pids)
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+        # After the block: nothing more is registered, and the analysis is gone.
+        after = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True).stdout
+        out({"orphan": orphan, "records": records, "sh_pids": sh_pids, "in_tree": in_tree,
+             "child": child, "registered": registered, "after_pid": int(after),
+             "tree_after": wd.tree("py-orphan"), "after_records": wd.events(analysis_id="py-orphan")})
+        """
+    )
+    assert len(seen["sh_pids"]) == 1, "sh was registered, before it ran anything"
+    [record] = seen["records"]
+    assert (record["pid"], record["reason"], record["comm"]) == (seen["orphan"], "orphan", "sleep")
+    assert record["ppid"] == seen["sh_pids"][0], "the record names the parent that died: sh"
+    assert gone(seen["orphan"]), "the daemon killed the orphan"
+    assert seen["registered"] == seen["sh_pids"], "a forked child registers itself, in its own copy"
+    assert [n["pid"] for n in seen["in_tree"]] == [seen["child"]]
+    assert seen["tree_after"]["roots"] == [] and seen["tree_after"]["analyses"] == []
+    assert all(r["pid"] != seen["after_pid"] for r in seen["after_records"])
+
+
+def test_popen_refused_never_runs_the_command(as_user, daemon, workdir):
+    marker = workdir / "ran"
+    marker_dir = workdir
+    seen = as_user(
+        f"""
+        err = error_of(lambda: wd.Popen(["sh", "-c", "echo ran > {marker}"], "", timeout="1m"))
+        time.sleep(0.5)
+        out({{"err": err}})
+        """
+    )
+    assert seen["err"]["type"] == "Refused", seen
+    assert "analysis id is empty" in seen["err"]["message"]
+    assert not marker.exists() and marker_dir.exists()
+
+
+def test_typed_errors_carry_the_daemons_message(as_user, daemon, workdir):
+    # A socket only root may use: connecting to it is refused by the kernel.
+    private_dir = workdir / "private"
+    private_dir.mkdir()
+    private_dir.chmod(0o755)
+    private = private_dir / "root-only.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(private))
+    listener.listen()
+    private.chmod(0o600)
+    missing = workdir / "nobody-here.sock"
+    try:
+        seen = as_user(
+            f"""
+            me = os.getpid()
+            out({{
+                "missing": error_of(lambda: wd.Client({str(missing)!r}).status()),
+                "denied": error_of(lambda: wd.Client({str(private)!r}).status()),
+                "unwatched_pid": error_of(lambda: wd.unregister(pid=me)),
+                "unknown_analysis": error_of(lambda: wd.unregister(analysis_id="py-nothing")),
+                "no_such_pid": error_of(lambda: wd.register(4194304 + 1, "py-x")),
+                "empty_id": error_of(lambda: wd.register(me, "")),
+                "long_id": error_of(lambda: wd.register(me, "x" * 1000)),
+                "too_much_memory": error_of(lambda: wd.register(me, "py-x", memory="1EiB")),
+                "init": error_of(lambda: wd.register(1, "py-x")),
+                "zero_timeout": error_of(lambda: wd.register(me, "py-x", timeout="0s")),
+                "bad_size": error_of(lambda: wd.register(me, "py-x", memory="lots")),
+                "both": error_of(lambda: wd.unregister(pid=me, analysis_id="py-x")),
+                "still_unwatched": wd.tree()["roots"],
+            }})
+            """
+        )
+    finally:
+        listener.close()
+    missing_err = seen["missing"]
+    assert missing_err["type"] == "NoDaemon" and str(missing) in missing_err["message"]
+    assert "no such socket" in missing_err["message"]
+    denied = seen["denied"]
+    assert denied["type"] == "NoDaemon" and str(private) in denied["message"]
+    assert "permission denied" in denied["message"]
+    for key, words in [("unwatched_pid", "is not watched"), ("unknown_analysis", "no analysis"),
+                       ("no_such_pid", "no process with pid")]:
+        assert seen[key]["type"] == "NotFound", (key, seen[key])
+        assert words in seen[key]["message"], (key, seen[key])
+        assert "LookupError" in seen[key]["classes"]
+    for key, words in [("empty_id", "analysis id is empty"), ("long_id", "bytes long"),
+                       ("too_much_memory", "more than this machine's"), ("init", "pid 1")]:
+        assert seen[key]["type"] == "Refused", (key, seen[key])
+        assert words in seen[key]["message"], (key, seen[key])
+        assert "WatchdogError" in seen[key]["classes"]
+    # Bad values are refused by the client, with the CLI's advice, before anything is sent.
+    assert seen["zero_timeout"]["type"] == "ValueError"
+    assert "must be more than 0" in seen["zero_timeout"]["message"]
+    assert seen["bad_size"]["type"] == "ValueError" and "512MiB" in seen["bad_size"]["message"]
+    assert seen["both"]["type"] == "ValueError"
+    assert all(r["pid"] > 1 for r in seen["still_unwatched"])
+    assert not any(r["analysis_id"] == "py-x" for r in seen["still_unwatched"])
+
+
+def test_register_unregister_tree_and_status(as_user, daemon):
+    seen = as_user(
+        """
+        sleeper = subprocess.Popen(["sleep", "120"])
+        reply = wd.register(sleeper.pid, "py-register", timeout="10m", memory="1GiB",
+                            tree_memory="2GiB", grace="5s", orphans="log", max_processes=50)
+        tree = wd.tree("py-register")
+        status = wd.status()
+        gone = wd.unregister(analysis_id="py-register")
+        after = wd.tree("py-register")
+        sleeper.kill(); sleeper.wait()
+        out({"pid": sleeper.pid, "reply": reply, "tree": tree, "status": status,
+             "gone": gone, "after": after})
+        """
+    )
+    assert seen["reply"] == {"kind": "registered", "pid": seen["pid"], "analysis_id": "py-register", "watched": 1}
+    [root] = seen["tree"]["roots"]
+    assert (root["pid"], root["analysis_id"], root["comm"]) == (seen["pid"], "py-register", "sleep")
+    [analysis] = seen["tree"]["analyses"]
+    assert analysis["limits"] == {
+        "timeout_ms": 600_000, "memory_bytes": 1 << 30, "tree_memory_bytes": 2 << 30,
+        "grace_ms": 5000, "orphans": "log", "max_processes": 50,
+    }
+    assert seen["status"]["kind"] == "status" and seen["status"]["version"]
+    assert seen["gone"] == {"kind": "unregistered", "removed": 1}
+    assert seen["after"]["roots"] == []
+
+
+def test_watch_block_registers_multiprocessing_fork_workers(as_user):
+    seen = as_user(
+        """
+        import multiprocessing
+
+        def where(_):
+            return os.getpid()
+
+        with wd.watch("py-pool", timeout="5m") as w:
+            with multiprocessing.get_context("fork").Pool(2) as pool:
+                workers = sorted(set(pool.map(where, range(20))))
+                watched = sorted(n["pid"] for n in wd.tree("py-pool")["roots"])
+        out({"workers": workers, "watched": watched, "me": os.getpid(), "pids": w.pids})
+        """
+    )
+    assert seen["workers"] and set(seen["workers"]) <= set(seen["watched"])
+    assert seen["me"] not in seen["watched"], "the process that opened the block is never watched"
+
+
+def test_popen_of_a_missing_command_raises_and_leaves_nothing_watched(as_user):
+    seen = as_user(
+        """
+        err = error_of(lambda: wd.Popen(["/nonexistent/command"], "py-missing", timeout="1m"))
+        time.sleep(0.5)
+        out({"err": err, "tree": wd.tree("py-missing")})
+        """
+    )
+    assert seen["err"]["type"] == "FileNotFoundError"
+    assert seen["tree"]["roots"] == []

@@ -1,0 +1,662 @@
+//! Who may watch and kill what (issue 11): a real daemon, real non-root users made by
+//! the test (useradd, removed at the end, also on failure), their CLI calls and
+//! processes run as them (setpriv), and the daemon's answers checked line by line.
+//!
+//! Each test has its own socket group (passed as --socket-group) and users, named
+//! `wdt-<test pid>-<tag>...`, so tests running side by side share no state.
+
+use std::{
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use watchdog_tests::{
+    Daemon, Workload, alive, all_nodes, await_state, one_line_error, sqlite_query, watchdog_bin,
+};
+
+/// Users and groups made for one test, removed on drop (after the test's processes,
+/// which are declared after it and so dropped first), pass or fail.
+struct Accounts {
+    prefix: String,
+    users: Vec<String>,
+    groups: Vec<String>,
+}
+
+impl Accounts {
+    fn new(tag: &str) -> Self {
+        Self {
+            prefix: format!("wdt-{}-{tag}", std::process::id()),
+            users: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// A new group, `<prefix>-<name>`.
+    fn group(&mut self, name: &str) -> Result<String> {
+        let group = format!("{}-{name}", self.prefix);
+        run("groupadd", &[&group])?;
+        self.groups.push(group.clone());
+        Ok(group)
+    }
+
+    /// A new user `<prefix><name>` (no home, no login shell) in `groups`; its uid.
+    fn user(&mut self, name: &str, groups: &[&str]) -> Result<User> {
+        let user = format!("{}{name}", self.prefix);
+        let mut args = vec!["--no-create-home", "--shell", "/usr/sbin/nologin"];
+        let joined = groups.join(",");
+        if !groups.is_empty() {
+            args.extend(["--groups", &joined]);
+        }
+        args.push(&user);
+        run("useradd", &args)?;
+        self.users.push(user.clone());
+        let uid = nix::unistd::User::from_name(&user)?
+            .context("the user just made")?
+            .uid
+            .as_raw();
+        Ok(User { name: user, uid })
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        for user in &self.users {
+            // userdel refuses a user whose processes (just SIGKILLed, maybe not yet
+            // reaped) still exist: a few tries.
+            for _ in 0..40 {
+                let done = Command::new("userdel")
+                    .arg(user)
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if done {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        for group in &self.groups {
+            let _ = Command::new("groupdel").arg(group).output();
+        }
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+struct User {
+    name: String,
+    uid: u32,
+}
+
+impl User {
+    /// `setpriv` as this user (real and effective uid and gid, its groups), then `argv`.
+    fn argv<'a>(&'a self, argv: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec![
+            "--reuid",
+            self.name.as_str(),
+            "--regid",
+            self.name.as_str(),
+            "--init-groups",
+            "--",
+        ];
+        all.extend(argv);
+        all
+    }
+
+    /// A process running as this user, in its own process group (killed on drop).
+    fn spawn(&self, argv: &[&str]) -> Result<Workload> {
+        Workload::spawn("setpriv", &self.argv(argv))
+    }
+
+    /// The CLI, run as this user against `daemon`'s socket.
+    fn cli(&self, daemon: &Daemon, args: &[&str]) -> Output {
+        let bin = watchdog_bin();
+        let socket = daemon.socket.display().to_string();
+        let mut argv = vec![bin.to_str().expect("a UTF-8 path"), "--socket", &socket];
+        argv.extend(args);
+        Command::new("setpriv")
+            .args(self.argv(&argv))
+            .output()
+            .expect("setpriv runs")
+    }
+
+    fn cli_ok(&self, daemon: &Daemon, args: &[&str]) -> Result<String> {
+        let out = self.cli(daemon, args);
+        if !out.status.success() {
+            bail!(
+                "watchdog-user {args:?} as {} failed ({}): {}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Registration as this user must be refused in one line naming `rule`.
+    fn refused(&self, daemon: &Daemon, args: &[&str], rule: &str) -> String {
+        let line = one_line_error(&self.cli(daemon, args));
+        assert!(
+            line.contains(&format!("refused by rule {rule}")),
+            "{args:?} as {}: expected rule {rule}, got: {line}",
+            self.name
+        );
+        eprintln!("{} {args:?}: {line}", self.name);
+        line
+    }
+}
+
+/// A daemon whose socket is for `group`'s members, with `admin` as its admin group,
+/// in a directory the test users can reach.
+fn daemon(group: &str, admin: Option<&str>) -> Result<Daemon> {
+    let mut extra = vec!["--socket-group", group];
+    if let Some(admin) = admin {
+        extra.extend(["--admin-group", admin]);
+    }
+    let daemon = Daemon::start_with(&[], &extra)?;
+    std::fs::set_permissions(&daemon.dir, std::fs::Permissions::from_mode(0o755))?;
+    let socket = std::fs::metadata(&daemon.socket)?;
+    let gid = nix::unistd::Group::from_name(group)?
+        .context("the group")?
+        .gid
+        .as_raw();
+    assert_eq!(
+        (socket.mode() & 0o777, socket.uid(), socket.gid()),
+        (0o660, 0, gid),
+        "the socket is root:{group} 0660"
+    );
+    Ok(daemon)
+}
+
+/// The analyses of dump-tree: (id, owner uid, processes).
+fn analyses(daemon: &Daemon) -> Result<Vec<(String, u32, usize)>> {
+    let out = daemon.request(r#"{"op":"dump_tree"}"#)?;
+    let analyses = out["ok"]["analyses"]
+        .as_array()
+        .context("analyses in the reply")?;
+    let mut found: Vec<(String, u32, usize)> = analyses
+        .iter()
+        .map(|a| {
+            (
+                a["analysis_id"].as_str().unwrap_or_default().to_string(),
+                a["owner_uid"].as_u64().unwrap_or(u64::MAX) as u32,
+                a["processes"].as_u64().unwrap_or(0) as usize,
+            )
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Pids of `workload`'s process and its descendants, once it has `count` of them.
+fn tree_of(workload: &Workload, count: usize) -> Result<Vec<u32>> {
+    await_state("the workload's processes", || {
+        let mut pids = vec![workload.pid()];
+        let mut i = 0;
+        while i < pids.len() {
+            let children =
+                std::fs::read_to_string(format!("/proc/{}/task/{}/children", pids[i], pids[i]))
+                    .unwrap_or_default();
+            if children.is_empty() {
+                // No CONFIG_PROC_CHILDREN: scan for the parent.
+                pids.extend(children_by_scan(pids[i]));
+            } else {
+                pids.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+            i += 1;
+        }
+        Ok((pids.len() >= count).then_some(pids))
+    })
+}
+
+fn children_by_scan(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()?
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// The real uid of a process, from /proc.
+fn real_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A shell running as `user` with one child (`sleep`): a tree of two.
+fn two_of(user: &User) -> Result<(Workload, Vec<u32>)> {
+    let workload = user.spawn(&["sh", "-c", "sleep 600 & wait"])?;
+    let pids = tree_of(&workload, 2)?;
+    for &pid in &pids {
+        assert_eq!(
+            real_uid(pid),
+            Some(user.uid),
+            "pid {pid} runs as {}",
+            user.name
+        );
+    }
+    Ok((workload, pids))
+}
+
+#[test]
+fn a_member_watches_their_own_processes_and_unregisters_their_own_analyses() -> Result<()> {
+    let mut accounts = Accounts::new("m");
+    let group = accounts.group("sock")?;
+    let alice = accounts.user("a", &[&group])?;
+    let daemon = daemon(&group, None)?;
+
+    // exec: started already watched, killed at its timeout; the record names her.
+    let out = alice.cli(
+        &daemon,
+        &[
+            "exec",
+            "--analysis-id",
+            "alice-exec",
+            "--timeout",
+            "1s",
+            "--grace",
+            "1s",
+            "--",
+            "sleep",
+            "600",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(128 + 15),
+        "exec as {}: {}",
+        alice.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = await_state("the timeout's record", || {
+        let events = daemon.events()?;
+        Ok((!events.is_empty()).then_some(events))
+    })?;
+    assert_eq!(events[0]["analysis_id"], "alice-exec");
+    assert_eq!(events[0]["uid"], alice.uid);
+    assert_eq!(events[0]["owner_uid"], alice.uid);
+
+    // register: her tree of two, both watched, both hers in dump-tree.
+    let (mut tree, pids) = two_of(&alice)?;
+    let said = alice.cli_ok(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &pids[0].to_string(),
+            "--analysis-id",
+            "alice-a",
+        ],
+    )?;
+    assert!(said.contains("2 processes watched"), "{said}");
+    let nodes = daemon.tree(Some("alice-a"))?;
+    let flat = all_nodes(&nodes);
+    assert_eq!(flat.len(), 2);
+    assert!(flat.iter().all(|n| n.owner_uid == alice.uid));
+    assert_eq!(analyses(&daemon)?, vec![("alice-a".into(), alice.uid, 2)]);
+    let text = alice.cli_ok(&daemon, &["dump-tree"])?;
+    assert!(
+        text.contains(&format!(
+            "analysis alice-a (owner uid {} ({}))",
+            alice.uid, alice.name
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!("owner={}", alice.uid)), "{text}");
+    // The process table names her too.
+    let db = daemon.dir.join("watchdog.db");
+    await_state("watchdog_processes rows with her uid", || {
+        let rows = sqlite_query(
+            &db,
+            "SELECT pid, owner_uid FROM watchdog_processes WHERE analysis_id = 'alice-a' ORDER BY pid",
+        )?;
+        let want: Vec<String> = {
+            let mut p = pids.clone();
+            p.sort();
+            p.iter().map(|p| format!("{p}|{}", alice.uid)).collect()
+        };
+        Ok((rows == want.join("\n")).then_some(()))
+    })?;
+    let stored = sqlite_query(
+        &db,
+        "SELECT owner_uid FROM watchdog_events WHERE analysis_id = 'alice-exec'",
+    )?;
+    assert_eq!(stored, alice.uid.to_string());
+
+    // unregister: her child by pid, then her analysis.
+    let said = alice.cli_ok(&daemon, &["unregister", "--pid", &pids[1].to_string()])?;
+    assert!(said.contains("unregistered 1 processes"), "{said}");
+    let said = alice.cli_ok(&daemon, &["unregister", "--analysis-id", "alice-a"])?;
+    assert!(said.contains("unregistered 1 processes"), "{said}");
+    assert!(analyses(&daemon)?.is_empty());
+    assert!(
+        tree.alive_now() && pids.iter().all(|&p| alive(p)),
+        "unwatched, not killed"
+    );
+    Ok(())
+}
+
+#[test]
+fn what_is_not_yours_is_refused_in_one_line_and_stays_as_it_was() -> Result<()> {
+    let mut accounts = Accounts::new("r");
+    let group = accounts.group("sock")?;
+    let alice = accounts.user("a", &[&group])?;
+    let bob = accounts.user("b", &[&group])?;
+    let daemon = daemon(&group, None)?;
+
+    // Bob's analysis, and alice's own process.
+    let (mut bobs, bob_pids) = two_of(&bob)?;
+    bob.cli_ok(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &bob_pids[0].to_string(),
+            "--analysis-id",
+            "bob-b",
+        ],
+    )?;
+    let (mut hers, her_pids) = two_of(&alice)?;
+    let mut roots = Workload::spawn("sleep", &["600"])?;
+    let untouched = |daemon: &Daemon| -> Result<()> {
+        assert_eq!(analyses(daemon)?, vec![("bob-b".into(), bob.uid, 2)]);
+        assert!(bob_pids.iter().all(|&p| alive(p)), "bob's processes live");
+        Ok(())
+    };
+
+    let bobs_root = bob_pids[0].to_string();
+    let line = alice.refused(
+        &daemon,
+        &["register", "--pid", &bobs_root, "--analysis-id", "mine"],
+        "own-processes",
+    );
+    assert!(
+        line.contains(&format!(
+            "runs as uid {}, and you are uid {}",
+            bob.uid, alice.uid
+        )),
+        "{line}"
+    );
+    untouched(&daemon)?;
+    alice.refused(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &roots.pid().to_string(),
+            "--analysis-id",
+            "mine",
+        ],
+        "own-processes",
+    );
+    alice.refused(
+        &daemon,
+        &["exec", "--analysis-id", "bob-b", "--", "true"],
+        "own-analyses",
+    );
+    let line = alice.refused(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &her_pids[0].to_string(),
+            "--analysis-id",
+            "bob-b",
+        ],
+        "own-analyses",
+    );
+    assert!(
+        line.contains("analysis \"bob-b\" was created by uid"),
+        "{line}"
+    );
+    untouched(&daemon)?;
+    alice.refused(
+        &daemon,
+        &["unregister", "--analysis-id", "bob-b"],
+        "own-analyses",
+    );
+    alice.refused(
+        &daemon,
+        &["unregister", "--pid", &bob_pids[1].to_string()],
+        "own-processes",
+    );
+    untouched(&daemon)?;
+    assert!(analyses(&daemon)?.iter().all(|(id, ..)| id != "mine"));
+
+    // Her process whose child runs as root (a shell that forked `sleep` as root, then
+    // became her): refused whole, nothing of it watched.
+    let mixed_cmd = format!(
+        "sleep 600 & exec setpriv --reuid {0} --regid {0} --init-groups -- sleep 601",
+        alice.name
+    );
+    let mixed = Workload::spawn("sh", &["-c", &mixed_cmd])?;
+    let mixed_pids = tree_of(&mixed, 2)?;
+    await_state("the shell to become her sleep", || {
+        Ok((real_uid(mixed_pids[0]) == Some(alice.uid)).then_some(()))
+    })?;
+    assert_eq!(real_uid(mixed_pids[1]), Some(0));
+    let watched_before = daemon.status()?.monitored_count;
+    let line = alice.refused(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &mixed_pids[0].to_string(),
+            "--analysis-id",
+            "mixed",
+        ],
+        "own-processes",
+    );
+    assert!(
+        line.contains(&format!(
+            "pid {}, a descendant of pid {}",
+            mixed_pids[1], mixed_pids[0]
+        )) || line.contains(&format!("a descendant of pid {}", mixed_pids[0])),
+        "{line}"
+    );
+    assert_eq!(daemon.status()?.monitored_count, watched_before);
+    assert!(daemon.tree(Some("mixed"))?.is_empty());
+    untouched(&daemon)?;
+
+    assert!(bobs.alive_now() && hers.alive_now() && roots.alive_now());
+    drop(mixed);
+    Ok(())
+}
+
+#[test]
+fn a_user_outside_the_socket_group_cannot_connect() -> Result<()> {
+    let mut accounts = Accounts::new("o");
+    let group = accounts.group("sock")?;
+    let carol = accounts.user("c", &[])?;
+    let daemon = daemon(&group, None)?;
+    for args in [
+        &["status"][..],
+        &["dump-tree"],
+        &["register", "--pid", "1", "--analysis-id", "x"],
+    ] {
+        let line = one_line_error(&carol.cli(&daemon, args));
+        eprintln!("{} {args:?}: {line}", carol.name);
+        assert!(
+            line.contains(&format!(
+                "permission denied on the watchdog socket {}",
+                daemon.socket.display()
+            )) && line.contains(&format!("members of group \"{group}\"")),
+            "{line}"
+        );
+    }
+    // Reads are open to whoever can connect.
+    let reader = accounts.user("r", &[&group])?;
+    reader.cli_ok(&daemon, &["status"])?;
+    reader.cli_ok(&daemon, &["events"])?;
+    reader.cli_ok(&daemon, &["dump-tree"])?;
+    Ok(())
+}
+
+#[test]
+fn root_and_the_admin_group_may_do_everything() -> Result<()> {
+    let mut accounts = Accounts::new("x");
+    let group = accounts.group("sock")?;
+    let admins = accounts.group("adm")?;
+    let alice = accounts.user("a", &[&group])?;
+    let bob = accounts.user("b", &[&group])?;
+    let admin = accounts.user("d", &[&group, &admins])?;
+    let daemon = daemon(&group, Some(&admins))?;
+
+    let (mut hers, her_pids) = two_of(&alice)?;
+    let (mut his, his_pids) = two_of(&bob)?;
+    let mut roots = Workload::spawn("sleep", &["600"])?;
+    // Root registers her tree (root owns that analysis), and joins bob's tree to it.
+    daemon.register(her_pids[0], "root-r")?;
+    daemon.register(his_pids[0], "root-r")?;
+    assert_eq!(analyses(&daemon)?, vec![("root-r".into(), 0, 4)]);
+    // Neither may unregister what root made, though one process is her own.
+    alice.refused(
+        &daemon,
+        &["unregister", "--analysis-id", "root-r"],
+        "own-analyses",
+    );
+    alice.refused(
+        &daemon,
+        &["unregister", "--pid", &her_pids[1].to_string()],
+        "own-analyses",
+    );
+    // The admin registers root's process into alice's analysis and takes it out again,
+    // and unregisters root's analysis; root unregisters alice's.
+    let (mut mine, my_pids) = two_of(&alice)?;
+    alice.cli_ok(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &my_pids[0].to_string(),
+            "--analysis-id",
+            "alice-a",
+        ],
+    )?;
+    admin.cli_ok(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &roots.pid().to_string(),
+            "--analysis-id",
+            "alice-a",
+        ],
+    )?;
+    assert!(analyses(&daemon)?.contains(&("alice-a".into(), alice.uid, 3)));
+    admin.cli_ok(&daemon, &["unregister", "--pid", &roots.pid().to_string()])?;
+    admin.cli_ok(&daemon, &["unregister", "--analysis-id", "root-r"])?;
+    daemon.cli_ok(&["unregister", "--analysis-id", "alice-a"])?;
+    assert!(analyses(&daemon)?.is_empty());
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(hers.alive_now() && his.alive_now() && roots.alive_now() && mine.alive_now());
+    Ok(())
+}
+
+#[test]
+fn without_its_group_the_socket_stays_root_only_and_the_daemon_says_so_once() -> Result<()> {
+    let mut accounts = Accounts::new("n");
+    let missing = format!("{}-missing", accounts.prefix);
+    let other = accounts.group("sock")?;
+    let dave = accounts.user("d", &[&other])?;
+    let daemon = Daemon::start_with(&[], &["--socket-group", &missing])?;
+    std::fs::set_permissions(&daemon.dir, std::fs::Permissions::from_mode(0o755))?;
+    let socket = std::fs::metadata(&daemon.socket)?;
+    assert_eq!(
+        (socket.mode() & 0o777, socket.uid(), socket.gid()),
+        (0o660, 0, 0),
+        "root-only"
+    );
+    let log = daemon.log();
+    let said: Vec<&str> = log.lines().filter(|l| l.contains(&missing)).collect();
+    assert_eq!(said.len(), 1, "one line:\n{log}");
+    assert!(
+        said[0].contains("does not exist")
+            && said[0].contains(&format!("groupadd --system {missing}")),
+        "{}",
+        said[0]
+    );
+    eprintln!("daemon: {}", said[0]);
+    let line = one_line_error(&dave.cli(&daemon, &["status"]));
+    eprintln!("{}: {line}", dave.name);
+    assert!(line.contains("it is root-only"), "{line}");
+    daemon.cli_ok(&["status"])?;
+    Ok(())
+}
+
+#[test]
+fn owners_survive_a_daemon_restart() -> Result<()> {
+    let mut accounts = Accounts::new("s");
+    let group = accounts.group("sock")?;
+    let alice = accounts.user("a", &[&group])?;
+    let bob = accounts.user("b", &[&group])?;
+    let mut daemon = daemon(&group, None)?;
+    let (mut hers, her_pids) = two_of(&alice)?;
+    alice.cli_ok(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &her_pids[0].to_string(),
+            "--analysis-id",
+            "alice-a",
+        ],
+    )?;
+    daemon.restart()?;
+    // Read back from the pinned analysis by the new daemon.
+    assert_eq!(analyses(&daemon)?, vec![("alice-a".into(), alice.uid, 2)]);
+    let (_his, his_pids) = two_of(&bob)?;
+    bob.refused(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &his_pids[0].to_string(),
+            "--analysis-id",
+            "alice-a",
+        ],
+        "own-analyses",
+    );
+    bob.refused(
+        &daemon,
+        &["unregister", "--analysis-id", "alice-a"],
+        "own-analyses",
+    );
+    alice.cli_ok(&daemon, &["unregister", "--analysis-id", "alice-a"])?;
+    assert!(analyses(&daemon)?.is_empty() && hers.alive_now());
+    Ok(())
+}
