@@ -278,14 +278,15 @@ impl Daemon {
     }
 
     pub fn register(&self, pid: u32, analysis: &str) -> Result<()> {
-        self.cli_ok(&[
-            "register",
-            "--pid",
-            &pid.to_string(),
-            "--analysis-id",
-            analysis,
-        ])
-        .map(drop)
+        self.register_with(pid, analysis, &[])
+    }
+
+    /// `register` with limits, e.g. `&["--grace", "1s"]`.
+    pub fn register_with(&self, pid: u32, analysis: &str, limits: &[&str]) -> Result<()> {
+        let pid = pid.to_string();
+        let mut args = vec!["register", "--pid", &pid, "--analysis-id", analysis];
+        args.extend_from_slice(limits);
+        self.cli_ok(&args).map(drop)
     }
 
     pub fn tree(&self, analysis: Option<&str>) -> Result<Vec<TreeNode>> {

@@ -25,15 +25,7 @@ time.sleep(600)
 
 fn start(daemon: &Daemon, mode: &str) -> Result<(Workload, u32)> {
     let mut work = Workload::python(PARENT_OF_A_SHORT_LIVED_CHILD, &[mode])?;
-    daemon.cli_ok(&[
-        "register",
-        "--pid",
-        &work.pid().to_string(),
-        "--analysis-id",
-        mode,
-        "--grace",
-        "1s",
-    ])?;
+    daemon.register_with(work.pid(), mode, &["--grace", "1s"])?;
     work.send("go")?;
     let grandchild = work.read_line()?.parse()?;
     Ok((work, grandchild))

@@ -29,17 +29,11 @@ time.sleep(600)
 
 fn pool(daemon: &Daemon, mode: &str) -> Result<Workload> {
     let mut work = Workload::python(POOL, &[mode])?;
-    daemon.cli_ok(&[
-        "register",
-        "--pid",
-        &work.pid().to_string(),
-        "--analysis-id",
+    daemon.register_with(
+        work.pid(),
         mode,
-        "--tree-memory",
-        "500MiB",
-        "--grace",
-        "1s",
-    ])?;
+        &["--tree-memory", "500MiB", "--grace", "1s"],
+    )?;
     work.send("go")?;
     Ok(work)
 }

@@ -1260,15 +1260,19 @@ fn children_not_yet_reparented_are_looked_at_again_before_anything_is_decided() 
     );
 }
 
-#[test]
-fn a_pool_sharing_its_parents_pages_is_measured_by_pss_and_lives_under_the_tree_limit() {
-    let mut w = World::new();
-    let tree = LimitOverrides {
+/// A 1 GiB tree limit, and per-process limits out of the way.
+fn pool_limits() -> LimitOverrides {
+    LimitOverrides {
         tree_memory_bytes: Some(1024 * MIB),
         memory_bytes: Some(4096 * MIB),
         ..Default::default()
-    };
-    w.register(100, "pool", tree);
+    }
+}
+
+#[test]
+fn a_pool_sharing_its_parents_pages_is_measured_by_pss_and_lives_under_the_tree_limit() {
+    let mut w = World::new();
+    w.register(100, "pool", pool_limits());
     // A parent holding 600 MiB forks 3 workers sharing it: RSS 4 x 600, PSS 4 x 150.
     for pid in 101..104 {
         w.fork(pid, 100);
@@ -1301,12 +1305,7 @@ fn a_pool_sharing_its_parents_pages_is_measured_by_pss_and_lives_under_the_tree_
 #[test]
 fn copy_on_write_raises_pss_without_rss_and_the_poll_measures_it_again() {
     let mut w = World::new();
-    let tree = LimitOverrides {
-        tree_memory_bytes: Some(1024 * MIB),
-        memory_bytes: Some(4096 * MIB),
-        ..Default::default()
-    };
-    w.register(100, "pool", tree);
+    w.register(100, "pool", pool_limits());
     w.fork(101, 100);
     w.pss(100, 300 * MIB);
     w.pss(101, 300 * MIB);
