@@ -91,9 +91,6 @@ pub const CONFIG_GLOBAL: &str = "WATCHDOG_CONFIG";
 /// memory until used.
 pub const MAX_WATCHED: u32 = 1 << 17;
 
-/// `BPF_F_NO_PREALLOC`: a hash map that allocates its entries as they are inserted.
-pub const BPF_F_NO_PREALLOC: u32 = 1;
-
 /// The programs whose failures [`ERRORS_MAP`] counts, in slot order (the exec program
 /// has nothing that can fail).
 pub const PROGRAM_NAMES: [&str; 5] = [

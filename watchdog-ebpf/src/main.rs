@@ -17,7 +17,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_ktime_get_boot_ns, bpf_probe_read_kernel, generated::bpf_seq_write,
@@ -28,13 +28,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use watchdog_common::{
-    AnalysisEntry, BPF_F_NO_PREALLOC, Config, ERROR_SLOTS, Event, EventKind, FORK_UNTRACKED,
-    MAX_ANALYSES, MAX_WATCHED, ProcRecord, ProgramError, RING_BYTES, RootEntry, RssSample,
-    WALK_MAX_DEPTH, WalkTarget, WatchEntry, error_slot,
+    AnalysisEntry, Config, ERROR_SLOTS, Event, EventKind, FORK_UNTRACKED, MAX_ANALYSES,
+    MAX_WATCHED, ProcRecord, ProgramError, RING_BYTES, RootEntry, RssSample, WALK_MAX_DEPTH,
+    WalkTarget, WatchEntry, error_slot,
 };
 
-/// `bpf_ringbuf_query` flag: bytes written and not yet consumed.
-const BPF_RB_AVAIL_DATA: u64 = 0;
 /// What a hash map update returns when the map is full.
 const E2BIG: i64 = 7;
 
@@ -82,10 +80,14 @@ static WALK_TARGET: Array<WalkTarget> = Array::with_max_entries(1, 0);
 #[map]
 static KERNEL_LOG: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Read through a volatile load: the loader rewrites the global after compilation, so
-/// LLVM must not fold the zeros it sees here into the code.
-fn config() -> Config {
-    unsafe { core::ptr::read_volatile(&WATCHDOG_CONFIG) }
+/// One field of the config, read through a volatile load: the loader rewrites the global
+/// after compilation, so LLVM must not fold the zeros it sees here into the code. One
+/// field at a time, where it is used: a copy of the whole struct cost ~30 instructions
+/// before the first check, on every RSS change of every process on the host.
+macro_rules! config {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!(WATCHDOG_CONFIG.$field)) }
+    };
 }
 
 fn current_tgid() -> u32 {
@@ -157,7 +159,7 @@ fn bump(counter: &PerCpuArray<u64>, slot: u32) {
 /// storm. Exits with children (possible orphans) and limit crossings wake it at once,
 /// and so does every event once the ring holds more than the watermark.
 fn wake_flags(urgent: bool) -> u64 {
-    if urgent || EVENTS.query(BPF_RB_AVAIL_DATA) >= config().wake_watermark {
+    if urgent || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= config!(wake_watermark) {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -223,15 +225,14 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let Some(entry) = (unsafe { WATCHED.get(current_tgid()) }).copied() else {
         return Ok(());
     };
-    let cfg = config();
     let child: *const u8 = ctx.arg(1);
-    let child_pid: u32 = read_at(child, cfg.task_pid)?;
-    let child_tgid: u32 = read_at(child, cfg.task_tgid)?;
+    let child_pid: u32 = read_at(child, config!(task_pid))?;
+    let child_tgid: u32 = read_at(child, config!(task_tgid))?;
     if child_pid != child_tgid {
         // A new thread of a watched process: same process, not a new node.
         return Ok(());
     }
-    let start_ns: u64 = read_at(child, cfg.task_start_boottime)?;
+    let start_ns: u64 = read_at(child, config!(task_start_boottime))?;
     let child_entry = WatchEntry {
         rss_reported: 0,
         start_ns,
@@ -252,8 +253,8 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
     };
     // real_parent, not the forking task: CLONE_PARENT makes them differ.
-    let real_parent: *const u8 = read_at(child, cfg.task_real_parent)?;
-    let ppid: u32 = read_at(real_parent, cfg.task_tgid)?;
+    let real_parent: *const u8 = read_at(child, config!(task_real_parent))?;
+    let ppid: u32 = read_at(real_parent, config!(task_tgid))?;
     emit(Record {
         ppid,
         start_ns,
@@ -275,9 +276,8 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let Some(entry) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
     };
-    let cfg = config();
     let task: *const u8 = ctx.arg(0);
-    if !is_group_dead(ctx, &cfg, task)? {
+    if !is_group_dead(ctx, task)? {
         // A thread, not the last one: the process lives on.
         return Ok(());
     }
@@ -286,15 +286,15 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if WATCHED.remove(tgid).is_err() {
         return Ok(());
     }
-    let exit_status: i32 = read_at(task, cfg.task_exit_code)?;
+    let exit_status: i32 = read_at(task, config!(task_exit_code))?;
     // The process' start time (its leader's: the last thread out may be another one)
     // lets userspace tell this exit from one of a recycled PID.
-    let leader: *const u8 = read_at(task, cfg.task_group_leader)?;
-    let start_ns: u64 = read_at(leader, cfg.task_start_boottime)?;
+    let leader: *const u8 = read_at(task, config!(task_group_leader))?;
+    let start_ns: u64 = read_at(leader, config!(task_start_boottime))?;
     emit(Record {
         exit_status,
         start_ns,
-        urgent: has_children(&cfg, task)?,
+        urgent: has_children(task)?,
         ..Record::new(EventKind::Exit, tgid, entry.analysis)
     });
     Ok(())
@@ -303,20 +303,20 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
 /// Whether `task` still has children. sched_process_exit fires before exit_notify
 /// reparents them, and by the last thread's exit its siblings' children have moved to
 /// it, so this sees every child of the process.
-fn has_children(cfg: &Config, task: *const u8) -> Result<bool, i64> {
-    let head = task.wrapping_add(cfg.task_children as usize);
-    let next: *const u8 = read_at(task, cfg.task_children)?;
+fn has_children(task: *const u8) -> Result<bool, i64> {
+    let head = task.wrapping_add(config!(task_children) as usize);
+    let next: *const u8 = read_at(task, config!(task_children))?;
     Ok(next != head)
 }
 
-fn is_group_dead(ctx: &BtfTracePointContext, cfg: &Config, task: *const u8) -> Result<bool, i64> {
-    if cfg.exit_has_group_dead != 0 {
+fn is_group_dead(ctx: &BtfTracePointContext, task: *const u8) -> Result<bool, i64> {
+    if config!(exit_has_group_dead) != 0 {
         let group_dead: u64 = ctx.arg(1);
         return Ok(group_dead & 0xff != 0);
     }
     // Older kernels: do_exit has already decremented signal->live when it fires.
-    let signal: *const u8 = read_at(task, cfg.task_signal)?;
-    let live: i32 = read_at(signal, cfg.signal_live)?;
+    let signal: *const u8 = read_at(task, config!(task_signal))?;
+    let live: i32 = read_at(signal, config!(signal_live))?;
     Ok(live == 0)
 }
 
@@ -339,23 +339,24 @@ pub fn rss_stat(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-fn rss_counter(mm: *const u8, cfg: &Config, member: u32) -> Result<u64, i64> {
-    let offset = cfg.mm_rss_stat + member * cfg.percpu_counter_size + cfg.percpu_counter_count;
+fn rss_counter(mm: *const u8, member: u32) -> Result<u64, i64> {
+    let offset = config!(mm_rss_stat)
+        + member * config!(percpu_counter_size)
+        + config!(percpu_counter_count);
     let pages: i64 = read_at(mm, offset)?;
     Ok(if pages > 0 { pages as u64 } else { 0 })
 }
 
 /// File + anon + shmem pages of `mm`, in bytes: what /proc/PID/statm calls resident.
-fn rss_of(mm: *const u8, cfg: &Config) -> Result<u64, i64> {
-    let pages = rss_counter(mm, cfg, cfg.mm_filepages)?
-        + rss_counter(mm, cfg, cfg.mm_anonpages)?
-        + rss_counter(mm, cfg, cfg.mm_shmempages)?;
-    Ok(pages * cfg.page_size)
+fn rss_of(mm: *const u8) -> Result<u64, i64> {
+    let pages = rss_counter(mm, config!(mm_filepages))?
+        + rss_counter(mm, config!(mm_anonpages))?
+        + rss_counter(mm, config!(mm_shmempages))?;
+    Ok(pages * config!(page_size))
 }
 
 fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let cfg = config();
-    if cfg.rss_enabled == 0 {
+    if config!(rss_enabled) == 0 {
         return Ok(());
     }
     let tgid = current_tgid();
@@ -365,17 +366,17 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // Only the process' own address space: reclaim and others also touch counters.
     let mm: *const u8 = ctx.arg(0);
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    let own_mm: *const u8 = read_at(task, cfg.task_mm)?;
+    let own_mm: *const u8 = read_at(task, config!(task_mm))?;
     if own_mm != mm {
         return Ok(());
     }
-    let rss = rss_of(mm, &cfg)?;
+    let rss = rss_of(mm)?;
     // SAFETY: a valid map value pointer; racing updates from other CPUs of the same
     // process at worst repeat or skip one report, never corrupt.
     let entry = unsafe { &mut *entry };
     let crossed =
         entry.mem_limit != 0 && rss >= entry.mem_limit && entry.rss_reported < entry.mem_limit;
-    let moved = rss.abs_diff(entry.rss_reported) >= cfg.rss_step;
+    let moved = rss.abs_diff(entry.rss_reported) >= config!(rss_step);
     // What was reported is what the daemon heard: a report lost to a full ring leaves
     // it unchanged, so the next change reports the crossing again.
     if (crossed || moved)
@@ -421,21 +422,20 @@ fn try_rss_iter(ctx: *const IterTaskCtx) -> Result<(), i64> {
     if task.is_null() {
         return Ok(()); // The end of the walk.
     }
-    let cfg = config();
-    let pid: u32 = read_at(task, cfg.task_pid)?;
-    let tgid: u32 = read_at(task, cfg.task_tgid)?;
+    let pid: u32 = read_at(task, config!(task_pid))?;
+    let tgid: u32 = read_at(task, config!(task_tgid))?;
     if pid != tgid || unsafe { WATCHED.get(tgid) }.is_none() {
         return Ok(());
     }
-    let mm: *const u8 = read_at(task, cfg.task_mm)?;
+    let mm: *const u8 = read_at(task, config!(task_mm))?;
     if mm.is_null() {
         return Ok(()); // Exiting: its address space is gone.
     }
     let sample = RssSample {
         pid,
         _pad: 0,
-        start_ns: read_at(task, cfg.task_start_boottime)?,
-        rss_bytes: rss_of(mm, &cfg)?,
+        start_ns: read_at(task, config!(task_start_boottime))?,
+        rss_bytes: rss_of(mm)?,
     };
     seq_write(meta, &sample);
     Ok(())
@@ -479,44 +479,43 @@ fn try_descendants_iter(ctx: *const IterTaskCtx) -> Result<(), i64> {
     let Some(target) = WALK_TARGET.get(0).copied() else {
         return Ok(());
     };
-    let cfg = config();
-    let start_ns: u64 = read_at(task, cfg.task_start_boottime)?;
+    let start_ns: u64 = read_at(task, config!(task_start_boottime))?;
     if start_ns < target.start_ns {
         return Ok(());
     }
-    let pid: u32 = read_at(task, cfg.task_pid)?;
-    let tgid: u32 = read_at(task, cfg.task_tgid)?;
-    let exit_state: u32 = read_at(task, cfg.task_exit_state)?;
+    let pid: u32 = read_at(task, config!(task_pid))?;
+    let tgid: u32 = read_at(task, config!(task_tgid))?;
+    let exit_state: u32 = read_at(task, config!(task_exit_state))?;
     if pid != tgid || pid == target.pid || exit_state != 0 {
         return Ok(()); // A thread, the root itself, or a zombie: nothing to watch.
     }
-    let parent: *const u8 = read_at(task, cfg.task_real_parent)?;
-    let ppid: u32 = read_at(parent, cfg.task_tgid)?;
-    if !descends_from(&cfg, parent, &target)? {
+    let parent: *const u8 = read_at(task, config!(task_real_parent))?;
+    let ppid: u32 = read_at(parent, config!(task_tgid))?;
+    if !descends_from(parent, &target)? {
         return Ok(());
     }
     let record = ProcRecord {
         pid,
         ppid,
         start_ns,
-        comm: read_at(task, cfg.task_comm)?,
+        comm: read_at(task, config!(task_comm))?,
     };
     seq_write(meta, &record);
     Ok(())
 }
 
 /// Whether `ancestor` or one of its parents is the target root.
-fn descends_from(cfg: &Config, mut ancestor: *const u8, target: &WalkTarget) -> Result<bool, i64> {
+fn descends_from(mut ancestor: *const u8, target: &WalkTarget) -> Result<bool, i64> {
     for _ in 0..WALK_MAX_DEPTH {
-        let tgid: u32 = read_at(ancestor, cfg.task_tgid)?;
-        let start_ns: u64 = read_at(ancestor, cfg.task_start_boottime)?;
+        let tgid: u32 = read_at(ancestor, config!(task_tgid))?;
+        let start_ns: u64 = read_at(ancestor, config!(task_start_boottime))?;
         if start_ns < target.start_ns || tgid <= 1 {
             return Ok(false);
         }
         if tgid == target.pid {
             return Ok(true);
         }
-        ancestor = read_at(ancestor, cfg.task_real_parent)?;
+        ancestor = read_at(ancestor, config!(task_real_parent))?;
     }
     Ok(false)
 }
