@@ -328,10 +328,11 @@ impl KillJob {
 
     /// The records of a finished job, one per target.
     pub fn records(&self, host: &str) -> Vec<KillRecord> {
+        let time = rfc3339(self.time);
         self.targets
             .values()
             .map(|t| KillRecord {
-                time: rfc3339(self.time),
+                time: time.clone(),
                 host: host.to_string(),
                 pid: t.info.process.pid,
                 ppid: t.info.ppid,

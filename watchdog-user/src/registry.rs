@@ -48,7 +48,6 @@ pub struct Registry {
     by_id: HashMap<String, AnalysisKey>,
     /// Deadlines of analyses not yet violated, soonest first.
     deadlines: BTreeSet<(Instant, AnalysisKey)>,
-    roots: HashMap<u32, Root>,
     last_key: AnalysisKey,
 }
 
@@ -157,9 +156,6 @@ impl Registry {
         let analysis = self.by_key.remove(&key)?;
         self.by_id.remove(&analysis.id);
         self.deadlines.remove(&(analysis.deadline, key));
-        for pid in &analysis.roots {
-            self.roots.remove(pid);
-        }
         Some(analysis.roots)
     }
 
@@ -169,11 +165,6 @@ impl Registry {
         {
             analysis.roots.push(root.process.pid);
         }
-        self.roots.insert(root.process.pid, root);
-    }
-
-    pub fn root(&self, pid: u32) -> Option<&Root> {
-        self.roots.get(&pid)
     }
 }
 

@@ -416,7 +416,7 @@ impl Core {
         self.kill_analysis(key, Reason::MapFull, None, procs, clock);
     }
 
-    /// Marks an analysis violated and kills all its members; false when it was already.
+    /// Marks an analysis violated and kills all its members, unless it was already.
     fn kill_analysis(
         &mut self,
         key: AnalysisKey,
@@ -424,13 +424,11 @@ impl Core {
         limit: Option<u64>,
         procs: &dyn Procs,
         clock: &Clock,
-    ) -> bool {
-        if !self.registry.mark_violated(key, reason, limit) {
-            return false;
+    ) {
+        if self.registry.mark_violated(key, reason, limit) {
+            let pids = self.tree.members(key);
+            self.start_kill(Scope::Analysis, reason, key, limit, &pids, procs, clock);
         }
-        let pids = self.tree.members(key);
-        self.start_kill(Scope::Analysis, reason, key, limit, &pids, procs, clock);
-        true
     }
 
     /// Untracked processes to hand back to the kernel map: (process, analysis, its
@@ -580,13 +578,11 @@ impl Core {
     // ---- memory --------------------------------------------------------------------
 
     fn rss_seen(&mut self, pid: u32, rss_bytes: u64, procs: &dyn Procs, clock: &Clock) {
-        let Some(sum) = self.tree.set_rss(pid, rss_bytes) else {
+        let Some((analysis, sum)) = self.tree.set_rss(pid, rss_bytes) else {
             return;
         };
         self.check_process_memory(pid, procs, clock);
-        if let Some(analysis) = self.tree.get(pid).map(|n| n.analysis) {
-            self.check_tree_memory(analysis, sum, procs, clock);
-        }
+        self.check_tree_memory(analysis, sum, procs, clock);
     }
 
     /// The reconcile poll's findings: (process, RSS) of watched processes. Samples of a
@@ -597,10 +593,9 @@ impl Core {
             if !self.tree.holds(process) {
                 continue;
             }
-            self.tree.set_rss(process.pid, rss);
-            self.check_process_memory(process.pid, procs, clock);
-            if let Some(node) = self.tree.get(process.pid) {
-                analyses.insert(node.analysis);
+            if let Some((analysis, _)) = self.tree.set_rss(process.pid, rss) {
+                self.check_process_memory(process.pid, procs, clock);
+                analyses.insert(analysis);
             }
         }
         for key in analyses {
@@ -723,25 +718,30 @@ impl Core {
             self.processes_dirty = true;
             return;
         }
-        self.orphaned(pid, procs, clock);
+        self.orphaned_as(pid, now.ppid, procs, clock);
     }
 
     /// `pid` lives on after its parent died: flag it, then kill or log it (and its
     /// subtree) by its analysis' policy, unless a kill already covers it.
     fn orphaned(&mut self, pid: u32, procs: &dyn Procs, clock: &Clock) {
-        let Some(node) = self.tree.get(pid) else {
+        let Some(start_ns) = self.tree.get(pid).map(|n| n.start_ns) else {
             return;
         };
-        if node.orphan {
-            return;
-        }
-        let (analysis, start_ns) = (node.analysis, node.start_ns);
         // Its own exit may still be queued behind its parent's (a tree dying under a
         // kill that has already finished): a dead process is no orphan.
-        let Some(now) = procs.read(pid).filter(|p| same_start(p.start_ns, start_ns)) else {
+        if let Some(now) = procs.read(pid).filter(|p| same_start(p.start_ns, start_ns)) {
+            self.orphaned_as(pid, now.ppid, procs, clock);
+        }
+    }
+
+    /// `pid`, found living with `new_ppid` as its parent, is an orphan.
+    fn orphaned_as(&mut self, pid: u32, new_ppid: u32, procs: &dyn Procs, clock: &Clock) {
+        let Some(analysis) = self.tree.get(pid).map(|n| n.analysis) else {
             return;
         };
-        self.tree.mark_orphan(pid);
+        if !self.tree.mark_orphan(pid) {
+            return; // Flagged already.
+        }
         self.processes_dirty = true;
         let covered = self.jobs.iter().any(|j| j.has_target(pid));
         let policy = self.registry.get(analysis).map(|a| a.limits.orphans);
@@ -763,7 +763,7 @@ impl Core {
                 OrphanPolicy::Log => self.record_only(analysis, &pids, procs, clock),
             }
         }
-        self.tree.reparent(pid, now.ppid);
+        self.tree.reparent(pid, new_ppid);
     }
 
     /// The process that launched a registered root exited.

@@ -135,13 +135,14 @@ impl Tree {
         }
     }
 
-    /// Records a process' RSS, keeping its analysis' sum; returns the new sum.
-    pub fn set_rss(&mut self, pid: u32, rss_bytes: u64) -> Option<u64> {
+    /// Records a process' RSS, keeping its analysis' sum; returns its analysis and the
+    /// new sum.
+    pub fn set_rss(&mut self, pid: u32, rss_bytes: u64) -> Option<(AnalysisKey, u64)> {
         let node = self.nodes.get_mut(&pid)?;
         let old = std::mem::replace(&mut node.rss_bytes, rss_bytes);
         let members = self.members.get_mut(&node.analysis)?;
         members.rss_sum = members.rss_sum - old + rss_bytes;
-        Some(members.rss_sum)
+        Some((node.analysis, members.rss_sum))
     }
 
     pub fn set_comm(&mut self, pid: u32, comm: Comm) {
@@ -176,12 +177,7 @@ impl Tree {
 
     /// The watched children of `pid`, by pid.
     pub fn children_of(&self, pid: u32) -> impl Iterator<Item = u32> + '_ {
-        self.children
-            .get(&pid)
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(|c| self.nodes.contains_key(c))
+        self.children.get(&pid).into_iter().flatten().copied()
     }
 
     /// `pid` and every watched descendant of it, parents before children.
@@ -278,10 +274,10 @@ mod tests {
         let mut other = node(30, 1);
         other.analysis = 2;
         tree.insert(other);
-        assert_eq!(tree.set_rss(10, 100), Some(100));
-        assert_eq!(tree.set_rss(20, 50), Some(150));
-        assert_eq!(tree.set_rss(30, 7), Some(7));
-        assert_eq!(tree.set_rss(20, 20), Some(120));
+        assert_eq!(tree.set_rss(10, 100), Some((1, 100)));
+        assert_eq!(tree.set_rss(20, 50), Some((1, 150)));
+        assert_eq!(tree.set_rss(30, 7), Some((2, 7)));
+        assert_eq!(tree.set_rss(20, 20), Some((1, 120)));
         assert_eq!(tree.member_count(1), 2);
         tree.remove(10);
         assert_eq!((tree.rss_sum(1), tree.member_count(1)), (20, 1));
