@@ -168,7 +168,7 @@ impl Registry {
     }
 }
 
-fn unix_ms(at: SystemTime) -> u64 {
+pub(crate) fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, crate::policy::millis)
 }

@@ -55,10 +55,7 @@ pub fn dump_tree(
             owner_uid: a.owner,
             processes: core.tree().member_count(key),
             deadline_in_ms: signed_ms_until(a.deadline, clock.now),
-            deadline_unix_ms: a
-                .deadline_wall
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, crate::policy::millis),
+            deadline_unix_ms: crate::registry::unix_ms(a.deadline_wall),
             limits: a.limits.clone(),
         })
         .collect();

@@ -469,14 +469,7 @@ impl Core {
                     if self.tree.contains(info.pid) {
                         continue;
                     }
-                    let node = Node::new(
-                        info.pid,
-                        info.ppid,
-                        info.start_ns,
-                        Comm::new(&info.comm),
-                        key,
-                    );
-                    self.insert(node);
+                    self.insert(node_of(&info, key));
                     self.join_dying_scope(info.pid, info.ppid, key, procs, clock);
                 }
                 self.check_process_count(key, procs, clock);
@@ -826,12 +819,24 @@ impl Core {
             dry_run = self.settings.dry_run,
             "limit crossed: killing"
         );
+        let job = self.new_job(spec, pids, procs, clock);
+        self.jobs.push(job);
+        self.processes_dirty = true;
+    }
+
+    /// A job of `spec` over `pids`, their first signals queued.
+    fn new_job(
+        &mut self,
+        spec: JobSpec,
+        pids: &[u32],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) -> KillJob {
         let mut job = KillJob::new(spec, clock.now, clock.wall);
         for &pid in pids {
             self.add_target(&mut job, pid, procs, clock);
         }
-        self.jobs.push(job);
-        self.processes_dirty = true;
+        job
     }
 
     /// A violation that is recorded, not acted on (orphan policy `log`).
@@ -849,10 +854,7 @@ impl Core {
             None,
             Mode::LogOnly,
         );
-        let mut job = KillJob::new(spec, clock.now, clock.wall);
-        for &pid in pids {
-            self.add_target(&mut job, pid, procs, clock);
-        }
+        let job = self.new_job(spec, pids, procs, clock);
         self.finish(job);
     }
 
@@ -1167,13 +1169,7 @@ impl Core {
                 .push(Action::SaveAnalysis(key, Box::new(entry)));
         }
         for info in watched {
-            self.insert(Node::new(
-                info.pid,
-                info.ppid,
-                info.start_ns,
-                Comm::new(&info.comm),
-                key,
-            ));
+            self.insert(node_of(info, key));
         }
         let root_ref = ProcRef {
             pid: root.pid,
@@ -1459,6 +1455,17 @@ impl Core {
             boot_ns: clock.boot_ns,
         })
     }
+}
+
+/// The tree's node for a process /proc (or the kernel's walk) described.
+fn node_of(info: &ProcInfo, key: AnalysisKey) -> Node {
+    Node::new(
+        info.pid,
+        info.ppid,
+        info.start_ns,
+        Comm::new(&info.comm),
+        key,
+    )
 }
 
 #[cfg(test)]
