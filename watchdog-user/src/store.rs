@@ -24,7 +24,11 @@ use sqlx::{
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-use crate::{kill::KillRecord, spool::Spool, tasks::Tasks};
+use crate::{
+    kill::KillRecord,
+    spool::Spool,
+    tasks::{self, Tasks},
+};
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -589,7 +593,7 @@ async fn front(
                 Some(msg) => msg,
                 None => return Ok(()),
             },
-            _ = sleep_until(retry_at) => {
+            _ = tasks::sleep_until(retry_at) => {
                 let mut spool = shared.spool();
                 retry_at = (!Shared::spool_held(&mut spool)).then(|| Instant::now() + RETRY_EVERY);
                 if spool.held() == 0 {
@@ -641,13 +645,6 @@ async fn front(
                 _ => unreachable!("only queries and statuses are answered after"),
             }
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
     }
 }
 

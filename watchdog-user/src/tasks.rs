@@ -4,7 +4,12 @@
 //! programs keep tracking meanwhile). None of these tasks is meant to end while the
 //! daemon runs.
 
-use std::{collections::HashMap, future::Future, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use tokio::task::{Id, JoinSet};
@@ -74,6 +79,15 @@ impl std::fmt::Display for TaskEnded {
 }
 
 impl std::error::Error for TaskEnded {}
+
+/// Sleeps until `at`, or forever when nothing is scheduled (the daemon loop's and the
+/// database task's timers).
+pub(crate) async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
 
 #[derive(Default)]
 pub struct Tasks {
