@@ -30,7 +30,7 @@ use crate::{
     rules::{Clock, Core, Resync, Settings},
     store::{self, DatabaseUrl, EventFilter, StoreMsg},
     supervise,
-    tasks::{self, TaskEnded, Tasks},
+    tasks::{self, Tasks},
     tree::ProcRef,
 };
 
@@ -263,7 +263,7 @@ pub async fn run(options: Options) -> Result<()> {
     }
     store.last_flush(unqueued);
     match ended {
-        Some(ended) => Err(TaskEnded(ended).into()),
+        Some(ended) => Err(ended.into()),
         None => Ok(()),
     }
 }

@@ -68,17 +68,9 @@ impl std::fmt::Display for Ended {
     }
 }
 
-/// The daemon stopped because a task ended; already logged (main prints nothing more).
-#[derive(Debug)]
-pub struct TaskEnded(pub Ended);
-
-impl std::fmt::Display for TaskEnded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for TaskEnded {}
+/// As an error: the daemon stopped because a task ended; already logged (main prints
+/// nothing more).
+impl std::error::Error for Ended {}
 
 /// Sleeps until `at`, or forever when nothing is scheduled (the daemon loop's and the
 /// database task's timers).
