@@ -5,7 +5,7 @@
 //! daemon runs.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     future::Future,
     sync::Mutex,
     time::{Duration, Instant},
@@ -21,7 +21,7 @@ tokio::task_local! {
 }
 
 /// Where and why a supervised task panicked, by task name, for the supervisor's line.
-static PANICS: Mutex<Option<HashMap<&'static str, String>>> = Mutex::new(None);
+static PANICS: Mutex<BTreeMap<&'static str, String>> = Mutex::new(BTreeMap::new());
 
 /// Installs (once) a panic hook that leaves the report of a panic inside a supervised
 /// task to the supervisor: one line naming the task, the place and the message. Any
@@ -40,7 +40,7 @@ pub fn install_panic_hook() {
                 .unwrap_or_default();
             let report = format!("panicked{place}: {}", payload_text(info.payload()));
             let mut panics = PANICS.lock().unwrap_or_else(|p| p.into_inner());
-            panics.get_or_insert_default().insert(name, report);
+            panics.insert(name, report);
         }));
     });
 }
@@ -123,8 +123,7 @@ impl Tasks {
                 let hooked = PANICS
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .as_mut()
-                    .and_then(|p| p.remove(name));
+                    .remove(name);
                 hooked.unwrap_or_else(|| format!("panicked: {}", payload_text(&err.into_panic())))
             }
             Err(_) => "was cancelled".to_string(),
