@@ -159,7 +159,7 @@ impl Spool {
     }
 
     /// Where records the database refuses for good are moved: `<spool>.rejected`.
-    pub fn rejected_path(&self) -> PathBuf {
+    fn rejected_path(&self) -> PathBuf {
         self.side_path(".rejected")
     }
 
