@@ -209,6 +209,11 @@ impl Spool {
         self.held.push(record);
     }
 
+    /// Takes records; they reach the file at the next `flush`.
+    pub fn extend(&mut self, records: impl IntoIterator<Item = StoredRecord>) {
+        self.held.extend(records);
+    }
+
     /// Appends every held record in one write and makes them durable with one fsync;
     /// returns how many. On failure nothing of it stays in the file (it is cut back to
     /// its length before) and the records stay held for the next try.

@@ -492,15 +492,11 @@ impl StoreHandle {
         if let Ok(mut inbox) = self.inbox.try_lock() {
             while let Ok(msg) = inbox.try_recv() {
                 if let StoreMsg::Records(records) = msg {
-                    for record in records {
-                        spool.push(stored(record));
-                    }
+                    spool.extend(records.into_iter().map(stored));
                 }
             }
         }
-        for record in unqueued {
-            spool.push(stored(record));
-        }
+        spool.extend(unqueued.into_iter().map(stored));
         let held = spool.held();
         if held == 0 {
             return;
@@ -626,9 +622,7 @@ async fn front(
         }
         if !records.is_empty() {
             let mut spool = shared.spool();
-            for record in records {
-                spool.push(record);
-            }
+            spool.extend(records);
             let all_spooled = Shared::spool_held(&mut spool);
             retry_at = (!all_spooled).then(|| Instant::now() + RETRY_EVERY);
             drop(spool);
