@@ -15,6 +15,7 @@ use std::{
     ffi::OsString,
     fs::{File, OpenOptions},
     io::Write as _,
+    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
 };
 
@@ -399,7 +400,11 @@ impl Spool {
             self.file.sync_data()?;
             self.len = 0;
         } else {
-            let rest = self.read()?.split_off(bytes as usize);
+            // Only the part kept is read: the committed prefix is dropped unread.
+            let mut rest = vec![0; (self.len - bytes) as usize];
+            self.file
+                .read_exact_at(&mut rest, bytes)
+                .with_context(|| format!("reading the spool {}", self.path.display()))?;
             self.replace(&rest)?;
         }
         self.depth = self.depth.saturating_sub(records);
