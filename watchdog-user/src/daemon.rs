@@ -30,7 +30,7 @@ use crate::{
     rules::{Clock, Core, Resync, Settings},
     store::{self, DatabaseUrl, EventFilter, StoreMsg},
     supervise,
-    tasks::{TaskEnded, Tasks},
+    tasks::{self, Tasks},
     tree::ProcRef,
 };
 
@@ -192,7 +192,7 @@ pub async fn run(options: Options) -> Result<()> {
             _ = poll.tick() => Input::Poll,
             Some(samples) = poll_rx.recv() => Input::PollDone(samples),
             Some(root) = launcher_rx.recv() => Input::LauncherExit(root),
-            _ = sleep_until_next(daemon.core.next_wakeup()) => Input::Tick,
+            _ = tasks::sleep_until(daemon.core.next_wakeup()) => Input::Tick,
             ended = tasks.ended() => {
                 tracing::error!(
                     "{ended}: stopping, so that the daemon is restarted (the pinned kernel \
@@ -263,7 +263,7 @@ pub async fn run(options: Options) -> Result<()> {
     }
     store.last_flush(unqueued);
     match ended {
-        Some(ended) => Err(TaskEnded(ended).into()),
+        Some(ended) => Err(ended.into()),
         None => Ok(()),
     }
 }
@@ -296,14 +296,6 @@ fn read_machine_memory() -> Option<u64> {
         ),
     }
     total
-}
-
-/// Sleeps until `at`, or forever when nothing is scheduled.
-async fn sleep_until_next(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// (process, RSS) of watched processes, read off the loop.

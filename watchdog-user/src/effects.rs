@@ -19,6 +19,7 @@ use crate::{
     kernel::Kernel,
     kill::{KillRecord, SignalOrder},
     procs::{self, ProcInfo, same_start},
+    requests::Watch,
     rules::{Action, Registration, Retrack},
     store::StoreMsg,
     tree::{AnalysisKey, ProcRef},
@@ -489,21 +490,6 @@ impl Effects {
         }
     }
 
-    /// The living descendants of `root`, as the registration walk will find them,
-    /// without putting anything in the kernel map: what the rules check before a
-    /// registration by a caller confined to its own processes.
-    pub fn descendants(&mut self, root: ProcRef) -> Result<Vec<ProcRef>> {
-        Ok(self
-            .kernel
-            .descendants(root)?
-            .into_iter()
-            .map(|r| ProcRef {
-                pid: r.pid,
-                start_ns: r.start_ns,
-            })
-            .collect())
-    }
-
     /// Puts a process in the kernel map, then checks it is still the same living
     /// process: if it exited (or its pid was recycled) in between, the kernel never
     /// saw that exit as watched, so the entry is taken back out.
@@ -520,5 +506,32 @@ impl Effects {
             self.kernel.unwatch(process);
         }
         Ok(still_there)
+    }
+}
+
+impl Watch for Effects {
+    /// The living descendants of `root`, as the registration walk will find them,
+    /// without putting anything in the kernel map: what the rules check before a
+    /// registration by a caller confined to its own processes.
+    fn descendants(&mut self, root: ProcRef) -> Result<Vec<ProcRef>> {
+        Ok(self
+            .kernel
+            .descendants(root)?
+            .into_iter()
+            .map(|r| ProcRef {
+                pid: r.pid,
+                start_ns: r.start_ns,
+            })
+            .collect())
+    }
+
+    fn watch(
+        &mut self,
+        registration: &Registration,
+        fresh: bool,
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+        permit: &dyn Fn(ProcRef) -> Result<()>,
+    ) -> Result<Vec<ProcInfo>> {
+        self.watch_registration(registration, fresh, analysis_of, permit)
     }
 }

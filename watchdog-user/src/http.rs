@@ -91,29 +91,39 @@ fn one(value: impl Into<f64>) -> Vec<(String, f64)> {
     vec![(String::new(), value.into())]
 }
 
+/// Metrics of one unlabelled sample each, written in the order given:
+/// (name, type, help, value).
+fn single(out: &mut String, metrics: &[(&str, &str, &str, f64)]) {
+    for &(name, kind, help, value) in metrics {
+        metric(out, name, kind, help, &one(value));
+    }
+}
+
 /// The Prometheus text exposition format (version 0.0.4).
 pub fn prometheus_text(s: &Status) -> String {
     let mut out = String::new();
-    metric(
+    single(
         &mut out,
-        "watchdog_watched_processes",
-        "gauge",
-        "Processes watched now.",
-        &one(s.monitored_count as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_analyses",
-        "gauge",
-        "Analyses watched now.",
-        &one(s.analyses as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_processes_in_grace",
-        "gauge",
-        "Processes signalled and not yet gone.",
-        &one(s.grace_count as f64),
+        &[
+            (
+                "watchdog_watched_processes",
+                "gauge",
+                "Processes watched now.",
+                s.monitored_count as f64,
+            ),
+            (
+                "watchdog_analyses",
+                "gauge",
+                "Analyses watched now.",
+                s.analyses as f64,
+            ),
+            (
+                "watchdog_processes_in_grace",
+                "gauge",
+                "Processes signalled and not yet gone.",
+                s.grace_count as f64,
+            ),
+        ],
     );
     let by_reason: Vec<(String, f64)> = s
         .kills_by_reason
@@ -127,54 +137,52 @@ pub fn prometheus_text(s: &Status) -> String {
         "Processes killed (or recorded) since start, by reason.",
         &by_reason,
     );
-    metric(
+    single(
         &mut out,
-        "watchdog_lost_events_total",
-        "counter",
-        "Kernel events lost: ring buffer full, or a child the watched map had no room for.",
-        &one((s.lost_events + s.watch_map_full) as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_loop_longest_seconds",
-        "gauge",
-        "The longest the daemon loop spent on one input since start.",
-        &one(s.loop_longest_ms / 1000.0),
-    );
-    metric(
-        &mut out,
-        "watchdog_ring_buffer_drops_total",
-        "counter",
-        "Events the kernel could not put in the ring buffer.",
-        &one(s.lost_events as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_pinned_state_dropped_total",
-        "counter",
-        "Pinned state found untrustworthy at start (another layout, or not the maps the attached programs use), dropped and rebuilt.",
-        &one(s.pinned_state_dropped as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_untracked_forks_total",
-        "counter",
-        "Children the kernel's watched map could not take; the daemon followed them itself.",
-        &one(s.faults.untracked_forks as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_pidfd_failures_total",
-        "counter",
-        "Pidfds that could not be opened (e.g. out of descriptors).",
-        &one(s.faults.pidfd_failures as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_launchers_watched",
-        "gauge",
-        "Launchers of registered roots watched now.",
-        &one(s.faults.launchers_watched as f64),
+        &[
+            (
+                "watchdog_lost_events_total",
+                "counter",
+                "Kernel events lost: ring buffer full, or a child the watched map had no room for.",
+                (s.lost_events + s.watch_map_full) as f64,
+            ),
+            (
+                "watchdog_loop_longest_seconds",
+                "gauge",
+                "The longest the daemon loop spent on one input since start.",
+                s.loop_longest_ms / 1000.0,
+            ),
+            (
+                "watchdog_ring_buffer_drops_total",
+                "counter",
+                "Events the kernel could not put in the ring buffer.",
+                s.lost_events as f64,
+            ),
+            (
+                "watchdog_pinned_state_dropped_total",
+                "counter",
+                "Pinned state found untrustworthy at start (another layout, or not the maps the attached programs use), dropped and rebuilt.",
+                s.pinned_state_dropped as f64,
+            ),
+            (
+                "watchdog_untracked_forks_total",
+                "counter",
+                "Children the kernel's watched map could not take; the daemon followed them itself.",
+                s.faults.untracked_forks as f64,
+            ),
+            (
+                "watchdog_pidfd_failures_total",
+                "counter",
+                "Pidfds that could not be opened (e.g. out of descriptors).",
+                s.faults.pidfd_failures as f64,
+            ),
+            (
+                "watchdog_launchers_watched",
+                "gauge",
+                "Launchers of registered roots watched now.",
+                s.faults.launchers_watched as f64,
+            ),
+        ],
     );
     let program_errors: Vec<(String, f64)> = s
         .faults
@@ -195,112 +203,102 @@ pub fn prometheus_text(s: &Status) -> String {
         "Failures inside the kernel programs, by program and kind (read, map_update).",
         &program_errors,
     );
-    metric(
+    single(
         &mut out,
-        "watchdog_resyncs_total",
-        "counter",
-        "Tree rebuilds after lost events.",
-        &one(s.resyncs as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_db_spool_depth",
-        "gauge",
-        "Kill records waiting for the database.",
-        &one(s.database.spool_depth as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_db_unspooled",
-        "gauge",
-        "Kill records held in memory because the spool could not be written (a full disk?); \
+        &[
+            (
+                "watchdog_resyncs_total",
+                "counter",
+                "Tree rebuilds after lost events.",
+                s.resyncs as f64,
+            ),
+            (
+                "watchdog_db_spool_depth",
+                "gauge",
+                "Kill records waiting for the database.",
+                s.database.spool_depth as f64,
+            ),
+            (
+                "watchdog_db_unspooled",
+                "gauge",
+                "Kill records held in memory because the spool could not be written (a full disk?); \
          tried again every second.",
-        &one(s.database.unspooled as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_spool_records_total",
-        "counter",
-        "Kill records appended to the spool since start.",
-        &one(s.database.spooled_total as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_spool_fsyncs_total",
-        "counter",
-        "Spool fsyncs since start (records arriving together share one).",
-        &one(s.database.spool_fsyncs as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_records_unqueued_total",
-        "counter",
-        "Kill records the daemon loop could not hand to its store task (stopped); held and \
+                s.database.unspooled as f64,
+            ),
+            (
+                "watchdog_spool_records_total",
+                "counter",
+                "Kill records appended to the spool since start.",
+                s.database.spooled_total as f64,
+            ),
+            (
+                "watchdog_spool_fsyncs_total",
+                "counter",
+                "Spool fsyncs since start (records arriving together share one).",
+                s.database.spool_fsyncs as f64,
+            ),
+            (
+                "watchdog_records_unqueued_total",
+                "counter",
+                "Kill records the daemon loop could not hand to its store task (stopped); held and \
          spooled at shutdown.",
-        &one(s.records_unqueued as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_db_rejected_total",
-        "counter",
-        "Kill records the database refused for good, set aside in <spool>.rejected.",
-        &one(s.database.rejected as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_control_connections",
-        "gauge",
-        "Control socket connections open now.",
-        &one(s.control.connections as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_control_connections_max",
-        "gauge",
-        "The most control socket connections served at once.",
-        &one(s.control.max_connections as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_control_connections_evicted_total",
-        "counter",
-        "Idle control socket connections closed (with an error line) to make room for a new client.",
-        &one(s.control.evicted as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_control_connections_refused_total",
-        "counter",
-        "Control socket clients refused (an error line, then closed): the most were open, all busy.",
-        &one(s.control.refused as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_control_requests_oversized_total",
-        "counter",
-        "Control request lines over 64 KiB: answered with an error, the connection closed unread.",
-        &one(s.control.oversized as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_control_connections_timed_out_total",
-        "counter",
-        "Control socket connections closed after 30 s without a complete request (or unread answer).",
-        &one(s.control.timed_out as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_control_requests_not_utf8_total",
-        "counter",
-        "Control request lines that were not UTF-8 (answered with an error).",
-        &one(s.control.not_utf8 as f64),
-    );
-    metric(
-        &mut out,
-        "watchdog_uptime_seconds",
-        "gauge",
-        "Seconds since the daemon started.",
-        &one(s.uptime_s as f64),
+                s.records_unqueued as f64,
+            ),
+            (
+                "watchdog_db_rejected_total",
+                "counter",
+                "Kill records the database refused for good, set aside in <spool>.rejected.",
+                s.database.rejected as f64,
+            ),
+            (
+                "watchdog_control_connections",
+                "gauge",
+                "Control socket connections open now.",
+                s.control.connections as f64,
+            ),
+            (
+                "watchdog_control_connections_max",
+                "gauge",
+                "The most control socket connections served at once.",
+                s.control.max_connections as f64,
+            ),
+            (
+                "watchdog_control_connections_evicted_total",
+                "counter",
+                "Idle control socket connections closed (with an error line) to make room for a new client.",
+                s.control.evicted as f64,
+            ),
+            (
+                "watchdog_control_connections_refused_total",
+                "counter",
+                "Control socket clients refused (an error line, then closed): the most were open, all busy.",
+                s.control.refused as f64,
+            ),
+            (
+                "watchdog_control_requests_oversized_total",
+                "counter",
+                "Control request lines over 64 KiB: answered with an error, the connection closed unread.",
+                s.control.oversized as f64,
+            ),
+            (
+                "watchdog_control_connections_timed_out_total",
+                "counter",
+                "Control socket connections closed after 30 s without a complete request (or unread answer).",
+                s.control.timed_out as f64,
+            ),
+            (
+                "watchdog_control_requests_not_utf8_total",
+                "counter",
+                "Control request lines that were not UTF-8 (answered with an error).",
+                s.control.not_utf8 as f64,
+            ),
+            (
+                "watchdog_uptime_seconds",
+                "gauge",
+                "Seconds since the daemon started.",
+                s.uptime_s as f64,
+            ),
+        ],
     );
     let _ = writeln!(
         out,

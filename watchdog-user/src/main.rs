@@ -183,7 +183,7 @@ fn main() {
     };
     if let Err(err) = result {
         // A task that ended has been logged, as one line, when it did.
-        if !err.is::<watchdog_user::tasks::TaskEnded>() {
+        if !err.is::<watchdog_user::tasks::Ended>() {
             eprintln!("watchdog-user: error: {err:#}");
         }
         std::process::exit(1);

@@ -7,7 +7,6 @@ use anyhow::{Result, anyhow};
 
 use crate::{
     access::Peer,
-    effects::Effects,
     policy::LimitOverrides,
     procs::{ProcInfo, Procs},
     protocol::{Reply, Request, Response},
@@ -31,22 +30,6 @@ pub trait Watch {
         analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
         permit: &dyn Fn(ProcRef) -> Result<()>,
     ) -> Result<Vec<ProcInfo>>;
-}
-
-impl Watch for Effects {
-    fn descendants(&mut self, root: ProcRef) -> Result<Vec<ProcRef>> {
-        Effects::descendants(self, root)
-    }
-
-    fn watch(
-        &mut self,
-        registration: &Registration,
-        fresh: bool,
-        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
-        permit: &dyn Fn(ProcRef) -> Result<()>,
-    ) -> Result<Vec<ProcInfo>> {
-        self.watch_registration(registration, fresh, analysis_of, permit)
-    }
 }
 
 /// The response to `peer`'s `request`; the rules decide what it may do. The actions the

@@ -15,6 +15,7 @@ use std::{
     ffi::OsString,
     fs::{File, OpenOptions},
     io::Write as _,
+    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
 };
 
@@ -159,7 +160,7 @@ impl Spool {
     }
 
     /// Where records the database refuses for good are moved: `<spool>.rejected`.
-    pub fn rejected_path(&self) -> PathBuf {
+    fn rejected_path(&self) -> PathBuf {
         self.side_path(".rejected")
     }
 
@@ -207,6 +208,11 @@ impl Spool {
     /// Takes a record; it reaches the file at the next `flush`.
     pub fn push(&mut self, record: StoredRecord) {
         self.held.push(record);
+    }
+
+    /// Takes records; they reach the file at the next `flush`.
+    pub fn extend(&mut self, records: impl IntoIterator<Item = StoredRecord>) {
+        self.held.extend(records);
     }
 
     /// Appends every held record in one write and makes them durable with one fsync;
@@ -394,7 +400,11 @@ impl Spool {
             self.file.sync_data()?;
             self.len = 0;
         } else {
-            let rest = self.read()?.split_off(bytes as usize);
+            // Only the part kept is read: the committed prefix is dropped unread.
+            let mut rest = vec![0; (self.len - bytes) as usize];
+            self.file
+                .read_exact_at(&mut rest, bytes)
+                .with_context(|| format!("reading the spool {}", self.path.display()))?;
             self.replace(&rest)?;
         }
         self.depth = self.depth.saturating_sub(records);

@@ -24,7 +24,11 @@ use sqlx::{
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-use crate::{kill::KillRecord, spool::Spool, tasks::Tasks};
+use crate::{
+    kill::KillRecord,
+    spool::Spool,
+    tasks::{self, Tasks},
+};
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -488,15 +492,11 @@ impl StoreHandle {
         if let Ok(mut inbox) = self.inbox.try_lock() {
             while let Ok(msg) = inbox.try_recv() {
                 if let StoreMsg::Records(records) = msg {
-                    for record in records {
-                        spool.push(stored(record));
-                    }
+                    spool.extend(records.into_iter().map(stored));
                 }
             }
         }
-        for record in unqueued {
-            spool.push(stored(record));
-        }
+        spool.extend(unqueued.into_iter().map(stored));
         let held = spool.held();
         if held == 0 {
             return;
@@ -589,7 +589,7 @@ async fn front(
                 Some(msg) => msg,
                 None => return Ok(()),
             },
-            _ = sleep_until(retry_at) => {
+            _ = tasks::sleep_until(retry_at) => {
                 let mut spool = shared.spool();
                 retry_at = (!Shared::spool_held(&mut spool)).then(|| Instant::now() + RETRY_EVERY);
                 if spool.held() == 0 {
@@ -622,9 +622,7 @@ async fn front(
         }
         if !records.is_empty() {
             let mut spool = shared.spool();
-            for record in records {
-                spool.push(record);
-            }
+            spool.extend(records);
             let all_spooled = Shared::spool_held(&mut spool);
             retry_at = (!all_spooled).then(|| Instant::now() + RETRY_EVERY);
             drop(spool);
@@ -641,13 +639,6 @@ async fn front(
                 _ => unreachable!("only queries and statuses are answered after"),
             }
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
     }
 }
 

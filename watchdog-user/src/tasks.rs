@@ -4,7 +4,12 @@
 //! programs keep tracking meanwhile). None of these tasks is meant to end while the
 //! daemon runs.
 
-use std::{collections::HashMap, future::Future, sync::Mutex, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use tokio::task::{Id, JoinSet};
@@ -16,7 +21,7 @@ tokio::task_local! {
 }
 
 /// Where and why a supervised task panicked, by task name, for the supervisor's line.
-static PANICS: Mutex<Option<HashMap<&'static str, String>>> = Mutex::new(None);
+static PANICS: Mutex<BTreeMap<&'static str, String>> = Mutex::new(BTreeMap::new());
 
 /// Installs (once) a panic hook that leaves the report of a panic inside a supervised
 /// task to the supervisor: one line naming the task, the place and the message. Any
@@ -35,7 +40,7 @@ pub fn install_panic_hook() {
                 .unwrap_or_default();
             let report = format!("panicked{place}: {}", payload_text(info.payload()));
             let mut panics = PANICS.lock().unwrap_or_else(|p| p.into_inner());
-            panics.get_or_insert_default().insert(name, report);
+            panics.insert(name, report);
         }));
     });
 }
@@ -63,17 +68,18 @@ impl std::fmt::Display for Ended {
     }
 }
 
-/// The daemon stopped because a task ended; already logged (main prints nothing more).
-#[derive(Debug)]
-pub struct TaskEnded(pub Ended);
+/// As an error: the daemon stopped because a task ended; already logged (main prints
+/// nothing more).
+impl std::error::Error for Ended {}
 
-impl std::fmt::Display for TaskEnded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+/// Sleeps until `at`, or forever when nothing is scheduled (the daemon loop's and the
+/// database task's timers).
+pub(crate) async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
-
-impl std::error::Error for TaskEnded {}
 
 #[derive(Default)]
 pub struct Tasks {
@@ -117,8 +123,7 @@ impl Tasks {
                 let hooked = PANICS
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .as_mut()
-                    .and_then(|p| p.remove(name));
+                    .remove(name);
                 hooked.unwrap_or_else(|| format!("panicked: {}", payload_text(&err.into_panic())))
             }
             Err(_) => "was cancelled".to_string(),

@@ -1,7 +1,7 @@
 //! Packages the test suite needs and a fresh machine may lack: the PostgreSQL server (the
 //! persistence tests start their own throwaway one), pytest (the Python client's tests).
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::Result;
 
@@ -62,40 +62,32 @@ pub fn ensure_test_packages() -> Result<()> {
 
 /// The reference poller (bench/poller.py) runs on psutil, from PyPI.
 pub fn ensure_psutil() -> Result<()> {
-    let has = Command::new("python3")
-        .args(["-c", "import psutil"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if has {
-        return Ok(());
-    }
-    step("installing psutil (PyPI) for the reference poller");
-    let mut cmd = Command::new("python3");
-    cmd.args(["-m", "pip", "install", "-q", "psutil"]);
-    run_checked(cmd)
+    ensure_python_module(|| Command::new("python3"), "psutil", "the reference poller")
 }
 
-/// The Python client's tests (clients/python/tests) run on pytest, from PyPI; installed
-/// for the Python that runs them (root's, through sudo when not root).
+/// The Python client's tests (clients/python/tests) run on pytest, from PyPI; checked
+/// and installed with the very command that runs them (root's Python, through sudo
+/// when not root).
 pub fn ensure_pytest() -> Result<()> {
-    let python = || {
-        if nix::unistd::geteuid().is_root() {
-            Command::new("python3")
-        } else {
-            let mut sudo = Command::new("sudo");
-            sudo.arg("--preserve-env=PATH").arg("python3");
-            sudo
-        }
-    };
+    ensure_python_module(
+        || crate::as_root(Path::new("python3")),
+        "pytest",
+        "the Python client's tests",
+    )
+}
+
+/// Installs `module` from PyPI with pip unless the Python that `python` starts can
+/// already import it.
+fn ensure_python_module(python: impl Fn() -> Command, module: &str, for_what: &str) -> Result<()> {
     let has = python()
-        .args(["-c", "import pytest"])
+        .args(["-c", &format!("import {module}")])
         .status()
         .is_ok_and(|s| s.success());
     if has {
         return Ok(());
     }
-    step("installing pytest (PyPI) for the Python client's tests");
+    step(&format!("installing {module} (PyPI) for {for_what}"));
     let mut cmd = python();
-    cmd.args(["-m", "pip", "install", "-q", "pytest"]);
+    cmd.args(["-m", "pip", "install", "-q", module]);
     run_checked(cmd)
 }
