@@ -99,7 +99,14 @@ pub fn descendants_by_scan(root: u32) -> Vec<watchdog_common::ProcRecord> {
 /// Resident set size now, 0 when the process is gone.
 pub fn rss_bytes(pid: u32) -> u64 {
     procfs::process::Process::new(pid as i32)
-        .and_then(|p| p.statm())
+        .map(|p| resident_bytes(&p))
+        .unwrap_or(0)
+}
+
+/// Resident set size through an open /proc/PID handle, 0 when it cannot be read.
+fn resident_bytes(process: &procfs::process::Process) -> u64 {
+    process
+        .statm()
         .map(|m| m.resident * procfs::page_size())
         .unwrap_or(0)
 }
@@ -143,10 +150,11 @@ impl Procs for SysProcs {
             .and_then(|p| p.cmdline().ok())
             .map(|args| args.join(" "))
             .unwrap_or_default();
+        let rss_bytes = process.as_ref().map(resident_bytes).unwrap_or(0);
         Details {
             cmdline,
             uid: process.and_then(|p| p.uid().ok()).unwrap_or(0),
-            rss_bytes: rss_bytes(pid),
+            rss_bytes,
         }
     }
 
