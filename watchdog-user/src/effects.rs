@@ -18,7 +18,7 @@ use tokio::{
 use crate::{
     kernel::Kernel,
     kill::{KillRecord, SignalOrder},
-    procs::{self, ProcInfo, same_start},
+    procs::{self, ProcInfo},
     rules::{Action, Registration, Retrack},
     store::StoreMsg,
     tree::{AnalysisKey, ProcRef},
@@ -68,8 +68,8 @@ impl PidFd {
         }
         // SAFETY: the kernel just returned this fd to us; nothing else owns it.
         let pidfd = Self(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-        procs::read(process.pid)
-            .filter(|p| same_start(p.start_ns, process.start_ns) && accept(p))
+        procs::read_same(process)
+            .filter(|p| accept(p))
             .map(|_| pidfd)
             .ok_or(OpenError::Gone)
     }
@@ -322,9 +322,7 @@ impl Effects {
     /// Launchers watched without a pidfd: those that exited, reported like the others.
     pub fn check_polled_launchers(&mut self) {
         for (launcher, watch) in &self.launchers {
-            let alive = || {
-                procs::read(launcher.pid).is_some_and(|p| same_start(p.start_ns, launcher.start_ns))
-            };
+            let alive = || procs::read_same(*launcher).is_some();
             if watch.task.is_none() && !alive() {
                 let _ = self.launcher_exits.send(*launcher);
             }
@@ -514,8 +512,7 @@ impl Effects {
         mem_limit: u64,
     ) -> Result<bool> {
         self.kernel.watch(process, key, mem_limit)?;
-        let still_there =
-            procs::read(process.pid).is_some_and(|now| same_start(now.start_ns, process.start_ns));
+        let still_there = procs::read_same(process).is_some();
         if !still_there {
             self.kernel.unwatch(process);
         }

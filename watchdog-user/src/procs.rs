@@ -65,6 +65,12 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
     Some(info_from(stat)).filter(|p| !p.exited)
 }
 
+/// `process`, if it still lives under its pid: None when it is gone or the pid was
+/// recycled.
+pub fn read_same(process: crate::tree::ProcRef) -> Option<ProcInfo> {
+    read(process.pid).filter(|p| same_start(p.start_ns, process.start_ns))
+}
+
 /// The living descendants of `root`, by scanning all of /proc: the fallback for
 /// kernels without task iterators (it costs what the host has, not the analysis).
 pub fn descendants_by_scan(root: u32) -> Vec<watchdog_common::ProcRecord> {
