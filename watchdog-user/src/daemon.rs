@@ -310,11 +310,7 @@ async fn sleep_until_next(at: Option<Instant>) {
 type PollSamples = Vec<(ProcRef, u64)>;
 
 fn sample_of(sample: &watchdog_common::RssSample) -> (ProcRef, u64) {
-    let process = ProcRef {
-        pid: sample.pid,
-        start_ns: sample.start_ns,
-    };
-    (process, sample.rss_bytes)
+    (ProcRef::from(sample), sample.rss_bytes)
 }
 
 /// What the loop takes in.

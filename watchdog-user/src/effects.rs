@@ -405,10 +405,7 @@ impl Effects {
             };
             let mut removed = 0;
             for record in below {
-                let process = ProcRef {
-                    pid: record.pid,
-                    start_ns: record.start_ns,
-                };
+                let process = ProcRef::from(&record);
                 if analysis_of(process.pid).is_none() && self.kernel.unwatch(process) {
                     removed += 1;
                 }
@@ -495,10 +492,7 @@ impl Effects {
             .kernel
             .descendants(root)?
             .into_iter()
-            .map(|r| ProcRef {
-                pid: r.pid,
-                start_ns: r.start_ns,
-            })
+            .map(|r| ProcRef::from(&r))
             .collect())
     }
 

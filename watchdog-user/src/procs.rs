@@ -28,6 +28,24 @@ impl ProcInfo {
     }
 }
 
+impl From<&watchdog_common::ProcRecord> for crate::tree::ProcRef {
+    fn from(record: &watchdog_common::ProcRecord) -> Self {
+        Self {
+            pid: record.pid,
+            start_ns: record.start_ns,
+        }
+    }
+}
+
+impl From<&watchdog_common::RssSample> for crate::tree::ProcRef {
+    fn from(sample: &watchdog_common::RssSample) -> Self {
+        Self {
+            pid: sample.pid,
+            start_ns: sample.start_ns,
+        }
+    }
+}
+
 /// The precision of /proc's start times.
 pub fn ns_per_tick() -> u64 {
     1_000_000_000 / procfs::ticks_per_second().max(1)
