@@ -45,7 +45,7 @@ pub enum OpenError {
 
 impl PidFd {
     /// Opens `pid` and checks it is still the process that started at `start_ns`.
-    pub fn open_verified(process: ProcRef) -> Result<Self, OpenError> {
+    fn open_verified(process: ProcRef) -> Result<Self, OpenError> {
         Self::open_checked(process, |_| true)
     }
 
