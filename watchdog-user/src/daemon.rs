@@ -302,11 +302,7 @@ fn read_machine_memory() -> Option<u64> {
 type PollSamples = Vec<(ProcRef, u64)>;
 
 fn sample_of(sample: &watchdog_common::RssSample) -> (ProcRef, u64) {
-    let process = ProcRef {
-        pid: sample.pid,
-        start_ns: sample.start_ns,
-    };
-    (process, sample.rss_bytes)
+    (ProcRef::from(sample), sample.rss_bytes)
 }
 
 /// What the loop takes in.

@@ -18,7 +18,7 @@ use tokio::{
 use crate::{
     kernel::Kernel,
     kill::{KillRecord, SignalOrder},
-    procs::{self, ProcInfo, same_start},
+    procs::{self, ProcInfo},
     requests::Watch,
     rules::{Action, Registration, Retrack},
     store::StoreMsg,
@@ -46,7 +46,7 @@ pub enum OpenError {
 
 impl PidFd {
     /// Opens `pid` and checks it is still the process that started at `start_ns`.
-    pub fn open_verified(process: ProcRef) -> Result<Self, OpenError> {
+    fn open_verified(process: ProcRef) -> Result<Self, OpenError> {
         Self::open_checked(process, |_| true)
     }
 
@@ -69,8 +69,8 @@ impl PidFd {
         }
         // SAFETY: the kernel just returned this fd to us; nothing else owns it.
         let pidfd = Self(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-        procs::read(process.pid)
-            .filter(|p| same_start(p.start_ns, process.start_ns) && accept(p))
+        procs::read_same(process)
+            .filter(|p| accept(p))
             .map(|_| pidfd)
             .ok_or(OpenError::Gone)
     }
@@ -323,9 +323,7 @@ impl Effects {
     /// Launchers watched without a pidfd: those that exited, reported like the others.
     pub fn check_polled_launchers(&mut self) {
         for (launcher, watch) in &self.launchers {
-            let alive = || {
-                procs::read(launcher.pid).is_some_and(|p| same_start(p.start_ns, launcher.start_ns))
-            };
+            let alive = || procs::read_same(*launcher).is_some();
             if watch.task.is_none() && !alive() {
                 let _ = self.launcher_exits.send(*launcher);
             }
@@ -408,10 +406,7 @@ impl Effects {
             };
             let mut removed = 0;
             for record in below {
-                let process = ProcRef {
-                    pid: record.pid,
-                    start_ns: record.start_ns,
-                };
+                let process = ProcRef::from(&record);
                 if analysis_of(process.pid).is_none() && self.kernel.unwatch(process) {
                     removed += 1;
                 }
@@ -500,8 +495,7 @@ impl Effects {
         mem_limit: u64,
     ) -> Result<bool> {
         self.kernel.watch(process, key, mem_limit)?;
-        let still_there =
-            procs::read(process.pid).is_some_and(|now| same_start(now.start_ns, process.start_ns));
+        let still_there = procs::read_same(process).is_some();
         if !still_there {
             self.kernel.unwatch(process);
         }
@@ -518,10 +512,7 @@ impl Watch for Effects {
             .kernel
             .descendants(root)?
             .into_iter()
-            .map(|r| ProcRef {
-                pid: r.pid,
-                start_ns: r.start_ns,
-            })
+            .map(|r| ProcRef::from(&r))
             .collect())
     }
 

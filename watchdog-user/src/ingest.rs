@@ -201,16 +201,11 @@ pub async fn run(ring: RingBuf<MapData>, out: mpsc::Sender<Batch>) -> Result<()>
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                if !drain_all(guard.get_inner_mut(), &out).await {
-                    return Ok(());
-                }
-                guard.clear_ready();
-            }
+            guard = ring.readable_mut() => guard?.clear_ready(),
             _ = tick.tick() => {}
         }
-        // Again after clearing readiness: a wake-up that came in between is not lost.
+        // After clearing readiness: a record that comes in from here on wakes us again,
+        // so none is left waiting for the next tick.
         if !drain_all(ring.get_mut(), &out).await {
             return Ok(());
         }

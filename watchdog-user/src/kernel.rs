@@ -460,7 +460,7 @@ impl Kernel {
 
     /// The living descendants of `root` (not the root itself), from the kernel's
     /// descendants iterator, or from a /proc scan where the kernel has none.
-    pub fn descendants(&mut self, root: crate::tree::ProcRef) -> Result<Vec<ProcRecord>> {
+    pub fn descendants(&mut self, root: ProcRef) -> Result<Vec<ProcRecord>> {
         let Some(path) = &self.descendants_iter else {
             return Ok(crate::procs::descendants_by_scan(root.pid));
         };

@@ -146,23 +146,35 @@ fn verify(pin_dir: &Path, expected: &Expected) -> Result<(), String> {
         ));
     }
     check_layout(pin_dir)?;
-    let shapes = declared_shapes(expected.object)
+    let pinned_ids = check_shapes(
+        pin_dir,
+        expected.object,
+        expected.maps,
+        expected.sized_at_load,
+    )?;
+    check_programs(expected, &pinned_ids)
+}
+
+/// Checks each pinned map of `names` against the shape `object` declares for it (any
+/// size taken for those in `sized_at_load`); their map ids, by name.
+fn check_shapes<'n>(
+    pin_dir: &Path,
+    object: &[u8],
+    names: &[&'n str],
+    sized_at_load: &[&str],
+) -> Result<BTreeMap<&'n str, u32>, String> {
+    let shapes = declared_shapes(object)
         .map_err(|e| format!("this build's eBPF object does not parse ({e:#})"))?;
     let mut pinned_ids = BTreeMap::new();
-    for &name in expected.maps {
+    for &name in names {
         let info = pinned_map(pin_dir, name)?;
         let declared = shapes
             .get(name)
             .ok_or_else(|| format!("map {name} is missing from this build's eBPF object"))?;
-        check_shape(
-            name,
-            &info,
-            declared,
-            expected.sized_at_load.contains(&name),
-        )?;
+        check_shape(name, &info, declared, sized_at_load.contains(&name))?;
         pinned_ids.insert(name, info.id());
     }
-    check_programs(expected, &pinned_ids)
+    Ok(pinned_ids)
 }
 
 fn file_name(path: &Path) -> String {
@@ -197,8 +209,7 @@ fn check_layout(pin_dir: &Path) -> Result<(), String> {
             ours.describe()
         ));
     }
-    let layout = MapData::from_pin(&path)
-        .and_then(Map::from_map_data)
+    let layout = open_pinned(pin_dir, LAYOUT_MAP)
         .and_then(Array::<_, u64>::try_from)
         .and_then(|array| array.get(&0, 0))
         .map_err(|e| format!("pinned {LAYOUT_MAP} cannot be read ({e})"))?;
@@ -211,6 +222,11 @@ fn check_layout(pin_dir: &Path) -> Result<(), String> {
             "pinned {LAYOUT_MAP} is {other:#018x}, this build's is {LAYOUT:#018x}: the pinned maps are another build's layout"
         )),
     }
+}
+
+/// The map pinned as `name`, opened.
+fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map, aya::maps::MapError> {
+    MapData::from_pin(pin_dir.join(name)).and_then(Map::from_map_data)
 }
 
 fn pinned_map(pin_dir: &Path, name: &str) -> Result<MapInfo, String> {
@@ -352,19 +368,9 @@ fn check_programs(expected: &Expected, pinned_ids: &BTreeMap<&str, u32>) -> Resu
 /// is this build's; otherwise says why nothing can be read.
 pub fn salvage(pin_dir: &Path, expected: &Expected) -> Result<Salvage, String> {
     check_layout(pin_dir)?;
-    let shapes = declared_shapes(expected.object)
-        .map_err(|e| format!("this build's eBPF object does not parse ({e:#})"))?;
-    for name in [ANALYSES_MAP, ROOTS_MAP] {
-        let info = pinned_map(pin_dir, name)?;
-        let declared = shapes
-            .get(name)
-            .ok_or_else(|| format!("map {name} is missing from this build's eBPF object"))?;
-        check_shape(name, &info, declared, false)?;
-    }
+    check_shapes(pin_dir, expected.object, &[ANALYSES_MAP, ROOTS_MAP], &[])?;
     let open = |name: &str| {
-        MapData::from_pin(pin_dir.join(name))
-            .and_then(Map::from_map_data)
-            .map_err(|e| format!("pinned {name} cannot be read ({e})"))
+        open_pinned(pin_dir, name).map_err(|e| format!("pinned {name} cannot be read ({e})"))
     };
     let analyses = aya::maps::HashMap::<_, u64, AnalysisEntry>::try_from(open(ANALYSES_MAP)?)
         .map_err(|e| format!("pinned {ANALYSES_MAP} cannot be read ({e})"))?;

@@ -28,6 +28,24 @@ impl ProcInfo {
     }
 }
 
+impl From<&watchdog_common::ProcRecord> for crate::tree::ProcRef {
+    fn from(record: &watchdog_common::ProcRecord) -> Self {
+        Self {
+            pid: record.pid,
+            start_ns: record.start_ns,
+        }
+    }
+}
+
+impl From<&watchdog_common::RssSample> for crate::tree::ProcRef {
+    fn from(sample: &watchdog_common::RssSample) -> Self {
+        Self {
+            pid: sample.pid,
+            start_ns: sample.start_ns,
+        }
+    }
+}
+
 /// The precision of /proc's start times.
 pub fn ns_per_tick() -> u64 {
     1_000_000_000 / procfs::ticks_per_second().max(1)
@@ -65,6 +83,12 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
     Some(info_from(stat)).filter(|p| !p.exited)
 }
 
+/// `process`, if it still lives under its pid: None when it is gone or the pid was
+/// recycled.
+pub fn read_same(process: crate::tree::ProcRef) -> Option<ProcInfo> {
+    read(process.pid).filter(|p| same_start(p.start_ns, process.start_ns))
+}
+
 /// The living descendants of `root`, by scanning all of /proc: the fallback for
 /// kernels without task iterators (it costs what the host has, not the analysis).
 pub fn descendants_by_scan(root: u32) -> Vec<watchdog_common::ProcRecord> {
@@ -99,7 +123,14 @@ pub fn descendants_by_scan(root: u32) -> Vec<watchdog_common::ProcRecord> {
 /// Resident set size now, 0 when the process is gone.
 pub fn rss_bytes(pid: u32) -> u64 {
     procfs::process::Process::new(pid as i32)
-        .and_then(|p| p.statm())
+        .map(|p| resident_bytes(&p))
+        .unwrap_or(0)
+}
+
+/// Resident set size through an open /proc/PID handle, 0 when it cannot be read.
+fn resident_bytes(process: &procfs::process::Process) -> u64 {
+    process
+        .statm()
         .map(|m| m.resident * procfs::page_size())
         .unwrap_or(0)
 }
@@ -143,10 +174,11 @@ impl Procs for SysProcs {
             .and_then(|p| p.cmdline().ok())
             .map(|args| args.join(" "))
             .unwrap_or_default();
+        let rss_bytes = process.as_ref().map(resident_bytes).unwrap_or(0);
         Details {
             cmdline,
             uid: process.and_then(|p| p.uid().ok()).unwrap_or(0),
-            rss_bytes: rss_bytes(pid),
+            rss_bytes,
         }
     }
 
