@@ -535,6 +535,29 @@ pub fn thread_count(pid: u32) -> usize {
 }
 
 /// Stderr of a CLI run, checked to be the one-line error a user should see.
+/// `events --json` while the database cannot be read: it succeeds, warns in one line
+/// that only the spool is shown, and returns the records waiting there, each marked
+/// `"spooled": true`.
+pub fn spooled_events(daemon: &Daemon) -> Result<Vec<serde_json::Value>> {
+    let out = daemon.cli(&["events", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("events failed: {stderr}");
+    }
+    assert!(
+        stderr.trim().lines().count() == 1
+            && stderr.contains("wait in the spool")
+            && stderr.contains("showing only the records in the spool"),
+        "{stderr}"
+    );
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    assert!(
+        records.iter().all(|r| r["spooled"] == true),
+        "{records:?}"
+    );
+    Ok(records)
+}
+
 pub fn one_line_error(out: &Output) -> String {
     assert!(
         !out.status.success(),

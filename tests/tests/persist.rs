@@ -5,7 +5,8 @@ use std::process::Command;
 use anyhow::Result;
 use serde_json::Value;
 use watchdog_tests::{
-    Daemon, GROWER, Workload, await_state, one_line_error, pg::TestPostgres, sqlite_query,
+    Daemon, GROWER, Workload, await_state, one_line_error, pg::TestPostgres, spooled_events,
+    sqlite_query,
     watchdog_bin,
 };
 
@@ -382,8 +383,38 @@ fn a_bad_url_a_wrong_password_or_a_refused_migration_is_one_line_and_the_daemon_
         assert_eq!(status.db, "spooling");
         timeout_kill(&daemon, "still-enforced")?;
         await_spool(&daemon, 1)?;
-        let out = daemon.cli(&["events"]);
-        assert!(one_line_error(&out).contains("wait in the spool"));
+        let spooled = spooled_events(&daemon)?;
+        assert_eq!(spooled.len(), 1, "{spooled:?}");
+        assert_eq!(spooled[0]["analysis_id"], "still-enforced");
+    }
+    Ok(())
+}
+
+/// `exec` returns once its command is dead; the kill's record must already be what
+/// `events` answers, though the command's exit reaches the daemon without a wake-up
+/// and its record may not be in the database yet. Asked once per round, never polled:
+/// five rounds to catch the race.
+#[test]
+fn events_right_after_exec_returns_from_a_kill_shows_that_kill() -> Result<()> {
+    let daemon = Daemon::start()?;
+    for round in 0..5 {
+        let id = format!("right-after-{round}");
+        let out = daemon.cli(&[
+            "exec",
+            "--analysis-id",
+            &id,
+            "--timeout",
+            "1s",
+            "--",
+            "sleep",
+            "600",
+        ]);
+        assert_eq!(out.status.code(), Some(128 + 15), "killed by SIGTERM");
+        let records = daemon.events()?;
+        let kills: Vec<&Value> = records.iter().filter(|r| r["analysis_id"] == id).collect();
+        assert_eq!(kills.len(), 1, "round {round}: {records:?}");
+        assert_eq!(kills[0]["reason"], "timeout");
+        assert_eq!(kills[0]["outcome"], "exited_after_sigterm");
     }
     Ok(())
 }

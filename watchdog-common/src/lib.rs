@@ -146,6 +146,9 @@ pub struct WatchEntry {
     pub mem_limit: u64,
     /// RSS last reported to userspace, bytes (per process; a child starts at 0).
     pub rss_reported: u64,
+    /// RSS at which the analysis' warning is due (`--warn-at` of `mem_limit`), reported
+    /// at once like the limit; 0: no warning. Children inherit it.
+    pub warn_bytes: u64,
     /// The process' start time (CLOCK_BOOTTIME, ns): with the pid, its identity. A kill
     /// that finds its target in the map checks it, so an entry can never name a
     /// recycled pid's new process.
@@ -172,7 +175,13 @@ pub struct AnalysisEntry {
     /// Uid of the caller that created it: only it (or an admin) may add processes to it
     /// or unregister it, also after a restart.
     pub owner_uid: u32,
+    /// Percent of each limit at which the root is warned; 0: no warning.
+    pub warn_at_percent: u32,
+    /// The warning signal's number.
+    pub warn_signal: u32,
     pub _pad: u32,
+    /// Most unreaped children one process may hold; 0: no limit.
+    pub max_zombies: u64,
 }
 
 /// A registered root and the process that launched it: if that one is gone after a

@@ -374,8 +374,8 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // SAFETY: a valid map value pointer; racing updates from other CPUs of the same
     // process at worst repeat or skip one report, never corrupt.
     let entry = unsafe { &mut *entry };
-    let crossed =
-        entry.mem_limit != 0 && rss >= entry.mem_limit && entry.rss_reported < entry.mem_limit;
+    let crosses = |level: u64| level != 0 && rss >= level && entry.rss_reported < level;
+    let crossed = crosses(entry.mem_limit) || crosses(entry.warn_bytes);
     let moved = rss.abs_diff(entry.rss_reported) >= config!(rss_step);
     // What was reported is what the daemon heard: a report lost to a full ring leaves
     // it unchanged, so the next change reports the crossing again.

@@ -20,7 +20,7 @@ use nix::{
 
 use crate::{
     policy::LimitOverrides,
-    protocol::{AnalysisView, Reply, Request, TreeNode, call},
+    protocol::{AnalysisView, EventRecord, Reply, Request, TreeNode, call},
     store::EventFilter,
 };
 
@@ -151,20 +151,27 @@ fn print_node(node: &TreeNode, depth: usize) {
 }
 
 pub fn events(socket: &Path, filter: EventFilter, json: bool) -> Result<()> {
-    let Reply::Events { records } = call(socket, &Request::Events { filter })? else {
+    let Reply::Events {
+        records,
+        database_error,
+    } = call(socket, &Request::Events { filter })?
+    else {
         bail!("the daemon sent an unexpected reply to events");
     };
+    if let Some(err) = &database_error {
+        eprintln!("watchdog-user: warning: {err}; showing only the records in the spool");
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&records)?);
         return Ok(());
     }
     println!(
-        "{:<24} {:<12} {:>7} {:<16} {:<11} {:<20} {:>10} {:>9} {:<12}",
-        "TIME", "HOST", "PID", "ANALYSIS", "REASON", "OUTCOME", "RSS", "RUNTIME", "COMM"
+        "{:<24} {:<12} {:>7} {:<16} {:<13} {:<20} {:>10} {:>9} {:<16} {:<7}",
+        "TIME", "HOST", "PID", "ANALYSIS", "REASON", "OUTCOME", "RSS", "RUNTIME", "COMM", "STORED"
     );
-    for r in &records {
+    for EventRecord { record: r, spooled } in &records {
         println!(
-            "{:<24} {:<12} {:>7} {:<16} {:<11} {:<20} {:>10} {:>9} {:<12}",
+            "{:<24} {:<12} {:>7} {:<16} {:<13} {:<20} {:>10} {:>9} {:<16} {:<7}",
             r.time,
             r.host,
             r.pid,
@@ -173,7 +180,8 @@ pub fn events(socket: &Path, filter: EventFilter, json: bool) -> Result<()> {
             r.outcome.as_str(),
             size(r.rss_bytes),
             humantime::format_duration(Duration::from_secs(r.runtime_ms / 1000)).to_string(),
-            r.comm
+            r.comm,
+            if *spooled { "SPOOLED" } else { "db" }
         );
     }
     Ok(())

@@ -112,7 +112,9 @@ pub async fn run(options: Options) -> Result<()> {
         tasks.spawn("kernel log forwarder", kernel::forward_kernel_log(logger));
     }
     let (event_tx, mut event_rx) = mpsc::channel(ingest::CHANNEL_BATCHES);
-    tasks.spawn("ring buffer reader", ingest::run(ring, event_tx));
+    let (drain_tx, drain_rx) = mpsc::unbounded_channel();
+    tasks.spawn("ring buffer reader", ingest::run(ring, event_tx, drain_rx));
+    let (drained_tx, mut drained_rx) = mpsc::unbounded_channel();
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     if let Some(addr) = options.http {
         let listener = crate::http::bind(addr).await?;
@@ -185,6 +187,7 @@ pub async fn run(options: Options) -> Result<()> {
         // known (status, /metrics) rather than guessed.
         let input = tokio::select! {
             Some(batch) = event_rx.recv() => Input::Events(batch),
+            Some(query) = drained_rx.recv() => Input::EventsDrained(query),
             Some(call) = call_rx.recv() => Input::Call(call),
             _ = processes_sync.tick() => Input::SyncProcesses,
             _ = heartbeat.tick(), if heartbeat_every.is_some() => Input::Heartbeat,
@@ -226,7 +229,16 @@ pub async fn run(options: Options) -> Result<()> {
             }
             // Reads are open to everyone who can connect.
             Input::Call((Request::Events { filter }, _, reply)) => {
-                daemon.answer_events(filter, reply)
+                after_drain(&drain_tx, &drained_tx, (filter, reply));
+            }
+            Input::EventsDrained((filter, reply)) => {
+                // Every event the ring held when `events` came is in the channel now:
+                // taken in first, so that a kill whose last exit was among them has
+                // handed its records to the store before the store is asked.
+                while let Ok(batch) = event_rx.try_recv() {
+                    daemon.on_events(batch);
+                }
+                daemon.answer_events(filter, reply);
             }
             Input::Call((Request::Status, _, reply)) => daemon.answer_status(reply),
             Input::Call((request, peer, reply)) => {
@@ -305,9 +317,31 @@ fn sample_of(sample: &watchdog_common::RssSample) -> (ProcRef, u64) {
     (ProcRef::from(sample), sample.rss_bytes)
 }
 
+/// An `events` request, waiting for the ring to be drained.
+type EventsQuery = (EventFilter, oneshot::Sender<Response>);
+
+/// Asks the ring buffer reader to drain the ring now, and hands `query` back to the loop
+/// (through `drained`) once it has: the events it answers then include every kernel
+/// event sent before it was asked, also those sent without a wake-up.
+fn after_drain(
+    drain: &mpsc::UnboundedSender<ingest::DrainRequest>,
+    drained: &mpsc::UnboundedSender<EventsQuery>,
+    query: EventsQuery,
+) {
+    let (tx, rx) = oneshot::channel();
+    let _ = drain.send(tx);
+    let drained = drained.clone();
+    tokio::spawn(async move {
+        // A reader that is gone answers nothing: the query is answered all the same.
+        let _ = rx.await;
+        let _ = drained.send(query);
+    });
+}
+
 /// What the loop takes in.
 enum Input {
     Events(ingest::Batch),
+    EventsDrained(EventsQuery),
     Call(Call),
     SyncProcesses,
     Heartbeat,
@@ -515,8 +549,10 @@ impl Daemon {
         let _ = self.effects.store().send(StoreMsg::Query(filter, tx));
         tokio::spawn(async move {
             let response = match rx.await {
-                Ok(Ok(records)) => Response::Ok(Reply::Events { records }),
-                Ok(Err(err)) => Response::Error(err),
+                Ok((records, database_error)) => Response::Ok(Reply::Events {
+                    records,
+                    database_error,
+                }),
                 Err(_) => Response::Error("the database writer stopped".into()),
             };
             let _ = reply.send(response);

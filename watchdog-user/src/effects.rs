@@ -18,6 +18,7 @@ use tokio::{
 use crate::{
     kernel::Kernel,
     kill::{KillRecord, SignalOrder},
+    policy::RssLevels,
     procs::{self, ProcInfo},
     requests::Watch,
     rules::{Action, Registration, Retrack},
@@ -357,7 +358,7 @@ impl Effects {
         permit: &dyn Fn(ProcRef) -> Result<()>,
     ) -> Result<Vec<ProcInfo>> {
         let key = registration.key;
-        let mem_limit = registration.limits.memory_bytes;
+        let mem_limit = registration.limits.rss_levels();
         let root = &registration.root;
         let mut watched = Vec::new();
         let root_is_new = analysis_of(root.pid).is_none();
@@ -423,7 +424,7 @@ impl Effects {
         &mut self,
         process: ProcRef,
         key: AnalysisKey,
-        mem_limit: u64,
+        mem_limit: RssLevels,
         analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
     ) -> Retrack {
         match self.watch_verified(process, key, mem_limit) {
@@ -452,7 +453,7 @@ impl Effects {
         &mut self,
         root: ProcRef,
         key: AnalysisKey,
-        mem_limit: u64,
+        mem_limit: RssLevels,
         analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
         permit: &dyn Fn(ProcRef) -> Result<()>,
         watched: &mut Vec<ProcInfo>,
@@ -492,7 +493,7 @@ impl Effects {
         &mut self,
         process: ProcRef,
         key: AnalysisKey,
-        mem_limit: u64,
+        mem_limit: RssLevels,
     ) -> Result<bool> {
         self.kernel.watch(process, key, mem_limit)?;
         let still_there = procs::read_same(process).is_some();

@@ -190,9 +190,18 @@ async fn drain_all(ring: &mut RingBuf<MapData>, out: &mpsc::Sender<Batch>) -> bo
     }
 }
 
-/// Drains the ring buffer, when the kernel wakes us and every [`DRAIN_EVERY`], until
-/// the receiver goes away.
-pub async fn run(ring: RingBuf<MapData>, out: mpsc::Sender<Batch>) -> Result<()> {
+/// A request to drain the ring now: answered once every event the ring held is in the
+/// loop's channel (an exit sent without a wake-up, say), so that the loop can take them
+/// in before it answers what depends on them (`events` right after a kill).
+pub type DrainRequest = tokio::sync::oneshot::Sender<()>;
+
+/// Drains the ring buffer, when the kernel wakes us, every [`DRAIN_EVERY`] and when the
+/// loop asks (`drains`), until the receiver goes away.
+pub async fn run(
+    ring: RingBuf<MapData>,
+    out: mpsc::Sender<Batch>,
+    mut drains: mpsc::UnboundedReceiver<DrainRequest>,
+) -> Result<()> {
     // SAFETY: RingBuf owns its map fd and keeps it open, unchanged, for its whole life,
     // and the AsyncFd owns the RingBuf.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -200,14 +209,21 @@ pub async fn run(ring: RingBuf<MapData>, out: mpsc::Sender<Batch>) -> Result<()>
     let mut tick = tokio::time::interval(DRAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            guard = ring.readable_mut() => guard?.clear_ready(),
-            _ = tick.tick() => {}
-        }
+        let asked = tokio::select! {
+            guard = ring.readable_mut() => {
+                guard?.clear_ready();
+                None
+            }
+            _ = tick.tick() => None,
+            Some(asked) = drains.recv() => Some(asked),
+        };
         // After clearing readiness: a record that comes in from here on wakes us again,
         // so none is left waiting for the next tick.
         if !drain_all(ring.get_mut(), &out).await {
             return Ok(());
+        }
+        if let Some(asked) = asked {
+            let _ = asked.send(());
         }
     }
 }

@@ -493,10 +493,16 @@ impl Kernel {
         self.roots.iter().filter_map(|r| r.ok()).collect()
     }
 
-    pub fn watch(&mut self, process: ProcRef, analysis: u64, mem_limit: u64) -> Result<()> {
+    pub fn watch(
+        &mut self,
+        process: ProcRef,
+        analysis: u64,
+        mem_limit: crate::policy::RssLevels,
+    ) -> Result<()> {
         let entry = WatchEntry {
             analysis,
-            mem_limit,
+            mem_limit: mem_limit.limit,
+            warn_bytes: mem_limit.warn,
             rss_reported: 0,
             start_ns: process.start_ns,
         };

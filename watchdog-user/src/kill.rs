@@ -28,6 +28,8 @@ pub enum Outcome {
     Logged,
     /// `--dry-run`: what would have been signalled.
     DryRun,
+    /// Reason `warning`: the warning signal was sent; nothing is killed for it.
+    Warned,
 }
 
 impl Outcome {
@@ -38,6 +40,7 @@ impl Outcome {
             Self::AlreadyGone => "already_gone",
             Self::Logged => "logged",
             Self::DryRun => "dry_run",
+            Self::Warned => "warned",
         }
     }
 }
@@ -65,6 +68,12 @@ pub struct KillRecord {
     /// did not keep it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_uid: Option<u32>,
+    /// Reason `warning`: the limit warned of (`limit` is that limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warned_of: Option<Reason>,
+    /// Reason `zombies`: how many exited children the process held unreaped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zombies: Option<u64>,
 }
 
 pub fn rfc3339(at: SystemTime) -> String {
@@ -134,6 +143,8 @@ pub struct KillJob {
     /// Uid of the analysis' owner, for the records.
     pub owner_uid: Option<u32>,
     pub limit: Option<u64>,
+    /// Reason `zombies`: how many unreaped children the target held.
+    pub zombies: Option<u64>,
     pub escalate_at: Instant,
     escalated: bool,
     pub mode: Mode,
@@ -153,6 +164,8 @@ pub struct JobSpec {
     pub analysis_id: String,
     pub owner_uid: Option<u32>,
     pub limit: Option<u64>,
+    /// Reason `zombies`: how many unreaped children the target held.
+    pub zombies: Option<u64>,
     pub grace: std::time::Duration,
     pub mode: Mode,
 }
@@ -165,6 +178,7 @@ impl KillJob {
             analysis_id: spec.analysis_id,
             owner_uid: spec.owner_uid,
             limit: spec.limit,
+            zombies: spec.zombies,
             escalate_at: now + spec.grace,
             escalated: false,
             mode: spec.mode,
@@ -353,6 +367,8 @@ impl KillJob {
                 cmdline: t.info.cmdline.clone(),
                 uid: t.info.uid,
                 owner_uid: self.owner_uid,
+                warned_of: None,
+                zombies: self.zombies,
             })
             .collect()
     }

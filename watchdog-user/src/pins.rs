@@ -527,7 +527,10 @@ mod tests {
             deadline_unix_ms: 0,
             max_processes: 0,
             owner_uid: 0,
+            warn_at_percent: 0,
+            warn_signal: 0,
             _pad: 0,
+            max_zombies: 0,
         }
     }
 

@@ -27,6 +27,12 @@ pub enum Reason {
     /// The kernel's watched map could not take a process, and this analysis held the
     /// most of it: killed so that no other analysis loses its tracking.
     MapFull,
+    /// A process held more exited, unreaped children than `--max-zombies`: killed, so
+    /// that init (or a subreaper) reaps them.
+    Zombies,
+    /// Not a kill: the analysis' root was sent the warning signal at `--warn-at` of a
+    /// limit.
+    Warning,
 }
 
 impl Reason {
@@ -38,6 +44,8 @@ impl Reason {
             Self::Orphan => "orphan",
             Self::MaxProcesses => "max_processes",
             Self::MapFull => "map_full",
+            Self::Zombies => "zombies",
+            Self::Warning => "warning",
         }
     }
 }
@@ -68,11 +76,38 @@ pub struct Limits {
     /// Most processes at once (like systemd's TasksMax); 0: no limit.
     #[serde(default)]
     pub max_processes: u64,
+    /// Most exited, unreaped children one process may hold; 0: no limit.
+    #[serde(default)]
+    pub max_zombies: u64,
+    /// Percent of the timeout and of each memory limit at which the analysis' root is
+    /// sent `warn_signal`, once per limit; 0: no warning.
+    #[serde(default)]
+    pub warn_at_percent: u8,
+    /// The warning signal, by name (`SIGUSR1`).
+    #[serde(default = "default_warn_signal")]
+    pub warn_signal: String,
 }
 
 /// Default of `--max-processes`: far above what a multiprocessing pool uses, far below
 /// what a fork bomb reaches.
 pub const DEFAULT_MAX_PROCESSES: u64 = 10_000;
+/// Default of `--max-zombies`: far above what a parent that reaps late leaves for a
+/// moment, far below what exhausts the pids of a host (pid_max is 32768 by default).
+pub const DEFAULT_MAX_ZOMBIES: u64 = 1_000;
+/// Default of `--warn-signal`.
+pub const DEFAULT_WARN_SIGNAL: &str = "SIGUSR1";
+
+fn default_warn_signal() -> String {
+    DEFAULT_WARN_SIGNAL.into()
+}
+
+/// The RSS levels whose crossing the kernel reports at once (not only every step):
+/// the per-process limit, and the warning's level (0: none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RssLevels {
+    pub limit: u64,
+    pub warn: u64,
+}
 
 /// What a register/exec request asks to change from the daemon's defaults.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -91,6 +126,15 @@ pub struct LimitOverrides {
     /// 0: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_processes: Option<u64>,
+    /// 0: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_zombies: Option<u64>,
+    /// 1 to 99; 0: no warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warn_at_percent: Option<u8>,
+    /// A signal name, `SIGUSR1` or `USR1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warn_signal: Option<String>,
 }
 
 impl Limits {
@@ -110,7 +154,45 @@ impl Limits {
             grace_ms: nonzero("the grace period", overrides.grace_ms)?.unwrap_or(self.grace_ms),
             orphans: overrides.orphans.unwrap_or(self.orphans),
             max_processes: overrides.max_processes.unwrap_or(self.max_processes),
+            max_zombies: overrides.max_zombies.unwrap_or(self.max_zombies),
+            warn_at_percent: match overrides.warn_at_percent {
+                Some(p) if p >= 100 => {
+                    return Err(format!(
+                        "the warning at {p}% would come at or after the limit: use 1 to 99 (%), \
+                         or 0 for none"
+                    ));
+                }
+                Some(p) => p,
+                None => self.warn_at_percent,
+            },
+            warn_signal: match &overrides.warn_signal {
+                Some(name) => parse_warn_signal(name)?,
+                None => self.warn_signal.clone(),
+            },
         })
+    }
+
+    /// What the kernel reports at once of a process' RSS.
+    pub fn rss_levels(&self) -> RssLevels {
+        RssLevels {
+            limit: self.memory_bytes,
+            warn: self.warn_level(self.memory_bytes).unwrap_or(0),
+        }
+    }
+
+    /// `limit` at the warning's percent (None: no warning).
+    pub fn warn_level(&self, limit: u64) -> Option<u64> {
+        (self.warn_at_percent != 0)
+            .then(|| (u128::from(limit) * u128::from(self.warn_at_percent) / 100) as u64)
+    }
+
+    /// The warning signal (SIGUSR1 should the name not be one: names are checked when
+    /// limits are made).
+    pub fn warn_signal(&self) -> nix::sys::signal::Signal {
+        parse_warn_signal(&self.warn_signal)
+            .ok()
+            .and_then(|name| name.parse().ok())
+            .unwrap_or(nix::sys::signal::Signal::SIGUSR1)
     }
 
     pub fn timeout(&self) -> Duration {
@@ -169,6 +251,42 @@ pub fn size_rounded(bytes: u64, up: bool) -> String {
     }
 }
 
+/// `80%` or `80`: the warning's percent of a limit, 1 to 99; `off` or `0`: none (clap
+/// value parser).
+pub fn parse_percent(text: &str) -> Result<u8, String> {
+    let text = text.trim();
+    if text == "off" {
+        return Ok(0);
+    }
+    match text.trim_end_matches('%').trim().parse::<u8>() {
+        Ok(p) if p < 100 => Ok(p),
+        _ => Err(format!(
+            "invalid percentage {text:?}: use 1% to 99% of the limit, such as 80%, or off"
+        )),
+    }
+}
+
+/// `SIGUSR1`, `USR1` or `sigusr1`: a signal a process can catch, by its full name.
+/// SIGKILL and SIGSTOP cannot be caught, so they warn nobody.
+pub fn parse_warn_signal(text: &str) -> Result<String, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    match name.parse::<nix::sys::signal::Signal>() {
+        Ok(nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGSTOP) => Err(format!(
+            "the warning signal {name} cannot be caught, so it warns nobody: use one a \
+             program can trap, such as SIGUSR1"
+        )),
+        Ok(signal) => Ok(signal.as_str().to_string()),
+        Err(_) => Err(format!(
+            "invalid signal {text:?}: use a signal name such as SIGUSR1, SIGUSR2 or SIGINT"
+        )),
+    }
+}
+
 pub fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -209,6 +327,9 @@ mod tests {
             grace_ms: 10_000,
             orphans: OrphanPolicy::Kill,
             max_processes: DEFAULT_MAX_PROCESSES,
+            max_zombies: DEFAULT_MAX_ZOMBIES,
+            warn_at_percent: 0,
+            warn_signal: DEFAULT_WARN_SIGNAL.into(),
         };
         let limits = defaults
             .with(&LimitOverrides {
@@ -229,5 +350,45 @@ mod tests {
                 })
                 .is_err()
         );
+    }
+
+    #[test]
+    fn warnings_take_a_percent_under_100_and_a_signal_that_can_be_caught() {
+        assert_eq!(parse_percent("80%"), Ok(80));
+        assert_eq!(parse_percent(" 5 "), Ok(5));
+        assert_eq!(parse_percent("off"), Ok(0));
+        for bad in ["100%", "150", "-1%", "most"] {
+            assert!(parse_percent(bad).unwrap_err().contains("80%"), "{bad}");
+        }
+        assert_eq!(parse_warn_signal("usr2").as_deref(), Ok("SIGUSR2"));
+        assert_eq!(parse_warn_signal("SIGINT").as_deref(), Ok("SIGINT"));
+        assert!(parse_warn_signal("SIGKILL").unwrap_err().contains("cannot be caught"));
+        assert!(parse_warn_signal("SIGNOPE").unwrap_err().contains("SIGUSR1"));
+        let limits = Limits {
+            timeout_ms: 10_000,
+            memory_bytes: 100,
+            tree_memory_bytes: None,
+            grace_ms: 1,
+            orphans: OrphanPolicy::Kill,
+            max_processes: 0,
+            max_zombies: 0,
+            warn_at_percent: 0,
+            warn_signal: DEFAULT_WARN_SIGNAL.into(),
+        };
+        assert_eq!(limits.warn_level(10_000), None, "off by default");
+        let warned = limits
+            .with(&LimitOverrides {
+                warn_at_percent: Some(80),
+                warn_signal: Some("usr2".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(warned.warn_level(10_000), Some(8_000));
+        assert_eq!(warned.warn_signal(), nix::sys::signal::Signal::SIGUSR2);
+        let late = LimitOverrides {
+            warn_at_percent: Some(100),
+            ..Default::default()
+        };
+        assert!(limits.with(&late).unwrap_err().contains("1 to 99"));
     }
 }

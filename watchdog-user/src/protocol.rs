@@ -164,7 +164,12 @@ pub enum Reply {
         analyses: Vec<AnalysisView>,
     },
     Events {
-        records: Vec<KillRecord>,
+        /// Newest first: those in the database, and those still waiting in the spool
+        /// (marked `spooled`).
+        records: Vec<EventRecord>,
+        /// Why the database could not be read: then only the spooled records are shown.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        database_error: Option<String>,
     },
     Status(Box<Status>),
     Stalling {
@@ -173,6 +178,17 @@ pub enum Reply {
     FaultArmed {
         what: TestFault,
     },
+}
+
+/// A kill record as `events` shows it: the record, and whether it is still waiting in
+/// the spool for the database (it is durable there, and written once the database
+/// takes it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventRecord {
+    #[serde(flatten)]
+    pub record: KillRecord,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spooled: bool,
 }
 
 /// One process of the live tree, with its children: the `dump-tree --json` shape.

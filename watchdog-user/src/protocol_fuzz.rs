@@ -130,6 +130,7 @@ fn limits() -> BoxedStrategy<LimitOverrides> {
                     grace_ms,
                     orphans,
                     max_processes,
+                    ..LimitOverrides::default()
                 }
             },
         )
@@ -324,6 +325,9 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
         grace_ms: 1000,
         orphans: OrphanPolicy::Kill,
         max_processes: 0,
+        max_zombies: 0,
+        warn_at_percent: 0,
+        warn_signal: crate::policy::DEFAULT_WARN_SIGNAL.into(),
     };
     let settings = Settings {
         defaults,
@@ -359,6 +363,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
             }
             Request::Events { .. } => Response::Ok(Reply::Events {
                 records: Vec::new(),
+                database_error: None,
             }),
             other => requests::respond(
                 &mut core,

@@ -10,7 +10,7 @@ use std::{
 use watchdog_common::{ANALYSIS_ID_MAX, AnalysisEntry, RootEntry};
 
 use crate::{
-    policy::{Limits, OrphanPolicy, Reason},
+    policy::{self, Limits, OrphanPolicy, Reason},
     tree::{AnalysisKey, ProcRef},
 };
 
@@ -190,7 +190,10 @@ pub fn entry_from_analysis(analysis: &Analysis) -> AnalysisEntry {
         deadline_unix_ms: unix_ms(analysis.deadline_wall),
         max_processes: analysis.limits.max_processes,
         owner_uid: analysis.owner,
+        warn_at_percent: u32::from(analysis.limits.warn_at_percent),
+        warn_signal: analysis.limits.warn_signal() as u32,
         _pad: 0,
+        max_zombies: analysis.limits.max_zombies,
     }
 }
 
@@ -214,6 +217,10 @@ pub fn analysis_from_entry(entry: &AnalysisEntry, now: Instant, now_wall: System
                 OrphanPolicy::Kill
             },
             max_processes: entry.max_processes,
+            max_zombies: entry.max_zombies,
+            warn_at_percent: u8::try_from(entry.warn_at_percent).unwrap_or(0).min(99),
+            warn_signal: nix::sys::signal::Signal::try_from(entry.warn_signal as i32)
+                .map_or_else(|_| policy::DEFAULT_WARN_SIGNAL.into(), |s| s.as_str().into()),
         },
         deadline: now + left,
         deadline_wall,
@@ -251,6 +258,9 @@ mod tests {
             grace_ms: 1000,
             orphans: OrphanPolicy::Kill,
             max_processes: 0,
+            max_zombies: 0,
+            warn_at_percent: 0,
+            warn_signal: crate::policy::DEFAULT_WARN_SIGNAL.into(),
         }
     }
 

@@ -107,5 +107,5 @@ fn register(
         let permit = |process: ProcRef| core.check_descendants(&registration, &[process], procs);
         effects.watch(&registration, fresh, &|pid| core.analysis_of(pid), &permit)?
     };
-    core.adopt(registration, &watched, clock)
+    core.adopt(registration, &watched, procs, clock)
 }

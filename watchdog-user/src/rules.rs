@@ -432,13 +432,13 @@ impl Core {
     }
 
     /// Untracked processes to hand back to the kernel map: (process, analysis, its
-    /// per-process memory limit).
-    pub fn untracked(&self) -> Vec<(ProcRef, AnalysisKey, u64)> {
+    /// RSS levels).
+    pub fn untracked(&self) -> Vec<(ProcRef, AnalysisKey, policy::RssLevels)> {
         self.untracked
             .values()
             .filter_map(|process| {
                 let key = self.tree.get(process.pid)?.analysis;
-                let limit = self.registry.get(key)?.limits.memory_bytes;
+                let limit = self.registry.get(key)?.limits.rss_levels();
                 Some((*process, key, limit))
             })
             .collect()
@@ -789,6 +789,7 @@ impl Core {
             analysis_id,
             owner_uid,
             limit,
+            zombies: None,
             grace,
             mode,
         }
@@ -1137,11 +1138,14 @@ impl Core {
     }
 
     /// Takes in a registration whose processes `effects` put in the kernel map
-    /// (`watched`: those verified to be the same living processes afterwards).
+    /// (`watched`: those verified to be the same living processes afterwards). Joining
+    /// an analysis that is being killed joins its kill: nothing registered into a dying
+    /// analysis escapes it.
     pub fn adopt(
         &mut self,
         registration: Registration,
         watched: &[ProcInfo],
+        procs: &dyn Procs,
         clock: &Clock,
     ) -> Result<Reply> {
         let Registration {
@@ -1170,6 +1174,7 @@ impl Core {
         }
         for info in watched {
             self.insert(node_of(info, key));
+            self.join_dying_scope(info.pid, info.ppid, key, procs, clock);
         }
         let root_ref = ProcRef {
             pid: root.pid,

@@ -88,6 +88,9 @@ fn limits() -> Limits {
         grace_ms: 1000,
         orphans: OrphanPolicy::Kill,
         max_processes: 0,
+        max_zombies: 0,
+        warn_at_percent: 0,
+        warn_signal: policy::DEFAULT_WARN_SIGNAL.into(),
     }
 }
 
@@ -149,7 +152,7 @@ impl World {
             .check_register(root, id, &overrides, &Peer::root(), &self.procs)
             .expect("registrable");
         self.core
-            .adopt(registration, &[info], &self.clock)
+            .adopt(registration, &[info], &self.procs, &self.clock)
             .expect("adopted");
         self.core.take_actions()
     }
@@ -534,6 +537,31 @@ fn forks_into_a_dying_analysis_join_the_kill_and_after_the_grace_get_sigkill_at_
     assert_eq!(signals(&w.fork(101, 100)), [(101, Signal::SIGTERM)]);
     w.advance(Duration::from_secs(1));
     assert_eq!(signals(&w.fork(102, 100)), [(102, Signal::SIGKILL)]);
+}
+
+#[test]
+fn a_process_registered_into_a_dying_analysis_joins_its_kill() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    assert_eq!(
+        signals(&w.advance(Duration::from_secs(1))),
+        [(100, Signal::SIGTERM)]
+    );
+    let info = w.procs.spawn(200, 1, start(200));
+    let registration = w
+        .core
+        .check_register(200, "a", &LimitOverrides::default(), &Peer::root(), &w.procs)
+        .expect("registrable");
+    w.core
+        .adopt(registration, &[info], &w.procs, &w.clock)
+        .expect("adopted");
+    assert_eq!(signals(&w.core.take_actions()), [(200, Signal::SIGTERM)]);
+    w.exit(100);
+    let records = records(&w.exit(200));
+    assert_eq!(
+        records.iter().map(|r| (r.pid, r.reason)).collect::<Vec<_>>(),
+        [(100, Reason::Timeout), (200, Reason::Timeout)]
+    );
 }
 
 #[test]
@@ -962,7 +990,8 @@ impl World {
             .check_descendants(&registration, &refs, &self.procs)?;
         let mut watched = vec![registration.root.clone()];
         watched.extend(below);
-        self.core.adopt(registration, &watched, &self.clock)
+        self.core
+            .adopt(registration, &watched, &self.procs, &self.clock)
     }
 
     fn descendants_of(&self, root: u32) -> Vec<ProcInfo> {
@@ -1132,7 +1161,9 @@ fn unregistering_a_process_cannot_reach_into_another_users_analysis_below_it() {
             &w.procs,
         )
         .unwrap();
-    w.core.adopt(registration, &[info], &w.clock).unwrap();
+    w.core
+        .adopt(registration, &[info], &w.procs, &w.clock)
+        .unwrap();
     w.core.take_actions();
     let refused = w
         .unregister_as(&alice, Some(100), None)

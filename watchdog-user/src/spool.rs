@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::store::StoredRecord;
+use crate::{kill::KillRecord, store::StoredRecord};
 
 /// How every spooled line starts (`StoredRecord` serializes its id first). Inside a
 /// JSON string a quote is escaped, so these bytes only ever start a record.
@@ -393,6 +393,14 @@ impl Spool {
         Ok(())
     }
 
+    /// Every record waiting for the database, oldest first: those in the file, then
+    /// those held in memory.
+    pub fn waiting(&mut self) -> Result<Vec<KillRecord>> {
+        let (in_file, _) = self.snapshot()?;
+        let held = self.held.iter().map(|s| s.record.clone());
+        Ok(in_file.into_iter().map(|s| s.record).chain(held).collect())
+    }
+
     /// Drops the first `bytes` (records now committed), keeping anything appended since.
     pub fn consume(&mut self, bytes: u64, records: usize) -> Result<()> {
         if bytes >= self.len {
@@ -459,6 +467,8 @@ mod tests {
                 comm: comm.into(),
                 cmdline: format!("{comm} --run {n}"),
                 owner_uid: None,
+                warned_of: None,
+                zombies: None,
                 uid: 0,
             },
         }

@@ -26,6 +26,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::{
     kill::KillRecord,
+    protocol::EventRecord,
     spool::Spool,
     tasks::{self, Tasks},
 };
@@ -211,6 +212,24 @@ pub struct EventFilter {
     pub host: Option<String>,
 }
 
+impl EventFilter {
+    /// Whether a record not in the database yet passes what the database's query
+    /// checks (a time that does not parse is not filtered out: better shown than lost).
+    pub fn admits(&self, record: &KillRecord) -> bool {
+        let at_or_after = |since: &str| {
+            let parse = |t: &str| humantime::parse_rfc3339_weak(t).ok();
+            match (parse(&record.time), parse(since)) {
+                (Some(time), Some(since)) => time >= since,
+                _ => true,
+            }
+        };
+        self.since.as_deref().is_none_or(at_or_after)
+            && self.analysis_id.as_ref().is_none_or(|a| *a == record.analysis_id)
+            && self.reason.as_deref().is_none_or(|r| r == record.reason.as_str())
+            && self.host.as_ref().is_none_or(|h| *h == record.host)
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct DbStatus {
     /// "ok", or "spooling" while the database cannot be reached (records in flight to
@@ -244,10 +263,7 @@ pub enum StoreMsg {
     Records(Vec<KillRecord>),
     /// What is watched now on this host (the store writes the difference).
     Processes(ProcessSnapshot),
-    Query(
-        EventFilter,
-        oneshot::Sender<Result<Vec<KillRecord>, String>>,
-    ),
+    Query(EventFilter, QueryReply),
     Status(oneshot::Sender<DbStatus>),
     /// Test fault (`--test-faults` only): the database task panics at its next write.
     FailNextWrite,
@@ -316,13 +332,16 @@ impl Sql {
         Self {
             insert_event_text: format!(
                 "INSERT INTO watchdog_events (event_uid, time, host, pid, ppid, analysis_id, reason, \
-                 limit_value, rss_bytes, runtime_ms, signals, outcome, comm, cmdline, uid, owner_uid) \
-                 VALUES ($1, $2{ts}, $3, $4, $5, $6, $7, $8, $9, $10, $11{json}, $12, $13, $14, $15, $16) \
+                 limit_value, rss_bytes, runtime_ms, signals, outcome, comm, cmdline, uid, owner_uid, \
+                 warned_of, zombies) \
+                 VALUES ($1, $2{ts}, $3, $4, $5, $6, $7, $8, $9, $10, $11{json}, $12, $13, $14, $15, $16, \
+                 $17, $18) \
                  ON CONFLICT (event_uid) DO NOTHING"
             ),
             select_events_text: format!(
                 "SELECT {time_out} AS time, host, pid, ppid, analysis_id, reason, limit_value, rss_bytes, \
-                 runtime_ms, {signals_out} AS signals, outcome, comm, cmdline, uid, owner_uid FROM watchdog_events \
+                 runtime_ms, {signals_out} AS signals, outcome, comm, cmdline, uid, owner_uid, warned_of, \
+                 zombies FROM watchdog_events \
                  WHERE ($1{text} IS NULL OR time >= $1{ts}) AND ($2{text} IS NULL OR analysis_id = $2) \
                  AND ($3{text} IS NULL OR reason = $3) AND ($4{text} IS NULL OR host = $4) \
                  ORDER BY time DESC, id DESC LIMIT $5"
@@ -366,6 +385,8 @@ impl Sql {
             .bind(r.cmdline.clone())
             .bind(i64::from(r.uid))
             .bind(r.owner_uid.map(i64::from))
+            .bind(r.warned_of.map(|w| w.as_str().to_string()))
+            .bind(r.zombies.map(i64_of))
     }
 
     fn insert_event(&self) -> AssertSqlSafe<String> {
@@ -469,7 +490,11 @@ impl Shared {
     }
 }
 
-type QueryReply = oneshot::Sender<Result<Vec<KillRecord>, String>>;
+/// Records newest first, and why the database could not be read (then only the spooled
+/// ones are there).
+pub type EventsFound = (Vec<EventRecord>, Option<String>);
+
+type QueryReply = oneshot::Sender<EventsFound>;
 
 /// Inbox of the front task. Shared, so that records still queued when the front task
 /// died are not dropped with it: the daemon spools them at shutdown.
@@ -836,7 +861,49 @@ impl Store {
         }
     }
 
-    async fn query(&mut self, filter: &EventFilter) -> Result<Vec<KillRecord>, String> {
+    /// The records the filter admits: the database's, and those still waiting in the
+    /// spool (held or in the file). This task alone writes the spool to the database and
+    /// takes committed records out of it in the same step, so none is in both.
+    async fn query(&mut self, filter: &EventFilter) -> EventsFound {
+        let spooled = self.spooled(filter);
+        let (stored, database_error) = match self.query_database(filter).await {
+            Ok(stored) => (stored, None),
+            Err(err) => (Vec::new(), Some(err)),
+        };
+        let mut records: Vec<EventRecord> = spooled
+            .into_iter()
+            .map(|record| EventRecord {
+                record,
+                spooled: true,
+            })
+            .chain(stored.into_iter().map(|record| EventRecord {
+                record,
+                spooled: false,
+            }))
+            .collect();
+        // Newest first (RFC 3339 UTC, same precision: text order is time order).
+        records.sort_by(|a, b| b.record.time.cmp(&a.record.time));
+        records.truncate(EVENTS_LIMIT as usize);
+        (records, database_error)
+    }
+
+    /// The spool's records the filter admits, newest first.
+    fn spooled(&self, filter: &EventFilter) -> Vec<KillRecord> {
+        let waiting = self.shared.spool().waiting();
+        match waiting {
+            Ok(records) => records
+                .into_iter()
+                .rev()
+                .filter(|r| filter.admits(r))
+                .collect(),
+            Err(err) => {
+                tracing::error!("{err:#}: events shows no spooled records this time");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn query_database(&mut self, filter: &EventFilter) -> Result<Vec<KillRecord>, String> {
         let Some(pool) = self.pool.clone() else {
             let status = self.shared.status();
             return Err(format!(
@@ -890,6 +957,13 @@ fn record_from_row(row: &AnyRow) -> Result<KillRecord> {
         owner_uid: row
             .try_get::<Option<i64>, _>("owner_uid")?
             .and_then(|v| u32::try_from(v).ok()),
+        warned_of: row
+            .try_get::<Option<String>, _>("warned_of")?
+            .map(|w| serde_json::from_value(serde_json::Value::String(w)))
+            .transpose()?,
+        zombies: row
+            .try_get::<Option<i64>, _>("zombies")?
+            .map(|v| v as u64),
     })
 }
 
@@ -920,6 +994,8 @@ pub async fn bench_inserts(url: &DatabaseUrl, rows: usize, batch: usize) -> Resu
             cmdline: "python3 analysis.py --input data.h5".into(),
             uid: 1000,
             owner_uid: Some(1000),
+            warned_of: None,
+            zombies: None,
         },
     };
     let started = std::time::Instant::now();
