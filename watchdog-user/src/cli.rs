@@ -101,15 +101,24 @@ fn print_analysis(a: &AnalysisView) {
         "deadline passed".to_string()
     };
     let tree_memory = a.limits.tree_memory_bytes.map_or("none".to_string(), size);
-    let max_processes = match a.limits.max_processes {
+    let at_most = |limit: u64| match limit {
         0 => "no limit".to_string(),
         n => n.to_string(),
     };
+    let (max_processes, max_zombies) = (
+        at_most(a.limits.max_processes),
+        at_most(a.limits.max_zombies),
+    );
+    let warning = match a.limits.warn_at_percent {
+        0 => "no warning".to_string(),
+        p => format!("warning {} at {p}%", a.limits.warn_signal),
+    };
     println!(
-        "analysis {} (owner {}): {} processes (at most {max_processes}), {deadline} (timeout {}), memory {}/process, tree memory {tree_memory}, grace {}, orphans {:?}",
+        "analysis {} (owner {}): {} processes (at most {max_processes}), {} zombies (at most {max_zombies}), {deadline} (timeout {}), memory {}/process, tree memory {tree_memory}, grace {}, orphans {:?}, {warning}",
         a.analysis_id,
         user(a.owner_uid),
         a.processes,
+        a.zombies,
         humantime::format_duration(Duration::from_millis(a.limits.timeout_ms)),
         size(a.limits.memory_bytes),
         humantime::format_duration(Duration::from_millis(a.limits.grace_ms)),
@@ -130,6 +139,9 @@ fn print_node(node: &TreeNode, depth: usize) {
     let mut marks = String::new();
     if node.orphan {
         marks.push_str("  ORPHAN");
+    }
+    if node.zombie {
+        marks.push_str("  ZOMBIE (exited, not reaped)");
     }
     if let Some(left) = node.grace_left_ms {
         marks.push_str(&format!("  IN GRACE ({}s left)", left.div_ceil(1000)));
@@ -200,6 +212,10 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         "watched processes: {} in {} analyses",
         status.monitored_count, status.analyses
     );
+    println!("zombies (exited, not reaped): {}", status.zombies);
+    for (analysis_id, zombies) in &status.zombies_by_analysis {
+        println!("  {analysis_id}: {zombies}");
+    }
     match &status.database.error {
         None => println!(
             "database: {} (spool {} records)",

@@ -81,6 +81,19 @@ pub struct RunArgs {
     /// killed with reason max_processes) [default: 10000].
     #[arg(long, alias = "max-processes")]
     pub default_max_processes: Option<u64>,
+    /// Most exited, unreaped children one process may hold, 0 for no limit (the process
+    /// is killed with reason zombies, so that init reaps them) [default: 1000].
+    #[arg(long, alias = "max-zombies")]
+    pub default_max_zombies: Option<u64>,
+    /// Send the warning signal to an analysis' root at this part of its timeout and of
+    /// each memory limit, once per limit, e.g. 80%; off: no warning [default: off].
+    #[arg(long, alias = "warn-at", value_parser = policy::parse_percent)]
+    #[serde(default, deserialize_with = "percent_text")]
+    pub default_warn_at: Option<u8>,
+    /// The warning signal [default: SIGUSR1].
+    #[arg(long, alias = "warn-signal", value_parser = policy::parse_warn_signal)]
+    #[serde(default, deserialize_with = "signal_text")]
+    pub default_warn_signal: Option<String>,
     /// Reconcile poll interval [default: 30s].
     #[arg(long)]
     #[serde(default, deserialize_with = "duration_text")]
@@ -116,6 +129,20 @@ fn duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String
     let text = String::deserialize(d)?;
     policy::parse_duration(&text).map_err(serde::de::Error::custom)?;
     Ok(Some(text))
+}
+
+fn percent_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
+    let text = String::deserialize(d)?;
+    policy::parse_percent(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn signal_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    policy::parse_warn_signal(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 fn size_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -174,6 +201,12 @@ impl RunArgs {
             grace: self.grace.clone().or(file.grace),
             orphans: self.orphans.or(file.orphans),
             default_max_processes: self.default_max_processes.or(file.default_max_processes),
+            default_max_zombies: self.default_max_zombies.or(file.default_max_zombies),
+            default_warn_at: self.default_warn_at.or(file.default_warn_at),
+            default_warn_signal: self
+                .default_warn_signal
+                .clone()
+                .or(file.default_warn_signal),
             poll_interval: self.poll_interval.clone().or(file.poll_interval),
             dry_run: self.dry_run.or(file.dry_run),
             memory_metric: self.memory_metric.or(file.memory_metric),
@@ -231,6 +264,13 @@ impl RunArgs {
                 max_processes: all
                     .default_max_processes
                     .unwrap_or(policy::DEFAULT_MAX_PROCESSES),
+                max_zombies: all
+                    .default_max_zombies
+                    .unwrap_or(policy::DEFAULT_MAX_ZOMBIES),
+                warn_at_percent: all.default_warn_at.unwrap_or(0),
+                warn_signal: all
+                    .default_warn_signal
+                    .unwrap_or_else(|| policy::DEFAULT_WARN_SIGNAL.into()),
             },
             poll_interval: duration("poll-interval", &all.poll_interval, "30s")?,
             dry_run: all.dry_run.unwrap_or(false),
@@ -264,5 +304,32 @@ mod tests {
         assert_eq!(options.pin_dir, PathBuf::from("/sys/fs/bpf/watchdog"));
         assert_eq!(options.socket_group, "watchdog");
         assert_eq!(options.admin_group, None);
+        assert_eq!(options.defaults.max_zombies, 1000);
+        assert_eq!(options.defaults.warn_at_percent, 0, "warnings are off by default");
+    }
+
+    #[test]
+    fn warnings_in_the_file_are_checked_with_their_line() {
+        let dir = std::env::temp_dir().join(format!("watchdog-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("watchdog.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            RunArgs {
+                config: Some(file.clone()),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        let options = resolve("default-warn-at = \"80%\"\ndefault-warn-signal = \"usr2\"\n").unwrap();
+        assert_eq!(
+            (options.defaults.warn_at_percent, options.defaults.warn_signal.as_str()),
+            (80, "SIGUSR2")
+        );
+        let err = resolve("grace = \"5s\"\ndefault-warn-at = \"120%\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("at line 2"), "{err:#}");
+        let err = resolve("default-warn-signal = \"SIGKILL\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("cannot be caught"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -123,6 +123,12 @@ pub fn prometheus_text(s: &Status) -> String {
                 "Processes signalled and not yet gone.",
                 s.grace_count as f64,
             ),
+            (
+                "watchdog_zombies",
+                "gauge",
+                "Exited processes of analyses that their watched parent has not reaped yet.",
+                s.zombies as f64,
+            ),
         ],
     );
     let by_reason: Vec<(String, f64)> = s

@@ -27,3 +27,4 @@ pub mod store;
 pub mod supervise;
 pub mod tasks;
 pub mod tree;
+pub mod zombies;

@@ -115,6 +115,17 @@ struct LimitArgs {
     /// Most processes at once, 0 for no limit (more: killed as a fork bomb).
     #[arg(long)]
     max_processes: Option<u64>,
+    /// Most exited, unreaped children one process may hold, 0 for no limit (more: the
+    /// process is killed, so that init reaps them).
+    #[arg(long)]
+    max_zombies: Option<u64>,
+    /// Warn the analysis' root at this part of the timeout and of each memory limit,
+    /// e.g. 80%, or off.
+    #[arg(long, value_parser = policy::parse_percent)]
+    warn_at: Option<u8>,
+    /// The warning signal, e.g. SIGUSR1 (the default), SIGUSR2, SIGINT.
+    #[arg(long, value_parser = policy::parse_warn_signal)]
+    warn_signal: Option<String>,
 }
 
 impl LimitArgs {
@@ -126,6 +137,9 @@ impl LimitArgs {
             grace_ms: self.grace.map(policy::millis),
             orphans: self.orphans,
             max_processes: self.max_processes,
+            max_zombies: self.max_zombies,
+            warn_at_percent: self.warn_at,
+            warn_signal: self.warn_signal.clone(),
         }
     }
 }

@@ -157,6 +157,10 @@ pub trait Procs {
     /// Its proportional set size now (a shared page counts 1/N in each of the N
     /// processes sharing it); None when it is gone or unreadable.
     fn pss_bytes(&self, pid: u32) -> Option<u64>;
+    /// The parent of `process`, an exited process whose pid still names it (a zombie,
+    /// or one still tearing down): its parent has not reaped it. None once it is reaped
+    /// (or its pid names another process now).
+    fn unreaped(&self, process: crate::tree::ProcRef) -> Option<u32>;
 }
 
 /// The real /proc.
@@ -193,6 +197,21 @@ impl Procs for SysProcs {
     fn pss_bytes(&self, pid: u32) -> Option<u64> {
         pss_bytes(pid)
     }
+
+    fn unreaped(&self, process: crate::tree::ProcRef) -> Option<u32> {
+        unreaped(process)
+    }
+}
+
+/// The parent of `process` while its pid still names it, in any state: for a process
+/// whose exit the kernel reported, that means not reaped yet.
+pub fn unreaped(process: crate::tree::ProcRef) -> Option<u32> {
+    let stat = procfs::process::Process::new(process.pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    let info = info_from(stat);
+    same_start(info.start_ns, process.start_ns).then_some(info.ppid)
 }
 
 /// The real uid of `process`, None when it is gone or its pid was recycled. Both reads

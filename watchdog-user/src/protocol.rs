@@ -205,6 +205,9 @@ pub struct TreeNode {
     pub rss_bytes: u64,
     /// Its parent died while it lived on.
     pub orphan: bool,
+    /// Exited, and its parent has not reaped it yet (a zombie: it holds its pid).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zombie: bool,
     /// Being killed: time left before SIGKILL.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub grace_left_ms: Option<u64>,
@@ -220,6 +223,9 @@ pub struct AnalysisView {
     #[serde(default)]
     pub owner_uid: u32,
     pub processes: usize,
+    /// Exited processes its members hold unreaped (zombies).
+    #[serde(default)]
+    pub zombies: usize,
     /// Negative once the deadline has passed.
     pub deadline_in_ms: i64,
     /// The deadline as Unix time, ms.
@@ -233,6 +239,12 @@ pub struct Status {
     pub uptime_s: u64,
     pub monitored_count: usize,
     pub analyses: usize,
+    /// Exited processes of analyses their watched parents have not reaped yet.
+    #[serde(default)]
+    pub zombies: usize,
+    /// The same, by analysis id (analyses holding none are left out).
+    #[serde(default)]
+    pub zombies_by_analysis: std::collections::BTreeMap<String, usize>,
     /// Fork, exit and exec events received from the kernel since start.
     pub forks_seen: u64,
     pub exits_seen: u64,

@@ -31,6 +31,18 @@ pub struct Analysis {
     pub owner: u32,
     /// Its registered roots.
     pub roots: Vec<u32>,
+    /// When the timeout's warning is due (`--warn-at` of the timeout), if one is.
+    pub warn_at: Option<Instant>,
+    /// The limits whose warning was sent: each is warned of once.
+    pub warned: Vec<Reason>,
+}
+
+impl Analysis {
+    /// When the timeout's warning is due: `--warn-at` of the timeout before `deadline`.
+    fn warn_time(limits: &Limits, deadline: Instant) -> Option<Instant> {
+        let level = limits.warn_level(limits.timeout_ms)?;
+        deadline.checked_sub(Duration::from_millis(limits.timeout_ms - level))
+    }
 }
 
 /// A registered root and the process that launched it: when the launcher dies, the
@@ -48,6 +60,8 @@ pub struct Registry {
     by_id: HashMap<String, AnalysisKey>,
     /// Deadlines of analyses not yet violated, soonest first.
     deadlines: BTreeSet<(Instant, AnalysisKey)>,
+    /// Timeout warnings not yet sent, of analyses not yet violated, soonest first.
+    warnings: BTreeSet<(Instant, AnalysisKey)>,
     last_key: AnalysisKey,
 }
 
@@ -76,6 +90,8 @@ impl Registry {
             violation: None,
             owner,
             roots: Vec::new(),
+            warn_at: Analysis::warn_time(limits, now + limits.timeout()),
+            warned: Vec::new(),
         };
         self.insert(self.last_key, analysis);
         self.last_key
@@ -90,6 +106,9 @@ impl Registry {
     fn insert(&mut self, key: AnalysisKey, analysis: Analysis) {
         if analysis.violation.is_none() {
             self.deadlines.insert((analysis.deadline, key));
+            if let Some(at) = analysis.warn_at {
+                self.warnings.insert((at, key));
+            }
         }
         self.by_id.insert(analysis.id.clone(), key);
         self.by_key.insert(key, analysis);
@@ -117,7 +136,42 @@ impl Registry {
         }
         analysis.violation = Some((reason, limit));
         self.deadlines.remove(&(analysis.deadline, key));
+        if let Some(at) = analysis.warn_at {
+            self.warnings.remove(&(at, key));
+        }
         true
+    }
+
+    /// Marks the warning of limit `of` as sent; false when it already was (or the
+    /// analysis is dying: a warning then warns of nothing).
+    pub fn mark_warned(&mut self, key: AnalysisKey, of: Reason) -> bool {
+        let Some(analysis) = self.by_key.get_mut(&key) else {
+            return false;
+        };
+        if analysis.violation.is_some() || analysis.warned.contains(&of) {
+            return false;
+        }
+        analysis.warned.push(of);
+        if of == Reason::Timeout
+            && let Some(at) = analysis.warn_at
+        {
+            self.warnings.remove(&(at, key));
+        }
+        true
+    }
+
+    /// The soonest timeout warning still to send.
+    pub fn next_warning(&self) -> Option<Instant> {
+        self.warnings.first().map(|(at, _)| *at)
+    }
+
+    /// Analyses whose timeout warning is due at or before `now`.
+    pub fn warnings_due(&self, now: Instant) -> Vec<AnalysisKey> {
+        self.warnings
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, key)| *key)
+            .collect()
     }
 
     /// Why the analysis is dying, if it is.
@@ -156,6 +210,9 @@ impl Registry {
         let analysis = self.by_key.remove(&key)?;
         self.by_id.remove(&analysis.id);
         self.deadlines.remove(&(analysis.deadline, key));
+        if let Some(at) = analysis.warn_at {
+            self.warnings.remove(&(at, key));
+        }
         Some(analysis.roots)
     }
 
@@ -204,9 +261,7 @@ pub fn analysis_from_entry(entry: &AnalysisEntry, now: Instant, now_wall: System
     let deadline_wall = unix(entry.deadline_unix_ms);
     let left = deadline_wall.duration_since(now_wall).unwrap_or_default();
     let id_len = (entry.id_len as usize).min(ANALYSIS_ID_MAX);
-    Analysis {
-        id: String::from_utf8_lossy(&entry.id[..id_len]).into_owned(),
-        limits: Limits {
+    let limits = Limits {
             timeout_ms: entry.timeout_ms,
             memory_bytes: entry.memory_bytes,
             tree_memory_bytes: (entry.tree_memory_bytes != 0).then_some(entry.tree_memory_bytes),
@@ -221,8 +276,16 @@ pub fn analysis_from_entry(entry: &AnalysisEntry, now: Instant, now_wall: System
             warn_at_percent: u8::try_from(entry.warn_at_percent).unwrap_or(0).min(99),
             warn_signal: nix::sys::signal::Signal::try_from(entry.warn_signal as i32)
                 .map_or_else(|_| policy::DEFAULT_WARN_SIGNAL.into(), |s| s.as_str().into()),
-        },
-        deadline: now + left,
+    };
+    let deadline = now + left;
+    Analysis {
+        id: String::from_utf8_lossy(&entry.id[..id_len]).into_owned(),
+        // A warning due while the daemon was down is sent at once (a second one, at
+        // worst, rather than none).
+        warn_at: Analysis::warn_time(&limits, deadline),
+        warned: Vec::new(),
+        limits,
+        deadline,
         deadline_wall,
         registered_wall: unix(entry.registered_unix_ms),
         violation: None,

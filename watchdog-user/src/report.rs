@@ -11,6 +11,7 @@ use crate::{
     protocol::{AnalysisView, Reply, Status, TreeNode},
     rules::{Clock, Core},
     tree::Node,
+    zombies::Zombie,
 };
 
 /// Milliseconds from `now` until `at`, negative when it has passed.
@@ -54,6 +55,7 @@ pub fn dump_tree(
             analysis_id: a.id.clone(),
             owner_uid: a.owner,
             processes: core.tree().member_count(key),
+            zombies: core.zombies().in_analysis(key),
             deadline_in_ms: signed_ms_until(a.deadline, clock.now),
             deadline_unix_ms: crate::registry::unix_ms(a.deadline_wall),
             limits: a.limits.clone(),
@@ -73,6 +75,7 @@ fn view(core: &Core, node: &Node, procs: &dyn Procs, clock: &Clock) -> TreeNode 
         age_ms: clock.boot_ns.saturating_sub(node.start_ns) / 1_000_000,
         rss_bytes: procs.rss_bytes(node.pid),
         orphan: node.orphan,
+        zombie: false,
         grace_left_ms: core
             .jobs()
             .iter()
@@ -83,7 +86,30 @@ fn view(core: &Core, node: &Node, procs: &dyn Procs, clock: &Clock) -> TreeNode 
             .children_of(node.pid)
             .filter_map(|c| core.tree().get(c))
             .map(|c| view(core, c, procs, clock))
+            .chain(
+                core.zombies()
+                    .of_holder(node.pid)
+                    .map(|z| zombie_view(core, z, node, clock)),
+            )
             .collect(),
+    }
+}
+
+/// A zombie, shown as a leaf under the process that holds it.
+fn zombie_view(core: &Core, zombie: &Zombie, holder: &Node, clock: &Clock) -> TreeNode {
+    let analysis = core.registry().get(zombie.analysis);
+    TreeNode {
+        pid: zombie.process.pid,
+        ppid: holder.pid,
+        analysis_id: analysis.map(|a| a.id.clone()).unwrap_or_default(),
+        owner_uid: analysis.map_or(0, |a| a.owner),
+        comm: zombie.comm.as_str().into_owned(),
+        age_ms: clock.boot_ns.saturating_sub(zombie.process.start_ns) / 1_000_000,
+        rss_bytes: 0,
+        orphan: false,
+        zombie: true,
+        grace_left_ms: None,
+        children: Vec::new(),
     }
 }
 
@@ -125,6 +151,13 @@ pub fn status(
         uptime_s: clock.now.duration_since(started).as_secs(),
         monitored_count: core.tree().len(),
         analyses: core.live_analyses().count(),
+        zombies: core.zombies().len(),
+        zombies_by_analysis: core
+            .zombies()
+            .by_analysis()
+            .into_iter()
+            .filter_map(|(key, n)| Some((core.registry().id(key)?.to_string(), n)))
+            .collect(),
         forks_seen: counters.forks,
         exits_seen: counters.exits,
         execs_seen: counters.execs,

@@ -15,7 +15,7 @@
 //! ([`Core::check_register`], [`Core::check_descendants`], [`Core::unregister`]).
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -32,6 +32,7 @@ use crate::{
     registry::{self, Registry, Root},
     store::{AnalysisBrief, ProcessBrief, ProcessSnapshot},
     tree::{AnalysisKey, Node, ProcRef, Tree},
+    zombies::{Zombie, Zombies},
 };
 
 /// Longest analysis id accepted: ids are labels, not payloads.
@@ -48,6 +49,9 @@ const REPARENT_RECHECK: Duration = Duration::from_millis(20);
 /// With an analysis over its tree limit by RSS but not by PSS, the PSS is measured
 /// again once the RSS sum grows by this part of the limit (and at every poll).
 const PSS_REMEASURE_PART: u64 = 32;
+/// How often the zombies known are looked at again in /proc while there are any: the
+/// kernel says when a process exits, not when its parent reaps it.
+const ZOMBIE_SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The time, as the driver read it once for this input.
 #[derive(Clone, Copy, Debug)]
@@ -229,10 +233,16 @@ pub struct Core {
     /// the RSS sum at that measure (PSS is measured again once RSS grows further, and
     /// at every poll).
     pss_under: HashMap<AnalysisKey, u64>,
+    /// The same for the tree limit's warning level (see [`Core::warn`]).
+    pss_under_warning: HashMap<AnalysisKey, u64>,
     /// Processes the kernel map could not take (full, or out of memory), by pid: in
     /// the tree, but the kernel reports neither their forks nor their exit, so they
     /// are handed back to the map as soon as it has room (see [`Core::untracked`]).
     untracked: BTreeMap<u32, ProcRef>,
+    /// Exited members not yet reaped by the watched process that holds them.
+    zombies: Zombies,
+    /// When the zombies are next looked at again in /proc.
+    zombie_sweep_at: Option<Instant>,
 }
 
 /// What became of an attempt to hand an untracked process back to the kernel map.
@@ -263,8 +273,15 @@ impl Core {
             lingering: BTreeMap::new(),
             reparent_checks: BTreeMap::new(),
             pss_under: HashMap::new(),
+            pss_under_warning: HashMap::new(),
             untracked: BTreeMap::new(),
+            zombies: Zombies::default(),
+            zombie_sweep_at: None,
         }
+    }
+
+    pub fn zombies(&self) -> &Zombies {
+        &self.zombies
     }
 
     pub fn tree(&self) -> &Tree {
@@ -320,9 +337,11 @@ impl Core {
         self.registry
             .next_deadline()
             .into_iter()
+            .chain(self.registry.next_warning())
             .chain(graces)
             .chain(lingering)
             .chain(rechecks)
+            .chain(self.zombie_sweep_at)
             .min()
     }
 
@@ -525,9 +544,16 @@ impl Core {
             return; // A recycled pid's older exit, or one the tree already let go.
         }
         let children: Vec<u32> = self.tree.children_of(process.pid).collect();
-        self.remove(process.pid);
+        if let Some(node) = self.remove(process.pid) {
+            self.maybe_zombie(&node, procs, clock);
+        }
         for child in children {
             self.parent_gone(child, false, procs, clock);
+        }
+        if self.zombies.held_by(process.pid) > 0 {
+            // The kernel hands its zombies to init or a subreaper: looked at again once
+            // it has.
+            self.sweep_zombies_at(clock.now + REPARENT_RECHECK);
         }
     }
 
@@ -563,6 +589,8 @@ impl Core {
             }
         }
         self.lingering.remove(&key);
+        self.pss_under.remove(&key);
+        self.pss_under_warning.remove(&key);
         if let Some(roots) = self.registry.forget(key) {
             self.actions.push(Action::ForgetAnalysis(key, roots));
         }
@@ -595,9 +623,11 @@ impl Core {
             // Writes to shared pages (copy-on-write) raise the PSS, not the RSS: the
             // poll measures again whatever is over its limit by RSS.
             self.pss_under.remove(&key);
+            self.pss_under_warning.remove(&key);
             let sum = self.tree.rss_sum(key);
             self.check_tree_memory(key, sum, procs, clock);
         }
+        self.sweep_zombies(procs, clock);
         self.finish_done_jobs(clock);
     }
 
@@ -606,7 +636,14 @@ impl Core {
             return;
         };
         let analysis = node.analysis;
-        let Some(limit) = self.registry.get(analysis).map(|a| a.limits.memory_bytes) else {
+        let Some(limits) = self.registry.get(analysis).map(|a| &a.limits) else {
+            return;
+        };
+        let (limit, warn_level) = (limits.memory_bytes, limits.warn_level(limits.memory_bytes));
+        if let Some(level) = warn_level.filter(|&level| node.rss_bytes() >= level) {
+            self.warn_of_process_memory(pid, level, limit, procs, clock);
+        }
+        let Some(node) = self.tree.get(pid) else {
             return;
         };
         if node.rss_bytes() <= limit || self.jobs.iter().any(|j| j.has_target(pid)) {
@@ -640,6 +677,7 @@ impl Core {
         else {
             return;
         };
+        self.warn_of_tree_memory(key, sum, limit, procs, clock);
         // The RSS sum counts a page shared by N processes N times (a pool forked from
         // a parent holding its data): it is an upper bound, and only once it crosses
         // is the PSS sum, which counts every page once, measured and compared.
@@ -650,12 +688,7 @@ impl Core {
         if measured_at.is_some_and(|at| sum < at.saturating_add(limit / PSS_REMEASURE_PART)) {
             return;
         }
-        let pss: u64 = self
-            .tree
-            .members(key)
-            .into_iter()
-            .map(|pid| procs.pss_bytes(pid).unwrap_or(0))
-            .sum();
+        let pss = self.pss_sum(key, procs);
         let analysis_id = self.registry.id(key).unwrap_or_default().to_string();
         if pss <= limit {
             tracing::debug!(
@@ -677,6 +710,249 @@ impl Core {
             "tree memory limit crossed"
         );
         self.kill_analysis(key, Reason::TreeMemory, Some(limit), procs, clock);
+    }
+
+    // ---- zombies -------------------------------------------------------------------
+
+    /// A member exited: while its pid still names it, the parent that has not reaped
+    /// it holds a zombie. Only a watched parent's zombies are counted: one held outside
+    /// the analysis (the shell that registered a root) is nobody's here to act on.
+    fn maybe_zombie(&mut self, node: &Node, procs: &dyn Procs, clock: &Clock) {
+        let Some(holder) = procs.unreaped(node.proc_ref()) else {
+            return;
+        };
+        let Some(analysis) = self.tree.get(holder).map(|h| h.analysis) else {
+            return;
+        };
+        let held = self.zombies.insert(Zombie {
+            process: node.proc_ref(),
+            holder,
+            analysis,
+            comm: node.comm,
+        });
+        self.sweep_zombies_at(clock.now + ZOMBIE_SWEEP_EVERY);
+        self.check_zombies(holder, held, procs, clock);
+    }
+
+    /// Looks at the zombies again no later than `at`.
+    fn sweep_zombies_at(&mut self, at: Instant) {
+        self.zombie_sweep_at = Some(self.zombie_sweep_at.map_or(at, |soonest| soonest.min(at)));
+    }
+
+    /// Looks at every zombie known again: reaped ones are forgotten, those the kernel
+    /// handed to another watched process (a subreaper of the analysis) move to it,
+    /// those handed outside the analysis are forgotten (init's or another's to reap).
+    fn sweep_zombies(&mut self, procs: &dyn Procs, clock: &Clock) {
+        self.zombie_sweep_at = None;
+        let all: Vec<Zombie> = self.zombies.iter().cloned().collect();
+        let holders: BTreeSet<u32> = all
+            .into_iter()
+            .filter_map(|zombie| self.look_again(zombie, procs))
+            .collect();
+        for holder in holders {
+            let held = self.zombies.held_by(holder);
+            self.check_zombies(holder, held, procs, clock);
+        }
+        if !self.zombies.is_empty() {
+            self.sweep_zombies_at(clock.now + ZOMBIE_SWEEP_EVERY);
+        }
+    }
+
+    /// One zombie looked at again in /proc; returns who holds it now, if still held.
+    fn look_again(&mut self, zombie: Zombie, procs: &dyn Procs) -> Option<u32> {
+        let holder = procs.unreaped(zombie.process);
+        if holder == Some(zombie.holder) && self.tree.contains(zombie.holder) {
+            return holder;
+        }
+        self.zombies.remove(zombie.process.pid);
+        let holder = holder?;
+        let analysis = self.tree.get(holder)?.analysis;
+        self.zombies.insert(Zombie {
+            holder,
+            analysis,
+            ..zombie
+        });
+        Some(holder)
+    }
+
+    /// A process holding more zombies than its analysis allows is killed alone (its
+    /// zombies go to init, or a subreaper, which reaps them), once; the record says how
+    /// many it held. Its zombies are looked at again first: it may have reaped some.
+    fn check_zombies(&mut self, holder: u32, held: usize, procs: &dyn Procs, clock: &Clock) {
+        let Some(key) = self.tree.get(holder).map(|n| n.analysis) else {
+            return;
+        };
+        let Some(max) = self.registry.get(key).map(|a| a.limits.max_zombies) else {
+            return;
+        };
+        if max == 0
+            || held as u64 <= max
+            || self.registry.violation(key).is_some()
+            || self.jobs.iter().any(|j| j.has_target(holder))
+        {
+            return;
+        }
+        let known: Vec<Zombie> = self.zombies.of_holder(holder).cloned().collect();
+        for zombie in known {
+            self.look_again(zombie, procs);
+        }
+        let held = self.zombies.held_by(holder) as u64;
+        if held <= max {
+            return;
+        }
+        let mode = self.kill_mode();
+        let mut spec = self.job_spec(Scope::Process, Reason::Zombies, key, Some(max), mode);
+        spec.zombies = Some(held);
+        tracing::warn!(pid = holder, held, max, "a process holds too many zombies");
+        self.start_job(spec, &[holder], procs, clock);
+    }
+
+    // ---- warnings ------------------------------------------------------------------
+
+    /// A process' memory reached the warning's level of its limit (by RSS, or by PSS
+    /// under `--memory-metric pss`, as the limit itself is compared).
+    fn warn_of_process_memory(
+        &mut self,
+        pid: u32,
+        level: u64,
+        limit: u64,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let Some(key) = self.tree.get(pid).map(|n| n.analysis) else {
+            return;
+        };
+        let warned = self
+            .registry
+            .get(key)
+            .is_some_and(|a| a.warned.contains(&Reason::Memory));
+        if warned
+            || (self.settings.memory_metric == policy::MemoryMetric::Pss
+                && procs.pss_bytes(pid).is_none_or(|pss| pss < level))
+        {
+            return;
+        }
+        self.warn(key, Reason::Memory, limit, procs, clock);
+    }
+
+    /// The analysis' memory reached the warning's level of its tree limit: by the RSS
+    /// sum first, then (as for the limit itself) by the PSS sum, which counts a shared
+    /// page once.
+    fn warn_of_tree_memory(
+        &mut self,
+        key: AnalysisKey,
+        sum: u64,
+        limit: u64,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let Some(analysis) = self.registry.get(key) else {
+            return;
+        };
+        let Some(level) = analysis.limits.warn_level(limit) else {
+            return;
+        };
+        if sum < level || analysis.warned.contains(&Reason::TreeMemory) {
+            return;
+        }
+        let measured_at = self.pss_under_warning.get(&key).copied();
+        if measured_at.is_some_and(|at| sum < at.saturating_add(limit / PSS_REMEASURE_PART)) {
+            return;
+        }
+        if self.pss_sum(key, procs) < level {
+            self.pss_under_warning.insert(key, sum);
+            return;
+        }
+        self.pss_under_warning.remove(&key);
+        self.warn(key, Reason::TreeMemory, limit, procs, clock);
+    }
+
+    /// The PSS summed over an analysis' processes (a walk of each address space).
+    fn pss_sum(&self, key: AnalysisKey, procs: &dyn Procs) -> u64 {
+        self.tree
+            .members(key)
+            .into_iter()
+            .map(|pid| procs.pss_bytes(pid).unwrap_or(0))
+            .sum()
+    }
+
+    /// Sends the warning signal to the analysis' living roots, once per limit (`of`),
+    /// and records it (reason `warning`, outcome `warned`, the limit warned of). A
+    /// dying analysis is warned of nothing. In a dry run it is recorded, not sent.
+    fn warn(
+        &mut self,
+        key: AnalysisKey,
+        of: Reason,
+        limit: u64,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        if !self.registry.mark_warned(key, of) {
+            return;
+        }
+        let Some(analysis) = self.registry.get(key) else {
+            return;
+        };
+        let (signal, analysis_id, owner) = (
+            analysis.limits.warn_signal(),
+            analysis.id.clone(),
+            analysis.owner,
+        );
+        let roots: Vec<Node> = analysis
+            .roots
+            .iter()
+            .filter_map(|&pid| self.tree.get(pid))
+            .filter(|node| node.analysis == key && node.pid > 1 && node.pid != self.self_pid)
+            .cloned()
+            .collect();
+        if roots.is_empty() {
+            tracing::info!(analysis_id, of = of.as_str(), "no living root to warn");
+        }
+        let at = crate::kill::rfc3339(clock.wall);
+        for root in roots {
+            tracing::warn!(
+                analysis_id,
+                pid = root.pid,
+                of = of.as_str(),
+                signal = signal.as_str(),
+                "warning: a limit is near"
+            );
+            let details = procs.details(root.pid);
+            let outcome = if self.settings.dry_run {
+                Outcome::DryRun
+            } else {
+                self.actions.push(Action::Signal(SignalOrder {
+                    target: root.proc_ref(),
+                    signal,
+                }));
+                if !self.jobs.iter().any(|j| j.target_pending(root.pid)) {
+                    self.actions.push(Action::Release(root.proc_ref()));
+                }
+                Outcome::Warned
+            };
+            self.keep_record(KillRecord {
+                time: at.clone(),
+                host: self.host.clone(),
+                pid: root.pid,
+                ppid: root.ppid,
+                analysis_id: analysis_id.clone(),
+                reason: Reason::Warning,
+                limit: Some(limit),
+                rss_bytes: details.rss_bytes.max(root.rss_bytes()),
+                runtime_ms: clock.boot_ns.saturating_sub(root.start_ns) / 1_000_000,
+                signals: vec![crate::kill::SignalSent {
+                    signal: signal.as_str().into(),
+                    at: at.clone(),
+                }],
+                outcome,
+                comm: root.comm.as_str().into_owned(),
+                cmdline: details.cmdline,
+                uid: details.uid,
+                owner_uid: Some(owner),
+                warned_of: Some(of),
+                zombies: None,
+            });
+        }
     }
 
     // ---- orphans -------------------------------------------------------------------
@@ -807,15 +1083,23 @@ impl Core {
         procs: &dyn Procs,
         clock: &Clock,
     ) {
-        let mode = if self.settings.dry_run {
+        let spec = self.job_spec(scope, reason, analysis, limit, self.kill_mode());
+        self.start_job(spec, pids, procs, clock);
+    }
+
+    /// How kills are made: signalled, or (`--dry-run`) only recorded.
+    fn kill_mode(&self) -> Mode {
+        if self.settings.dry_run {
             Mode::DryRun
         } else {
             Mode::Signal
-        };
-        let spec = self.job_spec(scope, reason, analysis, limit, mode);
+        }
+    }
+
+    fn start_job(&mut self, spec: JobSpec, pids: &[u32], procs: &dyn Procs, clock: &Clock) {
         tracing::warn!(
             analysis_id = spec.analysis_id,
-            reason = reason.as_str(),
+            reason = spec.reason.as_str(),
             processes = pids.len(),
             dry_run = self.settings.dry_run,
             "limit crossed: killing"
@@ -902,6 +1186,12 @@ impl Core {
             };
             self.kill_analysis(key, Reason::Timeout, Some(timeout_ms), procs, clock);
         }
+        for key in self.registry.warnings_due(clock.now) {
+            let Some(timeout_ms) = self.registry.get(key).map(|a| a.limits.timeout_ms) else {
+                continue;
+            };
+            self.warn(key, Reason::Timeout, timeout_ms, procs, clock);
+        }
         for job in &mut self.jobs {
             for order in job.escalate(clock.now, clock.wall) {
                 self.actions.push(Action::Signal(order));
@@ -925,6 +1215,9 @@ impl Core {
         for pid in rechecks {
             self.reparent_checks.remove(&pid);
             self.parent_gone(pid, true, procs, clock);
+        }
+        if self.zombie_sweep_at.is_some_and(|at| at <= clock.now) {
+            self.sweep_zombies(procs, clock);
         }
         self.finish_done_jobs(clock);
     }
@@ -954,20 +1247,27 @@ impl Core {
             self.actions.push(Action::Release(process));
         }
         for record in job.records(&self.host) {
-            if record.outcome != Outcome::Logged {
-                self.counters.kills += 1;
-            }
-            *self
-                .counters
-                .kills_by_reason
-                .entry(record.reason.as_str())
-                .or_default() += 1;
-            if self.recent.len() == RECORDS_KEPT {
-                self.recent.pop_front();
-            }
-            self.recent.push_back(record.clone());
-            self.actions.push(Action::Record(Box::new(record)));
+            self.keep_record(record);
         }
+    }
+
+    /// Counts a record, keeps it for `status` and hands it to the store.
+    fn keep_record(&mut self, record: KillRecord) {
+        if !matches!(record.outcome, Outcome::Logged | Outcome::Warned)
+            && record.reason != Reason::Warning
+        {
+            self.counters.kills += 1;
+        }
+        *self
+            .counters
+            .kills_by_reason
+            .entry(record.reason.as_str())
+            .or_default() += 1;
+        if self.recent.len() == RECORDS_KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(record.clone());
+        self.actions.push(Action::Record(Box::new(record)));
     }
 
     // ---- registration --------------------------------------------------------------

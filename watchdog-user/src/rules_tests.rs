@@ -13,12 +13,14 @@ const SELF_PID: u32 = 999;
 const MIB: u64 = 1 << 20;
 
 /// /proc as the test says it is: living processes by pid, the PSS of those that have
-/// one, and the real uids of those that do not run as root.
+/// one, the real uids of those that do not run as root, and the exited processes their
+/// parent has not reaped yet.
 #[derive(Default)]
 pub(crate) struct FakeProcs(
     RefCell<HashMap<u32, ProcInfo>>,
     RefCell<HashMap<u32, u64>>,
     RefCell<HashMap<u32, u32>>,
+    RefCell<HashMap<u32, ProcInfo>>,
 );
 
 impl FakeProcs {
@@ -43,6 +45,17 @@ impl FakeProcs {
 
     fn die(&self, pid: u32) {
         self.0.borrow_mut().remove(&pid);
+    }
+
+    /// `pid` exits and its parent does not reap it: a zombie until [`Self::reap`].
+    fn die_unreaped(&self, pid: u32) {
+        if let Some(info) = self.0.borrow_mut().remove(&pid) {
+            self.3.borrow_mut().insert(pid, info);
+        }
+    }
+
+    fn reap(&self, pid: u32) {
+        self.3.borrow_mut().remove(&pid);
     }
 
     fn reparent(&self, pid: u32, ppid: u32) {
@@ -71,6 +84,12 @@ impl Procs for FakeProcs {
 
     fn pss_bytes(&self, pid: u32) -> Option<u64> {
         self.1.borrow().get(&pid).copied()
+    }
+
+    fn unreaped(&self, process: ProcRef) -> Option<u32> {
+        let zombies = self.3.borrow();
+        let info = zombies.get(&process.pid)?;
+        same_start(info.start_ns, process.start_ns).then_some(info.ppid)
     }
 
     fn real_uid(&self, process: ProcRef) -> Option<u32> {
@@ -1384,4 +1403,170 @@ fn with_the_pss_metric_a_process_over_its_limit_by_shared_pages_only_lives() {
         signals(&w.rss_shared(100, 160 * MIB)),
         [(100, Signal::SIGTERM)]
     );
+}
+
+// ---- zombies and warnings (issue 12) ------------------------------------------------------
+
+impl World {
+    /// `pid` exits and its parent does not wait for it.
+    fn exit_unreaped(&mut self, pid: u32) -> Vec<Action> {
+        let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
+        self.procs.die_unreaped(pid);
+        self.event(KernelEvent::Exit {
+            pid,
+            analysis,
+            start_ns: start(pid),
+            exit_status: 0,
+        })
+    }
+}
+
+fn zombie_limit(max: u64) -> LimitOverrides {
+    LimitOverrides {
+        max_zombies: Some(max),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_process_holding_more_zombies_than_its_limit_is_killed_alone_and_the_record_says_how_many() {
+    let mut w = World::new();
+    w.register(100, "a", zombie_limit(2));
+    w.fork(101, 100);
+    for child in 102..=104 {
+        w.fork(child, 101);
+    }
+    assert!(signals(&w.exit_unreaped(102)).is_empty());
+    assert!(signals(&w.exit_unreaped(103)).is_empty(), "at the limit");
+    let key = w.key("a");
+    assert_eq!(w.core.zombies().in_analysis(key), 2);
+    assert_eq!(w.core.zombies().held_by(101), 2);
+    assert_eq!(
+        signals(&w.exit_unreaped(104)),
+        [(101, Signal::SIGTERM)],
+        "past it, the holder alone"
+    );
+    // The holder dies; its zombies go to init (which reaps them here).
+    for zombie in 102..=104 {
+        w.procs.reap(zombie);
+    }
+    let records = records(&w.exit(101));
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].pid, records[0].reason, records[0].limit, records[0].zombies),
+        (101, Reason::Zombies, Some(2), Some(3))
+    );
+    assert!(w.core.tree().contains(100), "the rest of the analysis lives on");
+    w.advance(Duration::from_millis(20));
+    assert_eq!(w.core.zombies().len(), 0, "reaped zombies are forgotten");
+}
+
+#[test]
+fn zombies_under_the_limit_or_reaped_in_time_cost_nothing() {
+    let mut w = World::new();
+    w.register(100, "a", zombie_limit(2));
+    for child in 101..=104 {
+        w.fork(child, 100);
+    }
+    w.exit_unreaped(101);
+    w.exit_unreaped(102);
+    // The parent reaps both before the next one exits: looked at again, not killed.
+    w.procs.reap(101);
+    w.procs.reap(102);
+    assert!(signals(&w.exit_unreaped(103)).is_empty());
+    assert_eq!(w.core.zombies().held_by(100), 1);
+    w.procs.reap(103);
+    w.advance(Duration::from_secs(1));
+    assert_eq!(w.core.zombies().len(), 0, "the sweep forgets what was reaped");
+    // Exits reaped at once (the common case) are never zombies.
+    assert!(signals(&w.exit(104)).is_empty());
+    assert_eq!(w.core.zombies().len(), 0);
+}
+
+#[test]
+fn zombies_of_a_parent_outside_the_analysis_are_not_counted() {
+    let mut w = World::new();
+    w.register(100, "a", zombie_limit(1));
+    // The root's parent (the launcher, pid 50) is not watched.
+    w.exit_unreaped(100);
+    assert_eq!(w.core.zombies().len(), 0);
+}
+
+fn warn_at(percent: u8, more: LimitOverrides) -> LimitOverrides {
+    LimitOverrides {
+        warn_at_percent: Some(percent),
+        ..more
+    }
+}
+
+fn warnings(actions: &[Action]) -> Vec<(u32, Option<Reason>, Option<u64>)> {
+    records(actions)
+        .into_iter()
+        .filter(|r| r.reason == Reason::Warning)
+        .map(|r| {
+            assert_eq!(r.outcome, Outcome::Warned);
+            (r.pid, r.warned_of, r.limit)
+        })
+        .collect()
+}
+
+#[test]
+fn the_root_is_warned_once_at_the_timeouts_warning_level_then_killed_at_the_deadline() {
+    let mut w = World::new();
+    w.register(100, "a", warn_at(80, timeout(10_000)));
+    w.fork(101, 100);
+    assert_eq!(
+        w.core.next_wakeup(),
+        Some(w.clock.now + Duration::from_secs(8))
+    );
+    assert!(signals(&w.advance(Duration::from_millis(7999))).is_empty());
+    let actions = w.advance(Duration::from_millis(1));
+    assert_eq!(signals(&actions), [(100, Signal::SIGUSR1)], "the root only");
+    assert_eq!(
+        warnings(&actions),
+        [(100, Some(Reason::Timeout), Some(10_000))]
+    );
+    assert!(signals(&w.advance(Duration::from_millis(1000))).is_empty(), "once");
+    let actions = w.advance(Duration::from_millis(1000));
+    assert_eq!(
+        signals(&actions),
+        [(100, Signal::SIGTERM), (101, Signal::SIGTERM)]
+    );
+    assert_eq!(w.core.counters().kills, 0, "a warning is no kill");
+}
+
+#[test]
+fn memory_warnings_come_once_per_limit_with_the_chosen_signal() {
+    let mut w = World::new();
+    let overrides = LimitOverrides {
+        warn_signal: Some("SIGUSR2".into()),
+        tree_memory_bytes: Some(150 * MIB),
+        ..warn_at(80, LimitOverrides::default())
+    };
+    w.register(100, "a", overrides);
+    w.fork(101, 100);
+    assert!(signals(&w.rss(101, 79 * MIB)).is_empty());
+    let actions = w.rss(101, 80 * MIB);
+    assert_eq!(signals(&actions), [(100, Signal::SIGUSR2)]);
+    assert_eq!(
+        warnings(&actions),
+        [(100, Some(Reason::Memory), Some(100 * MIB))]
+    );
+    assert!(signals(&w.rss(101, 90 * MIB)).is_empty(), "once per limit");
+    // The tree's own level: 80% of 150 MiB, counted by PSS.
+    let actions = w.rss(100, 30 * MIB);
+    assert_eq!(
+        warnings(&actions),
+        [(100, Some(Reason::TreeMemory), Some(150 * MIB))]
+    );
+    // Then the limit itself, as ever.
+    assert_eq!(signals(&w.rss(101, 101 * MIB)), [(101, Signal::SIGTERM)]);
+}
+
+#[test]
+fn without_warn_at_nobody_is_warned() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.rss(100, 99 * MIB);
+    assert!(signals(&w.advance(Duration::from_millis(999))).is_empty());
 }

@@ -201,7 +201,9 @@ def test_register_unregister_tree_and_status(as_user, daemon):
     assert analysis["limits"] == {
         "timeout_ms": 600_000, "memory_bytes": 1 << 30, "tree_memory_bytes": 2 << 30,
         "grace_ms": 5000, "orphans": "log", "max_processes": 50,
+        "max_zombies": 1000, "warn_at_percent": 0, "warn_signal": "SIGUSR1",
     }
+    assert analysis["zombies"] == 0
     assert seen["status"]["kind"] == "status" and seen["status"]["version"]
     assert seen["gone"] == {"kind": "unregistered", "removed": 1}
     assert seen["after"]["roots"] == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -122,6 +123,23 @@ def test_limits_become_the_protocols_fields():
         wd.limits(max_processes=-1)
     with pytest.raises(ValueError, match="grace"):
         wd.limits(grace="0s")
+
+
+def test_warnings_and_zombie_limits_become_the_protocols_fields():
+    assert wd.limits(max_zombies=100, warn_at="80%", warn_signal="usr2") == {
+        "max_zombies": 100, "warn_at_percent": 80, "warn_signal": "SIGUSR2",
+    }
+    assert wd.limits(warn_at=75, warn_signal=signal.SIGINT) == {"warn_at_percent": 75, "warn_signal": "SIGINT"}
+    assert wd.limits(warn_at="off") == {"warn_at_percent": 0}
+    for bad in (100, "120%", "soon", -1, True):
+        with pytest.raises(ValueError, match="80"):
+            wd.limits(warn_at=bad)
+    with pytest.raises(ValueError, match="cannot be caught"):
+        wd.limits(warn_signal="SIGKILL")
+    with pytest.raises(ValueError, match="SIGUSR1"):
+        wd.limits(warn_signal="SIGNOPE")
+    with pytest.raises(ValueError, match="0 for no limit"):
+        wd.limits(max_zombies=-5)
 
 
 def test_since_is_rfc3339_utc_milliseconds_as_the_daemon_writes_times():

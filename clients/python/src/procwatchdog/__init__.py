@@ -51,7 +51,8 @@ __version__ = "0.1.0"
 
 def register(pid: int, analysis_id: str, **limits_: Any) -> Dict[str, Any]:
     """``Client().register(...)``: watch ``pid`` and all it forks as ``analysis_id``.
-    Limits: timeout, memory, tree_memory, grace, orphans, max_processes."""
+    Limits: timeout, memory, tree_memory, grace, orphans, max_processes, max_zombies,
+    warn_at, warn_signal."""
     return Client().register(pid, analysis_id, **limits_)
 
 

@@ -12,6 +12,7 @@ import datetime
 import errno
 import json
 import os
+import signal as _signal
 import socket as _socket
 from typing import Any, Dict, List, Optional, Union
 
@@ -21,7 +22,7 @@ from .units import Duration, Size, parse_duration_ms, parse_size_bytes
 DEFAULT_SOCKET = "/run/watchdog/watchdog.sock"
 
 # The daemon's kill reasons (policy.rs `Reason`), for `events(reason=...)`.
-REASONS = ("timeout", "memory", "tree_memory", "orphan", "max_processes", "map_full")
+REASONS = ("timeout", "memory", "tree_memory", "orphan", "max_processes", "map_full", "zombies", "warning")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -33,12 +34,18 @@ def limits(
     grace: Optional[Duration] = None,
     orphans: Optional[str] = None,
     max_processes: Optional[int] = None,
+    max_zombies: Optional[int] = None,
+    warn_at: Union[None, int, str] = None,
+    warn_signal: Union[None, int, str] = None,
 ) -> Dict[str, Any]:
     """The protocol's ``limits`` object for these values; each left as None takes the
     daemon's default (``--default-timeout`` 30m, ``--default-memory`` 2GiB, no tree
-    limit, ``--grace`` 10s, ``--orphans kill``, ``--default-max-processes`` 10000, unless
-    the host's daemon is configured otherwise). ValueError/TypeError for a bad value,
-    before anything is sent."""
+    limit, ``--grace`` 10s, ``--orphans kill``, ``--default-max-processes`` 10000,
+    ``--default-max-zombies`` 1000, no warning, ``--warn-signal`` SIGUSR1, unless the
+    host's daemon is configured otherwise). ``warn_at``: the part of the timeout and of
+    each memory limit at which the analysis' root gets ``warn_signal`` (``80`` or
+    ``"80%"``; ``0`` or ``"off"``: none); ``warn_signal``: a name (``"SIGUSR2"``) or a
+    ``signal.Signals``. ValueError/TypeError for a bad value, before anything is sent."""
     out: Dict[str, Any] = {}
     if timeout is not None:
         out["timeout_ms"] = parse_duration_ms(timeout, "timeout")
@@ -58,7 +65,51 @@ def limits(
                 f"invalid max_processes {max_processes!r}: use a number of processes such as 500, or 0 for no limit"
             )
         out["max_processes"] = max_processes
+    if max_zombies is not None:
+        if isinstance(max_zombies, bool) or not isinstance(max_zombies, int) or max_zombies < 0:
+            raise ValueError(
+                f"invalid max_zombies {max_zombies!r}: use a number of zombies such as 100, or 0 for no limit"
+            )
+        out["max_zombies"] = max_zombies
+    if warn_at is not None:
+        out["warn_at_percent"] = _percent(warn_at)
+    if warn_signal is not None:
+        out["warn_signal"] = _signal_name(warn_signal)
     return out
+
+
+def _percent(value: Union[int, str]) -> int:
+    """``80``, ``"80%"``: 1 to 99; ``0``, ``"off"``: no warning."""
+    text = value.strip() if isinstance(value, str) else value
+    if text == "off":
+        return 0
+    if isinstance(text, str) and text.endswith("%"):
+        text = text[:-1].strip()
+    try:
+        percent = int(text) if not isinstance(text, bool) else -1
+    except (TypeError, ValueError):
+        percent = -1
+    if not 0 <= percent <= 99:
+        raise ValueError(f"invalid warn_at {value!r}: use 1% to 99% of the limit, such as 80 or '80%', or 'off'")
+    return percent
+
+
+def _signal_name(value: Union[int, str]) -> str:
+    """``"SIGUSR1"``, ``"usr1"``, ``signal.SIGUSR1``: the signal's full name, one a
+    process can catch."""
+    try:
+        if isinstance(value, str):
+            name = value.strip().upper()
+            sig = _signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            sig = _signal.Signals(value)
+        else:
+            raise TypeError(f"the warning signal must be a name or a signal, not {type(value).__name__}")
+    except (KeyError, ValueError):
+        raise ValueError(f"invalid warn_signal {value!r}: use a signal name such as 'SIGUSR1', 'SIGUSR2' or 'SIGINT'") from None
+    if sig in (_signal.SIGKILL, _signal.SIGSTOP):
+        raise ValueError(f"the warning signal {sig.name} cannot be caught, so it warns nobody: use one such as SIGUSR1")
+    return sig.name
 
 
 def _pid(pid: Any) -> int:
@@ -106,6 +157,9 @@ class Client:
         grace: Optional[Duration] = None,
         orphans: Optional[str] = None,
         max_processes: Optional[int] = None,
+        max_zombies: Optional[int] = None,
+        warn_at: Union[None, int, str] = None,
+        warn_signal: Union[None, int, str] = None,
     ) -> Dict[str, Any]:
         """Watch ``pid``, its existing descendants and all it forks from now on, as
         analysis ``analysis_id``. Returns the daemon's reply:
@@ -113,7 +167,7 @@ class Client:
         return self._register(
             _pid(pid),
             analysis_id,
-            limits(timeout, memory, tree_memory, grace, orphans, max_processes),
+            limits(timeout, memory, tree_memory, grace, orphans, max_processes, max_zombies, warn_at, warn_signal),
             fresh=False,
         )
 
@@ -139,9 +193,10 @@ class Client:
 
     def tree(self, analysis_id: Optional[str] = None) -> Dict[str, Any]:
         """The live tree: ``{"roots": [node, ...], "analyses": [analysis, ...]}``; a node
-        has pid, ppid, analysis_id, comm, age_ms, rss_bytes, orphan, grace_left_ms (while
-        being killed) and children; an analysis has analysis_id, processes,
-        deadline_in_ms, deadline_unix_ms and limits."""
+        has pid, ppid, analysis_id, comm, age_ms, rss_bytes, orphan, zombie (true for an
+        exited child its parent has not reaped: a leaf under that parent), grace_left_ms
+        (while being killed) and children; an analysis has analysis_id, processes,
+        zombies, deadline_in_ms, deadline_unix_ms and limits."""
         request: Dict[str, Any] = {"op": "dump_tree"}
         if analysis_id is not None:
             request["analysis_id"] = analysis_id
@@ -158,10 +213,14 @@ class Client:
         reason: Optional[str] = None,
         host: Optional[str] = None,
     ) -> List[Dict[str, Any]]:
-        """The kill history, newest first: one dict per killed (or logged) process, with
-        time, host, pid, ppid, analysis_id, reason, limit, rss_bytes, runtime_ms,
-        signals, outcome, comm, cmdline, uid. ``since``: a duration (``"1h"``: the last
-        hour) or a datetime; ``reason``: one of ``REASONS``."""
+        """The kill history, newest first: one dict per killed (or logged, or warned)
+        process, with time, host, pid, ppid, analysis_id, reason, limit, rss_bytes,
+        runtime_ms, signals, outcome, comm, cmdline, uid; ``warned_of`` (reason
+        ``warning``: the limit warned of), ``zombies`` (reason ``zombies``: how many it
+        held) and ``"spooled": True`` for a record still waiting in the daemon's spool
+        for the database. While the database cannot be read only the spooled records
+        are returned. ``since``: a duration (``"1h"``: the last hour) or a datetime;
+        ``reason``: one of ``REASONS``."""
         if reason is not None and reason not in REASONS:
             raise ValueError(f"invalid reason {reason!r}: use one of {', '.join(REASONS)}")
         wanted = {"since": _since(since), "analysis_id": analysis_id, "reason": reason, "host": host}

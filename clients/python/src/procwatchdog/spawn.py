@@ -125,12 +125,17 @@ class Popen(subprocess.Popen):
         grace: Any = None,
         orphans: Optional[str] = None,
         max_processes: Optional[int] = None,
+        max_zombies: Optional[int] = None,
+        warn_at: Any = None,
+        warn_signal: Any = None,
         client: Optional[Client] = None,
         **popen_kwargs: Any,
     ):
         self.client = client if client is not None else Client()
         self.analysis_id = analysis_id
-        wanted = _limits(timeout, memory, tree_memory, grace, orphans, max_processes)
+        wanted = _limits(
+            timeout, memory, tree_memory, grace, orphans, max_processes, max_zombies, warn_at, warn_signal
+        )
         self.registration = _start_gated(
             super().__init__,
             args,
