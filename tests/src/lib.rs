@@ -534,7 +534,6 @@ pub fn thread_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// Stderr of a CLI run, checked to be the one-line error a user should see.
 /// `events --json` while the database cannot be read: it succeeds, warns in one line
 /// that only the spool is shown, and returns the records waiting there, each marked
 /// `"spooled": true`.
@@ -558,6 +557,7 @@ pub fn spooled_events(daemon: &Daemon) -> Result<Vec<serde_json::Value>> {
     Ok(records)
 }
 
+/// Stderr of a CLI run, checked to be the one-line error a user should see.
 pub fn one_line_error(out: &Output) -> String {
     assert!(
         !out.status.success(),

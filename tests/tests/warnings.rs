@@ -1,0 +1,141 @@
+//! A warning before the kill, end to end: `--warn-at` sends the warning signal to the
+//! analysis' root once per limit, so that a script that traps it writes a checkpoint
+//! before its SIGTERM comes. The script's own file proves the order (the warning's
+//! handler writes first, the SIGTERM handler appends), and the records agree.
+
+use std::{path::Path, time::SystemTime};
+
+use anyhow::Result;
+use serde_json::Value;
+use watchdog_tests::{Daemon, await_state, python};
+
+/// A bash script that checkpoints on SIGUSR1 and appends "sigterm" on SIGTERM.
+const CHECKPOINTING_SHELL: &str = r#"
+trap 'echo checkpoint >> "$0.out"' USR1
+trap 'echo sigterm >> "$0.out"; exit 0' TERM
+while :; do sleep 0.1; done
+"#;
+
+/// A Python program that grows by 8 MiB every 40 ms, checkpointing on SIGUSR2 and
+/// appending "sigterm" on SIGTERM.
+const CHECKPOINTING_GROWER: &str = r#"
+import signal, sys, time
+out = sys.argv[1]
+def note(line):
+    with open(out, "a") as f:
+        f.write(line + "\n")
+signal.signal(signal.SIGUSR2, lambda *_: note("checkpoint"))
+def term(*_):
+    note("sigterm")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+hold = []
+for _ in range(100):
+    hold.append(b"x" * (8 << 20))
+    time.sleep(0.04)
+note("survived")
+"#;
+
+fn time_of(text: &Value) -> SystemTime {
+    humantime::parse_rfc3339(text.as_str().unwrap()).unwrap()
+}
+
+/// The records of analysis `id`: its warning and its kill.
+fn warning_and_kill(daemon: &Daemon, id: &str, kill_reason: &str) -> Result<(Value, Value)> {
+    let records: Vec<Value> = daemon
+        .events()?
+        .into_iter()
+        .filter(|r| r["analysis_id"] == id)
+        .collect();
+    let of = |reason: &str| -> Result<Value> {
+        let mut found = records.iter().filter(|r| r["reason"] == reason);
+        let one = found.next().cloned();
+        anyhow::ensure!(found.next().is_none(), "one {reason} record: {records:?}");
+        one.ok_or_else(|| anyhow::anyhow!("no {reason} record: {records:?}"))
+    };
+    Ok((of("warning")?, of(kill_reason)?))
+}
+
+fn lines(path: &Path) -> Result<Vec<String>> {
+    Ok(std::fs::read_to_string(path)?
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+#[test]
+fn a_script_trapping_the_warning_checkpoints_before_its_timeouts_sigterm() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let script = daemon.dir.join("checkpointing.sh");
+    std::fs::write(&script, CHECKPOINTING_SHELL)?;
+    let out = daemon.cli(&[
+        "exec",
+        "--analysis-id",
+        "warned-timeout",
+        "--timeout",
+        "3s",
+        "--warn-at",
+        "50%",
+        "--",
+        "bash",
+        script.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "it exited from its TERM trap");
+    assert_eq!(
+        lines(&script.with_extension("sh.out"))?,
+        ["checkpoint", "sigterm"],
+        "the checkpoint came first"
+    );
+    let (warning, kill) = warning_and_kill(&daemon, "warned-timeout", "timeout")?;
+    assert_eq!(warning["outcome"], "warned");
+    assert_eq!(warning["warned_of"], "timeout");
+    assert_eq!(warning["limit"], 3000);
+    assert_eq!(warning["signals"][0]["signal"], "SIGUSR1");
+    assert_eq!(warning["pid"], kill["pid"], "the root was warned");
+    let warned_at = time_of(&warning["signals"][0]["at"]);
+    let sigterm_at = time_of(&kill["signals"][0]["at"]);
+    let ahead = sigterm_at.duration_since(warned_at)?;
+    assert!(ahead.as_millis() >= 1000, "warned {ahead:?} ahead");
+    assert_eq!(daemon.status()?.kills_by_reason["warning"], 1);
+    eprintln!("figures: warned {ahead:?} before the timeout's SIGTERM (50% of 3 s)");
+    Ok(())
+}
+
+#[test]
+fn a_script_trapping_the_warning_checkpoints_before_its_memory_kill() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let out_file = daemon.dir.join("grower.out");
+    let out = daemon.cli(&[
+        "exec",
+        "--analysis-id",
+        "warned-memory",
+        "--memory",
+        "300MiB",
+        "--warn-at",
+        "50%",
+        "--warn-signal",
+        "SIGUSR2",
+        "--",
+        python(),
+        "-c",
+        CHECKPOINTING_GROWER,
+        out_file.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "it exited from its TERM handler");
+    assert_eq!(lines(&out_file)?, ["checkpoint", "sigterm"]);
+    let (warning, kill) = await_state("the warning and kill records", || {
+        Ok(warning_and_kill(&daemon, "warned-memory", "memory").ok())
+    })?;
+    assert_eq!(warning["warned_of"], "memory");
+    assert_eq!(warning["limit"], 300u64 << 20);
+    assert_eq!(warning["signals"][0]["signal"], "SIGUSR2");
+    let rss_warned = warning["rss_bytes"].as_u64().unwrap();
+    assert!(rss_warned >= 150 << 20, "warned at {rss_warned} bytes");
+    assert!(time_of(&warning["signals"][0]["at"]) <= time_of(&kill["signals"][0]["at"]));
+    eprintln!(
+        "figures: warned at {} MiB, killed at {} MiB (limit 300 MiB, warning at 50%)",
+        rss_warned >> 20,
+        kill["rss_bytes"].as_u64().unwrap() >> 20
+    );
+    Ok(())
+}
