@@ -326,9 +326,13 @@ mod tests {
             (options.defaults.warn_at_percent, options.defaults.warn_signal.as_str()),
             (80, "SIGUSR2")
         );
-        let err = resolve("grace = \"5s\"\ndefault-warn-at = \"120%\"\n").unwrap_err();
+        let Err(err) = resolve("grace = \"5s\"\ndefault-warn-at = \"120%\"\n") else {
+            panic!("120% resolved");
+        };
         assert!(format!("{err:#}").contains("at line 2"), "{err:#}");
-        let err = resolve("default-warn-signal = \"SIGKILL\"\n").unwrap_err();
+        let Err(err) = resolve("default-warn-signal = \"SIGKILL\"\n") else {
+            panic!("SIGKILL resolved");
+        };
         assert!(format!("{err:#}").contains("cannot be caught"), "{err:#}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -928,7 +928,10 @@ fn a_child_the_full_map_could_not_take_is_followed_and_the_largest_analysis_pays
                 start_ns: start(201)
             },
             victim,
-            100 * MIB
+            policy::RssLevels {
+                limit: 100 * MIB,
+                warn: 0
+            }
         )]
     );
     assert_eq!(w.core.counters().untracked_forks, 1);
