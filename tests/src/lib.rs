@@ -550,10 +550,7 @@ pub fn spooled_events(daemon: &Daemon) -> Result<Vec<serde_json::Value>> {
         "{stderr}"
     );
     let records: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
-    assert!(
-        records.iter().all(|r| r["spooled"] == true),
-        "{records:?}"
-    );
+    assert!(records.iter().all(|r| r["spooled"] == true), "{records:?}");
     Ok(records)
 }
 

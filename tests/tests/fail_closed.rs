@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
-use watchdog_tests::{Daemon, Workload, await_state, sqlite_query, spooled_events};
+use watchdog_tests::{Daemon, Workload, await_state, spooled_events, sqlite_query};
 
 /// A SQLite database the test can make unreachable: a file sits where its directory
 /// must be, so the daemon can neither create nor open it (and spools) until the test

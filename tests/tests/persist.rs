@@ -6,8 +6,7 @@ use anyhow::Result;
 use serde_json::Value;
 use watchdog_tests::{
     Daemon, GROWER, Workload, await_state, one_line_error, pg::TestPostgres, spooled_events,
-    sqlite_query,
-    watchdog_bin,
+    sqlite_query, watchdog_bin,
 };
 
 /// The SQL side of a backend under test.

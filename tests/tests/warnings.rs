@@ -47,7 +47,10 @@ fn warning_and_kill(daemon: &Daemon, id: &str, kill_reason: &str) -> Result<(Val
         .into_iter()
         .filter(|r| r["analysis_id"] == id)
         .collect();
-    let warnings: Vec<&Value> = records.iter().filter(|r| r["reason"] == "warning").collect();
+    let warnings: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["reason"] == "warning")
+        .collect();
     let [warning] = warnings[..] else {
         anyhow::bail!("not one warning: {records:?}");
     };
@@ -122,7 +125,11 @@ fn a_script_trapping_the_warning_checkpoints_before_its_memory_kill() -> Result<
         CHECKPOINTING_GROWER,
         out_file.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(0), "it exited from its TERM handler");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "it exited from its TERM handler"
+    );
     assert_eq!(lines(&out_file)?, ["checkpoint", "sigterm"]);
     let (warning, kill) = await_state("the warning and kill records", || {
         Ok(warning_and_kill(&daemon, "warned-memory", "memory").ok())

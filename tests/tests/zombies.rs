@@ -78,7 +78,12 @@ fn holder_with_zombies(
 /// /proc's state letter of `pid`, None when no such process exists.
 fn state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(')').next()?.split_whitespace().next()?.chars().next()
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 fn zombie_nodes(roots: &[TreeNode]) -> Vec<u32> {
@@ -92,8 +97,8 @@ fn zombie_nodes(roots: &[TreeNode]) -> Vec<u32> {
 }
 
 #[test]
-fn a_process_holding_more_zombies_than_its_limit_is_killed_and_its_zombies_are_gone()
--> Result<()> {
+fn a_process_holding_more_zombies_than_its_limit_is_killed_and_its_zombies_are_gone() -> Result<()>
+{
     let daemon = Daemon::start()?;
     let (_work, holder, kids) = holder_with_zombies(&daemon, "zombie-pile", 5, 8)?;
 
@@ -115,7 +120,10 @@ fn a_process_holding_more_zombies_than_its_limit_is_killed_and_its_zombies_are_g
     assert!(!alive(holder), "the holder is dead");
     // Handed to the subreaper, which reaps them: no zombie of it is left.
     await_state("its zombies reaped", || {
-        Ok(kids.iter().all(|&pid| state(pid) != Some('Z')).then_some(()))
+        Ok(kids
+            .iter()
+            .all(|&pid| state(pid) != Some('Z'))
+            .then_some(()))
     })?;
     await_state("no zombie shown", || {
         let status = daemon.status()?;
@@ -144,11 +152,18 @@ fn zombies_under_the_limit_are_shown_marked_and_nothing_is_killed() -> Result<()
         Ok((status.zombies == 3).then_some(status))
     })?;
     assert_eq!(status.zombies_by_analysis["few-zombies"], 3);
-    assert!(kids.iter().all(|&pid| state(pid) == Some('Z')), "real zombies");
+    assert!(
+        kids.iter().all(|&pid| state(pid) == Some('Z')),
+        "real zombies"
+    );
     let roots = daemon.tree(Some("few-zombies"))?;
     assert_eq!(zombie_nodes(&roots), kids);
     assert!(
-        roots[0].pid == holder && roots[0].children.iter().all(|c| c.zombie && c.ppid == holder),
+        roots[0].pid == holder
+            && roots[0]
+                .children
+                .iter()
+                .all(|c| c.zombie && c.ppid == holder),
         "{roots:?}"
     );
     let text = daemon.cli_ok(&["dump-tree"])?;

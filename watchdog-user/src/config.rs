@@ -305,7 +305,10 @@ mod tests {
         assert_eq!(options.socket_group, "watchdog");
         assert_eq!(options.admin_group, None);
         assert_eq!(options.defaults.max_zombies, 1000);
-        assert_eq!(options.defaults.warn_at_percent, 0, "warnings are off by default");
+        assert_eq!(
+            options.defaults.warn_at_percent, 0,
+            "warnings are off by default"
+        );
     }
 
     #[test]
@@ -321,9 +324,13 @@ mod tests {
             }
             .resolve()
         };
-        let options = resolve("default-warn-at = \"80%\"\ndefault-warn-signal = \"usr2\"\n").unwrap();
+        let options =
+            resolve("default-warn-at = \"80%\"\ndefault-warn-signal = \"usr2\"\n").unwrap();
         assert_eq!(
-            (options.defaults.warn_at_percent, options.defaults.warn_signal.as_str()),
+            (
+                options.defaults.warn_at_percent,
+                options.defaults.warn_signal.as_str()
+            ),
             (80, "SIGUSR2")
         );
         let Err(err) = resolve("grace = \"5s\"\ndefault-warn-at = \"120%\"\n") else {

@@ -362,8 +362,16 @@ mod tests {
         }
         assert_eq!(parse_warn_signal("usr2").as_deref(), Ok("SIGUSR2"));
         assert_eq!(parse_warn_signal("SIGINT").as_deref(), Ok("SIGINT"));
-        assert!(parse_warn_signal("SIGKILL").unwrap_err().contains("cannot be caught"));
-        assert!(parse_warn_signal("SIGNOPE").unwrap_err().contains("SIGUSR1"));
+        assert!(
+            parse_warn_signal("SIGKILL")
+                .unwrap_err()
+                .contains("cannot be caught")
+        );
+        assert!(
+            parse_warn_signal("SIGNOPE")
+                .unwrap_err()
+                .contains("SIGUSR1")
+        );
         let limits = Limits {
             timeout_ms: 10_000,
             memory_bytes: 100,

@@ -262,20 +262,22 @@ pub fn analysis_from_entry(entry: &AnalysisEntry, now: Instant, now_wall: System
     let left = deadline_wall.duration_since(now_wall).unwrap_or_default();
     let id_len = (entry.id_len as usize).min(ANALYSIS_ID_MAX);
     let limits = Limits {
-            timeout_ms: entry.timeout_ms,
-            memory_bytes: entry.memory_bytes,
-            tree_memory_bytes: (entry.tree_memory_bytes != 0).then_some(entry.tree_memory_bytes),
-            grace_ms: entry.grace_ms,
-            orphans: if entry.orphans == 1 {
-                OrphanPolicy::Log
-            } else {
-                OrphanPolicy::Kill
-            },
-            max_processes: entry.max_processes,
-            max_zombies: entry.max_zombies,
-            warn_at_percent: u8::try_from(entry.warn_at_percent).unwrap_or(0).min(99),
-            warn_signal: nix::sys::signal::Signal::try_from(entry.warn_signal as i32)
-                .map_or_else(|_| policy::DEFAULT_WARN_SIGNAL.into(), |s| s.as_str().into()),
+        timeout_ms: entry.timeout_ms,
+        memory_bytes: entry.memory_bytes,
+        tree_memory_bytes: (entry.tree_memory_bytes != 0).then_some(entry.tree_memory_bytes),
+        grace_ms: entry.grace_ms,
+        orphans: if entry.orphans == 1 {
+            OrphanPolicy::Log
+        } else {
+            OrphanPolicy::Kill
+        },
+        max_processes: entry.max_processes,
+        max_zombies: entry.max_zombies,
+        warn_at_percent: u8::try_from(entry.warn_at_percent).unwrap_or(0).min(99),
+        warn_signal: nix::sys::signal::Signal::try_from(entry.warn_signal as i32).map_or_else(
+            |_| policy::DEFAULT_WARN_SIGNAL.into(),
+            |s| s.as_str().into(),
+        ),
     };
     let deadline = now + left;
     Analysis {

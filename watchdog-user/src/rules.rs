@@ -879,14 +879,7 @@ impl Core {
     /// Sends the warning signal to the analysis' living roots, once per limit (`of`),
     /// and records it (reason `warning`, outcome `warned`, the limit warned of). A
     /// dying analysis is warned of nothing. In a dry run it is recorded, not sent.
-    fn warn(
-        &mut self,
-        key: AnalysisKey,
-        of: Reason,
-        limit: u64,
-        procs: &dyn Procs,
-        clock: &Clock,
-    ) {
+    fn warn(&mut self, key: AnalysisKey, of: Reason, limit: u64, procs: &dyn Procs, clock: &Clock) {
         if !self.registry.mark_warned(key, of) {
             return;
         }

@@ -569,7 +569,13 @@ fn a_process_registered_into_a_dying_analysis_joins_its_kill() {
     let info = w.procs.spawn(200, 1, start(200));
     let registration = w
         .core
-        .check_register(200, "a", &LimitOverrides::default(), &Peer::root(), &w.procs)
+        .check_register(
+            200,
+            "a",
+            &LimitOverrides::default(),
+            &Peer::root(),
+            &w.procs,
+        )
         .expect("registrable");
     w.core
         .adopt(registration, &[info], &w.procs, &w.clock)
@@ -578,7 +584,10 @@ fn a_process_registered_into_a_dying_analysis_joins_its_kill() {
     w.exit(100);
     let records = records(&w.exit(200));
     assert_eq!(
-        records.iter().map(|r| (r.pid, r.reason)).collect::<Vec<_>>(),
+        records
+            .iter()
+            .map(|r| (r.pid, r.reason))
+            .collect::<Vec<_>>(),
         [(100, Reason::Timeout), (200, Reason::Timeout)]
     );
 }
@@ -1456,10 +1465,18 @@ fn a_process_holding_more_zombies_than_its_limit_is_killed_alone_and_the_record_
     let records = records(&w.exit(101));
     assert_eq!(records.len(), 1);
     assert_eq!(
-        (records[0].pid, records[0].reason, records[0].limit, records[0].zombies),
+        (
+            records[0].pid,
+            records[0].reason,
+            records[0].limit,
+            records[0].zombies
+        ),
         (101, Reason::Zombies, Some(2), Some(3))
     );
-    assert!(w.core.tree().contains(100), "the rest of the analysis lives on");
+    assert!(
+        w.core.tree().contains(100),
+        "the rest of the analysis lives on"
+    );
     w.advance(Duration::from_millis(20));
     assert_eq!(w.core.zombies().len(), 0, "reaped zombies are forgotten");
 }
@@ -1480,7 +1497,11 @@ fn zombies_under_the_limit_or_reaped_in_time_cost_nothing() {
     assert_eq!(w.core.zombies().held_by(100), 1);
     w.procs.reap(103);
     w.advance(Duration::from_secs(1));
-    assert_eq!(w.core.zombies().len(), 0, "the sweep forgets what was reaped");
+    assert_eq!(
+        w.core.zombies().len(),
+        0,
+        "the sweep forgets what was reaped"
+    );
     // Exits reaped at once (the common case) are never zombies.
     assert!(signals(&w.exit(104)).is_empty());
     assert_eq!(w.core.zombies().len(), 0);
@@ -1529,7 +1550,10 @@ fn the_root_is_warned_once_at_the_timeouts_warning_level_then_killed_at_the_dead
         warnings(&actions),
         [(100, Some(Reason::Timeout), Some(10_000))]
     );
-    assert!(signals(&w.advance(Duration::from_millis(1000))).is_empty(), "once");
+    assert!(
+        signals(&w.advance(Duration::from_millis(1000))).is_empty(),
+        "once"
+    );
     let actions = w.advance(Duration::from_millis(1000));
     assert_eq!(
         signals(&actions),

@@ -224,8 +224,14 @@ impl EventFilter {
             }
         };
         self.since.as_deref().is_none_or(at_or_after)
-            && self.analysis_id.as_ref().is_none_or(|a| *a == record.analysis_id)
-            && self.reason.as_deref().is_none_or(|r| r == record.reason.as_str())
+            && self
+                .analysis_id
+                .as_ref()
+                .is_none_or(|a| *a == record.analysis_id)
+            && self
+                .reason
+                .as_deref()
+                .is_none_or(|r| r == record.reason.as_str())
             && self.host.as_ref().is_none_or(|h| *h == record.host)
     }
 }
@@ -961,9 +967,7 @@ fn record_from_row(row: &AnyRow) -> Result<KillRecord> {
             .try_get::<Option<String>, _>("warned_of")?
             .map(|w| serde_json::from_value(serde_json::Value::String(w)))
             .transpose()?,
-        zombies: row
-            .try_get::<Option<i64>, _>("zombies")?
-            .map(|v| v as u64),
+        zombies: row.try_get::<Option<i64>, _>("zombies")?.map(|v| v as u64),
     })
 }
 
