@@ -96,6 +96,14 @@ fn zombie_nodes(roots: &[TreeNode]) -> Vec<u32> {
     pids
 }
 
+/// Until status and dump-tree show no zombie: the daemon saw them reaped.
+fn await_no_zombie_shown(daemon: &Daemon) -> Result<()> {
+    await_state("no zombie shown", || {
+        let status = daemon.status()?;
+        Ok((status.zombies == 0 && zombie_nodes(&daemon.tree(None)?).is_empty()).then_some(()))
+    })
+}
+
 #[test]
 fn a_process_holding_more_zombies_than_its_limit_is_killed_and_its_zombies_are_gone() -> Result<()>
 {
@@ -125,10 +133,7 @@ fn a_process_holding_more_zombies_than_its_limit_is_killed_and_its_zombies_are_g
             .all(|&pid| state(pid) != Some('Z'))
             .then_some(()))
     })?;
-    await_state("no zombie shown", || {
-        let status = daemon.status()?;
-        Ok((status.zombies == 0 && zombie_nodes(&daemon.tree(None)?).is_empty()).then_some(()))
-    })?;
+    await_no_zombie_shown(&daemon)?;
     assert_eq!(daemon.status()?.kills_by_reason["zombies"], 1);
     eprintln!(
         "figures: killed holding {held} zombies (limit 5; {} of 8 forked before the kill)",
@@ -178,10 +183,7 @@ fn zombies_under_the_limit_are_shown_marked_and_nothing_is_killed() -> Result<()
     // Once the holder waits for them, the daemon sees them go.
     work.send("reap")?;
     assert_eq!(work.read_line()?, "reaped");
-    await_state("the reaped zombies forgotten", || {
-        let status = daemon.status()?;
-        Ok((status.zombies == 0 && zombie_nodes(&daemon.tree(None)?).is_empty()).then_some(()))
-    })?;
+    await_no_zombie_shown(&daemon)?;
     assert!(alive(holder));
     Ok(())
 }

@@ -167,11 +167,7 @@ impl Registry {
 
     /// Analyses whose timeout warning is due at or before `now`.
     pub fn warnings_due(&self, now: Instant) -> Vec<AnalysisKey> {
-        self.warnings
-            .iter()
-            .take_while(|(at, _)| *at <= now)
-            .map(|(_, key)| *key)
-            .collect()
+        due_in(&self.warnings, now)
     }
 
     /// Why the analysis is dying, if it is.
@@ -186,11 +182,7 @@ impl Registry {
 
     /// Analyses whose deadline is at or before `now`, soonest first.
     pub fn due(&self, now: Instant) -> Vec<AnalysisKey> {
-        self.deadlines
-            .iter()
-            .take_while(|(at, _)| *at <= now)
-            .map(|(_, key)| *key)
-            .collect()
+        due_in(&self.deadlines, now)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (AnalysisKey, &Analysis)> {
@@ -223,6 +215,15 @@ impl Registry {
             analysis.roots.push(root.process.pid);
         }
     }
+}
+
+/// The analyses of `times` (kept in time order) due at or before `now`, soonest first.
+fn due_in(times: &BTreeSet<(Instant, AnalysisKey)>, now: Instant) -> Vec<AnalysisKey> {
+    times
+        .iter()
+        .take_while(|(at, _)| *at <= now)
+        .map(|(_, key)| *key)
+        .collect()
 }
 
 pub(crate) fn unix_ms(at: SystemTime) -> u64 {

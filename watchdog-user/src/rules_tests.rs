@@ -224,6 +224,11 @@ impl World {
         for child in children.iter().filter(|_| adopter.is_some()) {
             self.procs.reparent(*child, adopter.unwrap_or(1));
         }
+        self.exit_event(pid, analysis)
+    }
+
+    /// The kernel reports `pid`'s exit.
+    fn exit_event(&mut self, pid: u32, analysis: AnalysisKey) -> Vec<Action> {
         self.event(KernelEvent::Exit {
             pid,
             analysis,
@@ -1424,12 +1429,7 @@ impl World {
     fn exit_unreaped(&mut self, pid: u32) -> Vec<Action> {
         let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
         self.procs.die_unreaped(pid);
-        self.event(KernelEvent::Exit {
-            pid,
-            analysis,
-            start_ns: start(pid),
-            exit_status: 0,
-        })
+        self.exit_event(pid, analysis)
     }
 }
 
