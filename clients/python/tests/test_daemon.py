@@ -238,3 +238,28 @@ def test_popen_of_a_missing_command_raises_and_leaves_nothing_watched(as_user):
     )
     assert seen["err"]["type"] == "FileNotFoundError"
     assert seen["tree"]["roots"] == []
+
+
+def test_popen_with_warn_at_gets_the_warning_signal_before_its_timeout(as_user, daemon):
+    seen = as_user(
+        """
+        import signal as sig
+        script = ("import signal, sys, time\\n"
+                  "signal.signal(signal.SIGUSR2, lambda *_: print('checkpoint', flush=True))\\n"
+                  "signal.signal(signal.SIGTERM, lambda *_: (print('sigterm', flush=True), sys.exit(0)))\\n"
+                  "while True: time.sleep(1)\\n")
+        proc = wd.Popen([sys.executable, "-c", script], "py-warned", timeout="2s", warn_at="50%",
+                        warn_signal=sig.SIGUSR2, stdout=subprocess.PIPE, text=True)
+        printed = proc.communicate(timeout=120)[0].split()
+        records = wd.events(analysis_id="py-warned")
+        out({"pid": proc.pid, "code": proc.returncode, "printed": printed, "records": records})
+        """
+    )
+    assert seen["printed"] == ["checkpoint", "sigterm"], "warned first"
+    assert seen["code"] == 0
+    warnings = [r for r in seen["records"] if r["reason"] == "warning"]
+    assert [(r["pid"], r["outcome"], r["warned_of"], r["limit"]) for r in warnings] == [
+        (seen["pid"], "warned", "timeout", 2000)
+    ]
+    assert warnings[0]["signals"][0]["signal"] == "SIGUSR2"
+    assert any(r["reason"] == "timeout" and r["pid"] == seen["pid"] for r in seen["records"])
