@@ -161,6 +161,9 @@ pub trait Procs {
     /// or one still tearing down): its parent has not reaped it. None once it is reaped
     /// (or its pid names another process now).
     fn unreaped(&self, process: crate::tree::ProcRef) -> Option<u32>;
+    /// The pids on `pid`'s list of children: living ones and those it has not reaped
+    /// (a zombie stays on its parent's list until reaped). None when it cannot be read.
+    fn children(&self, pid: u32) -> Option<std::collections::HashSet<u32>>;
 }
 
 /// The real /proc.
@@ -201,6 +204,28 @@ impl Procs for SysProcs {
     fn unreaped(&self, process: crate::tree::ProcRef) -> Option<u32> {
         unreaped(process)
     }
+
+    fn children(&self, pid: u32) -> Option<std::collections::HashSet<u32>> {
+        children(pid)
+    }
+}
+
+/// `/proc/PID/task/*/children`: each thread's children (a child belongs to the thread
+/// that forked it). None when unreadable (a kernel without CONFIG_PROC_CHILDREN).
+pub fn children(pid: u32) -> Option<std::collections::HashSet<u32>> {
+    let mut out = std::collections::HashSet::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let listed = std::fs::read_to_string(task.path().join("children")).ok()?;
+        out.extend(
+            listed
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    Some(out)
 }
 
 /// The parent of `process` while its pid still names it, in any state: for a process

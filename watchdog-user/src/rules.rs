@@ -52,6 +52,10 @@ const PSS_REMEASURE_PART: u64 = 32;
 /// How often the zombies known are looked at again in /proc while there are any: the
 /// kernel says when a process exits, not when its parent reaps it.
 const ZOMBIE_SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How long after an exit its parent is asked whether it reaped it: long enough for
+/// the kernel to have made it a zombie (the exit event comes first) and for a parent
+/// that waits at once to have reaped it.
+const ZOMBIE_SETTLE: Duration = Duration::from_millis(20);
 
 /// The time, as the driver read it once for this input.
 #[derive(Clone, Copy, Debug)]
@@ -241,6 +245,9 @@ pub struct Core {
     untracked: BTreeMap<u32, ProcRef>,
     /// Exited members not yet reaped by the watched process that holds them.
     zombies: Zombies,
+    /// Members that exited since the last sweep, their watched parent not yet asked
+    /// whether it reaped them.
+    exited_unchecked: Vec<Zombie>,
     /// When the zombies are next looked at again in /proc.
     zombie_sweep_at: Option<Instant>,
 }
@@ -276,6 +283,7 @@ impl Core {
             pss_under_warning: HashMap::new(),
             untracked: BTreeMap::new(),
             zombies: Zombies::default(),
+            exited_unchecked: Vec::new(),
             zombie_sweep_at: None,
         }
     }
@@ -545,7 +553,7 @@ impl Core {
         }
         let children: Vec<u32> = self.tree.children_of(process.pid).collect();
         if let Some(node) = self.remove(process.pid) {
-            self.maybe_zombie(&node, procs, clock);
+            self.maybe_zombie(&node, clock);
         }
         for child in children {
             self.parent_gone(child, false, procs, clock);
@@ -715,23 +723,22 @@ impl Core {
     // ---- zombies -------------------------------------------------------------------
 
     /// A member exited: while its pid still names it, the parent that has not reaped
-    /// it holds a zombie. Only a watched parent's zombies are counted: one held outside
-    /// the analysis (the shell that registered a root) is nobody's here to act on.
-    fn maybe_zombie(&mut self, node: &Node, procs: &dyn Procs, clock: &Clock) {
-        let Some(holder) = procs.unreaped(node.proc_ref()) else {
+    /// it holds a zombie. Only a watched parent's zombies are counted (one held outside
+    /// the analysis, by the shell that registered a root, is nobody's here to act on).
+    /// Looked at in /proc a moment later, with the other exits of the moment: most are
+    /// reaped by then, and one read of each parent's children tells which are not,
+    /// instead of a read per exit on the event path.
+    fn maybe_zombie(&mut self, node: &Node, clock: &Clock) {
+        let Some(analysis) = self.tree.get(node.ppid).map(|p| p.analysis) else {
             return;
         };
-        let Some(analysis) = self.tree.get(holder).map(|h| h.analysis) else {
-            return;
-        };
-        let held = self.zombies.insert(Zombie {
+        self.exited_unchecked.push(Zombie {
             process: node.proc_ref(),
-            holder,
+            holder: node.ppid,
             analysis,
             comm: node.comm,
         });
-        self.sweep_zombies_at(clock.now + ZOMBIE_SWEEP_EVERY);
-        self.check_zombies(holder, held, procs, clock);
+        self.sweep_zombies_at(clock.now + ZOMBIE_SETTLE);
     }
 
     /// Looks at the zombies again no later than `at`.
@@ -739,16 +746,39 @@ impl Core {
         self.zombie_sweep_at = Some(self.zombie_sweep_at.map_or(at, |soonest| soonest.min(at)));
     }
 
-    /// Looks at every zombie known again: reaped ones are forgotten, those the kernel
-    /// handed to another watched process (a subreaper of the analysis) move to it,
-    /// those handed outside the analysis are forgotten (init's or another's to reap).
+    /// Looks at the exits of the moment and every zombie known in /proc: reaped ones
+    /// are forgotten, those the kernel handed to another watched process (a subreaper
+    /// of the analysis) move to it, those handed outside the analysis are forgotten
+    /// (init's or another's to reap); then the holders' counts are checked.
     fn sweep_zombies(&mut self, procs: &dyn Procs, clock: &Clock) {
         self.zombie_sweep_at = None;
-        let all: Vec<Zombie> = self.zombies.iter().cloned().collect();
-        let holders: BTreeSet<u32> = all
+        let known: Vec<Zombie> = self.zombies.iter().cloned().collect();
+        let mut holders: BTreeSet<u32> = known
             .into_iter()
-            .filter_map(|zombie| self.look_again(zombie, procs))
+            .filter_map(|zombie| self.track(zombie, procs))
             .collect();
+        let mut exits: BTreeMap<u32, Vec<Zombie>> = BTreeMap::new();
+        for zombie in std::mem::take(&mut self.exited_unchecked) {
+            exits.entry(zombie.holder).or_default().push(zombie);
+        }
+        for (parent, exited) in exits {
+            // A living parent's children list names its unreaped ones (zombies stay
+            // on it until reaped); a dead parent's were handed on: each is looked at.
+            let unreaped = self
+                .tree
+                .contains(parent)
+                .then(|| procs.children(parent))
+                .flatten();
+            for zombie in exited {
+                if unreaped
+                    .as_ref()
+                    .is_some_and(|listed| !listed.contains(&zombie.process.pid))
+                {
+                    continue;
+                }
+                holders.extend(self.track(zombie, procs));
+            }
+        }
         for holder in holders {
             let held = self.zombies.held_by(holder);
             self.check_zombies(holder, held, procs, clock);
@@ -758,14 +788,12 @@ impl Core {
         }
     }
 
-    /// One zombie looked at again in /proc; returns who holds it now, if still held.
-    fn look_again(&mut self, zombie: Zombie, procs: &dyn Procs) -> Option<u32> {
-        let holder = procs.unreaped(zombie.process);
-        if holder == Some(zombie.holder) && self.tree.contains(zombie.holder) {
-            return holder;
-        }
+    /// A zombie (known, or just exited) looked at in /proc: kept under whichever
+    /// watched process holds it now, or forgotten (reaped, or held outside the
+    /// analyses). Returns its holder.
+    fn track(&mut self, zombie: Zombie, procs: &dyn Procs) -> Option<u32> {
         self.zombies.remove(zombie.process.pid);
-        let holder = holder?;
+        let holder = procs.unreaped(zombie.process)?;
         let analysis = self.tree.get(holder)?.analysis;
         self.zombies.insert(Zombie {
             holder,
@@ -794,7 +822,7 @@ impl Core {
         }
         let known: Vec<Zombie> = self.zombies.of_holder(holder).cloned().collect();
         for zombie in known {
-            self.look_again(zombie, procs);
+            self.track(zombie, procs);
         }
         let held = self.zombies.held_by(holder) as u64;
         if held <= max {

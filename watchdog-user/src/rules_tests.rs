@@ -86,6 +86,19 @@ impl Procs for FakeProcs {
         self.1.borrow().get(&pid).copied()
     }
 
+    fn children(&self, pid: u32) -> Option<std::collections::HashSet<u32>> {
+        let living = self.0.borrow();
+        let zombies = self.3.borrow();
+        Some(
+            living
+                .values()
+                .chain(zombies.values())
+                .filter(|p| p.ppid == pid)
+                .map(|p| p.pid)
+                .collect(),
+        )
+    }
+
     fn unreaped(&self, process: ProcRef) -> Option<u32> {
         let zombies = self.3.borrow();
         let info = zombies.get(&process.pid)?;
@@ -1448,13 +1461,21 @@ fn a_process_holding_more_zombies_than_its_limit_is_killed_alone_and_the_record_
     for child in 102..=104 {
         w.fork(child, 101);
     }
-    assert!(signals(&w.exit_unreaped(102)).is_empty());
-    assert!(signals(&w.exit_unreaped(103)).is_empty(), "at the limit");
+    w.exit_unreaped(102);
+    w.exit_unreaped(103);
+    assert!(
+        signals(&w.advance(ZOMBIE_SETTLE)).is_empty(),
+        "at the limit"
+    );
     let key = w.key("a");
     assert_eq!(w.core.zombies().in_analysis(key), 2);
     assert_eq!(w.core.zombies().held_by(101), 2);
+    assert!(
+        signals(&w.exit_unreaped(104)).is_empty(),
+        "asked a moment later"
+    );
     assert_eq!(
-        signals(&w.exit_unreaped(104)),
+        signals(&w.advance(ZOMBIE_SETTLE)),
         [(101, Signal::SIGTERM)],
         "past it, the holder alone"
     );
@@ -1477,7 +1498,7 @@ fn a_process_holding_more_zombies_than_its_limit_is_killed_alone_and_the_record_
         w.core.tree().contains(100),
         "the rest of the analysis lives on"
     );
-    w.advance(Duration::from_millis(20));
+    w.advance(REPARENT_RECHECK);
     assert_eq!(w.core.zombies().len(), 0, "reaped zombies are forgotten");
 }
 
@@ -1490,20 +1511,58 @@ fn zombies_under_the_limit_or_reaped_in_time_cost_nothing() {
     }
     w.exit_unreaped(101);
     w.exit_unreaped(102);
+    w.advance(ZOMBIE_SETTLE);
+    assert_eq!(w.core.zombies().held_by(100), 2);
     // The parent reaps both before the next one exits: looked at again, not killed.
     w.procs.reap(101);
     w.procs.reap(102);
-    assert!(signals(&w.exit_unreaped(103)).is_empty());
+    w.exit_unreaped(103);
+    assert!(signals(&w.advance(ZOMBIE_SETTLE)).is_empty());
     assert_eq!(w.core.zombies().held_by(100), 1);
     w.procs.reap(103);
-    w.advance(Duration::from_secs(1));
+    w.advance(ZOMBIE_SWEEP_EVERY);
     assert_eq!(
         w.core.zombies().len(),
         0,
         "the sweep forgets what was reaped"
     );
     // Exits reaped at once (the common case) are never zombies.
-    assert!(signals(&w.exit(104)).is_empty());
+    w.exit(104);
+    w.advance(ZOMBIE_SETTLE);
+    assert_eq!(w.core.zombies().len(), 0);
+}
+
+#[test]
+fn zombies_handed_to_a_subreaper_of_the_analysis_move_to_it_and_others_are_forgotten() {
+    let mut w = World::new();
+    w.register(100, "a", zombie_limit(5));
+    w.fork(101, 100);
+    w.fork(102, 101);
+    w.fork(103, 101);
+    w.exit_unreaped(102);
+    w.exit_unreaped(103);
+    w.advance(ZOMBIE_SETTLE);
+    assert_eq!(w.core.zombies().held_by(101), 2);
+    // 101 dies; the kernel hands its zombies to 100, a subreaper of the analysis.
+    w.procs.0.borrow_mut().remove(&101);
+    for zombie in [102, 103] {
+        if let Some(z) = w.procs.3.borrow_mut().get_mut(&zombie) {
+            z.ppid = 100;
+        }
+    }
+    w.exit_event(101, w.key("a"));
+    w.advance(REPARENT_RECHECK);
+    assert_eq!(
+        (w.core.zombies().held_by(101), w.core.zombies().held_by(100)),
+        (0, 2)
+    );
+    // Handed outside the analysis (to init), they are not its zombies any more.
+    for zombie in [102, 103] {
+        if let Some(z) = w.procs.3.borrow_mut().get_mut(&zombie) {
+            z.ppid = 1;
+        }
+    }
+    w.advance(ZOMBIE_SWEEP_EVERY);
     assert_eq!(w.core.zombies().len(), 0);
 }
 
@@ -1513,6 +1572,7 @@ fn zombies_of_a_parent_outside_the_analysis_are_not_counted() {
     w.register(100, "a", zombie_limit(1));
     // The root's parent (the launcher, pid 50) is not watched.
     w.exit_unreaped(100);
+    w.advance(ZOMBIE_SETTLE);
     assert_eq!(w.core.zombies().len(), 0);
 }
 
