@@ -255,8 +255,13 @@ fn an_outage_with_a_restart_in_it_loses_nothing_and_duplicates_nothing() -> Resu
 
     let first = timeout_kill(&daemon, "outage-1")?;
     let second = timeout_kill(&daemon, "outage-2")?;
-    let status = await_spool(&daemon, 2)?;
-    assert_eq!(status.db, "spooling", "{status:?}");
+    await_spool(&daemon, 2)?;
+    // Said once a write has found the database unreachable (records can be spooled a
+    // moment before that).
+    await_state("status saying spooling", || {
+        let status = daemon.status()?;
+        Ok((status.db == "spooling").then_some(()))
+    })?;
     daemon.restart()?;
     assert_eq!(
         daemon.status()?.database.spool_depth,
