@@ -169,3 +169,42 @@ fn a_second_daemon_on_the_same_socket_is_refused_and_the_first_keeps_serving() -
     assert!(one_line_error(&out).contains("already serving"));
     assert_still_serving_unchanged(&daemon, 0)
 }
+
+#[test]
+fn a_warning_that_could_not_warn_is_refused_by_the_cli_and_by_the_daemon() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let work = Workload::spawn("sleep", &["600"])?;
+    let pid = work.pid().to_string();
+    for (flags, expected) in [
+        (["--warn-at", "120%"], "use 1% to 99%"),
+        (["--warn-signal", "SIGKILL"], "cannot be caught"),
+        (["--warn-signal", "SIGNOPE"], "such as SIGUSR1"),
+    ] {
+        let mut args = vec!["register", "--pid", &pid, "--analysis-id", "w"];
+        args.extend(flags);
+        // clap's own error: the line naming the fix, then its pointer to --help.
+        let out = daemon.cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let error = stderr.lines().next().unwrap_or_default();
+        assert!(
+            !out.status.success() && error.contains(expected),
+            "{flags:?}: {stderr}"
+        );
+    }
+    // The daemon checks what other clients send as well.
+    for (limits, expected) in [
+        (r#"{"warn_at_percent":100}"#, "1 to 99"),
+        (r#"{"warn_signal":"SIGSTOP"}"#, "cannot be caught"),
+    ] {
+        let answer = daemon.request(&format!(
+            r#"{{"op":"register","pid":{pid},"analysis_id":"w","limits":{limits}}}"#
+        ))?;
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(expected) && error.contains("nothing was registered"),
+            "{answer}"
+        );
+    }
+    assert_still_serving_unchanged(&daemon, 0)?;
+    Ok(())
+}
