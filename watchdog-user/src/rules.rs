@@ -853,7 +853,7 @@ impl Core {
         let warned = self
             .registry
             .get(key)
-            .is_some_and(|a| a.warned.contains(&Reason::Memory));
+            .is_none_or(|a| a.warned.contains(&Reason::Memory) || a.violation.is_some());
         if warned
             || (self.settings.memory_metric == policy::MemoryMetric::Pss
                 && procs.pss_bytes(pid).is_none_or(|pss| pss < level))
@@ -880,7 +880,10 @@ impl Core {
         let Some(level) = analysis.limits.warn_level(limit) else {
             return;
         };
-        if sum < level || analysis.warned.contains(&Reason::TreeMemory) {
+        if sum < level
+            || analysis.warned.contains(&Reason::TreeMemory)
+            || analysis.violation.is_some()
+        {
             return;
         }
         let measured_at = self.pss_under_warning.get(&key).copied();

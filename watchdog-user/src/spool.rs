@@ -662,4 +662,15 @@ mod tests {
         spool.flush().unwrap();
         assert_eq!(pids(&mut spool), vec![3, 4]);
     }
+
+    #[test]
+    fn records_waiting_are_those_in_the_file_then_those_held() {
+        let dir = Dir::new("waiting");
+        let mut spool = Spool::open(&dir.spool()).unwrap();
+        spool.push(record(1, "sleep"));
+        spool.flush().unwrap();
+        spool.push(record(2, "sleep"));
+        let waiting: Vec<u32> = spool.waiting().unwrap().iter().map(|r| r.pid).collect();
+        assert_eq!(waiting, [1, 2], "in the file, then held");
+    }
 }

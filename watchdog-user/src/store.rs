@@ -1032,6 +1032,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn spooled_records_are_filtered_as_the_database_filters_rows() {
+        let record = |time: &str, reason| KillRecord {
+            time: time.into(),
+            host: "h".into(),
+            pid: 7,
+            ppid: 1,
+            analysis_id: "a".into(),
+            reason,
+            limit: None,
+            rss_bytes: 0,
+            runtime_ms: 0,
+            signals: Vec::new(),
+            outcome: crate::kill::Outcome::Killed,
+            comm: "c".into(),
+            cmdline: String::new(),
+            uid: 0,
+            owner_uid: None,
+            warned_of: None,
+            zombies: None,
+        };
+        let late = record("2026-11-21T12:00:00.500Z", crate::policy::Reason::Timeout);
+        let filter =
+            |since: Option<&str>, analysis: Option<&str>, reason: Option<&str>| EventFilter {
+                since: since.map(Into::into),
+                analysis_id: analysis.map(Into::into),
+                reason: reason.map(Into::into),
+                host: None,
+            };
+        assert!(filter(None, None, None).admits(&late));
+        assert!(filter(Some("2026-11-21T12:00:00.500Z"), Some("a"), Some("timeout")).admits(&late));
+        assert!(!filter(Some("2026-11-21T12:00:01.000Z"), None, None).admits(&late));
+        assert!(!filter(None, Some("b"), None).admits(&late));
+        assert!(!filter(None, None, Some("memory")).admits(&late));
+    }
+
+    #[test]
     fn urls_are_checked_and_passwords_never_shown() {
         let pg = DatabaseUrl::parse("postgres://w:secret@db:5432/watchdog").unwrap();
         assert_eq!(pg.dialect, Dialect::Postgres);
