@@ -171,7 +171,11 @@ pub fn status(
         grace_count: core.jobs().iter().map(|j| j.pending_count()).sum(),
         kills_total: counters.kills,
         kills_by_reason,
-        kills_last_24h: core.recent().iter().filter(|r| r.time >= day_ago).count(),
+        kills_last_24h: core
+            .recent()
+            .iter()
+            .filter(|r| r.time >= day_ago && r.reason != Reason::Warning)
+            .count(),
         recent_events: core.recent().iter().rev().take(20).cloned().collect(),
         dry_run: settings.dry_run,
         records_unqueued: kernel.records_unqueued,
