@@ -257,9 +257,18 @@ impl KernelBtf {
         }
     }
 
-    /// Everything the kernel programs need to know about this kernel.
-    pub fn program_config(&self) -> Result<Config> {
+    /// Everything the kernel programs need to know about this kernel. `in_pid_ns`: the
+    /// daemon runs in a PID namespace other than the initial one, so the programs must
+    /// translate pids into it; where this kernel's BTF lacks what that reads, the error
+    /// says so and names the way out.
+    pub fn program_config(&self, in_pid_ns: bool) -> Result<Config> {
         let mut config = self.process_config()?;
+        if in_pid_ns {
+            self.add_pid_ns_config(&mut config).context(
+                "the daemon runs in a PID namespace of its own (a container without hostPID) \
+                 and cannot translate the kernel's pids into it",
+            )?;
+        }
         if self.is_array_of("mm_struct", "rss_stat", "percpu_counter") {
             self.add_rss_config(&mut config)?;
         } else {
@@ -268,6 +277,22 @@ impl KernelBtf {
             );
         }
         Ok(config)
+    }
+
+    /// What the programs read to number a process in the daemon's PID namespace, as the
+    /// kernel's `pid_nr_ns()` does: `task->thread_pid->numbers[level]`, `.nr` when its
+    /// `.ns` is the daemon's (compared by `ns.inum`).
+    fn add_pid_ns_config(&self, config: &mut Config) -> Result<()> {
+        config.in_pid_ns = 1;
+        config.task_thread_pid = self.member_offset("task_struct", "thread_pid")?;
+        config.pid_level = self.member_offset("pid", "level")?;
+        config.pid_numbers = self.member_offset("pid", "numbers")?;
+        config.upid_size = self.struct_size("upid")?;
+        config.upid_nr = self.member_offset("upid", "nr")?;
+        config.upid_ns = self.member_offset("upid", "ns")?;
+        config.pidns_inum =
+            self.member_offset("pid_namespace", "ns")? + self.member_offset("ns_common", "inum")?;
+        Ok(())
     }
 
     fn add_rss_config(&self, config: &mut Config) -> Result<()> {
@@ -312,12 +337,29 @@ mod tests {
     #[test]
     fn reads_task_struct_offsets_from_the_running_kernel() {
         let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
-        let cfg = btf.program_config().unwrap();
+        let cfg = btf.program_config(false).unwrap();
         assert_eq!(cfg.task_tgid, cfg.task_pid + 4);
         assert!(cfg.task_pid > 0 && cfg.task_real_parent > cfg.task_tgid);
         assert_eq!(btf.tracepoint_arity("sched_process_fork").unwrap(), 2);
         assert_eq!(cfg.rss_enabled, 1, "6.18 has per-CPU rss counters");
         assert_eq!((cfg.mm_filepages, cfg.mm_anonpages), (0, 1));
+    }
+
+    /// The pid-namespace fields of the running kernel: a `struct upid` is an int and a
+    /// pointer, and `numbers` is the last member of `struct pid`.
+    #[test]
+    fn reads_pid_namespace_offsets_from_the_running_kernel() {
+        let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+        let initial = btf.program_config(false).unwrap();
+        assert_eq!(initial.in_pid_ns, 0);
+        assert_eq!((initial.task_thread_pid, initial.upid_size), (0, 0));
+        let cfg = btf.program_config(true).unwrap();
+        assert_eq!(cfg.in_pid_ns, 1);
+        assert_eq!((cfg.upid_size, cfg.upid_nr, cfg.upid_ns), (16, 0, 8));
+        assert!(cfg.task_thread_pid > cfg.task_tgid);
+        // `numbers` ends the struct (a flexible array; one element on older kernels).
+        assert!(cfg.pid_numbers + cfg.upid_size >= btf.struct_size("pid").unwrap());
+        assert!(cfg.pid_level < cfg.pid_numbers && cfg.pidns_inum > 0);
     }
 
     #[test]
