@@ -363,9 +363,12 @@ mod tests {
         assert!(cfg.pid_level < cfg.pid_numbers && cfg.pidns_inum > 0);
     }
 
+    /// A struct of [`synthetic_btf`]: its name, size and members (name, byte offset).
+    type SyntheticStruct<'a> = (&'a str, u32, &'a [(&'a str, u32)]);
+
     /// A BTF file of the given structs (members: name, byte offset; all plain ints) and
     /// the `sched_process_exit` tracepoint's prototype (`void *`, task, group_dead).
-    fn synthetic_btf(structs: &[(&str, u32, &[(&str, u32)])]) -> Vec<u8> {
+    fn synthetic_btf(structs: &[SyntheticStruct]) -> Vec<u8> {
         let mut strings = vec![0u8];
         let mut name = |text: &str| {
             let offset = strings.len() as u32;
