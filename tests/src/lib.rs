@@ -489,6 +489,19 @@ pub fn alive(pid: u32) -> bool {
     stat_fields(pid).is_some_and(|f| !matches!(f.first().map(String::as_str), Some("Z" | "X")))
 }
 
+/// The real uid of process `pid` of the procfs at `proc` (a container's, seen from the
+/// host, or the host's own `/proc`), while it lives.
+pub fn real_uid_in(proc: &Path, pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(proc.join(format!("{pid}/status"))).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The fields of /proc/PID/stat after the command name: state first.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

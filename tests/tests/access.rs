@@ -247,14 +247,7 @@ fn children_by_scan(parent: u32) -> Vec<u32> {
 
 /// The real uid of a process, from /proc.
 fn real_uid(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    watchdog_tests::real_uid_in(std::path::Path::new("/proc"), pid)
 }
 
 /// A shell running as `user` with one child (`sleep`): a tree of two.

@@ -62,6 +62,8 @@ pub const LAYOUT: u64 = layout_hash(&[
     align_of::<WalkTarget>() as u64,
     size_of::<ProcRecord>() as u64,
     align_of::<ProcRecord>() as u64,
+    size_of::<PidNs>() as u64,
+    align_of::<PidNs>() as u64,
 ]);
 
 /// FNV-1a over the words' bytes: any change of any word changes the result, at compile
@@ -92,13 +94,14 @@ pub const CONFIG_GLOBAL: &str = "WATCHDOG_CONFIG";
 pub const MAX_WATCHED: u32 = 1 << 17;
 
 /// The programs whose failures [`ERRORS_MAP`] counts, in slot order (the exec program
-/// has nothing that can fail).
-pub const PROGRAM_NAMES: [&str; 5] = [
+/// can fail only where it translates pids into the daemon's pid namespace).
+pub const PROGRAM_NAMES: [&str; 6] = [
     "sched_process_fork",
     "sched_process_exit",
     "rss_stat",
     "rss_iter",
     "descendants_iter",
+    "sched_process_exec",
 ];
 
 /// What failed in a program.
@@ -265,6 +268,30 @@ pub struct ProcRecord {
     pub comm: [u8; 16],
 }
 
+/// Name of the one-entry array holding the daemon's [`PidNs`], written before the
+/// programs are attached and pinned with them: the programs of a daemon in a PID
+/// namespace other than the initial one read its level from here, and a restarted
+/// daemon resumes pinned programs only when they report pids of its own namespace.
+pub const PID_NS_MAP: &str = "PID_NS";
+
+/// Name of the task iterator that tells the daemon its own PID namespace as the kernel
+/// sees it: the level, which userspace inside a namespace cannot learn.
+pub const PIDNS_ITER: &str = "pidns_iter";
+
+/// The inode number of the initial PID namespace (`PROC_PID_INIT_INO`), the same on every
+/// kernel: a daemon whose `/proc/self/ns/pid` has it sees the kernel's own pids.
+pub const INITIAL_PID_NS_INUM: u32 = 0xEFFF_FFFC;
+
+/// A PID namespace: its depth below the initial one (0 for the initial one) and its
+/// inode number (`/proc/PID/ns/pid`). Key 0 of [`PID_NS_MAP`], and the one record
+/// of [`PIDNS_ITER`] (the namespace of the task reading it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PidNs {
+    pub level: u32,
+    pub inum: u32,
+}
+
 /// How far up the descendants iterator follows parents looking for the root.
 pub const WALK_MAX_DEPTH: u32 = 64;
 
@@ -332,6 +359,20 @@ pub struct Config {
     /// Unread bytes in the ring past which every event wakes the daemon: events that
     /// can wait are batched, but never so many that the ring could fill.
     pub wake_watermark: u64,
+    /// 1 when the daemon runs in a PID namespace other than the initial one: the
+    /// programs then report each process by its pid in that namespace ([`PID_NS_MAP`]
+    /// names it) and skip processes outside it. 0: the kernel's own pids, as read.
+    pub in_pid_ns: u32,
+    /// `task_struct.thread_pid`, `pid.level`, `pid.numbers`, `sizeof(struct upid)`,
+    /// `upid.nr`, `upid.ns` and `pid_namespace.ns.inum`: what the kernel's
+    /// `pid_nr_ns()` reads. Only read with `in_pid_ns`.
+    pub task_thread_pid: u32,
+    pub pid_level: u32,
+    pub pid_numbers: u32,
+    pub upid_size: u32,
+    pub upid_nr: u32,
+    pub upid_ns: u32,
+    pub pidns_inum: u32,
 }
 
 impl Config {
@@ -361,6 +402,14 @@ impl Config {
         task_comm: 0,
         _pad: 0,
         wake_watermark: 0,
+        in_pid_ns: 0,
+        task_thread_pid: 0,
+        pid_level: 0,
+        pid_numbers: 0,
+        upid_size: 0,
+        upid_nr: 0,
+        upid_ns: 0,
+        pidns_inum: 0,
     };
 }
 
@@ -375,4 +424,5 @@ mod pod {
     unsafe impl aya::Pod for super::RssSample {}
     unsafe impl aya::Pod for super::WalkTarget {}
     unsafe impl aya::Pod for super::ProcRecord {}
+    unsafe impl aya::Pod for super::PidNs {}
 }

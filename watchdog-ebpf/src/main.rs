@@ -9,6 +9,11 @@
 //! tp_btf programs: they need no tracefs, and give us the `task_struct` pointers. The
 //! struct offsets come from the running kernel's BTF through `WATCHDOG_CONFIG`.
 //!
+//! Every pid they report or look up is the daemon's: a daemon in a PID namespace of its
+//! own (a container, a pod without hostPID) gets each process' pid in that namespace,
+//! read from the task's `struct pid` as the kernel's `pid_nr_ns()` does, and never hears
+//! of a process outside it. In the initial namespace the kernel's pids are used as read.
+//!
 //! A program that fails (a kernel read refused) reports it with one aya-log `error!`
 //! record naming the program and the error code, when the daemon reads them
 //! (`run --kernel-log`). Only failures report: nothing of it is on the success path.
@@ -29,7 +34,7 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use watchdog_common::{
     AnalysisEntry, Config, ERROR_SLOTS, Event, EventKind, FORK_UNTRACKED, MAX_ANALYSES,
-    MAX_WATCHED, ProcRecord, ProgramError, RING_BYTES, RootEntry, RssSample, WALK_MAX_DEPTH,
+    MAX_WATCHED, PidNs, ProcRecord, ProgramError, RING_BYTES, RootEntry, RssSample, WALK_MAX_DEPTH,
     WalkTarget, WatchEntry, error_slot,
 };
 
@@ -75,6 +80,12 @@ static LAYOUT: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static WALK_TARGET: Array<WalkTarget> = Array::with_max_entries(1, 0);
 
+/// The daemon's PID namespace (key 0), written before the programs are attached; read
+/// only when `Config::in_pid_ns` is set. Pinned, so a restarted daemon can tell whether
+/// the pinned programs report pids of its own namespace.
+#[map]
+static PID_NS: Array<PidNs> = Array::with_max_entries(1, 0);
+
 /// 1 while a daemon reads the error reports (`run --kernel-log`); written by the daemon
 /// at each start and pinned, so resumed programs follow the daemon now running.
 #[map]
@@ -90,8 +101,72 @@ macro_rules! config {
     };
 }
 
-fn current_tgid() -> u32 {
-    (bpf_get_current_pid_tgid() >> 32) as u32
+/// Whether the daemon sees the kernel's own pids (the initial PID namespace): then every
+/// pid is used as read, and nothing of the translation below runs.
+#[inline(always)]
+fn in_initial_ns() -> bool {
+    config!(in_pid_ns) == 0
+}
+
+/// The number of the `struct pid` at `pid` in the daemon's namespace, as the kernel's
+/// `pid_nr_ns()` finds it; 0 (no process' pid, and never a key of `WATCHED`) when the
+/// process is not in that namespace (nor in one below it): the daemon never hears of
+/// it. A plain 0 rather than an Option: the verifier follows it more easily.
+fn nr_in_daemon_ns(pid: *const u8) -> Result<u32, i64> {
+    let Some(ns) = PID_NS.get(0) else {
+        return Ok(0);
+    };
+    let (ns_level, ns_inum) = (ns.level, ns.inum);
+    if pid.is_null() {
+        return Ok(0);
+    }
+    let level: u32 = read_at(pid, config!(pid_level))?;
+    if level < ns_level {
+        return Ok(0);
+    }
+    let upid = upid_at(pid, ns_level);
+    let upid_ns: *const u8 = read_at(upid, config!(upid_ns))?;
+    if upid_ns.is_null() {
+        return Ok(0);
+    }
+    let inum: u32 = read_at(upid_ns, config!(pidns_inum))?;
+    if inum != ns_inum {
+        return Ok(0);
+    }
+    read_at(upid, config!(upid_nr))
+}
+
+/// `&pid->numbers[level]`: the process' number and namespace at that depth.
+fn upid_at(pid: *const u8, level: u32) -> *const u8 {
+    pid.wrapping_add((config!(pid_numbers) + level * config!(upid_size)) as usize)
+}
+
+/// The pid the daemon knows a thread group leader by, given the kernel's `pid` of it
+/// (0: outside its namespace).
+fn leader_pid(leader: *const u8, pid: u32) -> Result<u32, i64> {
+    if in_initial_ns() {
+        return Ok(pid);
+    }
+    nr_in_daemon_ns(read_at(leader, config!(task_thread_pid))?)
+}
+
+/// The pid the daemon knows the process of `task` (a thread's is its leader's) by
+/// (0: outside its namespace).
+fn tgid_of(task: *const u8) -> Result<u32, i64> {
+    if in_initial_ns() {
+        return read_at(task, config!(task_tgid));
+    }
+    let leader: *const u8 = read_at(task, config!(task_group_leader))?;
+    nr_in_daemon_ns(read_at(leader, config!(task_thread_pid))?)
+}
+
+/// The pid the daemon knows the current process by (0: outside its namespace, which
+/// no map lookup finds).
+fn current_tgid() -> Result<u32, i64> {
+    if in_initial_ns() {
+        return Ok((bpf_get_current_pid_tgid() >> 32) as u32);
+    }
+    tgid_of(unsafe { bpf_get_current_task() } as *const u8)
 }
 
 /// Reads a `T` at byte `offset` of the kernel struct at `base`.
@@ -108,6 +183,7 @@ enum Program {
     RssStat = 2,
     RssIter = 3,
     DescendantsIter = 4,
+    Exec = 5,
 }
 
 impl Program {
@@ -121,6 +197,7 @@ impl Program {
             Self::RssStat => "rss_stat",
             Self::RssIter => "rss_iter",
             Self::DescendantsIter => "descendants_iter",
+            Self::Exec => "sched_process_exec",
         }
     }
 }
@@ -222,7 +299,7 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> u32 {
 }
 
 fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let Some(entry) = (unsafe { WATCHED.get(current_tgid()) }).copied() else {
+    let Some(entry) = (unsafe { WATCHED.get(current_tgid()?) }).copied() else {
         return Ok(());
     };
     let child: *const u8 = ctx.arg(1);
@@ -232,6 +309,8 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
         // A new thread of a watched process: same process, not a new node.
         return Ok(());
     }
+    // A child of a process in the daemon's namespace is in it too.
+    let child_tgid = leader_pid(child, child_tgid)?;
     let start_ns: u64 = read_at(child, config!(task_start_boottime))?;
     let child_entry = WatchEntry {
         rss_reported: 0,
@@ -254,7 +333,7 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
     };
     // real_parent, not the forking task: CLONE_PARENT makes them differ.
     let real_parent: *const u8 = read_at(child, config!(task_real_parent))?;
-    let ppid: u32 = read_at(real_parent, config!(task_tgid))?;
+    let ppid = tgid_of(real_parent)?;
     emit(Record {
         ppid,
         start_ns,
@@ -272,7 +351,7 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
 }
 
 fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let tgid = current_tgid();
+    let tgid = current_tgid()?;
     let Some(entry) = (unsafe { WATCHED.get(tgid) }).copied() else {
         return Ok(());
     };
@@ -322,12 +401,17 @@ fn is_group_dead(ctx: &BtfTracePointContext, task: *const u8) -> Result<bool, i6
 
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> u32 {
-    let tgid = current_tgid();
+    finish(&ctx, Program::Exec, try_exec());
+    let _ = ctx.as_ptr();
+    0
+}
+
+fn try_exec() -> Result<(), i64> {
+    let tgid = current_tgid()?;
     if let Some(entry) = unsafe { WATCHED.get(tgid) } {
         emit(Record::new(EventKind::Exec, tgid, entry.analysis));
     }
-    let _ = ctx.as_ptr();
-    0
+    Ok(())
 }
 
 /// The memory fast path: fires on every RSS counter change of any process; for a
@@ -359,7 +443,7 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if config!(rss_enabled) == 0 {
         return Ok(());
     }
-    let tgid = current_tgid();
+    let tgid = current_tgid()?;
     let Some(entry) = WATCHED.get_ptr_mut(tgid) else {
         return Ok(());
     };
@@ -424,7 +508,11 @@ fn try_rss_iter(ctx: *const IterTaskCtx) -> Result<(), i64> {
     }
     let pid: u32 = read_at(task, config!(task_pid))?;
     let tgid: u32 = read_at(task, config!(task_tgid))?;
-    if pid != tgid || unsafe { WATCHED.get(tgid) }.is_none() {
+    if pid != tgid {
+        return Ok(());
+    }
+    let pid = leader_pid(task, pid)?;
+    if unsafe { WATCHED.get(pid) }.is_none() {
         return Ok(());
     }
     let mm: *const u8 = read_at(task, config!(task_mm))?;
@@ -486,11 +574,15 @@ fn try_descendants_iter(ctx: *const IterTaskCtx) -> Result<(), i64> {
     let pid: u32 = read_at(task, config!(task_pid))?;
     let tgid: u32 = read_at(task, config!(task_tgid))?;
     let exit_state: u32 = read_at(task, config!(task_exit_state))?;
-    if pid != tgid || pid == target.pid || exit_state != 0 {
-        return Ok(()); // A thread, the root itself, or a zombie: nothing to watch.
+    if pid != tgid || exit_state != 0 {
+        return Ok(()); // A thread or a zombie: nothing to watch.
+    }
+    let pid = leader_pid(task, pid)?;
+    if pid == 0 || pid == target.pid {
+        return Ok(()); // Outside the daemon's pid namespace, or the root itself.
     }
     let parent: *const u8 = read_at(task, config!(task_real_parent))?;
-    let ppid: u32 = read_at(parent, config!(task_tgid))?;
+    let ppid = tgid_of(parent)?;
     if !descends_from(parent, &target)? {
         return Ok(());
     }
@@ -507,8 +599,9 @@ fn try_descendants_iter(ctx: *const IterTaskCtx) -> Result<(), i64> {
 /// Whether `ancestor` or one of its parents is the target root.
 fn descends_from(mut ancestor: *const u8, target: &WalkTarget) -> Result<bool, i64> {
     for _ in 0..WALK_MAX_DEPTH {
-        let tgid: u32 = read_at(ancestor, config!(task_tgid))?;
+        let tgid = tgid_of(ancestor)?;
         let start_ns: u64 = read_at(ancestor, config!(task_start_boottime))?;
+        // 0: outside the daemon's namespace; 1: its init. Neither is below the root.
         if start_ns < target.start_ns || tgid <= 1 {
             return Ok(false);
         }
@@ -518,6 +611,36 @@ fn descends_from(mut ancestor: *const u8, target: &WalkTarget) -> Result<bool, i
         ancestor = read_at(ancestor, config!(task_real_parent))?;
     }
     Ok(false)
+}
+
+/// Tells the daemon its own PID namespace as the kernel sees it: the reader's (the task
+/// running this iterator is the daemon reading it). One [`PidNs`], written once at the
+/// end of the walk; nothing when a read is refused, and the daemon then says why it
+/// cannot run in that namespace.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task")]
+pub fn pidns_iter(ctx: *mut core::ffi::c_void) -> i32 {
+    let ctx: *const IterTaskCtx = ctx.cast();
+    let (meta, task) = unsafe { ((*ctx).meta, (*ctx).task) };
+    if task.is_null()
+        && let Ok(ns) = reader_pid_ns()
+    {
+        seq_write(meta, &ns);
+    }
+    0
+}
+
+/// The current task's active PID namespace: `pid->numbers[pid->level].ns`.
+fn reader_pid_ns() -> Result<PidNs, i64> {
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let pid: *const u8 = read_at(task, config!(task_thread_pid))?;
+    let level: u32 = read_at(pid, config!(pid_level))?;
+    let upid = upid_at(pid, level);
+    let ns: *const u8 = read_at(upid, config!(upid_ns))?;
+    Ok(PidNs {
+        level,
+        inum: read_at(ns, config!(pidns_inum))?,
+    })
 }
 
 #[cfg(not(test))]

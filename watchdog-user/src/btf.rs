@@ -257,9 +257,19 @@ impl KernelBtf {
         }
     }
 
-    /// Everything the kernel programs need to know about this kernel.
-    pub fn program_config(&self) -> Result<Config> {
+    /// Everything the kernel programs need to know about this kernel. `in_pid_ns`: the
+    /// daemon runs in a PID namespace other than the initial one, so the programs must
+    /// translate pids into it; where this kernel's BTF lacks what that reads, the error
+    /// says so and names the way out.
+    pub fn program_config(&self, in_pid_ns: bool) -> Result<Config> {
         let mut config = self.process_config()?;
+        if in_pid_ns {
+            self.add_pid_ns_config(&mut config).context(
+                "the daemon runs in a PID namespace of its own (a container without hostPID) \
+                 and this kernel's BTF lacks what translating pids into it reads; run it in \
+                 the host's PID namespace (hostPID)",
+            )?;
+        }
         if self.is_array_of("mm_struct", "rss_stat", "percpu_counter") {
             self.add_rss_config(&mut config)?;
         } else {
@@ -268,6 +278,22 @@ impl KernelBtf {
             );
         }
         Ok(config)
+    }
+
+    /// What the programs read to number a process in the daemon's PID namespace, as the
+    /// kernel's `pid_nr_ns()` does: `task->thread_pid->numbers[level]`, `.nr` when its
+    /// `.ns` is the daemon's (compared by `ns.inum`).
+    fn add_pid_ns_config(&self, config: &mut Config) -> Result<()> {
+        config.in_pid_ns = 1;
+        config.task_thread_pid = self.member_offset("task_struct", "thread_pid")?;
+        config.pid_level = self.member_offset("pid", "level")?;
+        config.pid_numbers = self.member_offset("pid", "numbers")?;
+        config.upid_size = self.struct_size("upid")?;
+        config.upid_nr = self.member_offset("upid", "nr")?;
+        config.upid_ns = self.member_offset("upid", "ns")?;
+        config.pidns_inum =
+            self.member_offset("pid_namespace", "ns")? + self.member_offset("ns_common", "inum")?;
+        Ok(())
     }
 
     fn add_rss_config(&self, config: &mut Config) -> Result<()> {
@@ -312,12 +338,134 @@ mod tests {
     #[test]
     fn reads_task_struct_offsets_from_the_running_kernel() {
         let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
-        let cfg = btf.program_config().unwrap();
+        let cfg = btf.program_config(false).unwrap();
         assert_eq!(cfg.task_tgid, cfg.task_pid + 4);
         assert!(cfg.task_pid > 0 && cfg.task_real_parent > cfg.task_tgid);
         assert_eq!(btf.tracepoint_arity("sched_process_fork").unwrap(), 2);
         assert_eq!(cfg.rss_enabled, 1, "6.18 has per-CPU rss counters");
         assert_eq!((cfg.mm_filepages, cfg.mm_anonpages), (0, 1));
+    }
+
+    /// The pid-namespace fields of the running kernel: a `struct upid` is an int and a
+    /// pointer, and `numbers` is the last member of `struct pid`.
+    #[test]
+    fn reads_pid_namespace_offsets_from_the_running_kernel() {
+        let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+        let initial = btf.program_config(false).unwrap();
+        assert_eq!(initial.in_pid_ns, 0);
+        assert_eq!((initial.task_thread_pid, initial.upid_size), (0, 0));
+        let cfg = btf.program_config(true).unwrap();
+        assert_eq!(cfg.in_pid_ns, 1);
+        assert_eq!((cfg.upid_size, cfg.upid_nr, cfg.upid_ns), (16, 0, 8));
+        assert!(cfg.task_thread_pid > cfg.task_tgid);
+        // `numbers` ends the struct (a flexible array; one element on older kernels).
+        assert!(cfg.pid_numbers + cfg.upid_size >= btf.struct_size("pid").unwrap());
+        assert!(cfg.pid_level < cfg.pid_numbers && cfg.pidns_inum > 0);
+    }
+
+    /// A struct of [`synthetic_btf`]: its name, size and members (name, byte offset).
+    type SyntheticStruct<'a> = (&'a str, u32, &'a [(&'a str, u32)]);
+
+    /// A BTF file of the given structs (members: name, byte offset; all plain ints) and
+    /// the `sched_process_exit` tracepoint's prototype (`void *`, task, group_dead).
+    fn synthetic_btf(structs: &[SyntheticStruct]) -> Vec<u8> {
+        let mut strings = vec![0u8];
+        let mut name = |text: &str| {
+            let offset = strings.len() as u32;
+            strings.extend(text.as_bytes());
+            strings.push(0);
+            offset
+        };
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| words.iter().for_each(|w| types.extend(w.to_ne_bytes()));
+        let info = |kind: u32, vlen: usize| (kind << 24) | vlen as u32;
+        // 1: int, 2: void *, 3: the prototype, 4: a pointer to it, 5: its typedef.
+        push(&[name("int"), info(1, 0), 4, 32]);
+        push(&[0, info(KIND_PTR, 0), 0]);
+        push(&[0, info(KIND_FUNC_PROTO, 3), 0, 0, 2, 0, 1, 0, 1]);
+        push(&[0, info(KIND_PTR, 0), 3]);
+        push(&[
+            name("btf_trace_sched_process_exit"),
+            info(KIND_TYPEDEF, 0),
+            4,
+        ]);
+        for (struct_name, size, members) in structs {
+            push(&[name(struct_name), info(KIND_STRUCT, members.len()), *size]);
+            for (member, offset) in *members {
+                push(&[name(member), 1, offset * 8]);
+            }
+        }
+        let mut btf = Vec::new();
+        btf.extend(MAGIC.to_ne_bytes());
+        btf.extend([1, 0]);
+        for word in [
+            24,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            btf.extend(word.to_ne_bytes());
+        }
+        btf.extend(types);
+        btf.extend(strings);
+        btf
+    }
+
+    const TASK: &[(&str, u32)] = &[
+        ("pid", 8),
+        ("tgid", 12),
+        ("real_parent", 16),
+        ("exit_code", 24),
+        ("start_boottime", 28),
+        ("signal", 36),
+        ("group_leader", 44),
+        ("children", 52),
+        ("exit_state", 60),
+        ("comm", 64),
+        ("thread_pid", 80),
+    ];
+
+    /// Where the pid-namespace fields are missing (a kernel whose BTF lacks them), the
+    /// daemon in the initial namespace starts, and in another one the error is one
+    /// line naming the field and the way out.
+    #[test]
+    fn a_kernel_without_the_pid_fields_refuses_only_a_namespaced_daemon() {
+        let signal: &[(&str, u32)] = &[("live", 4)];
+        let btf = synthetic_btf(&[("task_struct", 96, TASK), ("signal_struct", 8, signal)]);
+        let btf = KernelBtf::parse(&btf).unwrap();
+        assert_eq!(btf.program_config(false).unwrap().task_tgid, 12);
+        let err = format!("{:#}", btf.program_config(true).unwrap_err());
+        assert!(!err.contains('\n'), "{err}");
+        assert!(
+            err.contains("PID namespace of its own")
+                && err.contains("hostPID")
+                && err.ends_with("struct pid is not in the kernel BTF"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pid_namespace_offsets_are_read_where_the_btf_has_them() {
+        let btf = synthetic_btf(&[
+            ("task_struct", 96, TASK),
+            ("signal_struct", 8, &[("live", 4)]),
+            ("pid", 40, &[("level", 4), ("numbers", 24)]),
+            ("upid", 16, &[("nr", 0), ("ns", 8)]),
+            ("pid_namespace", 200, &[("ns", 120)]),
+            ("ns_common", 40, &[("inum", 20)]),
+        ]);
+        let cfg = KernelBtf::parse(&btf)
+            .unwrap()
+            .program_config(true)
+            .unwrap();
+        assert_eq!(cfg.in_pid_ns, 1);
+        assert_eq!(
+            (cfg.task_thread_pid, cfg.pid_level, cfg.pid_numbers),
+            (80, 4, 24)
+        );
+        assert_eq!((cfg.upid_size, cfg.upid_nr, cfg.upid_ns), (16, 0, 8));
+        assert_eq!(cfg.pidns_inum, 140);
     }
 
     #[test]

@@ -10,9 +10,9 @@ use aya::{
 };
 use watchdog_common::{
     ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, ERRORS_MAP,
-    EVENTS_MAP, KERNEL_LOG_MAP, LAYOUT, LAYOUT_MAP, LOGS_MAP, PROGRAM_ERRORS, PROGRAM_NAMES,
-    ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER, RootEntry, RssSample, WALK_TARGET_MAP,
-    WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
+    EVENTS_MAP, INITIAL_PID_NS_INUM, KERNEL_LOG_MAP, LAYOUT, LAYOUT_MAP, LOGS_MAP, PID_NS_MAP,
+    PIDNS_ITER, PROGRAM_ERRORS, PROGRAM_NAMES, PidNs, ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER,
+    RootEntry, RssSample, WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
 };
 
 use tokio::io::{Interest, unix::AsyncFd};
@@ -77,13 +77,7 @@ fn attach_iter(
     fallback: &str,
 ) -> Option<PathBuf> {
     let mut attach = || -> Result<PathBuf> {
-        let program: &mut Iter = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?
-            .try_into()?;
-        program.load("task", btf)?;
-        let link_id = program.attach()?;
-        let link: FdLink = program.take_link(link_id)?.try_into()?;
+        let link: FdLink = start_iter(ebpf, btf, name)?.try_into()?;
         let path = iter_pin(pin_dir, name);
         link.pin(&path)?;
         Ok(path)
@@ -91,6 +85,17 @@ fn attach_iter(
     attach()
         .inspect_err(|e| tracing::warn!("no {name} task iterator ({e:#}): {fallback}"))
         .ok()
+}
+
+/// Loads the task iterator `name` and attaches it: its link, to pin or read.
+fn start_iter(ebpf: &mut Ebpf, btf: &Btf, name: &str) -> Result<aya::programs::iter::IterLink> {
+    let program: &mut Iter = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()?;
+    program.load("task", btf)?;
+    let link_id = program.attach()?;
+    Ok(program.take_link(link_id)?)
 }
 
 fn iter_pin(pin_dir: &Path, name: &str) -> PathBuf {
@@ -166,7 +171,7 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 12] = [
     WATCHED_MAP,
     EVENTS_MAP,
     DROPS_MAP,
@@ -180,6 +185,9 @@ const PINNED_MAPS: [&str; 11] = [
     // resumed programs write, and turns them on or off for them.
     LOGS_MAP,
     KERNEL_LOG_MAP,
+    // The PID namespace whose pids the pinned programs report: a restarted daemon
+    // resumes them only in that same namespace.
+    PID_NS_MAP,
     // This build's LAYOUT, written once the programs are attached: checked first.
     LAYOUT_MAP,
 ];
@@ -277,7 +285,9 @@ impl Kernel {
         fresh: bool,
         kernel_log: bool,
     ) -> Result<(Self, RingBuf<MapData>)> {
-        let mut config = KernelBtf::from_file(btf_path)?.program_config()?;
+        let pid_ns = crate::procs::own_pid_ns()?;
+        let in_pid_ns = pid_ns != INITIAL_PID_NS_INUM;
+        let mut config = KernelBtf::from_file(btf_path)?.program_config(in_pid_ns)?;
         config.wake_watermark = u64::from(ring_bytes.unwrap_or(RING_BYTES) / 4);
         tracing::debug!(?config, "offsets read from kernel BTF");
         // EbpfLoader::new() parses /sys/kernel/btf/vmlinux for itself (~15 MiB of heap);
@@ -305,6 +315,7 @@ impl Kernel {
         let sizes = Sizes {
             ring_bytes,
             watched_capacity: watched_capacity.unwrap_or_else(pid_max),
+            pid_ns,
         };
         let mut loaded =
             Self::load_pinned(loader, &btf, &config, sizes, pin_dir, resumed, kernel_log);
@@ -365,10 +376,12 @@ impl Kernel {
             .load(PROGRAMS)
             .map_err(|e| refused("load the watchdog's eBPF maps and programs", e))?;
         let (rss_iter, descendants_iter) = if resumed {
+            check_pinned_pid_ns(&ebpf, sizes.pid_ns)?;
             tracing::info!(pin_dir = %pin_dir.display(), "programs still attached from the previous run: resuming");
             let pinned = |name| Some(iter_pin(pin_dir, name)).filter(|p| p.exists());
             (pinned(RSS_ITER), pinned(DESCENDANTS_ITER))
         } else {
+            set_pid_ns(&mut ebpf, btf, config, sizes.pid_ns)?;
             attach_and_pin(&mut ebpf, btf, pin_dir)?;
             let rss_iter = (config.rss_enabled != 0)
                 .then(|| {
@@ -609,11 +622,88 @@ pub async fn forward_kernel_log(logger: KernelLogger) -> Result<()> {
     }
 }
 
-/// Sizes chosen at load time (a resumed daemon keeps the pinned maps' own).
+/// Sizes chosen at load time (a resumed daemon keeps the pinned maps' own), and the
+/// daemon's PID namespace (its inode number).
 #[derive(Clone, Copy)]
 struct Sizes {
     ring_bytes: Option<u32>,
     watched_capacity: u32,
+    pid_ns: u32,
+}
+
+/// Tells the programs, before they are attached, which PID namespace to number
+/// processes in: the daemon's. In the initial one they use the kernel's pids as read
+/// and the map is only a record for restarts; in another one its level, which nothing
+/// in userspace can tell from inside it, is what the kernel says of the daemon itself.
+fn set_pid_ns(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    config: &watchdog_common::Config,
+    inum: u32,
+) -> Result<()> {
+    let ns = if config.in_pid_ns == 0 {
+        PidNs { level: 0, inum }
+    } else {
+        let ns = read_own_pid_ns(ebpf, btf).map_err(|e| {
+            anyhow!("the daemon runs in a PID namespace of its own (a container without hostPID) and cannot ask the kernel its depth ({e:#}): run it in the host's PID namespace (hostPID), or on a kernel with task iterators (5.8 or newer)")
+        })?;
+        if ns.inum != inum {
+            bail!(
+                "the kernel places the daemon in PID namespace {}, and /proc/self/ns/pid says {inum}: the kernel's BTF offsets are wrong; run it in the host's PID namespace (hostPID)",
+                ns.inum
+            );
+        }
+        tracing::info!(
+            level = ns.level,
+            inum,
+            "in a PID namespace of its own: the programs report its pids and ignore processes outside it"
+        );
+        ns
+    };
+    let map = ebpf
+        .map_mut(PID_NS_MAP)
+        .with_context(|| format!("map {PID_NS_MAP} missing from the eBPF object"))?;
+    Array::<_, PidNs>::try_from(map)?
+        .set(0, ns, 0)
+        .context("recording the daemon's PID namespace for the programs")
+}
+
+/// The PID namespace of the daemon, as the kernel sees it: one read of the pidns
+/// iterator, run by this process. The program is unloaded once read.
+fn read_own_pid_ns(ebpf: &mut Ebpf, btf: &Btf) -> Result<PidNs> {
+    let mut file = start_iter(ebpf, btf, PIDNS_ITER)?.into_file()?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).context("reading the pidns iterator")?;
+    drop(file);
+    let program: &mut Iter = ebpf
+        .program_mut(PIDNS_ITER)
+        .context("the pidns iterator vanished")?
+        .try_into()?;
+    program.unload()?;
+    let record = bytes
+        .get(..size_of::<PidNs>())
+        .context("the pidns iterator wrote nothing (a kernel read was refused)")?;
+    // SAFETY: the iterator writes one whole #[repr(C)] PidNs.
+    Ok(unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) })
+}
+
+/// Pinned programs number processes in the PID namespace they were loaded for: resumed
+/// from another one (a new pod on a shared bpffs), every pid they report would name
+/// another process, so they are not resumed.
+fn check_pinned_pid_ns(ebpf: &Ebpf, inum: u32) -> Result<()> {
+    let map = ebpf
+        .map(PID_NS_MAP)
+        .with_context(|| format!("map {PID_NS_MAP} missing from the eBPF object"))?;
+    let pinned = Array::<_, PidNs>::try_from(map)?
+        .get(&0, 0)
+        .context("reading the pinned PID namespace")?;
+    if pinned.inum != inum {
+        bail!(
+            "the pinned programs number processes in PID namespace {}, and this daemon runs in {inum}",
+            pinned.inum
+        );
+    }
+    Ok(())
 }
 
 /// The most processes that can live at once on this host: the watched map's capacity.

@@ -46,6 +46,17 @@ impl From<&watchdog_common::RssSample> for crate::tree::ProcRef {
     }
 }
 
+/// The inode number of this process' PID namespace (`/proc/self/ns/pid`): the pids it
+/// sees, in /proc, pidfds and its peers' credentials, are that namespace's.
+pub fn own_pid_ns() -> anyhow::Result<u32> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = std::fs::metadata("/proc/self/ns/pid")
+        .context("reading /proc/self/ns/pid to learn the daemon's PID namespace")?
+        .ino();
+    u32::try_from(inode).context("/proc/self/ns/pid has an inode number wider than 32 bits")
+}
+
 /// The precision of /proc's start times.
 pub fn ns_per_tick() -> u64 {
     1_000_000_000 / procfs::ticks_per_second().max(1)

@@ -1,5 +1,6 @@
 //! Packages the test suite needs and a fresh machine may lack: the PostgreSQL server (the
-//! persistence tests start their own throwaway one), pytest (the Python client's tests).
+//! persistence tests start their own throwaway one), systemd-nspawn (the unit's test boots
+//! a real systemd in a container), pytest (the Python client's tests).
 
 use std::{path::Path, process::Command};
 
@@ -30,12 +31,15 @@ pub fn ensure_test_packages() -> Result<()> {
     if !on_path("systemd-analyze") {
         missing.push("systemd");
     }
+    if !on_path("systemd-nspawn") {
+        missing.push("systemd-container");
+    }
     if missing.is_empty() {
         return Ok(());
     }
     step(&format!(
         "installing Debian's {} (a throwaway database server for the persistence tests; \
-         systemd-analyze to verify the unit)",
+         systemd-analyze to verify the unit; systemd-nspawn to run it under a real systemd)",
         missing.join(" and ")
     ));
     let apt = |args: &[&str]| {
