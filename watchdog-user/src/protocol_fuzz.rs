@@ -150,6 +150,7 @@ fn request() -> BoxedStrategy<Request> {
             .prop_map(|(pid, analysis_id)| Request::Unregister { pid, analysis_id }),
         1 => option::of(analysis_id()).prop_map(|analysis_id| Request::DumpTree { analysis_id }),
         1 => Just(Request::Status),
+        1 => Just(Request::Overview),
         1 => (
             option::of(any::<String>()),
             option::of(analysis_id()),
@@ -340,6 +341,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
         boot_ns: 10_000_000_000,
     };
     let mut answered = 0;
+    let mut history = crate::overview::RssHistory::default();
     while let Some((request, peer, reply)) = calls.recv().await {
         let response = match request {
             Request::Status => {
@@ -360,6 +362,9 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
             Request::Events { .. } => Response::Ok(Reply::Events {
                 records: Vec::new(),
             }),
+            Request::Overview => Response::Ok(Reply::Overview(Box::new(
+                crate::overview::overview(&core, &history, &clock),
+            ))),
             other => requests::respond(
                 &mut core,
                 other,
@@ -374,6 +379,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
         clock = clock.advanced(Duration::from_millis(10));
         core.on_tick(&procs, &clock);
         core.take_actions();
+        history.record(clock.wall, crate::overview::rss_sums(&core));
         answered += 1;
         let _ = reply.send(response);
     }
