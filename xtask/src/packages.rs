@@ -1,5 +1,6 @@
 //! Packages the test suite needs and a fresh machine may lack: the PostgreSQL server (the
-//! persistence tests start their own throwaway one), pytest (the Python client's tests).
+//! persistence tests start their own throwaway one), chromium (the live page's test
+//! drives it headless), pytest (the Python client's tests).
 
 use std::{path::Path, process::Command};
 
@@ -30,12 +31,16 @@ pub fn ensure_test_packages() -> Result<()> {
     if !on_path("systemd-analyze") {
         missing.push("systemd");
     }
+    // tests/tests/page.rs starts this very path.
+    if !Path::new("/usr/bin/chromium").exists() {
+        missing.push("chromium");
+    }
     if missing.is_empty() {
         return Ok(());
     }
     step(&format!(
         "installing Debian's {} (a throwaway database server for the persistence tests; \
-         systemd-analyze to verify the unit)",
+         systemd-analyze to verify the unit; a headless browser for the live page's test)",
         missing.join(" and ")
     ));
     let apt = |args: &[&str]| {

@@ -83,9 +83,12 @@ function sparkline(samples) {
   const peak = Math.max(1, ...samples.map((s) => s[1]));
   const points = samples.map(([t, rss]) =>
     `${((t - t0) / span * 100).toFixed(2)},${(29 - rss / peak * 28).toFixed(2)}`);
+  // The area under the line, down to 0 bytes: a flat line at the top is a steady RSS.
+  const area = document.createElementNS(SVG, 'polygon');
+  area.setAttribute('points', ['0,30', ...points, '100,30'].join(' '));
   const line = document.createElementNS(SVG, 'polyline');
   line.setAttribute('points', points.join(' '));
-  svg.append(line);
+  svg.append(area, line);
   return svg;
 }
 
@@ -129,9 +132,13 @@ function processTree(analysis) {
   });
   if (analysis.tree_omitted > 0) {
     root.append(el('div', { className: 'more' },
-      `${analysis.tree_omitted} more processes not listed`));
+      `${plural(analysis.tree_omitted, 'more process', 'more processes')} not listed`));
   }
   return root;
+}
+
+function plural(n, one, many) {
+  return `${n} ${n === 1 ? one : many}`;
 }
 
 function timeLeft(a) {
@@ -150,14 +157,15 @@ function analysisCard(a, owners) {
     a.dying ? el('span', { className: 'badge' }, `being killed: ${a.dying}`) : null);
   const maxProcs = a.limits.max_processes || null;
   const counts = el('div', { className: 'counts' },
-    el('span', { className: 'processes' }, `${a.processes} processes`),
+    el('span', { className: 'processes' }, plural(a.processes, 'process', 'processes')),
     maxProcs ? el('span', { className: 'muted' }, ` (at most ${maxProcs})`) : null,
     ' · ',
-    el('span', { className: 'zombies' }, `${zombies} zombies`));
+    el('span', { className: 'zombies' }, zombies === '1' ? '1 zombie' : `${zombies} zombies`));
   const grid = el('div', { className: 'grid' },
     meter('largest process RSS', a.largest_rss_bytes, a.limits.memory_bytes, bytes),
     meter('tree RSS', a.rss_bytes, a.limits.tree_memory_bytes, bytes),
-    el('div', {}, el('div', { className: 'muted' }, 'tree RSS over time'), sparkline(a.rss_samples)));
+    el('div', {}, el('div', { className: 'muted' }, `tree RSS, last ${plural(a.rss_samples.length, 'poll', 'polls')}`),
+      sparkline(a.rss_samples)));
   const tree = details(`tree:${a.analysis_id}`, false,
     [`process tree (${a.processes})`], processTree(a));
   const card = el('article', { className: 'analysis', dataset: { analysisId: a.analysis_id } },
@@ -197,7 +205,7 @@ function showAnalyses(data) {
   list.replaceChildren(...data.analyses.map((a) => analysisCard(a, data.owners || {})));
   document.getElementById('no-analyses').hidden = data.analyses.length > 0;
   document.getElementById('summary').textContent =
-    `${data.watched} processes watched in ${data.analyses.length} analyses`;
+    `${plural(data.watched, 'process', 'processes')} watched in ${plural(data.analyses.length, 'analysis', 'analyses')}`;
 }
 
 function showEvents(data) {
@@ -206,7 +214,7 @@ function showEvents(data) {
   document.getElementById('no-events').hidden = data.records.length > 0;
   const more = document.getElementById('events-more');
   more.hidden = data.more === 0;
-  more.textContent = `${data.more} older records not shown (watchdog-user events lists them)`;
+  more.textContent = `${plural(data.more, 'older record', 'older records')} not shown (watchdog-user events lists them)`;
 }
 
 async function fetchJson(path) {
