@@ -144,11 +144,11 @@ pub struct PageAnalyses {
 }
 
 /// `/api/events`: the newest kill records, as `events` answers them, at most
-/// [`PAGE_EVENTS`], and how many older ones were left out.
+/// [`PAGE_EVENTS`], and whether older ones were left out.
 #[derive(Debug, Serialize)]
 pub struct PageEvents {
     pub records: Vec<KillRecord>,
-    pub more: usize,
+    pub more: bool,
 }
 
 pub fn page_analyses(overview: Overview, name_of: impl Fn(u32) -> Option<String>) -> PageAnalyses {
@@ -163,9 +163,10 @@ pub fn page_analyses(overview: Overview, name_of: impl Fn(u32) -> Option<String>
     PageAnalyses { overview, owners }
 }
 
-/// `records` newest first, as the store answers `events`.
+/// `records` newest first, as the store answers `events` asked for one more than
+/// [`PAGE_EVENTS`] (that one only says there are more).
 pub fn page_events(mut records: Vec<KillRecord>) -> PageEvents {
-    let more = records.len().saturating_sub(PAGE_EVENTS);
+    let more = records.len() > PAGE_EVENTS;
     records.truncate(PAGE_EVENTS);
     PageEvents { records, more }
 }
@@ -194,10 +195,14 @@ async fn api_analyses(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
     }
 }
 
-/// The same request, answered by the same store function, as `watchdog-user events`.
+/// The same request, answered by the same store function, as `watchdog-user events`;
+/// only as many records as the page shows are read.
 async fn api_events(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
     let request = Request::Events {
-        filter: EventFilter::default(),
+        filter: EventFilter {
+            limit: Some(PAGE_EVENTS as u32 + 1),
+            ..EventFilter::default()
+        },
     };
     match ask(&calls, request).await {
         Ok(Reply::Events { records }) => fresh_json(page_events(records)),
@@ -507,12 +512,12 @@ mod tests {
     }
 
     #[test]
-    fn the_page_gets_the_newest_events_and_how_many_more_there_are() {
-        let records: Vec<_> = (0..PAGE_EVENTS as u32 + 7)
+    fn the_page_gets_the_newest_events_and_whether_there_are_more() {
+        let records: Vec<_> = (0..PAGE_EVENTS as u32 + 1)
             .map(|pid| record(pid, Reason::Timeout))
             .collect();
         let page = serde_json::to_value(page_events(records)).expect("serializes");
-        assert_eq!(page["more"], 7);
+        assert_eq!(page["more"], true);
         let shown = page["records"].as_array().expect("an array");
         assert_eq!(shown.len(), PAGE_EVENTS);
         assert_eq!(shown[0]["pid"], 0, "newest first, as the store answers");
@@ -521,7 +526,9 @@ mod tests {
         assert_eq!(shown[0]["reason"], "timeout");
 
         let none = serde_json::to_value(page_events(Vec::new())).expect("serializes");
-        assert_eq!(none, serde_json::json!({"records": [], "more": 0}));
+        assert_eq!(none, serde_json::json!({"records": [], "more": false}));
+        let all = (0..PAGE_EVENTS as u32).map(|pid| record(pid, Reason::Memory));
+        assert!(!page_events(all.collect()).more);
     }
 
     #[test]

@@ -156,13 +156,15 @@ fn request() -> BoxedStrategy<Request> {
             option::of(analysis_id()),
             option::of(any::<String>()),
             option::of(any::<String>()),
+            option::of(any::<u32>()),
         )
-            .prop_map(|(since, analysis_id, reason, host)| Request::Events {
+            .prop_map(|(since, analysis_id, reason, host, limit)| Request::Events {
                 filter: EventFilter {
                     since,
                     analysis_id,
                     reason,
                     host,
+                    limit,
                 },
             }),
         1 => any::<u64>().prop_map(|ms| Request::Stall { ms }),

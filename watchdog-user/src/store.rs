@@ -209,6 +209,9 @@ pub struct EventFilter {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The newest this many at most; unset (and at most): 1,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -562,6 +565,7 @@ pub fn start(
         pool: None,
         shared: shared.clone(),
         written: None,
+        written_at: Instant::now(),
     };
     tasks.spawn(WRITER_TASK, store.run(wake, queries, processes));
     Ok((inbox_tx, StoreHandle { shared, inbox }))
@@ -653,6 +657,8 @@ struct Store {
     /// The very snapshot the channel holds (shared, not copied): with 10,000 watched a
     /// copy of the table is ~4.5 MiB.
     written: Option<Rows>,
+    /// When `written` was last written or found unchanged by a transaction.
+    written_at: Instant,
 }
 
 impl Store {
@@ -782,13 +788,14 @@ impl Store {
     }
 
     async fn write_processes(&mut self, pool: &AnyPool, wanted: Rows) -> Result<()> {
-        // The very snapshot already written: no transaction and no 10,000-row diff
-        // after every query this task answers.
-        if self
+        // The very snapshot written less than RETRY_EVERY ago: no transaction and no
+        // 10,000-row diff after every query this task answers. Once a second the
+        // (empty) transaction still runs, and still finds a database gone meanwhile.
+        let unchanged = self
             .written
             .as_ref()
-            .is_some_and(|written| Arc::ptr_eq(written, &wanted))
-        {
+            .is_some_and(|written| Arc::ptr_eq(written, &wanted));
+        if unchanged && self.written_at.elapsed() < RETRY_EVERY {
             return Ok(());
         }
         let mut tx = pool.begin().await?;
@@ -836,6 +843,7 @@ impl Store {
         match tx.commit().await {
             Ok(()) => {
                 self.written = Some(wanted);
+                self.written_at = Instant::now();
                 Ok(())
             }
             Err(err) => {
@@ -861,7 +869,11 @@ impl Store {
             .bind(filter.analysis_id.clone())
             .bind(filter.reason.clone())
             .bind(filter.host.clone())
-            .bind(EVENTS_LIMIT)
+            .bind(
+                filter
+                    .limit
+                    .map_or(EVENTS_LIMIT, |n| i64::from(n).min(EVENTS_LIMIT)),
+            )
             .fetch_all(&pool)
             .await
             .map_err(|e| format!("reading watchdog_events failed: {e}"))?;

@@ -213,8 +213,8 @@ function showEvents(data) {
   document.getElementById('events').hidden = data.records.length === 0;
   document.getElementById('no-events').hidden = data.records.length > 0;
   const more = document.getElementById('events-more');
-  more.hidden = data.more === 0;
-  more.textContent = `${plural(data.more, 'older record', 'older records')} not shown (watchdog-user events lists them)`;
+  more.hidden = !data.more;
+  more.textContent = `Older records are not shown: watchdog-user events lists them.`;
 }
 
 async function fetchJson(path) {
