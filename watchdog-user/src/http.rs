@@ -41,7 +41,7 @@ const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; connect-src 's
     frame-ancestors 'none'";
 
 /// Kill records `/api/events` passes to the page: the newest.
-pub const PAGE_EVENTS: usize = 100;
+pub const PAGE_EVENTS: usize = 50;
 
 /// Binds now, so a taken port fails the start instead of failing later, silently.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {

@@ -182,7 +182,7 @@ fn main() -> Result<()> {
          already holds (no /proc read), one pass over the 10,000 processes to group them \
          plus at most 200 tree rows per analysis; a request that arrives while the loop \
          applies a poll waits for it. `/api/events` is the `events` query (SQLite here) for \
-         the newest 101 records, the page shows 100: it crosses more threads (HTTP \
+         the newest 51 records, the page shows 50 (each row read costs ~14 µs): it crosses more threads (HTTP \
          task, daemon loop, store tasks, SQLite's worker), so on a machine whose cores are \
          busy with other work its tail is mostly waiting for a core."
     );
