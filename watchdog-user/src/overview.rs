@@ -142,16 +142,14 @@ pub fn rss_sums(core: &Core) -> Vec<(AnalysisKey, u64)> {
 
 /// The page's view of every live analysis.
 pub fn overview(core: &Core, history: &RssHistory, clock: &Clock) -> Overview {
+    let seen = Seen {
+        tree: core.tree(),
+        jobs: core.jobs(),
+        clock,
+    };
     let mut analyses: Vec<AnalysisOverview> = core
         .live_analyses()
-        .map(|(key, analysis)| {
-            let seen = Seen {
-                tree: core.tree(),
-                jobs: core.jobs(),
-                clock,
-            };
-            analysis_overview(key, analysis, &seen, history.samples(key))
-        })
+        .map(|(key, analysis)| analysis_overview(key, analysis, &seen, history.samples(key)))
         .collect();
     analyses.sort_by(|a, b| a.analysis_id.cmp(&b.analysis_id));
     Overview {
