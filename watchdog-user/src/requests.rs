@@ -1,7 +1,8 @@
 //! One control request, one response, against the rules core: what the daemon loop does
 //! with a call it answers itself (`status` and `events` also need the store, and are
-//! answered beside it; `overview` needs the loop's RSS history). The effects a registration needs are behind [`Watch`], so the
-//! fuzz tests run this very code on a fake world.
+//! answered beside it; `overview` needs the loop's RSS history). The effects a
+//! registration needs are behind [`Watch`], so the fuzz tests run this very code on a
+//! fake world.
 
 use anyhow::{Result, anyhow};
 
