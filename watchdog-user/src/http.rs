@@ -12,12 +12,11 @@ use axum::{
     response::{IntoResponse, Response as HttpResponse},
     routing::get,
 };
+use serde::Serialize;
 use tokio::{
     net::TcpListener,
     sync::{mpsc, oneshot},
 };
-
-use serde::Serialize;
 
 use crate::{
     access::Peer,
