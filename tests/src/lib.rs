@@ -583,6 +583,13 @@ pub fn one_line_error(out: &Output) -> String {
     stderr
 }
 
+/// A TCP port free on the loopback now, for a daemon's --http.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// A plain HTTP/1.1 GET: status code and body.
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     use std::io::{Read as _, Write as _};

@@ -350,7 +350,14 @@ fn with_every_connection_busy_a_new_client_is_refused_at_once() -> Result<()> {
 fn the_http_listener_serves_reads_only() -> Result<()> {
     let port = free_port()?;
     let daemon = Daemon::start_with(&[], &["--http", &format!("127.0.0.1:{port}")])?;
-    for path in ["/status", "/metrics"] {
+    for path in [
+        "/status",
+        "/metrics",
+        "/",
+        "/page.js",
+        "/api/analyses",
+        "/api/events",
+    ] {
         assert_eq!(http_get(port, path)?.0, 200, "GET {path}");
         for method in ["POST", "PUT", "PATCH", "DELETE"] {
             assert_eq!(

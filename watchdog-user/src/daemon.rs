@@ -23,6 +23,7 @@ use crate::{
     effects::{Effects, Feedback},
     ingest::{self, KernelEvent},
     kernel::{self, Kernel},
+    overview::{self, RssHistory},
     policy::Limits,
     procs::{self, SysProcs},
     protocol::{Faults, Reply, Request, Response, TestFault},
@@ -164,6 +165,7 @@ pub async fn run(options: Options) -> Result<()> {
         polling: false,
         poll_tx,
         loop_longest: Duration::ZERO,
+        history: RssHistory::default(),
     };
     daemon.start();
     tracing::info!(
@@ -241,6 +243,7 @@ pub async fn run(options: Options) -> Result<()> {
                 daemon.answer_events(filter, reply);
             }
             Input::Call((Request::Status, _, reply)) => daemon.answer_status(reply),
+            Input::Call((Request::Overview, _, reply)) => daemon.answer_overview(reply),
             Input::Call((request, peer, reply)) => {
                 let _ = reply.send(daemon.handle(request, &peer));
             }
@@ -369,6 +372,8 @@ struct Daemon {
     poll_tx: mpsc::UnboundedSender<(PollSamples, Instant)>,
     /// The longest the loop took over one input since start.
     loop_longest: Duration,
+    /// The RSS sum of each live analysis at each poll, bounded, for the live page.
+    history: RssHistory,
 }
 
 impl Daemon {
@@ -496,6 +501,9 @@ impl Daemon {
 
     fn on_poll(&mut self, (samples, started): (PollSamples, Instant)) {
         self.feed(|core, clock| core.on_poll(&samples, &SysProcs, clock));
+        // Every RSS was just read: the sums are as fresh as they get.
+        self.history
+            .record(std::time::SystemTime::now(), overview::rss_sums(&self.core));
         self.polling = false;
         self.last_poll_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     }
@@ -557,6 +565,11 @@ impl Daemon {
             };
             let _ = reply.send(response);
         });
+    }
+
+    fn answer_overview(&self, reply: oneshot::Sender<Response>) {
+        let overview = overview::overview(&self.core, &self.history, &Clock::read());
+        let _ = reply.send(Response::Ok(Reply::Overview(Box::new(overview))));
     }
 
     fn answer_status(&self, reply: oneshot::Sender<Response>) {

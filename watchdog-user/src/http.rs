@@ -1,7 +1,8 @@
-//! `GET /status` (JSON) and `GET /metrics` (Prometheus text) over HTTP. Both ask the
-//! daemon loop through the same typed requests as the control socket.
+//! `GET /status` (JSON), `GET /metrics` (Prometheus text) and the live page (`GET /`,
+//! its script, and the JSON it polls: `/api/analyses`, `/api/events`) over HTTP. All
+//! ask the daemon loop through the same typed requests as the control socket.
 
-use std::{fmt::Write as _, net::SocketAddr};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use anyhow::{Context as _, Result};
 use axum::{
@@ -11,6 +12,7 @@ use axum::{
     response::{IntoResponse, Response as HttpResponse},
     routing::get,
 };
+use serde::Serialize;
 use tokio::{
     net::TcpListener,
     sync::{mpsc, oneshot},
@@ -20,8 +22,24 @@ use crate::{
     access::Peer,
     control::Call,
     ingest::LATENCY,
-    protocol::{Reply, Request, Response, Status},
+    overview::Overview,
+    protocol::{EventRecord, Reply, Request, Response, Status},
+    store::EventFilter,
 };
+
+/// The live page and its script, built into the binary: no build step, and nothing
+/// fetched from anywhere but this listener.
+const PAGE_HTML: &str = include_str!("page/index.html");
+const PAGE_SCRIPT: &str = include_str!("page/page.js");
+
+/// The page's own policy: its script and JSON from this listener only, nothing else
+/// loaded, so a process name shown on it can never run or fetch anything.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; \
+    style-src 'unsafe-inline'; img-src 'self'; base-uri 'none'; form-action 'none'; \
+    frame-ancestors 'none'";
+
+/// Kill records `/api/events` passes to the page: the newest.
+pub const PAGE_EVENTS: usize = 50;
 
 /// Binds now, so a taken port fails the start instead of failing later, silently.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -32,28 +50,40 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
-/// Serves until the listener fails (the daemon's supervisor reports why). Read-only: two
-/// GET routes (HEAD too), any other method is 405 and any other path 404; no handler
-/// takes a body, so none is ever buffered.
+/// Serves until the listener fails (the daemon's supervisor reports why). Read-only:
+/// GET routes only (HEAD too), any other method is 405 and any other path 404; no
+/// handler takes a body, so none is ever buffered.
 pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) -> Result<()> {
     let app = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/", get(page))
+        .route("/page.js", get(page_script))
+        .route("/api/analyses", get(api_analyses))
+        .route("/api/events", get(api_events))
         .with_state(calls);
     axum::serve(listener, app)
         .await
         .context("the HTTP listener stopped")
 }
 
-async fn fetch_status(calls: &mpsc::Sender<Call>) -> Result<Status, String> {
+/// Asks the daemon loop, as a reader without credentials.
+async fn ask(calls: &mpsc::Sender<Call>, request: Request) -> Result<Reply, String> {
     let (tx, rx) = oneshot::channel();
     calls
-        .send((Request::Status, Peer::http(), tx))
+        .send((request, Peer::http(), tx))
         .await
         .map_err(|_| "the daemon is stopping".to_string())?;
     match rx.await {
-        Ok(Response::Ok(Reply::Status(status))) => Ok(*status),
+        Ok(Response::Ok(reply)) => Ok(reply),
         Ok(Response::Error(err)) => Err(err),
+        Err(_) => Err("the daemon is stopping".into()),
+    }
+}
+
+async fn fetch_status(calls: &mpsc::Sender<Call>) -> Result<Status, String> {
+    match ask(calls, Request::Status).await? {
+        Reply::Status(status) => Ok(*status),
         _ => Err("no status from the daemon".into()),
     }
 }
@@ -75,6 +105,117 @@ async fn metrics(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
             prometheus_text(&status),
         )
             .into_response(),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err).into_response(),
+    }
+}
+
+async fn page() -> HttpResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        PAGE_HTML,
+    )
+        .into_response()
+}
+
+async fn page_script() -> HttpResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        PAGE_SCRIPT,
+    )
+        .into_response()
+}
+
+/// `/api/analyses`: the `overview` reply, with the names of the analyses' owners.
+#[derive(Debug, Serialize)]
+pub struct PageAnalyses {
+    #[serde(flatten)]
+    pub overview: Overview,
+    /// Login names by uid, for the uids that have one.
+    pub owners: BTreeMap<u32, String>,
+}
+
+/// `/api/events`: the newest kill records, as `events` answers them, at most
+/// [`PAGE_EVENTS`], and whether older ones were left out.
+#[derive(Debug, Serialize)]
+pub struct PageEvents {
+    /// Those still in the spool carry `"spooled": true`.
+    pub records: Vec<EventRecord>,
+    pub more: bool,
+    /// Why the database could not be read (then only spooled records are shown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_error: Option<String>,
+}
+
+pub fn page_analyses(overview: Overview, name_of: impl Fn(u32) -> Option<String>) -> PageAnalyses {
+    let owners = overview
+        .analyses
+        .iter()
+        .map(|a| a.owner_uid)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter_map(|uid| Some((uid, name_of(uid)?)))
+        .collect();
+    PageAnalyses { overview, owners }
+}
+
+/// `records` newest first, as the store answers `events` asked for one more than
+/// [`PAGE_EVENTS`] (that one only says there are more).
+pub fn page_events(mut records: Vec<EventRecord>, database_error: Option<String>) -> PageEvents {
+    let more = records.len() > PAGE_EVENTS;
+    records.truncate(PAGE_EVENTS);
+    PageEvents {
+        records,
+        more,
+        database_error,
+    }
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|user| user.name)
+}
+
+/// JSON the page polls: never cached, so each poll shows the daemon's state now.
+fn fresh_json(body: impl Serialize) -> HttpResponse {
+    ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
+}
+
+async fn api_analyses(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
+    match ask(&calls, Request::Overview).await {
+        Ok(Reply::Overview(overview)) => fresh_json(page_analyses(*overview, user_name)),
+        Ok(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no overview from the daemon",
+        )
+            .into_response(),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err).into_response(),
+    }
+}
+
+/// The same request, answered by the same store function, as `watchdog-user events`;
+/// only as many records as the page shows are read.
+async fn api_events(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
+    let request = Request::Events {
+        filter: EventFilter {
+            limit: Some(PAGE_EVENTS as u32 + 1),
+            ..EventFilter::default()
+        },
+    };
+    match ask(&calls, request).await {
+        Ok(Reply::Events {
+            records,
+            database_error,
+        }) => fresh_json(page_events(records, database_error)),
+        Ok(_) => (StatusCode::SERVICE_UNAVAILABLE, "no events from the daemon").into_response(),
         Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err).into_response(),
     }
 }
@@ -325,4 +466,133 @@ pub fn prometheus_text(s: &Status) -> String {
     let _ = writeln!(out, "watchdog_event_latency_seconds_sum {sum}");
     let _ = writeln!(out, "watchdog_event_latency_seconds_count {count}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        kill::KillRecord,
+        kill::{Outcome, SignalSent},
+        overview::AnalysisOverview,
+        policy::{Limits, OrphanPolicy, Reason},
+    };
+
+    fn record(pid: u32, reason: Reason) -> KillRecord {
+        KillRecord {
+            time: "2026-11-21T17:00:00.000Z".into(),
+            host: "h".into(),
+            pid,
+            ppid: 1,
+            analysis_id: "a".into(),
+            reason,
+            limit: Some(1000),
+            rss_bytes: 5 << 20,
+            runtime_ms: 1000,
+            signals: vec![SignalSent {
+                signal: "SIGTERM".into(),
+                at: "2026-11-21T17:00:00.000Z".into(),
+            }],
+            outcome: Outcome::ExitedAfterSigterm,
+            comm: "<img src=x onerror=alert(1)>".into(),
+            cmdline: "sleep 600".into(),
+            uid: 0,
+            owner_uid: Some(0),
+            warned_of: None,
+            zombies: None,
+        }
+    }
+
+    fn analysis(id: &str, owner_uid: u32) -> AnalysisOverview {
+        AnalysisOverview {
+            analysis_id: id.into(),
+            owner_uid,
+            age_ms: 1,
+            deadline_in_ms: 2,
+            limits: Limits {
+                timeout_ms: 3,
+                memory_bytes: 4,
+                tree_memory_bytes: None,
+                grace_ms: 5,
+                orphans: OrphanPolicy::Kill,
+                max_processes: 0,
+                max_zombies: 0,
+                warn_at_percent: 0,
+                warn_signal: crate::policy::DEFAULT_WARN_SIGNAL.into(),
+            },
+            processes: 0,
+            zombies: 0,
+            rss_bytes: 0,
+            largest_rss_bytes: 0,
+            largest_pid: None,
+            dying: None,
+            rss_samples: Vec::new(),
+            tree: Vec::new(),
+            tree_omitted: 0,
+        }
+    }
+
+    #[test]
+    fn the_page_gets_the_newest_events_and_whether_there_are_more() {
+        let records: Vec<_> = (0..PAGE_EVENTS as u32 + 1)
+            .map(|pid| EventRecord {
+                record: record(pid, Reason::Timeout),
+                spooled: pid == 0,
+            })
+            .collect();
+        let page = serde_json::to_value(page_events(records, None)).expect("serializes");
+        assert_eq!(page["more"], true);
+        let shown = page["records"].as_array().expect("an array");
+        assert_eq!(shown.len(), PAGE_EVENTS);
+        assert_eq!(shown[0]["pid"], 0, "newest first, as the store answers");
+        // Text goes out as JSON strings; the page puts it in text nodes only.
+        assert_eq!(shown[0]["comm"], "<img src=x onerror=alert(1)>");
+        assert_eq!(shown[0]["reason"], "timeout");
+        assert_eq!(
+            (&shown[0]["spooled"], &shown[1]["spooled"]),
+            (&true.into(), &serde_json::Value::Null)
+        );
+
+        let down = Some("the database is unavailable".to_string());
+        let none = serde_json::to_value(page_events(Vec::new(), down)).expect("serializes");
+        assert_eq!(
+            none,
+            serde_json::json!({"records": [], "more": false,
+                               "database_error": "the database is unavailable"})
+        );
+        let all = (0..PAGE_EVENTS as u32).map(|pid| EventRecord {
+            record: record(pid, Reason::Memory),
+            spooled: false,
+        });
+        assert!(!page_events(all.collect(), None).more);
+    }
+
+    #[test]
+    fn the_analyses_come_with_their_owners_names_once_per_uid() {
+        let overview = Overview {
+            now_unix_ms: 10,
+            watched: 3,
+            analyses: vec![analysis("a", 0), analysis("b", 1001), analysis("c", 0)],
+        };
+        let asked = std::cell::RefCell::new(Vec::new());
+        let page = page_analyses(overview, |uid| {
+            asked.borrow_mut().push(uid);
+            (uid == 0).then(|| "root".to_string())
+        });
+        assert_eq!(*asked.borrow(), [0, 1001]);
+        let json = serde_json::to_value(&page).expect("serializes");
+        assert_eq!(json["owners"], serde_json::json!({"0": "root"}));
+        assert_eq!(
+            (json["now_unix_ms"].clone(), json["watched"].clone()),
+            (10.into(), 3.into())
+        );
+        assert_eq!(json["analyses"][1]["analysis_id"], "b");
+        assert_eq!(json["analyses"][1]["zombies"], 0);
+
+        let empty = page_analyses(Overview::default(), |_| None);
+        assert_eq!(
+            serde_json::to_value(&empty).expect("serializes"),
+            serde_json::json!({"now_unix_ms": 0, "watched": 0, "analyses": [], "owners": {}})
+        );
+    }
 }

@@ -12,6 +12,7 @@ pub mod http;
 pub mod ingest;
 pub mod kernel;
 pub mod kill;
+pub mod overview;
 pub mod pins;
 pub mod policy;
 pub mod procs;

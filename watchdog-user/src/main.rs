@@ -185,6 +185,7 @@ fn main() {
                 analysis_id,
                 reason: reason.map(|r| r.as_str().to_string()),
                 host,
+                limit: None,
             };
             cli::events(&socket, filter, json)
         }

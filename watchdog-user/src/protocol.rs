@@ -90,6 +90,9 @@ pub enum Request {
         analysis_id: Option<String>,
     },
     Status,
+    /// What the live page shows: every analysis' usage, RSS history and tree, bounded
+    /// (`overview.rs`).
+    Overview,
     /// Violations and kills from the database, newest first.
     Events {
         #[serde(default)]
@@ -172,6 +175,7 @@ pub enum Reply {
         database_error: Option<String>,
     },
     Status(Box<Status>),
+    Overview(Box<crate::overview::Overview>),
     Stalling {
         ms: u64,
     },

@@ -151,18 +151,21 @@ fn request() -> BoxedStrategy<Request> {
             .prop_map(|(pid, analysis_id)| Request::Unregister { pid, analysis_id }),
         1 => option::of(analysis_id()).prop_map(|analysis_id| Request::DumpTree { analysis_id }),
         1 => Just(Request::Status),
+        1 => Just(Request::Overview),
         1 => (
             option::of(any::<String>()),
             option::of(analysis_id()),
             option::of(any::<String>()),
             option::of(any::<String>()),
+            option::of(any::<u32>()),
         )
-            .prop_map(|(since, analysis_id, reason, host)| Request::Events {
+            .prop_map(|(since, analysis_id, reason, host, limit)| Request::Events {
                 filter: EventFilter {
                     since,
                     analysis_id,
                     reason,
                     host,
+                    limit,
                 },
             }),
         1 => any::<u64>().prop_map(|ms| Request::Stall { ms }),
@@ -344,6 +347,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
         boot_ns: 10_000_000_000,
     };
     let mut answered = 0;
+    let mut history = crate::overview::RssHistory::default();
     while let Some((request, peer, reply)) = calls.recv().await {
         let response = match request {
             Request::Status => {
@@ -365,6 +369,9 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
                 records: Vec::new(),
                 database_error: None,
             }),
+            Request::Overview => Response::Ok(Reply::Overview(Box::new(
+                crate::overview::overview(&core, &history, &clock),
+            ))),
             other => requests::respond(
                 &mut core,
                 other,
@@ -379,6 +386,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
         clock = clock.advanced(Duration::from_millis(10));
         core.on_tick(&procs, &clock);
         core.take_actions();
+        history.record(clock.wall, crate::overview::rss_sums(&core));
         answered += 1;
         let _ = reply.send(response);
     }

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Milliseconds from `now` until `at`, negative when it has passed.
-fn signed_ms_until(at: Instant, now: Instant) -> i64 {
+pub(crate) fn signed_ms_until(at: Instant, now: Instant) -> i64 {
     match at.checked_duration_since(now) {
         Some(left) => i64::try_from(left.as_millis()).unwrap_or(i64::MAX),
         None => -i64::try_from(now.duration_since(at).as_millis()).unwrap_or(i64::MAX),

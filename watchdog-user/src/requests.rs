@@ -1,7 +1,8 @@
 //! One control request, one response, against the rules core: what the daemon loop does
 //! with a call it answers itself (`status` and `events` also need the store, and are
-//! answered beside it). The effects a registration needs are behind [`Watch`], so the
-//! fuzz tests run this very code on a fake world.
+//! answered beside it; `overview` needs the loop's RSS history). The effects a
+//! registration needs are behind [`Watch`], so the fuzz tests run this very code on a
+//! fake world.
 
 use anyhow::{Result, anyhow};
 
@@ -63,7 +64,7 @@ pub fn respond(
             report::dump_tree(core, analysis_id.as_deref(), procs, clock)
         }
         // The loop answers these through the store; never a panic in the daemon.
-        Request::Events { .. } | Request::Status => Err(anyhow!(
+        Request::Events { .. } | Request::Status | Request::Overview => Err(anyhow!(
             "internal: this request is answered by the daemon loop"
         )),
         Request::Stall { .. } | Request::Fault { .. } if !core.is_admin(peer) => {

@@ -210,9 +210,18 @@ pub struct EventFilter {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The newest this many at most; unset (and at most): 1,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
 
 impl EventFilter {
+    /// How many records an answer holds at most: the filter's limit, capped at 1,000.
+    pub fn max_records(&self) -> i64 {
+        self.limit
+            .map_or(EVENTS_LIMIT, |n| i64::from(n).min(EVENTS_LIMIT))
+    }
+
     /// Whether a record not in the database yet passes what the database's query
     /// checks (a time that does not parse is not filtered out: better shown than lost).
     pub fn admits(&self, record: &KillRecord) -> bool {
@@ -593,6 +602,7 @@ pub fn start(
         pool: None,
         shared: shared.clone(),
         written: None,
+        written_at: Instant::now(),
     };
     tasks.spawn(WRITER_TASK, store.run(wake, queries, processes));
     Ok((inbox_tx, StoreHandle { shared, inbox }))
@@ -684,6 +694,8 @@ struct Store {
     /// The very snapshot the channel holds (shared, not copied): with 10,000 watched a
     /// copy of the table is ~4.5 MiB.
     written: Option<Rows>,
+    /// When `written` was last written or found unchanged by a transaction.
+    written_at: Instant,
 }
 
 impl Store {
@@ -813,6 +825,16 @@ impl Store {
     }
 
     async fn write_processes(&mut self, pool: &AnyPool, wanted: Rows) -> Result<()> {
+        // The very snapshot written less than RETRY_EVERY ago: no transaction and no
+        // 10,000-row diff after every query this task answers. Once a second the
+        // (empty) transaction still runs, and still finds a database gone meanwhile.
+        let unchanged = self
+            .written
+            .as_ref()
+            .is_some_and(|written| Arc::ptr_eq(written, &wanted));
+        if unchanged && self.written_at.elapsed() < RETRY_EVERY {
+            return Ok(());
+        }
         let mut tx = pool.begin().await?;
         let written = match self.written.take() {
             Some(written) => written,
@@ -858,6 +880,7 @@ impl Store {
         match tx.commit().await {
             Ok(()) => {
                 self.written = Some(wanted);
+                self.written_at = Instant::now();
                 Ok(())
             }
             Err(err) => {
@@ -889,7 +912,8 @@ impl Store {
             .collect();
         // Newest first (RFC 3339 UTC, same precision: text order is time order).
         records.sort_by(|a, b| b.record.time.cmp(&a.record.time));
-        records.truncate(EVENTS_LIMIT as usize);
+        // The spooled ones and the database's each fit the limit; together they may not.
+        records.truncate(usize::try_from(filter.max_records()).unwrap_or(usize::MAX));
         (records, database_error)
     }
 
@@ -925,7 +949,7 @@ impl Store {
             .bind(filter.analysis_id.clone())
             .bind(filter.reason.clone())
             .bind(filter.host.clone())
-            .bind(EVENTS_LIMIT)
+            .bind(filter.max_records())
             .fetch_all(&pool)
             .await
             .map_err(|e| format!("reading watchdog_events failed: {e}"))?;
@@ -1059,6 +1083,7 @@ mod tests {
                 analysis_id: analysis.map(Into::into),
                 reason: reason.map(Into::into),
                 host: None,
+                limit: None,
             };
         assert!(filter(None, None, None).admits(&late));
         assert!(filter(Some("2026-11-21T12:00:00.500Z"), Some("a"), Some("timeout")).admits(&late));

@@ -165,6 +165,7 @@ fn bench(bin: &Path) -> Result<()> {
         "bench-store",
         "bench-register",
         "bench-scale",
+        "bench-page",
     ] {
         step(&format!("running {bench}"));
         let mut cmd = as_root(Path::new("cargo"));

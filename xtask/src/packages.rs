@@ -1,6 +1,7 @@
 //! Packages the test suite needs and a fresh machine may lack: the PostgreSQL server (the
 //! persistence tests start their own throwaway one), systemd-nspawn (the unit's test boots
-//! a real systemd in a container), pytest (the Python client's tests).
+//! a real systemd in a container), chromium (the live page's test drives it headless),
+//! pytest (the Python client's tests).
 
 use std::{path::Path, process::Command};
 
@@ -34,12 +35,17 @@ pub fn ensure_test_packages() -> Result<()> {
     if !on_path("systemd-nspawn") {
         missing.push("systemd-container");
     }
+    // tests/tests/page.rs starts this very path.
+    if !Path::new("/usr/bin/chromium").exists() {
+        missing.push("chromium");
+    }
     if missing.is_empty() {
         return Ok(());
     }
     step(&format!(
         "installing Debian's {} (a throwaway database server for the persistence tests; \
-         systemd-analyze to verify the unit; systemd-nspawn to run it under a real systemd)",
+         systemd-analyze to verify the unit; systemd-nspawn to run it under a real systemd; \
+         a headless browser for the live page's test)",
         missing.join(" and ")
     ));
     let apt = |args: &[&str]| {
