@@ -247,11 +247,14 @@ fn two_thousand_roots_registered_and_unregistered_leave_no_descriptor_behind() -
         anyhow::ensure!(answer.get("ok").is_some(), "unregister {pid}: {answer}");
         Ok(())
     };
-    // One round first, so that whatever the daemon opens once (database connections)
-    // is open before counting.
+    // One round first, and the database connected (it connects in the background), so
+    // that whatever the daemon opens once is open before counting.
     let warm = Sleepers(vec![spawn()?]);
     register(warm.0[0].id(), "warm-up")?;
     unregister(warm.0[0].id())?;
+    await_state("the database connected", || {
+        Ok((daemon.status()?.db == "ok").then_some(()))
+    })?;
     let before = open_descriptors(daemon.pid())?;
 
     let mut sleepers = Sleepers(Vec::with_capacity(ROOTS));
