@@ -475,7 +475,7 @@ mod tests {
         kill::KillRecord,
         kill::{Outcome, SignalSent},
         overview::AnalysisOverview,
-        policy::{Limits, OrphanPolicy, Reason},
+        policy::{Limits, Reason},
     };
 
     fn record(pid: u32, reason: Reason) -> KillRecord {
@@ -510,15 +510,8 @@ mod tests {
             age_ms: 1,
             deadline_in_ms: 2,
             limits: Limits {
-                timeout_ms: 3,
-                memory_bytes: 4,
-                tree_memory_bytes: None,
                 grace_ms: 5,
-                orphans: OrphanPolicy::Kill,
-                max_processes: 0,
-                max_zombies: 0,
-                warn_at_percent: 0,
-                warn_signal: crate::policy::DEFAULT_WARN_SIGNAL.into(),
+                ..Limits::for_tests(3, 4)
             },
             processes: 0,
             zombies: 0,

@@ -259,10 +259,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::{
-        ingest::Comm,
-        policy::{OrphanPolicy, Reason},
-    };
+    use crate::{ingest::Comm, policy::Reason};
 
     const MIB: u64 = 1 << 20;
 
@@ -278,15 +275,8 @@ mod tests {
         Analysis {
             id: id.into(),
             limits: Limits {
-                timeout_ms: 60_000,
-                memory_bytes: 100 * MIB,
                 tree_memory_bytes: Some(300 * MIB),
-                grace_ms: 1000,
-                orphans: OrphanPolicy::Kill,
-                max_processes: 0,
-                max_zombies: 0,
-                warn_at_percent: 0,
-                warn_signal: crate::policy::DEFAULT_WARN_SIGNAL.into(),
+                ..Limits::for_tests(60_000, 100 * MIB)
             },
             deadline: clock.now + Duration::from_secs(45),
             deadline_wall: clock.wall + Duration::from_secs(45),

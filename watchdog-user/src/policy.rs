@@ -137,6 +137,25 @@ pub struct LimitOverrides {
     pub warn_signal: Option<String>,
 }
 
+#[cfg(test)]
+impl Limits {
+    /// A timeout and a per-process memory limit, a 1 s grace, orphans killed, and
+    /// nothing else limited or warned of: what the unit tests start from.
+    pub fn for_tests(timeout_ms: u64, memory_bytes: u64) -> Self {
+        Self {
+            timeout_ms,
+            memory_bytes,
+            tree_memory_bytes: None,
+            grace_ms: 1000,
+            orphans: OrphanPolicy::Kill,
+            max_processes: 0,
+            max_zombies: 0,
+            warn_at_percent: 0,
+            warn_signal: DEFAULT_WARN_SIGNAL.into(),
+        }
+    }
+}
+
 impl Limits {
     /// The defaults with `overrides` applied; a zero limit is refused (it would kill at
     /// once, which nobody means).

@@ -321,17 +321,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
             procs.spawn(pid, ppid, u64::from(pid) * 1000);
         }
     }
-    let defaults = Limits {
-        timeout_ms: 60_000,
-        memory_bytes: 100 << 20,
-        tree_memory_bytes: None,
-        grace_ms: 1000,
-        orphans: OrphanPolicy::Kill,
-        max_processes: 0,
-        max_zombies: 0,
-        warn_at_percent: 0,
-        warn_signal: crate::policy::DEFAULT_WARN_SIGNAL.into(),
-    };
+    let defaults = Limits::for_tests(60_000, 100 << 20);
     let settings = Settings {
         defaults,
         dry_run: false,

@@ -317,17 +317,7 @@ mod tests {
     use super::*;
 
     fn limits(timeout_ms: u64) -> Limits {
-        Limits {
-            timeout_ms,
-            memory_bytes: 1 << 30,
-            tree_memory_bytes: None,
-            grace_ms: 1000,
-            orphans: OrphanPolicy::Kill,
-            max_processes: 0,
-            max_zombies: 0,
-            warn_at_percent: 0,
-            warn_signal: crate::policy::DEFAULT_WARN_SIGNAL.into(),
-        }
+        Limits::for_tests(timeout_ms, 1 << 30)
     }
 
     #[test]

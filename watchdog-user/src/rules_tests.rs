@@ -113,17 +113,7 @@ impl Procs for FakeProcs {
 }
 
 fn limits() -> Limits {
-    Limits {
-        timeout_ms: 60_000,
-        memory_bytes: 100 * MIB,
-        tree_memory_bytes: None,
-        grace_ms: 1000,
-        orphans: OrphanPolicy::Kill,
-        max_processes: 0,
-        max_zombies: 0,
-        warn_at_percent: 0,
-        warn_signal: policy::DEFAULT_WARN_SIGNAL.into(),
-    }
+    Limits::for_tests(60_000, 100 * MIB)
 }
 
 struct World {
