@@ -48,7 +48,7 @@ function duration(ms) {
 }
 
 /// A bar of `value` against `limit` (none: no bar, only the value).
-function meter(name, value, limit, format) {
+function meter(name, value, limit, format, note) {
   const label = el('div', { className: 'label' },
     el('span', {}, name),
     el('span', {}, limit ? `${format(value)} / ${format(limit)}` : `${format(value)} (no limit)`));
@@ -58,7 +58,7 @@ function meter(name, value, limit, format) {
   if (share >= 0.9) fill.classList.add('bad');
   else if (share >= 0.7) fill.classList.add('warn');
   const track = el('div', { className: 'track', title: limit ? `${(share * 100).toFixed(0)}%` : '' }, fill);
-  return el('div', { className: 'meter', dataset: { meter: name } }, label, track);
+  return el('div', { className: 'meter', title: note || '', dataset: { meter: name } }, label, track);
 }
 
 const SVG = 'http://www.w3.org/2000/svg';
@@ -163,7 +163,9 @@ function analysisCard(a, owners) {
     el('span', { className: 'zombies' }, zombies === '1' ? '1 zombie' : `${zombies} zombies`));
   const grid = el('div', { className: 'grid' },
     meter('largest process RSS', a.largest_rss_bytes, a.limits.memory_bytes, bytes),
-    meter('tree RSS', a.rss_bytes, a.limits.tree_memory_bytes, bytes),
+    // The sum counts a page shared by N processes N times; the tree limit does not.
+    meter('tree RSS', a.rss_bytes, a.limits.tree_memory_bytes, bytes,
+      'RSS summed over the processes. The tree limit counts a shared page once (PSS), so this sum may pass it without a kill.'),
     el('div', {}, el('div', { className: 'muted' }, `tree RSS, last ${plural(a.rss_samples.length, 'poll', 'polls')}`),
       sparkline(a.rss_samples)));
   const tree = details(`tree:${a.analysis_id}`, false,
