@@ -43,9 +43,20 @@ const RECORDS_KEPT: usize = 10_000;
 /// comes back with the next resync (the loss check runs every 200 ms) and is killed,
 /// instead of finding its analysis forgotten and escaping.
 pub const DYING_LINGER: Duration = Duration::from_secs(1);
-/// How long after a parent's exit its children are looked at again when /proc did not
-/// show them reparented yet (the exit event is sent before the kernel reparents).
-const REPARENT_RECHECK: Duration = Duration::from_millis(20);
+/// When a parent's children are looked at again, one after another, while /proc does
+/// not show them reparented yet: the exit event is sent before the kernel reparents,
+/// which usually follows within a millisecond but waits for the parent's memory to be
+/// torn down. Doubling keeps the usual case fast and the whole wait (31 ms) longer than
+/// one fixed recheck of 20 ms was; after the last look the child is judged as it is.
+const REPARENT_LOOKS: [Duration; 5] = [
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+];
+/// How long the kernel may take to hand a dead parent's children (and zombies) on.
+const REPARENT_WINDOW: Duration = Duration::from_millis(31);
 /// With an analysis over its tree limit by RSS but not by PSS, the PSS is measured
 /// again once the RSS sum grows by this part of the limit (and at every poll).
 const PSS_REMEASURE_PART: u64 = 32;
@@ -230,9 +241,10 @@ pub struct Core {
     resynced_at_ns: u64,
     /// Killed analyses with no member left, and when they are forgotten.
     lingering: BTreeMap<AnalysisKey, Instant>,
-    /// Children of a dead parent that /proc did not yet show reparented, and when to
-    /// look again (once): until then nobody can tell adopted from orphaned.
-    reparent_checks: BTreeMap<u32, Instant>,
+    /// Children of a dead parent that /proc did not yet show reparented: when to look
+    /// again, and how many looks were taken. Until then nobody can tell adopted from
+    /// orphaned.
+    reparent_checks: BTreeMap<u32, (Instant, usize)>,
     /// Analyses whose RSS sum is over their tree limit while their PSS sum was not:
     /// the RSS sum at that measure (PSS is measured again once RSS grows further, and
     /// at every poll).
@@ -341,7 +353,7 @@ impl Core {
     pub fn next_wakeup(&self) -> Option<Instant> {
         let graces = self.jobs.iter().filter_map(KillJob::wakeup);
         let lingering = self.lingering.values().copied();
-        let rechecks = self.reparent_checks.values().copied();
+        let rechecks = self.reparent_checks.values().map(|(at, _)| *at);
         self.registry
             .next_deadline()
             .into_iter()
@@ -556,12 +568,12 @@ impl Core {
             self.maybe_zombie(&node, clock);
         }
         for child in children {
-            self.parent_gone(child, false, procs, clock);
+            self.parent_gone(child, 0, procs, clock);
         }
         if self.zombies.held_by(process.pid) > 0 {
             // The kernel hands its zombies to init or a subreaper: looked at again once
             // it has.
-            self.sweep_zombies_at(clock.now + REPARENT_RECHECK);
+            self.sweep_zombies_at(clock.now + REPARENT_WINDOW);
         }
     }
 
@@ -986,8 +998,9 @@ impl Core {
     /// the tree follows the kernel and nobody is signalled. Reparented anywhere else
     /// (init, a subreaper outside the analysis) it is an orphan. The exit event can
     /// come before the kernel has reparented the children: then /proc still names the
-    /// dead parent, and the question is asked again once, a moment later.
-    fn parent_gone(&mut self, pid: u32, rechecked: bool, procs: &dyn Procs, clock: &Clock) {
+    /// dead parent, and the question is asked again a moment later (`looks` taken so
+    /// far; see [`REPARENT_LOOKS`]).
+    fn parent_gone(&mut self, pid: u32, looks: usize, procs: &dyn Procs, clock: &Clock) {
         let Some(node) = self.tree.get(pid) else {
             return;
         };
@@ -995,9 +1008,11 @@ impl Core {
         let Some(now) = procs.read(pid).filter(|p| same_start(p.start_ns, start_ns)) else {
             return; // Dead too: no orphan.
         };
-        if now.ppid == old_ppid && !rechecked {
+        if now.ppid == old_ppid
+            && let Some(wait) = REPARENT_LOOKS.get(looks)
+        {
             self.reparent_checks
-                .insert(pid, clock.now + REPARENT_RECHECK);
+                .insert(pid, (clock.now + *wait, looks + 1));
             return;
         }
         let adopter = self.tree.get(now.ppid).map(|n| n.analysis);
@@ -1230,15 +1245,15 @@ impl Core {
         for key in expired {
             self.forget_if_finished(key, clock);
         }
-        let rechecks: Vec<u32> = self
+        let rechecks: Vec<(u32, usize)> = self
             .reparent_checks
             .iter()
-            .filter(|(_, at)| **at <= clock.now)
-            .map(|(pid, _)| *pid)
+            .filter(|(_, (at, _))| *at <= clock.now)
+            .map(|(pid, (_, looks))| (*pid, *looks))
             .collect();
-        for pid in rechecks {
+        for (pid, looks) in rechecks {
             self.reparent_checks.remove(&pid);
-            self.parent_gone(pid, true, procs, clock);
+            self.parent_gone(pid, looks, procs, clock);
         }
         if self.zombie_sweep_at.is_some_and(|at| at <= clock.now) {
             self.sweep_zombies(procs, clock);

@@ -1309,24 +1309,49 @@ fn children_not_yet_reparented_are_looked_at_again_before_anything_is_decided() 
         signals(&actions).is_empty(),
         "nothing decided while /proc names the dead parent"
     );
-    assert!(
-        w.core
-            .next_wakeup()
-            .is_some_and(|at| at <= w.clock.now + Duration::from_millis(20))
+    assert_eq!(
+        w.core.next_wakeup(),
+        Some(w.clock.now + Duration::from_millis(1)),
+        "the first look again comes a millisecond later"
     );
-    // A moment later the kernel has given it to the analysis' subreaper.
+    // Still not reparented at the next looks: still nothing decided.
+    for _ in 0..3 {
+        assert!(signals(&w.advance(Duration::from_millis(8))).is_empty());
+        assert_eq!(w.core.tree().get(102).map(|n| n.ppid), Some(101));
+    }
+    // Then the kernel gives it to the analysis' subreaper: adopted, nobody signalled.
     w.procs.reparent(102, 100);
-    let actions = w.advance(Duration::from_millis(20));
+    let actions = w.advance(Duration::from_millis(16));
     assert!(signals(&actions).is_empty());
     assert_eq!(w.core.tree().get(102).map(|n| n.ppid), Some(100));
-    // The same, reparented to init: an orphan at the second look.
+    // The same, reparented to init: an orphan at the next look.
     w.fork(103, 100);
     w.fork(104, 103);
     w.exit_to(103, None);
     w.procs.reparent(104, 1);
     assert_eq!(
-        signals(&w.advance(Duration::from_millis(20))),
+        signals(&w.advance(Duration::from_millis(1))),
         [(104, Signal::SIGTERM)]
+    );
+}
+
+#[test]
+fn a_child_never_shown_reparented_is_judged_after_the_last_look() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    w.exit_to(101, None);
+    // /proc names the dead parent at every look (1, 3, 7 and 15 ms after the exit):
+    // nothing decided for 30 ms.
+    for _ in 0..30 {
+        assert!(signals(&w.advance(Duration::from_millis(1))).is_empty());
+    }
+    // The last look (31 ms after the exit) judges it as it stands: its parent is dead,
+    // outside the analysis, so it is an orphan.
+    assert_eq!(
+        signals(&w.advance(Duration::from_millis(1))),
+        [(102, Signal::SIGTERM)]
     );
 }
 
@@ -1488,7 +1513,7 @@ fn a_process_holding_more_zombies_than_its_limit_is_killed_alone_and_the_record_
         w.core.tree().contains(100),
         "the rest of the analysis lives on"
     );
-    w.advance(REPARENT_RECHECK);
+    w.advance(REPARENT_WINDOW);
     assert_eq!(w.core.zombies().len(), 0, "reaped zombies are forgotten");
 }
 
@@ -1541,7 +1566,7 @@ fn zombies_handed_to_a_subreaper_of_the_analysis_move_to_it_and_others_are_forgo
         }
     }
     w.exit_event(101, w.key("a"));
-    w.advance(REPARENT_RECHECK);
+    w.advance(REPARENT_WINDOW);
     assert_eq!(
         (w.core.zombies().held_by(101), w.core.zombies().held_by(100)),
         (0, 2)
