@@ -60,6 +60,49 @@ const REPARENT_WINDOW: Duration = Duration::from_millis(31);
 /// With an analysis over its tree limit by RSS but not by PSS, the PSS is measured
 /// again once the RSS sum grows by this part of the limit (and at every poll).
 const PSS_REMEASURE_PART: u64 = 32;
+
+/// Analyses whose RSS sum had crossed one level of their tree limit (the limit, or its
+/// warning level) while their PSS sum had not: the RSS sum at that measure.
+#[derive(Default)]
+struct PssUnder(HashMap<AnalysisKey, u64>);
+
+impl PssUnder {
+    /// Asked once the RSS sum (`sum`, an upper bound: it counts a page shared by N
+    /// processes N times) has crossed a level: the PSS sum, which counts it once, when
+    /// it has `reached` the level too. PSS is a walk of each address space, so after a
+    /// measure found it under, it is measured again only once the RSS sum has grown by
+    /// `limit / PSS_REMEASURE_PART` (or the poll forgot the measure).
+    fn reaches(
+        &mut self,
+        key: AnalysisKey,
+        sum: u64,
+        limit: u64,
+        reached: impl Fn(u64) -> bool,
+        tree: &Tree,
+        procs: &dyn Procs,
+    ) -> Option<u64> {
+        let measured_at = self.0.get(&key).copied();
+        if measured_at.is_some_and(|at| sum < at.saturating_add(limit / PSS_REMEASURE_PART)) {
+            return None;
+        }
+        let pss: u64 = tree
+            .members(key)
+            .into_iter()
+            .map(|pid| procs.pss_bytes(pid).unwrap_or(0))
+            .sum();
+        if reached(pss) {
+            self.0.remove(&key);
+            return Some(pss);
+        }
+        tracing::debug!(key, rss_sum = sum, pss, limit, "under by PSS: shared pages");
+        self.0.insert(key, sum);
+        None
+    }
+
+    fn forget(&mut self, key: AnalysisKey) {
+        self.0.remove(&key);
+    }
+}
 /// How often the zombies known are looked at again in /proc while there are any: the
 /// kernel says when a process exits, not when its parent reaps it.
 const ZOMBIE_SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -245,12 +288,10 @@ pub struct Core {
     /// again, and how many looks were taken. Until then nobody can tell adopted from
     /// orphaned.
     reparent_checks: BTreeMap<u32, (Instant, usize)>,
-    /// Analyses whose RSS sum is over their tree limit while their PSS sum was not:
-    /// the RSS sum at that measure (PSS is measured again once RSS grows further, and
-    /// at every poll).
-    pss_under: HashMap<AnalysisKey, u64>,
+    /// Analyses over their tree limit by RSS but not by PSS.
+    pss_under: PssUnder,
     /// The same for the tree limit's warning level (see [`Core::warn`]).
-    pss_under_warning: HashMap<AnalysisKey, u64>,
+    pss_under_warning: PssUnder,
     /// Processes the kernel map could not take (full, or out of memory), by pid: in
     /// the tree, but the kernel reports neither their forks nor their exit, so they
     /// are handed back to the map as soon as it has room (see [`Core::untracked`]).
@@ -291,8 +332,8 @@ impl Core {
             resynced_at_ns: 0,
             lingering: BTreeMap::new(),
             reparent_checks: BTreeMap::new(),
-            pss_under: HashMap::new(),
-            pss_under_warning: HashMap::new(),
+            pss_under: PssUnder::default(),
+            pss_under_warning: PssUnder::default(),
             untracked: BTreeMap::new(),
             zombies: Zombies::default(),
             exited_unchecked: Vec::new(),
@@ -609,8 +650,8 @@ impl Core {
             }
         }
         self.lingering.remove(&key);
-        self.pss_under.remove(&key);
-        self.pss_under_warning.remove(&key);
+        self.pss_under.forget(key);
+        self.pss_under_warning.forget(key);
         if let Some(roots) = self.registry.forget(key) {
             self.actions.push(Action::ForgetAnalysis(key, roots));
         }
@@ -642,8 +683,8 @@ impl Core {
         for key in analyses {
             // Writes to shared pages (copy-on-write) raise the PSS, not the RSS: the
             // poll measures again whatever is over its limit by RSS.
-            self.pss_under.remove(&key);
-            self.pss_under_warning.remove(&key);
+            self.pss_under.forget(key);
+            self.pss_under_warning.forget(key);
             let sum = self.tree.rss_sum(key);
             self.check_tree_memory(key, sum, procs, clock);
         }
@@ -704,24 +745,13 @@ impl Core {
         if sum <= limit || self.registry.violation(key).is_some() {
             return;
         }
-        let measured_at = self.pss_under.get(&key).copied();
-        if measured_at.is_some_and(|at| sum < at.saturating_add(limit / PSS_REMEASURE_PART)) {
+        let Some(pss) =
+            self.pss_under
+                .reaches(key, sum, limit, |pss| pss > limit, &self.tree, procs)
+        else {
             return;
-        }
-        let pss = self.pss_sum(key, procs);
+        };
         let analysis_id = self.registry.id(key).unwrap_or_default().to_string();
-        if pss <= limit {
-            tracing::debug!(
-                analysis_id,
-                rss_sum = sum,
-                pss,
-                limit,
-                "over the tree limit by RSS only: shared pages"
-            );
-            self.pss_under.insert(key, sum);
-            return;
-        }
-        self.pss_under.remove(&key);
         tracing::warn!(
             analysis_id,
             pss,
@@ -898,25 +928,12 @@ impl Core {
         {
             return;
         }
-        let measured_at = self.pss_under_warning.get(&key).copied();
-        if measured_at.is_some_and(|at| sum < at.saturating_add(limit / PSS_REMEASURE_PART)) {
-            return;
+        let reached =
+            self.pss_under_warning
+                .reaches(key, sum, limit, |pss| pss >= level, &self.tree, procs);
+        if reached.is_some() {
+            self.warn(key, Reason::TreeMemory, limit, procs, clock);
         }
-        if self.pss_sum(key, procs) < level {
-            self.pss_under_warning.insert(key, sum);
-            return;
-        }
-        self.pss_under_warning.remove(&key);
-        self.warn(key, Reason::TreeMemory, limit, procs, clock);
-    }
-
-    /// The PSS summed over an analysis' processes (a walk of each address space).
-    fn pss_sum(&self, key: AnalysisKey, procs: &dyn Procs) -> u64 {
-        self.tree
-            .members(key)
-            .into_iter()
-            .map(|pid| procs.pss_bytes(pid).unwrap_or(0))
-            .sum()
     }
 
     /// Sends the warning signal to the analysis' living roots, once per limit (`of`),
