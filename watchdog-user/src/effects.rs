@@ -340,50 +340,6 @@ impl Effects {
         });
     }
 
-    /// Puts a registration's processes in the kernel map: the root, then (unless it is
-    /// `fresh`, started by `exec` and so childless) its descendants, found by the
-    /// kernel's descendants iterator. Returns those verified to be the same living
-    /// processes once in the map. A descendant that forks while this runs is caught
-    /// either by the kernel (its parent is already in the map) or by the next pass,
-    /// which runs until it finds nothing new. Each descendant found must pass `permit`
-    /// (the rules' access check, done beforehand too, so this only catches one that
-    /// changed hands meanwhile); when one does not, or the map refuses one, everything
-    /// this put in the map is taken back out and the error returned: a refused
-    /// registration leaves the kernel map as it was.
-    pub fn watch_registration(
-        &mut self,
-        registration: &Registration,
-        fresh: bool,
-        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
-        permit: &dyn Fn(ProcRef) -> Result<()>,
-    ) -> Result<Vec<ProcInfo>> {
-        let key = registration.key;
-        let mem_limit = registration.limits.rss_levels();
-        let root = &registration.root;
-        let mut watched = Vec::new();
-        let root_is_new = analysis_of(root.pid).is_none();
-        if root_is_new {
-            if !self.watch_verified(root.proc_ref(), key, mem_limit)? {
-                return Ok(watched);
-            }
-            watched.push(root.clone());
-        }
-        if !fresh
-            && let Err(err) = self.watch_descendants(
-                root.proc_ref(),
-                key,
-                mem_limit,
-                analysis_of,
-                permit,
-                &mut watched,
-            )
-        {
-            self.roll_back(root.proc_ref(), root_is_new, &watched, analysis_of);
-            return Err(err);
-        }
-        Ok(watched)
-    }
-
     /// Takes a refused registration's processes back out of the kernel map: those the
     /// walk put there and, when the root was put there by it, whatever the kernel added
     /// below the root meanwhile (forked while it was watched; the tree does not know
@@ -517,6 +473,16 @@ impl Watch for Effects {
             .collect())
     }
 
+    /// Puts a registration's processes in the kernel map: the root, then (unless it is
+    /// `fresh`, started by `exec` and so childless) its descendants, found by the
+    /// kernel's descendants iterator. Returns those verified to be the same living
+    /// processes once in the map. A descendant that forks while this runs is caught
+    /// either by the kernel (its parent is already in the map) or by the next pass,
+    /// which runs until it finds nothing new. Each descendant found must pass `permit`
+    /// (the rules' access check, done beforehand too, so this only catches one that
+    /// changed hands meanwhile); when one does not, or the map refuses one, everything
+    /// this put in the map is taken back out and the error returned: a refused
+    /// registration leaves the kernel map as it was.
     fn watch(
         &mut self,
         registration: &Registration,
@@ -524,6 +490,30 @@ impl Watch for Effects {
         analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
         permit: &dyn Fn(ProcRef) -> Result<()>,
     ) -> Result<Vec<ProcInfo>> {
-        self.watch_registration(registration, fresh, analysis_of, permit)
+        let key = registration.key;
+        let mem_limit = registration.limits.rss_levels();
+        let root = &registration.root;
+        let mut watched = Vec::new();
+        let root_is_new = analysis_of(root.pid).is_none();
+        if root_is_new {
+            if !self.watch_verified(root.proc_ref(), key, mem_limit)? {
+                return Ok(watched);
+            }
+            watched.push(root.clone());
+        }
+        if !fresh
+            && let Err(err) = self.watch_descendants(
+                root.proc_ref(),
+                key,
+                mem_limit,
+                analysis_of,
+                permit,
+                &mut watched,
+            )
+        {
+            self.roll_back(root.proc_ref(), root_is_new, &watched, analysis_of);
+            return Err(err);
+        }
+        Ok(watched)
     }
 }

@@ -32,6 +32,7 @@ use crate::{
     effects::Effects,
     procs::{Procs, same_start},
     registry,
+    requests::Watch as _,
     rules::{Clock, Registration},
     tree::AnalysisKey,
 };
@@ -460,7 +461,7 @@ pub fn rewatch(
             confined_to: None,
         };
         let key = saved.analysis;
-        let watched = effects.watch_registration(
+        let watched = effects.watch(
             &registration,
             false,
             &|pid| taken.contains(&pid).then_some(key),
