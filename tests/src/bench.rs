@@ -29,7 +29,7 @@ use nix::{
     },
     unistd::{ForkResult, Pid, fork},
 };
-use watchdog_user::protocol::{Reply, Request, Response};
+use watchdog_user::api::protocol::{Reply, Request, Response};
 
 use crate::Daemon;
 
@@ -295,7 +295,7 @@ fn idle() -> ! {
     }
 }
 
-/// One request over the control socket, like `watchdog_user::protocol::call`, but giving
+/// One request over the control socket, like `watchdog_user::api::client::call`, but giving
 /// up after `timeout`: a bench watching a daemon that stopped answering must still end.
 pub fn call_within(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply> {
     let stream = UnixStream::connect(socket)?;

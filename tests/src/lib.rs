@@ -53,7 +53,7 @@ pub fn await_state<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) 
 }
 
 // The daemon's own wire types: a test reads exactly what the daemon sends.
-pub use watchdog_user::protocol::{Status, TreeNode};
+pub use watchdog_user::api::protocol::{Status, TreeNode};
 pub use watchdog_user::store::DbStatus;
 
 /// `node` and all below it, depth first.

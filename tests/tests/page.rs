@@ -346,7 +346,7 @@ fn an_empty_daemon_a_long_id_and_thousands_of_processes_all_render() -> Result<(
             CROWD_SIZE + 1
         ),
     )?;
-    let rows = watchdog_user::overview::TREE_ROWS;
+    let rows = watchdog_user::api::overview::TREE_ROWS;
     assert_eq!(
         shown,
         serde_json::json!({"rows": rows, "more": format!("{} more processes not listed", CROWD_SIZE + 1 - rows), "open": false})

@@ -23,7 +23,7 @@ use watchdog_tests::{Daemon, Status, http_get, watchdog_bin};
 const MIB: usize = 1 << 20;
 /// Idle connections opened at once: well over the daemon's 1,024.
 const IDLE: usize = 5_000;
-const CAP: usize = watchdog_user::control::MAX_CONNECTIONS;
+const CAP: usize = watchdog_user::api::control::MAX_CONNECTIONS;
 /// How long `status` may take before the test calls it a hang.
 const STATUS_WITHIN: Duration = Duration::from_secs(5);
 

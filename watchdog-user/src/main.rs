@@ -1,6 +1,10 @@
 //! watchdog-user: the daemon (`run`) and the CLI that talks to it over the control socket.
 
-use watchdog_user::{cli, config, daemon, policy, store};
+use watchdog_user::{
+    app::{config, daemon},
+    cli, store,
+    vocab::{limits as policy, units},
+};
 
 use std::{path::PathBuf, time::Duration};
 
@@ -76,7 +80,7 @@ enum Command {
     /// The kill history from the database, newest first.
     Events {
         /// Only the last DUR, e.g. 1h, 7d.
-        #[arg(long, value_parser = policy::parse_duration)]
+        #[arg(long, value_parser = units::parse_duration)]
         since: Option<Duration>,
         #[arg(long)]
         analysis_id: Option<String>,
@@ -98,16 +102,16 @@ enum Command {
 #[derive(clap::Args)]
 struct LimitArgs {
     /// Wall-clock limit, e.g. 90s, 30m, 2h.
-    #[arg(long, value_parser = policy::parse_duration)]
+    #[arg(long, value_parser = units::parse_duration)]
     timeout: Option<Duration>,
     /// RSS limit of each process, e.g. 512MiB, 2GiB.
-    #[arg(long, value_parser = policy::parse_size)]
+    #[arg(long, value_parser = units::parse_size)]
     memory: Option<u64>,
     /// Limit on the RSS summed over the analysis.
-    #[arg(long, value_parser = policy::parse_size)]
+    #[arg(long, value_parser = units::parse_size)]
     tree_memory: Option<u64>,
     /// Time between SIGTERM and SIGKILL.
-    #[arg(long, value_parser = policy::parse_duration)]
+    #[arg(long, value_parser = units::parse_duration)]
     grace: Option<Duration>,
     /// kill: SIGTERM orphans at once; log: only record them.
     #[arg(long, value_enum)]
@@ -121,20 +125,20 @@ struct LimitArgs {
     max_zombies: Option<u64>,
     /// Warn the analysis' root at this part of the timeout and of each memory limit,
     /// e.g. 80%, or off.
-    #[arg(long, value_parser = policy::parse_percent)]
+    #[arg(long, value_parser = units::parse_percent)]
     warn_at: Option<u8>,
     /// The warning signal, e.g. SIGUSR1 (the default), SIGUSR2, SIGINT.
-    #[arg(long, value_parser = policy::parse_warn_signal)]
+    #[arg(long, value_parser = units::parse_warn_signal)]
     warn_signal: Option<String>,
 }
 
 impl LimitArgs {
     fn overrides(&self) -> LimitOverrides {
         LimitOverrides {
-            timeout_ms: self.timeout.map(policy::millis),
+            timeout_ms: self.timeout.map(units::millis),
             memory_bytes: self.memory,
             tree_memory_bytes: self.tree_memory,
-            grace_ms: self.grace.map(policy::millis),
+            grace_ms: self.grace.map(units::millis),
             orphans: self.orphans,
             max_processes: self.max_processes,
             max_zombies: self.max_zombies,
@@ -198,7 +202,7 @@ fn main() {
     };
     if let Err(err) = result {
         // A task that ended has been logged, as one line, when it did.
-        if !err.is::<watchdog_user::tasks::Ended>() {
+        if !err.is::<watchdog_user::os::tasks::Ended>() {
             eprintln!("watchdog-user: error: {err:#}");
         }
         std::process::exit(1);
@@ -225,7 +229,7 @@ fn bench_store(database_url: &str, rows: usize, batch: usize) -> anyhow::Result<
     Ok(())
 }
 
-fn run_daemon(options: daemon::Options) -> anyhow::Result<()> {
+fn run_daemon(options: config::Options) -> anyhow::Result<()> {
     tune_malloc();
     raise_descriptor_limit();
     // A signal mask is inherited: a daemon started by a process that blocks SIGTERM
@@ -242,7 +246,7 @@ fn run_daemon(options: daemon::Options) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    watchdog_user::tasks::install_panic_hook();
+    watchdog_user::os::tasks::install_panic_hook();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

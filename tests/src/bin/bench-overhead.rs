@@ -108,7 +108,7 @@ fn pss_cost(daemon: &Daemon) -> Result<f64> {
         let started = Instant::now();
         let read = pids
             .iter()
-            .filter(|&&pid| watchdog_user::procs::pss_bytes(pid).is_some())
+            .filter(|&&pid| watchdog_user::os::procs::pss_bytes(pid).is_some())
             .count();
         anyhow::ensure!(
             read == pids.len(),

@@ -12,8 +12,11 @@ use watchdog_tests::{
     bench::{self, PauseTree, percentile},
 };
 use watchdog_user::{
-    policy::LimitOverrides,
-    protocol::{self, Reply, Request},
+    api::{
+        client,
+        protocol::{Reply, Request},
+    },
+    vocab::limits::LimitOverrides,
 };
 
 /// Unrelated idle processes added to the host.
@@ -82,7 +85,7 @@ fn measure(daemon: &Daemon, shape: &[usize], runs: usize, tag: &str, what: &str)
             fresh: false,
         };
         let started = Instant::now();
-        let reply = protocol::call(&daemon.socket, &register)?;
+        let reply = client::call(&daemon.socket, &register)?;
         micros.push(started.elapsed().as_secs_f64() * 1e6);
         match reply {
             Reply::Registered { watched, .. } if watched == expected_watched => {}
@@ -95,7 +98,7 @@ fn measure(daemon: &Daemon, shape: &[usize], runs: usize, tag: &str, what: &str)
             pid: None,
             analysis_id: Some(analysis_id),
         };
-        protocol::call(&daemon.socket, &unregister)?;
+        client::call(&daemon.socket, &unregister)?;
         drop(target);
     }
     Ok(Row {

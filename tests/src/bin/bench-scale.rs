@@ -20,8 +20,11 @@ use watchdog_tests::{
     bench::{self, PauseTree, call_within, cpu_seconds, percentile, rss_mib},
 };
 use watchdog_user::{
-    policy::LimitOverrides,
-    protocol::{self, Reply, Request},
+    api::{
+        client,
+        protocol::{Reply, Request},
+    },
+    vocab::limits::LimitOverrides,
 };
 
 /// 100 children of the root, each forking 999: 100 + 99,900 = 100,000 descendants.
@@ -85,7 +88,7 @@ fn run() -> Result<Run> {
     bench::on_interrupt_remove(&daemon);
     let idle_rss_mib = rss_mib(daemon.pid())?;
     let mut tree = PauseTree::spawn(&SHAPE, true)?;
-    protocol::call(
+    client::call(
         &daemon.socket,
         &Request::Register {
             pid: tree.pid(),

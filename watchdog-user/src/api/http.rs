@@ -1,0 +1,594 @@
+//! `GET /status` (JSON), `GET /metrics` (Prometheus text) and the live page (`GET /`,
+//! its script, and the JSON it polls: `/api/analyses`, `/api/events`) over HTTP. All
+//! ask the daemon loop through the same typed requests as the control socket.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
+
+use anyhow::{Context as _, Result};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response as HttpResponse},
+    routing::get,
+};
+use serde::Serialize;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
+
+use crate::{
+    api::{
+        control::Call,
+        overview::Overview,
+        protocol::{Reply, Request, Response, Status},
+    },
+    kernel::ingest::LATENCY,
+    store::{EventFilter, EventRecord},
+    vocab::peer::Peer,
+};
+
+/// The live page and its script, built into the binary: no build step, and nothing
+/// fetched from anywhere but this listener.
+const PAGE_HTML: &str = include_str!("page/index.html");
+const PAGE_SCRIPT: &str = include_str!("page/page.js");
+
+/// The page's own policy: its script and JSON from this listener only, nothing else
+/// loaded, so a process name shown on it can never run or fetch anything.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; \
+    style-src 'unsafe-inline'; img-src 'self'; base-uri 'none'; form-action 'none'; \
+    frame-ancestors 'none'";
+
+/// Kill records `/api/events` passes to the page: the newest.
+pub const PAGE_EVENTS: usize = 50;
+
+/// Binds now, so a taken port fails the start instead of failing later, silently.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen for HTTP on {addr}: pass --http with a free HOST:PORT, or --http none"
+        )
+    })
+}
+
+/// Serves until the listener fails (the daemon's supervisor reports why). Read-only:
+/// GET routes only (HEAD too), any other method is 405 and any other path 404; no
+/// handler takes a body, so none is ever buffered.
+pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) -> Result<()> {
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/", get(page))
+        .route("/page.js", get(page_script))
+        .route("/api/analyses", get(api_analyses))
+        .route("/api/events", get(api_events))
+        .with_state(calls);
+    axum::serve(listener, app)
+        .await
+        .context("the HTTP listener stopped")
+}
+
+/// Asks the daemon loop, as a reader without credentials.
+async fn ask(calls: &mpsc::Sender<Call>, request: Request) -> Result<Reply, String> {
+    let (tx, rx) = oneshot::channel();
+    calls
+        .send((request, Peer::http(), tx))
+        .await
+        .map_err(|_| "the daemon is stopping".to_string())?;
+    match rx.await {
+        Ok(Response::Ok(reply)) => Ok(reply),
+        Ok(Response::Error(err)) => Err(err),
+        Err(_) => Err("the daemon is stopping".into()),
+    }
+}
+
+async fn fetch_status(calls: &mpsc::Sender<Call>) -> Result<Status, String> {
+    match ask(calls, Request::Status).await? {
+        Reply::Status(status) => Ok(*status),
+        _ => Err("no status from the daemon".into()),
+    }
+}
+
+async fn status(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
+    match fetch_status(&calls).await {
+        Ok(status) => Json(status).into_response(),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err).into_response(),
+    }
+}
+
+async fn metrics(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
+    match fetch_status(&calls).await {
+        Ok(status) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            prometheus_text(&status),
+        )
+            .into_response(),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err).into_response(),
+    }
+}
+
+async fn page() -> HttpResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        PAGE_HTML,
+    )
+        .into_response()
+}
+
+async fn page_script() -> HttpResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        PAGE_SCRIPT,
+    )
+        .into_response()
+}
+
+/// `/api/analyses`: the `overview` reply, with the names of the analyses' owners.
+#[derive(Debug, Serialize)]
+pub struct PageAnalyses {
+    #[serde(flatten)]
+    pub overview: Overview,
+    /// Login names by uid, for the uids that have one.
+    pub owners: BTreeMap<u32, String>,
+}
+
+/// `/api/events`: the newest kill records, as `events` answers them, at most
+/// [`PAGE_EVENTS`], and whether older ones were left out.
+#[derive(Debug, Serialize)]
+pub struct PageEvents {
+    /// Those still in the spool carry `"spooled": true`.
+    pub records: Vec<EventRecord>,
+    pub more: bool,
+    /// Why the database could not be read (then only spooled records are shown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_error: Option<String>,
+}
+
+pub fn page_analyses(overview: Overview, name_of: impl Fn(u32) -> Option<String>) -> PageAnalyses {
+    let owners = overview
+        .analyses
+        .iter()
+        .map(|a| a.owner_uid)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter_map(|uid| Some((uid, name_of(uid)?)))
+        .collect();
+    PageAnalyses { overview, owners }
+}
+
+/// `records` newest first, as the store answers `events` asked for one more than
+/// [`PAGE_EVENTS`] (that one only says there are more).
+pub fn page_events(mut records: Vec<EventRecord>, database_error: Option<String>) -> PageEvents {
+    let more = records.len() > PAGE_EVENTS;
+    records.truncate(PAGE_EVENTS);
+    PageEvents {
+        records,
+        more,
+        database_error,
+    }
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|user| user.name)
+}
+
+/// JSON the page polls: never cached, so each poll shows the daemon's state now.
+fn fresh_json(body: impl Serialize) -> HttpResponse {
+    ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
+}
+
+async fn api_analyses(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
+    match ask(&calls, Request::Overview).await {
+        Ok(Reply::Overview(overview)) => fresh_json(page_analyses(*overview, user_name)),
+        Ok(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no overview from the daemon",
+        )
+            .into_response(),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err).into_response(),
+    }
+}
+
+/// The same request, answered by the same store function, as `watchdog-user events`;
+/// only as many records as the page shows are read.
+async fn api_events(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
+    let request = Request::Events {
+        filter: EventFilter {
+            limit: Some(PAGE_EVENTS as u32 + 1),
+            ..EventFilter::default()
+        },
+    };
+    match ask(&calls, request).await {
+        Ok(Reply::Events {
+            records,
+            database_error,
+        }) => fresh_json(page_events(records, database_error)),
+        Ok(_) => (StatusCode::SERVICE_UNAVAILABLE, "no events from the daemon").into_response(),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err).into_response(),
+    }
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+fn one(value: impl Into<f64>) -> Vec<(String, f64)> {
+    vec![(String::new(), value.into())]
+}
+
+/// Metrics of one unlabelled sample each, written in the order given:
+/// (name, type, help, value).
+fn single(out: &mut String, metrics: &[(&str, &str, &str, f64)]) {
+    for &(name, kind, help, value) in metrics {
+        metric(out, name, kind, help, &one(value));
+    }
+}
+
+/// The Prometheus text exposition format (version 0.0.4).
+pub fn prometheus_text(s: &Status) -> String {
+    let mut out = String::new();
+    single(
+        &mut out,
+        &[
+            (
+                "watchdog_watched_processes",
+                "gauge",
+                "Processes watched now.",
+                s.monitored_count as f64,
+            ),
+            (
+                "watchdog_analyses",
+                "gauge",
+                "Analyses watched now.",
+                s.analyses as f64,
+            ),
+            (
+                "watchdog_processes_in_grace",
+                "gauge",
+                "Processes signalled and not yet gone.",
+                s.grace_count as f64,
+            ),
+            (
+                "watchdog_zombies",
+                "gauge",
+                "Exited processes of analyses that their watched parent has not reaped yet.",
+                s.zombies as f64,
+            ),
+        ],
+    );
+    let by_reason: Vec<(String, f64)> = s
+        .kills_by_reason
+        .iter()
+        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), *n as f64))
+        .collect();
+    metric(
+        &mut out,
+        "watchdog_kills_total",
+        "counter",
+        "Processes killed (or recorded) since start, by reason.",
+        &by_reason,
+    );
+    single(
+        &mut out,
+        &[
+            (
+                "watchdog_lost_events_total",
+                "counter",
+                "Kernel events lost: ring buffer full, or a child the watched map had no room for.",
+                (s.lost_events + s.watch_map_full) as f64,
+            ),
+            (
+                "watchdog_loop_longest_seconds",
+                "gauge",
+                "The longest the daemon loop spent on one input since start.",
+                s.loop_longest_ms / 1000.0,
+            ),
+            (
+                "watchdog_ring_buffer_drops_total",
+                "counter",
+                "Events the kernel could not put in the ring buffer.",
+                s.lost_events as f64,
+            ),
+            (
+                "watchdog_pinned_state_dropped_total",
+                "counter",
+                "Pinned state found untrustworthy at start (another layout, or not the maps the attached programs use), dropped and rebuilt.",
+                s.pinned_state_dropped as f64,
+            ),
+            (
+                "watchdog_untracked_forks_total",
+                "counter",
+                "Children the kernel's watched map could not take; the daemon followed them itself.",
+                s.faults.untracked_forks as f64,
+            ),
+            (
+                "watchdog_pidfd_failures_total",
+                "counter",
+                "Pidfds that could not be opened (e.g. out of descriptors).",
+                s.faults.pidfd_failures as f64,
+            ),
+            (
+                "watchdog_launchers_watched",
+                "gauge",
+                "Launchers of registered roots watched now.",
+                s.faults.launchers_watched as f64,
+            ),
+        ],
+    );
+    let program_errors: Vec<(String, f64)> = s
+        .faults
+        .program_errors
+        .iter()
+        .filter_map(|(key, n)| {
+            let (program, kind) = key.split_once('/')?;
+            Some((
+                format!("{{program=\"{program}\",kind=\"{kind}\"}}"),
+                *n as f64,
+            ))
+        })
+        .collect();
+    metric(
+        &mut out,
+        "watchdog_kernel_program_errors_total",
+        "counter",
+        "Failures inside the kernel programs, by program and kind (read, map_update).",
+        &program_errors,
+    );
+    single(
+        &mut out,
+        &[
+            (
+                "watchdog_resyncs_total",
+                "counter",
+                "Tree rebuilds after lost events.",
+                s.resyncs as f64,
+            ),
+            (
+                "watchdog_db_spool_depth",
+                "gauge",
+                "Kill records waiting for the database.",
+                s.database.spool_depth as f64,
+            ),
+            (
+                "watchdog_db_unspooled",
+                "gauge",
+                "Kill records held in memory because the spool could not be written (a full disk?); \
+         tried again every second.",
+                s.database.unspooled as f64,
+            ),
+            (
+                "watchdog_spool_records_total",
+                "counter",
+                "Kill records appended to the spool since start.",
+                s.database.spooled_total as f64,
+            ),
+            (
+                "watchdog_spool_fsyncs_total",
+                "counter",
+                "Spool fsyncs since start (records arriving together share one).",
+                s.database.spool_fsyncs as f64,
+            ),
+            (
+                "watchdog_records_unqueued_total",
+                "counter",
+                "Kill records the daemon loop could not hand to its store task (stopped); held and \
+         spooled at shutdown.",
+                s.records_unqueued as f64,
+            ),
+            (
+                "watchdog_db_rejected_total",
+                "counter",
+                "Kill records the database refused for good, set aside in <spool>.rejected.",
+                s.database.rejected as f64,
+            ),
+            (
+                "watchdog_control_connections",
+                "gauge",
+                "Control socket connections open now.",
+                s.control.connections as f64,
+            ),
+            (
+                "watchdog_control_connections_max",
+                "gauge",
+                "The most control socket connections served at once.",
+                s.control.max_connections as f64,
+            ),
+            (
+                "watchdog_control_connections_evicted_total",
+                "counter",
+                "Idle control socket connections closed (with an error line) to make room for a new client.",
+                s.control.evicted as f64,
+            ),
+            (
+                "watchdog_control_connections_refused_total",
+                "counter",
+                "Control socket clients refused (an error line, then closed): the most were open, all busy.",
+                s.control.refused as f64,
+            ),
+            (
+                "watchdog_control_requests_oversized_total",
+                "counter",
+                "Control request lines over 64 KiB: answered with an error, the connection closed unread.",
+                s.control.oversized as f64,
+            ),
+            (
+                "watchdog_control_connections_timed_out_total",
+                "counter",
+                "Control socket connections closed after 30 s without a complete request (or unread answer).",
+                s.control.timed_out as f64,
+            ),
+            (
+                "watchdog_control_requests_not_utf8_total",
+                "counter",
+                "Control request lines that were not UTF-8 (answered with an error).",
+                s.control.not_utf8 as f64,
+            ),
+            (
+                "watchdog_uptime_seconds",
+                "gauge",
+                "Seconds since the daemon started.",
+                s.uptime_s as f64,
+            ),
+        ],
+    );
+    let _ = writeln!(
+        out,
+        "# HELP watchdog_event_latency_seconds From the kernel event to the daemon reading it."
+    );
+    let _ = writeln!(out, "# TYPE watchdog_event_latency_seconds histogram");
+    let (buckets, count, sum) = LATENCY.snapshot();
+    for (le, n) in buckets {
+        let _ = writeln!(
+            out,
+            "watchdog_event_latency_seconds_bucket{{le=\"{le}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "watchdog_event_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(out, "watchdog_event_latency_seconds_sum {sum}");
+    let _ = writeln!(out, "watchdog_event_latency_seconds_count {count}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        api::overview::AnalysisOverview,
+        vocab::{
+            limits::{Limits, Reason},
+            record::{KillRecord, Outcome, SignalSent},
+        },
+    };
+
+    fn record(pid: u32, reason: Reason) -> KillRecord {
+        KillRecord {
+            time: "2026-11-21T17:00:00.000Z".into(),
+            host: "h".into(),
+            pid,
+            ppid: 1,
+            analysis_id: "a".into(),
+            reason,
+            limit: Some(1000),
+            rss_bytes: 5 << 20,
+            runtime_ms: 1000,
+            signals: vec![SignalSent {
+                signal: "SIGTERM".into(),
+                at: "2026-11-21T17:00:00.000Z".into(),
+            }],
+            outcome: Outcome::ExitedAfterSigterm,
+            comm: "<img src=x onerror=alert(1)>".into(),
+            cmdline: "sleep 600".into(),
+            uid: 0,
+            owner_uid: Some(0),
+            warned_of: None,
+            zombies: None,
+        }
+    }
+
+    fn analysis(id: &str, owner_uid: u32) -> AnalysisOverview {
+        AnalysisOverview {
+            analysis_id: id.into(),
+            owner_uid,
+            age_ms: 1,
+            deadline_in_ms: 2,
+            limits: Limits {
+                grace_ms: 5,
+                ..Limits::for_tests(3, 4)
+            },
+            processes: 0,
+            zombies: 0,
+            rss_bytes: 0,
+            largest_rss_bytes: 0,
+            largest_pid: None,
+            dying: None,
+            rss_samples: Vec::new(),
+            tree: Vec::new(),
+            tree_omitted: 0,
+        }
+    }
+
+    #[test]
+    fn the_page_gets_the_newest_events_and_whether_there_are_more() {
+        let records: Vec<_> = (0..PAGE_EVENTS as u32 + 1)
+            .map(|pid| EventRecord {
+                record: record(pid, Reason::Timeout),
+                spooled: pid == 0,
+            })
+            .collect();
+        let page = serde_json::to_value(page_events(records, None)).expect("serializes");
+        assert_eq!(page["more"], true);
+        let shown = page["records"].as_array().expect("an array");
+        assert_eq!(shown.len(), PAGE_EVENTS);
+        assert_eq!(shown[0]["pid"], 0, "newest first, as the store answers");
+        // Text goes out as JSON strings; the page puts it in text nodes only.
+        assert_eq!(shown[0]["comm"], "<img src=x onerror=alert(1)>");
+        assert_eq!(shown[0]["reason"], "timeout");
+        assert_eq!(
+            (&shown[0]["spooled"], &shown[1]["spooled"]),
+            (&true.into(), &serde_json::Value::Null)
+        );
+
+        let down = Some("the database is unavailable".to_string());
+        let none = serde_json::to_value(page_events(Vec::new(), down)).expect("serializes");
+        assert_eq!(
+            none,
+            serde_json::json!({"records": [], "more": false,
+                               "database_error": "the database is unavailable"})
+        );
+        let all = (0..PAGE_EVENTS as u32).map(|pid| EventRecord {
+            record: record(pid, Reason::Memory),
+            spooled: false,
+        });
+        assert!(!page_events(all.collect(), None).more);
+    }
+
+    #[test]
+    fn the_analyses_come_with_their_owners_names_once_per_uid() {
+        let overview = Overview {
+            now_unix_ms: 10,
+            watched: 3,
+            analyses: vec![analysis("a", 0), analysis("b", 1001), analysis("c", 0)],
+        };
+        let asked = std::cell::RefCell::new(Vec::new());
+        let page = page_analyses(overview, |uid| {
+            asked.borrow_mut().push(uid);
+            (uid == 0).then(|| "root".to_string())
+        });
+        assert_eq!(*asked.borrow(), [0, 1001]);
+        let json = serde_json::to_value(&page).expect("serializes");
+        assert_eq!(json["owners"], serde_json::json!({"0": "root"}));
+        assert_eq!(
+            (json["now_unix_ms"].clone(), json["watched"].clone()),
+            (10.into(), 3.into())
+        );
+        assert_eq!(json["analyses"][1]["analysis_id"], "b");
+        assert_eq!(json["analyses"][1]["zombies"], 0);
+
+        let empty = page_analyses(Overview::default(), |_| None);
+        assert_eq!(
+            serde_json::to_value(&empty).expect("serializes"),
+            serde_json::json!({"now_unix_ms": 0, "watched": 0, "analyses": [], "owners": {}})
+        );
+    }
+}

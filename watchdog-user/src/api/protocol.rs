@@ -1,0 +1,335 @@
+//! The control socket's typed protocol: one JSON request per line, one JSON response
+//! line back. The CLI and any other client speak only this.
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+pub use crate::store::EventRecord;
+
+use crate::{
+    store::{DbStatus, EventFilter},
+    vocab::{
+        limits::{LimitOverrides, Limits},
+        record::KillRecord,
+    },
+};
+
+/// The longest request line the daemon reads, its newline not counted. A longer one is
+/// answered with an error and its connection closed, without the daemon reading the rest.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// How a request must look: every framing error ends with it.
+pub const REQUEST_SHAPE: &str = "a request is one JSON object on one line of at most 64 KiB, in UTF-8, e.g. {\"op\":\"status\"}";
+
+/// Why a request line is not a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadRequest {
+    /// Longer than [`MAX_REQUEST_BYTES`] (without its newline): the bytes seen so far.
+    TooLong(usize),
+    /// Not UTF-8: the offset of the first invalid byte.
+    NotUtf8(usize),
+    /// UTF-8, but not one of the requests: serde's reason.
+    Malformed(String),
+}
+
+impl std::fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLong(seen) => write!(
+                f,
+                "request too long (over {MAX_REQUEST_BYTES} bytes without a newline, {seen} read): \
+                 {REQUEST_SHAPE}; the connection is closed"
+            ),
+            Self::NotUtf8(at) => write!(
+                f,
+                "malformed request (invalid UTF-8 at byte {at}): {REQUEST_SHAPE}"
+            ),
+            Self::Malformed(reason) => write!(
+                f,
+                "malformed request ({reason}): send one JSON object per line, e.g. {{\"op\":\"status\"}}"
+            ),
+        }
+    }
+}
+
+/// One request line (its newline taken off) to the request it holds. Pure: the control
+/// socket and the fuzz tests go through this very function.
+pub fn parse_request(line: &[u8]) -> Result<Request, BadRequest> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(BadRequest::TooLong(line.len()));
+    }
+    let text = std::str::from_utf8(line).map_err(|e| BadRequest::NotUtf8(e.valid_up_to()))?;
+    serde_json::from_str(text).map_err(|e| BadRequest::Malformed(e.to_string()))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Watch `pid`, its existing descendants, and all it forks from now on.
+    Register {
+        pid: u32,
+        analysis_id: String,
+        #[serde(default)]
+        limits: LimitOverrides,
+        /// The process was just started by the caller and has no descendants yet
+        /// (`exec`): the daemon watches it without looking for any.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fresh: bool,
+    },
+    /// Stop watching a process and its subtree, or a whole analysis.
+    Unregister {
+        #[serde(default)]
+        pid: Option<u32>,
+        #[serde(default)]
+        analysis_id: Option<String>,
+    },
+    DumpTree {
+        #[serde(default)]
+        analysis_id: Option<String>,
+    },
+    Status,
+    /// What the live page shows: every analysis' usage, RSS history and tree, bounded
+    /// (`overview.rs`).
+    Overview,
+    /// Violations and kills from the database, newest first.
+    Events {
+        #[serde(default)]
+        filter: EventFilter,
+    },
+    /// Test-only fault (daemon started with --test-faults): the main loop answers, then
+    /// stops for `ms` milliseconds, as a hung loop would.
+    Stall {
+        ms: u64,
+    },
+    /// Test-only fault (daemon started with --test-faults): arms the fault `what`.
+    Fault {
+        what: TestFault,
+    },
+}
+
+/// The faults `Request::Fault` can arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TestFault {
+    /// The store's database task panics at its next write of kill records.
+    StorePanic,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(Reply),
+    Error(String),
+}
+
+impl Response {
+    /// The response as its one wire line, newline included. An error message is made one
+    /// line first (a control character, e.g. a newline inside an analysis id that a
+    /// message quotes, is escaped), so that the CLI prints every error on one line.
+    pub fn to_line(&self) -> String {
+        let mut line = match self {
+            Self::Error(message) if message.chars().any(char::is_control) => {
+                let flat: String = message
+                    .chars()
+                    .map(|c| {
+                        if c.is_control() {
+                            c.escape_default().to_string()
+                        } else {
+                            c.to_string()
+                        }
+                    })
+                    .collect();
+                serde_json::to_string(&Self::Error(flat))
+            }
+            _ => serde_json::to_string(self),
+        }
+        .expect("responses serialize");
+        line.push('\n');
+        line
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Registered {
+        pid: u32,
+        analysis_id: String,
+        watched: usize,
+    },
+    Unregistered {
+        removed: usize,
+    },
+    Tree {
+        roots: Vec<TreeNode>,
+        analyses: Vec<AnalysisView>,
+    },
+    Events {
+        /// Newest first: those in the database, and those still waiting in the spool
+        /// (marked `spooled`).
+        records: Vec<EventRecord>,
+        /// Why the database could not be read: then only the spooled records are shown.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        database_error: Option<String>,
+    },
+    Status(Box<Status>),
+    Overview(Box<crate::api::overview::Overview>),
+    Stalling {
+        ms: u64,
+    },
+    FaultArmed {
+        what: TestFault,
+    },
+}
+
+/// One process of the live tree, with its children: the `dump-tree --json` shape.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TreeNode {
+    pub pid: u32,
+    pub ppid: u32,
+    pub analysis_id: String,
+    /// Uid of the caller that created its analysis.
+    #[serde(default)]
+    pub owner_uid: u32,
+    pub comm: String,
+    pub age_ms: u64,
+    pub rss_bytes: u64,
+    /// Its parent died while it lived on.
+    pub orphan: bool,
+    /// Exited, and its parent has not reaped it yet (a zombie: it holds its pid).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zombie: bool,
+    /// Being killed: time left before SIGKILL.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grace_left_ms: Option<u64>,
+    pub children: Vec<TreeNode>,
+}
+
+/// An analysis as `dump-tree` shows it: its limits and time left.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AnalysisView {
+    pub analysis_id: String,
+    /// Uid of the caller that created it: only it, root and the admin group may add
+    /// processes to it or unregister it.
+    #[serde(default)]
+    pub owner_uid: u32,
+    pub processes: usize,
+    /// Exited processes its members hold unreaped (zombies).
+    #[serde(default)]
+    pub zombies: usize,
+    /// Negative once the deadline has passed.
+    pub deadline_in_ms: i64,
+    /// The deadline as Unix time, ms.
+    pub deadline_unix_ms: u64,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_s: u64,
+    pub monitored_count: usize,
+    pub analyses: usize,
+    /// Exited processes of analyses their watched parents have not reaped yet.
+    #[serde(default)]
+    pub zombies: usize,
+    /// The same, by analysis id (analyses holding none are left out).
+    #[serde(default)]
+    pub zombies_by_analysis: std::collections::BTreeMap<String, usize>,
+    /// Fork, exit and exec events received from the kernel since start.
+    pub forks_seen: u64,
+    pub exits_seen: u64,
+    pub execs_seen: u64,
+    /// Events the kernel could not put in the ring buffer (full).
+    pub lost_events: u64,
+    /// Children the kernel could not add to its watched map (full).
+    pub watch_map_full: u64,
+    /// Pinned state found untrustworthy at start (not this build's layout, or not the
+    /// maps the attached programs use), dropped and rebuilt: 0 or 1.
+    #[serde(default)]
+    pub pinned_state_dropped: u64,
+    /// Times the tree was rebuilt from the kernel map and /proc after a loss.
+    pub resyncs: u64,
+    /// RSS reports from the kernel's memory fast path.
+    pub rss_reports: u64,
+    /// Duration of the last reconcile poll (RSS of every watched process), ms.
+    pub last_poll_ms: f64,
+    /// The longest the daemon's loop spent on one input since start (a batch of kernel
+    /// events, a request, a poll's results), ms: how late anything else could be.
+    #[serde(default)]
+    pub loop_longest_ms: f64,
+    pub grace_count: usize,
+    pub kills_total: u64,
+    /// Processes killed (or recorded, for logged orphans and dry runs) by reason.
+    pub kills_by_reason: std::collections::BTreeMap<String, u64>,
+    /// Kills recorded in the last 24 hours (since the daemon started, at most).
+    pub kills_last_24h: usize,
+    /// The last 20 records, newest first.
+    pub recent_events: Vec<KillRecord>,
+    pub dry_run: bool,
+    /// Kill records the daemon loop could not hand to the store (its task had stopped):
+    /// held by the loop and spooled at shutdown, never dropped.
+    #[serde(default)]
+    pub records_unqueued: u64,
+    /// "ok", or "spooling" while records wait for the database.
+    pub db: String,
+    /// The database's state in full: the error and the spool's depth.
+    pub database: DbStatus,
+    /// The settings that can change on SIGHUP, as in force now.
+    pub settings: Runtime,
+    /// Faults met and how they were handled: each one counted, none silent.
+    #[serde(default)]
+    pub faults: Faults,
+    /// The control socket's connections and the requests it refused unread.
+    #[serde(default)]
+    pub control: ControlStats,
+}
+
+/// What can change without a restart, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Runtime {
+    pub defaults: Option<Limits>,
+    pub poll_interval_ms: u64,
+    pub dry_run: bool,
+}
+
+/// The control socket's bounds at work, for `status` and /metrics.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ControlStats {
+    /// Connections open now.
+    pub connections: u64,
+    /// The most connections served at once.
+    pub max_connections: u64,
+    /// Idle connections closed since start to give their place to a new client, when
+    /// `max_connections` were open.
+    pub evicted: u64,
+    /// New clients refused since start: `max_connections` were open, all busy with a
+    /// request.
+    pub refused: u64,
+    /// Request lines over [`MAX_REQUEST_BYTES`]: answered, then the connection closed.
+    pub oversized: u64,
+    /// Connections closed after the idle timeout without a complete request (or with
+    /// an answer not read in that time).
+    pub timed_out: u64,
+    /// Request lines that were not UTF-8 (answered; the connection stays open).
+    pub not_utf8: u64,
+}
+
+/// The faults the daemon met, for `status` and /metrics.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Faults {
+    /// How many processes the kernel's watched map can hold (the host's pid_max).
+    pub watched_capacity: u32,
+    /// Children the kernel map could not take (full or out of memory), since start;
+    /// each was followed by the daemon and handed back to the map when it had room.
+    pub untracked_forks: u64,
+    /// Of those, how many the daemon follows without the kernel right now.
+    pub untracked_now: usize,
+    /// Pidfds that could not be opened (e.g. out of descriptors) for a signal or a
+    /// launcher watch; launchers are then checked in /proc instead.
+    pub pidfd_failures: u64,
+    /// Launchers of registered roots watched now (one pidfd each).
+    pub launchers_watched: usize,
+    /// Failures inside the kernel programs, by "program/kind" (kind: read, map_update).
+    pub program_errors: std::collections::BTreeMap<String, u64>,
+}

@@ -1,0 +1,100 @@
+//! One control request, one response, against the rules core: what the daemon loop does
+//! with a call it answers itself (`status` and `events` also need the store, and are
+//! answered beside it; `overview` needs the loop's RSS history). The effects a
+//! registration needs are behind [`Watch`], so the fuzz tests run this very code on a
+//! fake world.
+
+use anyhow::{Result, anyhow};
+
+use crate::{
+    api::{
+        protocol::{Reply, Request, Response},
+        report,
+    },
+    core::Watch,
+    core::{Clock, Core, procs::Procs},
+    vocab::{limits::LimitOverrides, peer::Peer, process::ProcRef},
+};
+
+/// The response to `peer`'s `request`; the rules decide what it may do. The actions the
+/// core queued are the caller's to settle.
+pub fn respond(
+    core: &mut Core,
+    request: Request,
+    peer: &Peer,
+    procs: &dyn Procs,
+    clock: &Clock,
+    effects: &mut dyn Watch,
+) -> Response {
+    let result = match request {
+        Request::Register {
+            pid,
+            analysis_id,
+            limits,
+            fresh,
+        } => register(
+            core,
+            (pid, &analysis_id, &limits, fresh),
+            peer,
+            procs,
+            clock,
+            effects,
+        ),
+        Request::Unregister { pid, analysis_id } => core
+            .unregister(pid, analysis_id.as_deref(), peer, procs, clock)
+            .map(|removed| Reply::Unregistered { removed }),
+        Request::DumpTree { analysis_id } => {
+            report::dump_tree(core, analysis_id.as_deref(), procs, clock)
+        }
+        // The loop answers these through the store; never a panic in the daemon.
+        Request::Events { .. } | Request::Status | Request::Overview => Err(anyhow!(
+            "internal: this request is answered by the daemon loop"
+        )),
+        Request::Stall { .. } | Request::Fault { .. } if !core.is_admin(peer) => {
+            Err(crate::core::admin_only(peer, "a test fault"))
+        }
+        Request::Stall { .. } => Err(anyhow!(
+            "stall is a test-only fault: start the daemon with --test-faults to use it"
+        )),
+        Request::Fault { .. } => Err(anyhow!(
+            "fault is a test-only request: start the daemon with --test-faults to use it"
+        )),
+    };
+    match result {
+        Ok(reply) => Response::Ok(reply),
+        Err(err) => Response::Error(format!("{err:#}")),
+    }
+}
+
+/// Checked by the rules, put in the kernel map by the effects, taken in by the rules:
+/// a refused registration changes nothing. A caller confined to its own processes has
+/// the root's existing descendants checked before anything is put in the kernel map
+/// (and each again as the walk watches it, which takes back what it put there should
+/// one fail).
+fn register(
+    core: &mut Core,
+    (pid, analysis_id, limits, fresh): (u32, &str, &LimitOverrides, bool),
+    peer: &Peer,
+    procs: &dyn Procs,
+    clock: &Clock,
+    effects: &mut dyn Watch,
+) -> Result<Reply> {
+    let registration = core.check_register(pid, analysis_id, limits, peer, procs)?;
+    // `exec`'s process was just forked by the caller and has no descendants; and a
+    // `fresh` claim never watches an existing one (only what it forks from now on).
+    if registration.confined_to.is_some() && !fresh {
+        let descendants = effects.descendants(registration.root.proc_ref())?;
+        core.check_descendants(&registration, &descendants, procs)?;
+    }
+    let watched = {
+        let core = &*core;
+        let permit = |process: ProcRef| core.check_descendants(&registration, &[process], procs);
+        effects.watch(&registration, fresh, &|pid| core.analysis_of(pid), &permit)?
+    };
+    let registered = core.adopt(registration, &watched, procs, clock)?;
+    Ok(Reply::Registered {
+        pid: registered.pid,
+        analysis_id: registered.analysis_id,
+        watched: registered.watched,
+    })
+}

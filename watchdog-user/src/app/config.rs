@@ -1,0 +1,373 @@
+//! The daemon's settings: command-line flags, a TOML file with the same names
+//! (`--config`), and the defaults, in that order of precedence. SIGHUP re-reads the
+//! file; a file that does not parse is refused with its line and the reason, and the
+//! running settings stay.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow};
+use serde::Deserialize;
+
+use crate::{
+    store::DatabaseUrl,
+    vocab::limits::{Limits, OrphanPolicy},
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/watchdog/watchdog.sock";
+pub const DEFAULT_SOCKET_GROUP: &str = "watchdog";
+const DEFAULT_DATABASE: &str = "sqlite:///var/lib/watchdog/watchdog.db";
+
+/// Every `run` setting; each unset one falls back to the file, then the default.
+#[derive(clap::Args, Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunArgs {
+    /// TOML file with any of these settings by their long names (flags win).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Control socket [default: /run/watchdog/watchdog.sock].
+    #[arg(skip)]
+    pub socket: Option<PathBuf>,
+    /// Group given the control socket (root:GROUP, mode 0660): its members may use the
+    /// watchdog, for their own processes. Where it does not exist the socket stays
+    /// root-only [default: watchdog].
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Members of this group may do everything root may: watch and unregister anyone's
+    /// processes and analyses [default: none].
+    #[arg(long)]
+    pub admin_group: Option<String>,
+    /// postgres://USER:PASSWORD@HOST/DB or sqlite:///PATH [default: sqlite:///var/lib/watchdog/watchdog.db].
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Where the spool of records waiting for the database lives [default: /var/lib/watchdog].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// bpffs directory where the kernel maps and program links are pinned, so tracking
+    /// survives daemon restarts [default: /sys/fs/bpf/watchdog].
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// Drop the pinned state and start afresh.
+    #[arg(long)]
+    #[serde(skip)]
+    pub fresh: bool,
+    /// HTTP listener for /status and /metrics, or `none` [default: 127.0.0.1:9477].
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Kernel BTF to read struct offsets from [default: /sys/kernel/btf/vmlinux].
+    #[arg(long)]
+    pub btf: Option<PathBuf>,
+    /// Wall-clock limit of an analysis, from its registration [default: 30m].
+    #[arg(long)]
+    #[serde(default, deserialize_with = "duration_text")]
+    pub default_timeout: Option<String>,
+    /// RSS limit of each process [default: 2GiB].
+    #[arg(long)]
+    #[serde(default, deserialize_with = "size_text")]
+    pub default_memory: Option<String>,
+    /// Limit on the RSS summed over an analysis [default: none].
+    #[arg(long)]
+    #[serde(default, deserialize_with = "size_text")]
+    pub default_tree_memory: Option<String>,
+    /// Time between SIGTERM and SIGKILL [default: 10s].
+    #[arg(long)]
+    #[serde(default, deserialize_with = "duration_text")]
+    pub grace: Option<String>,
+    /// What to do with orphans by default [default: kill].
+    #[arg(long, value_enum)]
+    pub orphans: Option<OrphanPolicy>,
+    /// Most processes an analysis may have at once, 0 for no limit (a fork bomb is
+    /// killed with reason max_processes) [default: 10000].
+    #[arg(long, alias = "max-processes")]
+    pub default_max_processes: Option<u64>,
+    /// Most exited, unreaped children one process may hold, 0 for no limit (the process
+    /// is killed with reason zombies, so that init reaps them) [default: 1000].
+    #[arg(long, alias = "max-zombies")]
+    pub default_max_zombies: Option<u64>,
+    /// Send the warning signal to an analysis' root at this part of its timeout and of
+    /// each memory limit, once per limit, e.g. 80%; off: no warning [default: off].
+    #[arg(long, alias = "warn-at", value_parser = crate::vocab::units::parse_percent)]
+    #[serde(default, deserialize_with = "percent_text")]
+    pub default_warn_at: Option<u8>,
+    /// The warning signal [default: SIGUSR1].
+    #[arg(long, alias = "warn-signal", value_parser = crate::vocab::units::parse_warn_signal)]
+    #[serde(default, deserialize_with = "signal_text")]
+    pub default_warn_signal: Option<String>,
+    /// Reconcile poll interval [default: 30s].
+    #[arg(long)]
+    #[serde(default, deserialize_with = "duration_text")]
+    pub poll_interval: Option<String>,
+    /// Log every kill that would be made; signal nothing.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub dry_run: Option<bool>,
+    /// What the per-process memory limit compares: rss (resident pages, shared ones in
+    /// full) or pss (a page shared by N processes counts 1/N) [default: rss]. The tree
+    /// limit always counts PSS.
+    #[arg(long, value_enum)]
+    pub memory_metric: Option<crate::vocab::limits::MemoryMetric>,
+    /// Log the kernel programs' error reports (read with aya-log; off: they write none).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub kernel_log: Option<bool>,
+    /// Ring buffer size in bytes (tests use a tiny one to provoke losses).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub ring_bytes: Option<u32>,
+    /// Capacity of the kernel's watched map [default: the host's pid_max]; tests shrink
+    /// it to fill it.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub watched_capacity: Option<u32>,
+    /// Accept test-only fault requests (e.g. stall the main loop).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub test_faults: bool,
+}
+
+/// Checks a duration while the file is parsed, so its error names the line.
+fn duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::vocab::units::parse_duration(&text).map_err(serde::de::Error::custom)?;
+    Ok(Some(text))
+}
+
+fn percent_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::vocab::units::parse_percent(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn signal_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::vocab::units::parse_warn_signal(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn size_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::vocab::units::parse_size(&text).map_err(serde::de::Error::custom)?;
+    Ok(Some(text))
+}
+
+/// Everything `run` needs, resolved from the flags and the config file.
+pub struct Options {
+    pub socket: PathBuf,
+    /// Group whose members may connect to the socket.
+    pub socket_group: String,
+    /// Group whose members may do everything root may.
+    pub admin_group: Option<String>,
+    pub btf: PathBuf,
+    pub ring_bytes: Option<u32>,
+    /// Test-only: the watched map's capacity instead of pid_max.
+    pub watched_capacity: Option<u32>,
+    pub test_faults: bool,
+    /// Limits for analyses that do not set their own.
+    pub defaults: Limits,
+    /// Reconcile poll: RSS of every watched process, and the safety net for the rest.
+    pub poll_interval: Duration,
+    /// Log every kill that would be made, signal nothing.
+    pub dry_run: bool,
+    /// What the per-process memory limit compares.
+    pub memory_metric: crate::vocab::limits::MemoryMetric,
+    /// The database, or why its URL was refused (the daemon then runs, spooling).
+    pub database: Result<DatabaseUrl, String>,
+    /// Where the spool (and other state) lives.
+    pub state_dir: PathBuf,
+    /// bpffs directory of the pinned maps and links.
+    pub pin_dir: PathBuf,
+    /// Drop pinned state first.
+    pub fresh: bool,
+    /// Turn the kernel programs' error reports on and forward them to this log.
+    pub kernel_log: bool,
+    /// /status and /metrics listener.
+    pub http: Option<std::net::SocketAddr>,
+    /// What the options were resolved from, to resolve them again on SIGHUP.
+    pub args: crate::app::config::RunArgs,
+}
+
+impl RunArgs {
+    /// The settings file named by --config, parsed; errors carry the line.
+    pub fn read_file(&self) -> Result<RunArgs> {
+        let Some(path) = &self.config else {
+            return Ok(RunArgs::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|span| {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    format!(" at line {line}")
+                })
+                .unwrap_or_default();
+            anyhow!("config file {}{at}: {}", path.display(), e.message())
+        })
+    }
+
+    /// Flags first, then the file.
+    fn merged(&self, file: RunArgs) -> RunArgs {
+        RunArgs {
+            config: self.config.clone(),
+            socket: self.socket.clone().or(file.socket),
+            socket_group: self.socket_group.clone().or(file.socket_group),
+            admin_group: self.admin_group.clone().or(file.admin_group),
+            database_url: self.database_url.clone().or(file.database_url),
+            state_dir: self.state_dir.clone().or(file.state_dir),
+            pin_dir: self.pin_dir.clone().or(file.pin_dir),
+            fresh: self.fresh,
+            http: self.http.clone().or(file.http),
+            btf: self.btf.clone().or(file.btf),
+            default_timeout: self.default_timeout.clone().or(file.default_timeout),
+            default_memory: self.default_memory.clone().or(file.default_memory),
+            default_tree_memory: self
+                .default_tree_memory
+                .clone()
+                .or(file.default_tree_memory),
+            grace: self.grace.clone().or(file.grace),
+            orphans: self.orphans.or(file.orphans),
+            default_max_processes: self.default_max_processes.or(file.default_max_processes),
+            default_max_zombies: self.default_max_zombies.or(file.default_max_zombies),
+            default_warn_at: self.default_warn_at.or(file.default_warn_at),
+            default_warn_signal: self
+                .default_warn_signal
+                .clone()
+                .or(file.default_warn_signal),
+            poll_interval: self.poll_interval.clone().or(file.poll_interval),
+            dry_run: self.dry_run.or(file.dry_run),
+            memory_metric: self.memory_metric.or(file.memory_metric),
+            kernel_log: self.kernel_log.or(file.kernel_log),
+            ring_bytes: self.ring_bytes,
+            watched_capacity: self.watched_capacity,
+            test_faults: self.test_faults,
+        }
+    }
+
+    /// The daemon's options: flags, then the file, then the defaults.
+    pub fn resolve(&self) -> Result<Options> {
+        let all = self.merged(self.read_file()?);
+        let duration = |name: &str, value: &Option<String>, default: &str| -> Result<Duration> {
+            crate::vocab::units::parse_duration(value.as_deref().unwrap_or(default))
+                .map_err(|e| anyhow!("{name}: {e}"))
+        };
+        let size = |name: &str, value: &str| -> Result<u64> {
+            crate::vocab::units::parse_size(value).map_err(|e| anyhow!("{name}: {e}"))
+        };
+        let database_url = all.database_url.as_deref().unwrap_or(DEFAULT_DATABASE);
+        let http = match all.http.as_deref().unwrap_or("127.0.0.1:9477") {
+            "none" => None,
+            addr => Some(addr.parse().map_err(|e| {
+                anyhow!("http: {addr:?} is not an address ({e}): use HOST:PORT or none")
+            })?),
+        };
+        Ok(Options {
+            socket: all.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            socket_group: all
+                .socket_group
+                .unwrap_or_else(|| DEFAULT_SOCKET_GROUP.into()),
+            admin_group: all.admin_group,
+            btf: all.btf.unwrap_or_else(|| "/sys/kernel/btf/vmlinux".into()),
+            ring_bytes: all.ring_bytes,
+            watched_capacity: all.watched_capacity,
+            test_faults: all.test_faults,
+            defaults: Limits {
+                timeout_ms: crate::vocab::units::millis(duration(
+                    "default-timeout",
+                    &all.default_timeout,
+                    "30m",
+                )?),
+                memory_bytes: size(
+                    "default-memory",
+                    all.default_memory.as_deref().unwrap_or("2GiB"),
+                )?,
+                tree_memory_bytes: all
+                    .default_tree_memory
+                    .as_deref()
+                    .map(|v| size("default-tree-memory", v))
+                    .transpose()?,
+                grace_ms: crate::vocab::units::millis(duration("grace", &all.grace, "10s")?),
+                orphans: all.orphans.unwrap_or(OrphanPolicy::Kill),
+                max_processes: all
+                    .default_max_processes
+                    .unwrap_or(crate::vocab::limits::DEFAULT_MAX_PROCESSES),
+                max_zombies: all
+                    .default_max_zombies
+                    .unwrap_or(crate::vocab::limits::DEFAULT_MAX_ZOMBIES),
+                warn_at_percent: all.default_warn_at.unwrap_or(0),
+                warn_signal: all
+                    .default_warn_signal
+                    .unwrap_or_else(|| crate::vocab::limits::DEFAULT_WARN_SIGNAL.into()),
+            },
+            poll_interval: duration("poll-interval", &all.poll_interval, "30s")?,
+            dry_run: all.dry_run.unwrap_or(false),
+            memory_metric: all.memory_metric.unwrap_or_default(),
+            database: DatabaseUrl::parse(database_url),
+            state_dir: all.state_dir.unwrap_or_else(|| "/var/lib/watchdog".into()),
+            pin_dir: all.pin_dir.unwrap_or_else(|| "/sys/fs/bpf/watchdog".into()),
+            fresh: all.fresh,
+            kernel_log: all.kernel_log.unwrap_or(false),
+            http,
+            args: self.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example installed as /etc/watchdog/watchdog.toml must be valid.
+    #[test]
+    fn the_shipped_config_file_parses_and_resolves() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/watchdog.toml");
+        let args = RunArgs {
+            config: Some(path.into()),
+            ..Default::default()
+        };
+        let options = args.resolve().unwrap();
+        assert_eq!(options.defaults.grace_ms, 10_000);
+        assert_eq!(options.http, Some("127.0.0.1:9477".parse().unwrap()));
+        assert_eq!(options.pin_dir, PathBuf::from("/sys/fs/bpf/watchdog"));
+        assert_eq!(options.socket_group, "watchdog");
+        assert_eq!(options.admin_group, None);
+        assert_eq!(options.defaults.max_zombies, 1000);
+        assert_eq!(
+            options.defaults.warn_at_percent, 0,
+            "warnings are off by default"
+        );
+    }
+
+    #[test]
+    fn warnings_in_the_file_are_checked_with_their_line() {
+        let dir = std::env::temp_dir().join(format!("watchdog-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("watchdog.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            RunArgs {
+                config: Some(file.clone()),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        let options =
+            resolve("default-warn-at = \"80%\"\ndefault-warn-signal = \"usr2\"\n").unwrap();
+        assert_eq!(
+            (
+                options.defaults.warn_at_percent,
+                options.defaults.warn_signal.as_str()
+            ),
+            (80, "SIGUSR2")
+        );
+        let Err(err) = resolve("grace = \"5s\"\ndefault-warn-at = \"120%\"\n") else {
+            panic!("120% resolved");
+        };
+        assert!(format!("{err:#}").contains("at line 2"), "{err:#}");
+        let Err(err) = resolve("default-warn-signal = \"SIGKILL\"\n") else {
+            panic!("SIGKILL resolved");
+        };
+        assert!(format!("{err:#}").contains("cannot be caught"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

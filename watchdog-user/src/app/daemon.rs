@@ -1,0 +1,623 @@
+//! `watchdog-user run`: the wiring. One loop takes, in turn, kernel event batches
+//! (`ingest`), requests (`control`, `http`), poll results, launcher exits and the clock,
+//! feeds them to the rules core (`rules`), and hands the actions it returns to
+//! `effects`. The loop holds no rule of its own; one owner of the state means no locks
+//! and no interleaving to reason about. Every task it starts is supervised (`tasks`):
+//! one that ends stops the daemon (systemd restarts it), after what the store holds has
+//! been spooled.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use tokio::{
+    signal::unix::SignalKind,
+    sync::{mpsc, oneshot},
+};
+
+use crate::{
+    api::{
+        access,
+        control::{self, Call, SocketGuard},
+        overview::{self, RssHistory},
+        protocol::{Faults, Reply, Request, Response, TestFault},
+        report::{self, KernelCounters},
+    },
+    app::effects::{Effects, Feedback},
+    core::event::KernelEvent,
+    core::{Clock, Core, Resync, Settings},
+    kernel::{self, Kernel, ingest},
+    os::{
+        procs::{self, SysProcs},
+        supervise,
+        tasks::{self, Tasks},
+    },
+    store::{self, EventFilter, StoreMsg},
+    vocab::{peer::Peer, process::ProcRef},
+};
+
+/// How often the kernel's loss counters are read. A loss is repaired by a resync from
+/// the kernel map, so this bounds how long the tree can be stale after a storm.
+const LOSS_CHECK_EVERY: Duration = Duration::from_millis(200);
+/// How often the `watchdog_processes` table is brought up to date (when changed).
+const PROCESSES_SYNC_EVERY: Duration = Duration::from_millis(500);
+/// How long the shutdown waits for the store's front task to take what is queued.
+const STORE_FINISH_WITHIN: Duration = Duration::from_secs(5);
+
+pub async fn run(options: crate::app::config::Options) -> Result<()> {
+    let listener = control::bind(&options.socket).await?;
+    let _socket = SocketGuard(options.socket.clone());
+    if let Some(bytes) = options.ring_bytes
+        && (!bytes.is_power_of_two() || bytes < 4096)
+    {
+        bail!(
+            "--ring-bytes {bytes} is not a power of two of at least 4096: the kernel requires one"
+        );
+    }
+    let (mut kernel, ring) = Kernel::load(
+        &options.btf,
+        options.ring_bytes,
+        options.watched_capacity,
+        &options.pin_dir,
+        options.fresh,
+        options.kernel_log,
+    )?;
+    // Once the programs are loaded (a daemon that cannot start says only why): until
+    // then the socket is root:root, mode 0660.
+    match access::share_socket(&options.socket, &options.socket_group) {
+        Ok(gid) => tracing::info!(
+            socket = %options.socket.display(),
+            group = options.socket_group,
+            gid,
+            "the socket is open to root and the socket group (mode 0660)"
+        ),
+        Err(warning) => tracing::warn!("{warning}"),
+    }
+    // Every task the daemon starts is supervised: one that ends stops the daemon.
+    let mut tasks = Tasks::new();
+    if let Some(logger) = kernel.take_logger() {
+        tasks.spawn("kernel log forwarder", kernel::forward_kernel_log(logger));
+    }
+    let (event_tx, mut event_rx) = mpsc::channel(ingest::CHANNEL_BATCHES);
+    let (drain_tx, drain_rx) = mpsc::unbounded_channel();
+    tasks.spawn("ring buffer reader", ingest::run(ring, event_tx, drain_rx));
+    let (drained_tx, mut drained_rx) = mpsc::unbounded_channel();
+    let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
+    if let Some(addr) = options.http {
+        let listener = crate::api::http::bind(addr).await?;
+        tasks.spawn(
+            "HTTP server",
+            crate::api::http::serve(listener, call_tx.clone()),
+        );
+    }
+    tasks.spawn("control socket server", async move {
+        control::serve(listener, call_tx).await;
+        Ok(())
+    });
+
+    let (url, url_error) = match options.database.clone() {
+        Ok(url) => (Some(url), None),
+        Err(err) => {
+            tracing::error!(
+                "{err}: kill records are spooled until the daemon is restarted with a valid URL"
+            );
+            (None, Some(err))
+        }
+    };
+    let host = crate::os::host::hostname();
+    let (store_tx, store) = store::start(
+        url,
+        url_error,
+        &options.state_dir.join("spool.jsonl"),
+        host.clone(),
+        &mut tasks,
+    )?;
+    let (launcher_tx, mut launcher_rx) = mpsc::unbounded_channel();
+    let (poll_tx, mut poll_rx) = mpsc::unbounded_channel();
+    let settings = Settings {
+        defaults: options.defaults.clone(),
+        dry_run: options.dry_run,
+        machine_memory: read_machine_memory(),
+        admin_gid: admin_gid(options.admin_group.as_deref()),
+        memory_metric: options.memory_metric,
+    };
+    if let Some(warning) = settings.unreachable_default() {
+        tracing::warn!("{warning}");
+    }
+    let mut daemon = Daemon {
+        core: Core::new(settings, host, std::process::id()),
+        effects: Effects::new(kernel, store_tx, launcher_tx),
+        started: Instant::now(),
+        poll_interval: options.poll_interval,
+        losses_repaired: 0,
+        last_poll_us: 0,
+        polling: false,
+        poll_tx,
+        loop_longest: Duration::ZERO,
+        history: RssHistory::default(),
+    };
+    daemon.start();
+    tracing::info!(
+        socket = %options.socket.display(),
+        watched = daemon.core.tree().len(),
+        "watchdog ready: programs attached"
+    );
+    supervise::ready(&daemon.status_line());
+    let heartbeat_every = supervise::heartbeat_every();
+    let mut heartbeat = tokio::time::interval(heartbeat_every.unwrap_or(Duration::from_secs(3600)));
+
+    let mut loss_check = tokio::time::interval(LOSS_CHECK_EVERY);
+    let mut processes_sync = tokio::time::interval(PROCESSES_SYNC_EVERY);
+    let mut poll = tokio::time::interval(options.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    let ended = loop {
+        // Every input, typed; then handled and timed, so the loop's longest stall is
+        // known (status, /metrics) rather than guessed.
+        let input = tokio::select! {
+            Some(batch) = event_rx.recv() => Input::Events(batch),
+            Some(query) = drained_rx.recv() => Input::EventsDrained(query),
+            Some(call) = call_rx.recv() => Input::Call(call),
+            _ = processes_sync.tick() => Input::SyncProcesses,
+            _ = heartbeat.tick(), if heartbeat_every.is_some() => Input::Heartbeat,
+            _ = loss_check.tick() => Input::LossCheck,
+            _ = poll.tick() => Input::Poll,
+            Some(samples) = poll_rx.recv() => Input::PollDone(samples),
+            Some(root) = launcher_rx.recv() => Input::LauncherExit(root),
+            _ = tasks::sleep_until(daemon.core.next_wakeup()) => Input::Tick,
+            ended = tasks.ended() => {
+                tracing::error!(
+                    "{ended}: stopping, so that the daemon is restarted (the pinned kernel \
+                     programs keep tracking meanwhile)"
+                );
+                break Some(ended);
+            }
+            _ = sighup.recv() => Input::Reload,
+            _ = sigterm.recv() => break None,
+            _ = sigint.recv() => break None,
+        };
+        let began = Instant::now();
+        match input {
+            Input::Events(batch) => daemon.on_events(batch),
+            Input::Call((Request::Stall { ms }, peer, reply))
+                if options.test_faults && daemon.core.is_admin(&peer) =>
+            {
+                let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
+                tracing::warn!(ms, "test fault: main loop stalled");
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            Input::Call((Request::Fault { what }, peer, reply))
+                if options.test_faults && daemon.core.is_admin(&peer) =>
+            {
+                match what {
+                    TestFault::StorePanic => {
+                        let _ = daemon.effects.store().send(StoreMsg::FailNextWrite);
+                    }
+                }
+                let _ = reply.send(Response::Ok(Reply::FaultArmed { what }));
+            }
+            // Reads are open to everyone who can connect.
+            Input::Call((Request::Events { filter }, _, reply)) => {
+                after_drain(&drain_tx, &drained_tx, (filter, reply));
+            }
+            Input::EventsDrained((filter, reply)) => {
+                // Every event the ring held when `events` came is in the channel now:
+                // taken in first, so that a kill whose last exit was among them has
+                // handed its records to the store before the store is asked.
+                while let Ok(batch) = event_rx.try_recv() {
+                    daemon.on_events(batch);
+                }
+                daemon.answer_events(filter, reply);
+            }
+            Input::Call((Request::Status, _, reply)) => daemon.answer_status(reply),
+            Input::Call((Request::Overview, _, reply)) => daemon.answer_overview(reply),
+            Input::Call((request, peer, reply)) => {
+                let _ = reply.send(daemon.handle(request, &peer));
+            }
+            Input::SyncProcesses => daemon.sync_processes(),
+            Input::Heartbeat => supervise::heartbeat(&daemon.status_line()),
+            Input::LossCheck => daemon.repair_losses(),
+            Input::Poll => daemon.start_poll(),
+            Input::PollDone(samples) => daemon.on_poll(samples),
+            Input::LauncherExit(root) => daemon.on_launcher_exit(root),
+            Input::Tick => daemon.on_tick(),
+            Input::Reload => {
+                if let Some(every) = daemon.reload(&options) {
+                    poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                }
+            }
+        }
+        daemon.loop_longest = daemon.loop_longest.max(began.elapsed());
+    };
+    supervise::stopping();
+    tracing::info!("watchdog stopping");
+    // Closing the store's inbox lets its front task spool what is queued and end; then
+    // whatever is still held (also by a store task that died, and the records the loop
+    // could not hand over) is spooled here.
+    let unqueued = daemon.effects.take_unqueued();
+    drop(daemon);
+    if !tasks.finish(store::FRONT_TASK, STORE_FINISH_WITHIN).await {
+        tracing::warn!(
+            "the {} task did not end within {STORE_FINISH_WITHIN:?}: spooling what it holds \
+             without it",
+            store::FRONT_TASK
+        );
+    }
+    store.last_flush(unqueued);
+    match ended {
+        Some(ended) => Err(ended.into()),
+        None => Ok(()),
+    }
+}
+
+/// The gid of `--admin-group`, said in one line when there is no such group (then only
+/// root may do everything).
+fn admin_gid(group: Option<&str>) -> Option<u32> {
+    let group = group?;
+    let gid = access::group_gid(group);
+    match gid {
+        Some(gid) => tracing::info!(group, gid, "members of the admin group may do everything"),
+        None => tracing::warn!(
+            "the admin group {group:?} does not exist: only root may watch or unregister \
+             other users' processes; create it (`groupadd {group}`) and reload, or fix \
+             --admin-group"
+        ),
+    }
+    gid
+}
+
+/// The machine's total memory, once, at start (sysinfo reads /proc/meminfo).
+fn read_machine_memory() -> Option<u64> {
+    let started = Instant::now();
+    let total = crate::os::host::machine_memory();
+    let took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    match total {
+        Some(bytes) => tracing::debug!(bytes, took_us, "machine memory read (sysinfo)"),
+        None => tracing::warn!(
+            "the machine's total memory could not be read: memory limits are not checked against it"
+        ),
+    }
+    total
+}
+
+/// (process, RSS) of watched processes, read off the loop.
+type PollSamples = Vec<(ProcRef, u64)>;
+
+fn sample_of(sample: &watchdog_common::RssSample) -> (ProcRef, u64) {
+    (ProcRef::from(sample), sample.rss_bytes)
+}
+
+/// An `events` request, waiting for the ring to be drained.
+type EventsQuery = (EventFilter, oneshot::Sender<Response>);
+
+/// Asks the ring buffer reader to drain the ring now, and hands `query` back to the loop
+/// (through `drained`) once it has: the events it answers then include every kernel
+/// event sent before it was asked, also those sent without a wake-up.
+fn after_drain(
+    drain: &mpsc::UnboundedSender<ingest::DrainRequest>,
+    drained: &mpsc::UnboundedSender<EventsQuery>,
+    query: EventsQuery,
+) {
+    let (tx, rx) = oneshot::channel();
+    let _ = drain.send(tx);
+    let drained = drained.clone();
+    tokio::spawn(async move {
+        // A reader that is gone answers nothing: the query is answered all the same.
+        let _ = rx.await;
+        let _ = drained.send(query);
+    });
+}
+
+/// What the loop takes in.
+enum Input {
+    Events(ingest::Batch),
+    EventsDrained(EventsQuery),
+    Call(Call),
+    SyncProcesses,
+    Heartbeat,
+    LossCheck,
+    Poll,
+    PollDone((PollSamples, Instant)),
+    LauncherExit(ProcRef),
+    Tick,
+    Reload,
+}
+
+/// The loop's state: the rules core, the effects, and the bookkeeping of the I/O that
+/// runs beside them.
+struct Daemon {
+    core: Core,
+    effects: Effects,
+    started: Instant,
+    poll_interval: Duration,
+    /// Kernel loss counters as of the last resync.
+    losses_repaired: u64,
+    /// How long the last reconcile poll took, µs (read off the loop + applied on it).
+    last_poll_us: u64,
+    /// A poll is reading: the next tick does not start another.
+    polling: bool,
+    poll_tx: mpsc::UnboundedSender<(PollSamples, Instant)>,
+    /// The longest the loop took over one input since start.
+    loop_longest: Duration,
+    /// The RSS sum of each live analysis at each poll, bounded, for the live page.
+    history: RssHistory,
+}
+
+impl Daemon {
+    /// Hands what the rules asked for to the effects, and what the world answered back
+    /// to the rules, until nothing is left to do.
+    fn settle(&mut self, clock: &Clock) {
+        loop {
+            let actions = self.core.take_actions();
+            if actions.is_empty() {
+                return;
+            }
+            for feedback in self.effects.apply(actions) {
+                match feedback {
+                    Feedback::SignalFailed(order) => self.core.on_signal_failed(order, clock),
+                }
+            }
+        }
+    }
+
+    /// Feeds one input to the rules with the time read once for it, then settles.
+    fn feed(&mut self, input: impl FnOnce(&mut Core, &Clock)) {
+        let clock = Clock::read();
+        input(&mut self.core, &clock);
+        self.settle(&clock);
+    }
+
+    /// A fresh start builds the tree from the (empty) map; a restart over pinned
+    /// programs resumes the previous run's analyses, and so does one that dropped
+    /// untrusted pins, once their surviving roots are watched again.
+    fn start(&mut self) {
+        if let Some(salvage) = self.effects.kernel.take_salvage() {
+            let rewatched =
+                crate::app::resume::rewatch(&mut self.effects, salvage, &SysProcs, &Clock::read());
+            tracing::info!(
+                ?rewatched,
+                "saved analyses watched again over the fresh programs"
+            );
+        }
+        let kernel = &self.effects.kernel;
+        let in_map = kernel.watched();
+        if kernel.resumed() {
+            let (analyses, roots) = (kernel.saved_analyses(), kernel.roots());
+            self.feed(|core, clock| core.resume(&analyses, &roots, &in_map, &SysProcs, clock));
+        } else {
+            self.feed(|core, clock| core.resync(&in_map, &SysProcs, clock, Resync::Start));
+        }
+    }
+
+    fn on_events(&mut self, mut batch: ingest::Batch) {
+        let resynced_at_ns = self.core.resynced_at_ns();
+        let kernel = &self.effects.kernel;
+        // A fork queued before a resync: its exit may be among the lost events, and
+        // then the kernel map (authoritative) no longer has it.
+        let stale = |event: &KernelEvent| {
+            matches!(*event, KernelEvent::Fork { pid, ts_ns, .. }
+                if ts_ns <= resynced_at_ns && !kernel.is_watched(pid))
+        };
+        batch.retain(|e| !stale(e));
+        self.feed(|core, clock| {
+            for event in batch {
+                core.on_event(event, &SysProcs, clock);
+            }
+        });
+    }
+
+    fn on_tick(&mut self) {
+        self.feed(|core, clock| core.on_tick(&SysProcs, clock));
+    }
+
+    fn on_launcher_exit(&mut self, launcher: ProcRef) {
+        let roots = self.effects.launcher_exited(launcher);
+        self.feed(|core, clock| {
+            for root in roots {
+                core.on_launcher_exit(root, &SysProcs, clock);
+            }
+        });
+    }
+
+    /// Processes the kernel map could not take go back into it once it has room (with
+    /// what they forked meanwhile); launchers without a pidfd are checked in /proc.
+    fn follow_untracked(&mut self) {
+        self.effects.check_polled_launchers();
+        for (process, key, mem_limit) in self.core.untracked() {
+            let core = &self.core;
+            let outcome = self
+                .effects
+                .retrack(process, key, mem_limit, &|pid| core.analysis_of(pid));
+            self.feed(|core, clock| core.retracked(process, outcome, &SysProcs, clock));
+        }
+    }
+
+    /// The reconcile poll: RSS of every watched process, read off the loop (in one
+    /// pass by the kernel's RSS iterator, or from /proc where there is none).
+    fn start_poll(&mut self) {
+        if std::mem::replace(&mut self.polling, true) {
+            return; // The last one is still reading.
+        }
+        let started = Instant::now();
+        let tx = self.poll_tx.clone();
+        match self.effects.kernel.rss_iter().map(ToOwned::to_owned) {
+            Some(path) => {
+                tokio::task::spawn_blocking(move || {
+                    let samples = match kernel::read_rss_iter(&path) {
+                        Ok(samples) => samples.iter().map(sample_of).collect(),
+                        Err(err) => {
+                            tracing::error!("{err:#}: this poll saw nothing");
+                            Vec::new()
+                        }
+                    };
+                    let _ = tx.send((samples, started));
+                });
+            }
+            None => {
+                let watched: Vec<ProcRef> = self.core.tree().iter().map(|n| n.proc_ref()).collect();
+                tokio::task::spawn_blocking(move || {
+                    let samples = watched
+                        .into_iter()
+                        .map(|p| (p, procs::rss_bytes(p.pid)))
+                        .collect();
+                    let _ = tx.send((samples, started));
+                });
+            }
+        }
+    }
+
+    fn on_poll(&mut self, (samples, started): (PollSamples, Instant)) {
+        self.feed(|core, clock| core.on_poll(&samples, &SysProcs, clock));
+        // Every RSS was just read: the sums are as fresh as they get.
+        self.history
+            .record(std::time::SystemTime::now(), overview::rss_sums(&self.core));
+        self.polling = false;
+        self.last_poll_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    }
+
+    /// Answers a request of `peer`'s; the rules decide what it may do.
+    fn handle(&mut self, request: Request, peer: &Peer) -> Response {
+        let clock = Clock::read();
+        let response = crate::api::requests::respond(
+            &mut self.core,
+            request,
+            peer,
+            &SysProcs,
+            &clock,
+            &mut self.effects,
+        );
+        self.settle(&clock);
+        response
+    }
+
+    fn kernel_counters(&self) -> KernelCounters {
+        KernelCounters {
+            lost_events: self.effects.kernel.lost_events(),
+            watch_map_full: self.effects.kernel.watch_map_full(),
+            pinned_state_dropped: self.effects.kernel.pinned_state_dropped(),
+            last_poll_us: self.last_poll_us,
+            loop_longest_us: u64::try_from(self.loop_longest.as_micros()).unwrap_or(u64::MAX),
+            faults: Faults {
+                watched_capacity: self.effects.kernel.watched_capacity(),
+                pidfd_failures: self.effects.pidfd_failures,
+                launchers_watched: self.effects.launchers_watched(),
+                program_errors: self
+                    .effects
+                    .kernel
+                    .program_errors()
+                    .into_iter()
+                    .map(|(program, kind, n)| (format!("{program}/{kind}"), n))
+                    .collect(),
+                ..Faults::default()
+            },
+            records_unqueued: self.effects.unqueued() as u64,
+            control: control::STATS.snapshot(),
+        }
+    }
+
+    fn status_line(&self) -> String {
+        report::status_line(&self.core, self.effects.kernel.lost_events())
+    }
+
+    fn answer_events(&self, filter: EventFilter, reply: oneshot::Sender<Response>) {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.effects.store().send(StoreMsg::Query(filter, tx));
+        tokio::spawn(async move {
+            let response = match rx.await {
+                Ok((records, database_error)) => Response::Ok(Reply::Events {
+                    records,
+                    database_error,
+                }),
+                Err(_) => Response::Error("the database writer stopped".into()),
+            };
+            let _ = reply.send(response);
+        });
+    }
+
+    fn answer_overview(&self, reply: oneshot::Sender<Response>) {
+        let overview = overview::overview(&self.core, &self.history, &Clock::read());
+        let _ = reply.send(Response::Ok(Reply::Overview(Box::new(overview))));
+    }
+
+    fn answer_status(&self, reply: oneshot::Sender<Response>) {
+        let mut status = report::status(
+            &self.core,
+            &self.kernel_counters(),
+            self.started,
+            self.poll_interval,
+            &Clock::read(),
+        );
+        let (tx, rx) = oneshot::channel();
+        let _ = self.effects.store().send(StoreMsg::Status(tx));
+        tokio::spawn(async move {
+            status.database = rx.await.unwrap_or_default();
+            status.db = status.database.state.clone();
+            let _ = reply.send(Response::Ok(Reply::Status(Box::new(status))));
+        });
+    }
+
+    /// Sends what is watched now to the database writer, when it changed.
+    fn sync_processes(&mut self) {
+        if let Some(snapshot) = self.core.process_snapshot(&Clock::read()) {
+            let _ = self.effects.store().send(StoreMsg::Processes(snapshot));
+        }
+    }
+
+    /// When the kernel counted lost events (ring full) since the last look, the tree
+    /// may be wrong: rebuild it. (A child the map had no room for is no loss: its
+    /// fork event says so, and the rules follow it.)
+    fn repair_losses(&mut self) {
+        self.follow_untracked();
+        let losses = self.effects.kernel.lost_events();
+        if losses == self.losses_repaired {
+            return;
+        }
+        tracing::warn!(
+            lost = losses - self.losses_repaired,
+            "kernel events were lost: resyncing the tree from the kernel map and /proc"
+        );
+        self.losses_repaired = losses;
+        let in_map = self.effects.kernel.watched();
+        self.feed(|core, clock| core.resync(&in_map, &SysProcs, clock, Resync::LostEvents));
+    }
+
+    /// SIGHUP: re-reads the settings; applies what can change while running (limits
+    /// for new analyses, poll interval, dry run) and returns the new poll interval.
+    /// A file that does not parse changes nothing.
+    fn reload(&mut self, running: &crate::app::config::Options) -> Option<Duration> {
+        let new = match running.args.resolve() {
+            Ok(new) => new,
+            Err(err) => {
+                tracing::error!("{err:#}: keeping the running settings");
+                return None;
+            }
+        };
+        let needs_restart = new.socket != running.socket
+            || new.socket_group != running.socket_group
+            || new.state_dir != running.state_dir
+            || new.pin_dir != running.pin_dir
+            || new.http != running.http
+            || new.kernel_log != running.kernel_log
+            || new.database.as_ref().map(|u| &u.url) != running.database.as_ref().map(|u| &u.url);
+        if needs_restart {
+            tracing::warn!(
+                "socket, socket group, database, state, pin, http and kernel-log settings change only with a restart"
+            );
+        }
+        let settings = Settings {
+            defaults: new.defaults.clone(),
+            dry_run: new.dry_run,
+            machine_memory: self.core.settings().machine_memory,
+            admin_gid: admin_gid(new.admin_group.as_deref()),
+            memory_metric: new.memory_metric,
+        };
+        if let Some(warning) = settings.unreachable_default() {
+            tracing::warn!("{warning}");
+        }
+        self.core.set_settings(settings);
+        self.poll_interval = new.poll_interval;
+        tracing::info!(defaults = ?new.defaults, dry_run = new.dry_run, poll = ?new.poll_interval, "settings reloaded");
+        Some(new.poll_interval)
+    }
+}

@@ -1,0 +1,450 @@
+//! The edges: carries out the rules' [`Action`]s on the world — the kernel maps,
+//! signals through pidfds, watches on roots' launchers, the store — and does the I/O
+//! of a registration (putting a root and its descendants in the kernel map, checking
+//! each is still the process it was).
+
+use crate::os::pidfd::{OpenError, PidFd};
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Result;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+
+use crate::{
+    core::{Action, Registration, Retrack, Watch, kill::SignalOrder, procs::ProcInfo},
+    kernel::Kernel,
+    os::procs,
+    store::StoreMsg,
+    vocab::{
+        limits::RssLevels,
+        process::{AnalysisKey, ProcRef},
+        record::KillRecord,
+    },
+};
+
+/// What the world answered that the rules must hear.
+#[derive(Debug)]
+pub enum Feedback {
+    SignalFailed(SignalOrder),
+}
+
+pub struct Effects {
+    pub kernel: Kernel,
+    /// Pidfds of processes being killed, opened at their first signal.
+    pidfds: HashMap<ProcRef, PidFd>,
+    store: mpsc::UnboundedSender<StoreMsg>,
+    /// Where launcher watches report a launcher's exit.
+    launcher_exits: mpsc::UnboundedSender<ProcRef>,
+    /// One watch per launcher, however many roots it started; dropped with its last
+    /// root, so descriptors do not grow with registrations.
+    launchers: HashMap<ProcRef, LauncherWatch>,
+    /// Descriptors that could not be opened, and signals that could not be sent for
+    /// another reason than the process being gone.
+    pub pidfd_failures: u64,
+    self_pid: u32,
+    /// Records the store did not take (its task had stopped): kept for the shutdown,
+    /// which spools them directly.
+    unqueued: Vec<KillRecord>,
+}
+
+/// A launcher being watched, and the roots it started.
+struct LauncherWatch {
+    roots: HashSet<ProcRef>,
+    /// The task waiting on its pidfd; None where no pidfd could be had and the
+    /// launcher is checked in /proc at each [`Effects::check_polled_launchers`].
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for LauncherWatch {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+impl Effects {
+    pub fn new(
+        kernel: Kernel,
+        store: mpsc::UnboundedSender<StoreMsg>,
+        launcher_exits: mpsc::UnboundedSender<ProcRef>,
+    ) -> Self {
+        Self {
+            kernel,
+            pidfds: HashMap::new(),
+            store,
+            launcher_exits,
+            launchers: HashMap::new(),
+            pidfd_failures: 0,
+            self_pid: std::process::id(),
+            unqueued: Vec::new(),
+        }
+    }
+
+    /// Launchers watched now (one descriptor each, at most).
+    pub fn launchers_watched(&self) -> usize {
+        self.launchers.len()
+    }
+
+    pub fn store(&self) -> &mpsc::UnboundedSender<StoreMsg> {
+        &self.store
+    }
+
+    /// How many records the store did not take.
+    pub fn unqueued(&self) -> usize {
+        self.unqueued.len()
+    }
+
+    /// The records the store did not take, for the shutdown to spool.
+    pub fn take_unqueued(&mut self) -> Vec<KillRecord> {
+        std::mem::take(&mut self.unqueued)
+    }
+
+    /// Carries out the actions in order; returns what the rules must hear back.
+    pub fn apply(&mut self, actions: Vec<Action>) -> Vec<Feedback> {
+        let mut feedback = Vec::new();
+        // The records go to the store together: a tree killed at once is one spool write
+        // and one fsync.
+        let mut records = Vec::new();
+        for action in actions {
+            match action {
+                Action::Unwatch(process) => {
+                    self.kernel.unwatch(process);
+                }
+                Action::SaveAnalysis(key, entry) => {
+                    if let Err(err) = self.kernel.save_analysis(key, &entry) {
+                        tracing::error!("{err:#}: a restarted daemon will not know this analysis");
+                    }
+                }
+                Action::ForgetAnalysis(key, roots) => {
+                    self.kernel.forget_analysis(key, &roots);
+                    self.forget_launchers_of(&roots);
+                }
+                Action::SaveRoot(pid, entry) => {
+                    if let Err(err) = self.kernel.save_root(pid, &entry) {
+                        tracing::error!("{err:#}: a restarted daemon will not know this root");
+                    }
+                }
+                Action::WatchLauncher { root, launcher } => self.watch_launcher(root, launcher),
+                Action::Signal(order) => {
+                    if !self.signal(order) {
+                        feedback.push(Feedback::SignalFailed(order));
+                    }
+                }
+                Action::Release(process) => {
+                    self.pidfds.remove(&process);
+                }
+                Action::Record(record) => {
+                    tracing::warn!(target: "kill_event", "{}", serde_json::to_string(&record).expect("records serialize"));
+                    records.push(*record);
+                }
+            }
+        }
+        if !records.is_empty()
+            && let Err(mpsc::error::SendError(StoreMsg::Records(records))) =
+                self.store.send(StoreMsg::Records(records))
+        {
+            self.unqueued.extend(records);
+        }
+        feedback
+    }
+
+    /// Signals one process through a pidfd bound to it; false when it is gone (or its
+    /// pid names another process now), or must never be signalled.
+    fn signal(&mut self, order: SignalOrder) -> bool {
+        let pid = order.target.pid;
+        // The last line of defence: whatever the rules say, these are never signalled.
+        if pid <= 1 || pid == self.self_pid {
+            tracing::error!(pid, "refusing to signal init or the daemon");
+            return false;
+        }
+        let not_a_kernel_thread = |p: &ProcInfo| {
+            if p.kernel_thread {
+                tracing::error!(pid, "refusing to signal a kernel thread");
+            }
+            !p.kernel_thread
+        };
+        let pidfd = match self.pidfds.entry(order.target) {
+            std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                match PidFd::open_checked(order.target, not_a_kernel_thread) {
+                    Ok(pidfd) => slot.insert(pidfd),
+                    Err(OpenError::Gone) => return false,
+                    Err(OpenError::Failed(err)) => {
+                        // Not gone: it stays a target, and the next signal (SIGKILL
+                        // after the grace) tries again.
+                        self.pidfd_failures += 1;
+                        tracing::error!(pid, "cannot open a pidfd to signal it: {err}");
+                        return true;
+                    }
+                }
+            }
+        };
+        match pidfd.signal(order.signal) {
+            Ok(()) => true,
+            // ESRCH: it exited between our checks: nothing to do, nobody else hit.
+            Err(err) => {
+                tracing::debug!(pid, "signal not delivered: {err}");
+                self.pidfds.remove(&order.target);
+                false
+            }
+        }
+    }
+
+    /// The process that started a registered root is not watched, so its exit sends no
+    /// event: watch it through a pidfd, which polls readable the moment it exits. One
+    /// watch per launcher, shared by the roots it started. Where no pidfd can be had
+    /// (out of descriptors), it is said, counted, and the launcher is checked in /proc
+    /// at every [`Self::check_polled_launchers`] instead: never left unwatched.
+    fn watch_launcher(&mut self, root: ProcRef, launcher: ProcRef) {
+        if let Some(watch) = self.launchers.get_mut(&launcher) {
+            watch.roots.insert(root);
+            return;
+        }
+        let task = match PidFd::open_verified(launcher).map(|fd| self.await_exit(launcher, fd)) {
+            Ok(Ok(task)) => Some(task),
+            Err(OpenError::Gone) => {
+                // Gone already: the rules hear it as an exit now.
+                let _ = self.launcher_exits.send(launcher);
+                None
+            }
+            Err(OpenError::Failed(err)) | Ok(Err(err)) => {
+                self.pidfd_failures += 1;
+                tracing::warn!(
+                    launcher = launcher.pid,
+                    "cannot watch the launcher of root {} through a pidfd ({err}): checking it in /proc every 200 ms instead",
+                    root.pid
+                );
+                None
+            }
+        };
+        let roots = HashSet::from([root]);
+        self.launchers
+            .insert(launcher, LauncherWatch { roots, task });
+    }
+
+    /// A task that reports `launcher` once its pidfd polls readable (it exited).
+    fn await_exit(
+        &self,
+        launcher: ProcRef,
+        pidfd: PidFd,
+    ) -> std::io::Result<tokio::task::AbortHandle> {
+        // SAFETY: PidFd owns its fd and keeps it open, unchanged, for its whole life.
+        let fd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }?;
+        let tx = self.launcher_exits.clone();
+        let task = tokio::spawn(async move {
+            if fd.readable().await.is_ok() {
+                let _ = tx.send(launcher);
+            }
+        });
+        Ok(task.abort_handle())
+    }
+
+    /// The roots `launcher` started, now that it exited; its watch is over.
+    pub fn launcher_exited(&mut self, launcher: ProcRef) -> Vec<ProcRef> {
+        self.launchers
+            .remove(&launcher)
+            .map(|watch| watch.roots.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Launchers watched without a pidfd: those that exited, reported like the others.
+    pub fn check_polled_launchers(&mut self) {
+        for (launcher, watch) in &self.launchers {
+            let alive = || procs::read_same(*launcher).is_some();
+            if watch.task.is_none() && !alive() {
+                let _ = self.launcher_exits.send(*launcher);
+            }
+        }
+    }
+
+    /// Roots that are over: their launchers' watches end with the last of them.
+    fn forget_launchers_of(&mut self, roots: &[u32]) {
+        let gone: HashSet<u32> = roots.iter().copied().collect();
+        self.launchers.retain(|_, watch| {
+            watch.roots.retain(|root| !gone.contains(&root.pid));
+            !watch.roots.is_empty()
+        });
+    }
+
+    /// Takes a refused registration's processes back out of the kernel map: those the
+    /// walk put there and, when the root was put there by it, whatever the kernel added
+    /// below the root meanwhile (forked while it was watched; the tree does not know
+    /// them yet, and their queued fork events find no analysis to join).
+    fn roll_back(
+        &mut self,
+        root: ProcRef,
+        root_is_new: bool,
+        watched: &[ProcInfo],
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+    ) {
+        for info in watched {
+            self.kernel.unwatch(info.proc_ref());
+        }
+        if !root_is_new {
+            return;
+        }
+        loop {
+            let Ok(below) = self.kernel.descendants(root) else {
+                return;
+            };
+            let mut removed = 0;
+            for record in below {
+                let process = ProcRef::from(&record);
+                if analysis_of(process.pid).is_none() && self.kernel.unwatch(process) {
+                    removed += 1;
+                }
+            }
+            if removed == 0 {
+                return;
+            }
+        }
+    }
+
+    /// Hands a process the kernel map could not take back to it, with the descendants
+    /// it forked meanwhile (the kernel did not see those forks).
+    pub fn retrack(
+        &mut self,
+        process: ProcRef,
+        key: AnalysisKey,
+        mem_limit: RssLevels,
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+    ) -> Retrack {
+        match self.watch_verified(process, key, mem_limit) {
+            Err(_) => return Retrack::NoRoom,
+            Ok(false) => return Retrack::Gone,
+            Ok(true) => {}
+        }
+        let mut found = Vec::new();
+        // Members of an analysis already: no access check.
+        let anyone = |_: ProcRef| Ok(());
+        match self.watch_descendants(process, key, mem_limit, analysis_of, &anyone, &mut found) {
+            Ok(()) => Retrack::Watched(found),
+            Err(err) => {
+                // All or nothing: the next attempt walks again.
+                tracing::debug!(pid = process.pid, "retrack incomplete: {err:#}");
+                self.kernel.unwatch(process);
+                Retrack::NoRoom
+            }
+        }
+    }
+
+    /// Puts the living descendants of `root` in the kernel map, each once `permit`
+    /// allows it, adding them to `watched` (which holds what was put there when an
+    /// error stops the walk).
+    fn watch_descendants(
+        &mut self,
+        root: ProcRef,
+        key: AnalysisKey,
+        mem_limit: RssLevels,
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+        permit: &dyn Fn(ProcRef) -> Result<()>,
+        watched: &mut Vec<ProcInfo>,
+    ) -> Result<()> {
+        let mut seen = HashSet::from([root.pid]);
+        loop {
+            let mut found = 0;
+            for record in self.kernel.descendants(root)? {
+                let pid = record.pid;
+                if pid == self.self_pid || analysis_of(pid).is_some() || !seen.insert(pid) {
+                    continue;
+                }
+                let info = ProcInfo {
+                    pid,
+                    ppid: record.ppid,
+                    start_ns: record.start_ns,
+                    comm: crate::vocab::process::Comm(record.comm)
+                        .as_str()
+                        .into_owned(),
+                    kernel_thread: false,
+                    exited: false,
+                };
+                permit(info.proc_ref())?;
+                if self.watch_verified(info.proc_ref(), key, mem_limit)? {
+                    watched.push(info);
+                    found += 1;
+                }
+            }
+            if found == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Puts a process in the kernel map, then checks it is still the same living
+    /// process: if it exited (or its pid was recycled) in between, the kernel never
+    /// saw that exit as watched, so the entry is taken back out.
+    fn watch_verified(
+        &mut self,
+        process: ProcRef,
+        key: AnalysisKey,
+        mem_limit: RssLevels,
+    ) -> Result<bool> {
+        self.kernel.watch(process, key, mem_limit)?;
+        let still_there = procs::read_same(process).is_some();
+        if !still_there {
+            self.kernel.unwatch(process);
+        }
+        Ok(still_there)
+    }
+}
+
+impl Watch for Effects {
+    /// The living descendants of `root`, as the registration walk will find them,
+    /// without putting anything in the kernel map: what the rules check before a
+    /// registration by a caller confined to its own processes.
+    fn descendants(&mut self, root: ProcRef) -> Result<Vec<ProcRef>> {
+        Ok(self
+            .kernel
+            .descendants(root)?
+            .into_iter()
+            .map(|r| ProcRef::from(&r))
+            .collect())
+    }
+
+    /// Puts a registration's processes in the kernel map: the root, then (unless it is
+    /// `fresh`, started by `exec` and so childless) its descendants, found by the
+    /// kernel's descendants iterator. Returns those verified to be the same living
+    /// processes once in the map. A descendant that forks while this runs is caught
+    /// either by the kernel (its parent is already in the map) or by the next pass,
+    /// which runs until it finds nothing new. Each descendant found must pass `permit`
+    /// (the rules' access check, done beforehand too, so this only catches one that
+    /// changed hands meanwhile); when one does not, or the map refuses one, everything
+    /// this put in the map is taken back out and the error returned: a refused
+    /// registration leaves the kernel map as it was.
+    fn watch(
+        &mut self,
+        registration: &Registration,
+        fresh: bool,
+        analysis_of: &dyn Fn(u32) -> Option<AnalysisKey>,
+        permit: &dyn Fn(ProcRef) -> Result<()>,
+    ) -> Result<Vec<ProcInfo>> {
+        let key = registration.key;
+        let mem_limit = registration.limits.rss_levels();
+        let root = &registration.root;
+        let mut watched = Vec::new();
+        let root_is_new = analysis_of(root.pid).is_none();
+        if root_is_new {
+            if !self.watch_verified(root.proc_ref(), key, mem_limit)? {
+                return Ok(watched);
+            }
+            watched.push(root.clone());
+        }
+        if !fresh
+            && let Err(err) = self.watch_descendants(
+                root.proc_ref(),
+                key,
+                mem_limit,
+                analysis_of,
+                permit,
+                &mut watched,
+            )
+        {
+            self.roll_back(root.proc_ref(), root_is_new, &watched, analysis_of);
+            return Err(err);
+        }
+        Ok(watched)
+    }
+}

@@ -1,0 +1,349 @@
+//! The CLI commands: each is one request over the control socket, printed for people
+//! (or as JSON for scripts).
+
+use std::{
+    ffi::CString,
+    path::Path,
+    sync::atomic::{AtomicI32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::{
+    fcntl::OFlag,
+    sys::{
+        signal::{SigHandler, Signal, kill, signal},
+        wait::{WaitStatus, waitpid},
+    },
+    unistd::{ForkResult, Pid, execvp, fork, pipe2, read, write},
+};
+
+use crate::{
+    api::{
+        client::call,
+        protocol::{AnalysisView, Reply, Request, TreeNode},
+    },
+    store::{EventFilter, EventRecord},
+    vocab::limits::LimitOverrides,
+};
+
+pub fn register(
+    socket: &Path,
+    pid: u32,
+    analysis_id: String,
+    limits: LimitOverrides,
+) -> Result<()> {
+    match call(
+        socket,
+        &Request::Register {
+            pid,
+            analysis_id,
+            limits,
+            fresh: false,
+        },
+    )? {
+        Reply::Registered {
+            pid,
+            analysis_id,
+            watched,
+        } => {
+            println!(
+                "registered pid {pid} as analysis {analysis_id:?} ({watched} processes watched)"
+            );
+            Ok(())
+        }
+        other => unexpected(other),
+    }
+}
+
+pub fn unregister(socket: &Path, pid: Option<u32>, analysis_id: Option<String>) -> Result<()> {
+    match call(socket, &Request::Unregister { pid, analysis_id })? {
+        Reply::Unregistered { removed } => {
+            println!("unregistered {removed} processes");
+            Ok(())
+        }
+        other => unexpected(other),
+    }
+}
+
+fn unexpected(reply: Reply) -> Result<()> {
+    bail!("the daemon sent an unexpected reply: {reply:?}")
+}
+
+pub fn dump_tree(socket: &Path, json: bool, analysis_id: Option<String>) -> Result<()> {
+    let Reply::Tree { roots, analyses } = call(socket, &Request::DumpTree { analysis_id })? else {
+        bail!("the daemon sent an unexpected reply to dump-tree");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&roots)?);
+        return Ok(());
+    }
+    if roots.is_empty() {
+        println!("no watched processes");
+    }
+    for analysis in &analyses {
+        print_analysis(analysis);
+    }
+    for root in &roots {
+        print_node(root, 0);
+    }
+    Ok(())
+}
+
+fn size(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
+fn print_analysis(a: &AnalysisView) {
+    let deadline = if a.deadline_in_ms >= 0 {
+        format!(
+            "deadline in {}",
+            humantime::format_duration(Duration::from_secs(a.deadline_in_ms as u64 / 1000))
+        )
+    } else {
+        "deadline passed".to_string()
+    };
+    let tree_memory = a.limits.tree_memory_bytes.map_or("none".to_string(), size);
+    let at_most = |limit: u64| match limit {
+        0 => "no limit".to_string(),
+        n => n.to_string(),
+    };
+    let (max_processes, max_zombies) = (
+        at_most(a.limits.max_processes),
+        at_most(a.limits.max_zombies),
+    );
+    let warning = match a.limits.warn_at_percent {
+        0 => "no warning".to_string(),
+        p => format!("warning {} at {p}%", a.limits.warn_signal),
+    };
+    println!(
+        "analysis {} (owner {}): {} processes (at most {max_processes}), {} zombies (at most {max_zombies}), {deadline} (timeout {}), memory {}/process, tree memory {tree_memory}, grace {}, orphans {:?}, {warning}",
+        a.analysis_id,
+        user(a.owner_uid),
+        a.processes,
+        a.zombies,
+        humantime::format_duration(Duration::from_millis(a.limits.timeout_ms)),
+        size(a.limits.memory_bytes),
+        humantime::format_duration(Duration::from_millis(a.limits.grace_ms)),
+        a.limits.orphans,
+    );
+}
+
+/// A uid with its user's name, when it has one: `uid 1001 (alice)`.
+fn user(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => format!("uid {uid} ({})", user.name),
+        _ => format!("uid {uid}"),
+    }
+}
+
+fn print_node(node: &TreeNode, depth: usize) {
+    let age = humantime::format_duration(Duration::from_secs(node.age_ms / 1000));
+    let mut marks = String::new();
+    if node.orphan {
+        marks.push_str("  ORPHAN");
+    }
+    if node.zombie {
+        marks.push_str("  ZOMBIE (exited, not reaped)");
+    }
+    if let Some(left) = node.grace_left_ms {
+        marks.push_str(&format!("  IN GRACE ({}s left)", left.div_ceil(1000)));
+    }
+    println!(
+        "{:indent$}{} {}  analysis={}  owner={}  age={}  rss={}{marks}",
+        "",
+        node.pid,
+        node.comm,
+        node.analysis_id,
+        node.owner_uid,
+        age,
+        size(node.rss_bytes),
+        indent = depth * 2
+    );
+    for child in &node.children {
+        print_node(child, depth + 1);
+    }
+}
+
+pub fn events(socket: &Path, filter: EventFilter, json: bool) -> Result<()> {
+    let Reply::Events {
+        records,
+        database_error,
+    } = call(socket, &Request::Events { filter })?
+    else {
+        bail!("the daemon sent an unexpected reply to events");
+    };
+    if let Some(err) = &database_error {
+        eprintln!("watchdog-user: warning: {err}; showing only the records in the spool");
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<12} {:>7} {:<16} {:<13} {:<20} {:>10} {:>9} {:<16} {:<7}",
+        "TIME", "HOST", "PID", "ANALYSIS", "REASON", "OUTCOME", "RSS", "RUNTIME", "COMM", "STORED"
+    );
+    for EventRecord { record: r, spooled } in &records {
+        println!(
+            "{:<24} {:<12} {:>7} {:<16} {:<13} {:<20} {:>10} {:>9} {:<16} {:<7}",
+            r.time,
+            r.host,
+            r.pid,
+            r.analysis_id,
+            r.reason.as_str(),
+            r.outcome.as_str(),
+            size(r.rss_bytes),
+            humantime::format_duration(Duration::from_secs(r.runtime_ms / 1000)).to_string(),
+            r.comm,
+            if *spooled { "SPOOLED" } else { "db" }
+        );
+    }
+    Ok(())
+}
+
+pub fn status(socket: &Path, json: bool) -> Result<()> {
+    let Reply::Status(status) = call(socket, &Request::Status)? else {
+        bail!("the daemon sent an unexpected reply to status");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!("watchdog {} up {}s", status.version, status.uptime_s);
+    println!(
+        "watched processes: {} in {} analyses",
+        status.monitored_count, status.analyses
+    );
+    println!("zombies (exited, not reaped): {}", status.zombies);
+    for (analysis_id, zombies) in &status.zombies_by_analysis {
+        println!("  {analysis_id}: {zombies}");
+    }
+    match &status.database.error {
+        None => println!(
+            "database: {} (spool {} records)",
+            status.database.state, status.database.spool_depth
+        ),
+        Some(err) => println!(
+            "database: {}: {err} ({} records spooled in {})",
+            status.database.state, status.database.spool_depth, status.database.spool_path
+        ),
+    }
+    if status.database.unspooled > 0 {
+        println!(
+            "spool: {} records held in memory, not yet spooled: {}",
+            status.database.unspooled,
+            status
+                .database
+                .spool_error
+                .as_deref()
+                .unwrap_or("(no error)")
+        );
+    }
+    if status.records_unqueued > 0 {
+        println!(
+            "store: {} records the daemon could not hand to its store task (spooled at shutdown)",
+            status.records_unqueued
+        );
+    }
+    println!(
+        "kernel events: {} forks, {} exits, {} execs; lost {}; watch map full {}; resyncs {}",
+        status.forks_seen,
+        status.exits_seen,
+        status.execs_seen,
+        status.lost_events,
+        status.watch_map_full,
+        status.resyncs
+    );
+    if status.pinned_state_dropped > 0 {
+        println!("pinned state: dropped at start, not trusted (the daemon's log says why)");
+    }
+    Ok(())
+}
+
+/// The child being run by `exec`, for the signal forwarder.
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(signo: i32) {
+    let child = CHILD.load(Ordering::Relaxed);
+    if child > 0
+        && let Ok(sig) = Signal::try_from(signo)
+    {
+        let _ = kill(Pid::from_raw(child), sig);
+    }
+}
+
+/// Forks; the child waits on a pipe until the daemon has registered it, and only then
+/// execs CMD: so CMD's very first fork already happens watched. Exits with CMD's code
+/// (128 + signal when it was killed, as shells do).
+pub fn exec(
+    socket: &Path,
+    analysis_id: String,
+    limits: LimitOverrides,
+    command: &[String],
+) -> Result<i32> {
+    let argv = command
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("the command contains a NUL byte")?;
+    let (gate_read, gate_write) = pipe2(OFlag::O_CLOEXEC)?;
+    // SAFETY: this process is single-threaded (the CLI starts no threads), so the child
+    // may run ordinary code until it execs.
+    let child = match unsafe { fork() }.context("fork failed")? {
+        ForkResult::Child => {
+            drop(gate_write);
+            let mut go = [0u8; 1];
+            if !matches!(read(&gate_read, &mut go), Ok(1)) {
+                // Registration failed: the parent closed the gate without a byte.
+                unsafe { libc::_exit(125) };
+            }
+            let err = execvp(&argv[0], &argv).unwrap_err();
+            eprintln!("watchdog-user: error: cannot run {:?}: {err}", command[0]);
+            unsafe {
+                libc::_exit(if err == nix::errno::Errno::ENOENT {
+                    127
+                } else {
+                    126
+                })
+            };
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(gate_read);
+    let registered = call(
+        socket,
+        &Request::Register {
+            pid: child.as_raw() as u32,
+            analysis_id,
+            limits,
+            // Forked just now and waiting on our pipe: it has no descendants to find.
+            fresh: true,
+        },
+    );
+    if let Err(err) = registered {
+        drop(gate_write);
+        let _ = waitpid(child, None);
+        return Err(err);
+    }
+    CHILD.store(child.as_raw(), Ordering::Relaxed);
+    // SAFETY: the handler only does an atomic load and kill(2), both async-signal-safe.
+    unsafe {
+        for sig in [Signal::SIGTERM, Signal::SIGHUP] {
+            signal(sig, SigHandler::Handler(forward_signal))?;
+        }
+        // The terminal sends these to the whole foreground group, CMD included.
+        signal(Signal::SIGINT, SigHandler::SigIgn)?;
+        signal(Signal::SIGQUIT, SigHandler::SigIgn)?;
+    }
+    write(&gate_write, b"x").context("releasing the command")?;
+    drop(gate_write);
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => bail!("waiting for the command failed: {err}"),
+        }
+    }
+}

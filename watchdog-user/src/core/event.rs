@@ -1,0 +1,34 @@
+//! What the kernel tells the core, decoded from the ring buffer: the core's input
+//! vocabulary for process lifetimes and memory.
+
+use crate::vocab::process::{AnalysisKey, Comm};
+
+/// One kernel event about a watched process.
+#[derive(Debug, Clone, Copy)]
+pub enum KernelEvent {
+    Fork {
+        pid: u32,
+        ppid: u32,
+        analysis: AnalysisKey,
+        start_ns: u64,
+        comm: Comm,
+        ts_ns: u64,
+        /// The kernel map could not take the child: the kernel does not follow it.
+        untracked: bool,
+    },
+    Exit {
+        pid: u32,
+        analysis: AnalysisKey,
+        start_ns: u64,
+        exit_status: i32,
+    },
+    Exec {
+        pid: u32,
+        comm: Comm,
+    },
+    Rss {
+        pid: u32,
+        analysis: AnalysisKey,
+        rss_bytes: u64,
+    },
+}

@@ -1,0 +1,304 @@
+//! Kill jobs, as the rules see them: which processes a kill covers, which signal each
+//! gets when (SIGTERM, the grace, SIGKILL), when the kill is over, and its records.
+//! No I/O: `effects` sends the signals (through pidfds) and reports failures back.
+
+use crate::vocab::{
+    record::{KillRecord, Outcome, SignalSent},
+    units::rfc3339,
+};
+use std::{
+    collections::BTreeMap,
+    time::{Instant, SystemTime},
+};
+
+use nix::sys::signal::Signal;
+
+use crate::vocab::{limits::Reason, process::ProcRef};
+
+/// What is known of a target when the kill starts: read before it is signalled, since
+/// a dead process has no cmdline.
+#[derive(Clone, Debug)]
+pub struct TargetInfo {
+    pub process: ProcRef,
+    pub ppid: u32,
+    pub comm: String,
+    pub cmdline: String,
+    pub uid: u32,
+    pub rss_bytes: u64,
+    pub runtime_ms: u64,
+}
+
+struct Target {
+    info: TargetInfo,
+    signals: Vec<SignalSent>,
+    sigkilled: bool,
+    /// Exited (the tree took in its exit) or could not be signalled: nothing more to do.
+    done: bool,
+}
+
+/// What a kill covers; processes forked into the scope while it dies join it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The process alone (per-process memory).
+    Process,
+    /// The process and its descendants (orphans).
+    Subtree,
+    /// Every process of the analysis (timeout, tree memory).
+    Analysis,
+}
+
+/// Whether a job signals, or only records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Signal,
+    /// `--dry-run`: recorded as what would have been signalled.
+    DryRun,
+    /// Orphan policy `log`: recorded, never signalled.
+    LogOnly,
+}
+
+/// A signal the job wants sent now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignalOrder {
+    pub target: ProcRef,
+    pub signal: Signal,
+}
+
+/// A kill in progress: its targets, and when the grace ends.
+pub struct KillJob {
+    pub reason: Reason,
+    pub analysis: u64,
+    pub analysis_id: String,
+    /// Uid of the analysis' owner, for the records.
+    pub owner_uid: Option<u32>,
+    pub limit: Option<u64>,
+    /// Reason `zombies`: how many unreaped children the target held.
+    pub zombies: Option<u64>,
+    pub escalate_at: Instant,
+    escalated: bool,
+    pub mode: Mode,
+    pub scope: Scope,
+    /// When the violation was seen.
+    time: SystemTime,
+    targets: BTreeMap<u32, Target>,
+    /// Targets not done yet: "is the kill over?" is asked after every event.
+    pending: usize,
+}
+
+/// Who and what a new job is about.
+pub struct JobSpec {
+    pub scope: Scope,
+    pub reason: Reason,
+    pub analysis: u64,
+    pub analysis_id: String,
+    pub owner_uid: Option<u32>,
+    pub limit: Option<u64>,
+    /// Reason `zombies`: how many unreaped children the target held.
+    pub zombies: Option<u64>,
+    pub grace: std::time::Duration,
+    pub mode: Mode,
+}
+
+impl KillJob {
+    pub fn new(spec: JobSpec, now: Instant, now_wall: SystemTime) -> Self {
+        Self {
+            reason: spec.reason,
+            analysis: spec.analysis,
+            analysis_id: spec.analysis_id,
+            owner_uid: spec.owner_uid,
+            limit: spec.limit,
+            zombies: spec.zombies,
+            escalate_at: now + spec.grace,
+            escalated: false,
+            mode: spec.mode,
+            scope: spec.scope,
+            time: now_wall,
+            targets: BTreeMap::new(),
+            pending: 0,
+        }
+    }
+
+    pub fn has_target(&self, pid: u32) -> bool {
+        self.targets.contains_key(&pid)
+    }
+
+    /// Whether a child forked by `ppid` in `analysis` belongs to this kill.
+    pub fn takes_child(&self, ppid: u32, analysis: u64) -> bool {
+        match self.scope {
+            Scope::Process => false,
+            Scope::Subtree => self.has_target(ppid),
+            Scope::Analysis => analysis == self.analysis,
+        }
+    }
+
+    /// Ms of grace left, while the grace is still running.
+    pub fn grace_left_ms(&self, now: Instant) -> Option<u64> {
+        let left = self.escalate_at.checked_duration_since(now)?;
+        Some(crate::vocab::units::millis(left))
+    }
+
+    pub fn target_pending(&self, pid: u32) -> bool {
+        self.targets.get(&pid).is_some_and(|t| !t.done)
+    }
+
+    /// When this job next needs the clock: the end of its grace.
+    pub fn wakeup(&self) -> Option<Instant> {
+        (!self.escalated && self.mode == Mode::Signal).then_some(self.escalate_at)
+    }
+
+    /// Adds a process; returns the signal it gets now: SIGTERM, or SIGKILL once the
+    /// grace is over (a process forked while its tree is dying gets no grace of its
+    /// own). A dry run or a log-only job signals nothing and is done with it at once.
+    pub fn add(
+        &mut self,
+        info: TargetInfo,
+        now: Instant,
+        now_wall: SystemTime,
+    ) -> Option<SignalOrder> {
+        let pid = info.process.pid;
+        if self.targets.contains_key(&pid) {
+            return None;
+        }
+        let process = info.process;
+        let mut target = Target {
+            info,
+            signals: Vec::new(),
+            sigkilled: false,
+            done: self.mode != Mode::Signal,
+        };
+        let order = (self.mode == Mode::Signal).then(|| {
+            let signal = if now >= self.escalate_at {
+                Signal::SIGKILL
+            } else {
+                Signal::SIGTERM
+            };
+            Self::note_signal(&mut target, signal, now_wall);
+            SignalOrder {
+                target: process,
+                signal,
+            }
+        });
+        self.pending += usize::from(!target.done);
+        self.targets.insert(pid, target);
+        order
+    }
+
+    fn mark_done(target: &mut Target, pending: &mut usize) {
+        if !std::mem::replace(&mut target.done, true) {
+            *pending -= 1;
+        }
+    }
+
+    fn note_signal(target: &mut Target, signal: Signal, at: SystemTime) {
+        target.signals.push(SignalSent {
+            signal: format!("{signal}"),
+            at: rfc3339(at),
+        });
+        target.sigkilled |= signal == Signal::SIGKILL;
+    }
+
+    /// Once the grace is over: SIGKILL for every target still alive (once).
+    pub fn escalate(&mut self, now: Instant, now_wall: SystemTime) -> Vec<SignalOrder> {
+        if self.escalated || self.mode != Mode::Signal || now < self.escalate_at {
+            return Vec::new();
+        }
+        self.escalated = true;
+        let mut orders = Vec::new();
+        for target in self.targets.values_mut() {
+            if !target.done && !target.sigkilled {
+                Self::note_signal(target, Signal::SIGKILL, now_wall);
+                orders.push(SignalOrder {
+                    target: target.info.process,
+                    signal: Signal::SIGKILL,
+                });
+            }
+        }
+        orders
+    }
+
+    /// The signal could not be delivered (the process was already gone, or its pid
+    /// names another process now): the target is done, with no signal recorded.
+    pub fn signal_failed(&mut self, process: ProcRef, signal: Signal) {
+        let Some(target) = self.targets.get_mut(&process.pid) else {
+            return;
+        };
+        if target.info.process != process {
+            return;
+        }
+        let name = format!("{signal}");
+        if let Some(at) = target.signals.iter().rposition(|s| s.signal == name) {
+            target.signals.remove(at);
+        }
+        target.sigkilled &= signal != Signal::SIGKILL;
+        Self::mark_done(target, &mut self.pending);
+    }
+
+    /// The tree took in the target's exit: done with it. True when it was a target.
+    pub fn exited(&mut self, process: ProcRef) -> bool {
+        match self.targets.get_mut(&process.pid) {
+            Some(target) if target.info.process == process => {
+                Self::mark_done(target, &mut self.pending);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every target has exited (or could not be signalled).
+    /// The targets not done yet.
+    pub fn pending_pids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.targets
+            .iter()
+            .filter(|(_, t)| !t.done)
+            .map(|(pid, _)| *pid)
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.pending == 0
+    }
+
+    /// The targets signalled and not yet done (their pidfds are still needed).
+    pub fn signalled(&self) -> impl Iterator<Item = ProcRef> + '_ {
+        self.targets
+            .values()
+            .filter(|t| !t.signals.is_empty())
+            .map(|t| t.info.process)
+    }
+
+    /// The records of a finished job, one per target.
+    pub fn records(&self, host: &str) -> Vec<KillRecord> {
+        let time = rfc3339(self.time);
+        self.targets
+            .values()
+            .map(|t| KillRecord {
+                time: time.clone(),
+                host: host.to_string(),
+                pid: t.info.process.pid,
+                ppid: t.info.ppid,
+                analysis_id: self.analysis_id.clone(),
+                reason: self.reason,
+                limit: self.limit,
+                rss_bytes: t.info.rss_bytes,
+                runtime_ms: t.info.runtime_ms,
+                signals: t.signals.clone(),
+                outcome: match self.mode {
+                    Mode::DryRun => Outcome::DryRun,
+                    Mode::LogOnly => Outcome::Logged,
+                    Mode::Signal if t.signals.is_empty() => Outcome::AlreadyGone,
+                    Mode::Signal if t.sigkilled => Outcome::Killed,
+                    Mode::Signal => Outcome::ExitedAfterSigterm,
+                },
+                comm: t.info.comm.clone(),
+                cmdline: t.info.cmdline.clone(),
+                uid: t.info.uid,
+                owner_uid: self.owner_uid,
+                warned_of: None,
+                zombies: self.zombies,
+            })
+            .collect()
+    }
+}

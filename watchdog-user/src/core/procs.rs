@@ -1,0 +1,58 @@
+//! The core's window on /proc: what it asks of processes while deciding, behind a
+//! trait so that every rule is tested against a fake /proc.
+
+use std::collections::HashSet;
+
+use crate::vocab::process::ProcRef;
+
+#[derive(Debug, Clone)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub ppid: u32,
+    /// Start time, CLOCK_BOOTTIME ns (clock-tick precision).
+    pub start_ns: u64,
+    pub comm: String,
+    pub kernel_thread: bool,
+    /// Exited but not yet reaped (or being torn down): already gone for our purposes.
+    pub exited: bool,
+}
+
+impl ProcInfo {
+    pub fn proc_ref(&self) -> ProcRef {
+        ProcRef {
+            pid: self.pid,
+            start_ns: self.start_ns,
+        }
+    }
+}
+
+/// What a kill record tells of a process, read before it is signalled.
+#[derive(Clone, Debug, Default)]
+pub struct Details {
+    pub cmdline: String,
+    pub uid: u32,
+    pub rss_bytes: u64,
+}
+
+/// The rules' window on /proc.
+pub trait Procs {
+    /// The living process with this pid (zombies count as exited).
+    fn read(&self, pid: u32) -> Option<ProcInfo>;
+    /// Its command line, owner and RSS now.
+    fn details(&self, pid: u32) -> Details;
+    /// Its RSS now, 0 when it is gone.
+    fn rss_bytes(&self, pid: u32) -> u64;
+    /// The real uid of `process` (the first field of /proc/PID/status `Uid:`): who runs
+    /// it. None when it is gone, or its pid names another process now.
+    fn real_uid(&self, process: ProcRef) -> Option<u32>;
+    /// Its proportional set size now (a shared page counts 1/N in each of the N
+    /// processes sharing it); None when it is gone or unreadable.
+    fn pss_bytes(&self, pid: u32) -> Option<u64>;
+    /// The parent of `process`, an exited process whose pid still names it (a zombie,
+    /// or one still tearing down): its parent has not reaped it. None once it is reaped
+    /// (or its pid names another process now).
+    fn unreaped(&self, process: ProcRef) -> Option<u32>;
+    /// The pids on `pid`'s list of children: living ones and those it has not reaped
+    /// (a zombie stays on its parent's list until reaped). None when it cannot be read.
+    fn children(&self, pid: u32) -> Option<HashSet<u32>>;
+}

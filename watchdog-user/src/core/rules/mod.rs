@@ -1,0 +1,3 @@
+//! The rule families, one file each, each owning its state and timers.
+
+pub mod zombies;

@@ -1,0 +1,1673 @@
+//! The rules, tested without a kernel: a fake /proc, a fake clock, events fed by hand,
+//! and the actions the core returns checked one by one.
+
+use std::{cell::RefCell, collections::HashMap, time::Duration};
+
+use nix::sys::signal::Signal;
+use watchdog_common::RootEntry;
+
+use super::*;
+use crate::{
+    core::event::KernelEvent,
+    core::{kill::SignalOrder, procs::Details},
+    vocab::peer::Peer,
+};
+
+const SELF_PID: u32 = 999;
+const MIB: u64 = 1 << 20;
+
+/// /proc as the test says it is: living processes by pid, the PSS of those that have
+/// one, the real uids of those that do not run as root, and the exited processes their
+/// parent has not reaped yet.
+#[derive(Default)]
+pub(crate) struct FakeProcs(
+    RefCell<HashMap<u32, ProcInfo>>,
+    RefCell<HashMap<u32, u64>>,
+    RefCell<HashMap<u32, u32>>,
+    RefCell<HashMap<u32, ProcInfo>>,
+);
+
+impl FakeProcs {
+    pub(crate) fn spawn(&self, pid: u32, ppid: u32, start_ns: u64) -> ProcInfo {
+        let info = ProcInfo {
+            pid,
+            ppid,
+            start_ns,
+            comm: format!("p{pid}"),
+            kernel_thread: false,
+            exited: false,
+        };
+        self.0.borrow_mut().insert(pid, info.clone());
+        info
+    }
+
+    /// A process that runs as `uid`.
+    pub(crate) fn spawn_as(&self, pid: u32, ppid: u32, uid: u32) -> ProcInfo {
+        self.2.borrow_mut().insert(pid, uid);
+        self.spawn(pid, ppid, start(pid))
+    }
+
+    fn die(&self, pid: u32) {
+        self.0.borrow_mut().remove(&pid);
+    }
+
+    /// `pid` exits and its parent does not reap it: a zombie until [`Self::reap`].
+    fn die_unreaped(&self, pid: u32) {
+        if let Some(info) = self.0.borrow_mut().remove(&pid) {
+            self.3.borrow_mut().insert(pid, info);
+        }
+    }
+
+    fn reap(&self, pid: u32) {
+        self.3.borrow_mut().remove(&pid);
+    }
+
+    fn reparent(&self, pid: u32, ppid: u32) {
+        if let Some(p) = self.0.borrow_mut().get_mut(&pid) {
+            p.ppid = ppid;
+        }
+    }
+}
+
+impl Procs for FakeProcs {
+    fn read(&self, pid: u32) -> Option<ProcInfo> {
+        self.0.borrow().get(&pid).cloned()
+    }
+
+    fn details(&self, pid: u32) -> Details {
+        Details {
+            cmdline: format!("cmd {pid}"),
+            uid: 1000,
+            rss_bytes: 0,
+        }
+    }
+
+    fn rss_bytes(&self, _pid: u32) -> u64 {
+        0
+    }
+
+    fn pss_bytes(&self, pid: u32) -> Option<u64> {
+        self.1.borrow().get(&pid).copied()
+    }
+
+    fn children(&self, pid: u32) -> Option<std::collections::HashSet<u32>> {
+        let living = self.0.borrow();
+        let zombies = self.3.borrow();
+        Some(
+            living
+                .values()
+                .chain(zombies.values())
+                .filter(|p| p.ppid == pid)
+                .map(|p| p.pid)
+                .collect(),
+        )
+    }
+
+    fn unreaped(&self, process: ProcRef) -> Option<u32> {
+        let zombies = self.3.borrow();
+        let info = zombies.get(&process.pid)?;
+        same_start(info.start_ns, process.start_ns).then_some(info.ppid)
+    }
+
+    fn real_uid(&self, process: ProcRef) -> Option<u32> {
+        let info = self.read(process.pid)?;
+        same_start(info.start_ns, process.start_ns)
+            .then(|| self.2.borrow().get(&process.pid).copied().unwrap_or(0))
+    }
+}
+
+fn limits() -> Limits {
+    Limits::for_tests(60_000, 100 * MIB)
+}
+
+struct World {
+    core: Core,
+    procs: FakeProcs,
+    clock: Clock,
+}
+
+/// Start times are the pid times 1,000 ns, kept under the clock's boot time.
+fn start(pid: u32) -> u64 {
+    u64::from(pid) * 1000
+}
+
+/// A kernel map entry: the process as it started, in its analysis.
+fn mapped(pid: u32, key: AnalysisKey) -> (ProcRef, AnalysisKey) {
+    let process = ProcRef {
+        pid,
+        start_ns: start(pid),
+    };
+    (process, key)
+}
+
+impl World {
+    fn new() -> Self {
+        Self::with(limits(), false)
+    }
+
+    fn with(defaults: Limits, dry_run: bool) -> Self {
+        let procs = FakeProcs::default();
+        procs.spawn(1, 0, 0);
+        Self {
+            core: Core::new(
+                Settings {
+                    defaults,
+                    dry_run,
+                    machine_memory: None,
+                    admin_gid: None,
+                    memory_metric: crate::vocab::limits::MemoryMetric::Rss,
+                },
+                "host".into(),
+                SELF_PID,
+            ),
+            procs,
+            clock: Clock {
+                now: Instant::now(),
+                wall: SystemTime::now(),
+                boot_ns: 10_000_000_000,
+            },
+        }
+    }
+
+    /// A launcher (pid 50) starts `root`, which is registered as `id`.
+    fn register(&mut self, root: u32, id: &str, overrides: LimitOverrides) -> Vec<Action> {
+        self.procs.spawn(50, 1, start(50));
+        let info = self.procs.spawn(root, 50, start(root));
+        let registration = self
+            .core
+            .check_register(root, id, &overrides, &Peer::root(), &self.procs)
+            .expect("registrable");
+        self.core
+            .adopt(registration, &[info], &self.procs, &self.clock)
+            .expect("adopted");
+        self.core.take_actions()
+    }
+
+    fn key(&self, id: &str) -> AnalysisKey {
+        self.core.registry().key(id).expect("registered")
+    }
+
+    fn fork(&mut self, pid: u32, ppid: u32) -> Vec<Action> {
+        self.fork_flagged(pid, ppid, false)
+    }
+
+    /// `ppid` forks `pid`, which the kernel map could not take.
+    fn fork_untracked(&mut self, pid: u32, ppid: u32) -> Vec<Action> {
+        self.fork_flagged(pid, ppid, true)
+    }
+
+    fn fork_flagged(&mut self, pid: u32, ppid: u32, untracked: bool) -> Vec<Action> {
+        self.procs.spawn(pid, ppid, start(pid));
+        let analysis = self.core.tree().get(ppid).expect("watched parent").analysis;
+        self.event(KernelEvent::Fork {
+            pid,
+            ppid,
+            analysis,
+            start_ns: start(pid),
+            comm: Comm::new("child"),
+            ts_ns: self.clock.boot_ns,
+            untracked,
+        })
+    }
+
+    /// `pid` exits; its living children are reparented to init, as the kernel does.
+    fn exit(&mut self, pid: u32) -> Vec<Action> {
+        self.exit_to(pid, Some(1))
+    }
+
+    /// `pid` exits; its living children go to `adopter` (a subreaper), or stay with
+    /// the dead parent in /proc for now (None: the kernel has not reparented them yet).
+    fn exit_to(&mut self, pid: u32, adopter: Option<u32>) -> Vec<Action> {
+        let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
+        self.procs.die(pid);
+        let children: Vec<u32> = self
+            .procs
+            .0
+            .borrow()
+            .values()
+            .filter(|p| p.ppid == pid)
+            .map(|p| p.pid)
+            .collect();
+        for child in children.iter().filter(|_| adopter.is_some()) {
+            self.procs.reparent(*child, adopter.unwrap_or(1));
+        }
+        self.exit_event(pid, analysis)
+    }
+
+    /// The kernel reports `pid`'s exit.
+    fn exit_event(&mut self, pid: u32, analysis: AnalysisKey) -> Vec<Action> {
+        self.event(KernelEvent::Exit {
+            pid,
+            analysis,
+            start_ns: start(pid),
+            exit_status: 0,
+        })
+    }
+
+    /// The kernel reports `pid`'s RSS; its pages are its own (PSS = RSS) unless the
+    /// test says otherwise with [`Self::pss`].
+    fn rss(&mut self, pid: u32, rss_bytes: u64) -> Vec<Action> {
+        self.pss(pid, rss_bytes);
+        self.rss_shared(pid, rss_bytes)
+    }
+
+    /// What /proc/PID/smaps_rollup says of `pid`.
+    fn pss(&mut self, pid: u32, pss_bytes: u64) {
+        self.procs.1.borrow_mut().insert(pid, pss_bytes);
+    }
+
+    /// The kernel reports `pid`'s RSS; its PSS stays what the test set.
+    fn rss_shared(&mut self, pid: u32, rss_bytes: u64) -> Vec<Action> {
+        let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
+        self.event(KernelEvent::Rss {
+            pid,
+            analysis,
+            rss_bytes,
+        })
+    }
+
+    fn event(&mut self, event: KernelEvent) -> Vec<Action> {
+        self.core.on_event(event, &self.procs, &self.clock);
+        self.core.take_actions()
+    }
+
+    fn advance(&mut self, by: Duration) -> Vec<Action> {
+        self.clock = self.clock.advanced(by);
+        self.core.on_tick(&self.procs, &self.clock);
+        self.core.take_actions()
+    }
+}
+
+fn signals(actions: &[Action]) -> Vec<(u32, Signal)> {
+    let mut out: Vec<(u32, Signal)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Signal(order) => Some((order.target.pid, order.signal)),
+            _ => None,
+        })
+        .collect();
+    out.sort_by_key(|(pid, _)| *pid);
+    out
+}
+
+fn records(actions: &[Action]) -> Vec<KillRecord> {
+    let mut out: Vec<KillRecord> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Record(r) => Some(r.as_ref().clone()),
+            _ => None,
+        })
+        .collect();
+    out.sort_by_key(|r| r.pid);
+    out
+}
+
+fn timeout(ms: u64) -> LimitOverrides {
+    LimitOverrides {
+        timeout_ms: Some(ms),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_timeout_sigterms_the_analysis_at_its_deadline_and_sigkills_what_ignores_it_after_the_grace() {
+    let mut w = World::new();
+    let actions = w.register(100, "a", timeout(2000));
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::SaveAnalysis(..)))
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::WatchLauncher { launcher, .. } if launcher.pid == 50))
+    );
+    w.fork(101, 100);
+    assert_eq!(
+        w.core.next_wakeup(),
+        Some(w.clock.now + Duration::from_secs(2))
+    );
+    assert!(
+        signals(&w.advance(Duration::from_millis(1999))).is_empty(),
+        "not before"
+    );
+    let actions = w.advance(Duration::from_millis(1));
+    assert_eq!(
+        signals(&actions),
+        [(100, Signal::SIGTERM), (101, Signal::SIGTERM)]
+    );
+    // The root obeys; the child ignores SIGTERM.
+    w.exit(100);
+    let actions = w.advance(Duration::from_millis(999));
+    assert!(signals(&actions).is_empty(), "the grace is not over");
+    let actions = w.advance(Duration::from_millis(1));
+    assert_eq!(signals(&actions), [(101, Signal::SIGKILL)]);
+    let actions = w.exit(101);
+    let records = records(&actions);
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].outcome, Outcome::ExitedAfterSigterm);
+    assert_eq!(records[1].outcome, Outcome::Killed);
+    assert!(
+        records
+            .iter()
+            .all(|r| r.reason == Reason::Timeout && r.limit == Some(2000))
+    );
+    assert_eq!(records[1].signals.len(), 2);
+    assert!(
+        !w.core.registry().is_empty(),
+        "a killed analysis lingers a moment"
+    );
+    let actions = w.advance(DYING_LINGER);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::ForgetAnalysis(..))),
+        "the analysis is over"
+    );
+    assert!(w.core.registry().is_empty());
+}
+
+#[test]
+fn a_process_over_its_memory_limit_is_killed_alone_and_once() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    assert!(
+        signals(&w.rss(101, 100 * MIB)).is_empty(),
+        "at the limit is not over it"
+    );
+    let actions = w.rss(101, 101 * MIB);
+    assert_eq!(signals(&actions), [(101, Signal::SIGTERM)]);
+    assert!(
+        signals(&w.rss(101, 150 * MIB)).is_empty(),
+        "one kill per violation"
+    );
+    let records = records(&w.exit(101));
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].reason, records[0].limit),
+        (Reason::Memory, Some(100 * MIB))
+    );
+    assert_eq!(
+        records[0].rss_bytes,
+        101 * MIB,
+        "the RSS when the kill started"
+    );
+    assert!(
+        w.core.tree().contains(100),
+        "the rest of the analysis lives on"
+    );
+}
+
+#[test]
+fn processes_under_their_own_limit_but_over_the_tree_limit_get_the_analysis_killed() {
+    let mut w = World::new();
+    w.register(
+        100,
+        "a",
+        LimitOverrides {
+            tree_memory_bytes: Some(250 * MIB),
+            ..Default::default()
+        },
+    );
+    w.fork(101, 100);
+    w.fork(102, 100);
+    w.rss(100, 80 * MIB);
+    w.rss(101, 80 * MIB);
+    assert!(signals(&w.rss(102, 80 * MIB)).is_empty(), "240 MiB: under");
+    let actions = w.rss(101, 95 * MIB);
+    assert_eq!(
+        signals(&actions),
+        [
+            (100, Signal::SIGTERM),
+            (101, Signal::SIGTERM),
+            (102, Signal::SIGTERM)
+        ]
+    );
+    assert_eq!(w.core.tree().rss_sum(w.key("a")), 255 * MIB);
+    assert!(
+        signals(&w.rss(102, 90 * MIB)).is_empty(),
+        "one kill per analysis"
+    );
+}
+
+#[test]
+fn the_poll_updates_rss_and_ignores_samples_of_recycled_pids() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    let stranger = ProcRef {
+        pid: 100,
+        start_ns: start(100) + 10_000_000_000,
+    };
+    w.core.on_poll(&[(stranger, 500 * MIB)], &w.procs, &w.clock);
+    assert!(signals(&w.core.take_actions()).is_empty());
+    let root = ProcRef {
+        pid: 100,
+        start_ns: start(100),
+    };
+    w.core.on_poll(&[(root, 500 * MIB)], &w.procs, &w.clock);
+    assert_eq!(signals(&w.core.take_actions()), [(100, Signal::SIGTERM)]);
+}
+
+#[test]
+fn a_child_whose_parent_dies_is_an_orphan_killed_with_its_subtree() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    w.fork(103, 102);
+    let actions = w.exit(101);
+    assert_eq!(
+        signals(&actions),
+        [(102, Signal::SIGTERM), (103, Signal::SIGTERM)]
+    );
+    let node = w.core.tree().get(102).unwrap();
+    assert!(node.orphan);
+    assert_eq!(node.ppid, 1, "the tree follows the kernel's reparenting");
+    assert!(!w.core.tree().get(103).unwrap().orphan, "its parent lives");
+    w.exit(103);
+    let records = records(&w.exit(102));
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].ppid, 101, "recorded with the parent that died");
+    assert!(
+        records
+            .iter()
+            .all(|r| r.reason == Reason::Orphan && r.limit.is_none())
+    );
+}
+
+#[test]
+fn a_child_already_dead_when_its_parents_exit_arrives_is_no_orphan() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    w.procs.die(102); // Its own exit is still queued behind its parent's.
+    let actions = w.exit(101);
+    assert!(signals(&actions).is_empty() && records(&actions).is_empty());
+    assert!(!w.core.tree().get(102).unwrap().orphan);
+}
+
+#[test]
+fn with_orphans_log_an_orphan_is_recorded_and_never_signalled() {
+    let mut w = World::new();
+    w.register(
+        100,
+        "a",
+        LimitOverrides {
+            orphans: Some(OrphanPolicy::Log),
+            ..Default::default()
+        },
+    );
+    w.fork(101, 100);
+    w.fork(102, 101);
+    let actions = w.exit(101);
+    assert!(signals(&actions).is_empty());
+    let records = records(&actions);
+    assert_eq!(records.len(), 1);
+    assert_eq!((records[0].pid, records[0].outcome), (102, Outcome::Logged));
+    assert!(w.core.tree().get(102).unwrap().orphan);
+    assert_eq!(w.core.counters().kills, 0, "a logged orphan is no kill");
+}
+
+#[test]
+fn a_root_whose_launcher_dies_is_an_orphan() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.procs.die(50);
+    w.procs.reparent(100, 1);
+    let root = ProcRef {
+        pid: 100,
+        start_ns: start(100),
+    };
+    w.core.on_launcher_exit(root, &w.procs, &w.clock);
+    assert_eq!(signals(&w.core.take_actions()), [(100, Signal::SIGTERM)]);
+}
+
+#[test]
+fn a_dry_run_records_what_it_would_kill_and_signals_nothing() {
+    let mut w = World::with(limits(), true);
+    w.register(100, "a", timeout(1000));
+    w.fork(101, 100);
+    let actions = w.advance(Duration::from_secs(1));
+    assert!(signals(&actions).is_empty());
+    let records = records(&actions);
+    assert_eq!(records.len(), 2);
+    assert!(
+        records
+            .iter()
+            .all(|r| r.outcome == Outcome::DryRun && r.signals.is_empty())
+    );
+    assert!(
+        w.core.tree().contains(100) && w.core.tree().contains(101),
+        "both live on"
+    );
+}
+
+#[test]
+fn a_process_gone_before_its_signal_is_recorded_as_already_gone() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    let actions = w.advance(Duration::from_secs(1));
+    let [Action::Signal(order)] = actions.as_slice() else {
+        panic!("one signal: {actions:?}");
+    };
+    w.core.on_signal_failed(*order, &w.clock);
+    let records = records(&w.core.take_actions());
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].outcome, Outcome::AlreadyGone);
+    assert!(records[0].signals.is_empty());
+}
+
+#[test]
+fn forks_into_a_dying_analysis_join_the_kill_and_after_the_grace_get_sigkill_at_once() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.advance(Duration::from_secs(1));
+    assert_eq!(signals(&w.fork(101, 100)), [(101, Signal::SIGTERM)]);
+    w.advance(Duration::from_secs(1));
+    assert_eq!(signals(&w.fork(102, 100)), [(102, Signal::SIGKILL)]);
+}
+
+#[test]
+fn a_process_registered_into_a_dying_analysis_joins_its_kill() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    assert_eq!(
+        signals(&w.advance(Duration::from_secs(1))),
+        [(100, Signal::SIGTERM)]
+    );
+    let info = w.procs.spawn(200, 1, start(200));
+    let registration = w
+        .core
+        .check_register(
+            200,
+            "a",
+            &LimitOverrides::default(),
+            &Peer::root(),
+            &w.procs,
+        )
+        .expect("registrable");
+    w.core
+        .adopt(registration, &[info], &w.procs, &w.clock)
+        .expect("adopted");
+    assert_eq!(signals(&w.core.take_actions()), [(200, Signal::SIGTERM)]);
+    w.exit(100);
+    let records = records(&w.exit(200));
+    assert_eq!(
+        records
+            .iter()
+            .map(|r| (r.pid, r.reason))
+            .collect::<Vec<_>>(),
+        [(100, Reason::Timeout), (200, Reason::Timeout)]
+    );
+}
+
+#[test]
+fn a_member_that_appears_after_the_analysis_kill_ended_is_killed_on_arrival() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.fork(101, 100);
+    w.advance(Duration::from_secs(1));
+    w.exit(100);
+    // 101's kill is over when it exits; its child's fork event was lost, and the
+    // resync after the loss brings the child back from the kernel map.
+    let key = w.key("a");
+    w.procs.spawn(102, 101, start(102));
+    w.exit(101);
+    assert!(w.core.jobs().is_empty());
+    w.core
+        .resync(&[mapped(102, key)], &w.procs, &w.clock, Resync::LostEvents);
+    assert_eq!(signals(&w.core.take_actions()), [(102, Signal::SIGTERM)]);
+}
+
+#[test]
+fn an_exit_of_a_recycled_pid_leaves_the_watched_process_alone() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.event(KernelEvent::Exit {
+        pid: 101,
+        analysis: w.key("a"),
+        start_ns: start(101) + 50_000_000,
+        exit_status: 0,
+    });
+    assert!(w.core.tree().contains(101));
+}
+
+#[test]
+fn a_kill_signals_the_process_it_saw_by_pid_and_start_time() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    let actions = w.advance(Duration::from_secs(1));
+    let [Action::Signal(SignalOrder { target, .. })] = actions.as_slice() else {
+        panic!("one signal: {actions:?}");
+    };
+    assert_eq!(
+        *target,
+        ProcRef {
+            pid: 100,
+            start_ns: start(100)
+        }
+    );
+}
+
+#[test]
+fn what_must_never_be_watched_is_refused_and_nothing_changes() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.procs.spawn(SELF_PID, 1, 0);
+    let mut kthread = w.procs.spawn(2, 0, 0);
+    kthread.kernel_thread = true;
+    w.procs.0.borrow_mut().insert(2, kthread);
+    w.procs.spawn(200, 1, start(200));
+    let refused = |w: &World, pid: u32, id: &str, overrides: LimitOverrides| {
+        w.core
+            .check_register(pid, id, &overrides, &Peer::root(), &w.procs)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(refused(&w, 1, "x", Default::default()).contains("init"));
+    assert!(refused(&w, SELF_PID, "x", Default::default()).contains("daemon itself"));
+    assert!(refused(&w, 2, "x", Default::default()).contains("kernel thread"));
+    assert!(refused(&w, 4242, "x", Default::default()).contains("no process"));
+    assert!(refused(&w, 100, "b", Default::default()).contains("already watched"));
+    assert!(refused(&w, 200, " ", Default::default()).contains("empty"));
+    assert!(refused(&w, 200, &"x".repeat(300), Default::default()).contains("at most"));
+    let zero = LimitOverrides {
+        memory_bytes: Some(0),
+        ..Default::default()
+    };
+    assert!(refused(&w, 200, "x", zero).contains("nothing was registered"));
+    assert_eq!((w.core.registry().len(), w.core.tree().len()), (1, 1));
+    assert!(w.core.take_actions().is_empty());
+}
+
+#[test]
+fn a_memory_limit_above_the_machines_memory_is_refused_and_nothing_changes() {
+    const GIB: u64 = 1 << 30;
+    let machine = 25_163_055_104; // 23.43 GiB
+    let mut w = World::new();
+    w.core.set_settings(Settings {
+        machine_memory: Some(machine),
+        ..w.core.settings().clone()
+    });
+    w.procs.spawn(50, 1, start(50));
+    w.procs.spawn(200, 50, start(200));
+    let memory = |bytes| LimitOverrides {
+        memory_bytes: Some(bytes),
+        ..Default::default()
+    };
+    let refused = w
+        .core
+        .check_register(200, "big", &memory(64 * GIB), &Peer::root(), &w.procs)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        refused,
+        "the memory limit 64 GiB is more than this machine's 23.4 GiB: it could never be \
+         reached; use at most 23.4 GiB (nothing was registered)"
+    );
+    assert!(w.core.registry().is_empty() && w.core.tree().is_empty());
+    assert!(w.core.take_actions().is_empty());
+    // What the refusal proposes, and the machine's whole memory, are accepted.
+    let proposed = crate::vocab::units::parse_size("23.4 GiB").unwrap();
+    for fits in [proposed, machine] {
+        assert!(
+            w.core
+                .check_register(200, "big", &memory(fits), &Peer::root(), &w.procs)
+                .is_ok()
+        );
+    }
+    // A tree limit above it is reachable (shared pages count once per process).
+    let tree = LimitOverrides {
+        tree_memory_bytes: Some(64 * GIB),
+        ..Default::default()
+    };
+    assert!(
+        w.core
+            .check_register(200, "big", &tree, &Peer::root(), &w.procs)
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_default_memory_limit_above_the_machines_memory_is_warned_of_not_refused() {
+    let mut w = World::new(); // 100 MiB per process by default
+    let small = Settings {
+        machine_memory: Some(64 * MIB),
+        ..w.core.settings().clone()
+    };
+    let warning = small.unreachable_default().expect("a warning");
+    assert!(warning.contains("at most 64 MiB"), "{warning}");
+    w.core.set_settings(small);
+    w.register(100, "a", LimitOverrides::default());
+    assert_eq!(w.core.registry().len(), 1);
+    let unknown = Settings {
+        machine_memory: None,
+        ..w.core.settings().clone()
+    };
+    assert!(unknown.unreachable_default().is_none());
+}
+
+#[test]
+fn unregistering_stops_watching_and_ends_the_analysis() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.core
+        .unregister(None, Some("a"), &Peer::root(), &w.procs, &w.clock)
+        .unwrap();
+    let actions = w.core.take_actions();
+    let unwatched: Vec<u32> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Unwatch(process) => Some(process.pid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(unwatched.len(), 2);
+    assert!(w.core.tree().is_empty() && w.core.registry().is_empty());
+    assert!(
+        w.core
+            .unregister(Some(100), None, &Peer::root(), &w.procs, &w.clock)
+            .is_err(),
+        "not watched any more"
+    );
+}
+
+#[test]
+fn after_a_restart_passed_deadlines_are_enforced_and_processes_orphaned_in_the_gap_are_killed() {
+    let mut before = World::new();
+    before.register(100, "a", timeout(5000));
+    let key = before.key("a");
+    let entry = registry::entry_from_analysis(before.core.registry().get(key).unwrap());
+    // The daemon was down for 10 s: the deadline passed, 101's parent (102) died, and
+    // the root's launcher (50) too.
+    let mut w = World::new();
+    w.clock = before.clock.advanced(Duration::from_secs(10));
+    w.procs.spawn(100, 1, start(100));
+    w.procs.spawn(101, 1, start(101));
+    let roots = [(
+        100,
+        RootEntry {
+            analysis: key,
+            start_ns: start(100),
+            parent_start_ns: start(50),
+            parent_pid: 50,
+            _pad: 0,
+        },
+    )];
+    w.core.resume(
+        &[(key, entry)],
+        &roots,
+        &[mapped(100, key), mapped(101, key)],
+        &w.procs,
+        &w.clock,
+    );
+    let actions = w.core.take_actions();
+    assert_eq!(
+        signals(&actions),
+        [(100, Signal::SIGTERM), (101, Signal::SIGTERM)]
+    );
+    assert!(w.core.tree().get(100).unwrap().orphan && w.core.tree().get(101).unwrap().orphan);
+    assert!(
+        w.core.next_wakeup().is_some_and(|at| at <= w.clock.now),
+        "the deadline is due"
+    );
+    let actions = w.advance(Duration::ZERO);
+    assert!(
+        signals(&actions).is_empty(),
+        "already being killed: no second kill"
+    );
+    assert!(w.core.registry().get(key).unwrap().violation.is_some());
+}
+
+#[test]
+fn a_resync_drops_what_the_kernel_map_lost_and_adds_what_it_has() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    let key = w.key("a");
+    w.procs.spawn(102, 100, start(102));
+    w.core.resync(
+        &[mapped(100, key), mapped(102, key), mapped(7, 999)],
+        &w.procs,
+        &w.clock,
+        Resync::LostEvents,
+    );
+    let actions = w.core.take_actions();
+    assert!(!w.core.tree().contains(101) && w.core.tree().contains(102));
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Unwatch(p) if p.pid == 7)),
+        "an unknown analysis' entry"
+    );
+    assert_eq!(w.core.counters().resyncs, 1);
+}
+
+#[test]
+fn the_process_table_is_sent_only_when_it_changed() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    let rows = w.core.process_snapshot(&w.clock).unwrap().rows();
+    assert_eq!((rows.len(), rows[0].state.as_str()), (1, "running"));
+    assert!(w.core.process_snapshot(&w.clock).is_none());
+    w.rss(100, MIB);
+    assert!(
+        w.core.process_snapshot(&w.clock).is_none(),
+        "RSS reports change no row"
+    );
+    w.fork(101, 100);
+    assert_eq!(w.core.process_snapshot(&w.clock).unwrap().rows().len(), 2);
+}
+
+fn reasons(actions: &[Action]) -> Vec<&'static str> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Record(r) => Some(r.reason.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_fork_bomb_past_max_processes_kills_its_analysis_and_no_other() {
+    let mut w = World::new();
+    let cap = LimitOverrides {
+        max_processes: Some(3),
+        ..Default::default()
+    };
+    w.register(100, "bomb", cap);
+    w.register(200, "calm", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 100);
+    assert!(
+        signals(&w.fork(201, 200)).is_empty(),
+        "another analysis forks freely"
+    );
+    let actions = w.fork(103, 100);
+    assert_eq!(
+        signals(&actions),
+        [
+            (100, Signal::SIGTERM),
+            (101, Signal::SIGTERM),
+            (102, Signal::SIGTERM),
+            (103, Signal::SIGTERM)
+        ],
+        "the fourth process is one too many: the whole analysis goes"
+    );
+    let bomb = w.key("bomb");
+    assert_eq!(
+        w.core.registry().get(bomb).unwrap().violation,
+        Some((Reason::MaxProcesses, Some(3)))
+    );
+    assert_eq!(
+        signals(&w.fork(104, 103)),
+        [(104, Signal::SIGTERM)],
+        "forks while dying join the kill"
+    );
+    let mut records = Vec::new();
+    for pid in [100, 101, 102, 103, 104] {
+        records.extend(reasons(&w.exit(pid)));
+    }
+    assert_eq!(
+        records, ["max_processes"; 5],
+        "one record per killed process"
+    );
+    assert!(w.core.tree().contains(200) && w.core.tree().contains(201));
+}
+
+#[test]
+fn a_child_the_full_map_could_not_take_is_followed_and_the_largest_analysis_pays_for_it() {
+    let mut w = World::new();
+    w.register(100, "hog", LimitOverrides::default());
+    for pid in 101..110 {
+        w.fork(pid, 100);
+    }
+    w.register(200, "victim", LimitOverrides::default());
+    let actions = w.fork_untracked(201, 200);
+    let killed: Vec<u32> = signals(&actions).iter().map(|(pid, _)| *pid).collect();
+    assert_eq!(
+        killed,
+        (100..110).collect::<Vec<_>>(),
+        "the hog is killed, the victim is not"
+    );
+    assert!(
+        w.core.tree().contains(201),
+        "the untracked child is in the tree"
+    );
+    let victim = w.key("victim");
+    assert_eq!(
+        w.core.untracked(),
+        [(
+            ProcRef {
+                pid: 201,
+                start_ns: start(201)
+            },
+            victim,
+            crate::vocab::limits::RssLevels {
+                limit: 100 * MIB,
+                warn: 0
+            }
+        )]
+    );
+    assert_eq!(w.core.counters().untracked_forks, 1);
+    // A second child that cannot be put in the map: the hog is dying already.
+    assert!(signals(&w.fork_untracked(202, 200)).is_empty());
+    // Room again: 201 goes back into the map with the grandchild it forked meanwhile.
+    w.procs.spawn(203, 201, start(203));
+    let grandchild = w.procs.0.borrow()[&203].clone();
+    let process = ProcRef {
+        pid: 201,
+        start_ns: start(201),
+    };
+    w.core.retracked(
+        process,
+        Retrack::Watched(vec![grandchild]),
+        &w.procs,
+        &w.clock,
+    );
+    assert_eq!(w.core.tree().get(203).map(|n| n.analysis), Some(victim));
+    // 202 exited before it could be put back: no exit event comes, the rules end it.
+    w.procs.die(202);
+    let process = ProcRef {
+        pid: 202,
+        start_ns: start(202),
+    };
+    w.core.retracked(process, Retrack::Gone, &w.procs, &w.clock);
+    assert!(!w.core.tree().contains(202) && w.core.untracked().is_empty());
+    assert!(w.core.registry().get(victim).unwrap().violation.is_none());
+}
+
+#[test]
+fn a_map_entry_whose_pid_now_names_another_process_is_dropped_not_adopted() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    let key = w.key("a");
+    // The map remembers pid 300 as started at 1 s; pid 300 is now a process started
+    // at 5 s, nobody's.
+    w.procs.spawn(300, 1, 5_000_000_000);
+    let stale = ProcRef {
+        pid: 300,
+        start_ns: 1_000_000_000,
+    };
+    w.core.resync(
+        &[mapped(100, key), (stale, key)],
+        &w.procs,
+        &w.clock,
+        Resync::LostEvents,
+    );
+    assert!(
+        !w.core.tree().contains(300),
+        "the new owner of the pid is not adopted"
+    );
+    assert!(
+        w.core
+            .take_actions()
+            .iter()
+            .any(|a| matches!(a, Action::Unwatch(p) if *p == stale))
+    );
+}
+
+// ---- who may do what (issue 11) ---------------------------------------------------------
+
+const ALICE: u32 = 1001;
+const BOB: u32 = 1002;
+const ADMIN_GID: u32 = 600;
+
+impl World {
+    /// Registers `root` as `caller` would: the rules' checks, the descendants checked
+    /// as the daemon does before anything is put in the kernel map, then adoption of
+    /// the root and every living descendant (what the walk would watch).
+    fn register_as(&mut self, caller: &Peer, root: u32, id: &str) -> Result<Registered> {
+        let registration =
+            self.core
+                .check_register(root, id, &LimitOverrides::default(), caller, &self.procs)?;
+        let below = self.descendants_of(root);
+        let refs: Vec<ProcRef> = below.iter().map(ProcInfo::proc_ref).collect();
+        self.core
+            .check_descendants(&registration, &refs, &self.procs)?;
+        let mut watched = vec![registration.root.clone()];
+        watched.extend(below);
+        self.core
+            .adopt(registration, &watched, &self.procs, &self.clock)
+    }
+
+    fn descendants_of(&self, root: u32) -> Vec<ProcInfo> {
+        let all: Vec<ProcInfo> = self.procs.0.borrow().values().cloned().collect();
+        let mut out = Vec::new();
+        let mut stack = vec![root];
+        while let Some(pid) = stack.pop() {
+            for child in all.iter().filter(|p| p.ppid == pid && p.pid != pid) {
+                stack.push(child.pid);
+                out.push(child.clone());
+            }
+        }
+        out
+    }
+
+    fn unregister_as(
+        &mut self,
+        caller: &Peer,
+        pid: Option<u32>,
+        id: Option<&str>,
+    ) -> Result<usize> {
+        self.core
+            .unregister(pid, id, caller, &self.procs, &self.clock)
+    }
+
+    /// (analyses, watched processes): what a refusal must leave as it was.
+    fn sizes(&self) -> (usize, usize) {
+        (self.core.registry().len(), self.core.tree().len())
+    }
+
+    fn owner(&self, id: &str) -> u32 {
+        self.core.registry().get(self.key(id)).expect("known").owner
+    }
+}
+
+#[test]
+fn a_user_may_register_only_processes_that_run_as_themselves() {
+    let mut w = World::new();
+    let (alice, bob) = (Peer::user(ALICE, &[]), Peer::user(BOB, &[]));
+    w.procs.spawn_as(100, 1, ALICE);
+    w.procs.spawn_as(101, 100, ALICE);
+    w.procs.spawn_as(200, 1, BOB);
+    w.procs.spawn(300, 1, start(300)); // root's
+    let Registered { watched, .. } = w.register_as(&alice, 100, "a").unwrap();
+    assert_eq!(watched, 2, "the root and its descendant");
+    assert_eq!(w.owner("a"), ALICE);
+    w.core.take_actions();
+    for (victim, runs_as) in [(200, BOB), (300, 0)] {
+        let refused = w.register_as(&alice, victim, "b").unwrap_err().to_string();
+        assert_eq!(
+            refused,
+            format!(
+                "refused by rule own-processes: pid {victim} (p{victim}) runs as uid {runs_as}, \
+                 and you are uid {ALICE}: only root or a member of the admin group may watch \
+                 another user's processes; register a process of your own (nothing was \
+                 registered)"
+            )
+        );
+        assert!(!refused.contains('\n'), "one line");
+        assert_eq!(w.sizes(), (1, 2), "nothing changed");
+        assert!(
+            w.core.take_actions().is_empty(),
+            "nothing asked of the kernel"
+        );
+    }
+    // Bob registers his own, into an analysis of his own.
+    w.register_as(&bob, 200, "b").unwrap();
+    assert_eq!(w.owner("b"), BOB);
+}
+
+#[test]
+fn one_descendant_of_another_user_refuses_the_whole_registration() {
+    let mut w = World::new();
+    let alice = Peer::user(ALICE, &[]);
+    w.procs.spawn_as(100, 1, ALICE);
+    w.procs.spawn_as(101, 100, ALICE);
+    w.procs.spawn(102, 101, start(102)); // e.g. under sudo: root's
+    let refused = w.register_as(&alice, 100, "a").unwrap_err().to_string();
+    assert!(
+        refused.starts_with(
+            "refused by rule own-processes: pid 102 (p102), a descendant of pid 100, runs as \
+             uid 0, and you are uid 1001"
+        ),
+        "{refused}"
+    );
+    assert!(refused.ends_with("(nothing was registered)"), "{refused}");
+    assert_eq!(w.sizes(), (0, 0));
+    assert!(w.core.take_actions().is_empty());
+    // Root may register the same tree.
+    w.register_as(&Peer::root(), 100, "a").unwrap();
+    assert_eq!(w.sizes(), (1, 3));
+    assert_eq!(w.owner("a"), 0, "owned by who created it");
+}
+
+#[test]
+fn a_user_cannot_join_unregister_or_strip_another_users_analysis() {
+    let mut w = World::new();
+    let (alice, bob) = (Peer::user(ALICE, &[]), Peer::user(BOB, &[]));
+    w.procs.spawn_as(100, 1, ALICE);
+    w.procs.spawn_as(200, 1, BOB);
+    w.register_as(&alice, 100, "a").unwrap();
+    w.core.take_actions();
+    let joined = w.register_as(&bob, 200, "a").unwrap_err().to_string();
+    assert_eq!(
+        joined,
+        "refused by rule own-analyses: analysis \"a\" was created by uid 1001, and you are \
+         uid 1002: only its owner, root or a member of the admin group may add processes to \
+         it; pick another --analysis-id (nothing was registered)"
+    );
+    let by_id = w
+        .unregister_as(&bob, None, Some("a"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        by_id,
+        "refused by rule own-analyses: analysis \"a\" was created by uid 1001, and you are \
+         uid 1002: only its owner, root or a member of the admin group may unregister it \
+         (nothing was unregistered)"
+    );
+    let by_pid = w
+        .unregister_as(&bob, Some(100), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        by_pid.starts_with("refused by rule own-processes: pid 100 (p100) runs as uid 1001"),
+        "{by_pid}"
+    );
+    assert_eq!(w.sizes(), (1, 1), "alice's analysis is untouched");
+    assert!(w.core.take_actions().is_empty());
+    // A process of bob's that root put in alice's analysis is alice's to unregister
+    // only if it runs as alice: it does not.
+    w.procs.spawn_as(201, 1, BOB);
+    w.register_as(&Peer::root(), 201, "a").unwrap();
+    let theirs = w
+        .unregister_as(&alice, Some(201), None)
+        .unwrap_err()
+        .to_string();
+    assert!(theirs.contains("rule own-processes"), "{theirs}");
+    // Alice unregisters her own process, then her analysis.
+    assert_eq!(w.unregister_as(&alice, Some(100), None).unwrap(), 1);
+    w.unregister_as(&alice, None, Some("a")).unwrap();
+    assert_eq!(w.sizes(), (0, 0));
+}
+
+#[test]
+fn unregistering_a_process_cannot_reach_into_another_users_analysis_below_it() {
+    let mut w = World::new();
+    let alice = Peer::user(ALICE, &[]);
+    w.procs.spawn_as(100, 1, ALICE);
+    w.register_as(&alice, 100, "a").unwrap();
+    // A child of alice's process that bob owns, registered (by root) in bob's analysis
+    // before its parent was: the tree holds it below 100.
+    w.procs.spawn_as(101, 100, BOB);
+    let (key_b, info) = (w.core.registry().next_key(), w.procs.read(101).unwrap());
+    let registration = w
+        .core
+        .check_register(
+            101,
+            "b",
+            &LimitOverrides::default(),
+            &Peer::root(),
+            &w.procs,
+        )
+        .unwrap();
+    w.core
+        .adopt(registration, &[info], &w.procs, &w.clock)
+        .unwrap();
+    w.core.take_actions();
+    let refused = w
+        .unregister_as(&alice, Some(100), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("rule own-analyses") && refused.contains("analysis \"b\""),
+        "{refused}"
+    );
+    assert_eq!(w.sizes(), (2, 2));
+    assert!(w.core.tree().get(101).is_some_and(|n| n.analysis == key_b));
+}
+
+#[test]
+fn root_and_the_admin_group_may_do_everything() {
+    let mut w = World::new();
+    w.core.set_settings(Settings {
+        admin_gid: Some(ADMIN_GID),
+        ..w.core.settings().clone()
+    });
+    let (alice, bob) = (Peer::user(ALICE, &[]), Peer::user(BOB, &[]));
+    let admin = Peer::user(1003, &[100, ADMIN_GID]);
+    let admin_by_primary_group = Peer {
+        gid: ADMIN_GID,
+        ..Peer::user(1004, &[])
+    };
+    for peer in [&Peer::root(), &admin, &admin_by_primary_group] {
+        assert!(w.core.is_admin(peer), "{peer:?}");
+    }
+    for peer in [&alice, &bob, &Peer::http()] {
+        assert!(!w.core.is_admin(peer), "{peer:?}");
+    }
+    w.procs.spawn_as(100, 1, ALICE);
+    w.procs.spawn_as(200, 1, BOB);
+    w.procs.spawn(300, 1, start(300));
+    w.register_as(&alice, 100, "a").unwrap();
+    // The admin adds bob's and root's processes to alice's analysis.
+    w.register_as(&admin, 200, "a").unwrap();
+    w.register_as(&admin, 300, "a").unwrap();
+    assert_eq!(w.owner("a"), ALICE, "joining does not change the owner");
+    assert_eq!(w.sizes(), (1, 3));
+    w.unregister_as(&admin_by_primary_group, Some(200), None)
+        .unwrap();
+    w.unregister_as(&Peer::root(), None, Some("a")).unwrap();
+    assert_eq!(w.sizes(), (0, 0));
+    // Test faults are theirs alone.
+    let refused = crate::core::admin_only(&alice, "a test fault").to_string();
+    assert_eq!(
+        refused,
+        "refused by rule admin-only: a test fault is for root and members of the admin group \
+         (--admin-group), and you are uid 1001"
+    );
+}
+
+#[test]
+fn the_owner_is_in_dump_tree_kill_records_and_the_process_table() {
+    let mut w = World::new();
+    let alice = Peer::user(ALICE, &[]);
+    w.procs.spawn_as(100, 1, ALICE);
+    w.register_as(&alice, 100, "a").unwrap();
+    let crate::api::protocol::Reply::Tree { roots, analyses } =
+        crate::api::report::dump_tree(&w.core, None, &w.procs, &w.clock).unwrap()
+    else {
+        panic!("a tree")
+    };
+    assert_eq!((roots[0].owner_uid, analyses[0].owner_uid), (ALICE, ALICE));
+    let snapshot = w.core.process_snapshot(&w.clock).expect("changed");
+    assert_eq!(snapshot.rows()[0].owner_uid, ALICE);
+    w.core.take_actions();
+    w.advance(Duration::from_secs(61)); // past the 60 s timeout
+    let actions = w.exit(100);
+    let killed = records(&actions);
+    assert_eq!(killed.len(), 1);
+    assert_eq!(killed[0].owner_uid, Some(ALICE));
+}
+
+#[test]
+fn a_grandchild_adopted_by_a_subreaper_of_its_own_analysis_is_no_orphan() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    // 100 is a subreaper: when 101 dies, 102 is 100's.
+    let actions = w.exit_to(101, Some(100));
+    assert!(signals(&actions).is_empty(), "adopted, not orphaned");
+    assert_eq!(
+        w.core.tree().get(102).map(|n| (n.ppid, n.orphan)),
+        Some((100, false))
+    );
+    // Reparented to init instead, it is an orphan as before.
+    w.fork(103, 100);
+    w.fork(104, 103);
+    assert_eq!(signals(&w.exit(103)), [(104, Signal::SIGTERM)]);
+}
+
+#[test]
+fn children_not_yet_reparented_are_looked_at_again_before_anything_is_decided() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    let actions = w.exit_to(101, None);
+    assert!(
+        signals(&actions).is_empty(),
+        "nothing decided while /proc names the dead parent"
+    );
+    assert_eq!(
+        w.core.next_wakeup(),
+        Some(w.clock.now + Duration::from_millis(1)),
+        "the first look again comes a millisecond later"
+    );
+    // Still not reparented at the next looks: still nothing decided.
+    for _ in 0..3 {
+        assert!(signals(&w.advance(Duration::from_millis(8))).is_empty());
+        assert_eq!(w.core.tree().get(102).map(|n| n.ppid), Some(101));
+    }
+    // Then the kernel gives it to the analysis' subreaper: adopted, nobody signalled.
+    w.procs.reparent(102, 100);
+    let actions = w.advance(Duration::from_millis(16));
+    assert!(signals(&actions).is_empty());
+    assert_eq!(w.core.tree().get(102).map(|n| n.ppid), Some(100));
+    // The same, reparented to init: an orphan at the next look.
+    w.fork(103, 100);
+    w.fork(104, 103);
+    w.exit_to(103, None);
+    w.procs.reparent(104, 1);
+    assert_eq!(
+        signals(&w.advance(Duration::from_millis(1))),
+        [(104, Signal::SIGTERM)]
+    );
+}
+
+#[test]
+fn a_child_never_shown_reparented_is_judged_after_the_last_look() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.fork(101, 100);
+    w.fork(102, 101);
+    w.exit_to(101, None);
+    // /proc names the dead parent at every look (1, 3, 7 and 15 ms after the exit):
+    // nothing decided for 30 ms.
+    for _ in 0..30 {
+        assert!(signals(&w.advance(Duration::from_millis(1))).is_empty());
+    }
+    // The last look (31 ms after the exit) judges it as it stands: its parent is dead,
+    // outside the analysis, so it is an orphan.
+    assert_eq!(
+        signals(&w.advance(Duration::from_millis(1))),
+        [(102, Signal::SIGTERM)]
+    );
+}
+
+/// A 1 GiB tree limit, and per-process limits out of the way.
+fn pool_limits() -> LimitOverrides {
+    LimitOverrides {
+        tree_memory_bytes: Some(1024 * MIB),
+        memory_bytes: Some(4096 * MIB),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_pool_sharing_its_parents_pages_is_measured_by_pss_and_lives_under_the_tree_limit() {
+    let mut w = World::new();
+    w.register(100, "pool", pool_limits());
+    // A parent holding 600 MiB forks 3 workers sharing it: RSS 4 x 600, PSS 4 x 150.
+    for pid in 101..104 {
+        w.fork(pid, 100);
+    }
+    for pid in 100..104 {
+        w.pss(pid, 150 * MIB);
+    }
+    for pid in 100..104 {
+        assert!(
+            signals(&w.rss_shared(pid, 600 * MIB)).is_empty(),
+            "2.4 GiB of RSS, 600 MiB of PSS"
+        );
+    }
+    // Each worker writes its own 300 MiB copy: the PSS sum passes 1 GiB.
+    for pid in 101..104 {
+        w.pss(pid, 450 * MIB);
+    }
+    let actions = w.rss_shared(101, 900 * MIB);
+    assert_eq!(
+        signals(&actions).len(),
+        4,
+        "the analysis is killed once its PSS crosses"
+    );
+    assert_eq!(
+        w.core.registry().get(w.key("pool")).unwrap().violation,
+        Some((Reason::TreeMemory, Some(1024 * MIB)))
+    );
+}
+
+#[test]
+fn copy_on_write_raises_pss_without_rss_and_the_poll_measures_it_again() {
+    let mut w = World::new();
+    w.register(100, "pool", pool_limits());
+    w.fork(101, 100);
+    w.pss(100, 300 * MIB);
+    w.pss(101, 300 * MIB);
+    w.rss_shared(100, 600 * MIB);
+    assert!(signals(&w.rss_shared(101, 600 * MIB)).is_empty());
+    // 101 writes to the shared pages: same RSS, its PSS grows; no kernel report.
+    w.pss(101, 800 * MIB);
+    let key = w.key("pool");
+    let samples = [
+        (
+            ProcRef {
+                pid: 100,
+                start_ns: start(100),
+            },
+            600 * MIB,
+        ),
+        (
+            ProcRef {
+                pid: 101,
+                start_ns: start(101),
+            },
+            600 * MIB,
+        ),
+    ];
+    w.core.on_poll(&samples, &w.procs, &w.clock);
+    assert_eq!(signals(&w.core.take_actions()).len(), 2);
+    assert!(w.core.registry().get(key).unwrap().violation.is_some());
+}
+
+#[test]
+fn with_the_pss_metric_a_process_over_its_limit_by_shared_pages_only_lives() {
+    let mut w = World::new(); // 100 MiB per process
+    w.core.set_settings(Settings {
+        memory_metric: crate::vocab::limits::MemoryMetric::Pss,
+        ..w.core.settings().clone()
+    });
+    w.register(100, "a", LimitOverrides::default());
+    w.pss(100, 60 * MIB);
+    assert!(
+        signals(&w.rss_shared(100, 150 * MIB)).is_empty(),
+        "PSS 60 MiB"
+    );
+    w.pss(100, 120 * MIB);
+    assert_eq!(
+        signals(&w.rss_shared(100, 160 * MIB)),
+        [(100, Signal::SIGTERM)]
+    );
+}
+
+// ---- zombies and warnings (issue 12) ------------------------------------------------------
+
+impl World {
+    /// `pid` exits and its parent does not wait for it.
+    fn exit_unreaped(&mut self, pid: u32) -> Vec<Action> {
+        let analysis = self.core.tree().get(pid).map_or(0, |n| n.analysis);
+        self.procs.die_unreaped(pid);
+        self.exit_event(pid, analysis)
+    }
+}
+
+fn zombie_limit(max: u64) -> LimitOverrides {
+    LimitOverrides {
+        max_zombies: Some(max),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_process_holding_more_zombies_than_its_limit_is_killed_alone_and_the_record_says_how_many() {
+    let mut w = World::new();
+    w.register(100, "a", zombie_limit(2));
+    w.fork(101, 100);
+    for child in 102..=104 {
+        w.fork(child, 101);
+    }
+    w.exit_unreaped(102);
+    w.exit_unreaped(103);
+    assert!(
+        signals(&w.advance(ZOMBIE_SETTLE)).is_empty(),
+        "at the limit"
+    );
+    let key = w.key("a");
+    assert_eq!(w.core.zombies().in_analysis(key), 2);
+    assert_eq!(w.core.zombies().held_by(101), 2);
+    assert!(
+        signals(&w.exit_unreaped(104)).is_empty(),
+        "asked a moment later"
+    );
+    assert_eq!(
+        signals(&w.advance(ZOMBIE_SETTLE)),
+        [(101, Signal::SIGTERM)],
+        "past it, the holder alone"
+    );
+    // The holder dies; its zombies go to init (which reaps them here).
+    for zombie in 102..=104 {
+        w.procs.reap(zombie);
+    }
+    let records = records(&w.exit(101));
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (
+            records[0].pid,
+            records[0].reason,
+            records[0].limit,
+            records[0].zombies
+        ),
+        (101, Reason::Zombies, Some(2), Some(3))
+    );
+    assert!(
+        w.core.tree().contains(100),
+        "the rest of the analysis lives on"
+    );
+    w.advance(REPARENT_WINDOW);
+    assert_eq!(w.core.zombies().len(), 0, "reaped zombies are forgotten");
+}
+
+#[test]
+fn zombies_under_the_limit_or_reaped_in_time_cost_nothing() {
+    let mut w = World::new();
+    w.register(100, "a", zombie_limit(2));
+    for child in 101..=104 {
+        w.fork(child, 100);
+    }
+    w.exit_unreaped(101);
+    w.exit_unreaped(102);
+    w.advance(ZOMBIE_SETTLE);
+    assert_eq!(w.core.zombies().held_by(100), 2);
+    // The parent reaps both before the next one exits: looked at again, not killed.
+    w.procs.reap(101);
+    w.procs.reap(102);
+    w.exit_unreaped(103);
+    assert!(signals(&w.advance(ZOMBIE_SETTLE)).is_empty());
+    assert_eq!(w.core.zombies().held_by(100), 1);
+    w.procs.reap(103);
+    w.advance(ZOMBIE_SWEEP_EVERY);
+    assert_eq!(
+        w.core.zombies().len(),
+        0,
+        "the sweep forgets what was reaped"
+    );
+    // Exits reaped at once (the common case) are never zombies.
+    w.exit(104);
+    w.advance(ZOMBIE_SETTLE);
+    assert_eq!(w.core.zombies().len(), 0);
+}
+
+#[test]
+fn zombies_handed_to_a_subreaper_of_the_analysis_move_to_it_and_others_are_forgotten() {
+    let mut w = World::new();
+    w.register(100, "a", zombie_limit(5));
+    w.fork(101, 100);
+    w.fork(102, 101);
+    w.fork(103, 101);
+    w.exit_unreaped(102);
+    w.exit_unreaped(103);
+    w.advance(ZOMBIE_SETTLE);
+    assert_eq!(w.core.zombies().held_by(101), 2);
+    // 101 dies; the kernel hands its zombies to 100, a subreaper of the analysis.
+    w.procs.0.borrow_mut().remove(&101);
+    for zombie in [102, 103] {
+        if let Some(z) = w.procs.3.borrow_mut().get_mut(&zombie) {
+            z.ppid = 100;
+        }
+    }
+    w.exit_event(101, w.key("a"));
+    w.advance(REPARENT_WINDOW);
+    assert_eq!(
+        (w.core.zombies().held_by(101), w.core.zombies().held_by(100)),
+        (0, 2)
+    );
+    // Handed outside the analysis (to init), they are not its zombies any more.
+    for zombie in [102, 103] {
+        if let Some(z) = w.procs.3.borrow_mut().get_mut(&zombie) {
+            z.ppid = 1;
+        }
+    }
+    w.advance(ZOMBIE_SWEEP_EVERY);
+    assert_eq!(w.core.zombies().len(), 0);
+}
+
+#[test]
+fn zombies_of_a_parent_outside_the_analysis_are_not_counted() {
+    let mut w = World::new();
+    w.register(100, "a", zombie_limit(1));
+    // The root's parent (the launcher, pid 50) is not watched.
+    w.exit_unreaped(100);
+    w.advance(ZOMBIE_SETTLE);
+    assert_eq!(w.core.zombies().len(), 0);
+}
+
+fn warn_at(percent: u8, more: LimitOverrides) -> LimitOverrides {
+    LimitOverrides {
+        warn_at_percent: Some(percent),
+        ..more
+    }
+}
+
+fn warnings(actions: &[Action]) -> Vec<(u32, Option<Reason>, Option<u64>)> {
+    records(actions)
+        .into_iter()
+        .filter(|r| r.reason == Reason::Warning)
+        .map(|r| {
+            assert_eq!(r.outcome, Outcome::Warned);
+            (r.pid, r.warned_of, r.limit)
+        })
+        .collect()
+}
+
+#[test]
+fn the_root_is_warned_once_at_the_timeouts_warning_level_then_killed_at_the_deadline() {
+    let mut w = World::new();
+    w.register(100, "a", warn_at(80, timeout(10_000)));
+    w.fork(101, 100);
+    assert_eq!(
+        w.core.next_wakeup(),
+        Some(w.clock.now + Duration::from_secs(8))
+    );
+    assert!(signals(&w.advance(Duration::from_millis(7999))).is_empty());
+    let actions = w.advance(Duration::from_millis(1));
+    assert_eq!(signals(&actions), [(100, Signal::SIGUSR1)], "the root only");
+    assert_eq!(
+        warnings(&actions),
+        [(100, Some(Reason::Timeout), Some(10_000))]
+    );
+    assert!(
+        signals(&w.advance(Duration::from_millis(1000))).is_empty(),
+        "once"
+    );
+    let actions = w.advance(Duration::from_millis(1000));
+    assert_eq!(
+        signals(&actions),
+        [(100, Signal::SIGTERM), (101, Signal::SIGTERM)]
+    );
+    assert_eq!(w.core.counters().kills, 0, "a warning is no kill");
+}
+
+#[test]
+fn memory_warnings_come_once_per_limit_with_the_chosen_signal() {
+    let mut w = World::new();
+    let overrides = LimitOverrides {
+        warn_signal: Some("SIGUSR2".into()),
+        tree_memory_bytes: Some(150 * MIB),
+        ..warn_at(80, LimitOverrides::default())
+    };
+    w.register(100, "a", overrides);
+    w.fork(101, 100);
+    assert!(signals(&w.rss(101, 79 * MIB)).is_empty());
+    let actions = w.rss(101, 80 * MIB);
+    assert_eq!(signals(&actions), [(100, Signal::SIGUSR2)]);
+    assert_eq!(
+        warnings(&actions),
+        [(100, Some(Reason::Memory), Some(100 * MIB))]
+    );
+    assert!(signals(&w.rss(101, 90 * MIB)).is_empty(), "once per limit");
+    // The tree's own level: 80% of 150 MiB, counted by PSS.
+    let actions = w.rss(100, 30 * MIB);
+    assert_eq!(
+        warnings(&actions),
+        [(100, Some(Reason::TreeMemory), Some(150 * MIB))]
+    );
+    // Then the limit itself, as ever.
+    assert_eq!(signals(&w.rss(101, 101 * MIB)), [(101, Signal::SIGTERM)]);
+}
+
+#[test]
+fn without_warn_at_nobody_is_warned() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.rss(100, 99 * MIB);
+    assert!(signals(&w.advance(Duration::from_millis(999))).is_empty());
+}

@@ -1,0 +1,188 @@
+//! What /proc says about processes: the check that a PID still names the same
+//! process, and what a kill record tells of it. The rules read /proc only through the
+//! [`Procs`] trait, so they can be tested against a fake one.
+
+use crate::{
+    core::procs::{Details, ProcInfo, Procs},
+    vocab::process::{ns_per_tick, same_start},
+};
+
+/// PF_KTHREAD in `/proc/PID/stat` flags: kernel threads are never watched.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// The inode number of this process' PID namespace (`/proc/self/ns/pid`): the pids it
+/// sees, in /proc, pidfds and its peers' credentials, are that namespace's.
+pub fn own_pid_ns() -> anyhow::Result<u32> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = std::fs::metadata("/proc/self/ns/pid")
+        .context("reading /proc/self/ns/pid to learn the daemon's PID namespace")?
+        .ino();
+    u32::try_from(inode).context("/proc/self/ns/pid has an inode number wider than 32 bits")
+}
+
+fn info_from(stat: procfs::process::Stat) -> ProcInfo {
+    ProcInfo {
+        pid: stat.pid as u32,
+        ppid: stat.ppid as u32,
+        start_ns: stat.starttime * ns_per_tick(),
+        comm: stat.comm,
+        kernel_thread: stat.flags & PF_KTHREAD != 0,
+        exited: matches!(stat.state, 'Z' | 'X' | 'x'),
+    }
+}
+
+/// The process with this pid, if one lives (zombies count as exited).
+pub fn read(pid: u32) -> Option<ProcInfo> {
+    let stat = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    Some(info_from(stat)).filter(|p| !p.exited)
+}
+
+/// `process`, if it still lives under its pid: None when it is gone or the pid was
+/// recycled.
+pub fn read_same(process: crate::vocab::process::ProcRef) -> Option<ProcInfo> {
+    read(process.pid).filter(|p| same_start(p.start_ns, process.start_ns))
+}
+
+/// The living descendants of `root`, by scanning all of /proc: the fallback for
+/// kernels without task iterators (it costs what the host has, not the analysis).
+pub fn descendants_by_scan(root: u32) -> Vec<watchdog_common::ProcRecord> {
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    let living: Vec<ProcInfo> = all
+        .filter_map(|p| p.ok()?.stat().ok())
+        .map(info_from)
+        .filter(|p| !p.exited && !p.kernel_thread)
+        .collect();
+    let mut children: std::collections::HashMap<u32, Vec<&ProcInfo>> = Default::default();
+    for p in &living {
+        children.entry(p.ppid).or_default().push(p);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        for child in children.get(&pid).into_iter().flatten() {
+            stack.push(child.pid);
+            out.push(watchdog_common::ProcRecord {
+                pid: child.pid,
+                ppid: child.ppid,
+                start_ns: child.start_ns,
+                comm: crate::vocab::process::Comm::new(&child.comm).0,
+            });
+        }
+    }
+    out
+}
+
+/// Resident set size now, 0 when the process is gone.
+pub fn rss_bytes(pid: u32) -> u64 {
+    procfs::process::Process::new(pid as i32)
+        .map(|p| resident_bytes(&p))
+        .unwrap_or(0)
+}
+
+/// Resident set size through an open /proc/PID handle, 0 when it cannot be read.
+fn resident_bytes(process: &procfs::process::Process) -> u64 {
+    process
+        .statm()
+        .map(|m| m.resident * procfs::page_size())
+        .unwrap_or(0)
+}
+
+/// The real /proc.
+pub struct SysProcs;
+
+impl Procs for SysProcs {
+    fn read(&self, pid: u32) -> Option<ProcInfo> {
+        read(pid)
+    }
+
+    fn details(&self, pid: u32) -> Details {
+        let process = procfs::process::Process::new(pid as i32).ok();
+        let cmdline = process
+            .as_ref()
+            .and_then(|p| p.cmdline().ok())
+            .map(|args| args.join(" "))
+            .unwrap_or_default();
+        let rss_bytes = process.as_ref().map(resident_bytes).unwrap_or(0);
+        Details {
+            cmdline,
+            uid: process.and_then(|p| p.uid().ok()).unwrap_or(0),
+            rss_bytes,
+        }
+    }
+
+    fn rss_bytes(&self, pid: u32) -> u64 {
+        rss_bytes(pid)
+    }
+
+    fn real_uid(&self, process: crate::vocab::process::ProcRef) -> Option<u32> {
+        real_uid(process)
+    }
+
+    fn pss_bytes(&self, pid: u32) -> Option<u64> {
+        pss_bytes(pid)
+    }
+
+    fn unreaped(&self, process: crate::vocab::process::ProcRef) -> Option<u32> {
+        unreaped(process)
+    }
+
+    fn children(&self, pid: u32) -> Option<std::collections::HashSet<u32>> {
+        children(pid)
+    }
+}
+
+/// `/proc/PID/task/*/children`: each thread's children (a child belongs to the thread
+/// that forked it). None when unreadable (a kernel without CONFIG_PROC_CHILDREN).
+pub fn children(pid: u32) -> Option<std::collections::HashSet<u32>> {
+    let mut out = std::collections::HashSet::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let listed = std::fs::read_to_string(task.path().join("children")).ok()?;
+        out.extend(
+            listed
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    Some(out)
+}
+
+/// The parent of `process` while its pid still names it, in any state: for a process
+/// whose exit the kernel reported, that means not reaped yet.
+pub fn unreaped(process: crate::vocab::process::ProcRef) -> Option<u32> {
+    let stat = procfs::process::Process::new(process.pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    let info = info_from(stat);
+    same_start(info.start_ns, process.start_ns).then_some(info.ppid)
+}
+
+/// The real uid of `process`, None when it is gone or its pid was recycled. Both reads
+/// go through one handle on its /proc directory, which stays bound to the process it
+/// was opened on: the uid read is that of the process whose start time was checked.
+pub fn real_uid(process: crate::vocab::process::ProcRef) -> Option<u32> {
+    let handle = procfs::process::Process::new(process.pid as i32).ok()?;
+    let info = info_from(handle.stat().ok()?);
+    if info.exited || !same_start(info.start_ns, process.start_ns) {
+        return None;
+    }
+    Some(handle.status().ok()?.ruid)
+}
+
+/// PSS from /proc/PID/smaps_rollup (kernel 4.14+): one file, summed by the kernel over
+/// the address space. Costs a walk of the process' page tables: see BENCHMARKS.md.
+pub fn pss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
