@@ -1,6 +1,7 @@
 //! The vocabulary every stage shares, with no behaviour of its own beyond parsing and
 //! formatting: it imports nothing else of the crate.
 
+pub mod error;
 pub mod limits;
 pub mod peer;
 pub mod process;
