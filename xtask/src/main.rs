@@ -133,7 +133,7 @@ fn python_client_tests(bin: &Path) -> Result<bool> {
     run_status(cmd)
 }
 
-/// Runs every benchmark (each prints its Markdown section), then the issue 9 summary
+/// Runs every benchmark (each prints its Markdown section), then the targets summary
 /// from the figures they recorded, and writes it all to BENCHMARKS.md.
 fn bench(bin: &Path) -> Result<()> {
     // A fresh file per run: the summary must hold this run's figures only.

@@ -145,7 +145,7 @@ fn main() -> Result<()> {
     })?;
     let events = (status.forks_seen + status.exits_seen) as f64;
     let cpu_per_1000 = (cpu_ms(daemon.pid())? - cpu_before) * 1000.0 / events;
-    // ms per 1,000 events is µs per event, the unit issue 9 states its target in.
+    // ms per 1,000 events is µs per event, the unit its target is stated in.
     figure("cpu_per_event_us", format!("{cpu_per_1000:.1}"));
     drop(storm);
     println!("## 5. Overhead\n");
