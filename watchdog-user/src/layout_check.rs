@@ -112,7 +112,10 @@ fn named_paths(code: &str, module: &[String]) -> Vec<Vec<String>> {
     let is_ident = |c: char| c.is_alphanumeric() || c == '_';
     for prefix in ["crate::", "super::"] {
         for (at, _) in code.match_indices(prefix) {
-            if code[..at].ends_with(|c: char| is_ident(c) || c == ':') {
+            // `pub(in crate::core)` is a visibility, not an import.
+            if code[..at].ends_with(|c: char| is_ident(c) || c == ':')
+                || code[..at].ends_with("(in ")
+            {
                 continue;
             }
             let tail: String = code[at..]

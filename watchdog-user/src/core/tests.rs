@@ -6,11 +6,21 @@ use std::{cell::RefCell, collections::HashMap, time::Duration};
 use nix::sys::signal::Signal;
 use watchdog_common::RootEntry;
 
+use std::time::SystemTime;
+
 use super::*;
 use crate::{
     core::event::KernelEvent,
     core::{kill::SignalOrder, procs::Details},
     vocab::peer::Peer,
+};
+use crate::{
+    core::rules::zombies::{ZOMBIE_SETTLE, ZOMBIE_SWEEP_EVERY},
+    vocab::{
+        limits::{Limits, OrphanPolicy, Reason},
+        process::{Comm, same_start},
+        record::Outcome,
+    },
 };
 
 const SELF_PID: u32 = 999;

@@ -1,0 +1,142 @@
+//! The tree rebuilt from the kernel's map, which the programs keep exact even when
+//! events are lost: at start, after lost events, and after a restart (with the saved
+//! analyses and roots, which say why each process is watched).
+
+use std::collections::HashSet;
+
+use watchdog_common::{AnalysisEntry, RootEntry};
+
+use crate::{
+    core::{
+        Core,
+        procs::Procs,
+        registry::{self, Root},
+        tree::Node,
+        world::{Action, Clock, Resync},
+    },
+    vocab::process::{AnalysisKey, Comm, ProcRef, same_start},
+};
+
+impl Core {
+    /// Rebuilds the tree from the kernel's map (which the programs keep exact even when
+    /// events are lost) and /proc (for parentage and names).
+    pub fn resync(
+        &mut self,
+        in_map: &[(ProcRef, AnalysisKey)],
+        procs: &dyn Procs,
+        clock: &Clock,
+        reason: Resync,
+    ) {
+        self.world.resynced_at_ns = clock.boot_ns;
+        self.world.counters.resyncs += u64::from(reason == Resync::LostEvents);
+        let mapped: HashSet<u32> = in_map.iter().map(|(p, _)| p.pid).collect();
+        let mut touched = HashSet::new();
+        for pid in self.world.tree.pids() {
+            // A process the rules follow without the kernel (the map could not take
+            // it) is not in the map by definition.
+            if !mapped.contains(&pid)
+                && !self.forks.untracked.contains_key(&pid)
+                && let Some(node) = self.world.remove(pid)
+            {
+                touched.insert(node.analysis);
+            }
+        }
+        for &(process, key) in in_map {
+            if self.world.registry.get(key).is_none() {
+                self.world.actions.push(Action::Unwatch(process));
+                continue;
+            }
+            if self.world.tree.holds(process) {
+                continue;
+            }
+            // The entry's start time is the process' identity: /proc must show that very
+            // process, never whatever holds its pid now.
+            match procs.read(process.pid) {
+                Some(info) if same_start(info.start_ns, process.start_ns) => {
+                    self.world.insert(Node::new(
+                        process.pid,
+                        info.ppid,
+                        process.start_ns,
+                        Comm::new(&info.comm),
+                        key,
+                    ));
+                    self.world
+                        .join_dying_scope(process.pid, info.ppid, key, procs, clock);
+                }
+                _ => self.world.actions.push(Action::Unwatch(process)),
+            }
+        }
+        for key in touched {
+            self.world.forget_if_finished(key, clock);
+        }
+        self.world.finish_done_jobs(clock);
+        tracing::info!(?reason, watched = self.world.tree.len(), "tree resynced");
+    }
+
+    /// After a restart: the kernel map says what is watched, the saved analyses and
+    /// roots say why. A process whose parent is no longer in the tree lost it while we
+    /// were down (descendants are only watched through a watched parent), and a root
+    /// whose launcher is gone was orphaned: both are flagged now, by their policy.
+    pub fn resume(
+        &mut self,
+        analyses: &[(AnalysisKey, AnalysisEntry)],
+        roots: &[(u32, RootEntry)],
+        in_map: &[(ProcRef, AnalysisKey)],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        for (key, entry) in analyses {
+            self.world.registry.restore(
+                *key,
+                registry::analysis_from_entry(entry, clock.now, clock.wall),
+            );
+        }
+        self.resync(in_map, procs, clock, Resync::Restart);
+        let saved: std::collections::HashMap<u32, RootEntry> = roots.iter().copied().collect();
+        let parentless: Vec<ProcRef> = self
+            .world
+            .tree
+            .roots()
+            .iter()
+            .map(|n| n.proc_ref())
+            .collect();
+        for process in parentless {
+            let root = saved
+                .get(&process.pid)
+                .filter(|r| same_start(r.start_ns, process.start_ns));
+            let Some(root) = root else {
+                self.orphans
+                    .orphaned(&mut self.world, process.pid, procs, clock);
+                continue;
+            };
+            let launcher = (root.parent_pid != 0).then_some(ProcRef {
+                pid: root.parent_pid,
+                start_ns: root.parent_start_ns,
+            });
+            self.world.registry.add_root(Root {
+                process,
+                analysis: root.analysis,
+                launcher,
+            });
+            let Some(launcher) = launcher else { continue };
+            let launcher_alive = procs
+                .read(launcher.pid)
+                .is_some_and(|p| same_start(p.start_ns, launcher.start_ns));
+            if launcher_alive {
+                self.world.actions.push(Action::WatchLauncher {
+                    root: process,
+                    launcher,
+                });
+            } else {
+                self.orphans
+                    .orphaned(&mut self.world, process.pid, procs, clock);
+            }
+        }
+        self.world.finish_done_jobs(clock);
+        tracing::info!(
+            analyses = self.world.registry.len(),
+            watched = self.world.tree.len(),
+            "resumed the previous run's analyses"
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! Who may ask for what: root and the admin group anything; anyone else may watch and
+//! unwatch only processes running as itself (real uid), in analyses it created. Checked
+//! before anything is touched, so a refused request changes nothing.
+
+use anyhow::{Result, bail};
+
+use crate::{
+    core::{
+        procs::{ProcInfo, Procs},
+        registration::Registration,
+        world::{MAX_ANALYSIS_ID, World},
+    },
+    vocab::{
+        limits::LimitOverrides,
+        peer::Peer,
+        process::{AnalysisKey, ProcRef},
+    },
+};
+/// The refusal of what only root and the admin group may do (test faults), to a caller
+/// that is neither ([`Core::is_admin`]).
+pub fn admin_only(caller: &Peer, what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "refused by rule admin-only: {what} is for root and members of the admin group \
+         (--admin-group), and you are uid {}",
+        caller.uid
+    )
+}
+
+impl World {
+    /// Whether `caller` may do everything: root, or a member of `--admin-group`.
+    pub fn is_admin(&self, caller: &Peer) -> bool {
+        caller.uid == 0
+            || self
+                .settings
+                .admin_gid
+                .is_some_and(|gid| caller.in_group(gid))
+    }
+    /// Checks a registration before anything is touched, so a refused one changes
+    /// nothing. A caller other than root and the admin group may watch only processes
+    /// that run as itself (real uid), and join only analyses it created.
+    pub fn check_register(
+        &self,
+        pid: u32,
+        analysis_id: &str,
+        overrides: &LimitOverrides,
+        caller: &Peer,
+        procs: &dyn Procs,
+    ) -> Result<Registration> {
+        if analysis_id.trim().is_empty() {
+            bail!("the analysis id is empty: pass --analysis-id with a name for the analysis");
+        }
+        if analysis_id.len() > MAX_ANALYSIS_ID {
+            bail!(
+                "the analysis id is {} bytes long: use at most {MAX_ANALYSIS_ID}",
+                analysis_id.len()
+            );
+        }
+        if pid == 0 || pid == 1 {
+            bail!(
+                "refusing to watch pid {pid}: it is the system's init/idle task, which the watchdog never touches"
+            );
+        }
+        if pid == self.self_pid {
+            bail!("refusing to watch pid {pid}: it is the watchdog daemon itself");
+        }
+        let Some(root) = procs.read(pid) else {
+            bail!("no process with pid {pid}: check the pid (the process may have exited)");
+        };
+        if root.kernel_thread {
+            bail!(
+                "pid {pid} ({}) is a kernel thread: only user processes can be watched",
+                root.comm
+            );
+        }
+        let confined_to = (!self.is_admin(caller)).then_some(caller.uid);
+        if let Some(uid) = confined_to {
+            self.check_own_process(&root, uid, None, procs)?;
+        }
+        if let Some(node) = self.tree.get(pid) {
+            let current = self.registry.id(node.analysis).unwrap_or("?");
+            if current != analysis_id {
+                bail!(
+                    "pid {pid} is already watched as part of analysis {current:?}: unregister it first"
+                );
+            }
+        }
+        let existing = self.registry.key(analysis_id);
+        if let (Some(uid), Some(key)) = (confined_to, existing) {
+            let owner = self.registry.get(key).map_or(0, |a| a.owner);
+            if owner != uid {
+                bail!(
+                    "refused by rule own-analyses: analysis {analysis_id:?} was created by uid \
+                     {owner}, and you are uid {uid}: only its owner, root or a member of the \
+                     admin group may add processes to it; pick another --analysis-id (nothing \
+                     was registered)"
+                );
+            }
+        }
+        let limits = self
+            .settings
+            .defaults
+            .with(overrides)
+            .map_err(|e| anyhow::anyhow!("{e}: nothing was registered"))?;
+        self.settings.check_reachable(overrides)?;
+        let launcher = Some(root.ppid)
+            .filter(|&p| p > 1 && p != self.self_pid)
+            .and_then(|p| procs.read(p));
+        Ok(Registration {
+            key: existing.unwrap_or_else(|| self.registry.next_key()),
+            new_analysis: existing.is_none(),
+            analysis_id: analysis_id.to_string(),
+            limits,
+            launcher,
+            owner: caller.uid,
+            confined_to,
+            root,
+        })
+    }
+    /// Refuses a process that does not run as `uid` (its real uid); `root_pid` names
+    /// the registered root when `process` is one of its descendants. A process gone
+    /// meanwhile is no refusal: nothing of it can be watched.
+    pub(in crate::core) fn check_own_process(
+        &self,
+        process: &ProcInfo,
+        uid: u32,
+        root_pid: Option<u32>,
+        procs: &dyn Procs,
+    ) -> Result<()> {
+        let Some(runs_as) = procs.real_uid(process.proc_ref()) else {
+            if root_pid.is_none() {
+                bail!(
+                    "no process with pid {}: check the pid (the process may have exited)",
+                    process.pid
+                );
+            }
+            return Ok(());
+        };
+        if runs_as == uid {
+            return Ok(());
+        }
+        let what = match root_pid {
+            None => format!("pid {} ({})", process.pid, process.comm),
+            Some(root) => format!(
+                "pid {} ({}), a descendant of pid {root},",
+                process.pid, process.comm
+            ),
+        };
+        bail!(
+            "refused by rule own-processes: {what} runs as uid {runs_as}, and you are uid \
+             {uid}: only root or a member of the admin group may watch another user's \
+             processes; register a process of your own (nothing was registered)"
+        )
+    }
+    /// For a caller confined to its own processes: every existing descendant of the
+    /// root that the walk would watch must run as the caller too. Called with the
+    /// descendants found before anything is put in the kernel map, and again by the walk
+    /// for each one it watches (one that appeared or changed hands meanwhile).
+    pub fn check_descendants(
+        &self,
+        registration: &Registration,
+        descendants: &[ProcRef],
+        procs: &dyn Procs,
+    ) -> Result<()> {
+        let Some(uid) = registration.confined_to else {
+            return Ok(());
+        };
+        for process in descendants {
+            if process.pid == self.self_pid || self.tree.contains(process.pid) {
+                continue; // The walk leaves these alone.
+            }
+            let info = ProcInfo {
+                pid: process.pid,
+                ppid: 0,
+                start_ns: process.start_ns,
+                comm: procs
+                    .read(process.pid)
+                    .map(|p| p.comm)
+                    .unwrap_or_else(|| "?".into()),
+                kernel_thread: false,
+                exited: false,
+            };
+            self.check_own_process(&info, uid, Some(registration.root.pid), procs)?;
+        }
+        Ok(())
+    }
+    /// Refuses `doing` to an analysis `uid` did not create.
+    pub(in crate::core) fn check_own_analysis(
+        &self,
+        key: AnalysisKey,
+        uid: u32,
+        doing: &str,
+    ) -> Result<()> {
+        let Some(analysis) = self.registry.get(key) else {
+            return Ok(());
+        };
+        if analysis.owner != uid {
+            bail!(
+                "refused by rule own-analyses: analysis {:?} was created by uid {}, and you \
+                 are uid {uid}: only its owner, root or a member of the admin group may \
+                 {doing} it (nothing was unregistered)",
+                analysis.id,
+                analysis.owner
+            );
+        }
+        Ok(())
+    }
+}

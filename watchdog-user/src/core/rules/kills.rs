@@ -1,0 +1,306 @@
+//! Kills, the machinery every rule ends in: a kill job per violation (SIGTERM, the
+//! grace, SIGKILL), new members of a dying scope joining it, the records of a finished
+//! job, and an analysis forgotten once nothing of it is left.
+
+use crate::{
+    core::{
+        kill::{JobSpec, KillJob, Mode, Scope, SignalOrder, TargetInfo},
+        procs::Procs,
+        tree::Node,
+        world::{Action, Clock, DYING_LINGER, RECORDS_KEPT, World},
+    },
+    vocab::{
+        limits::Reason,
+        process::{AnalysisKey, ProcRef},
+        record::{KillRecord, Outcome},
+    },
+};
+impl World {
+    /// Marks an analysis violated and kills all its members, unless it was already.
+    pub(in crate::core) fn kill_analysis(
+        &mut self,
+        key: AnalysisKey,
+        reason: Reason,
+        limit: Option<u64>,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        if self.registry.mark_violated(key, reason, limit) {
+            let pids = self.tree.members(key);
+            self.start_kill(Scope::Analysis, reason, key, limit, &pids, procs, clock);
+        }
+    }
+    pub(in crate::core) fn insert(&mut self, node: Node) {
+        if let Some(stale) = self.tree.insert(node) {
+            self.left_tree(stale.proc_ref());
+        }
+        self.processes_dirty = true;
+    }
+    /// A new member of a dying scope joins its kill at once; one of an analysis whose
+    /// kill is over (its fork event was still queued) gets a kill of its own.
+    pub(in crate::core) fn join_dying_scope(
+        &mut self,
+        pid: u32,
+        ppid: u32,
+        analysis: AnalysisKey,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        if let Some(at) = self.jobs.iter().position(|j| j.takes_child(ppid, analysis)) {
+            self.lingering.remove(&analysis);
+            let mut job = self.jobs.swap_remove(at);
+            self.add_target(&mut job, pid, procs, clock);
+            self.jobs.push(job);
+        } else if let Some((reason, limit)) = self.registry.violation(analysis) {
+            self.lingering.remove(&analysis);
+            self.start_kill(
+                Scope::Analysis,
+                reason,
+                analysis,
+                limit,
+                &[pid],
+                procs,
+                clock,
+            );
+        }
+    }
+    /// Takes a process out of the tree, wherever it went (exit, resync, unregister):
+    /// a kill waiting for it is done with it.
+    pub(in crate::core) fn remove(&mut self, pid: u32) -> Option<Node> {
+        let node = self.tree.remove(pid)?;
+        self.left_tree(node.proc_ref());
+        self.processes_dirty = true;
+        Some(node)
+    }
+    pub(in crate::core) fn left_tree(&mut self, process: ProcRef) {
+        for job in &mut self.jobs {
+            job.exited(process);
+        }
+    }
+    /// Forgets an analysis with no process and no kill left (a killed one only after
+    /// [`DYING_LINGER`]).
+    pub(in crate::core) fn forget_if_finished(&mut self, key: AnalysisKey, clock: &Clock) {
+        if self.tree.has_analysis(key) || self.jobs.iter().any(|j| j.analysis == key) {
+            self.lingering.remove(&key);
+            return;
+        }
+        if self.registry.violation(key).is_some() {
+            let at = *self
+                .lingering
+                .entry(key)
+                .or_insert(clock.now + DYING_LINGER);
+            if clock.now < at {
+                return;
+            }
+        }
+        self.lingering.remove(&key);
+        self.forgotten.push(key);
+        if let Some(roots) = self.registry.forget(key) {
+            self.actions.push(Action::ForgetAnalysis(key, roots));
+        }
+    }
+    pub(in crate::core) fn job_spec(
+        &self,
+        scope: Scope,
+        reason: Reason,
+        analysis: AnalysisKey,
+        limit: Option<u64>,
+        mode: Mode,
+    ) -> JobSpec {
+        let (analysis_id, grace, owner_uid) = self
+            .registry
+            .get(analysis)
+            .map(|a| (a.id.clone(), a.limits.grace(), Some(a.owner)))
+            .unwrap_or_else(|| (String::new(), self.settings.defaults.grace(), None));
+        JobSpec {
+            scope,
+            reason,
+            analysis,
+            analysis_id,
+            owner_uid,
+            limit,
+            zombies: None,
+            grace,
+            mode,
+        }
+    }
+    /// Starts a kill of `pids` (SIGTERM now, SIGKILL after the grace).
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::core) fn start_kill(
+        &mut self,
+        scope: Scope,
+        reason: Reason,
+        analysis: AnalysisKey,
+        limit: Option<u64>,
+        pids: &[u32],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let spec = self.job_spec(scope, reason, analysis, limit, self.kill_mode());
+        self.start_job(spec, pids, procs, clock);
+    }
+    /// How kills are made: signalled, or (`--dry-run`) only recorded.
+    pub(in crate::core) fn kill_mode(&self) -> Mode {
+        if self.settings.dry_run {
+            Mode::DryRun
+        } else {
+            Mode::Signal
+        }
+    }
+    pub(in crate::core) fn start_job(
+        &mut self,
+        spec: JobSpec,
+        pids: &[u32],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        tracing::warn!(
+            analysis_id = spec.analysis_id,
+            reason = spec.reason.as_str(),
+            processes = pids.len(),
+            dry_run = self.settings.dry_run,
+            "limit crossed: killing"
+        );
+        let job = self.new_job(spec, pids, procs, clock);
+        self.jobs.push(job);
+        self.processes_dirty = true;
+    }
+    /// A job of `spec` over `pids`, their first signals queued.
+    pub(in crate::core) fn new_job(
+        &mut self,
+        spec: JobSpec,
+        pids: &[u32],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) -> KillJob {
+        let mut job = KillJob::new(spec, clock.now, clock.wall);
+        for &pid in pids {
+            self.add_target(&mut job, pid, procs, clock);
+        }
+        job
+    }
+    /// A violation that is recorded, not acted on (orphan policy `log`).
+    pub(in crate::core) fn record_only(
+        &mut self,
+        analysis: AnalysisKey,
+        pids: &[u32],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let spec = self.job_spec(
+            Scope::Subtree,
+            Reason::Orphan,
+            analysis,
+            None,
+            Mode::LogOnly,
+        );
+        let job = self.new_job(spec, pids, procs, clock);
+        self.finish(job);
+    }
+    pub(in crate::core) fn add_target(
+        &mut self,
+        job: &mut KillJob,
+        pid: u32,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let Some(node) = self.tree.get(pid) else {
+            return;
+        };
+        if self.jobs.iter().any(|j| j.target_pending(pid)) {
+            return; // Already being killed: one kill, one record per process.
+        }
+        if pid <= 1 || pid == self.self_pid {
+            // Never, whatever the bookkeeping says (effects refuses these too).
+            tracing::error!(pid, "refusing to signal init or the daemon");
+            return;
+        }
+        let details = procs.details(pid);
+        let info = TargetInfo {
+            process: node.proc_ref(),
+            ppid: node.ppid,
+            comm: node.comm.as_str().into_owned(),
+            cmdline: details.cmdline,
+            uid: details.uid,
+            rss_bytes: details.rss_bytes.max(node.rss_bytes()),
+            runtime_ms: clock.boot_ns.saturating_sub(node.start_ns) / 1_000_000,
+        };
+        if let Some(order) = job.add(info, clock.now, clock.wall) {
+            self.actions.push(Action::Signal(order));
+        }
+    }
+    /// A signal could not be delivered (the process is gone, or its pid was recycled).
+    pub fn on_signal_failed(&mut self, order: SignalOrder, clock: &Clock) {
+        for job in &mut self.jobs {
+            job.signal_failed(order.target, order.signal);
+        }
+        self.finish_done_jobs(clock);
+    }
+    /// Jobs are over once every target has exited *and* the tree has taken in those
+    /// exits: until then a target's children look parentless, and the job must still
+    /// be there to claim them (else they would be flagged as orphans of this kill).
+    pub(in crate::core) fn finish_done_jobs(&mut self, clock: &Clock) {
+        if !self.jobs.iter().any(KillJob::is_done) {
+            return;
+        }
+        let (done, running): (Vec<KillJob>, Vec<KillJob>) = std::mem::take(&mut self.jobs)
+            .into_iter()
+            .partition(KillJob::is_done);
+        self.jobs = running;
+        for job in done {
+            let analysis = job.analysis;
+            self.finish(job);
+            self.forget_if_finished(analysis, clock);
+        }
+    }
+    /// Records a finished job: one record per process, kept for `status`.
+    pub(in crate::core) fn finish(&mut self, job: KillJob) {
+        self.processes_dirty = true;
+        for process in job.signalled() {
+            self.actions.push(Action::Release(process));
+        }
+        for record in job.records(&self.host) {
+            self.keep_record(record);
+        }
+    }
+    /// Counts a record, keeps it for `status` and hands it to the store.
+    pub(in crate::core) fn keep_record(&mut self, record: KillRecord) {
+        if !matches!(record.outcome, Outcome::Logged | Outcome::Warned)
+            && record.reason != Reason::Warning
+        {
+            self.counters.kills += 1;
+        }
+        *self
+            .counters
+            .kills_by_reason
+            .entry(record.reason.as_str())
+            .or_default() += 1;
+        if self.recent.len() == RECORDS_KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(record.clone());
+        self.actions.push(Action::Record(Box::new(record)));
+    }
+
+    /// Graces that ended: SIGKILL for what is still alive.
+    pub fn graces_due(&mut self, clock: &Clock) {
+        for job in &mut self.jobs {
+            for order in job.escalate(clock.now, clock.wall) {
+                self.actions.push(Action::Signal(order));
+            }
+        }
+    }
+
+    /// Killed analyses whose lingering is over are forgotten.
+    pub fn lingering_due(&mut self, clock: &Clock) {
+        let expired: Vec<AnalysisKey> = self
+            .lingering
+            .iter()
+            .filter(|(_, at)| **at <= clock.now)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in expired {
+            self.forget_if_finished(key, clock);
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Memory: a process over its per-process limit is killed alone; an analysis whose
+//! tree memory (PSS summed, measured once the RSS sum crosses) passes its tree limit is
+//! killed whole; near either limit, the warning. RSS comes for free from the kernel's
+//! counters; PSS is a walk of each address space, so it is measured only when the RSS
+//! says it may matter.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::{
+    core::{
+        kill::Scope,
+        procs::Procs,
+        tree::Tree,
+        world::{Clock, World},
+    },
+    vocab::{
+        limits::Reason,
+        process::{AnalysisKey, ProcRef},
+    },
+};
+/// With an analysis over its tree limit by RSS but not by PSS, the PSS is measured
+/// again once the RSS sum grows by this part of the limit (and at every poll).
+const PSS_REMEASURE_PART: u64 = 32;
+/// Analyses whose RSS sum had crossed one level of their tree limit (the limit, or its
+/// warning level) while their PSS sum had not: the RSS sum at that measure.
+#[derive(Default)]
+struct PssUnder(HashMap<AnalysisKey, u64>);
+impl PssUnder {
+    /// Asked once the RSS sum (`sum`, an upper bound: it counts a page shared by N
+    /// processes N times) has crossed a level: the PSS sum, which counts it once, when
+    /// it has `reached` the level too. PSS is a walk of each address space, so after a
+    /// measure found it under, it is measured again only once the RSS sum has grown by
+    /// `limit / PSS_REMEASURE_PART` (or the poll forgot the measure).
+    fn reaches(
+        &mut self,
+        key: AnalysisKey,
+        sum: u64,
+        limit: u64,
+        reached: impl Fn(u64) -> bool,
+        tree: &Tree,
+        procs: &dyn Procs,
+    ) -> Option<u64> {
+        let measured_at = self.0.get(&key).copied();
+        if measured_at.is_some_and(|at| sum < at.saturating_add(limit / PSS_REMEASURE_PART)) {
+            return None;
+        }
+        let pss: u64 = tree
+            .members(key)
+            .into_iter()
+            .map(|pid| procs.pss_bytes(pid).unwrap_or(0))
+            .sum();
+        if reached(pss) {
+            self.0.remove(&key);
+            return Some(pss);
+        }
+        tracing::debug!(key, rss_sum = sum, pss, limit, "under by PSS: shared pages");
+        self.0.insert(key, sum);
+        None
+    }
+
+    fn forget(&mut self, key: AnalysisKey) {
+        self.0.remove(&key);
+    }
+}
+
+/// The memory rule's state: analyses over a level of their tree limit by RSS but not by
+/// PSS (shared pages), for the limit and for its warning level.
+#[derive(Default)]
+pub struct Memory {
+    over_rss: PssUnder,
+    over_rss_warning: PssUnder,
+}
+
+impl Memory {
+    /// Drops what is kept of an analysis that is over.
+    pub fn forget(&mut self, key: AnalysisKey) {
+        self.over_rss.forget(key);
+        self.over_rss_warning.forget(key);
+    }
+
+    pub(in crate::core) fn rss_seen(
+        &mut self,
+        w: &mut World,
+        pid: u32,
+        rss_bytes: u64,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let Some((analysis, sum)) = w.tree.set_rss(pid, rss_bytes) else {
+            return;
+        };
+        self.check_process_memory(w, pid, procs, clock);
+        self.check_tree_memory(w, analysis, sum, procs, clock);
+    }
+
+    pub(in crate::core) fn check_process_memory(
+        &mut self,
+        w: &mut World,
+        pid: u32,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let Some(node) = w.tree.get(pid) else {
+            return;
+        };
+        let analysis = node.analysis;
+        let Some(limits) = w.registry.get(analysis).map(|a| &a.limits) else {
+            return;
+        };
+        let (limit, warn_level) = (limits.memory_bytes, limits.warn_level(limits.memory_bytes));
+        if let Some(level) = warn_level.filter(|&level| node.rss_bytes() >= level) {
+            self.warn_of_process_memory(w, pid, level, limit, procs, clock);
+        }
+        let Some(node) = w.tree.get(pid) else {
+            return;
+        };
+        if node.rss_bytes() <= limit || w.jobs.iter().any(|j| j.has_target(pid)) {
+            return;
+        }
+        // RSS is an upper bound of PSS: only a crossing by RSS needs the PSS read.
+        if w.settings.memory_metric == crate::vocab::limits::MemoryMetric::Pss
+            && procs.pss_bytes(pid).is_none_or(|pss| pss <= limit)
+        {
+            return;
+        }
+        if !w.tree.mark_memory_violated(pid) {
+            return;
+        }
+        w.start_kill(
+            Scope::Process,
+            Reason::Memory,
+            analysis,
+            Some(limit),
+            &[pid],
+            procs,
+            clock,
+        );
+    }
+
+    pub(in crate::core) fn check_tree_memory(
+        &mut self,
+        w: &mut World,
+        key: AnalysisKey,
+        sum: u64,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let Some(limit) = w.registry.get(key).and_then(|a| a.limits.tree_memory_bytes) else {
+            return;
+        };
+        self.warn_of_tree_memory(w, key, sum, limit, procs, clock);
+        // The RSS sum counts a page shared by N processes N times (a pool forked from
+        // a parent holding its data): it is an upper bound, and only once it crosses
+        // is the PSS sum, which counts every page once, measured and compared.
+        if sum <= limit || w.registry.violation(key).is_some() {
+            return;
+        }
+        let Some(pss) = self
+            .over_rss
+            .reaches(key, sum, limit, |pss| pss > limit, &w.tree, procs)
+        else {
+            return;
+        };
+        let analysis_id = w.registry.id(key).unwrap_or_default().to_string();
+        tracing::warn!(
+            analysis_id,
+            pss,
+            rss_sum = sum,
+            limit,
+            "tree memory limit crossed"
+        );
+        w.kill_analysis(key, Reason::TreeMemory, Some(limit), procs, clock);
+    }
+
+    /// A process' memory reached the warning's level of its limit (by RSS, or by PSS
+    /// under `--memory-metric pss`, as the limit itself is compared).
+    pub(in crate::core) fn warn_of_process_memory(
+        &mut self,
+        w: &mut World,
+        pid: u32,
+        level: u64,
+        limit: u64,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let Some(key) = w.tree.get(pid).map(|n| n.analysis) else {
+            return;
+        };
+        let warned = w
+            .registry
+            .get(key)
+            .is_none_or(|a| a.warned.contains(&Reason::Memory) || a.violation.is_some());
+        if warned
+            || (w.settings.memory_metric == crate::vocab::limits::MemoryMetric::Pss
+                && procs.pss_bytes(pid).is_none_or(|pss| pss < level))
+        {
+            return;
+        }
+        w.warn(key, Reason::Memory, limit, procs, clock);
+    }
+
+    /// The analysis' memory reached the warning's level of its tree limit: by the RSS
+    /// sum first, then (as for the limit itself) by the PSS sum, which counts a shared
+    /// page once.
+    pub(in crate::core) fn warn_of_tree_memory(
+        &mut self,
+        w: &mut World,
+        key: AnalysisKey,
+        sum: u64,
+        limit: u64,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let Some(analysis) = w.registry.get(key) else {
+            return;
+        };
+        let Some(level) = analysis.limits.warn_level(limit) else {
+            return;
+        };
+        if sum < level
+            || analysis.warned.contains(&Reason::TreeMemory)
+            || analysis.violation.is_some()
+        {
+            return;
+        }
+        let reached =
+            self.over_rss_warning
+                .reaches(key, sum, limit, |pss| pss >= level, &w.tree, procs);
+        if reached.is_some() {
+            w.warn(key, Reason::TreeMemory, limit, procs, clock);
+        }
+    }
+
+    /// The reconcile poll's RSS of each process: each checked against its limit, then
+    /// each analysis' sum against its tree limit.
+    pub fn on_poll(
+        &mut self,
+        w: &mut World,
+        samples: &[(ProcRef, u64)],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let mut analyses = HashSet::new();
+        for &(process, rss) in samples {
+            if !w.tree.holds(process) {
+                continue;
+            }
+            if let Some((analysis, _)) = w.tree.set_rss(process.pid, rss) {
+                self.check_process_memory(w, process.pid, procs, clock);
+                analyses.insert(analysis);
+            }
+        }
+        for key in analyses {
+            // Writes to shared pages (copy-on-write) raise the PSS, not the RSS: the
+            // poll measures again whatever is over its limit by RSS.
+            self.forget(key);
+            let sum = w.tree.rss_sum(key);
+            self.check_tree_memory(w, key, sum, procs, clock);
+        }
+    }
+}

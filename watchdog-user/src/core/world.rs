@@ -1,0 +1,211 @@
+//! The state every rule family shares, and the vocabulary of the core's inputs and
+//! outputs: the tree of watched processes, the registry of analyses, the kill jobs in
+//! progress, the settings, the counters, and the actions queued for the effects.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Result, bail};
+use watchdog_common::{AnalysisEntry, RootEntry};
+
+use crate::{
+    core::{
+        kill::{KillJob, SignalOrder},
+        registry::Registry,
+        tree::Tree,
+    },
+    vocab::{
+        limits::{LimitOverrides, Limits},
+        process::{AnalysisKey, ProcRef},
+        record::KillRecord,
+    },
+};
+
+/// Longest analysis id accepted: ids are labels, not payloads.
+pub const MAX_ANALYSIS_ID: usize = watchdog_common::ANALYSIS_ID_MAX;
+/// Records kept in memory for `status` (the database keeps them all).
+pub const RECORDS_KEPT: usize = 10_000;
+/// How long a killed analysis is kept once empty: a member whose fork event was lost
+/// comes back with the next resync (the loss check runs every 200 ms) and is killed,
+/// instead of finding its analysis forgotten and escaping.
+pub const DYING_LINGER: Duration = Duration::from_secs(1);
+/// The time, as the driver read it once for this input.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    pub now: Instant,
+    pub wall: SystemTime,
+    /// CLOCK_BOOTTIME ns: the clock of start times and kernel timestamps.
+    pub boot_ns: u64,
+}
+
+impl Clock {
+    pub fn read() -> Self {
+        Self {
+            now: Instant::now(),
+            wall: SystemTime::now(),
+            boot_ns: crate::vocab::process::boottime_ns(),
+        }
+    }
+
+    /// The same clock `by` later (tests drive time with this).
+    pub fn advanced(&self, by: Duration) -> Self {
+        Self {
+            now: self.now + by,
+            wall: self.wall + by,
+            boot_ns: self.boot_ns + crate::vocab::units::millis(by) * 1_000_000,
+        }
+    }
+}
+
+/// What the rules ask the outside world to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Take the process out of the kernel's watched map.
+    Unwatch(ProcRef),
+    /// Keep the analysis in the kernel (pinned) map, for a restarted daemon.
+    SaveAnalysis(AnalysisKey, Box<AnalysisEntry>),
+    /// The analysis is over: drop it and its roots from the kernel maps.
+    ForgetAnalysis(AnalysisKey, Vec<u32>),
+    SaveRoot(u32, RootEntry),
+    /// Tell the rules (`Core::on_launcher_exit`) when `launcher` exits.
+    WatchLauncher {
+        root: ProcRef,
+        launcher: ProcRef,
+    },
+    /// Send this signal, to this process only (never to a recycled pid); report a
+    /// failure with `Core::on_signal_failed`.
+    Signal(SignalOrder),
+    /// A finished kill no longer needs a handle on this process.
+    Release(ProcRef),
+    /// A finished violation or kill: log it, spool it, store it.
+    Record(Box<KillRecord>),
+}
+
+/// What can change while running (SIGHUP), and the facts of the machine they apply to.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub defaults: Limits,
+    pub dry_run: bool,
+    /// The machine's total memory, bytes (read once at start; None if unreadable): no
+    /// process' RSS can exceed it, so a per-process limit above it is refused.
+    pub machine_memory: Option<u64>,
+    /// Members of this group (`--admin-group`) may do everything root may.
+    pub admin_gid: Option<u32>,
+    /// What the per-process limit compares (the tree limit always counts PSS).
+    pub memory_metric: crate::vocab::limits::MemoryMetric,
+}
+
+impl Settings {
+    /// Why the default per-process memory limit can never be reached here, if it
+    /// cannot: the daemon warns at start and on reload (it is not refused: analyses
+    /// keep it, unenforceable, unless they pass a limit of their own).
+    pub fn unreachable_default(&self) -> Option<String> {
+        let total = self.machine_memory?;
+        let limit = self.defaults.memory_bytes;
+        (limit > total).then(|| {
+            format!(
+                "the default memory limit {} is more than this machine's {}: it can never \
+                 be reached, so analyses that keep it have no memory limit; set \
+                 --default-memory to at most {}",
+                crate::vocab::units::size_rounded(limit, true),
+                crate::vocab::units::size_rounded(total, false),
+                crate::vocab::units::size_rounded(total, false),
+            )
+        })
+    }
+
+    /// Refuses a per-process memory limit asked for above the machine's memory: no
+    /// process could reach it, so it would watch nothing. (The tree limit is not
+    /// checked: RSS summed over processes counts the pages they share once per process,
+    /// e.g. after fork, so the sum can exceed the machine's memory.)
+    pub fn check_reachable(&self, overrides: &LimitOverrides) -> Result<()> {
+        let (Some(total), Some(limit)) = (self.machine_memory, overrides.memory_bytes) else {
+            return Ok(());
+        };
+        if limit > total {
+            let at_most = crate::vocab::units::size_rounded(total, false);
+            bail!(
+                "the memory limit {} is more than this machine's {at_most}: it could never \
+                 be reached; use at most {at_most} (nothing was registered)",
+                crate::vocab::units::size_rounded(limit, true),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default, Clone, Debug)]
+pub struct Counters {
+    pub forks: u64,
+    pub exits: u64,
+    pub execs: u64,
+    pub resyncs: u64,
+    pub rss_reports: u64,
+    /// Processes recorded as killed (or would-be killed in a dry run).
+    pub kills: u64,
+    pub kills_by_reason: BTreeMap<&'static str, u64>,
+    /// Children the kernel map could not take, followed by the rules instead.
+    pub untracked_forks: u64,
+}
+
+/// Why the tree is rebuilt from the kernel map; only a repair after lost events counts
+/// as a resync in `status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resync {
+    Start,
+    Restart,
+    LostEvents,
+}
+
+/// What every rule reads and the kill machinery changes. Each rule family keeps its own
+/// state beside this (`core::rules`); only the core's dispatch holds both.
+pub struct World {
+    pub tree: Tree,
+    pub registry: Registry,
+    pub jobs: Vec<KillJob>,
+    pub settings: Settings,
+    pub counters: Counters,
+    /// Finished violations and kills, newest last (bounded).
+    pub recent: VecDeque<KillRecord>,
+    pub host: String,
+    pub self_pid: u32,
+    pub actions: Vec<Action>,
+    /// The tree changed since `watchdog_processes` was last brought up to date.
+    pub processes_dirty: bool,
+    /// CLOCK_BOOTTIME of the last resync: fork events from before it may describe
+    /// processes whose exits were lost.
+    pub resynced_at_ns: u64,
+    /// Killed analyses with no member left, and when they are forgotten.
+    pub lingering: BTreeMap<AnalysisKey, Instant>,
+    /// Analyses forgotten since the rule families last dropped what they keep of them.
+    pub forgotten: Vec<AnalysisKey>,
+}
+
+impl World {
+    pub fn new(settings: Settings, host: String, self_pid: u32) -> Self {
+        Self {
+            tree: Tree::default(),
+            registry: Registry::default(),
+            jobs: Vec::new(),
+            settings,
+            counters: Counters::default(),
+            recent: VecDeque::new(),
+            host,
+            self_pid,
+            actions: Vec::new(),
+            processes_dirty: true,
+            resynced_at_ns: 0,
+            lingering: BTreeMap::new(),
+            forgotten: Vec::new(),
+        }
+    }
+
+    /// When the kills next need the clock: the end of a grace, or a lingering
+    /// analysis' time to be forgotten.
+    pub fn kills_wakeup(&self) -> Option<Instant> {
+        let graces = self.jobs.iter().filter_map(KillJob::wakeup);
+        graces.chain(self.lingering.values().copied()).min()
+    }
+}
