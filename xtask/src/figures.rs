@@ -1,7 +1,7 @@
-//! Issue 9's figures against its starting point and target. Each bench appends
-//! `KEY=VALUE` lines to the file named by `WATCHDOG_BENCH_FIGURES`; this reads them back
-//! and renders the summary table, so the comparison is made by the same run that
-//! measured, not by hand.
+//! Issue 9's figures against its starting point and target. Each bench (a binary of
+//! watchdog-bench) appends `KEY=VALUE` lines to the file named by
+//! `WATCHDOG_BENCH_FIGURES`; this reads them back and renders the summary table, so the
+//! comparison is made by the same run that measured, not by hand.
 
 use std::{collections::HashMap, path::Path};
 
