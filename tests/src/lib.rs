@@ -323,14 +323,7 @@ impl Daemon {
     pub fn restart(&mut self) -> Result<()> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
         self.child.wait()?;
-        self.child = Self::spawn(
-            &self.dir,
-            &self.socket,
-            &self.wrapper,
-            &self.args,
-            &self.env,
-        )?;
-        self.await_serving()
+        self.start_again()
     }
 
     pub fn pid(&self) -> u32 {
