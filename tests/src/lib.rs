@@ -1,8 +1,7 @@
-//! Harness for the end-to-end tests and benchmarks: a real daemon per test (own socket
+//! Harness for the end-to-end tests (and the benchmarks of watchdog-bench): a real daemon per test (own socket
 //! and state directory), the real CLI, and real process trees that are killed when the
 //! test ends, pass or fail.
 
-pub mod bench;
 pub mod bpf;
 pub mod pg;
 
@@ -11,6 +10,7 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio},
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -18,6 +18,24 @@ use anyhow::{Context as _, Result, bail};
 use nix::{
     sys::signal::{Signal, kill, killpg},
     unistd::Pid,
+};
+
+// All the tests and benches take from the daemon's crate, named once here: its module
+// paths may move, and then this block is the one place to follow them. The wire types
+// are the daemon's own, so a test reads exactly what the daemon sends.
+pub use watchdog_user::{
+    api::{
+        client,
+        control::MAX_CONNECTIONS,
+        overview::TREE_ROWS,
+        protocol::{self, EventRecord, Reply, Request, Response, Status, TreeNode},
+    },
+    os::procs::pss_bytes,
+    store::DbStatus,
+    vocab::{
+        limits::{LimitOverrides, Reason},
+        record::{KillRecord, Outcome, SignalSent},
+    },
 };
 
 /// The daemon binary: `WATCHDOG_BIN` (set by `cargo xtask test`), else the debug build.
@@ -51,10 +69,6 @@ pub fn await_state<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) 
         std::thread::sleep(Duration::from_millis(5));
     }
 }
-
-// The daemon's own wire types: a test reads exactly what the daemon sends.
-pub use watchdog_user::api::protocol::{Status, TreeNode};
-pub use watchdog_user::store::DbStatus;
 
 /// `node` and all below it, depth first.
 pub fn flatten(node: &TreeNode) -> Vec<&TreeNode> {
@@ -107,65 +121,143 @@ fn ensure_bpffs() {
     });
 }
 
-fn unique_dir(tag: &str) -> Result<PathBuf> {
+/// A fresh directory under the temp dir, `watchdog-<tag>-<pid>-<n>-<nanos>`: unique among
+/// the suite's threads (the counter) and across runs on the host (pid and clock).
+pub fn scratch_dir(tag: &str) -> Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .subsec_nanos();
-    let dir = std::env::temp_dir().join(format!("watchdog-{tag}-{}-{nanos}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "watchdog-{tag}-{}-{}-{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
 
-impl Daemon {
-    pub fn start() -> Result<Self> {
-        Self::start_with(&[], &[])
+/// How a test's daemon runs: `Daemon::builder()...start()`. The state directory, the
+/// pin directory, the HTTP listener and the database get per-daemon defaults unless
+/// set here; everything else goes through [`Self::arg`] and [`Self::flag`].
+#[derive(Default)]
+#[must_use = "a builder starts nothing until start()"]
+pub struct DaemonBuilder {
+    wrapper: Vec<String>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    pin_dir: Option<PathBuf>,
+    http: Option<String>,
+    database_url: Option<String>,
+}
+
+/// Options the builder sets itself: given twice, the daemon would take the last one, and
+/// a test's choice could be silently overridden by a default.
+const OWN_OPTIONS: [&str; 4] = ["--state-dir", "--pin-dir", "--http", "--database-url"];
+
+impl DaemonBuilder {
+    /// A daemon option and its value, e.g. `.arg("--grace", "1s")`.
+    pub fn arg(mut self, name: &str, value: impl AsRef<str>) -> Self {
+        Self::not_own(name);
+        self.args
+            .extend([name.to_string(), value.as_ref().to_string()]);
+        self
     }
 
-    /// Starts `watchdog-user run`, behind `wrapper` (e.g. `unshare -m ...`) when given,
-    /// with `extra` daemon arguments, and waits until it answers on its socket. Its
-    /// state and (unless `extra` names another) its SQLite database are in its own dir.
-    pub fn start_with(wrapper: &[&str], extra: &[&str]) -> Result<Self> {
-        Self::start_full(wrapper, extra, &[])
+    /// A daemon option that takes no value, e.g. `.flag("--dry-run")`.
+    pub fn flag(mut self, name: &str) -> Self {
+        Self::not_own(name);
+        self.args.push(name.to_string());
+        self
     }
 
-    /// Like [`Self::start_with`], with extra environment variables for the daemon.
-    pub fn start_full(wrapper: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+    fn not_own(name: &str) {
+        assert!(
+            !OWN_OPTIONS.contains(&name),
+            "{name} has its own DaemonBuilder method"
+        );
+    }
+
+    /// Runs the daemon behind `wrapper`, e.g. `unshare -m ...`, which execs the rest of
+    /// its command line.
+    pub fn wrapper(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|w| w.to_string()).collect();
+        self
+    }
+
+    /// An environment variable for the daemon (only: the tests' own process keeps its
+    /// environment, which every thread of the suite shares).
+    pub fn env(mut self, key: &str, value: impl AsRef<str>) -> Self {
+        self.env.push((key.to_string(), value.as_ref().to_string()));
+        self
+    }
+
+    /// Where the daemon pins its kernel state (default: under /sys/fs/bpf, named after
+    /// its state directory). Removed when the daemon is dropped.
+    pub fn pin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.pin_dir = Some(dir.into());
+        self
+    }
+
+    /// `--http 127.0.0.1:PORT` (default: no HTTP listener).
+    pub fn http_port(mut self, port: u16) -> Self {
+        self.http = Some(format!("127.0.0.1:{port}"));
+        self
+    }
+
+    /// `--database-url` (default: SQLite in the daemon's state directory).
+    pub fn database_url(mut self, url: impl AsRef<str>) -> Self {
+        self.database_url = Some(url.as_ref().to_string());
+        self
+    }
+
+    /// Starts `watchdog-user run` and waits until it answers on its socket.
+    pub fn start(self) -> Result<Daemon> {
         ensure_bpffs();
-        let dir = unique_dir("test")?;
+        let dir = scratch_dir("test")?;
         let socket = dir.join("watchdog.sock");
-        let pin_dir = PathBuf::from("/sys/fs/bpf").join(dir.file_name().expect("a name"));
-        let mut args: Vec<String> = vec!["--state-dir".into(), dir.display().to_string()];
-        if !extra.contains(&"--pin-dir") {
-            args.extend(["--pin-dir".into(), pin_dir.display().to_string()]);
-        }
-        if !extra.contains(&"--http") {
-            args.extend(["--http".into(), "none".into()]);
-        }
-        if !extra.contains(&"--database-url") {
-            args.extend([
-                "--database-url".into(),
-                format!("sqlite://{}/watchdog.db", dir.display()),
-            ]);
-        }
-        args.extend(extra.iter().map(|a| a.to_string()));
+        let pin_dir = self
+            .pin_dir
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf").join(dir.file_name().expect("a name")));
+        let database_url = self
+            .database_url
+            .unwrap_or_else(|| format!("sqlite://{}/watchdog.db", dir.display()));
+        let mut args: Vec<String> = vec![
+            "--state-dir".into(),
+            dir.display().to_string(),
+            "--pin-dir".into(),
+            pin_dir.display().to_string(),
+            "--http".into(),
+            self.http.unwrap_or_else(|| "none".into()),
+            "--database-url".into(),
+            database_url,
+        ];
+        args.extend(self.args);
         let bystander = Command::new("sleep").arg("3600").process_group(0).spawn()?;
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let child = Self::spawn(&dir, &socket, wrapper, &args, &env)?;
-        let mut daemon = Self {
+        let child = Daemon::spawn(&dir, &socket, &self.wrapper, &args, &self.env)?;
+        let mut daemon = Daemon {
             child,
             bystander,
             dir,
             socket,
-            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
+            wrapper: self.wrapper,
             args,
-            env,
+            env: self.env,
             pin_dir,
         };
         daemon.await_serving()?;
         Ok(daemon)
+    }
+}
+
+impl Daemon {
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder::default()
+    }
+
+    /// A daemon with every default: `Daemon::builder().start()`.
+    pub fn start() -> Result<Self> {
+        Self::builder().start()
     }
 
     fn spawn(
@@ -236,14 +328,7 @@ impl Daemon {
     pub fn restart(&mut self) -> Result<()> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
         self.child.wait()?;
-        self.child = Self::spawn(
-            &self.dir,
-            &self.socket,
-            &self.wrapper,
-            &self.args,
-            &self.env,
-        )?;
-        self.await_serving()
+        self.start_again()
     }
 
     pub fn pid(&self) -> u32 {
@@ -297,9 +382,67 @@ impl Daemon {
         Ok(serde_json::from_str(&self.cli_ok(&args)?)?)
     }
 
-    /// Recent violations and kills, newest first, as the JSON `events --json` prints.
-    pub fn events(&self) -> Result<Vec<serde_json::Value>> {
-        Ok(serde_json::from_str(&self.cli_ok(&["events", "--json"])?)?)
+    /// Recent violations and kills, newest first: `events --json`, read as the daemon's
+    /// own records.
+    pub fn events(&self) -> Result<Vec<EventRecord>> {
+        self.events_with(&[])
+    }
+
+    /// `events --json` with `filters` (e.g. `&["--reason", "timeout"]`).
+    pub fn events_with(&self, filters: &[&str]) -> Result<Vec<EventRecord>> {
+        let mut args = vec!["events", "--json"];
+        args.extend_from_slice(filters);
+        Ok(serde_json::from_str(&self.cli_ok(&args)?)?)
+    }
+
+    /// The records of analysis `id`, newest first.
+    pub fn events_of(&self, id: &str) -> Result<Vec<EventRecord>> {
+        Ok(self
+            .events()?
+            .into_iter()
+            .filter(|e| e.record.analysis_id == id)
+            .collect())
+    }
+
+    /// A record for `pid`, once there is one.
+    pub fn await_record_for(&self, pid: u32) -> Result<EventRecord> {
+        await_state(&format!("a record for {pid}"), || {
+            Ok(self.events()?.into_iter().find(|e| e.record.pid == pid))
+        })
+    }
+
+    /// A record for each of `pids`, once every one has its record (records reach the
+    /// database one by one).
+    pub fn await_records_for(&self, pids: &[u32]) -> Result<Vec<EventRecord>> {
+        await_state("kill records", || {
+            let found: Vec<EventRecord> = self
+                .events()?
+                .into_iter()
+                .filter(|e| pids.contains(&e.record.pid))
+                .collect();
+            Ok((found.len() >= pids.len()).then_some(found))
+        })
+    }
+
+    /// Starts `argv`, registers it with a 1 s timeout as analysis `id`, and returns its
+    /// pid once it has been killed and the kill counted.
+    pub fn timeout_kill(&self, argv: &[&str], id: &str) -> Result<u32> {
+        let kills = self.status()?.kills_total;
+        let mut process = Workload::spawn(argv[0], &argv[1..])?;
+        self.register_with(process.pid(), id, &["--timeout", "1s"])?;
+        process.wait()?;
+        await_state("the kill recorded", || {
+            Ok((self.status()?.kills_total > kills).then_some(()))
+        })?;
+        Ok(process.pid())
+    }
+
+    /// The status once exactly `depth` records wait in the spool.
+    pub fn await_spool(&self, depth: usize) -> Result<Status> {
+        await_state(&format!("{depth} records spooled"), || {
+            let status = self.status()?;
+            Ok((status.database.spool_depth == depth).then_some(status))
+        })
     }
 
     fn try_status(&self) -> Result<Status> {
@@ -448,6 +591,12 @@ impl Workload {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Sends `signal` to the workload's first process, leaving it unreaped.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), signal)?;
+        Ok(())
+    }
+
     /// SIGKILLs the workload's first process and reaps it.
     pub fn kill(&mut self) -> Result<()> {
         self.child.kill()?;
@@ -550,7 +699,7 @@ pub fn thread_count(pid: u32) -> usize {
 /// `events --json` while the database cannot be read: it succeeds, warns in one line
 /// that only the spool is shown, and returns the records waiting there, each marked
 /// `"spooled": true`.
-pub fn spooled_events(daemon: &Daemon) -> Result<Vec<serde_json::Value>> {
+pub fn spooled_events(daemon: &Daemon) -> Result<Vec<EventRecord>> {
     let out = daemon.cli(&["events", "--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
@@ -562,8 +711,8 @@ pub fn spooled_events(daemon: &Daemon) -> Result<Vec<serde_json::Value>> {
             && stderr.contains("showing only the records in the spool"),
         "{stderr}"
     );
-    let records: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
-    assert!(records.iter().all(|r| r["spooled"] == true), "{records:?}");
+    let records: Vec<EventRecord> = serde_json::from_slice(&out.stdout)?;
+    assert!(records.iter().all(|r| r.spooled), "{records:?}");
     Ok(records)
 }
 
@@ -583,11 +732,22 @@ pub fn one_line_error(out: &Output) -> String {
     stderr
 }
 
-/// A TCP port free on the loopback now, for a daemon's --http.
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a daemon's --http, a
+/// PostgreSQL server): whoever binds it next may still find it taken.
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("binding 127.0.0.1:0 to find a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// When a signal was sent, from its RFC 3339 stamp in a record.
+pub fn time_of(at: &str) -> std::time::SystemTime {
+    humantime::parse_rfc3339(at).unwrap_or_else(|e| panic!("{at:?} is no RFC 3339 time: {e}"))
+}
+
+/// The signals a record says were sent, in order, by name.
+pub fn signal_names(record: &KillRecord) -> Vec<&str> {
+    record.signals.iter().map(|s| s.signal.as_str()).collect()
 }
 
 /// A plain HTTP/1.1 GET: status code and body.

@@ -5,16 +5,16 @@
 //! drop. Every instance is independent: tests may run several in parallel.
 
 use std::{
-    net::TcpListener,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::atomic::{AtomicU64, Ordering},
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::free_port;
 use nix::unistd::{User, chown};
 
 /// How long starting the server (and any wait for it to accept connections) may take.
@@ -22,9 +22,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How many times `start` picks a new port when the chosen one was taken meanwhile.
 const PORT_ATTEMPTS: usize = 3;
-
-/// Makes every temp dir name unique within this process, with the pid across processes.
-static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A throwaway PostgreSQL server for one test: its own data dir in a temp dir, owned by
 /// the postgres OS user, listening on 127.0.0.1 on a free TCP port (and its unix socket
@@ -67,17 +64,7 @@ impl TestPostgres {
                 anyhow!("no `postgres` OS user: is Debian's postgresql package installed?")
             })?;
 
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "watchdog-pg-{}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            nanos % 1_000_000_000_000
-        ));
-        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = crate::scratch_dir("pg")?;
         // From here on, Drop cleans up whatever the remaining steps leave behind.
         let mut pg = TestPostgres {
             bin,
@@ -375,13 +362,6 @@ fn psql_bin(bin: &Path) -> PathBuf {
     } else {
         PathBuf::from("/usr/bin/psql")
     }
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<u16> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a free port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// Runs `cmd`, capturing its output; an error unless it exits 0, with the command line,

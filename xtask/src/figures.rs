@@ -1,4 +1,5 @@
-//! The targets, against this run's figures. Each bench appends `KEY=VALUE` lines to the
+//! The targets, against this run's figures. Each bench (a binary of
+//! watchdog-bench) appends `KEY=VALUE` lines to the
 //! file named by `WATCHDOG_BENCH_FIGURES`; this reads them back and renders the summary
 //! table, so the comparison is made by the same run that measured, not by hand.
 

@@ -177,7 +177,7 @@ fn bench(bin: &Path) -> Result<()> {
                 "--quiet",
                 "--release",
                 "--package",
-                "watchdog-tests",
+                "watchdog-bench",
                 "--bin",
                 bench,
             ]);

@@ -35,7 +35,7 @@ pub fn ensure_test_packages() -> Result<()> {
     if !on_path("systemd-nspawn") {
         missing.push("systemd-container");
     }
-    // tests/tests/page.rs starts this very path.
+    // tests/tests/e2e/page.rs starts this very path.
     if !Path::new("/usr/bin/chromium").exists() {
         missing.push("chromium");
     }

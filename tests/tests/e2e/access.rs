@@ -160,11 +160,11 @@ impl User {
 /// A daemon whose socket is for `group`'s members, with `admin` as its admin group,
 /// in a directory the test users can reach.
 fn daemon(group: &str, admin: Option<&str>) -> Result<Daemon> {
-    let mut extra = vec!["--socket-group", group];
+    let mut builder = Daemon::builder().arg("--socket-group", group);
     if let Some(admin) = admin {
-        extra.extend(["--admin-group", admin]);
+        builder = builder.arg("--admin-group", admin);
     }
-    let daemon = Daemon::start_with(&[], &extra)?;
+    let daemon = builder.start()?;
     std::fs::set_permissions(&daemon.dir, std::fs::Permissions::from_mode(0o755))?;
     let socket = std::fs::metadata(&daemon.socket)?;
     let gid = nix::unistd::Group::from_name(group)?
@@ -299,9 +299,9 @@ fn a_member_watches_their_own_processes_and_unregisters_their_own_analyses() -> 
         let events = daemon.events()?;
         Ok((!events.is_empty()).then_some(events))
     })?;
-    assert_eq!(events[0]["analysis_id"], "alice-exec");
-    assert_eq!(events[0]["uid"], alice.uid);
-    assert_eq!(events[0]["owner_uid"], alice.uid);
+    assert_eq!(events[0].record.analysis_id, "alice-exec");
+    assert_eq!(events[0].record.uid, alice.uid);
+    assert_eq!(events[0].record.owner_uid, Some(alice.uid));
 
     // register: her tree of two, both watched, both hers in dump-tree.
     let (mut tree, pids) = two_of(&alice)?;
@@ -586,7 +586,7 @@ fn without_its_group_the_socket_stays_root_only_and_the_daemon_says_so_once() ->
     let missing = format!("{}-missing", accounts.prefix);
     let other = accounts.group("sock")?;
     let dave = accounts.user("d", &[&other])?;
-    let daemon = Daemon::start_with(&[], &["--socket-group", &missing])?;
+    let daemon = Daemon::builder().arg("--socket-group", &missing).start()?;
     std::fs::set_permissions(&daemon.dir, std::fs::Permissions::from_mode(0o755))?;
     let socket = std::fs::metadata(&daemon.socket)?;
     assert_eq!(

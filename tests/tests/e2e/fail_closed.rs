@@ -21,14 +21,7 @@ struct Sqlite {
 
 impl Sqlite {
     fn blocked() -> Result<Self> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .subsec_nanos();
-        let root = std::env::temp_dir().join(format!(
-            "watchdog-failclosed-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&root)?;
+        let root = watchdog_tests::scratch_dir("failclosed")?;
         std::fs::write(root.join("db"), "not a directory")?;
         Ok(Self { root })
     }
@@ -50,34 +43,6 @@ impl Drop for Sqlite {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);
     }
-}
-
-/// Starts `argv`, registers it with a 1 s timeout and returns its pid once the daemon
-/// has recorded its kill (the store answers status only after taking the record).
-fn timeout_kill(daemon: &Daemon, argv: &[&str], id: &str) -> Result<u32> {
-    let kills = daemon.status()?.kills_total;
-    let mut process = Workload::spawn(argv[0], &argv[1..])?;
-    daemon.cli_ok(&[
-        "register",
-        "--pid",
-        &process.pid().to_string(),
-        "--analysis-id",
-        id,
-        "--timeout",
-        "1s",
-    ])?;
-    process.wait()?;
-    await_state("the kill recorded", || {
-        Ok((daemon.status()?.kills_total > kills).then_some(()))
-    })?;
-    Ok(process.pid())
-}
-
-fn await_spool(daemon: &Daemon, depth: usize) -> Result<watchdog_tests::Status> {
-    await_state(&format!("{depth} records spooled"), || {
-        let status = daemon.status()?;
-        Ok((status.database.spool_depth == depth).then_some(status))
-    })
 }
 
 fn spool_path(daemon: &Daemon) -> PathBuf {
@@ -122,9 +87,9 @@ fn await_replayed(daemon: &Daemon) -> Result<()> {
 #[test]
 fn a_torn_last_spool_line_is_cut_and_every_later_record_reaches_the_database_once() -> Result<()> {
     let db = Sqlite::blocked()?;
-    let mut daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
-    let first = timeout_kill(&daemon, &["sleep", "600"], "before-crash")?;
-    await_spool(&daemon, 1)?;
+    let mut daemon = Daemon::builder().database_url(db.url()).start()?;
+    let first = daemon.timeout_kill(&["sleep", "600"], "before-crash")?;
+    daemon.await_spool(1)?;
     daemon.crash()?;
     // A crash in the middle of the next append: half of a record after the whole one.
     let spool = spool_path(&daemon);
@@ -137,9 +102,9 @@ fn a_torn_last_spool_line_is_cut_and_every_later_record_reaches_the_database_onc
     let cut = format!("cut {} bytes of a torn last record", torn.len());
     assert_eq!(log.matches(&cut).count(), 1, "{log}");
     assert_eq!(daemon.status()?.database.spool_depth, 1);
-    let second = timeout_kill(&daemon, &["sleep", "600"], "after-1")?;
-    let third = timeout_kill(&daemon, &["sleep", "600"], "after-2")?;
-    await_spool(&daemon, 3)?;
+    let second = daemon.timeout_kill(&["sleep", "600"], "after-1")?;
+    let third = daemon.timeout_kill(&["sleep", "600"], "after-2")?;
+    daemon.await_spool(3)?;
     let lines = std::fs::read(&spool)?;
     for line in lines.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         serde_json::from_slice::<Value>(line).context("every spooled line parses")?;
@@ -172,9 +137,9 @@ fn a_spool_cut_inside_a_multibyte_character_does_not_stop_the_daemon() -> Result
     std::os::unix::fs::symlink(String::from_utf8(sleep.stdout)?.trim(), &sleeper)?;
     let sleeper = sleeper.to_str().context("a UTF-8 path")?;
 
-    let mut daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
-    let first = timeout_kill(&daemon, &[sleeper, "600"], "before-crash")?;
-    await_spool(&daemon, 1)?;
+    let mut daemon = Daemon::builder().database_url(db.url()).start()?;
+    let first = daemon.timeout_kill(&[sleeper, "600"], "before-crash")?;
+    daemon.await_spool(1)?;
     daemon.crash()?;
     let spool = spool_path(&daemon);
     let next = another_record(&spool, "torn")?;
@@ -196,9 +161,9 @@ fn a_spool_cut_inside_a_multibyte_character_does_not_stop_the_daemon() -> Result
         log.contains(&format!("cut {at} bytes of a torn last record")),
         "{log}"
     );
-    let second = timeout_kill(&daemon, &[sleeper, "600"], "after-1")?;
-    let third = timeout_kill(&daemon, &[sleeper, "600"], "after-2")?;
-    await_spool(&daemon, 3)?;
+    let second = daemon.timeout_kill(&[sleeper, "600"], "after-1")?;
+    let third = daemon.timeout_kill(&[sleeper, "600"], "after-2")?;
+    daemon.await_spool(3)?;
     // Requests that read the spool and the database are answered (the records wait in
     // the spool, marked so, and a warning says why only they are shown); the daemon
     // lives on.
@@ -221,7 +186,7 @@ fn a_spool_cut_inside_a_multibyte_character_does_not_stop_the_daemon() -> Result
     assert!(
         events
             .iter()
-            .all(|e| e["cmdline"].as_str().unwrap().contains("睡眠"))
+            .all(|e| e.record.cmdline.as_str().contains("睡眠"))
     );
     assert!(daemon.alive(), "the daemon never exited");
     eprintln!("cut {at} bytes inside '睡'; rows: 3 of 3, once each");
@@ -242,22 +207,14 @@ fn doomed_family(daemon: &Daemon, children: usize, id: &str) -> Result<(Workload
         .map(str::parse)
         .collect::<Result<_, _>>()?;
     pids.push(family.pid());
-    daemon.cli_ok(&[
-        "register",
-        "--pid",
-        &family.pid().to_string(),
-        "--analysis-id",
-        id,
-        "--timeout",
-        "1s",
-    ])?;
+    daemon.register_with(family.pid(), id, &["--timeout", "1s"])?;
     Ok((family, pids))
 }
 
 #[test]
 fn a_store_task_that_dies_stops_the_daemon_with_one_line_and_the_restart_loses_no_record()
 -> Result<()> {
-    let mut daemon = Daemon::start_with(&[], &["--test-faults"])?;
+    let mut daemon = Daemon::builder().flag("--test-faults").start()?;
     let db = daemon.dir.join("watchdog.db");
     await_state("the database connected", || {
         Ok((daemon.status()?.db == "ok").then_some(()))
@@ -323,11 +280,11 @@ fn the_store_fault_is_refused_without_test_faults() -> Result<()> {
 #[test]
 fn a_thousand_processes_killed_together_are_spooled_with_one_fsync_not_one_each() -> Result<()> {
     let db = Sqlite::blocked()?;
-    let daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
+    let daemon = Daemon::builder().database_url(db.url()).start()?;
     let before = daemon.status()?.database;
     let (mut family, pids) = doomed_family(&daemon, 999, "crowd")?;
     family.wait()?;
-    let status = await_spool(&daemon, pids.len())?;
+    let status = daemon.await_spool(pids.len())?;
     let (records, fsyncs) = (
         status.database.spooled_total - before.spooled_total,
         status.database.spool_fsyncs - before.spool_fsyncs,
@@ -390,7 +347,7 @@ impl Drop for Tmpfs {
 fn a_full_disk_leaves_no_partial_spool_line_and_holds_the_records_until_it_has_room() -> Result<()>
 {
     let db = Sqlite::blocked()?;
-    let mut daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
+    let mut daemon = Daemon::builder().database_url(db.url()).start()?;
     // The spool on a disk of its own: 64 KiB of tmpfs, through a link in the state dir.
     daemon.crash()?;
     let disk = Tmpfs::mount(db.root.join("disk"), "64k")?;
@@ -398,8 +355,8 @@ fn a_full_disk_leaves_no_partial_spool_line_and_holds_the_records_until_it_has_r
     std::fs::remove_file(&spool)?;
     std::os::unix::fs::symlink(disk.0.join("spool.jsonl"), &spool)?;
     daemon.start_again()?;
-    let first = timeout_kill(&daemon, &["sleep", "600"], "room")?;
-    await_spool(&daemon, 1)?;
+    let first = daemon.timeout_kill(&["sleep", "600"], "room")?;
+    daemon.await_spool(1)?;
     let whole = std::fs::read(&spool)?;
 
     disk.fill()?;
@@ -407,7 +364,7 @@ fn a_full_disk_leaves_no_partial_spool_line_and_holds_the_records_until_it_has_r
     let long = "x".repeat(6000);
     let python = watchdog_tests::python();
     let script = "import time; time.sleep(600)";
-    let second = timeout_kill(&daemon, &[python, "-c", script, &long], "no-room-1")?;
+    let second = daemon.timeout_kill(&[python, "-c", script, &long], "no-room-1")?;
     let status = await_state("the record held", || {
         let status = daemon.status()?;
         Ok((status.database.unspooled == 1).then_some(status))
@@ -422,7 +379,7 @@ fn a_full_disk_leaves_no_partial_spool_line_and_holds_the_records_until_it_has_r
         status.database
     );
     assert_eq!(std::fs::read(&spool)?, whole, "cut back: no partial line");
-    let third = timeout_kill(&daemon, &["sleep", "600"], "no-room-2")?;
+    let third = daemon.timeout_kill(&["sleep", "600"], "no-room-2")?;
     await_state("both records held", || {
         Ok((daemon.status()?.database.unspooled == 2).then_some(()))
     })?;
@@ -453,7 +410,7 @@ fn a_full_disk_leaves_no_partial_spool_line_and_holds_the_records_until_it_has_r
 #[test]
 fn a_record_the_database_refuses_for_good_is_set_aside_and_blocks_none_behind_it() -> Result<()> {
     let pg = watchdog_tests::pg::TestPostgres::start()?;
-    let daemon = Daemon::start_with(&[], &["--database-url", &pg.url()])?;
+    let daemon = Daemon::builder().database_url(pg.url()).start()?;
     await_state("the database connected", || {
         Ok((daemon.status()?.database.state == "ok").then_some(()))
     })?;
@@ -461,8 +418,8 @@ fn a_record_the_database_refuses_for_good_is_set_aside_and_blocks_none_behind_it
     pg.query(
         "ALTER TABLE watchdog_events ADD CONSTRAINT no_poison CHECK (analysis_id <> 'poison')",
     )?;
-    let poisoned = timeout_kill(&daemon, &["sleep", "600"], "poison")?;
-    let fine = timeout_kill(&daemon, &["sleep", "600"], "fine")?;
+    let poisoned = daemon.timeout_kill(&["sleep", "600"], "poison")?;
+    let fine = daemon.timeout_kill(&["sleep", "600"], "fine")?;
     let status = await_state("the spool drained past the refused record", || {
         let status = daemon.status()?;
         let drained = status.database.spool_depth == 0 && status.database.rejected == 1;

@@ -291,7 +291,10 @@ fn row(scenario: &str, watcher: &str, samples: &[Sample]) -> String {
 }
 
 fn main() -> Result<()> {
-    let daemon = Daemon::start_with(&[], &["--grace", "10s", "--poll-interval", "30s"])?;
+    let daemon = Daemon::builder()
+        .arg("--grace", "10s")
+        .arg("--poll-interval", "30s")
+        .start()?;
     println!("## 1-3. Detection latency: violation → SIGTERM handled by the victim\n");
     println!(
         "Milliseconds. Overshoot: RSS at SIGTERM ÷ the 200 MiB limit, median / max, for a victim growing at ~1 GiB/s (capped at 1.5 GiB).\n"

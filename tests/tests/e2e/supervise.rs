@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use watchdog_tests::{
-    Daemon, Workload, all_nodes, await_state, http_get, one_line_error, watchdog_bin,
+    Daemon, Workload, all_nodes, await_state, free_port, http_get, one_line_error, watchdog_bin,
 };
 
 #[test]
@@ -101,14 +101,11 @@ fn sd_notify_ready_after_attach_then_heartbeats_that_stop_when_the_loop_hangs() 
     let path = dir.join("notify.sock");
     let socket = UnixDatagram::bind(&path)?;
     // WatchdogSec=400ms: heartbeats every 200 ms.
-    let daemon = Daemon::start_full(
-        &[],
-        &["--test-faults"],
-        &[
-            ("NOTIFY_SOCKET", path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "400000"),
-        ],
-    )?;
+    let daemon = Daemon::builder()
+        .flag("--test-faults")
+        .env("NOTIFY_SOCKET", path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "400000")
+        .start()?;
     socket.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut buf = [0u8; 4096];
     let n = socket.recv(&mut buf)?;
@@ -165,30 +162,16 @@ fn sd_notify_ready_after_attach_then_heartbeats_that_stop_when_the_loop_hangs() 
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 const PARENT_AND_CHILD: &str = "import os, sys, time\nsys.stdin.readline()\nif os.fork() == 0:\n    time.sleep(600)\nos.write(1, b'forked\\n')\ntime.sleep(600)";
 
 #[test]
 fn status_and_metrics_count_a_scripted_scenario_and_the_metrics_parse() -> Result<()> {
     let port = free_port()?;
-    let daemon = Daemon::start_with(&[], &["--http", &format!("127.0.0.1:{port}")])?;
+    let daemon = Daemon::builder().http_port(port).start()?;
     let mut sleepers = Vec::new();
     for i in 0..2 {
         let sleeper = Workload::spawn("sleep", &["600"])?;
-        daemon.cli_ok(&[
-            "register",
-            "--pid",
-            &sleeper.pid().to_string(),
-            "--analysis-id",
-            &format!("t{i}"),
-            "--timeout",
-            "1s",
-        ])?;
+        daemon.register_with(sleeper.pid(), &format!("t{i}"), &["--timeout", "1s"])?;
         sleepers.push(sleeper);
     }
     let mut parent = Workload::python(PARENT_AND_CHILD, &[])?;
@@ -339,7 +322,9 @@ fn a_bad_config_file_is_refused_on_start_and_on_sighup_with_its_line() -> Result
     );
 
     write(&config, "grace = \"5s\"\ndefault-timeout = \"1h\"\n")?;
-    let daemon = Daemon::start_with(&[], &["--config", config.to_str().unwrap()])?;
+    let daemon = Daemon::builder()
+        .arg("--config", config.to_str().unwrap())
+        .start()?;
     assert_eq!(grace_ms(&daemon)?, 5000, "the file applies");
     assert_eq!(
         daemon.status()?.settings.defaults.map(|d| d.timeout_ms),
@@ -380,10 +365,10 @@ fn a_bad_config_file_is_refused_on_start_and_on_sighup_with_its_line() -> Result
     })?;
     drop(daemon);
 
-    let flags_win = Daemon::start_with(
-        &[],
-        &["--config", config.to_str().unwrap(), "--grace", "3s"],
-    )?;
+    let flags_win = Daemon::builder()
+        .arg("--config", config.to_str().unwrap())
+        .arg("--grace", "3s")
+        .start()?;
     assert_eq!(grace_ms(&flags_win)?, 3000, "flags win over the file");
     drop(flags_win);
     std::fs::remove_dir_all(&dir)?;

@@ -12,7 +12,9 @@ use nix::{
     unistd::Pid,
 };
 use serde_json::Value;
-use watchdog_tests::{Daemon, Workload, alive, alive_in_group, all_nodes, await_state, bpf};
+use watchdog_tests::{
+    Daemon, Reason, Workload, alive, alive_in_group, all_nodes, await_state, bpf, free_port,
+};
 
 /// The root forks a middle child with a grandchild, then a new child every 100 ms.
 const FORKS_CONTINUOUSLY: &str = r#"
@@ -34,28 +36,13 @@ while True:
     time.sleep(0.1)
 "#;
 
-fn record_for(daemon: &Daemon, pid: u32) -> Result<Value> {
-    await_state(&format!("a record for {pid}"), || {
-        let records: Vec<Value> = daemon.events()?;
-        Ok(records.into_iter().find(|r| r["pid"] == pid))
-    })
-}
-
 #[test]
 fn a_crashed_daemon_restarts_with_every_gap_fork_watched_and_acts_on_the_gap() -> Result<()> {
     let mut daemon = Daemon::start()?;
     let mut work = Workload::python(FORKS_CONTINUOUSLY, &[])?;
     daemon.register(work.pid(), "recover")?;
     let sleeper = Workload::spawn("sleep", &["600"])?;
-    daemon.cli_ok(&[
-        "register",
-        "--pid",
-        &sleeper.pid().to_string(),
-        "--analysis-id",
-        "deadline",
-        "--timeout",
-        "2s",
-    ])?;
+    daemon.register_with(sleeper.pid(), "deadline", &["--timeout", "2s"])?;
     work.send("go")?;
     let (mut middle, mut grandchild) = (0u32, 0u32);
     while middle == 0 || grandchild == 0 {
@@ -106,15 +93,15 @@ fn a_crashed_daemon_restarts_with_every_gap_fork_watched_and_acts_on_the_gap() -
         "the dead middle is gone"
     );
 
-    let orphan = record_for(&daemon, grandchild)?;
-    assert_eq!(orphan["reason"], "orphan");
+    let orphan = daemon.await_record_for(grandchild)?;
+    assert_eq!(orphan.record.reason, Reason::Orphan);
     await_state("the orphan killed", || {
         Ok((!alive(grandchild)).then_some(()))
     })?;
 
-    let timeout = record_for(&daemon, sleeper.pid())?;
-    assert_eq!(timeout["reason"], "timeout");
-    let sigterm = humantime::parse_rfc3339(timeout["signals"][0]["at"].as_str().unwrap())?;
+    let timeout = daemon.await_record_for(sleeper.pid())?;
+    assert_eq!(timeout.record.reason, Reason::Timeout);
+    let sigterm = humantime::parse_rfc3339(&timeout.record.signals[0].at)?;
     assert!(
         sigterm.duration_since(restarted)? < Duration::from_secs(5),
         "the passed deadline is enforced at once"
@@ -155,7 +142,7 @@ fn fresh_drops_the_pinned_state_deliberately() -> Result<()> {
 /// daemon resuming the programs reads them. No program fails in normal work.
 #[test]
 fn with_kernel_log_the_programs_load_follow_forks_and_resume() -> Result<()> {
-    let mut daemon = Daemon::start_with(&[], &["--kernel-log"])?;
+    let mut daemon = Daemon::builder().flag("--kernel-log").start()?;
     let mut work = Workload::python(FORKS_CONTINUOUSLY, &[])?;
     daemon.register(work.pid(), "logged")?;
     work.send("go")?;
@@ -251,24 +238,17 @@ fn http_ok(port: u16, path: &str) -> Result<String> {
 /// after its registration are tracked, and its timeout kills them all.
 fn new_analysis_is_enforced(daemon: &Daemon) -> Result<()> {
     let mut work = Workload::python(FORKS_ON_DEMAND, &[])?;
-    daemon.cli_ok(&[
-        "register",
-        "--pid",
-        &work.pid().to_string(),
-        "--analysis-id",
-        "after",
-        "--timeout",
-        "3s",
-        "--grace",
-        "1s",
-    ])?;
+    daemon.register_with(work.pid(), "after", &["--timeout", "3s", "--grace", "1s"])?;
     let children = [fork_child(&mut work)?, fork_child(&mut work)?];
     await_in_tree(daemon, "after", &children)?;
     await_state("the timeout to kill the new analysis, children too", || {
         Ok(alive_in_group(work.pid()).is_empty().then_some(()))
     })?;
     for child in children {
-        assert_eq!(record_for(daemon, child)?["reason"], "timeout");
+        assert_eq!(
+            daemon.await_record_for(child)?.record.reason,
+            Reason::Timeout
+        );
     }
     Ok(())
 }
@@ -277,10 +257,8 @@ fn new_analysis_is_enforced(daemon: &Daemon) -> Result<()> {
 /// what its bytes mean), says so in one line, counts it, and starts afresh.
 #[test]
 fn pins_of_another_layout_are_dropped_said_and_counted_and_nothing_is_read() -> Result<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut daemon = Daemon::start_with(&[], &["--http", &format!("127.0.0.1:{port}")])?;
+    let port = free_port()?;
+    let mut daemon = Daemon::builder().http_port(port).start()?;
     let before = Workload::spawn("sleep", &["600"])?;
     daemon.register(before.pid(), "before")?;
     daemon.crash()?;
@@ -353,17 +331,11 @@ fn a_pinned_map_of_another_shape_is_dropped_and_the_saved_analyses_kept() -> Res
 fn a_map_swapped_under_pinned_links_is_caught_and_a_surviving_analysis_rewatched() -> Result<()> {
     let mut daemon = Daemon::start()?;
     let mut survivor = Workload::python(FORKS_ON_DEMAND, &[])?;
-    daemon.cli_ok(&[
-        "register",
-        "--pid",
-        &survivor.pid().to_string(),
-        "--analysis-id",
+    daemon.register_with(
+        survivor.pid(),
         "survivor",
-        "--timeout",
-        "8s",
-        "--grace",
-        "1s",
-    ])?;
+        &["--timeout", "8s", "--grace", "1s"],
+    )?;
     let old_child = fork_child(&mut survivor)?;
     await_in_tree(&daemon, "survivor", &[survivor.pid(), old_child])?;
     let deadline = deadline_ms(&daemon, "survivor")?;
@@ -400,16 +372,16 @@ fn a_map_swapped_under_pinned_links_is_caught_and_a_surviving_analysis_rewatched
     await_state("the survivor's timeout to kill it all", || {
         Ok(alive_in_group(survivor.pid()).is_empty().then_some(()))
     })?;
-    let record = record_for(&daemon, new_child)?;
-    assert_eq!(record["reason"], "timeout");
-    let sigterm = humantime::parse_rfc3339(record["signals"][0]["at"].as_str().unwrap())?;
+    let record = daemon.await_record_for(new_child)?;
+    assert_eq!(record.record.reason, Reason::Timeout);
+    let sigterm = humantime::parse_rfc3339(&record.record.signals[0].at)?;
     let sigterm_ms = sigterm.duration_since(SystemTime::UNIX_EPOCH)?.as_millis() as u64;
     assert!(
         sigterm_ms >= deadline && sigterm_ms < deadline + 2000,
         "killed at the deadline registered before the swap ({deadline}), not later: {sigterm_ms}"
     );
     for pid in [survivor.pid(), old_child] {
-        assert_eq!(record_for(&daemon, pid)?["reason"], "timeout");
+        assert_eq!(daemon.await_record_for(pid)?.record.reason, Reason::Timeout);
     }
     Ok(())
 }

@@ -6,8 +6,10 @@
 //! comes to it: the killed holder's zombies go there, as they would go to a reaping init.
 
 use anyhow::Result;
-use serde_json::Value;
-use watchdog_tests::{Daemon, TreeNode, Workload, alive, all_nodes, await_state, http_get};
+use watchdog_tests::{
+    Daemon, EventRecord, Reason, TreeNode, Workload, alive, all_nodes, await_state, free_port,
+    http_get,
+};
 
 /// The test's subreaper: forks the holder (printing its pid), then reaps every child
 /// and every orphan handed to it until none is left. The holder reads a number N,
@@ -110,21 +112,21 @@ fn a_process_holding_more_zombies_than_its_limit_is_killed_and_its_zombies_are_g
     let daemon = Daemon::start()?;
     let (_work, holder, kids) = holder_with_zombies(&daemon, "zombie-pile", 5, 8)?;
 
-    let record: Value = await_state("the holder's kill record", || {
+    let record: EventRecord = await_state("the holder's kill record", || {
         Ok(daemon
             .events()?
             .into_iter()
-            .find(|r| r["pid"] == holder && r["reason"] == "zombies"))
+            .find(|r| r.record.pid == holder && r.record.reason == Reason::Zombies))
     })?;
-    let held = record["zombies"].as_u64().unwrap();
+    let held = record.record.zombies.expect("a zombies record counts them");
     assert!(
         held > 5 && held <= kids.len() as u64 && kids.len() <= 8,
-        "{record} with {} forked",
+        "{record:?} with {} forked",
         kids.len()
     );
-    assert_eq!(record["limit"], 5);
-    assert_eq!(record["analysis_id"], "zombie-pile");
-    assert_eq!(record["signals"][0]["signal"], "SIGTERM");
+    assert_eq!(record.record.limit, Some(5));
+    assert_eq!(record.record.analysis_id, "zombie-pile");
+    assert_eq!(record.record.signals[0].signal, "SIGTERM");
     assert!(!alive(holder), "the holder is dead");
     // Handed to the subreaper, which reaps them: no zombie of it is left.
     await_state("its zombies reaped", || {
@@ -144,10 +146,8 @@ fn a_process_holding_more_zombies_than_its_limit_is_killed_and_its_zombies_are_g
 
 #[test]
 fn zombies_under_the_limit_are_shown_marked_and_nothing_is_killed() -> Result<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let daemon = Daemon::start_with(&[], &["--http", &format!("127.0.0.1:{port}")])?;
+    let port = free_port()?;
+    let daemon = Daemon::builder().http_port(port).start()?;
     let (mut work, holder, mut kids) = holder_with_zombies(&daemon, "few-zombies", 5, 3)?;
     kids.sort_unstable();
     assert_eq!(kids.len(), 3, "all forked");
@@ -178,7 +178,12 @@ fn zombies_under_the_limit_are_shown_marked_and_nothing_is_killed() -> Result<()
     assert!(metrics.contains("\nwatchdog_zombies 3\n"), "{metrics}");
     // Seen, counted, under the limit: nothing is done.
     assert!(alive(holder));
-    assert!(daemon.events()?.iter().all(|r| r["reason"] != "zombies"));
+    assert!(
+        daemon
+            .events()?
+            .iter()
+            .all(|r| r.record.reason != Reason::Zombies)
+    );
 
     // Once the holder waits for them, the daemon sees them go.
     work.send("reap")?;

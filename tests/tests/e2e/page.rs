@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use headless_chrome::{Browser, LaunchOptions, Tab, protocol::cdp::Page};
 use serde_json::Value;
-use watchdog_tests::{Daemon, Workload, await_state, free_port, http_get};
+use watchdog_tests::{Daemon, Reason, Workload, await_state, free_port, http_get};
 
 /// Debian's chromium: `cargo xtask test` installs it when missing.
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -161,15 +161,10 @@ fn shown_ids(page: &PageUnderTest) -> Result<Vec<String>> {
 
 fn start_daemon(port: u16) -> Result<Daemon> {
     // A poll every second: the sparklines get a sample a second.
-    Daemon::start_with(
-        &[],
-        &[
-            "--http",
-            &format!("127.0.0.1:{port}"),
-            "--poll-interval",
-            "1s",
-        ],
-    )
+    Daemon::builder()
+        .http_port(port)
+        .arg("--poll-interval", "1s")
+        .start()
 }
 
 #[test]
@@ -191,7 +186,7 @@ fn the_page_shows_analyses_and_kills_and_follows_a_registration_without_reloadin
         let events = daemon.events()?;
         Ok(events
             .iter()
-            .any(|e| e["analysis_id"] == "doomed" && e["reason"] == "timeout")
+            .any(|e| e.record.analysis_id == "doomed" && e.record.reason == Reason::Timeout)
             .then_some(()))
     })?;
 
@@ -346,7 +341,7 @@ fn an_empty_daemon_a_long_id_and_thousands_of_processes_all_render() -> Result<(
             CROWD_SIZE + 1
         ),
     )?;
-    let rows = watchdog_user::api::overview::TREE_ROWS;
+    let rows = watchdog_tests::TREE_ROWS;
     assert_eq!(
         shown,
         serde_json::json!({"rows": rows, "more": format!("{} more processes not listed", CROWD_SIZE + 1 - rows), "open": false})

@@ -7,17 +7,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use watchdog_tests::{
-    Daemon,
-    bench::{self, PauseTree, percentile},
-};
-use watchdog_user::{
-    api::{
-        client,
-        protocol::{Reply, Request},
-    },
-    vocab::limits::LimitOverrides,
-};
+use watchdog_bench::{self as bench, PauseTree, percentile};
+use watchdog_tests::{Daemon, LimitOverrides, Reply, Request, client};
 
 /// Unrelated idle processes added to the host.
 const CROWD: usize = 2_000;
@@ -43,7 +34,7 @@ fn main() -> Result<()> {
     }
     bench::install_interrupt_cleanup()?;
     // The reconcile poll must not land inside a measured round trip.
-    let daemon = Daemon::start_with(&[], &["--poll-interval", "1h"])?;
+    let daemon = Daemon::builder().arg("--poll-interval", "1h").start()?;
     bench::on_interrupt_remove(&daemon);
     let quiet = measure(&daemon, &[], QUIET_RUNS, "quiet", "one process, quiet host")?;
     let crowd = PauseTree::ready(&[CROWD], READY_WITHIN)?;

@@ -18,12 +18,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
-use watchdog_tests::{Daemon, Status, http_get, watchdog_bin};
+use watchdog_tests::{Daemon, MAX_CONNECTIONS, Status, free_port, http_get, watchdog_bin};
 
 const MIB: usize = 1 << 20;
 /// Idle connections opened at once: well over the daemon's 1,024.
 const IDLE: usize = 5_000;
-const CAP: usize = watchdog_user::api::control::MAX_CONNECTIONS;
+const CAP: usize = MAX_CONNECTIONS;
 /// How long `status` may take before the test calls it a hang.
 const STATUS_WITHIN: Duration = Duration::from_secs(5);
 
@@ -37,8 +37,15 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-/// This test's own descriptors must hold thousands of connections.
+/// This test's own descriptors must hold thousands of connections. The limit is the
+/// whole suite's process's: two tests raising it at once could each read the old soft
+/// limit and the smaller need win, so the read and the raise are one step, and it only
+/// ever goes up.
 fn raise_nofile(need: u64) -> Result<()> {
+    static RAISING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = RAISING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     if soft < need {
         if hard < need {
@@ -47,12 +54,6 @@ fn raise_nofile(need: u64) -> Result<()> {
         setrlimit(Resource::RLIMIT_NOFILE, need, hard)?;
     }
     Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// `status --json` through the CLI, with a deadline: a hang fails the test.
@@ -178,7 +179,7 @@ fn a_huge_line_invalid_utf8_and_5000_idle_connections_each_get_their_error_in_bo
 -> Result<()> {
     raise_nofile(IDLE as u64 + 1_000)?;
     let port = free_port()?;
-    let daemon = Daemon::start_with(&[], &["--http", &format!("127.0.0.1:{port}")])?;
+    let daemon = Daemon::builder().http_port(port).start()?;
     let pid = daemon.pid();
     timed_status(&daemon)?;
     let rss_before = rss_kib(pid)?;
@@ -316,7 +317,7 @@ fn a_huge_line_invalid_utf8_and_5000_idle_connections_each_get_their_error_in_bo
 #[test]
 fn with_every_connection_busy_a_new_client_is_refused_at_once() -> Result<()> {
     raise_nofile(CAP as u64 + 1_000)?;
-    let daemon = Daemon::start_with(&[], &["--test-faults"])?;
+    let daemon = Daemon::builder().flag("--test-faults").start()?;
     let stall = daemon.request(r#"{"op":"stall","ms":8000}"#)?;
     assert_eq!(stall["ok"]["kind"], "stalling", "{stall}");
     let mut busy = Vec::with_capacity(CAP);
@@ -349,7 +350,7 @@ fn with_every_connection_busy_a_new_client_is_refused_at_once() -> Result<()> {
 #[test]
 fn the_http_listener_serves_reads_only() -> Result<()> {
     let port = free_port()?;
-    let daemon = Daemon::start_with(&[], &["--http", &format!("127.0.0.1:{port}")])?;
+    let daemon = Daemon::builder().http_port(port).start()?;
     for path in [
         "/status",
         "/metrics",

@@ -14,7 +14,8 @@ use nix::{
     sys::wait::waitpid,
     unistd::{ForkResult, fork},
 };
-use watchdog_tests::{Daemon, Workload, await_state, bench::figure, python};
+use watchdog_bench::figure;
+use watchdog_tests::{Daemon, Workload, await_state, python};
 
 const SPAWNS: usize = 1000;
 const RUNS: usize = 5;
@@ -57,7 +58,7 @@ fn rss_kib(pid: u32) -> Result<u64> {
 
 /// utime + stime of a process, in ms.
 fn cpu_ms(pid: u32) -> Result<f64> {
-    Ok(watchdog_tests::bench::cpu_seconds(pid)? * 1000.0)
+    Ok(watchdog_bench::cpu_seconds(pid)? * 1000.0)
 }
 
 /// With `forker` as argv[1]: waits for a line, forks `n` children that each wait for
@@ -108,7 +109,7 @@ fn pss_cost(daemon: &Daemon) -> Result<f64> {
         let started = Instant::now();
         let read = pids
             .iter()
-            .filter(|&&pid| watchdog_user::os::procs::pss_bytes(pid).is_some())
+            .filter(|&&pid| watchdog_tests::pss_bytes(pid).is_some())
             .count();
         anyhow::ensure!(
             read == pids.len(),
@@ -128,10 +129,10 @@ fn main() -> Result<()> {
     // 5. Overhead.
     let bare = spawn_cost()?;
     // 10,000 watched processes in one analysis: past the default process limit.
-    let daemon = Daemon::start_with(
-        &[],
-        &["--poll-interval", "1s", "--default-max-processes", "0"],
-    )?;
+    let daemon = Daemon::builder()
+        .arg("--poll-interval", "1s")
+        .arg("--default-max-processes", "0")
+        .start()?;
     let idle_rss = rss_kib(daemon.pid())?;
     let attached = spawn_cost()?;
     let mut storm = spawn_forker(20_000, true)?;
@@ -145,7 +146,7 @@ fn main() -> Result<()> {
     })?;
     let events = (status.forks_seen + status.exits_seen) as f64;
     let cpu_per_1000 = (cpu_ms(daemon.pid())? - cpu_before) * 1000.0 / events;
-    // ms per 1,000 events is µs per event, the unit its target is stated in.
+    // ms per 1,000 events is µs per event, the unit issue 9 states its target in.
     figure("cpu_per_event_us", format!("{cpu_per_1000:.1}"));
     drop(storm);
     println!("## 5. Overhead\n");

@@ -2,7 +2,7 @@
 //! subreaper the analysis runs itself is not one.
 
 use anyhow::Result;
-use watchdog_tests::{Daemon, Workload, alive, all_nodes, await_state};
+use watchdog_tests::{Daemon, Reason, Workload, alive, all_nodes, await_state};
 
 /// Becomes a subreaper when argv[1] is "subreaper"; once told, forks a child that forks
 /// a grandchild, prints the grandchild's pid and exits; reaps the child and sleeps.
@@ -47,14 +47,14 @@ fn a_grandchild_adopted_by_the_analysis_subreaper_lives_on_and_one_reparented_to
     let (_plain, orphan) = start(&daemon, "plain")?;
     let record = await_state("the orphan's kill record", || {
         let records = daemon.events()?;
-        Ok(records.into_iter().find(|r| r["pid"] == orphan))
+        Ok(records.into_iter().find(|r| r.record.pid == orphan))
     })?;
-    assert_eq!(record["reason"], "orphan");
+    assert_eq!(record.record.reason, Reason::Orphan);
     await_state("the orphan gone", || Ok((!alive(orphan)).then_some(())))?;
     assert!(alive(adopted), "the adopted grandchild was never signalled");
     let records = daemon.events()?;
     assert!(
-        records.iter().all(|r| r["analysis_id"] != "subreaper"),
+        records.iter().all(|r| r.record.analysis_id != "subreaper"),
         "no record for the subreaper's analysis: {records:?}"
     );
     Ok(())

@@ -3,11 +3,10 @@
 //! before its SIGTERM comes. The script's own file proves the order (the warning's
 //! handler writes first, the SIGTERM handler appends), and the records agree.
 
-use std::{path::Path, time::SystemTime};
+use std::path::Path;
 
 use anyhow::Result;
-use serde_json::Value;
-use watchdog_tests::{Daemon, await_state, python};
+use watchdog_tests::{Daemon, EventRecord, Outcome, Reason, await_state, python, time_of};
 
 /// A bash script that checkpoints on SIGUSR1 and appends "sigterm" on SIGTERM.
 const CHECKPOINTING_SHELL: &str = r#"
@@ -36,28 +35,24 @@ for _ in range(100):
 note("survived")
 "#;
 
-fn time_of(text: &Value) -> SystemTime {
-    humantime::parse_rfc3339(text.as_str().unwrap()).unwrap()
-}
-
 /// The records of analysis `id`: its one warning, and the kill of the process warned.
-fn warning_and_kill(daemon: &Daemon, id: &str, kill_reason: &str) -> Result<(Value, Value)> {
-    let records: Vec<Value> = daemon
-        .events()?
-        .into_iter()
-        .filter(|r| r["analysis_id"] == id)
-        .collect();
-    let warnings: Vec<&Value> = records
+fn warning_and_kill(
+    daemon: &Daemon,
+    id: &str,
+    kill_reason: Reason,
+) -> Result<(EventRecord, EventRecord)> {
+    let records = daemon.events_of(id)?;
+    let warnings: Vec<&EventRecord> = records
         .iter()
-        .filter(|r| r["reason"] == "warning")
+        .filter(|r| r.record.reason == Reason::Warning)
         .collect();
     let [warning] = warnings[..] else {
         anyhow::bail!("not one warning: {records:?}");
     };
     let kill = records
         .iter()
-        .find(|r| r["reason"] == kill_reason && r["pid"] == warning["pid"])
-        .ok_or_else(|| anyhow::anyhow!("no {kill_reason} kill of the root: {records:?}"))?;
+        .find(|r| r.record.reason == kill_reason && r.record.pid == warning.record.pid)
+        .ok_or_else(|| anyhow::anyhow!("no {kill_reason:?} kill of the root: {records:?}"))?;
     Ok((warning.clone(), kill.clone()))
 }
 
@@ -91,13 +86,13 @@ fn a_script_trapping_the_warning_checkpoints_before_its_timeouts_sigterm() -> Re
         ["checkpoint", "sigterm"],
         "the checkpoint came first"
     );
-    let (warning, kill) = warning_and_kill(&daemon, "warned-timeout", "timeout")?;
-    assert_eq!(warning["outcome"], "warned");
-    assert_eq!(warning["warned_of"], "timeout");
-    assert_eq!(warning["limit"], 3000);
-    assert_eq!(warning["signals"][0]["signal"], "SIGUSR1");
-    let warned_at = time_of(&warning["signals"][0]["at"]);
-    let sigterm_at = time_of(&kill["signals"][0]["at"]);
+    let (warning, kill) = warning_and_kill(&daemon, "warned-timeout", Reason::Timeout)?;
+    assert_eq!(warning.record.outcome, Outcome::Warned);
+    assert_eq!(warning.record.warned_of, Some(Reason::Timeout));
+    assert_eq!(warning.record.limit, Some(3000));
+    assert_eq!(warning.record.signals[0].signal, "SIGUSR1");
+    let warned_at = time_of(&warning.record.signals[0].at);
+    let sigterm_at = time_of(&kill.record.signals[0].at);
     let ahead = sigterm_at.duration_since(warned_at)?;
     assert!(ahead.as_millis() >= 1000, "warned {ahead:?} ahead");
     assert_eq!(daemon.status()?.kills_by_reason["warning"], 1);
@@ -132,18 +127,18 @@ fn a_script_trapping_the_warning_checkpoints_before_its_memory_kill() -> Result<
     );
     assert_eq!(lines(&out_file)?, ["checkpoint", "sigterm"]);
     let (warning, kill) = await_state("the warning and kill records", || {
-        Ok(warning_and_kill(&daemon, "warned-memory", "memory").ok())
+        Ok(warning_and_kill(&daemon, "warned-memory", Reason::Memory).ok())
     })?;
-    assert_eq!(warning["warned_of"], "memory");
-    assert_eq!(warning["limit"], 300u64 << 20);
-    assert_eq!(warning["signals"][0]["signal"], "SIGUSR2");
-    let rss_warned = warning["rss_bytes"].as_u64().unwrap();
+    assert_eq!(warning.record.warned_of, Some(Reason::Memory));
+    assert_eq!(warning.record.limit, Some(300u64 << 20));
+    assert_eq!(warning.record.signals[0].signal, "SIGUSR2");
+    let rss_warned = warning.record.rss_bytes;
     assert!(rss_warned >= 150 << 20, "warned at {rss_warned} bytes");
-    assert!(time_of(&warning["signals"][0]["at"]) <= time_of(&kill["signals"][0]["at"]));
+    assert!(time_of(&warning.record.signals[0].at) <= time_of(&kill.record.signals[0].at));
     eprintln!(
         "figures: warned at {} MiB, killed at {} MiB (limit 300 MiB, warning at 50%)",
         rss_warned >> 20,
-        kill["rss_bytes"].as_u64().unwrap() >> 20
+        kill.record.rss_bytes >> 20
     );
     Ok(())
 }

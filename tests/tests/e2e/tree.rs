@@ -186,8 +186,8 @@ fn exec_watches_a_forking_pipeline_and_passes_its_exit_code_through() -> Result<
 fn the_programs_load_in_a_mount_namespace_without_tracefs() -> Result<()> {
     let hide_tracefs = "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug 2>/dev/null; \
         if grep -qw tracefs /proc/self/mounts; then echo 'tracefs still mounted' >&2; exit 99; fi; exec \"$@\"";
-    let daemon = Daemon::start_with(
-        &[
+    let daemon = Daemon::builder()
+        .wrapper(&[
             "unshare",
             "--mount",
             "--propagation",
@@ -196,9 +196,8 @@ fn the_programs_load_in_a_mount_namespace_without_tracefs() -> Result<()> {
             "-c",
             hide_tracefs,
             "sh",
-        ],
-        &[],
-    )?;
+        ])
+        .start()?;
     let mounts = std::fs::read_to_string(format!("/proc/{}/mounts", daemon_pid_of(&daemon)?))?;
     assert!(
         !mounts.contains("tracefs"),
@@ -249,7 +248,10 @@ sys.stdin.readline()
 
 #[test]
 fn lost_events_are_counted_and_the_tree_is_repaired_from_the_kernel_map() -> Result<()> {
-    let daemon = Daemon::start_with(&[], &["--ring-bytes", "4096", "--test-faults"])?;
+    let daemon = Daemon::builder()
+        .arg("--ring-bytes", "4096")
+        .flag("--test-faults")
+        .start()?;
     let mut work = Workload::python(STORM_KEEPING_TWO, &[])?;
     daemon.register(work.pid(), "lossy")?;
     let stall = daemon.request(r#"{"op":"stall","ms":3000}"#)?;

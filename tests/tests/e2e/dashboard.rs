@@ -12,7 +12,7 @@ use promql_parser::{
 use serde_json::Value;
 use watchdog_tests::{Daemon, free_port, http_get};
 
-const DASHBOARD: &str = include_str!("../../deploy/grafana/watchdog.json");
+const DASHBOARD: &str = include_str!("../../../deploy/grafana/watchdog.json");
 
 /// Grafana's own range variables, which Prometheus never sees: a stand-in for parsing.
 const GRAFANA_RANGES: [&str; 3] = ["$__rate_interval", "$__interval", "$__range"];
@@ -95,7 +95,7 @@ fn exported(metrics: &str) -> BTreeSet<String> {
 #[test]
 fn the_dashboard_queries_only_what_the_daemon_exports() -> Result<()> {
     let port = free_port()?;
-    let daemon = Daemon::start_with(&[], &["--http", &format!("127.0.0.1:{port}")])?;
+    let daemon = Daemon::builder().http_port(port).start()?;
     let (code, metrics) = http_get(port, "/metrics")?;
     assert_eq!(code, 200);
     let exported = exported(&metrics);

@@ -12,11 +12,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use watchdog_tests::{
-    Daemon, await_state,
-    bench::{self, PauseTree, figure, percentile},
-    free_port,
-};
+use watchdog_bench::{self as bench, PauseTree, figure, percentile};
+use watchdog_tests::{Daemon, await_state, free_port};
 
 /// 100 children of the root, each forking 99: 100 + 9,900 = 10,000 descendants.
 const CROWD: [usize; 2] = [100, 99];
@@ -106,17 +103,11 @@ fn main() -> Result<()> {
     let load = std::fs::read_to_string("/proc/loadavg")?;
     let load = load.split_whitespace().next().unwrap_or("?").to_string();
     let port = free_port()?;
-    let daemon = Daemon::start_with(
-        &[],
-        &[
-            "--http",
-            &format!("127.0.0.1:{port}"),
-            "--poll-interval",
-            "1s",
-            "--default-max-processes",
-            "0",
-        ],
-    )?;
+    let daemon = Daemon::builder()
+        .http_port(port)
+        .arg("--poll-interval", "1s")
+        .arg("--default-max-processes", "0")
+        .start()?;
     bench::on_interrupt_remove(&daemon);
 
     let mut doomed = PauseTree::ready(&DOOMED, Duration::from_secs(30))?;

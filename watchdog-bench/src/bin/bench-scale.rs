@@ -15,17 +15,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use watchdog_tests::{
-    Daemon, Status,
-    bench::{self, PauseTree, call_within, cpu_seconds, percentile, rss_mib},
-};
-use watchdog_user::{
-    api::{
-        client,
-        protocol::{Reply, Request},
-    },
-    vocab::limits::LimitOverrides,
-};
+use watchdog_bench::{self as bench, PauseTree, call_within, cpu_seconds, percentile, rss_mib};
+use watchdog_tests::{Daemon, LimitOverrides, Reply, Request, Status, client};
 
 /// 100 children of the root, each forking 999: 100 + 99,900 = 100,000 descendants.
 /// A tree forks on both cores at once, and no process has more than 999 children.
@@ -81,10 +72,10 @@ struct Run {
 fn run() -> Result<Run> {
     // No reconcile poll during the run: the figures are the event path's. One analysis
     // of 100,000 processes is far past the default process limit: none here.
-    let daemon = Daemon::start_with(
-        &[],
-        &["--poll-interval", "1h", "--default-max-processes", "0"],
-    )?;
+    let daemon = Daemon::builder()
+        .arg("--poll-interval", "1h")
+        .arg("--default-max-processes", "0")
+        .start()?;
     bench::on_interrupt_remove(&daemon);
     let idle_rss_mib = rss_mib(daemon.pid())?;
     let mut tree = PauseTree::spawn(&SHAPE, true)?;

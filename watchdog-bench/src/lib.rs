@@ -29,9 +29,7 @@ use nix::{
     },
     unistd::{ForkResult, Pid, fork},
 };
-use watchdog_user::api::protocol::{Reply, Request, Response};
-
-use crate::Daemon;
+use watchdog_tests::{Daemon, Reply, Request, Response};
 
 /// Records one figure for the summary: `KEY=VALUE` appended to the file named by
 /// `WATCHDOG_BENCH_FIGURES` (set by `cargo xtask bench`); nothing when it is unset, so
@@ -295,7 +293,7 @@ fn idle() -> ! {
     }
 }
 
-/// One request over the control socket, like `watchdog_user::api::client::call`, but giving
+/// One request over the control socket, like `client::call`, but giving
 /// up after `timeout`: a bench watching a daemon that stopped answering must still end.
 pub fn call_within(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply> {
     let stream = UnixStream::connect(socket)?;

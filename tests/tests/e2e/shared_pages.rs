@@ -3,7 +3,7 @@
 //! are killed.
 
 use anyhow::Result;
-use watchdog_tests::{Daemon, Workload, alive_in_group, await_state};
+use watchdog_tests::{Daemon, Reason, Workload, alive_in_group, await_state};
 
 /// A parent touches 200 MiB, forks 3 workers that share it; with argv[1] == "write"
 /// each worker then writes to every page (its own copy). Prints "ready" when the
@@ -41,7 +41,7 @@ fn pool(daemon: &Daemon, mode: &str) -> Result<Workload> {
 #[test]
 fn a_pool_sharing_its_parents_data_lives_under_a_tree_limit_its_summed_rss_crosses() -> Result<()> {
     // Writes to shared pages change no RSS counter: the poll is what sees them.
-    let daemon = Daemon::start_with(&[], &["--poll-interval", "1s"])?;
+    let daemon = Daemon::builder().arg("--poll-interval", "1s").start()?;
     let mut shared = pool(&daemon, "share")?;
     assert_eq!(shared.read_line()?, "ready");
     let rss_sum: u64 = await_state("the shared pool's RSS over 500 MiB", || {
@@ -57,12 +57,14 @@ fn a_pool_sharing_its_parents_data_lives_under_a_tree_limit_its_summed_rss_cross
         let records: Vec<_> = daemon
             .events()?
             .into_iter()
-            .filter(|r| r["analysis_id"] == "write")
+            .filter(|r| r.record.analysis_id == "write")
             .collect();
         Ok((records.len() == 4).then_some(records))
     })?;
     assert!(
-        records.iter().all(|r| r["reason"] == "tree_memory"),
+        records
+            .iter()
+            .all(|r| r.record.reason == Reason::TreeMemory),
         "{records:?}"
     );
     await_state("nothing of the writing pool left", || {
@@ -75,7 +77,10 @@ fn a_pool_sharing_its_parents_data_lives_under_a_tree_limit_its_summed_rss_cross
         "the sharing pool lives"
     );
     assert!(
-        daemon.events()?.iter().all(|r| r["analysis_id"] != "share"),
+        daemon
+            .events()?
+            .iter()
+            .all(|r| r.record.analysis_id != "share"),
         "no record for the sharing pool"
     );
     eprintln!(

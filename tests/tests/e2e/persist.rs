@@ -3,10 +3,9 @@
 use std::process::Command;
 
 use anyhow::Result;
-use serde_json::Value;
 use watchdog_tests::{
-    Daemon, GROWER, Workload, await_state, one_line_error, pg::TestPostgres, spooled_events,
-    sqlite_query, watchdog_bin,
+    Daemon, EventRecord, GROWER, Outcome, Reason, Workload, await_state, one_line_error,
+    pg::TestPostgres, spooled_events, sqlite_query, watchdog_bin,
 };
 
 /// The SQL side of a backend under test.
@@ -17,12 +16,7 @@ enum Db {
 
 impl Db {
     fn sqlite() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!(
-            "watchdog-sqlite-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&dir)?;
+        let dir = watchdog_tests::scratch_dir("sqlite")?;
         Ok(Self::Sqlite(dir.join("watchdog.db")))
     }
 
@@ -48,13 +42,6 @@ impl Drop for Db {
             let _ = std::fs::remove_dir_all(path.parent().unwrap());
         }
     }
-}
-
-fn rand_suffix() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
 }
 
 fn both() -> Result<Vec<(&'static str, Db)>> {
@@ -107,13 +94,6 @@ os.write(1, b"forked\n")
 time.sleep(600)
 "#;
 
-fn register(daemon: &Daemon, pid: u32, id: &str, limits: &[&str]) -> Result<()> {
-    let pid = pid.to_string();
-    let mut args = vec!["register", "--pid", &pid, "--analysis-id", id];
-    args.extend(limits);
-    daemon.cli_ok(&args).map(drop)
-}
-
 fn await_rows(db: &Db, sql: &str, expected: &str) -> Result<()> {
     let mut last = String::new();
     await_state(&format!("{sql} = {expected}"), || {
@@ -127,20 +107,17 @@ fn await_rows(db: &Db, sql: &str, expected: &str) -> Result<()> {
 #[test]
 fn a_timeout_a_memory_and_an_orphan_kill_each_make_exactly_one_full_row() -> Result<()> {
     for (name, db) in both()? {
-        let daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
+        let daemon = Daemon::builder().database_url(db.url()).start()?;
         let sleeper = Workload::spawn("sleep", &["600"])?;
-        register(&daemon, sleeper.pid(), "timeout", &["--timeout", "1s"])?;
+        daemon.register_with(sleeper.pid(), "timeout", &["--timeout", "1s"])?;
         let mut grower = Workload::python(GROWER, &[])?;
-        register(&daemon, grower.pid(), "memory", &["--memory", "100MiB"])?;
+        daemon.register_with(grower.pid(), "memory", &["--memory", "100MiB"])?;
         grower.send("go")?;
         let mut parent = Workload::python(PARENT_AND_CHILD, &[])?;
-        register(&daemon, parent.pid(), "orphan", &[])?;
+        daemon.register(parent.pid(), "orphan")?;
         parent.send("go")?;
         assert_eq!(parent.read_line()?, "forked");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(parent.pid() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )?;
+        parent.signal(nix::sys::signal::Signal::SIGKILL)?;
 
         await_rows(&db, "select count(*) from watchdog_events", "3")?;
         let rows = db.query(
@@ -185,9 +162,9 @@ fn a_timeout_a_memory_and_an_orphan_kill_each_make_exactly_one_full_row() -> Res
 #[test]
 fn watchdog_processes_follows_register_unregister_and_exit() -> Result<()> {
     for (name, db) in both()? {
-        let daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
+        let daemon = Daemon::builder().database_url(db.url()).start()?;
         let mut parent = Workload::python(PARENT_AND_CHILD, &[])?;
-        register(&daemon, parent.pid(), "family", &["--timeout", "1h"])?;
+        daemon.register_with(parent.pid(), "family", &["--timeout", "1h"])?;
         parent.send("go")?;
         assert_eq!(parent.read_line()?, "forked");
         await_rows(
@@ -205,7 +182,7 @@ fn watchdog_processes_follows_register_unregister_and_exit() -> Result<()> {
         await_rows(&db, "select count(*) from watchdog_processes", "0")?;
 
         let mut short = Workload::spawn("sleep", &["600"])?;
-        register(&daemon, short.pid(), "short", &[])?;
+        daemon.register(short.pid(), "short")?;
         await_rows(
             &db,
             &format!(
@@ -220,31 +197,11 @@ fn watchdog_processes_follows_register_unregister_and_exit() -> Result<()> {
     Ok(())
 }
 
-/// A process killed at its 1 s deadline; returns once its record has gone to the
-/// database writer (which answers status only after handling it).
-fn timeout_kill(daemon: &Daemon, id: &str) -> Result<u32> {
-    let kills = daemon.status()?.kills_total;
-    let mut sleeper = Workload::spawn("sleep", &["600"])?;
-    register(daemon, sleeper.pid(), id, &["--timeout", "1s"])?;
-    sleeper.wait()?;
-    await_state("the kill recorded", || {
-        Ok((daemon.status()?.kills_total > kills).then_some(()))
-    })?;
-    Ok(sleeper.pid())
-}
-
-fn await_spool(daemon: &Daemon, depth: usize) -> Result<watchdog_tests::Status> {
-    await_state(&format!("{depth} records spooled"), || {
-        let status = daemon.status()?;
-        Ok((status.database.spool_depth == depth).then_some(status))
-    })
-}
-
 #[test]
 fn an_outage_with_a_restart_in_it_loses_nothing_and_duplicates_nothing() -> Result<()> {
     let pg = TestPostgres::start()?;
     let db = Db::Postgres(pg);
-    let mut daemon = Daemon::start_with(&[], &["--database-url", &db.url()])?;
+    let mut daemon = Daemon::builder().database_url(db.url()).start()?;
     await_state("the database connected", || {
         Ok((daemon.status()?.db == "ok").then_some(()))
     })?;
@@ -253,9 +210,9 @@ fn an_outage_with_a_restart_in_it_loses_nothing_and_duplicates_nothing() -> Resu
     };
     pg.stop()?;
 
-    let first = timeout_kill(&daemon, "outage-1")?;
-    let second = timeout_kill(&daemon, "outage-2")?;
-    await_spool(&daemon, 2)?;
+    let first = daemon.timeout_kill(&["sleep", "600"], "outage-1")?;
+    let second = daemon.timeout_kill(&["sleep", "600"], "outage-2")?;
+    daemon.await_spool(2)?;
     // Said once a write has found the database unreachable (records can be spooled a
     // moment before that).
     await_state("status saying spooling", || {
@@ -268,8 +225,8 @@ fn an_outage_with_a_restart_in_it_loses_nothing_and_duplicates_nothing() -> Resu
         2,
         "the spool survived the restart"
     );
-    let third = timeout_kill(&daemon, "outage-3")?;
-    await_spool(&daemon, 3)?;
+    let third = daemon.timeout_kill(&["sleep", "600"], "outage-3")?;
+    daemon.await_spool(3)?;
 
     pg.restart()?;
     await_state("the spool replayed", || {
@@ -291,23 +248,19 @@ fn an_outage_with_a_restart_in_it_loses_nothing_and_duplicates_nothing() -> Resu
 #[test]
 fn events_filters_and_json_match_the_rows() -> Result<()> {
     let db = Db::sqlite()?;
-    let daemon = Daemon::start_with(&[], &["--database-url", &db.url(), "--orphans", "log"])?;
-    let killed = timeout_kill(&daemon, "alpha")?;
+    let daemon = Daemon::builder()
+        .database_url(db.url())
+        .arg("--orphans", "log")
+        .start()?;
+    let killed = daemon.timeout_kill(&["sleep", "600"], "alpha")?;
     let mut parent = Workload::python(PARENT_AND_CHILD, &[])?;
-    register(&daemon, parent.pid(), "beta", &[])?;
+    daemon.register(parent.pid(), "beta")?;
     parent.send("go")?;
     assert_eq!(parent.read_line()?, "forked");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(parent.pid() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
+    parent.signal(nix::sys::signal::Signal::SIGKILL)?;
     await_rows(&db, "select count(*) from watchdog_events", "2")?;
 
-    let events = |args: &[&str]| -> Result<Vec<Value>> {
-        let mut all = vec!["events", "--json"];
-        all.extend(args);
-        Ok(serde_json::from_str(&daemon.cli_ok(&all)?)?)
-    };
+    let events = |filters: &[&str]| daemon.events_with(filters);
     let all = events(&[])?;
     let rows = db.query("select pid, reason, analysis_id, outcome, time from watchdog_events order by time desc, id desc")?;
     let from_json: Vec<String> = all
@@ -315,11 +268,11 @@ fn events_filters_and_json_match_the_rows() -> Result<()> {
         .map(|e| {
             format!(
                 "{}|{}|{}|{}|{}",
-                e["pid"],
-                e["reason"].as_str().unwrap(),
-                e["analysis_id"].as_str().unwrap(),
-                e["outcome"].as_str().unwrap(),
-                e["time"].as_str().unwrap()
+                e.record.pid,
+                e.record.reason.as_str(),
+                e.record.analysis_id.as_str(),
+                e.record.outcome.as_str(),
+                e.record.time.as_str()
             )
         })
         .collect();
@@ -328,19 +281,19 @@ fn events_filters_and_json_match_the_rows() -> Result<()> {
         rows,
         "newest first, the same as the rows"
     );
-    assert_eq!(all[1]["pid"], killed);
+    assert_eq!(all[1].record.pid, killed);
 
     let only = |args: &[&str]| -> Result<Vec<String>> {
         Ok(events(args)?
             .iter()
-            .map(|e| e["analysis_id"].as_str().unwrap().to_string())
+            .map(|e| e.record.analysis_id.as_str().to_string())
             .collect())
     };
     assert_eq!(only(&["--analysis-id", "alpha"])?, vec!["alpha"]);
     assert_eq!(only(&["--reason", "orphan"])?, vec!["beta"]);
     assert_eq!(only(&["--reason", "memory"])?, Vec::<String>::new());
     assert_eq!(only(&["--host", "no-such-host"])?, Vec::<String>::new());
-    let host = all[0]["host"].as_str().unwrap().to_string();
+    let host = all[0].record.host.as_str().to_string();
     assert_eq!(only(&["--host", &host])?.len(), 2);
     assert_eq!(only(&["--since", "1h"])?.len(), 2);
     let text = daemon.cli_ok(&["events"])?;
@@ -373,7 +326,7 @@ fn a_bad_url_a_wrong_password_or_a_refused_migration_is_one_line_and_the_daemon_
             "no password in messages: {error}"
         );
 
-        let daemon = Daemon::start_with(&[], &["--database-url", url])?;
+        let daemon = Daemon::builder().database_url(url).start()?;
         let status = await_state("the database error in status", || {
             let status = daemon.status()?;
             Ok(status
@@ -385,11 +338,11 @@ fn a_bad_url_a_wrong_password_or_a_refused_migration_is_one_line_and_the_daemon_
                 .then_some(status))
         })?;
         assert_eq!(status.db, "spooling");
-        timeout_kill(&daemon, "still-enforced")?;
-        await_spool(&daemon, 1)?;
+        daemon.timeout_kill(&["sleep", "600"], "still-enforced")?;
+        daemon.await_spool(1)?;
         let spooled = spooled_events(&daemon)?;
         assert_eq!(spooled.len(), 1, "{spooled:?}");
-        assert_eq!(spooled[0]["analysis_id"], "still-enforced");
+        assert_eq!(spooled[0].record.analysis_id, "still-enforced");
     }
     Ok(())
 }
@@ -415,10 +368,13 @@ fn events_right_after_exec_returns_from_a_kill_shows_that_kill() -> Result<()> {
         ]);
         assert_eq!(out.status.code(), Some(128 + 15), "killed by SIGTERM");
         let records = daemon.events()?;
-        let kills: Vec<&Value> = records.iter().filter(|r| r["analysis_id"] == id).collect();
+        let kills: Vec<&EventRecord> = records
+            .iter()
+            .filter(|r| r.record.analysis_id == id)
+            .collect();
         assert_eq!(kills.len(), 1, "round {round}: {records:?}");
-        assert_eq!(kills[0]["reason"], "timeout");
-        assert_eq!(kills[0]["outcome"], "exited_after_sigterm");
+        assert_eq!(kills[0].record.reason, Reason::Timeout);
+        assert_eq!(kills[0].record.outcome, Outcome::ExitedAfterSigterm);
     }
     Ok(())
 }

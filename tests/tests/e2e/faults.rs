@@ -5,8 +5,7 @@
 use std::process::{Child, Command, Stdio};
 
 use anyhow::Result;
-use serde_json::Value;
-use watchdog_tests::{Daemon, Workload, alive, alive_in_group, all_nodes, await_state};
+use watchdog_tests::{Daemon, Reason, Workload, alive, alive_in_group, all_nodes, await_state};
 
 /// Forks children that sleep, as fast as it can, once told to.
 const FORK_LOOP: &str = r#"
@@ -29,51 +28,31 @@ os.write(1, b"ready\n")
 time.sleep(600)
 "#;
 
-fn records_of(daemon: &Daemon, analysis: &str) -> Result<Vec<Value>> {
-    Ok(daemon
-        .events()?
-        .into_iter()
-        .filter(|r| r["analysis_id"] == analysis)
-        .collect())
-}
-
 #[test]
 fn an_analysis_forking_past_max_processes_is_killed_and_nothing_else_is() -> Result<()> {
     let daemon = Daemon::start()?;
     let mut calm = Workload::python(CALM, &[])?;
     assert_eq!(calm.read_line()?, "ready");
-    daemon.cli_ok(&[
-        "register",
-        "--pid",
-        &calm.pid().to_string(),
-        "--analysis-id",
-        "calm",
-    ])?;
+    daemon.register(calm.pid(), "calm")?;
     let mut bomb = Workload::python(FORK_LOOP, &[])?;
-    daemon.cli_ok(&[
-        "register",
-        "--pid",
-        &bomb.pid().to_string(),
-        "--analysis-id",
+    daemon.register_with(
+        bomb.pid(),
         "bomb",
-        "--max-processes",
-        "50",
-        "--grace",
-        "1s",
-    ])?;
+        &["--max-processes", "50", "--grace", "1s"],
+    )?;
     bomb.send("go")?;
     await_state("nothing of the bomb left", || {
         Ok(alive_in_group(bomb.pid()).is_empty().then_some(()))
     })?;
     let records = await_state("the bomb's records", || {
-        let records = records_of(&daemon, "bomb")?;
+        let records = daemon.events_of("bomb")?;
         let done = records.len() > 50 && daemon.tree(Some("bomb"))?.is_empty();
         Ok(done.then_some(records))
     })?;
     assert!(
         records
             .iter()
-            .all(|r| r["reason"] == "max_processes" && r["limit"] == 50),
+            .all(|r| r.record.reason == Reason::MaxProcesses && r.record.limit == Some(50)),
         "{records:?}"
     );
     let calm_tree = daemon.tree(Some("calm"))?;
@@ -83,7 +62,7 @@ fn an_analysis_forking_past_max_processes_is_killed_and_nothing_else_is() -> Res
         "the other analysis keeps its 3 processes"
     );
     assert_eq!(alive_in_group(calm.pid()).len(), 3, "and they all live");
-    assert!(records_of(&daemon, "calm")?.is_empty());
+    assert!(daemon.events_of("calm")?.is_empty());
     let status = daemon.status()?;
     assert_eq!(
         status.kills_by_reason["max_processes"],
@@ -129,26 +108,14 @@ time.sleep(600)
 #[test]
 fn a_full_kernel_map_costs_the_largest_analysis_and_the_others_keep_their_tracking() -> Result<()> {
     const CAPACITY: u32 = 64;
-    let daemon = Daemon::start_with(&[], &["--watched-capacity", &CAPACITY.to_string()])?;
+    let daemon = Daemon::builder()
+        .arg("--watched-capacity", CAPACITY.to_string())
+        .start()?;
     let trigger = daemon.dir.join("fork-again");
     let mut victim = Workload::python(LINEAGE, &[trigger.to_str().unwrap()])?;
-    daemon.cli_ok(&[
-        "register",
-        "--pid",
-        &victim.pid().to_string(),
-        "--analysis-id",
-        "victim",
-    ])?;
+    daemon.register(victim.pid(), "victim")?;
     let mut hog = Workload::python(FILLER, &[])?;
-    daemon.cli_ok(&[
-        "register",
-        "--pid",
-        &hog.pid().to_string(),
-        "--analysis-id",
-        "hog",
-        "--grace",
-        "1s",
-    ])?;
+    daemon.register_with(hog.pid(), "hog", &["--grace", "1s"])?;
     // The victim's root and the hog's root hold 2 entries: 62 children fill the map.
     hog.send(&(CAPACITY - 2).to_string())?;
     assert_eq!(hog.read_line()?, "filled");
@@ -172,11 +139,13 @@ fn a_full_kernel_map_costs_the_largest_analysis_and_the_others_keep_their_tracki
         Ok(alive_in_group(hog.pid()).is_empty().then_some(()))
     })?;
     let hog_records = await_state("the hog's records", || {
-        let records = records_of(&daemon, "hog")?;
+        let records = daemon.events_of("hog")?;
         Ok((records.len() == 63).then_some(records))
     })?;
     assert!(
-        hog_records.iter().all(|r| r["reason"] == "map_full"),
+        hog_records
+            .iter()
+            .all(|r| r.record.reason == Reason::MapFull),
         "{hog_records:?}"
     );
     await_state("the victim's child and grandchild tracked", || {
@@ -201,7 +170,7 @@ fn a_full_kernel_map_costs_the_largest_analysis_and_the_others_keep_their_tracki
     for pid in [victim.pid(), child, grandchild, great_grandchild] {
         assert!(alive(pid), "the victim's {pid} was never signalled");
     }
-    assert!(records_of(&daemon, "victim")?.is_empty());
+    assert!(daemon.events_of("victim")?.is_empty());
     let status = daemon.status()?;
     assert!(status.faults.untracked_forks >= 1);
     assert_eq!(status.faults.watched_capacity, CAPACITY);

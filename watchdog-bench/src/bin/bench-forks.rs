@@ -48,7 +48,7 @@ fn main() -> Result<()> {
         rates.sort_by(f64::total_cmp);
         let watched = median(&rates);
         if workers == 1 {
-            watchdog_tests::bench::figure("fork_ratio_1", format!("{:.3}", watched / unwatched));
+            watchdog_bench::figure("fork_ratio_1", format!("{:.3}", watched / unwatched));
         }
         println!(
             "| {workers} | {watched:.0} | {:.0} | {:.0} | {RUNS} | {unwatched:.0} | {:.3} | {lost} |",
@@ -70,10 +70,11 @@ fn overload() -> Result<()> {
     const KEEP_EVERY: u64 = 200;
     let kept = FORKS / KEEP_EVERY;
     // Orphans only logged: the kept children outlive the workers that forked them.
-    let daemon = Daemon::start_with(
-        &[],
-        &["--ring-bytes", "65536", "--test-faults", "--orphans", "log"],
-    )?;
+    let daemon = Daemon::builder()
+        .arg("--ring-bytes", "65536")
+        .flag("--test-faults")
+        .arg("--orphans", "log")
+        .start()?;
     let mut work = spawn_forker(4, KEEP_EVERY)?;
     daemon.register(work.pid(), "overload")?;
     daemon.request(r#"{"op":"stall","ms":3000}"#)?;
