@@ -46,13 +46,7 @@ const STORE_FINISH_WITHIN: Duration = Duration::from_secs(5);
 pub async fn run(options: crate::app::config::Options) -> Result<()> {
     let listener = control::bind(&options.socket).await?;
     let _socket = SocketGuard(options.socket.clone());
-    if let Some(bytes) = options.ring_bytes
-        && (!bytes.is_power_of_two() || bytes < 4096)
-    {
-        bail!(
-            "--ring-bytes {bytes} is not a power of two of at least 4096: the kernel requires one"
-        );
-    }
+    check_ring_bytes(options.ring_bytes)?;
     let (mut kernel, ring) = Kernel::load(
         &options.btf,
         options.ring_bytes,
@@ -61,8 +55,81 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         options.fresh,
         options.kernel_log,
     )?;
-    // Once the programs are loaded (a daemon that cannot start says only why): until
-    // then the socket is root:root, mode 0660.
+    share_socket(&options);
+    // Every task the daemon starts is supervised: one that ends stops the daemon.
+    let mut tasks = Tasks::new();
+    if let Some(logger) = kernel.take_logger() {
+        tasks.spawn("kernel log forwarder", kernel::forward_kernel_log(logger));
+    }
+    let (event_tx, event_rx) = mpsc::channel(ingest::CHANNEL_BATCHES);
+    let (drain_tx, drain_rx) = mpsc::unbounded_channel();
+    tasks.spawn("ring buffer reader", ingest::run(ring, event_tx, drain_rx));
+    let call_rx = serve_requests(&options, listener, &mut tasks).await?;
+    let host = crate::os::host::hostname();
+    let (store_tx, store) = start_store(&options, host.clone(), &mut tasks)?;
+    let (launcher_tx, launcher_rx) = mpsc::unbounded_channel();
+    let (poll_tx, poll_rx) = mpsc::unbounded_channel();
+    let (drained_tx, drained_rx) = mpsc::unbounded_channel();
+    let mut daemon = Daemon {
+        core: Core::new(settings_of(&options, None), host, std::process::id()),
+        effects: Effects::new(kernel, store_tx, launcher_tx),
+        started: Instant::now(),
+        poll_interval: options.poll_interval,
+        losses_repaired: 0,
+        last_poll_us: 0,
+        polling: false,
+        poll_tx,
+        loop_longest: Duration::ZERO,
+        history: RssHistory::default(),
+        drain: (drain_tx, drained_tx),
+    };
+    daemon.start();
+    tracing::info!(
+        socket = %options.socket.display(),
+        watched = daemon.core.tree().len(),
+        "watchdog ready: programs attached"
+    );
+    supervise::ready(&daemon.status_line());
+    let mut inputs = Inputs::new(
+        event_rx,
+        drained_rx,
+        call_rx,
+        poll_rx,
+        launcher_rx,
+        options.poll_interval,
+    )?;
+    let ended = loop {
+        let input = match inputs.next(&daemon, &mut tasks).await {
+            Ok(input) => input,
+            Err(ended) => break ended,
+        };
+        // Handled and timed, so the loop's longest stall is known (status, /metrics)
+        // rather than guessed.
+        let began = Instant::now();
+        daemon.on_input(input, &mut inputs, &options);
+        daemon.loop_longest = daemon.loop_longest.max(began.elapsed());
+    };
+    shut_down(daemon, tasks, store).await;
+    match ended {
+        Some(ended) => Err(ended.into()),
+        None => Ok(()),
+    }
+}
+
+fn check_ring_bytes(ring_bytes: Option<u32>) -> Result<()> {
+    if let Some(bytes) = ring_bytes
+        && (!bytes.is_power_of_two() || bytes < 4096)
+    {
+        bail!(
+            "--ring-bytes {bytes} is not a power of two of at least 4096: the kernel requires one"
+        );
+    }
+    Ok(())
+}
+
+/// Once the programs are loaded (a daemon that cannot start says only why): until then
+/// the socket is root:root, mode 0660.
+fn share_socket(options: &crate::app::config::Options) {
     match access::share_socket(&options.socket, &options.socket_group) {
         Ok(gid) => tracing::info!(
             socket = %options.socket.display(),
@@ -72,16 +139,16 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         ),
         Err(warning) => tracing::warn!("{warning}"),
     }
-    // Every task the daemon starts is supervised: one that ends stops the daemon.
-    let mut tasks = Tasks::new();
-    if let Some(logger) = kernel.take_logger() {
-        tasks.spawn("kernel log forwarder", kernel::forward_kernel_log(logger));
-    }
-    let (event_tx, mut event_rx) = mpsc::channel(ingest::CHANNEL_BATCHES);
-    let (drain_tx, drain_rx) = mpsc::unbounded_channel();
-    tasks.spawn("ring buffer reader", ingest::run(ring, event_tx, drain_rx));
-    let (drained_tx, mut drained_rx) = mpsc::unbounded_channel();
-    let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
+}
+
+/// The control socket's server and the HTTP listener, both handing their calls to the
+/// loop through the returned channel.
+async fn serve_requests(
+    options: &crate::app::config::Options,
+    listener: tokio::net::UnixListener,
+    tasks: &mut Tasks,
+) -> Result<mpsc::Receiver<Call>> {
+    let (call_tx, call_rx) = mpsc::channel::<Call>(64);
     if let Some(addr) = options.http {
         let listener = crate::api::http::bind(addr).await?;
         tasks.spawn(
@@ -93,7 +160,15 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         control::serve(listener, call_tx).await;
         Ok(())
     });
+    Ok(call_rx)
+}
 
+/// The store's tasks, over the database when its URL is valid (else spooling only).
+fn start_store(
+    options: &crate::app::config::Options,
+    host: String,
+    tasks: &mut Tasks,
+) -> Result<(mpsc::UnboundedSender<StoreMsg>, store::StoreHandle)> {
     let (url, url_error) = match options.database.clone() {
         Ok(url) => (Some(url), None),
         Err(err) => {
@@ -103,138 +178,40 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
             (None, Some(err))
         }
     };
-    let host = crate::os::host::hostname();
-    let (store_tx, store) = store::start(
+    store::start(
         url,
         url_error,
         &options.state_dir.join("spool.jsonl"),
-        host.clone(),
-        &mut tasks,
-    )?;
-    let (launcher_tx, mut launcher_rx) = mpsc::unbounded_channel();
-    let (poll_tx, mut poll_rx) = mpsc::unbounded_channel();
+        host,
+        tasks,
+    )
+}
+
+/// The rules' settings from the options; the machine's memory is read once, at start
+/// (`known_memory` None), and kept on reload.
+fn settings_of(
+    options: &crate::app::config::Options,
+    known_memory: Option<Option<u64>>,
+) -> Settings {
     let settings = Settings {
         defaults: options.defaults.clone(),
         dry_run: options.dry_run,
-        machine_memory: read_machine_memory(),
+        machine_memory: known_memory.unwrap_or_else(read_machine_memory),
         admin_gid: admin_gid(options.admin_group.as_deref()),
         memory_metric: options.memory_metric,
     };
     if let Some(warning) = settings.unreachable_default() {
         tracing::warn!("{warning}");
     }
-    let mut daemon = Daemon {
-        core: Core::new(settings, host, std::process::id()),
-        effects: Effects::new(kernel, store_tx, launcher_tx),
-        started: Instant::now(),
-        poll_interval: options.poll_interval,
-        losses_repaired: 0,
-        last_poll_us: 0,
-        polling: false,
-        poll_tx,
-        loop_longest: Duration::ZERO,
-        history: RssHistory::default(),
-    };
-    daemon.start();
-    tracing::info!(
-        socket = %options.socket.display(),
-        watched = daemon.core.tree().len(),
-        "watchdog ready: programs attached"
-    );
-    supervise::ready(&daemon.status_line());
-    let heartbeat_every = supervise::heartbeat_every();
-    let mut heartbeat = tokio::time::interval(heartbeat_every.unwrap_or(Duration::from_secs(3600)));
+    settings
+}
 
-    let mut loss_check = tokio::time::interval(LOSS_CHECK_EVERY);
-    let mut processes_sync = tokio::time::interval(PROCESSES_SYNC_EVERY);
-    let mut poll = tokio::time::interval(options.poll_interval);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
-    let ended = loop {
-        // Every input, typed; then handled and timed, so the loop's longest stall is
-        // known (status, /metrics) rather than guessed.
-        let input = tokio::select! {
-            Some(batch) = event_rx.recv() => Input::Events(batch),
-            Some(query) = drained_rx.recv() => Input::EventsDrained(query),
-            Some(call) = call_rx.recv() => Input::Call(call),
-            _ = processes_sync.tick() => Input::SyncProcesses,
-            _ = heartbeat.tick(), if heartbeat_every.is_some() => Input::Heartbeat,
-            _ = loss_check.tick() => Input::LossCheck,
-            _ = poll.tick() => Input::Poll,
-            Some(samples) = poll_rx.recv() => Input::PollDone(samples),
-            Some(root) = launcher_rx.recv() => Input::LauncherExit(root),
-            _ = tasks::sleep_until(daemon.core.next_wakeup()) => Input::Tick,
-            ended = tasks.ended() => {
-                tracing::error!(
-                    "{ended}: stopping, so that the daemon is restarted (the pinned kernel \
-                     programs keep tracking meanwhile)"
-                );
-                break Some(ended);
-            }
-            _ = sighup.recv() => Input::Reload,
-            _ = sigterm.recv() => break None,
-            _ = sigint.recv() => break None,
-        };
-        let began = Instant::now();
-        match input {
-            Input::Events(batch) => daemon.on_events(batch),
-            Input::Call((Request::Stall { ms }, peer, reply))
-                if options.test_faults && daemon.core.is_admin(&peer) =>
-            {
-                let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
-                tracing::warn!(ms, "test fault: main loop stalled");
-                std::thread::sleep(Duration::from_millis(ms));
-            }
-            Input::Call((Request::Fault { what }, peer, reply))
-                if options.test_faults && daemon.core.is_admin(&peer) =>
-            {
-                match what {
-                    TestFault::StorePanic => {
-                        let _ = daemon.effects.store().send(StoreMsg::FailNextWrite);
-                    }
-                }
-                let _ = reply.send(Response::Ok(Reply::FaultArmed { what }));
-            }
-            // Reads are open to everyone who can connect.
-            Input::Call((Request::Events { filter }, _, reply)) => {
-                after_drain(&drain_tx, &drained_tx, (filter, reply));
-            }
-            Input::EventsDrained((filter, reply)) => {
-                // Every event the ring held when `events` came is in the channel now:
-                // taken in first, so that a kill whose last exit was among them has
-                // handed its records to the store before the store is asked.
-                while let Ok(batch) = event_rx.try_recv() {
-                    daemon.on_events(batch);
-                }
-                daemon.answer_events(filter, reply);
-            }
-            Input::Call((Request::Status, _, reply)) => daemon.answer_status(reply),
-            Input::Call((Request::Overview, _, reply)) => daemon.answer_overview(reply),
-            Input::Call((request, peer, reply)) => {
-                let _ = reply.send(daemon.handle(request, &peer));
-            }
-            Input::SyncProcesses => daemon.sync_processes(),
-            Input::Heartbeat => supervise::heartbeat(&daemon.status_line()),
-            Input::LossCheck => daemon.repair_losses(),
-            Input::Poll => daemon.start_poll(),
-            Input::PollDone(samples) => daemon.on_poll(samples),
-            Input::LauncherExit(root) => daemon.on_launcher_exit(root),
-            Input::Tick => daemon.on_tick(),
-            Input::Reload => {
-                if let Some(every) = daemon.reload(&options) {
-                    poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                }
-            }
-        }
-        daemon.loop_longest = daemon.loop_longest.max(began.elapsed());
-    };
+/// Closing the store's inbox lets its front task spool what is queued and end; then
+/// whatever is still held (also by a store task that died, and the records the loop
+/// could not hand over) is spooled here.
+async fn shut_down(mut daemon: Daemon, mut tasks: Tasks, store: store::StoreHandle) {
     supervise::stopping();
     tracing::info!("watchdog stopping");
-    // Closing the store's inbox lets its front task spool what is queued and end; then
-    // whatever is still held (also by a store task that died, and the records the loop
-    // could not hand over) is spooled here.
     let unqueued = daemon.effects.take_unqueued();
     drop(daemon);
     if !tasks.finish(store::FRONT_TASK, STORE_FINISH_WITHIN).await {
@@ -245,9 +222,89 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         );
     }
     store.last_flush(unqueued);
-    match ended {
-        Some(ended) => Err(ended.into()),
-        None => Ok(()),
+}
+
+/// Where the loop's inputs come from: the channels of the tasks beside it, its timers
+/// and the signals it obeys.
+struct Inputs {
+    events: mpsc::Receiver<ingest::Batch>,
+    drained: mpsc::UnboundedReceiver<EventsQuery>,
+    calls: mpsc::Receiver<Call>,
+    polls: mpsc::UnboundedReceiver<(PollSamples, Instant)>,
+    launchers: mpsc::UnboundedReceiver<ProcRef>,
+    heartbeat_every: Option<Duration>,
+    heartbeat: tokio::time::Interval,
+    loss_check: tokio::time::Interval,
+    processes_sync: tokio::time::Interval,
+    poll: tokio::time::Interval,
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+    sighup: tokio::signal::unix::Signal,
+}
+
+impl Inputs {
+    fn new(
+        events: mpsc::Receiver<ingest::Batch>,
+        drained: mpsc::UnboundedReceiver<EventsQuery>,
+        calls: mpsc::Receiver<Call>,
+        polls: mpsc::UnboundedReceiver<(PollSamples, Instant)>,
+        launchers: mpsc::UnboundedReceiver<ProcRef>,
+        poll_every: Duration,
+    ) -> Result<Self> {
+        let heartbeat_every = supervise::heartbeat_every();
+        let mut poll = tokio::time::interval(poll_every);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Self {
+            events,
+            drained,
+            calls,
+            polls,
+            launchers,
+            heartbeat_every,
+            heartbeat: tokio::time::interval(heartbeat_every.unwrap_or(Duration::from_secs(3600))),
+            loss_check: tokio::time::interval(LOSS_CHECK_EVERY),
+            processes_sync: tokio::time::interval(PROCESSES_SYNC_EVERY),
+            poll,
+            sigterm: tokio::signal::unix::signal(SignalKind::terminate())?,
+            sigint: tokio::signal::unix::signal(SignalKind::interrupt())?,
+            sighup: tokio::signal::unix::signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next input, typed; Err when the loop must end (a task ended: Some, or
+    /// SIGTERM/SIGINT: None).
+    async fn next(
+        &mut self,
+        daemon: &Daemon,
+        tasks: &mut Tasks,
+    ) -> Result<Input, Option<tasks::Ended>> {
+        Ok(tokio::select! {
+            Some(batch) = self.events.recv() => Input::Events(batch),
+            Some(query) = self.drained.recv() => Input::EventsDrained(query),
+            Some(call) = self.calls.recv() => Input::Call(call),
+            _ = self.processes_sync.tick() => Input::SyncProcesses,
+            _ = self.heartbeat.tick(), if self.heartbeat_every.is_some() => Input::Heartbeat,
+            _ = self.loss_check.tick() => Input::LossCheck,
+            _ = self.poll.tick() => Input::Poll,
+            Some(samples) = self.polls.recv() => Input::PollDone(samples),
+            Some(root) = self.launchers.recv() => Input::LauncherExit(root),
+            _ = tasks::sleep_until(daemon.core.next_wakeup()) => Input::Tick,
+            ended = tasks.ended() => {
+                tracing::error!(
+                    "{ended}: stopping, so that the daemon is restarted (the pinned kernel \
+                     programs keep tracking meanwhile)"
+                );
+                return Err(Some(ended));
+            }
+            _ = self.sighup.recv() => Input::Reload,
+            _ = self.sigterm.recv() => return Err(None),
+            _ = self.sigint.recv() => return Err(None),
+        })
+    }
+
+    /// The poll's timer, restarted at a new interval.
+    fn repoll_every(&mut self, every: Duration) {
+        self.poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     }
 }
 
@@ -342,9 +399,79 @@ struct Daemon {
     loop_longest: Duration,
     /// The RSS sum of each live analysis at each poll, bounded, for the live page.
     history: RssHistory,
+    /// Where `events` asks the ring buffer reader to drain the ring, and where the query
+    /// comes back once it has.
+    drain: (
+        mpsc::UnboundedSender<ingest::DrainRequest>,
+        mpsc::UnboundedSender<EventsQuery>,
+    ),
 }
 
 impl Daemon {
+    /// One input of the loop, handled: the one place every input and request is routed.
+    fn on_input(
+        &mut self,
+        input: Input,
+        inputs: &mut Inputs,
+        options: &crate::app::config::Options,
+    ) {
+        match input {
+            Input::Events(batch) => self.on_events(batch),
+            Input::Call(call) => self.on_call(call, options.test_faults),
+            Input::EventsDrained((filter, reply)) => {
+                // Every event the ring held when `events` came is in the channel now:
+                // taken in first, so that a kill whose last exit was among them has
+                // handed its records to the store before the store is asked.
+                while let Ok(batch) = inputs.events.try_recv() {
+                    self.on_events(batch);
+                }
+                self.answer_events(filter, reply);
+            }
+            Input::SyncProcesses => self.sync_processes(),
+            Input::Heartbeat => supervise::heartbeat(&self.status_line()),
+            Input::LossCheck => self.repair_losses(),
+            Input::Poll => self.start_poll(),
+            Input::PollDone(samples) => self.on_poll(samples),
+            Input::LauncherExit(root) => self.on_launcher_exit(root),
+            Input::Tick => self.on_tick(),
+            Input::Reload => {
+                if let Some(every) = self.reload(options) {
+                    inputs.repoll_every(every);
+                }
+            }
+        }
+    }
+
+    /// A request: those that need more than the rules core (the store, the ring, the
+    /// loop itself) are answered here; every other goes to the one dispatch.
+    fn on_call(&mut self, (request, peer, reply): Call, test_faults: bool) {
+        let faults_allowed = test_faults && self.core.is_admin(&peer);
+        match request {
+            Request::Stall { ms } if faults_allowed => {
+                let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
+                tracing::warn!(ms, "test fault: main loop stalled");
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            Request::Fault { what } if faults_allowed => {
+                match what {
+                    TestFault::StorePanic => {
+                        let _ = self.effects.store().send(StoreMsg::FailNextWrite);
+                    }
+                }
+                let _ = reply.send(Response::Ok(Reply::FaultArmed { what }));
+            }
+            // Reads are open to everyone who can connect.
+            Request::Events { filter } => {
+                after_drain(&self.drain.0, &self.drain.1, (filter, reply))
+            }
+            Request::Status => self.answer_status(reply),
+            Request::Overview => self.answer_overview(reply),
+            request => {
+                let _ = reply.send(self.handle(request, &peer));
+            }
+        }
+    }
+
     /// Hands what the rules asked for to the effects, and what the world answered back
     /// to the rules, until nothing is left to do.
     fn settle(&mut self, clock: &Clock) {
@@ -605,16 +732,7 @@ impl Daemon {
                 "socket, socket group, database, state, pin, http and kernel-log settings change only with a restart"
             );
         }
-        let settings = Settings {
-            defaults: new.defaults.clone(),
-            dry_run: new.dry_run,
-            machine_memory: self.core.settings().machine_memory,
-            admin_gid: admin_gid(new.admin_group.as_deref()),
-            memory_metric: new.memory_metric,
-        };
-        if let Some(warning) = settings.unreachable_default() {
-            tracing::warn!("{warning}");
-        }
+        let settings = settings_of(&new, Some(self.core.settings().machine_memory));
         self.core.set_settings(settings);
         self.poll_interval = new.poll_interval;
         tracing::info!(defaults = ?new.defaults, dry_run = new.dry_run, poll = ?new.poll_interval, "settings reloaded");
