@@ -91,7 +91,7 @@ fn register(
         let permit = |process: ProcRef| core.check_descendants(&registration, &[process], procs);
         effects.watch(&registration, fresh, &|pid| core.analysis_of(pid), &permit)?
     };
-    let registered = core.adopt(registration, &watched, procs, clock)?;
+    let registered = core.adopt(registration, &watched, clock)?;
     Ok(Reply::Registered {
         pid: registered.pid,
         analysis_id: registered.analysis_id,

@@ -22,7 +22,7 @@ use crate::{
         protocol::{Faults, Reply, Request, Response, TestFault},
         report::{self, KernelCounters},
     },
-    app::effects::{Effects, Feedback},
+    app::effects::{Described, Effects, Feedback},
     core::event::KernelEvent,
     core::{Clock, Core, Resync, Settings},
     kernel::{self, Kernel, ingest},
@@ -70,9 +70,10 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
     let (launcher_tx, launcher_rx) = mpsc::unbounded_channel();
     let (poll_tx, poll_rx) = mpsc::unbounded_channel();
     let (drained_tx, drained_rx) = mpsc::unbounded_channel();
+    let (described_tx, described_rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         core: Core::new(settings_of(&options, None), host, std::process::id()),
-        effects: Effects::new(kernel, store_tx, launcher_tx),
+        effects: Effects::new(kernel, store_tx, launcher_tx, described_tx),
         started: Instant::now(),
         poll_interval: options.poll_interval,
         losses_repaired: 0,
@@ -96,6 +97,7 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         call_rx,
         poll_rx,
         launcher_rx,
+        described_rx,
         options.poll_interval,
     )?;
     let ended = loop {
@@ -232,6 +234,7 @@ struct Inputs {
     calls: mpsc::Receiver<Call>,
     polls: mpsc::UnboundedReceiver<(PollSamples, Instant)>,
     launchers: mpsc::UnboundedReceiver<ProcRef>,
+    described: mpsc::UnboundedReceiver<Vec<Described>>,
     heartbeat_every: Option<Duration>,
     heartbeat: tokio::time::Interval,
     loss_check: tokio::time::Interval,
@@ -249,6 +252,7 @@ impl Inputs {
         calls: mpsc::Receiver<Call>,
         polls: mpsc::UnboundedReceiver<(PollSamples, Instant)>,
         launchers: mpsc::UnboundedReceiver<ProcRef>,
+        described: mpsc::UnboundedReceiver<Vec<Described>>,
         poll_every: Duration,
     ) -> Result<Self> {
         let heartbeat_every = supervise::heartbeat_every();
@@ -260,6 +264,7 @@ impl Inputs {
             calls,
             polls,
             launchers,
+            described,
             heartbeat_every,
             heartbeat: tokio::time::interval(heartbeat_every.unwrap_or(Duration::from_secs(3600))),
             loss_check: tokio::time::interval(LOSS_CHECK_EVERY),
@@ -288,6 +293,7 @@ impl Inputs {
             _ = self.poll.tick() => Input::Poll,
             Some(samples) = self.polls.recv() => Input::PollDone(samples),
             Some(root) = self.launchers.recv() => Input::LauncherExit(root),
+            Some(batch) = self.described.recv() => Input::Described(batch),
             _ = tasks::sleep_until(daemon.core.next_wakeup()) => Input::Tick,
             ended = tasks.ended() => {
                 tracing::error!(
@@ -377,6 +383,8 @@ enum Input {
     Poll,
     PollDone((PollSamples, Instant)),
     LauncherExit(ProcRef),
+    /// Kill targets described (and first signalled) off the loop.
+    Described(Vec<Described>),
     Tick,
     Reload,
 }
@@ -433,6 +441,7 @@ impl Daemon {
             Input::Poll => self.start_poll(),
             Input::PollDone(samples) => self.on_poll(samples),
             Input::LauncherExit(root) => self.on_launcher_exit(root),
+            Input::Described(batch) => self.on_described(batch),
             Input::Tick => self.on_tick(),
             Input::Reload => {
                 if let Some(every) = self.reload(options) {
@@ -530,6 +539,16 @@ impl Daemon {
         self.feed(|core, clock| {
             for event in batch {
                 core.on_event(event, &SysProcs, clock);
+            }
+        });
+    }
+
+    fn on_described(&mut self, batch: Vec<Described>) {
+        let (details, not_sent) = self.effects.take_described(batch);
+        self.feed(|core, clock| {
+            core.on_described(&details, clock);
+            for order in not_sent {
+                core.on_signal_failed(order, clock);
             }
         });
     }

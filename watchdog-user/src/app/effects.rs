@@ -13,9 +13,13 @@ use tokio::{
 };
 
 use crate::{
-    core::{Action, Registration, Retrack, Watch, kill::SignalOrder, procs::ProcInfo},
+    core::{
+        Action, Registration, Retrack, Watch,
+        kill::SignalOrder,
+        procs::{Details, ProcInfo, Procs as _},
+    },
     kernel::Kernel,
-    os::procs,
+    os::procs::{self, SysProcs},
     store::StoreMsg,
     vocab::{
         limits::RssLevels,
@@ -28,6 +32,30 @@ use crate::{
 #[derive(Debug)]
 pub enum Feedback {
     SignalFailed(SignalOrder),
+}
+
+/// A kill target described off the loop: what its record tells of it, read before its
+/// first signal, and what became of that signal.
+pub struct Described {
+    pub process: ProcRef,
+    pub details: Details,
+    pub signal: Option<(SignalOrder, Delivery)>,
+}
+
+/// What became of a first signal sent off the loop.
+pub enum Delivery {
+    /// Sent, through this pidfd (kept for the SIGKILL after the grace).
+    Sent(PidFd),
+    /// Gone (or its pid names another process now), or never to be signalled.
+    NotSent,
+    /// No pidfd could be had (e.g. EMFILE): it stays a target, tried again later.
+    NoPidfd(std::io::Error),
+}
+
+/// The first signals and descriptions of one batch of actions, done together.
+enum FirstLook {
+    Signal(SignalOrder),
+    Describe(ProcRef),
 }
 
 pub struct Effects {
@@ -47,6 +75,8 @@ pub struct Effects {
     /// Records the store did not take (its task had stopped): kept for the shutdown,
     /// which spools them directly.
     unqueued: Vec<KillRecord>,
+    /// Where the targets described off the loop come back.
+    described: mpsc::UnboundedSender<Vec<Described>>,
 }
 
 /// A launcher being watched, and the roots it started.
@@ -70,6 +100,7 @@ impl Effects {
         kernel: Kernel,
         store: mpsc::UnboundedSender<StoreMsg>,
         launcher_exits: mpsc::UnboundedSender<ProcRef>,
+        described: mpsc::UnboundedSender<Vec<Described>>,
     ) -> Self {
         Self {
             kernel,
@@ -80,6 +111,7 @@ impl Effects {
             pidfd_failures: 0,
             self_pid: std::process::id(),
             unqueued: Vec::new(),
+            described,
         }
     }
 
@@ -108,6 +140,7 @@ impl Effects {
         // The records go to the store together: a tree killed at once is one spool write
         // and one fsync.
         let mut records = Vec::new();
+        let mut first_looks = Vec::new();
         for action in actions {
             match action {
                 Action::Unwatch(process) => {
@@ -128,6 +161,10 @@ impl Effects {
                     }
                 }
                 Action::WatchLauncher { root, launcher } => self.watch_launcher(root, launcher),
+                Action::Signal(order) if order.describe => {
+                    first_looks.push(FirstLook::Signal(order));
+                }
+                Action::Describe(process) => first_looks.push(FirstLook::Describe(process)),
                 Action::Signal(order) => {
                     if !self.signal(order) {
                         feedback.push(Feedback::SignalFailed(order));
@@ -142,6 +179,7 @@ impl Effects {
                 }
             }
         }
+        self.look_off_loop(first_looks);
         if !records.is_empty()
             && let Err(mpsc::error::SendError(StoreMsg::Records(records))) =
                 self.store.send(StoreMsg::Records(records))
@@ -154,29 +192,14 @@ impl Effects {
     /// Signals one process through a pidfd bound to it; false when it is gone (or its
     /// pid names another process now), or must never be signalled.
     fn signal(&mut self, order: SignalOrder) -> bool {
-        let pid = order.target.pid;
-        // The last line of defence: whatever the rules say, these are never signalled.
-        if pid <= 1 || pid == self.self_pid {
-            tracing::error!(pid, "refusing to signal init or the daemon");
-            return false;
-        }
-        let not_a_kernel_thread = |p: &ProcInfo| {
-            if p.kernel_thread {
-                tracing::error!(pid, "refusing to signal a kernel thread");
-            }
-            !p.kernel_thread
-        };
         let pidfd = match self.pidfds.entry(order.target) {
             std::collections::hash_map::Entry::Occupied(held) => held.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
-                match PidFd::open_checked(order.target, not_a_kernel_thread) {
+                match open_for_signal(order.target, self.self_pid) {
                     Ok(pidfd) => slot.insert(pidfd),
                     Err(OpenError::Gone) => return false,
                     Err(OpenError::Failed(err)) => {
-                        // Not gone: it stays a target, and the next signal (SIGKILL
-                        // after the grace) tries again.
-                        self.pidfd_failures += 1;
-                        tracing::error!(pid, "cannot open a pidfd to signal it: {err}");
+                        self.no_pidfd(order.target, &err);
                         return true;
                     }
                 }
@@ -186,11 +209,58 @@ impl Effects {
             Ok(()) => true,
             // ESRCH: it exited between our checks: nothing to do, nobody else hit.
             Err(err) => {
-                tracing::debug!(pid, "signal not delivered: {err}");
+                tracing::debug!(pid = order.target.pid, "signal not delivered: {err}");
                 self.pidfds.remove(&order.target);
                 false
             }
         }
+    }
+
+    /// Not gone, but no pidfd: it stays a target, and the next signal (SIGKILL after
+    /// the grace) tries again.
+    fn no_pidfd(&mut self, process: ProcRef, err: &std::io::Error) {
+        self.pidfd_failures += 1;
+        tracing::error!(pid = process.pid, "cannot open a pidfd to signal it: {err}");
+    }
+
+    /// Reads what the records of new kill targets tell of them (command line, owner,
+    /// RSS: three /proc reads each) and sends their first signals, in a blocking task
+    /// off the loop, each target read before it is signalled; the outcome comes back
+    /// through `described` as one input.
+    fn look_off_loop(&self, looks: Vec<FirstLook>) {
+        if looks.is_empty() {
+            return;
+        }
+        let (back, self_pid) = (self.described.clone(), self.self_pid);
+        tokio::task::spawn_blocking(move || {
+            let described = looks
+                .into_iter()
+                .map(|look| first_look(look, self_pid))
+                .collect();
+            let _ = back.send(described);
+        });
+    }
+
+    /// A batch described off the loop, settled: the pidfds kept, what the core must
+    /// hear returned (the descriptions, and the first signals that were not sent).
+    pub fn take_described(
+        &mut self,
+        batch: Vec<Described>,
+    ) -> (Vec<(ProcRef, Details)>, Vec<SignalOrder>) {
+        let mut not_sent = Vec::new();
+        let mut details = Vec::with_capacity(batch.len());
+        for described in batch {
+            match described.signal {
+                Some((_, Delivery::Sent(pidfd))) => {
+                    self.pidfds.insert(described.process, pidfd);
+                }
+                Some((order, Delivery::NotSent)) => not_sent.push(order),
+                Some((_, Delivery::NoPidfd(err))) => self.no_pidfd(described.process, &err),
+                None => {}
+            }
+            details.push((described.process, described.details));
+        }
+        (details, not_sent)
     }
 
     /// The process that started a registered root is not watched, so its exit sends no
@@ -388,6 +458,54 @@ impl Effects {
             self.kernel.unwatch(process);
         }
         Ok(still_there)
+    }
+}
+
+/// A pidfd on `process` for a signal, unless it must never be signalled (init, the
+/// daemon, a kernel thread: the last line of defence, whatever the rules say).
+fn open_for_signal(process: ProcRef, self_pid: u32) -> Result<PidFd, OpenError> {
+    let pid = process.pid;
+    if pid <= 1 || pid == self_pid {
+        tracing::error!(pid, "refusing to signal init or the daemon");
+        return Err(OpenError::Gone);
+    }
+    PidFd::open_checked(process, |p: &ProcInfo| {
+        if p.kernel_thread {
+            tracing::error!(pid, "refusing to signal a kernel thread");
+        }
+        !p.kernel_thread
+    })
+}
+
+/// One target's description, read before its first signal is sent (a dead process
+/// has no cmdline).
+fn first_look(look: FirstLook, self_pid: u32) -> Described {
+    let (process, order) = match look {
+        FirstLook::Signal(order) => (order.target, Some(order)),
+        FirstLook::Describe(process) => (process, None),
+    };
+    let Some(order) = order else {
+        return Described {
+            process,
+            details: SysProcs.details(process.pid),
+            signal: None,
+        };
+    };
+    let (details, delivery) = match open_for_signal(process, self_pid) {
+        Ok(pidfd) => {
+            let details = SysProcs.details(process.pid);
+            match pidfd.signal(order.signal) {
+                Ok(()) => (details, Delivery::Sent(pidfd)),
+                Err(_) => (details, Delivery::NotSent),
+            }
+        }
+        Err(OpenError::Gone) => (Details::default(), Delivery::NotSent),
+        Err(OpenError::Failed(err)) => (SysProcs.details(process.pid), Delivery::NoPidfd(err)),
+    };
+    Described {
+        process,
+        details,
+        signal: Some((order, delivery)),
     }
 }
 

@@ -15,8 +15,9 @@ use nix::sys::signal::Signal;
 
 use crate::vocab::{limits::Reason, process::ProcRef};
 
-/// What is known of a target when the kill starts: read before it is signalled, since
-/// a dead process has no cmdline.
+/// What the core knows of a target when the kill starts. Its command line and owner
+/// are not read by the core: the effects read them, before the first signal (a dead
+/// process has no cmdline), and hand them back ([`KillJob::describe`]).
 #[derive(Clone, Debug)]
 pub struct TargetInfo {
     pub process: ProcRef,
@@ -34,6 +35,8 @@ struct Target {
     sigkilled: bool,
     /// Exited (the tree took in its exit) or could not be signalled: nothing more to do.
     done: bool,
+    /// Its command line, owner and RSS came back from the effects: its record is whole.
+    described: bool,
 }
 
 /// What a kill covers; processes forked into the scope while it dies join it.
@@ -62,6 +65,9 @@ pub enum Mode {
 pub struct SignalOrder {
     pub target: ProcRef,
     pub signal: Signal,
+    /// A target's first signal: its command line, owner and RSS are read first, and
+    /// handed back to the core with the signal's fate.
+    pub describe: bool,
 }
 
 /// A kill in progress: its targets, and when the grace ends.
@@ -83,6 +89,8 @@ pub struct KillJob {
     targets: BTreeMap<u32, Target>,
     /// Targets not done yet: "is the kill over?" is asked after every event.
     pending: usize,
+    /// Targets whose description has not come back yet: their records wait for it.
+    undescribed: usize,
 }
 
 /// Who and what a new job is about.
@@ -115,15 +123,21 @@ impl KillJob {
             time: now_wall,
             targets: BTreeMap::new(),
             pending: 0,
+            undescribed: 0,
         }
     }
 
+    /// Whether it kills `pid` (a log-only job, which only waits for its records'
+    /// descriptions, covers nothing).
     pub fn has_target(&self, pid: u32) -> bool {
-        self.targets.contains_key(&pid)
+        self.mode != Mode::LogOnly && self.targets.contains_key(&pid)
     }
 
     /// Whether a child forked by `ppid` in `analysis` belongs to this kill.
     pub fn takes_child(&self, ppid: u32, analysis: u64) -> bool {
+        if self.mode == Mode::LogOnly {
+            return false;
+        }
         match self.scope {
             Scope::Process => false,
             Scope::Subtree => self.has_target(ppid),
@@ -148,7 +162,9 @@ impl KillJob {
 
     /// Adds a process; returns the signal it gets now: SIGTERM, or SIGKILL once the
     /// grace is over (a process forked while its tree is dying gets no grace of its
-    /// own). A dry run or a log-only job signals nothing and is done with it at once.
+    /// own), its description asked for with it. A dry run or a log-only job signals
+    /// nothing and is done with it at once, but for its description (asked for by the
+    /// caller: see [`Self::signals`]).
     pub fn add(
         &mut self,
         info: TargetInfo,
@@ -165,6 +181,7 @@ impl KillJob {
             signals: Vec::new(),
             sigkilled: false,
             done: self.mode != Mode::Signal,
+            described: false,
         };
         let order = (self.mode == Mode::Signal).then(|| {
             let signal = if now >= self.escalate_at {
@@ -176,11 +193,53 @@ impl KillJob {
             SignalOrder {
                 target: process,
                 signal,
+                describe: true,
             }
         });
         self.pending += usize::from(!target.done);
+        self.undescribed += 1;
         self.targets.insert(pid, target);
         order
+    }
+
+    /// Whether `process` is one of its targets (whatever the mode).
+    pub fn has_target_entry(&self, process: ProcRef) -> bool {
+        self.targets
+            .get(&process.pid)
+            .is_some_and(|t| t.info.process == process)
+    }
+
+    /// Whether its targets are signalled (else only described and recorded).
+    pub fn signals(&self) -> bool {
+        self.mode == Mode::Signal
+    }
+
+    /// The effects read what a record tells of `process` (before its first signal):
+    /// its record is whole now. A target described after the grace is over gets its
+    /// SIGKILL now (returned): the grace's SIGKILL waited for its first signal.
+    pub fn describe(
+        &mut self,
+        process: ProcRef,
+        details: &crate::core::procs::Details,
+        now_wall: SystemTime,
+    ) -> Option<SignalOrder> {
+        let target = self.targets.get_mut(&process.pid)?;
+        if target.info.process != process || std::mem::replace(&mut target.described, true) {
+            return None;
+        }
+        self.undescribed -= 1;
+        target.info.cmdline.clone_from(&details.cmdline);
+        target.info.uid = details.uid;
+        target.info.rss_bytes = target.info.rss_bytes.max(details.rss_bytes);
+        if !self.escalated || target.done || target.sigkilled {
+            return None;
+        }
+        Self::note_signal(target, Signal::SIGKILL, now_wall);
+        Some(SignalOrder {
+            target: process,
+            signal: Signal::SIGKILL,
+            describe: false,
+        })
     }
 
     fn mark_done(target: &mut Target, pending: &mut usize) {
@@ -205,11 +264,14 @@ impl KillJob {
         self.escalated = true;
         let mut orders = Vec::new();
         for target in self.targets.values_mut() {
-            if !target.done && !target.sigkilled {
+            // One not yet described has not had its first signal yet: its SIGKILL comes
+            // with its description.
+            if !target.done && !target.sigkilled && target.described {
                 Self::note_signal(target, Signal::SIGKILL, now_wall);
                 orders.push(SignalOrder {
                     target: target.info.process,
                     signal: Signal::SIGKILL,
+                    describe: false,
                 });
             }
         }
@@ -244,7 +306,6 @@ impl KillJob {
         }
     }
 
-    /// Every target has exited (or could not be signalled).
     /// The targets not done yet.
     pub fn pending_pids(&self) -> impl Iterator<Item = u32> + '_ {
         self.targets
@@ -257,8 +318,9 @@ impl KillJob {
         self.pending
     }
 
+    /// Every target has exited (or could not be signalled) and is described.
     pub fn is_done(&self) -> bool {
-        self.pending == 0
+        self.pending == 0 && self.undescribed == 0
     }
 
     /// The targets signalled and not yet done (their pidfds are still needed).

@@ -38,7 +38,7 @@ use crate::{
     core::{
         event::KernelEvent,
         kill::{KillJob, SignalOrder},
-        procs::{ProcInfo, Procs},
+        procs::{Details, ProcInfo, Procs},
         registry::{Analysis, Registry},
         rules::{
             forks::Forks,
@@ -158,7 +158,7 @@ impl Core {
                 ..
             } => {
                 let node = Node::new(pid, ppid, start_ns, comm, analysis);
-                self.forks.forked(w, node, untracked, procs, clock);
+                self.forks.forked(w, node, untracked, clock);
             }
             KernelEvent::Exit {
                 pid,
@@ -228,6 +228,12 @@ impl Core {
         self.world.on_signal_failed(order, clock);
     }
 
+    /// What the effects read of kill targets (command line, owner, RSS) before their
+    /// first signal.
+    pub fn on_described(&mut self, described: &[(ProcRef, Details)], clock: &Clock) {
+        self.world.on_described(described, clock);
+    }
+
     /// The process that launched a registered root exited.
     pub fn on_launcher_exit(&mut self, root: ProcRef, procs: &dyn Procs, clock: &Clock) {
         self.orphans
@@ -256,7 +262,7 @@ impl Core {
             Retrack::NoRoom => return,
             Retrack::Watched(found) => {
                 self.forks
-                    .readmitted(&mut self.world, process, key, found, procs, clock)
+                    .readmitted(&mut self.world, process, key, found, clock)
             }
             Retrack::Gone => {
                 // No exit event comes for a process the kernel did not follow.
@@ -307,10 +313,9 @@ impl Core {
         &mut self,
         registration: Registration,
         watched: &[ProcInfo],
-        procs: &dyn Procs,
         clock: &Clock,
     ) -> Result<Registered> {
-        self.world.adopt(registration, watched, procs, clock)
+        self.world.adopt(registration, watched, clock)
     }
 
     /// Stops watching a process with its subtree, or a whole analysis; how many

@@ -82,7 +82,6 @@ impl World {
         &mut self,
         registration: Registration,
         watched: &[ProcInfo],
-        procs: &dyn Procs,
         clock: &Clock,
     ) -> Result<Registered> {
         let Registration {
@@ -111,7 +110,7 @@ impl World {
         }
         for info in watched {
             self.insert(node_of(info, key));
-            self.join_dying_scope(info.pid, info.ppid, key, procs, clock);
+            self.join_dying_scope(info.pid, info.ppid, key, clock);
         }
         let root_ref = ProcRef {
             pid: root.pid,

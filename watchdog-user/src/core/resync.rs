@@ -61,7 +61,7 @@ impl Core {
                         key,
                     ));
                     self.world
-                        .join_dying_scope(process.pid, info.ppid, key, procs, clock);
+                        .join_dying_scope(process.pid, info.ppid, key, clock);
                 }
                 _ => self.world.actions.push(Action::Unwatch(process)),
             }

@@ -151,6 +151,30 @@ fn mapped(pid: u32, key: AnalysisKey) -> (ProcRef, AnalysisKey) {
 }
 
 impl World {
+    /// What the core asked for, with the effects' descriptions of kill targets
+    /// answered the way the daemon answers them (read from the fake /proc, handed back
+    /// as an input), until the core asks nothing more.
+    fn take(&mut self) -> Vec<Action> {
+        let mut all = Vec::new();
+        loop {
+            let actions = self.core.take_actions();
+            let looks: Vec<(ProcRef, Details)> = actions
+                .iter()
+                .filter_map(|action| match action {
+                    Action::Signal(order) if order.describe => Some(order.target),
+                    Action::Describe(process) => Some(*process),
+                    _ => None,
+                })
+                .map(|process| (process, self.procs.details(process.pid)))
+                .collect();
+            all.extend(actions);
+            if looks.is_empty() {
+                return all;
+            }
+            self.core.on_described(&looks, &self.clock);
+        }
+    }
+
     fn new() -> Self {
         Self::with(limits(), false)
     }
@@ -188,9 +212,9 @@ impl World {
             .check_register(root, id, &overrides, &Peer::root(), &self.procs)
             .expect("registrable");
         self.core
-            .adopt(registration, &[info], &self.procs, &self.clock)
+            .adopt(registration, &[info], &self.clock)
             .expect("adopted");
-        self.core.take_actions()
+        self.take()
     }
 
     fn key(&self, id: &str) -> AnalysisKey {
@@ -278,13 +302,13 @@ impl World {
 
     fn event(&mut self, event: KernelEvent) -> Vec<Action> {
         self.core.on_event(event, &self.procs, &self.clock);
-        self.core.take_actions()
+        self.take()
     }
 
     fn advance(&mut self, by: Duration) -> Vec<Action> {
         self.clock = self.clock.advanced(by);
         self.core.on_tick(&self.procs, &self.clock);
-        self.core.take_actions()
+        self.take()
     }
 }
 
@@ -451,13 +475,13 @@ fn the_poll_updates_rss_and_ignores_samples_of_recycled_pids() {
         start_ns: start(100) + 10_000_000_000,
     };
     w.core.on_poll(&[(stranger, 500 * MIB)], &w.procs, &w.clock);
-    assert!(signals(&w.core.take_actions()).is_empty());
+    assert!(signals(&w.take()).is_empty());
     let root = ProcRef {
         pid: 100,
         start_ns: start(100),
     };
     w.core.on_poll(&[(root, 500 * MIB)], &w.procs, &w.clock);
-    assert_eq!(signals(&w.core.take_actions()), [(100, Signal::SIGTERM)]);
+    assert_eq!(signals(&w.take()), [(100, Signal::SIGTERM)]);
 }
 
 #[test]
@@ -532,7 +556,7 @@ fn a_root_whose_launcher_dies_is_an_orphan() {
         start_ns: start(100),
     };
     w.core.on_launcher_exit(root, &w.procs, &w.clock);
-    assert_eq!(signals(&w.core.take_actions()), [(100, Signal::SIGTERM)]);
+    assert_eq!(signals(&w.take()), [(100, Signal::SIGTERM)]);
 }
 
 #[test]
@@ -564,7 +588,7 @@ fn a_process_gone_before_its_signal_is_recorded_as_already_gone() {
         panic!("one signal: {actions:?}");
     };
     w.core.on_signal_failed(*order, &w.clock);
-    let records = records(&w.core.take_actions());
+    let records = records(&w.take());
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].outcome, Outcome::AlreadyGone);
     assert!(records[0].signals.is_empty());
@@ -600,9 +624,9 @@ fn a_process_registered_into_a_dying_analysis_joins_its_kill() {
         )
         .expect("registrable");
     w.core
-        .adopt(registration, &[info], &w.procs, &w.clock)
+        .adopt(registration, &[info], &w.clock)
         .expect("adopted");
-    assert_eq!(signals(&w.core.take_actions()), [(200, Signal::SIGTERM)]);
+    assert_eq!(signals(&w.take()), [(200, Signal::SIGTERM)]);
     w.exit(100);
     let records = records(&w.exit(200));
     assert_eq!(
@@ -629,7 +653,7 @@ fn a_member_that_appears_after_the_analysis_kill_ended_is_killed_on_arrival() {
     assert!(w.core.jobs().is_empty());
     w.core
         .resync(&[mapped(102, key)], &w.procs, &w.clock, Resync::LostEvents);
-    assert_eq!(signals(&w.core.take_actions()), [(102, Signal::SIGTERM)]);
+    assert_eq!(signals(&w.take()), [(102, Signal::SIGTERM)]);
 }
 
 #[test]
@@ -691,7 +715,7 @@ fn what_must_never_be_watched_is_refused_and_nothing_changes() {
     };
     assert!(refused(&w, 200, "x", zero).contains("nothing was registered"));
     assert_eq!((w.core.registry().len(), w.core.tree().len()), (1, 1));
-    assert!(w.core.take_actions().is_empty());
+    assert!(w.take().is_empty());
 }
 
 #[test]
@@ -720,7 +744,7 @@ fn a_memory_limit_above_the_machines_memory_is_refused_and_nothing_changes() {
          reached; use at most 23.4 GiB (nothing was registered)"
     );
     assert!(w.core.registry().is_empty() && w.core.tree().is_empty());
-    assert!(w.core.take_actions().is_empty());
+    assert!(w.take().is_empty());
     // What the refusal proposes, and the machine's whole memory, are accepted.
     let proposed = crate::vocab::units::parse_size("23.4 GiB").unwrap();
     for fits in [proposed, machine] {
@@ -769,7 +793,7 @@ fn unregistering_stops_watching_and_ends_the_analysis() {
     w.core
         .unregister(None, Some("a"), &Peer::root(), &w.procs, &w.clock)
         .unwrap();
-    let actions = w.core.take_actions();
+    let actions = w.take();
     let unwatched: Vec<u32> = actions
         .iter()
         .filter_map(|a| match a {
@@ -816,7 +840,7 @@ fn after_a_restart_passed_deadlines_are_enforced_and_processes_orphaned_in_the_g
         &w.procs,
         &w.clock,
     );
-    let actions = w.core.take_actions();
+    let actions = w.take();
     assert_eq!(
         signals(&actions),
         [(100, Signal::SIGTERM), (101, Signal::SIGTERM)]
@@ -847,7 +871,7 @@ fn a_resync_drops_what_the_kernel_map_lost_and_adds_what_it_has() {
         &w.clock,
         Resync::LostEvents,
     );
-    let actions = w.core.take_actions();
+    let actions = w.take();
     assert!(!w.core.tree().contains(101) && w.core.tree().contains(102));
     assert!(
         actions
@@ -1043,8 +1067,7 @@ impl World {
             .check_descendants(&registration, &refs, &self.procs)?;
         let mut watched = vec![registration.root.clone()];
         watched.extend(below);
-        self.core
-            .adopt(registration, &watched, &self.procs, &self.clock)
+        self.core.adopt(registration, &watched, &self.clock)
     }
 
     fn descendants_of(&self, root: u32) -> Vec<ProcInfo> {
@@ -1091,7 +1114,7 @@ fn a_user_may_register_only_processes_that_run_as_themselves() {
     let Registered { watched, .. } = w.register_as(&alice, 100, "a").unwrap();
     assert_eq!(watched, 2, "the root and its descendant");
     assert_eq!(w.owner("a"), ALICE);
-    w.core.take_actions();
+    w.take();
     for (victim, runs_as) in [(200, BOB), (300, 0)] {
         let refused = w.register_as(&alice, victim, "b").unwrap_err().to_string();
         assert_eq!(
@@ -1105,10 +1128,7 @@ fn a_user_may_register_only_processes_that_run_as_themselves() {
         );
         assert!(!refused.contains('\n'), "one line");
         assert_eq!(w.sizes(), (1, 2), "nothing changed");
-        assert!(
-            w.core.take_actions().is_empty(),
-            "nothing asked of the kernel"
-        );
+        assert!(w.take().is_empty(), "nothing asked of the kernel");
     }
     // Bob registers his own, into an analysis of his own.
     w.register_as(&bob, 200, "b").unwrap();
@@ -1132,7 +1152,7 @@ fn one_descendant_of_another_user_refuses_the_whole_registration() {
     );
     assert!(refused.ends_with("(nothing was registered)"), "{refused}");
     assert_eq!(w.sizes(), (0, 0));
-    assert!(w.core.take_actions().is_empty());
+    assert!(w.take().is_empty());
     // Root may register the same tree.
     w.register_as(&Peer::root(), 100, "a").unwrap();
     assert_eq!(w.sizes(), (1, 3));
@@ -1146,7 +1166,7 @@ fn a_user_cannot_join_unregister_or_strip_another_users_analysis() {
     w.procs.spawn_as(100, 1, ALICE);
     w.procs.spawn_as(200, 1, BOB);
     w.register_as(&alice, 100, "a").unwrap();
-    w.core.take_actions();
+    w.take();
     let joined = w.register_as(&bob, 200, "a").unwrap_err().to_string();
     assert_eq!(
         joined,
@@ -1173,7 +1193,7 @@ fn a_user_cannot_join_unregister_or_strip_another_users_analysis() {
         "{by_pid}"
     );
     assert_eq!(w.sizes(), (1, 1), "alice's analysis is untouched");
-    assert!(w.core.take_actions().is_empty());
+    assert!(w.take().is_empty());
     // A process of bob's that root put in alice's analysis is alice's to unregister
     // only if it runs as alice: it does not.
     w.procs.spawn_as(201, 1, BOB);
@@ -1209,10 +1229,8 @@ fn unregistering_a_process_cannot_reach_into_another_users_analysis_below_it() {
             &w.procs,
         )
         .unwrap();
-    w.core
-        .adopt(registration, &[info], &w.procs, &w.clock)
-        .unwrap();
-    w.core.take_actions();
+    w.core.adopt(registration, &[info], &w.clock).unwrap();
+    w.take();
     let refused = w
         .unregister_as(&alice, Some(100), None)
         .unwrap_err()
@@ -1280,7 +1298,7 @@ fn the_owner_is_in_dump_tree_kill_records_and_the_process_table() {
     assert_eq!((roots[0].owner_uid, analyses[0].owner_uid), (ALICE, ALICE));
     let snapshot = w.core.process_snapshot(&w.clock).expect("changed");
     assert_eq!(snapshot.rows()[0].owner_uid, ALICE);
-    w.core.take_actions();
+    w.take();
     w.advance(Duration::from_secs(61)); // past the 60 s timeout
     let actions = w.exit(100);
     let killed = records(&actions);
@@ -1435,7 +1453,7 @@ fn copy_on_write_raises_pss_without_rss_and_the_poll_measures_it_again() {
         ),
     ];
     w.core.on_poll(&samples, &w.procs, &w.clock);
-    assert_eq!(signals(&w.core.take_actions()).len(), 2);
+    assert_eq!(signals(&w.take()).len(), 2);
     assert!(w.core.registry().get(key).unwrap().violation.is_some());
 }
 
@@ -1680,4 +1698,60 @@ fn without_warn_at_nobody_is_warned() {
     w.register(100, "a", timeout(1000));
     w.rss(100, 99 * MIB);
     assert!(signals(&w.advance(Duration::from_millis(999))).is_empty());
+}
+
+#[test]
+fn a_kill_record_waits_for_what_the_effects_read_before_the_first_signal() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.clock = w.clock.advanced(Duration::from_secs(1));
+    w.core.on_tick(&w.procs, &w.clock);
+    // Taken raw: the description is not answered yet.
+    let actions = w.core.take_actions();
+    let [Action::Signal(order)] = actions.as_slice() else {
+        panic!("one signal: {actions:?}");
+    };
+    assert!(
+        order.describe,
+        "the first signal asks for the target's description"
+    );
+    let target = order.target;
+    // It exits before its description is back: the kill is not over, no record yet.
+    assert!(records(&w.exit(100)).is_empty());
+    let described = Details {
+        cmdline: "python fit.py".into(),
+        uid: 1234,
+        rss_bytes: 7 * MIB,
+    };
+    w.core.on_described(&[(target, described)], &w.clock);
+    let records = records(&w.take());
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (
+            records[0].cmdline.as_str(),
+            records[0].uid,
+            records[0].rss_bytes
+        ),
+        ("python fit.py", 1234, 7 * MIB)
+    );
+}
+
+#[test]
+fn a_target_described_after_its_grace_gets_its_sigkill_with_the_description() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.clock = w.clock.advanced(Duration::from_secs(1));
+    w.core.on_tick(&w.procs, &w.clock);
+    let actions = w.core.take_actions();
+    let [Action::Signal(order)] = actions.as_slice() else {
+        panic!("one signal: {actions:?}");
+    };
+    let target = order.target;
+    // The grace ends before its first signal went out: no SIGKILL ahead of it.
+    w.clock = w.clock.advanced(Duration::from_secs(2));
+    w.core.on_tick(&w.procs, &w.clock);
+    assert!(signals(&w.core.take_actions()).is_empty());
+    w.core
+        .on_described(&[(target, w.procs.details(100))], &w.clock);
+    assert_eq!(signals(&w.take()), vec![(100, Signal::SIGKILL)]);
 }

@@ -75,8 +75,13 @@ pub enum Action {
         launcher: ProcRef,
     },
     /// Send this signal, to this process only (never to a recycled pid); report a
-    /// failure with `Core::on_signal_failed`.
+    /// failure with `Core::on_signal_failed`. A first signal (`describe`) is sent
+    /// once the process' command line, owner and RSS are read, which come back with
+    /// `Core::on_described`.
     Signal(SignalOrder),
+    /// Read a process' command line, owner and RSS for its record (a kill that signals
+    /// nothing: a dry run, a logged orphan); they come back with `Core::on_described`.
+    Describe(ProcRef),
     /// A finished kill no longer needs a handle on this process.
     Release(ProcRef),
     /// A finished violation or kill: log it, spool it, store it.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     core::{
-        procs::{ProcInfo, Procs},
+        procs::ProcInfo,
         registration::node_of,
         tree::Node,
         world::{Action, Clock, World},
@@ -42,7 +42,6 @@ impl Forks {
         w: &mut World,
         node: Node,
         untracked: bool,
-        procs: &dyn Procs,
         clock: &Clock,
     ) {
         w.counters.forks += 1;
@@ -55,12 +54,12 @@ impl Forks {
         }
         let (process, ppid, analysis) = (node.proc_ref(), node.ppid, node.analysis);
         w.insert(node);
-        w.join_dying_scope(process.pid, ppid, analysis, procs, clock);
-        self.check_process_count(w, analysis, procs, clock);
+        w.join_dying_scope(process.pid, ppid, analysis, clock);
+        self.check_process_count(w, analysis, clock);
         if untracked {
             w.counters.untracked_forks += 1;
             self.untracked.insert(process.pid, process);
-            self.make_room(w, procs, clock);
+            self.make_room(w, clock);
         }
     }
 
@@ -70,14 +69,13 @@ impl Forks {
         &mut self,
         w: &mut World,
         key: AnalysisKey,
-        procs: &dyn Procs,
         clock: &Clock,
     ) {
         let Some(max) = w.registry.get(key).map(|a| a.limits.max_processes) else {
             return;
         };
         if max != 0 && w.tree.member_count(key) as u64 > max {
-            w.kill_analysis(key, Reason::MaxProcesses, Some(max), procs, clock);
+            w.kill_analysis(key, Reason::MaxProcesses, Some(max), clock);
         }
     }
 
@@ -85,7 +83,7 @@ impl Forks {
     /// killed (unless it is being killed already, which frees room by itself), so one
     /// analysis filling the map never costs another its tracking. Like the OOM killer,
     /// the largest goes.
-    pub(in crate::core) fn make_room(&mut self, w: &mut World, procs: &dyn Procs, clock: &Clock) {
+    pub(in crate::core) fn make_room(&mut self, w: &mut World, clock: &Clock) {
         let largest = w
             .registry
             .iter()
@@ -99,7 +97,7 @@ impl Forks {
             members,
             "the kernel's watched map is full: killing the analysis that holds the most of it"
         );
-        w.kill_analysis(key, Reason::MapFull, None, procs, clock);
+        w.kill_analysis(key, Reason::MapFull, None, clock);
     }
 
     /// Untracked processes to hand back to the kernel map: (process, analysis, its
@@ -126,7 +124,6 @@ impl Forks {
         process: ProcRef,
         key: AnalysisKey,
         found: Vec<ProcInfo>,
-        procs: &dyn Procs,
         clock: &Clock,
     ) {
         self.untracked.remove(&process.pid);
@@ -140,8 +137,8 @@ impl Forks {
                 continue;
             }
             w.insert(node_of(&info, key));
-            w.join_dying_scope(info.pid, info.ppid, key, procs, clock);
+            w.join_dying_scope(info.pid, info.ppid, key, clock);
         }
-        self.check_process_count(w, key, procs, clock);
+        self.check_process_count(w, key, clock);
     }
 }

@@ -5,7 +5,7 @@
 use crate::{
     core::{
         kill::{JobSpec, KillJob, Mode, Scope, SignalOrder, TargetInfo},
-        procs::Procs,
+        procs::{Details, Procs},
         tree::Node,
         world::{Action, Clock, DYING_LINGER, RECORDS_KEPT, World},
     },
@@ -22,12 +22,11 @@ impl World {
         key: AnalysisKey,
         reason: Reason,
         limit: Option<u64>,
-        procs: &dyn Procs,
         clock: &Clock,
     ) {
         if self.registry.mark_violated(key, reason, limit) {
             let pids = self.tree.members(key);
-            self.start_kill(Scope::Analysis, reason, key, limit, &pids, procs, clock);
+            self.start_kill(Scope::Analysis, reason, key, limit, &pids, clock);
         }
     }
     pub(in crate::core) fn insert(&mut self, node: Node) {
@@ -43,25 +42,16 @@ impl World {
         pid: u32,
         ppid: u32,
         analysis: AnalysisKey,
-        procs: &dyn Procs,
         clock: &Clock,
     ) {
         if let Some(at) = self.jobs.iter().position(|j| j.takes_child(ppid, analysis)) {
             self.lingering.remove(&analysis);
             let mut job = self.jobs.swap_remove(at);
-            self.add_target(&mut job, pid, procs, clock);
+            self.add_target(&mut job, pid, clock);
             self.jobs.push(job);
         } else if let Some((reason, limit)) = self.registry.violation(analysis) {
             self.lingering.remove(&analysis);
-            self.start_kill(
-                Scope::Analysis,
-                reason,
-                analysis,
-                limit,
-                &[pid],
-                procs,
-                clock,
-            );
+            self.start_kill(Scope::Analysis, reason, analysis, limit, &[pid], clock);
         }
     }
     /// Takes a process out of the tree, wherever it went (exit, resync, unregister):
@@ -133,11 +123,10 @@ impl World {
         analysis: AnalysisKey,
         limit: Option<u64>,
         pids: &[u32],
-        procs: &dyn Procs,
         clock: &Clock,
     ) {
         let spec = self.job_spec(scope, reason, analysis, limit, self.kill_mode());
-        self.start_job(spec, pids, procs, clock);
+        self.start_job(spec, pids, clock);
     }
     /// How kills are made: signalled, or (`--dry-run`) only recorded.
     pub(in crate::core) fn kill_mode(&self) -> Mode {
@@ -147,13 +136,7 @@ impl World {
             Mode::Signal
         }
     }
-    pub(in crate::core) fn start_job(
-        &mut self,
-        spec: JobSpec,
-        pids: &[u32],
-        procs: &dyn Procs,
-        clock: &Clock,
-    ) {
+    pub(in crate::core) fn start_job(&mut self, spec: JobSpec, pids: &[u32], clock: &Clock) {
         tracing::warn!(
             analysis_id = spec.analysis_id,
             reason = spec.reason.as_str(),
@@ -161,7 +144,7 @@ impl World {
             dry_run = self.settings.dry_run,
             "limit crossed: killing"
         );
-        let job = self.new_job(spec, pids, procs, clock);
+        let job = self.new_job(spec, pids, clock);
         self.jobs.push(job);
         self.processes_dirty = true;
     }
@@ -170,12 +153,11 @@ impl World {
         &mut self,
         spec: JobSpec,
         pids: &[u32],
-        procs: &dyn Procs,
         clock: &Clock,
     ) -> KillJob {
         let mut job = KillJob::new(spec, clock.now, clock.wall);
         for &pid in pids {
-            self.add_target(&mut job, pid, procs, clock);
+            self.add_target(&mut job, pid, clock);
         }
         job
     }
@@ -184,7 +166,6 @@ impl World {
         &mut self,
         analysis: AnalysisKey,
         pids: &[u32],
-        procs: &dyn Procs,
         clock: &Clock,
     ) {
         let spec = self.job_spec(
@@ -194,16 +175,11 @@ impl World {
             None,
             Mode::LogOnly,
         );
-        let job = self.new_job(spec, pids, procs, clock);
-        self.finish(job);
+        // Finished once its targets are described, like any job.
+        let job = self.new_job(spec, pids, clock);
+        self.jobs.push(job);
     }
-    pub(in crate::core) fn add_target(
-        &mut self,
-        job: &mut KillJob,
-        pid: u32,
-        procs: &dyn Procs,
-        clock: &Clock,
-    ) {
+    pub(in crate::core) fn add_target(&mut self, job: &mut KillJob, pid: u32, clock: &Clock) {
         let Some(node) = self.tree.get(pid) else {
             return;
         };
@@ -215,18 +191,24 @@ impl World {
             tracing::error!(pid, "refusing to signal init or the daemon");
             return;
         }
-        let details = procs.details(pid);
+        // What only /proc knows (command line, owner) is read by the effects before
+        // the first signal: a kill of thousands costs the loop no /proc read.
         let info = TargetInfo {
             process: node.proc_ref(),
             ppid: node.ppid,
             comm: node.comm.as_str().into_owned(),
-            cmdline: details.cmdline,
-            uid: details.uid,
-            rss_bytes: details.rss_bytes.max(node.rss_bytes()),
+            cmdline: String::new(),
+            uid: 0,
+            rss_bytes: node.rss_bytes(),
             runtime_ms: clock.boot_ns.saturating_sub(node.start_ns) / 1_000_000,
         };
-        if let Some(order) = job.add(info, clock.now, clock.wall) {
-            self.actions.push(Action::Signal(order));
+        let process = info.process;
+        match job.add(info, clock.now, clock.wall) {
+            Some(order) => self.actions.push(Action::Signal(order)),
+            None if !job.signals() && job.has_target_entry(process) => {
+                self.actions.push(Action::Describe(process));
+            }
+            None => {}
         }
     }
     /// A signal could not be delivered (the process is gone, or its pid was recycled).
@@ -280,6 +262,19 @@ impl World {
         }
         self.recent.push_back(record.clone());
         self.actions.push(Action::Record(Box::new(record)));
+    }
+
+    /// What the effects read of targets before their first signal: their records are
+    /// whole; one described after its grace ended gets its SIGKILL now.
+    pub fn on_described(&mut self, described: &[(ProcRef, Details)], clock: &Clock) {
+        for (process, details) in described {
+            for job in &mut self.jobs {
+                if let Some(order) = job.describe(*process, details, clock.wall) {
+                    self.actions.push(Action::Signal(order));
+                }
+            }
+        }
+        self.finish_done_jobs(clock);
     }
 
     /// Graces that ended: SIGKILL for what is still alive.

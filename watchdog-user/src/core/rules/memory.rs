@@ -132,7 +132,6 @@ impl Memory {
             analysis,
             Some(limit),
             &[pid],
-            procs,
             clock,
         );
     }
@@ -169,7 +168,7 @@ impl Memory {
             limit,
             "tree memory limit crossed"
         );
-        w.kill_analysis(key, Reason::TreeMemory, Some(limit), procs, clock);
+        w.kill_analysis(key, Reason::TreeMemory, Some(limit), clock);
     }
 
     /// A process' memory reached the warning's level of its limit (by RSS, or by PSS

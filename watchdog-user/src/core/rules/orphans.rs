@@ -87,7 +87,7 @@ impl Orphans {
             w.processes_dirty = true;
             return;
         }
-        self.orphaned_as(w, pid, now.ppid, procs, clock);
+        self.orphaned_as(w, pid, now.ppid, clock);
     }
 
     /// `pid` lives on after its parent died: flag it, then kill or log it (and its
@@ -105,7 +105,7 @@ impl Orphans {
         // Its own exit may still be queued behind its parent's (a tree dying under a
         // kill that has already finished): a dead process is no orphan.
         if let Some(now) = procs.read(pid).filter(|p| same_start(p.start_ns, start_ns)) {
-            self.orphaned_as(w, pid, now.ppid, procs, clock);
+            self.orphaned_as(w, pid, now.ppid, clock);
         }
     }
 
@@ -115,7 +115,6 @@ impl Orphans {
         w: &mut World,
         pid: u32,
         new_ppid: u32,
-        procs: &dyn Procs,
         clock: &Clock,
     ) {
         let Some(analysis) = w.tree.get(pid).map(|n| n.analysis) else {
@@ -133,16 +132,10 @@ impl Orphans {
             // reparenting.
             let pids = w.tree.subtree(pid);
             match policy {
-                OrphanPolicy::Kill => w.start_kill(
-                    Scope::Subtree,
-                    Reason::Orphan,
-                    analysis,
-                    None,
-                    &pids,
-                    procs,
-                    clock,
-                ),
-                OrphanPolicy::Log => w.record_only(analysis, &pids, procs, clock),
+                OrphanPolicy::Kill => {
+                    w.start_kill(Scope::Subtree, Reason::Orphan, analysis, None, &pids, clock)
+                }
+                OrphanPolicy::Log => w.record_only(analysis, &pids, clock),
             }
         }
         w.tree.reparent(pid, new_ppid);

@@ -26,7 +26,7 @@ impl World {
             let Some(timeout_ms) = self.registry.get(key).map(|a| a.limits.timeout_ms) else {
                 continue;
             };
-            self.kill_analysis(key, Reason::Timeout, Some(timeout_ms), procs, clock);
+            self.kill_analysis(key, Reason::Timeout, Some(timeout_ms), clock);
         }
         for key in self.registry.warnings_due(clock.now) {
             let Some(timeout_ms) = self.registry.get(key).map(|a| a.limits.timeout_ms) else {

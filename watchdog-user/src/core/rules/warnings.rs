@@ -63,6 +63,7 @@ impl World {
                 self.actions.push(Action::Signal(SignalOrder {
                     target: root.proc_ref(),
                     signal,
+                    describe: false,
                 }));
                 if !self.jobs.iter().any(|j| j.target_pending(root.pid)) {
                     self.actions.push(Action::Release(root.proc_ref()));

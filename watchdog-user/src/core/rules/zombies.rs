@@ -259,7 +259,7 @@ impl ZombieWatch {
         let mut spec = w.job_spec(Scope::Process, Reason::Zombies, key, Some(max), mode);
         spec.zombies = Some(held);
         tracing::warn!(pid = holder, held, max, "a process holds too many zombies");
-        w.start_job(spec, &[holder], procs, clock);
+        w.start_job(spec, &[holder], clock);
     }
 
     /// The sweep, when it is due.
