@@ -5,7 +5,7 @@
 use crate::{
     core::{
         kill::{JobSpec, KillJob, Mode, Scope, SignalOrder, TargetInfo},
-        procs::{Details, Procs},
+        procs::Details,
         tree::Node,
         world::{Action, Clock, DYING_LINGER, RECORDS_KEPT, World},
     },
