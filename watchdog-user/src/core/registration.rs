@@ -12,6 +12,7 @@ use crate::{
         tree::Node,
         world::{Action, Clock, World},
     },
+    vocab::error::Error,
     vocab::{
         limits::Limits,
         peer::Peer,
@@ -97,7 +98,10 @@ impl World {
         let root_watched =
             watched.iter().any(|p| p.pid == root.pid) || self.tree.contains(root.pid);
         if !root_watched {
-            bail!("pid {} exited while it was being registered", root.pid);
+            bail!(Error::not_found(format!(
+                "pid {} exited while it was being registered",
+                root.pid
+            )));
         }
         if new_analysis {
             let made = self
@@ -160,19 +164,21 @@ impl World {
         let pids = match (pid, analysis_id) {
             (Some(pid), None) => {
                 let Some(node) = self.tree.get(pid) else {
-                    bail!("pid {pid} is not watched: see `watchdog-user dump-tree`");
+                    bail!(Error::not_found(format!(
+                        "pid {pid} is not watched: see `watchdog-user dump-tree`"
+                    )));
                 };
                 let subtree = self.tree.subtree(pid);
                 if let Some(uid) = confined_to {
                     let runs_as = procs.real_uid(node.proc_ref());
                     if let Some(runs_as) = runs_as.filter(|&r| r != uid) {
-                        bail!(
+                        bail!(Error::refused(format!(
                             "refused by rule own-processes: pid {pid} ({}) runs as uid \
                              {runs_as}, and you are uid {uid}: only root or a member of the \
                              admin group may unregister another user's processes (nothing was \
                              unregistered)",
                             node.comm.as_str()
-                        );
+                        )));
                     }
                     for &member in &subtree {
                         let Some(key) = self.tree.get(member).map(|n| n.analysis) else {
@@ -185,14 +191,18 @@ impl World {
             }
             (None, Some(id)) => {
                 let Some(key) = self.registry.key(id) else {
-                    bail!("no analysis {id:?} is watched: see `watchdog-user dump-tree`");
+                    bail!(Error::not_found(format!(
+                        "no analysis {id:?} is watched: see `watchdog-user dump-tree`"
+                    )));
                 };
                 if let Some(uid) = confined_to {
                     self.check_own_analysis(key, uid, "unregister")?;
                 }
                 self.tree.members(key)
             }
-            _ => bail!("unregister takes exactly one of --pid or --analysis-id"),
+            _ => bail!(Error::bad_request(format!(
+                "unregister takes exactly one of --pid or --analysis-id"
+            ))),
         };
         let mut analyses = HashSet::new();
         for &pid in &pids {

@@ -1755,3 +1755,24 @@ fn a_target_described_after_its_grace_gets_its_sigkill_with_the_description() {
         .on_described(&[(target, w.procs.details(100))], &w.clock);
     assert_eq!(signals(&w.take()), vec![(100, Signal::SIGKILL)]);
 }
+
+#[test]
+fn the_cores_refusals_carry_the_kind_a_client_branches_on() {
+    use crate::vocab::error::{ErrorKind, kind_of};
+    let mut w = World::new();
+    let alice = Peer::user(ALICE, &[]);
+    let kind = |err: anyhow::Error| kind_of(&err, ErrorKind::Internal);
+    let unknown = w.unregister_as(&Peer::root(), Some(4242), None).unwrap_err();
+    assert_eq!(kind(unknown), ErrorKind::NotFound);
+    let no_analysis = w.unregister_as(&Peer::root(), None, Some("nope")).unwrap_err();
+    assert_eq!(kind(no_analysis), ErrorKind::NotFound);
+    w.procs.spawn_as(200, 1, BOB);
+    let theirs = w.register_as(&alice, 200, "a").unwrap_err();
+    assert_eq!(kind(theirs), ErrorKind::Refused);
+    let init = w.register_as(&Peer::root(), 1, "a").unwrap_err();
+    assert_eq!(kind(init), ErrorKind::Refused);
+    let empty = w.register_as(&Peer::root(), 200, " ").unwrap_err();
+    assert_eq!(kind(empty), ErrorKind::BadRequest);
+    let gone = w.register_as(&Peer::root(), 4242, "a").unwrap_err();
+    assert_eq!(kind(gone), ErrorKind::NotFound);
+}

@@ -16,6 +16,7 @@ use crate::{
         registry::Registry,
         tree::Tree,
     },
+    vocab::error::Error,
     vocab::{
         limits::{LimitOverrides, Limits},
         process::{AnalysisKey, ProcRef},
@@ -131,11 +132,11 @@ impl Settings {
         };
         if limit > total {
             let at_most = crate::vocab::units::size_rounded(total, false);
-            bail!(
+            bail!(Error::bad_request(format!(
                 "the memory limit {} is more than this machine's {at_most}: it could never \
                  be reached; use at most {at_most} (nothing was registered)",
-                crate::vocab::units::size_rounded(limit, true),
-            );
+                crate::vocab::units::size_rounded(limit, true)
+            )));
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use crate::{
         registration::Registration,
         world::{MAX_ANALYSIS_ID, World},
     },
+    vocab::error::Error,
     vocab::{
         limits::LimitOverrides,
         peer::Peer,
@@ -19,11 +20,12 @@ use crate::{
 /// The refusal of what only root and the admin group may do (test faults), to a caller
 /// that is neither ([`Core::is_admin`]).
 pub fn admin_only(caller: &Peer, what: &str) -> anyhow::Error {
-    anyhow::anyhow!(
+    Error::refused(format!(
         "refused by rule admin-only: {what} is for root and members of the admin group \
          (--admin-group), and you are uid {}",
         caller.uid
-    )
+    ))
+    .into()
 }
 
 impl World {
@@ -47,30 +49,36 @@ impl World {
         procs: &dyn Procs,
     ) -> Result<Registration> {
         if analysis_id.trim().is_empty() {
-            bail!("the analysis id is empty: pass --analysis-id with a name for the analysis");
+            bail!(Error::bad_request(format!(
+                "the analysis id is empty: pass --analysis-id with a name for the analysis"
+            )));
         }
         if analysis_id.len() > MAX_ANALYSIS_ID {
-            bail!(
+            bail!(Error::bad_request(format!(
                 "the analysis id is {} bytes long: use at most {MAX_ANALYSIS_ID}",
                 analysis_id.len()
-            );
+            )));
         }
         if pid == 0 || pid == 1 {
-            bail!(
+            bail!(Error::refused(format!(
                 "refusing to watch pid {pid}: it is the system's init/idle task, which the watchdog never touches"
-            );
+            )));
         }
         if pid == self.self_pid {
-            bail!("refusing to watch pid {pid}: it is the watchdog daemon itself");
+            bail!(Error::refused(format!(
+                "refusing to watch pid {pid}: it is the watchdog daemon itself"
+            )));
         }
         let Some(root) = procs.read(pid) else {
-            bail!("no process with pid {pid}: check the pid (the process may have exited)");
+            bail!(Error::not_found(format!(
+                "no process with pid {pid}: check the pid (the process may have exited)"
+            )));
         };
         if root.kernel_thread {
-            bail!(
+            bail!(Error::refused(format!(
                 "pid {pid} ({}) is a kernel thread: only user processes can be watched",
                 root.comm
-            );
+            )));
         }
         let confined_to = (!self.is_admin(caller)).then_some(caller.uid);
         if let Some(uid) = confined_to {
@@ -79,28 +87,28 @@ impl World {
         if let Some(node) = self.tree.get(pid) {
             let current = self.registry.id(node.analysis).unwrap_or("?");
             if current != analysis_id {
-                bail!(
+                bail!(Error::refused(format!(
                     "pid {pid} is already watched as part of analysis {current:?}: unregister it first"
-                );
+                )));
             }
         }
         let existing = self.registry.key(analysis_id);
         if let (Some(uid), Some(key)) = (confined_to, existing) {
             let owner = self.registry.get(key).map_or(0, |a| a.owner);
             if owner != uid {
-                bail!(
+                bail!(Error::refused(format!(
                     "refused by rule own-analyses: analysis {analysis_id:?} was created by uid \
                      {owner}, and you are uid {uid}: only its owner, root or a member of the \
                      admin group may add processes to it; pick another --analysis-id (nothing \
                      was registered)"
-                );
+                )));
             }
         }
         let limits = self
             .settings
             .defaults
             .with(overrides)
-            .map_err(|e| anyhow::anyhow!("{e}: nothing was registered"))?;
+            .map_err(|e| Error::bad_request(format!("{e}: nothing was registered")))?;
         self.settings.check_reachable(overrides)?;
         let launcher = Some(root.ppid)
             .filter(|&p| p > 1 && p != self.self_pid)
@@ -128,10 +136,10 @@ impl World {
     ) -> Result<()> {
         let Some(runs_as) = procs.real_uid(process.proc_ref()) else {
             if root_pid.is_none() {
-                bail!(
+                bail!(Error::not_found(format!(
                     "no process with pid {}: check the pid (the process may have exited)",
                     process.pid
-                );
+                )));
             }
             return Ok(());
         };
@@ -145,11 +153,11 @@ impl World {
                 process.pid, process.comm
             ),
         };
-        bail!(
+        bail!(Error::refused(format!(
             "refused by rule own-processes: {what} runs as uid {runs_as}, and you are uid \
              {uid}: only root or a member of the admin group may watch another user's \
              processes; register a process of your own (nothing was registered)"
-        )
+        )))
     }
     /// For a caller confined to its own processes: every existing descendant of the
     /// root that the walk would watch must run as the caller too. Called with the
@@ -194,13 +202,12 @@ impl World {
             return Ok(());
         };
         if analysis.owner != uid {
-            bail!(
+            bail!(Error::refused(format!(
                 "refused by rule own-analyses: analysis {:?} was created by uid {}, and you \
                  are uid {uid}: only its owner, root or a member of the admin group may \
                  {doing} it (nothing was unregistered)",
-                analysis.id,
-                analysis.owner
-            );
+                analysis.id, analysis.owner
+            )));
         }
         Ok(())
     }
