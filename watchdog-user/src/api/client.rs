@@ -2,7 +2,7 @@
 //! reasons a client cannot reach the daemon.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader},
     os::unix::net::UnixStream,
     path::Path,
 };
@@ -56,8 +56,7 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply> {
     line.push('\n');
     // A daemon that goes away mid-request is one that cannot answer now.
     let unavailable = |what: String| move |err| failed(ErrorKind::Unavailable, what, err);
-    (&stream)
-        .write_all(line.as_bytes())
+    send_all(&stream, line.as_bytes())
         .map_err(unavailable(format!("sending to {}", socket.display())))?;
     let mut answer = String::new();
     BufReader::new(&stream)
@@ -91,4 +90,32 @@ fn failed(
     err: impl std::error::Error + Send + Sync + 'static,
 ) -> anyhow::Error {
     Error::new(kind, format!("{:#}", anyhow!(err).context(what))).into()
+}
+
+/// Writes all of `bytes` without raising SIGPIPE: the CLI runs with SIGPIPE's default
+/// action (so that it stops quietly when its output pipe is closed), and a daemon that
+/// closed the connection must give an error, not kill the CLI silently.
+fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    while !bytes.is_empty() {
+        // SAFETY: the pointer and length are those of a live slice, only read.
+        let sent = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        match usize::try_from(sent) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(_) => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+    Ok(())
 }
