@@ -8,7 +8,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use watchdog_user::api::protocol::{Reply, Request, Response, Status};
+use watchdog_user::api::protocol::{Reply, Request, Response};
 
 #[test]
 fn cli_output_into_a_closed_pipe_ends_quietly() {
@@ -24,7 +24,7 @@ fn cli_output_into_a_closed_pipe_ends_quietly() {
             let mut line = String::new();
             BufReader::new(&stream).read_line(&mut line).unwrap();
             let reply = match serde_json::from_str(&line).unwrap() {
-                Request::Status => Reply::Status(Box::new(Status::default())),
+                Request::Status => Reply::Status(Box::default()),
                 Request::DumpTree { .. } => Reply::Tree {
                     roots: Vec::new(),
                     analyses: Vec::new(),
