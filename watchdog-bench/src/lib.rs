@@ -308,7 +308,7 @@ pub fn call_within(socket: &Path, request: &Request, timeout: Duration) -> Resul
         .with_context(|| format!("no answer within {timeout:?}"))?;
     match serde_json::from_str(&answer)? {
         Response::Ok(reply) => Ok(reply),
-        Response::Error(message) => Err(anyhow!(message)),
+        Response::Error { error, .. } => Err(anyhow!(error)),
     }
 }
 

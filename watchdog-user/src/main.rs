@@ -150,6 +150,17 @@ impl LimitArgs {
 
 fn main() {
     let args = Args::parse();
+    if prints_to_a_pipe(&args.command) {
+        // Rust starts with SIGPIPE ignored, so a closed stdout (`dump-tree | head`) makes
+        // println! panic; with the default action the CLI stops quietly, as `ls` does.
+        // SAFETY: no thread runs yet, and the default action installs no handler.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     let socket = args
         .socket
         .clone()
@@ -206,6 +217,22 @@ fn main() {
             eprintln!("watchdog-user: error: {err:#}");
         }
         std::process::exit(1);
+    }
+}
+
+/// Whether `command` is one of the CLI's that only talk to the control socket (which
+/// writes without raising SIGPIPE) and print. Not the daemon: a client that hangs up
+/// must never stop it. Not the database commands: their driver's sockets may raise
+/// SIGPIPE, and a write to a database that went away must be an error.
+fn prints_to_a_pipe(command: &Command) -> bool {
+    match command {
+        Command::Run(_) | Command::Migrate { .. } | Command::BenchStore { .. } => false,
+        Command::Register { .. }
+        | Command::Unregister { .. }
+        | Command::Exec { .. }
+        | Command::DumpTree { .. }
+        | Command::Events { .. }
+        | Command::Status { .. } => true,
     }
 }
 

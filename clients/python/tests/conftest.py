@@ -247,7 +247,7 @@ def error_of(call):
     try:
         call()
     except Exception as err:
-        return {"type": type(err).__name__, "message": str(err),
+        return {"type": type(err).__name__, "message": str(err), "kind": getattr(err, "kind", None),
                 "classes": [c.__name__ for c in type(err).__mro__]}
     return None
 

@@ -156,6 +156,7 @@ def test_typed_errors_carry_the_daemons_message(as_user, daemon, workdir):
         listener.close()
     missing_err = seen["missing"]
     assert missing_err["type"] == "NoDaemon" and str(missing) in missing_err["message"]
+    assert missing_err["kind"] == "no_daemon"
     assert "no such socket" in missing_err["message"]
     denied = seen["denied"]
     assert denied["type"] == "NoDaemon" and str(private) in denied["message"]
@@ -163,11 +164,13 @@ def test_typed_errors_carry_the_daemons_message(as_user, daemon, workdir):
     for key, words in [("unwatched_pid", "is not watched"), ("unknown_analysis", "no analysis"),
                        ("no_such_pid", "no process with pid")]:
         assert seen[key]["type"] == "NotFound", (key, seen[key])
+        assert seen[key]["kind"] == "not_found", (key, seen[key])
         assert words in seen[key]["message"], (key, seen[key])
         assert "LookupError" in seen[key]["classes"]
     for key, words in [("empty_id", "analysis id is empty"), ("long_id", "bytes long"),
                        ("too_much_memory", "more than this machine's"), ("init", "pid 1")]:
         assert seen[key]["type"] == "Refused", (key, seen[key])
+        assert seen[key]["kind"] in ("refused", "bad_request"), (key, seen[key])
         assert words in seen[key]["message"], (key, seen[key])
         assert "WatchdogError" in seen[key]["classes"]
     # Bad values are refused by the client, with the CLI's advice, before anything is sent.

@@ -1,5 +1,5 @@
 """What the client decides alone, without a daemon: durations and sizes as the CLI reads
-them, the limits object, the ``since`` filter, and which exception a daemon line gets."""
+them, the limits object, the ``since`` filter, and which exception each error kind gets."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import procwatchdog as wd  # noqa: E402
 from procwatchdog.client import _since  # noqa: E402
-from procwatchdog.errors import classify  # noqa: E402
+from procwatchdog.errors import CLASSES, from_response  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -158,27 +158,68 @@ def test_since_is_rfc3339_utc_milliseconds_as_the_daemon_writes_times():
 
 
 @pytest.mark.parametrize(
-    "line, cls",
+    "kind, cls",
     [
-        ("pid 4242 is not watched: see `watchdog-user dump-tree`", wd.NotFound),
-        ('no analysis "x" is watched: see `watchdog-user dump-tree`', wd.NotFound),
-        ("no process with pid 9: check the pid (the process may have exited)", wd.NotFound),
-        ("pid 9 exited while it was being registered", wd.NotFound),
-        ("the analysis id is empty: pass --analysis-id with a name for the analysis", wd.Refused),
-        ("the timeout must be more than 0: nothing was registered", wd.Refused),
-        ('pid 9 is already watched as part of analysis "a": unregister it first', wd.Refused),
-        ("refusing to watch pid 1: it is the system's init/idle task", wd.Refused),
-        ("malformed request (expected value): send one JSON object per line", wd.Refused),
-        ("the daemon is shutting down", wd.WatchdogError),
-        ("the database is unavailable (refused): 3 kill records wait in the spool", wd.WatchdogError),
+        ("not_found", wd.NotFound),
+        ("refused", wd.Refused),
+        ("bad_request", wd.Refused),
+        ("unavailable", wd.WatchdogError),
+        ("internal", wd.WatchdogError),
+        ("no_daemon", wd.NoDaemon),
     ],
 )
-def test_daemon_lines_get_their_exception_with_the_line_as_message(line, cls):
-    err = classify(line, socket="/s", op="register")
+def test_each_kind_gets_its_exception_with_the_line_as_message(kind, cls):
+    # The wording says nothing: a line that reads like another kind keeps its own.
+    line = "pid 4242 is not watched: see `watchdog-user dump-tree`"
+    err = from_response(line, kind, socket="/s", op="register")
     assert type(err) is cls
     assert str(err) == err.message == line
-    assert (err.socket, err.op) == ("/s", "register")
+    assert (err.socket, err.op, err.kind) == ("/s", "register", kind)
     assert isinstance(err, wd.WatchdogError)
+    assert isinstance(err, LookupError) == (cls is wd.NotFound)
+
+
+@pytest.mark.parametrize("kind", [None, "some_future_kind", 3])
+def test_an_unknown_or_missing_kind_is_a_watchdog_error(kind):
+    err = from_response("the daemon is shutting down", kind)
+    assert type(err) is wd.WatchdogError
+    assert str(err) == "the daemon is shutting down"
+    assert err.kind == (kind if isinstance(kind, str) else None)
+
+
+def test_every_kind_the_daemon_knows_has_a_class():
+    vocab = Path(__file__).resolve().parents[3] / "watchdog-user" / "src" / "vocab" / "error.rs"
+    kinds = set(re.findall(r'Self::\w+ => "(\w+)"', vocab.read_text()))
+    assert kinds == set(CLASSES), kinds ^ set(CLASSES)
+
+
+def _answering(tmp_path, answer: bytes):
+    """A socket that answers one request with ``answer`` and closes."""
+    import socket
+    import threading
+
+    path = tmp_path / "fake.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen()
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return path
+
+
+def test_an_error_answer_raises_by_its_kind(tmp_path):
+    path = _answering(tmp_path, b'{"error": "no analysis \\"x\\" is watched", "kind": "not_found"}\n')
+    with pytest.raises(wd.NotFound) as err:
+        wd.Client(path).unregister(analysis_id="x")
+    assert str(err.value) == 'no analysis "x" is watched'
+    assert (err.value.kind, err.value.op, err.value.socket) == ("not_found", "unregister", str(path))
 
 
 def test_no_daemon_names_the_socket(tmp_path):
@@ -187,6 +228,7 @@ def test_no_daemon_names_the_socket(tmp_path):
         wd.Client(path).status()
     assert str(path) in str(err.value) and "WATCHDOG_SOCKET" in str(err.value)
     assert err.value.socket == str(path)
+    assert err.value.kind == "no_daemon"
 
 
 def test_the_default_socket_comes_from_the_environment(monkeypatch):

@@ -2,19 +2,27 @@
 //! reasons a client cannot reach the daemon.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader},
     os::unix::net::UnixStream,
     path::Path,
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Result, anyhow};
 
-use crate::api::protocol::{Reply, Request, Response};
+use crate::{
+    api::protocol::{Reply, Request, Response},
+    vocab::error::{Error, ErrorKind},
+};
 
-/// Why the CLI cannot reach the daemon, in one line naming the fix.
+/// Why the CLI cannot reach the daemon, in one line naming the fix; of kind
+/// [`ErrorKind::NoDaemon`].
 fn cannot_connect(socket: &Path, err: &std::io::Error) -> anyhow::Error {
+    Error::new(ErrorKind::NoDaemon, unreachable_reason(socket, err)).into()
+}
+
+fn unreachable_reason(socket: &Path, err: &std::io::Error) -> String {
     if err.kind() != std::io::ErrorKind::PermissionDenied {
-        return anyhow!(
+        return format!(
             "no watchdog daemon at {} ({err}): start one with `watchdog-user run` \
              (or `cargo xtask run`), or point --socket / WATCHDOG_SOCKET at a running one",
             socket.display()
@@ -23,7 +31,7 @@ fn cannot_connect(socket: &Path, err: &std::io::Error) -> anyhow::Error {
     use std::os::unix::fs::MetadataExt as _;
     let gid = std::fs::metadata(socket).map(|m| m.gid()).ok();
     match gid {
-        Some(0) | None => anyhow!(
+        Some(0) | None => format!(
             "permission denied on the watchdog socket {}: it is root-only (the daemon found \
              no socket group; its log says which): run as root, or ask an admin to create the \
              group (`groupadd --system watchdog`), restart the daemon and add you to it",
@@ -31,7 +39,7 @@ fn cannot_connect(socket: &Path, err: &std::io::Error) -> anyhow::Error {
         ),
         Some(gid) => {
             let group = crate::api::access::group_name(gid).unwrap_or_else(|| gid.to_string());
-            anyhow!(
+            format!(
                 "permission denied on the watchdog socket {}: only root and members of group \
                  {group:?} may use it, and you are not one: ask an admin to add you \
                  (`usermod -aG {group} $USER`, then log in again)",
@@ -46,21 +54,68 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply> {
     let stream = UnixStream::connect(socket).map_err(|e| cannot_connect(socket, &e))?;
     let mut line = serde_json::to_string(request).expect("requests serialize");
     line.push('\n');
-    (&stream)
-        .write_all(line.as_bytes())
-        .with_context(|| format!("sending to {}", socket.display()))?;
+    // A daemon that goes away mid-request is one that cannot answer now.
+    let unavailable = |what: String| move |err| failed(ErrorKind::Unavailable, what, err);
+    send_all(&stream, line.as_bytes())
+        .map_err(unavailable(format!("sending to {}", socket.display())))?;
     let mut answer = String::new();
     BufReader::new(&stream)
         .read_line(&mut answer)
-        .with_context(|| format!("reading the answer from {}", socket.display()))?;
+        .map_err(unavailable(format!(
+            "reading the answer from {}",
+            socket.display()
+        )))?;
     if answer.is_empty() {
-        return Err(anyhow!(
+        return Err(Error::unavailable(format!(
             "the daemon at {} closed the connection without answering",
             socket.display()
-        ));
+        ))
+        .into());
     }
-    match serde_json::from_str(&answer).context("the daemon sent an answer this CLI cannot read")? {
-        Response::Ok(reply) => Ok(reply),
-        Response::Error(message) => Err(anyhow!(message)),
+    serde_json::from_str::<Response>(&answer)
+        .map_err(|err| {
+            failed(
+                ErrorKind::Internal,
+                "the daemon sent an answer this CLI cannot read".into(),
+                err,
+            )
+        })?
+        .into_result()
+}
+
+/// `err` after `what`, as `.context(what)` would say it, of kind `kind`.
+fn failed(
+    kind: ErrorKind,
+    what: String,
+    err: impl std::error::Error + Send + Sync + 'static,
+) -> anyhow::Error {
+    Error::new(kind, format!("{:#}", anyhow!(err).context(what))).into()
+}
+
+/// Writes all of `bytes` without raising SIGPIPE: the CLI runs with SIGPIPE's default
+/// action (so that it stops quietly when its output pipe is closed), and a daemon that
+/// closed the connection must give an error, not kill the CLI silently.
+fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    while !bytes.is_empty() {
+        // SAFETY: the pointer and length are those of a live slice, only read.
+        let sent = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        match usize::try_from(sent) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(_) => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
     }
+    Ok(())
 }

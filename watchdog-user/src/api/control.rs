@@ -34,7 +34,7 @@ use crate::{
     api::protocol::{
         BadRequest, ControlStats, MAX_REQUEST_BYTES, REQUEST_SHAPE, Request, Response,
     },
-    vocab::peer::Peer,
+    vocab::{error::ErrorKind, peer::Peer},
 };
 
 /// Connections served at once. Each costs a descriptor and about 3 KiB while idle (its
@@ -272,10 +272,13 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
 /// buffer has room for it), and the connection is closed.
 fn refuse(stream: &UnixStream) {
     STATS.refused.fetch_add(1, Relaxed);
-    let response = Response::Error(format!(
-        "the daemon is busy with {MAX_CONNECTIONS} requests, its most at once: try again \
-         shortly"
-    ));
+    let response = Response::error(
+        ErrorKind::Unavailable,
+        format!(
+            "the daemon is busy with {MAX_CONNECTIONS} requests, its most at once: try again \
+             shortly"
+        ),
+    );
     let _ = stream.try_write(response.to_line().as_bytes());
 }
 
@@ -312,7 +315,7 @@ pub async fn converse<R, W>(
             Some(Ok(Ok(Frame::TooLong(seen)))) => {
                 STATS.oversized.fetch_add(1, Relaxed);
                 tracing::debug!(seen, "control socket: request line too long, closing");
-                (Response::Error(BadRequest::TooLong(seen).to_string()), true)
+                (BadRequest::TooLong(seen).response(), true)
             }
             Some(Ok(Ok(Frame::End) | Err(_))) => return,
             Some(Err(_)) => {
@@ -322,7 +325,8 @@ pub async fn converse<R, W>(
                      sent at once",
                     idle.as_secs_f64()
                 );
-                (Response::Error(message), true)
+                // Half a request, or none: the client's to fix by sending it at once.
+                (Response::error(ErrorKind::BadRequest, message), true)
             }
             None => {
                 let message = format!(
@@ -330,7 +334,8 @@ pub async fn converse<R, W>(
                      once and a new client took the place of this one, the longest idle; \
                      {REQUEST_SHAPE}, sent at once"
                 );
-                (Response::Error(message), true)
+                // Nothing wrong with the client: the daemon had no place left for it.
+                (Response::error(ErrorKind::Unavailable, message), true)
             }
         };
         match tokio::time::timeout(idle, write.write_all(response.to_line().as_bytes())).await {
@@ -356,15 +361,18 @@ async fn answer(line: &[u8], peer: &Peer, calls: &mpsc::Sender<Call>) -> Respons
             if matches!(err, BadRequest::NotUtf8(_)) {
                 STATS.not_utf8.fetch_add(1, Relaxed);
             }
-            return Response::Error(err.to_string());
+            return err.response();
         }
     };
     let (tx, rx) = oneshot::channel();
     if calls.send((request, peer.clone(), tx)).await.is_err() {
-        return Response::Error("the daemon is shutting down".into());
+        return Response::error(ErrorKind::Unavailable, "the daemon is shutting down");
     }
-    rx.await
-        .unwrap_or_else(|_| Response::Error("the daemon dropped the request".into()))
+    // The loop drops the calls still queued when it stops: the daemon is going away,
+    // the request may be sent again to the next one.
+    rx.await.unwrap_or_else(|_| {
+        Response::error(ErrorKind::Unavailable, "the daemon dropped the request")
+    })
 }
 
 /// What [`LineReader::next`] found.

@@ -78,7 +78,9 @@ async fn ask(calls: &mpsc::Sender<Call>, request: Request) -> Result<Reply, Stri
         .map_err(|_| "the daemon is stopping".to_string())?;
     match rx.await {
         Ok(Response::Ok(reply)) => Ok(reply),
-        Ok(Response::Error(err)) => Err(err),
+        // Every error these reads can meet is the daemon's state (unavailable, or
+        // internal), all said as 503: the kind adds nothing a status code would.
+        Ok(Response::Error { error, .. }) => Err(error),
         Err(_) => Err("the daemon is stopping".into()),
     }
 }

@@ -9,6 +9,7 @@ pub use crate::store::EventRecord;
 use crate::{
     store::{DbStatus, EventFilter},
     vocab::{
+        error::{Error, ErrorKind, kind_of},
         limits::{LimitOverrides, Limits},
         record::KillRecord,
     },
@@ -30,6 +31,13 @@ pub enum BadRequest {
     NotUtf8(usize),
     /// UTF-8, but not one of the requests: serde's reason.
     Malformed(String),
+}
+
+impl BadRequest {
+    /// Its answer: a framing error is always the client's to fix.
+    pub fn response(&self) -> Response {
+        Response::error(ErrorKind::BadRequest, self.to_string())
+    }
 }
 
 impl std::fmt::Display for BadRequest {
@@ -115,21 +123,44 @@ pub enum TestFault {
     StorePanic,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// On the wire `{"ok": <reply>}`, or `{"error": "<one line>", "kind": "<kind>"}`: the
+/// message for people, the kind ([`ErrorKind`]) for programs.
+#[derive(Debug)]
 pub enum Response {
     Ok(Reply),
-    Error(String),
+    Error { error: String, kind: ErrorKind },
 }
 
 impl Response {
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self::Error {
+            error: message.into(),
+            kind,
+        }
+    }
+
+    /// The response to a request that failed with `err`: its whole chain as the
+    /// message, the kind of the first typed error in it, else `fallback`.
+    pub fn failed(err: &anyhow::Error, fallback: ErrorKind) -> Self {
+        Self::error(kind_of(err, fallback), format!("{err:#}"))
+    }
+
+    /// The reply, or the error as the CLI side returns it (its kind kept, for
+    /// [`kind_of`]).
+    pub fn into_result(self) -> Result<Reply> {
+        match self {
+            Self::Ok(reply) => Ok(reply),
+            Self::Error { error, kind } => Err(Error::new(kind, error).into()),
+        }
+    }
+
     /// The response as its one wire line, newline included. An error message is made one
     /// line first (a control character, e.g. a newline inside an analysis id that a
     /// message quotes, is escaped), so that the CLI prints every error on one line.
     pub fn to_line(&self) -> String {
         let mut line = match self {
-            Self::Error(message) if message.chars().any(char::is_control) => {
-                let flat: String = message
+            Self::Error { error, kind } if error.chars().any(char::is_control) => {
+                let flat: String = error
                     .chars()
                     .map(|c| {
                         if c.is_control() {
@@ -139,13 +170,61 @@ impl Response {
                         }
                     })
                     .collect();
-                serde_json::to_string(&Self::Error(flat))
+                serde_json::to_string(&Self::error(*kind, flat))
             }
             _ => serde_json::to_string(self),
         }
         .expect("responses serialize");
         line.push('\n');
         line
+    }
+}
+
+/// The two shapes of a response line, as serde writes them.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WireOut<'a> {
+    Ok { ok: &'a Reply },
+    Error { error: &'a str, kind: ErrorKind },
+}
+
+impl Serialize for Response {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Ok(ok) => WireOut::Ok { ok },
+            Self::Error { error, kind } => WireOut::Error { error, kind: *kind },
+        }
+        .serialize(serializer)
+    }
+}
+
+/// Read as one object with optional fields rather than an untagged enum, so that a
+/// reply that does not parse is reported with serde's reason, not "no variant matched".
+/// Fields it does not know are let through: a newer daemon may add some.
+#[derive(Deserialize)]
+struct WireIn {
+    ok: Option<Reply>,
+    error: Option<String>,
+    kind: Option<ErrorKind>,
+}
+
+impl<'de> Deserialize<'de> for Response {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match WireIn::deserialize(deserializer)? {
+            WireIn {
+                ok: Some(reply),
+                error: None,
+                kind: None,
+            } => Ok(Self::Ok(reply)),
+            WireIn {
+                ok: None,
+                error: Some(error),
+                kind: Some(kind),
+            } => Ok(Self::Error { error, kind }),
+            _ => Err(serde::de::Error::custom(
+                "a response is {\"ok\": <reply>} or {\"error\": <message>, \"kind\": <kind>}",
+            )),
+        }
     }
 }
 
@@ -332,4 +411,83 @@ pub struct Faults {
     pub launchers_watched: usize,
     /// Failures inside the kernel programs, by "program/kind" (kind: read, map_update).
     pub program_errors: std::collections::BTreeMap<String, u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each framing error answers bad_request, its message unchanged beside the kind.
+    #[test]
+    fn every_framing_error_is_a_bad_request() {
+        let too_long = vec![b'{'; MAX_REQUEST_BYTES + 1];
+        let cases: [&[u8]; 4] = [&too_long, b"{\"op\":\"st\xffatus\"}", b"{\"op\":", b"[]"];
+        let mut seen = Vec::new();
+        for line in cases {
+            let err = parse_request(line).expect_err("not a request");
+            let json: serde_json::Value =
+                serde_json::from_str(&err.response().to_line()).expect("one JSON line");
+            assert_eq!(json["error"], err.to_string(), "{json}");
+            assert_eq!(json["kind"], "bad_request", "{json}");
+            seen.push(std::mem::discriminant(&err));
+        }
+        seen.dedup();
+        // Too long, not UTF-8, malformed: every variant met.
+        assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn an_error_line_carries_its_kind_and_its_message_on_one_line() {
+        let line =
+            Response::error(ErrorKind::NotFound, "no analysis \"a\nb\" is watched").to_line();
+        assert_eq!(
+            line,
+            "{\"error\":\"no analysis \\\"a\\\\nb\\\" is watched\",\"kind\":\"not_found\"}\n"
+        );
+        let Response::Error { error, kind } = serde_json::from_str(&line).unwrap() else {
+            panic!("{line}")
+        };
+        assert_eq!(
+            (error.as_str(), kind),
+            ("no analysis \"a\\nb\" is watched", ErrorKind::NotFound)
+        );
+        let ok = Response::Ok(Reply::Unregistered { removed: 2 }).to_line();
+        assert_eq!(ok, "{\"ok\":{\"kind\":\"unregistered\",\"removed\":2}}\n");
+        assert!(matches!(
+            serde_json::from_str(&ok).unwrap(),
+            Response::Ok(Reply::Unregistered { removed: 2 })
+        ));
+    }
+
+    /// A response is one of the two shapes: an error without a kind is not one.
+    #[test]
+    fn an_error_without_a_kind_or_beside_a_reply_is_refused() {
+        for line in [
+            r#"{"error":"x"}"#,
+            r#"{"kind":"refused"}"#,
+            r#"{"error":"x","kind":"refused","ok":{"kind":"unregistered","removed":1}}"#,
+            r#"{"error":"x","kind":"no_such_kind"}"#,
+            "{}",
+        ] {
+            assert!(serde_json::from_str::<Response>(line).is_err(), "{line}");
+        }
+    }
+
+    /// The CLI side's error keeps the kind and says the message as it came.
+    #[test]
+    fn an_error_response_becomes_an_error_of_its_kind() {
+        let err = Response::error(ErrorKind::Unavailable, "the daemon is shutting down")
+            .into_result()
+            .unwrap_err();
+        assert_eq!(kind_of(&err, ErrorKind::Internal), ErrorKind::Unavailable);
+        assert_eq!(format!("{err:#}"), "the daemon is shutting down");
+        let untyped = anyhow::anyhow!("pid 7 is not watched").context("unregistering");
+        let Response::Error { error, kind } = Response::failed(&untyped, ErrorKind::Refused) else {
+            panic!()
+        };
+        assert_eq!(
+            (error.as_str(), kind),
+            ("unregistering: pid 7 is not watched", ErrorKind::Refused)
+        );
+    }
 }

@@ -4,7 +4,7 @@
 //! ([`LineReader`]), the parser ([`parse_request`]) and the connection loop ([`converse`]),
 //! and through the handler ([`requests::respond`]) into the rules core on a fake /proc.
 //! Asserted: no panic, exactly one response line per request line, every error one
-//! line, and the read buffer never past the limit.
+//! line with a kind that parses back, and the read buffer never past the limit.
 //!
 //! `PROPTEST_CASES` sets the cases per property (default below); a failure is kept in
 //! `proptest-regressions/` and replayed first from then on.
@@ -36,6 +36,7 @@ use crate::{
     },
     store::EventFilter,
     vocab::{
+        error::ErrorKind,
         limits::{LimitOverrides, Limits, MemoryMetric, OrphanPolicy},
         peer::Peer,
         process::{AnalysisKey, ProcRef},
@@ -215,16 +216,31 @@ fn line() -> BoxedStrategy<Vec<u8>> {
 // ---- the checks --------------------------------------------------------------------
 
 /// One response line: JSON of a response, an error message without a control character
-/// (the CLI prints it on one line).
+/// (the CLI prints it on one line) and with a kind; written again, the same JSON.
 fn check_response_line(line: &str) -> Result<Response, TestCaseError> {
-    let response: Response = serde_json::from_str(line)
-        .map_err(|e| TestCaseError::fail(format!("not a response ({e}): {line:?}")))?;
-    if let Response::Error(message) = &response {
+    let json: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| TestCaseError::fail(format!("not JSON ({e}): {line:?}")))?;
+    if json.get("error").is_some() {
         prop_assert!(
-            !message.chars().any(char::is_control),
-            "an error of more than one line: {message:?}"
+            json["error"].is_string(),
+            "an error that is not a string: {line}"
         );
-        prop_assert!(!message.is_empty(), "an empty error");
+        let kind = serde_json::from_value::<ErrorKind>(json["kind"].clone());
+        prop_assert!(kind.is_ok(), "an error without a known kind: {line}");
+    }
+    let response: Response = serde_json::from_value(json.clone())
+        .map_err(|e| TestCaseError::fail(format!("not a response ({e}): {line:?}")))?;
+    prop_assert_eq!(
+        serde_json::to_value(&response).expect("responses serialize"),
+        json,
+        "does not parse back"
+    );
+    if let Response::Error { error, .. } = &response {
+        prop_assert!(
+            !error.chars().any(char::is_control),
+            "an error of more than one line: {error:?}"
+        );
+        prop_assert!(!error.is_empty(), "an empty error");
     }
     Ok(response)
 }
@@ -471,10 +487,15 @@ proptest! {
                 serde_json::to_string(&request).expect("requests serialize");
             }
             Err(err) => {
-                let line = Response::Error(err.to_string()).to_line();
+                let line = err.response().to_line();
                 prop_assert_eq!(line.matches('\n').count(), 1);
                 prop_assert!(line.ends_with('\n'));
-                check_response_line(line.trim_end_matches('\n'))?;
+                let response = check_response_line(line.trim_end_matches('\n'))?;
+                prop_assert!(
+                    matches!(response, Response::Error { kind: ErrorKind::BadRequest, .. }),
+                    "{:?}",
+                    response
+                );
                 if std::str::from_utf8(&bytes).is_err() {
                     prop_assert!(matches!(err, BadRequest::NotUtf8(_)), "{:?}", err);
                 }
@@ -514,7 +535,11 @@ proptest! {
         for (line, response) in lines.iter().zip(responses) {
             let response = check_response_line(response)?;
             if parse_request(line).is_err() {
-                prop_assert!(matches!(response, Response::Error(_)));
+                prop_assert!(
+                    matches!(response, Response::Error { kind: ErrorKind::BadRequest, .. }),
+                    "{:?}",
+                    response
+                );
             }
         }
     }
@@ -530,8 +555,12 @@ fn an_oversized_line_gets_one_error_and_is_not_read_further() {
     let (out, answered) = session(input, vec![7000], &Peer::root());
     let responses: Vec<&str> = out.lines().collect();
     assert_eq!(responses.len(), 1, "{out}");
-    let Response::Error(message) = serde_json::from_str(responses[0]).unwrap() else {
-        panic!("not an error: {out}");
+    let Response::Error {
+        error: message,
+        kind: ErrorKind::BadRequest,
+    } = serde_json::from_str(responses[0]).unwrap()
+    else {
+        panic!("not a bad request: {out}");
     };
     assert!(message.contains("request too long"), "{message}");
     assert!(message.contains("at most 64 KiB"), "{message}");
@@ -552,7 +581,11 @@ fn invalid_utf8_gets_an_error_and_the_next_line_is_answered() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(responses.len(), 2, "{out}");
-    let Response::Error(message) = &responses[0] else {
+    let Response::Error {
+        error: message,
+        kind: ErrorKind::BadRequest,
+    } = &responses[0]
+    else {
         panic!("{out}")
     };
     assert!(message.contains("invalid UTF-8 at byte 9"), "{message}");
@@ -589,7 +622,11 @@ fn an_idle_connection_times_out_with_an_error() {
             out
         });
         assert_eq!(out.lines().count(), 1, "{out}");
-        let Response::Error(message) = serde_json::from_str(out.trim_end()).unwrap() else {
+        let Response::Error {
+            error: message,
+            kind: ErrorKind::BadRequest,
+        } = serde_json::from_str(out.trim_end()).unwrap()
+        else {
             panic!("{out}")
         };
         assert!(
@@ -634,6 +671,7 @@ fn a_newcomer_takes_the_longest_idle_place_and_is_refused_when_none_is_idle() {
         let mut out = String::new();
         a.read_to_string(&mut out).await.unwrap();
         assert!(out.contains("closed while idle"), "{out}");
+        assert!(out.contains(r#""kind":"unavailable""#), "{out}");
         assert_eq!(out.lines().count(), 1, "{out}");
         // C becomes busy too: with both places busy, a newcomer is refused.
         c.write_all(b"{\"op\":\"status\"}\n").await.unwrap();
@@ -641,7 +679,7 @@ fn a_newcomer_takes_the_longest_idle_place_and_is_refused_when_none_is_idle() {
         assert!(places.admit().is_none(), "a place while all are busy");
         // Answered, both are idle again and B, the longer idle, gives its place.
         for (reply, client) in [(reply_b, &mut b), (reply_c, &mut c)] {
-            let _ = reply.send(Response::Error("done".into()));
+            let _ = reply.send(Response::error(ErrorKind::Internal, "done"));
             let mut line = vec![0; 64];
             let n = client.read(&mut line).await.unwrap();
             assert!(String::from_utf8_lossy(&line[..n]).contains("done"));

@@ -4,7 +4,7 @@
 //! registration needs are behind [`Watch`], so the fuzz tests run this very code on a
 //! fake world.
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 
 use crate::{
     api::{
@@ -13,8 +13,18 @@ use crate::{
     },
     core::Watch,
     core::{Clock, Core, procs::Procs},
-    vocab::{limits::LimitOverrides, peer::Peer, process::ProcRef},
+    vocab::{
+        error::{Error, ErrorKind},
+        limits::LimitOverrides,
+        peer::Peer,
+        process::ProcRef,
+    },
 };
+
+/// The kind of an error when nothing in its chain names one (the rules core's errors
+/// that carry no kind): a refusal, as it says no to the request and changes nothing.
+/// Errors of the other kinds (not found, bad request) name theirs where they are made.
+pub const UNTYPED: ErrorKind = ErrorKind::Refused;
 
 /// The response to `peer`'s `request`; the rules decide what it may do. The actions the
 /// core queued are the caller's to settle.
@@ -47,22 +57,28 @@ pub fn respond(
             report::dump_tree(core, analysis_id.as_deref(), procs, clock)
         }
         // The loop answers these through the store; never a panic in the daemon.
-        Request::Events { .. } | Request::Status | Request::Overview => Err(anyhow!(
-            "internal: this request is answered by the daemon loop"
-        )),
+        Request::Events { .. } | Request::Status | Request::Overview => Err(Error::new(
+            ErrorKind::Internal,
+            "internal: this request is answered by the daemon loop",
+        )
+        .into()),
         Request::Stall { .. } | Request::Fault { .. } if !core.is_admin(peer) => {
             Err(crate::core::admin_only(peer, "a test fault"))
         }
-        Request::Stall { .. } => Err(anyhow!(
-            "stall is a test-only fault: start the daemon with --test-faults to use it"
-        )),
-        Request::Fault { .. } => Err(anyhow!(
-            "fault is a test-only request: start the daemon with --test-faults to use it"
-        )),
+        // Refused, not a bad request: the same request is carried out by a daemon
+        // started with --test-faults; this one's settings say no.
+        Request::Stall { .. } => Err(Error::refused(
+            "stall is a test-only fault: start the daemon with --test-faults to use it",
+        )
+        .into()),
+        Request::Fault { .. } => Err(Error::refused(
+            "fault is a test-only request: start the daemon with --test-faults to use it",
+        )
+        .into()),
     };
     match result {
         Ok(reply) => Response::Ok(reply),
-        Err(err) => Response::Error(format!("{err:#}")),
+        Err(err) => Response::failed(&err, UNTYPED),
     }
 }
 

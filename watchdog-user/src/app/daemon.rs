@@ -32,7 +32,7 @@ use crate::{
         tasks::{self, Tasks},
     },
     store::{self, EventFilter, StoreMsg},
-    vocab::{peer::Peer, process::ProcRef},
+    vocab::{error::ErrorKind, peer::Peer, process::ProcRef},
 };
 
 /// How often the kernel's loss counters are read. A loss is repaired by a resync from
@@ -675,7 +675,7 @@ impl Daemon {
                     records,
                     database_error,
                 }),
-                Err(_) => Response::Error("the database writer stopped".into()),
+                Err(_) => Response::error(ErrorKind::Unavailable, "the database writer stopped"),
             };
             let _ = reply.send(response);
         });

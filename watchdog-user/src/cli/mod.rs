@@ -335,6 +335,10 @@ pub fn exec(
         // The terminal sends these to the whole foreground group, CMD included.
         signal(Signal::SIGINT, SigHandler::SigIgn)?;
         signal(Signal::SIGQUIT, SigHandler::SigIgn)?;
+        // CMD, forked already, keeps the default action, as a shell gives it; here a
+        // CMD that died before it was released makes the write below an error, not a
+        // silent death.
+        signal(Signal::SIGPIPE, SigHandler::SigIgn)?;
     }
     write(&gate_write, b"x").context("releasing the command")?;
     drop(gate_write);

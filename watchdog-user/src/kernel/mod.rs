@@ -26,7 +26,7 @@ use crate::{
         btf::KernelBtf,
         pins::{Salvage, Verdict},
     },
-    vocab::process::ProcRef,
+    vocab::{error::Error, process::ProcRef},
 };
 
 /// The object built by watchdog-user's build.rs from watchdog-ebpf.
@@ -106,6 +106,12 @@ fn start_iter(ebpf: &mut Ebpf, btf: &Btf, name: &str) -> Result<aya::programs::i
 
 fn iter_pin(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join(format!("iter_{name}"))
+}
+
+/// `err`, its text unchanged, of kind unavailable: a kernel map refusing an entry (full,
+/// out of memory) or an iterator failing is the daemon's state, not the request's.
+fn unavailable(err: anyhow::Error) -> anyhow::Error {
+    Error::unavailable(format!("{err:#}")).into()
 }
 
 /// Runs a pinned iterator and reads its records.
@@ -493,8 +499,9 @@ impl Kernel {
         };
         self.walk_target
             .set(0, target, 0)
-            .context("naming the root for the descendants iterator")?;
-        read_iter(path)
+            .context("naming the root for the descendants iterator")
+            .map_err(unavailable)?;
+        read_iter(path).map_err(unavailable)
     }
 
     /// The saved analyses, without any no daemon could have saved.
@@ -528,6 +535,7 @@ impl Kernel {
         self.watched
             .insert(process.pid, entry, 0)
             .with_context(|| format!("adding pid {} to the kernel's watched map", process.pid))
+            .map_err(unavailable)
     }
 
     /// Removes `process`; false when it was not there (e.g. it exited meanwhile), or its

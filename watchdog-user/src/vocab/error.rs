@@ -5,6 +5,13 @@
 use serde::{Deserialize, Serialize};
 
 /// The kinds an error response carries (`"kind"` beside `"error"` on the wire).
+///
+/// For client writers: a request the daemon does not carry out is answered with one
+/// line, `{"error": "<message>", "kind": "<kind>"}`, the kind one of the snake_case
+/// names below. Branch on the kind, never on the message: the message is for people
+/// and may be reworded. Treat a kind you do not know as `internal`, a failure that is
+/// not the request's; `no_daemon` is for clients to say themselves, when they cannot
+/// connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {

@@ -16,7 +16,7 @@ import signal as _signal
 import socket as _socket
 from typing import Any, Dict, List, Optional, Union
 
-from .errors import NoDaemon, WatchdogError, classify
+from .errors import NoDaemon, WatchdogError, from_response
 from .units import Duration, Size, parse_duration_ms, parse_size_bytes
 
 DEFAULT_SOCKET = "/run/watchdog/watchdog.sock"
@@ -254,7 +254,7 @@ class Client:
             try:
                 sock.connect(self.socket)
             except OSError as err:
-                raise NoDaemon(self._no_daemon(err), socket=self.socket, op=op) from err
+                raise NoDaemon(self._no_daemon(err), socket=self.socket, op=op, kind="no_daemon") from err
             try:
                 sock.sendall(line)
                 answer = _read_line(sock)
@@ -263,12 +263,14 @@ class Client:
                     f"the daemon at {self.socket} did not answer {op} within {self.timeout:g}s",
                     socket=self.socket,
                     op=op,
+                    kind="unavailable",
                 ) from None
             except OSError as err:
                 raise WatchdogError(
                     f"talking to the daemon at {self.socket} failed ({err.strerror or err})",
                     socket=self.socket,
                     op=op,
+                    kind="unavailable",
                 ) from err
         finally:
             sock.close()
@@ -277,6 +279,7 @@ class Client:
                 f"the daemon at {self.socket} closed the connection without answering {op}",
                 socket=self.socket,
                 op=op,
+                kind="unavailable",
             )
         try:
             response = json.loads(answer)
@@ -285,15 +288,17 @@ class Client:
                 f"the daemon at {self.socket} sent an answer this client cannot read: {answer[:200]!r}",
                 socket=self.socket,
                 op=op,
+                kind="internal",
             ) from None
         if isinstance(response, dict) and "ok" in response:
             return response["ok"]
         if isinstance(response, dict) and isinstance(response.get("error"), str):
-            raise classify(response["error"], socket=self.socket, op=op)
+            raise from_response(response["error"], response.get("kind"), socket=self.socket, op=op)
         raise WatchdogError(
             f"the daemon at {self.socket} sent an answer this client cannot read: {answer[:200]!r}",
             socket=self.socket,
             op=op,
+            kind="internal",
         )
 
     def _no_daemon(self, err: OSError) -> str:
