@@ -5,6 +5,7 @@
 
 mod access;
 mod bad_input;
+mod cli_pipe;
 mod dashboard;
 mod enforce;
 mod fail_closed;

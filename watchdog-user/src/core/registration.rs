@@ -200,9 +200,9 @@ impl World {
                 }
                 self.tree.members(key)
             }
-            _ => bail!(Error::bad_request(format!(
+            _ => bail!(Error::bad_request(
                 "unregister takes exactly one of --pid or --analysis-id"
-            ))),
+            )),
         };
         let mut analyses = HashSet::new();
         for &pid in &pids {

@@ -1762,9 +1762,13 @@ fn the_cores_refusals_carry_the_kind_a_client_branches_on() {
     let mut w = World::new();
     let alice = Peer::user(ALICE, &[]);
     let kind = |err: anyhow::Error| kind_of(&err, ErrorKind::Internal);
-    let unknown = w.unregister_as(&Peer::root(), Some(4242), None).unwrap_err();
+    let unknown = w
+        .unregister_as(&Peer::root(), Some(4242), None)
+        .unwrap_err();
     assert_eq!(kind(unknown), ErrorKind::NotFound);
-    let no_analysis = w.unregister_as(&Peer::root(), None, Some("nope")).unwrap_err();
+    let no_analysis = w
+        .unregister_as(&Peer::root(), None, Some("nope"))
+        .unwrap_err();
     assert_eq!(kind(no_analysis), ErrorKind::NotFound);
     w.procs.spawn_as(200, 1, BOB);
     let theirs = w.register_as(&alice, 200, "a").unwrap_err();

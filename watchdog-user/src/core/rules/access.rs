@@ -49,9 +49,9 @@ impl World {
         procs: &dyn Procs,
     ) -> Result<Registration> {
         if analysis_id.trim().is_empty() {
-            bail!(Error::bad_request(format!(
+            bail!(Error::bad_request(
                 "the analysis id is empty: pass --analysis-id with a name for the analysis"
-            )));
+            ));
         }
         if analysis_id.len() > MAX_ANALYSIS_ID {
             bail!(Error::bad_request(format!(

@@ -8,13 +8,11 @@ use std::{
     process::{Command, Stdio},
 };
 
-use watchdog_user::api::protocol::{Reply, Request, Response};
+use watchdog_tests::{Reply, Request, Response, scratch_dir, watchdog_bin};
 
 #[test]
 fn cli_output_into_a_closed_pipe_ends_quietly() {
-    let dir = std::env::temp_dir().join(format!("watchdog-cli-pipe-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("cli-pipe").unwrap();
     let socket = dir.join("control.sock");
     let listener = UnixListener::bind(&socket).unwrap();
     let commands: [&[&str]; 3] = [&["status"], &["dump-tree"], &["events"]];
@@ -41,7 +39,7 @@ fn cli_output_into_a_closed_pipe_ends_quietly() {
     for args in commands {
         let (read, write) = nix::unistd::pipe().unwrap();
         drop(read);
-        let out = Command::new(env!("CARGO_BIN_EXE_watchdog-user"))
+        let out = Command::new(watchdog_bin())
             .arg("--socket")
             .arg(&socket)
             .args(args)
