@@ -24,7 +24,7 @@ use crate::{
         overview::Overview,
         protocol::{Reply, Request, Response, Status},
     },
-    kernel::ingest::LATENCY,
+    kernel::ingest::{LATENCY, LatencySnapshot},
     store::{EventFilter, EventRecord},
     vocab::peer::Peer,
 };
@@ -224,119 +224,218 @@ async fn api_events(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
     }
 }
 
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{labels} {value}");
+/// How a metric's samples are read from the status.
+enum Samples {
+    /// One sample, unlabelled.
+    One(fn(&Status) -> f64),
+    /// One sample per label set, the labels written as they go out (`{key="value"}`).
+    Labelled(fn(&Status) -> Vec<(String, f64)>),
+}
+
+impl Samples {
+    fn read(&self, s: &Status) -> Vec<(String, f64)> {
+        match self {
+            Self::One(value) => vec![(String::new(), value(s))],
+            Self::Labelled(samples) => samples(s),
+        }
     }
 }
 
-fn one(value: impl Into<f64>) -> Vec<(String, f64)> {
-    vec![(String::new(), value.into())]
+/// One metric family of `/metrics`, as its HELP and TYPE lines name it.
+struct Metric {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: Samples,
 }
 
-/// Metrics of one unlabelled sample each, written in the order given:
-/// (name, type, help, value).
-fn single(out: &mut String, metrics: &[(&str, &str, &str, f64)]) {
-    for &(name, kind, help, value) in metrics {
-        metric(out, name, kind, help, &one(value));
+const fn gauge(name: &'static str, help: &'static str, value: fn(&Status) -> f64) -> Metric {
+    Metric {
+        name,
+        kind: "gauge",
+        help,
+        samples: Samples::One(value),
     }
 }
 
-/// The Prometheus text exposition format (version 0.0.4).
-pub fn prometheus_text(s: &Status) -> String {
-    let mut out = String::new();
-    single(
-        &mut out,
-        &[
-            (
-                "watchdog_watched_processes",
-                "gauge",
-                "Processes watched now.",
-                s.monitored_count as f64,
-            ),
-            (
-                "watchdog_analyses",
-                "gauge",
-                "Analyses watched now.",
-                s.analyses as f64,
-            ),
-            (
-                "watchdog_processes_in_grace",
-                "gauge",
-                "Processes signalled and not yet gone.",
-                s.grace_count as f64,
-            ),
-            (
-                "watchdog_zombies",
-                "gauge",
-                "Exited processes of analyses that their watched parent has not reaped yet.",
-                s.zombies as f64,
-            ),
-        ],
-    );
-    let by_reason: Vec<(String, f64)> = s
-        .kills_by_reason
+const fn counter(name: &'static str, help: &'static str, value: fn(&Status) -> f64) -> Metric {
+    Metric {
+        name,
+        kind: "counter",
+        help,
+        samples: Samples::One(value),
+    }
+}
+
+const fn counters(
+    name: &'static str,
+    help: &'static str,
+    samples: fn(&Status) -> Vec<(String, f64)>,
+) -> Metric {
+    Metric {
+        name,
+        kind: "counter",
+        help,
+        samples: Samples::Labelled(samples),
+    }
+}
+
+/// Every metric read from the status, in the order scrapes show them (dashboards and
+/// alerts name them: a name, type or label here is an interface).
+const METRICS: &[Metric] = &[
+    gauge(
+        "watchdog_watched_processes",
+        "Processes watched now.",
+        |s| s.monitored_count as f64,
+    ),
+    gauge("watchdog_analyses", "Analyses watched now.", |s| {
+        s.analyses as f64
+    }),
+    gauge(
+        "watchdog_processes_in_grace",
+        "Processes signalled and not yet gone.",
+        |s| s.grace_count as f64,
+    ),
+    gauge(
+        "watchdog_zombies",
+        "Exited processes of analyses that their watched parent has not reaped yet.",
+        |s| s.zombies as f64,
+    ),
+    counters(
+        "watchdog_kills_total",
+        "Processes killed (or recorded) since start, by reason.",
+        kills_by_reason,
+    ),
+    counter(
+        "watchdog_lost_events_total",
+        "Kernel events lost: ring buffer full, or a child the watched map had no room for.",
+        |s| (s.lost_events + s.watch_map_full) as f64,
+    ),
+    gauge(
+        "watchdog_loop_longest_seconds",
+        "The longest the daemon loop spent on one input since start.",
+        |s| s.loop_longest_ms / 1000.0,
+    ),
+    counter(
+        "watchdog_ring_buffer_drops_total",
+        "Events the kernel could not put in the ring buffer.",
+        |s| s.lost_events as f64,
+    ),
+    counter(
+        "watchdog_pinned_state_dropped_total",
+        "Pinned state found untrustworthy at start (another layout, or not the maps the attached programs use), dropped and rebuilt.",
+        |s| s.pinned_state_dropped as f64,
+    ),
+    counter(
+        "watchdog_untracked_forks_total",
+        "Children the kernel's watched map could not take; the daemon followed them itself.",
+        |s| s.faults.untracked_forks as f64,
+    ),
+    counter(
+        "watchdog_pidfd_failures_total",
+        "Pidfds that could not be opened (e.g. out of descriptors).",
+        |s| s.faults.pidfd_failures as f64,
+    ),
+    gauge(
+        "watchdog_launchers_watched",
+        "Launchers of registered roots watched now.",
+        |s| s.faults.launchers_watched as f64,
+    ),
+    counters(
+        "watchdog_kernel_program_errors_total",
+        "Failures inside the kernel programs, by program and kind (read, map_update).",
+        program_errors,
+    ),
+    counter(
+        "watchdog_resyncs_total",
+        "Tree rebuilds after lost events.",
+        |s| s.resyncs as f64,
+    ),
+    gauge(
+        "watchdog_db_spool_depth",
+        "Kill records waiting for the database.",
+        |s| s.database.spool_depth as f64,
+    ),
+    gauge(
+        "watchdog_db_unspooled",
+        "Kill records held in memory because the spool could not be written (a full disk?); \
+         tried again every second.",
+        |s| s.database.unspooled as f64,
+    ),
+    counter(
+        "watchdog_spool_records_total",
+        "Kill records appended to the spool since start.",
+        |s| s.database.spooled_total as f64,
+    ),
+    counter(
+        "watchdog_spool_fsyncs_total",
+        "Spool fsyncs since start (records arriving together share one).",
+        |s| s.database.spool_fsyncs as f64,
+    ),
+    counter(
+        "watchdog_records_unqueued_total",
+        "Kill records the daemon loop could not hand to its store task (stopped); held and \
+         spooled at shutdown.",
+        |s| s.records_unqueued as f64,
+    ),
+    counter(
+        "watchdog_db_rejected_total",
+        "Kill records the database refused for good, set aside in <spool>.rejected.",
+        |s| s.database.rejected as f64,
+    ),
+    gauge(
+        "watchdog_control_connections",
+        "Control socket connections open now.",
+        |s| s.control.connections as f64,
+    ),
+    gauge(
+        "watchdog_control_connections_max",
+        "The most control socket connections served at once.",
+        |s| s.control.max_connections as f64,
+    ),
+    counter(
+        "watchdog_control_connections_evicted_total",
+        "Idle control socket connections closed (with an error line) to make room for a new client.",
+        |s| s.control.evicted as f64,
+    ),
+    counter(
+        "watchdog_control_connections_refused_total",
+        "Control socket clients refused (an error line, then closed): the most were open, all busy.",
+        |s| s.control.refused as f64,
+    ),
+    counter(
+        "watchdog_control_requests_oversized_total",
+        "Control request lines over 64 KiB: answered with an error, the connection closed unread.",
+        |s| s.control.oversized as f64,
+    ),
+    counter(
+        "watchdog_control_connections_timed_out_total",
+        "Control socket connections closed after 30 s without a complete request (or unread answer).",
+        |s| s.control.timed_out as f64,
+    ),
+    counter(
+        "watchdog_control_requests_not_utf8_total",
+        "Control request lines that were not UTF-8 (answered with an error).",
+        |s| s.control.not_utf8 as f64,
+    ),
+    gauge(
+        "watchdog_uptime_seconds",
+        "Seconds since the daemon started.",
+        |s| s.uptime_s as f64,
+    ),
+];
+
+fn kills_by_reason(s: &Status) -> Vec<(String, f64)> {
+    s.kills_by_reason
         .iter()
         .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), *n as f64))
-        .collect();
-    metric(
-        &mut out,
-        "watchdog_kills_total",
-        "counter",
-        "Processes killed (or recorded) since start, by reason.",
-        &by_reason,
-    );
-    single(
-        &mut out,
-        &[
-            (
-                "watchdog_lost_events_total",
-                "counter",
-                "Kernel events lost: ring buffer full, or a child the watched map had no room for.",
-                (s.lost_events + s.watch_map_full) as f64,
-            ),
-            (
-                "watchdog_loop_longest_seconds",
-                "gauge",
-                "The longest the daemon loop spent on one input since start.",
-                s.loop_longest_ms / 1000.0,
-            ),
-            (
-                "watchdog_ring_buffer_drops_total",
-                "counter",
-                "Events the kernel could not put in the ring buffer.",
-                s.lost_events as f64,
-            ),
-            (
-                "watchdog_pinned_state_dropped_total",
-                "counter",
-                "Pinned state found untrustworthy at start (another layout, or not the maps the attached programs use), dropped and rebuilt.",
-                s.pinned_state_dropped as f64,
-            ),
-            (
-                "watchdog_untracked_forks_total",
-                "counter",
-                "Children the kernel's watched map could not take; the daemon followed them itself.",
-                s.faults.untracked_forks as f64,
-            ),
-            (
-                "watchdog_pidfd_failures_total",
-                "counter",
-                "Pidfds that could not be opened (e.g. out of descriptors).",
-                s.faults.pidfd_failures as f64,
-            ),
-            (
-                "watchdog_launchers_watched",
-                "gauge",
-                "Launchers of registered roots watched now.",
-                s.faults.launchers_watched as f64,
-            ),
-        ],
-    );
-    let program_errors: Vec<(String, f64)> = s
-        .faults
+        .collect()
+}
+
+/// Keys are "program/kind"; one without the slash has no labels to go under, so it is
+/// left out.
+fn program_errors(s: &Status) -> Vec<(String, f64)> {
+    s.faults
         .program_errors
         .iter()
         .filter_map(|(key, n)| {
@@ -346,129 +445,46 @@ pub fn prometheus_text(s: &Status) -> String {
                 *n as f64,
             ))
         })
-        .collect();
-    metric(
-        &mut out,
-        "watchdog_kernel_program_errors_total",
-        "counter",
-        "Failures inside the kernel programs, by program and kind (read, map_update).",
-        &program_errors,
-    );
-    single(
-        &mut out,
-        &[
-            (
-                "watchdog_resyncs_total",
-                "counter",
-                "Tree rebuilds after lost events.",
-                s.resyncs as f64,
-            ),
-            (
-                "watchdog_db_spool_depth",
-                "gauge",
-                "Kill records waiting for the database.",
-                s.database.spool_depth as f64,
-            ),
-            (
-                "watchdog_db_unspooled",
-                "gauge",
-                "Kill records held in memory because the spool could not be written (a full disk?); \
-         tried again every second.",
-                s.database.unspooled as f64,
-            ),
-            (
-                "watchdog_spool_records_total",
-                "counter",
-                "Kill records appended to the spool since start.",
-                s.database.spooled_total as f64,
-            ),
-            (
-                "watchdog_spool_fsyncs_total",
-                "counter",
-                "Spool fsyncs since start (records arriving together share one).",
-                s.database.spool_fsyncs as f64,
-            ),
-            (
-                "watchdog_records_unqueued_total",
-                "counter",
-                "Kill records the daemon loop could not hand to its store task (stopped); held and \
-         spooled at shutdown.",
-                s.records_unqueued as f64,
-            ),
-            (
-                "watchdog_db_rejected_total",
-                "counter",
-                "Kill records the database refused for good, set aside in <spool>.rejected.",
-                s.database.rejected as f64,
-            ),
-            (
-                "watchdog_control_connections",
-                "gauge",
-                "Control socket connections open now.",
-                s.control.connections as f64,
-            ),
-            (
-                "watchdog_control_connections_max",
-                "gauge",
-                "The most control socket connections served at once.",
-                s.control.max_connections as f64,
-            ),
-            (
-                "watchdog_control_connections_evicted_total",
-                "counter",
-                "Idle control socket connections closed (with an error line) to make room for a new client.",
-                s.control.evicted as f64,
-            ),
-            (
-                "watchdog_control_connections_refused_total",
-                "counter",
-                "Control socket clients refused (an error line, then closed): the most were open, all busy.",
-                s.control.refused as f64,
-            ),
-            (
-                "watchdog_control_requests_oversized_total",
-                "counter",
-                "Control request lines over 64 KiB: answered with an error, the connection closed unread.",
-                s.control.oversized as f64,
-            ),
-            (
-                "watchdog_control_connections_timed_out_total",
-                "counter",
-                "Control socket connections closed after 30 s without a complete request (or unread answer).",
-                s.control.timed_out as f64,
-            ),
-            (
-                "watchdog_control_requests_not_utf8_total",
-                "counter",
-                "Control request lines that were not UTF-8 (answered with an error).",
-                s.control.not_utf8 as f64,
-            ),
-            (
-                "watchdog_uptime_seconds",
-                "gauge",
-                "Seconds since the daemon started.",
-                s.uptime_s as f64,
-            ),
-        ],
-    );
-    let _ = writeln!(
-        out,
-        "# HELP watchdog_event_latency_seconds From the kernel event to the daemon reading it."
-    );
-    let _ = writeln!(out, "# TYPE watchdog_event_latency_seconds histogram");
-    let (buckets, count, sum) = LATENCY.snapshot();
-    for (le, n) in buckets {
-        let _ = writeln!(
-            out,
-            "watchdog_event_latency_seconds_bucket{{le=\"{le}\"}} {n}"
-        );
+        .collect()
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
     }
-    let _ = writeln!(
-        out,
-        "watchdog_event_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+}
+
+/// A histogram from [`crate::kernel::ingest::Latency::snapshot`]'s cumulative buckets, count and sum.
+fn histogram(out: &mut String, name: &str, help: &str, (buckets, count, sum): LatencySnapshot) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (le, n) in buckets {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum {sum}");
+    let _ = writeln!(out, "{name}_count {count}");
+}
+
+/// The Prometheus text exposition format (version 0.0.4).
+pub fn prometheus_text(s: &Status) -> String {
+    render_metrics(s, LATENCY.snapshot())
+}
+
+/// The status's metrics, then the event latency histogram.
+fn render_metrics(s: &Status, latency: LatencySnapshot) -> String {
+    let mut out = String::new();
+    for m in METRICS {
+        metric(&mut out, m.name, m.kind, m.help, &m.samples.read(s));
+    }
+    histogram(
+        &mut out,
+        "watchdog_event_latency_seconds",
+        "From the kernel event to the daemon reading it.",
+        latency,
     );
-    let _ = writeln!(out, "watchdog_event_latency_seconds_sum {sum}");
-    let _ = writeln!(out, "watchdog_event_latency_seconds_count {count}");
     out
 }
 
@@ -528,6 +544,82 @@ mod tests {
             tree: Vec::new(),
             tree_omitted: 0,
         }
+    }
+
+    /// Every field /metrics reads, non-zero and distinct, with several labels each.
+    fn rich_status() -> Status {
+        let mut s = Status {
+            version: "1.2.3".into(),
+            uptime_s: 86_461,
+            monitored_count: 17,
+            analyses: 3,
+            zombies: 2,
+            lost_events: 5,
+            watch_map_full: 7,
+            pinned_state_dropped: 1,
+            resyncs: 4,
+            loop_longest_ms: 12.5,
+            grace_count: 6,
+            records_unqueued: 8,
+            ..Status::default()
+        };
+        s.zombies_by_analysis = [("a".to_string(), 1), ("b".to_string(), 1)].into();
+        s.kills_by_reason = [
+            ("memory".to_string(), 11),
+            ("orphan".to_string(), 1),
+            ("timeout".to_string(), 9),
+            ("tree_memory".to_string(), 2),
+        ]
+        .into();
+        s.faults.untracked_forks = 13;
+        s.faults.pidfd_failures = 14;
+        s.faults.launchers_watched = 15;
+        s.faults.program_errors = [
+            ("exit/read".to_string(), 3),
+            ("fork/map_update".to_string(), 21),
+            ("fork/read".to_string(), 1),
+            ("no kind".to_string(), 99),
+        ]
+        .into();
+        s.database.spool_depth = 31;
+        s.database.unspooled = 32;
+        s.database.spooled_total = 33;
+        s.database.spool_fsyncs = 34;
+        s.database.rejected = 35;
+        s.control.connections = 41;
+        s.control.max_connections = 42;
+        s.control.evicted = 43;
+        s.control.refused = 44;
+        s.control.oversized = 45;
+        s.control.timed_out = 46;
+        s.control.not_utf8 = 47;
+        s
+    }
+
+    #[test]
+    fn metrics_keep_their_names_help_types_labels_order_and_values() {
+        let latency = (
+            vec![
+                (1e-5, 1),
+                (5e-5, 1),
+                (0.0001, 1),
+                (0.0005, 2),
+                (0.001, 3),
+                (0.005, 3),
+                (0.01, 3),
+                (0.05, 4),
+                (0.1, 4),
+                (1.0, 4),
+            ],
+            5,
+            2.021005,
+        );
+        // Dashboards, alerts and scrapers read these names and labels: a change to the
+        // text is a change to an interface, made here on purpose or not at all.
+        assert_eq!(
+            render_metrics(&rich_status(), latency),
+            include_str!("testdata/metrics.txt")
+        );
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub static LATENCY: Latency = Latency {
     sum_ns: AtomicU64::new(0),
 };
 
+/// Cumulative buckets (upper bound, count), total count, sum in seconds.
+pub type LatencySnapshot = (Vec<(f64, u64)>, u64, f64);
+
 impl Latency {
     fn observe(&self, ns: u64) {
         let seconds = ns as f64 / 1e9;
@@ -47,8 +50,7 @@ impl Latency {
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
-    /// Cumulative buckets (upper bound, count), total count, sum in seconds.
-    pub fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
+    pub fn snapshot(&self) -> LatencySnapshot {
         let buckets = LATENCY_BOUNDS
             .iter()
             .zip(&self.counts)

@@ -355,6 +355,8 @@ impl Kernel {
         loaded
     }
 
+    /// Loads the object with its maps pinned in `pin_dir`: the programs attached there
+    /// are resumed (`resumed`), or attached anew.
     fn load_pinned<'a>(
         mut loader: EbpfLoader<'a>,
         btf: &'a Btf,
@@ -370,59 +372,31 @@ impl Kernel {
         for name in PINNED_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));
         }
-        // A pinned map keeps the size it was made with (another --ring-bytes, or an
-        // older default): take it from the pin, or the ring's consumer would read it
-        // with the wrong size and mask, i.e. garbage.
-        let pinned_size = |name: &str| {
-            resumed
-                .then(|| aya::maps::MapInfo::from_pin(pin_dir.join(name)).ok())
-                .flatten()
-                .map(|info| info.max_entries())
-        };
-        if let Some(bytes) = pinned_size(EVENTS_MAP).or(sizes.ring_bytes) {
-            loader.map_max_entries(EVENTS_MAP, bytes);
-        }
-        let watched_capacity = pinned_size(WATCHED_MAP).unwrap_or(sizes.watched_capacity);
-        loader.map_max_entries(WATCHED_MAP, watched_capacity);
+        let watched_capacity = size_maps(&mut loader, sizes, pin_dir, resumed);
         let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| refused("load the watchdog's eBPF maps and programs", e))?;
-        let (rss_iter, descendants_iter) = if resumed {
-            check_pinned_pid_ns(&ebpf, sizes.pid_ns)?;
-            tracing::info!(pin_dir = %pin_dir.display(), "programs still attached from the previous run: resuming");
-            let pinned = |name| Some(iter_pin(pin_dir, name)).filter(|p| p.exists());
-            (pinned(RSS_ITER), pinned(DESCENDANTS_ITER))
+        let iters = if resumed {
+            resume_attached(&ebpf, sizes.pid_ns, pin_dir)?
         } else {
-            set_pid_ns(&mut ebpf, btf, config, sizes.pid_ns)?;
-            attach_and_pin(&mut ebpf, btf, pin_dir)?;
-            let rss_iter = (config.rss_enabled != 0)
-                .then(|| {
-                    attach_iter(
-                        &mut ebpf,
-                        btf,
-                        pin_dir,
-                        RSS_ITER,
-                        "the reconcile poll reads /proc instead",
-                    )
-                })
-                .flatten();
-            let descendants_iter = attach_iter(
-                &mut ebpf,
-                btf,
-                pin_dir,
-                DESCENDANTS_ITER,
-                "registration scans /proc for descendants instead",
-            );
-            // Last: pins without it (a start that did not finish) are not resumed.
-            let mut layout: Array<MapData, u64> = Array::try_from(take(&mut ebpf, LAYOUT_MAP)?)?;
-            layout
-                .set(0, LAYOUT, 0)
-                .context("writing this build's layout in the pinned LAYOUT map")?;
-            (rss_iter, descendants_iter)
+            attach_anew(&mut ebpf, btf, config, sizes.pid_ns, pin_dir)?
         };
         let ring = RingBuf::try_from(take(&mut ebpf, EVENTS_MAP)?)?;
         let logger = set_kernel_log(&mut ebpf, kernel_log)?;
-        let kernel = Self {
+        let kernel = Self::from_maps(ebpf, watched_capacity, resumed, iters, logger)?;
+        Ok((kernel, ring))
+    }
+
+    /// Takes the maps the daemon reads and writes out of the loaded object, which it
+    /// keeps (its programs stay loaded with it).
+    fn from_maps(
+        mut ebpf: Ebpf,
+        watched_capacity: u32,
+        resumed: bool,
+        iters: Iters,
+        logger: Option<KernelLogger>,
+    ) -> Result<Self> {
+        Ok(Self {
             watched: HashMap::try_from(take(&mut ebpf, WATCHED_MAP)?)?,
             drops: PerCpuArray::try_from(take(&mut ebpf, DROPS_MAP)?)?,
             watch_full: PerCpuArray::try_from(take(&mut ebpf, WATCH_FULL_MAP)?)?,
@@ -434,13 +408,12 @@ impl Kernel {
             pinned_state_dropped: 0,
             salvage: None,
             rebuilt: false,
-            rss_iter,
+            rss_iter: iters.rss,
             walk_target: Array::try_from(take(&mut ebpf, WALK_TARGET_MAP)?)?,
-            descendants_iter,
+            descendants_iter: iters.descendants,
             logger,
             _ebpf: ebpf,
-        };
-        Ok((kernel, ring))
+        })
     }
 
     /// The reader of the programs' error reports, when loaded with `kernel_log`.
@@ -597,6 +570,81 @@ impl Kernel {
     pub fn watch_map_full(&self) -> u64 {
         sum_per_cpu(&self.watch_full)
     }
+}
+
+/// The pinned task iterators' links, where the kernel runs them.
+struct Iters {
+    rss: Option<PathBuf>,
+    descendants: Option<PathBuf>,
+}
+
+/// Sizes the ring buffer and the watched map before the load; returns the watched
+/// map's capacity.
+fn size_maps(loader: &mut EbpfLoader<'_>, sizes: Sizes, pin_dir: &Path, resumed: bool) -> u32 {
+    // A pinned map keeps the size it was made with (another --ring-bytes, or an
+    // older default): take it from the pin, or the ring's consumer would read it
+    // with the wrong size and mask, i.e. garbage.
+    let pinned_size = |name: &str| {
+        resumed
+            .then(|| aya::maps::MapInfo::from_pin(pin_dir.join(name)).ok())
+            .flatten()
+            .map(|info| info.max_entries())
+    };
+    if let Some(bytes) = pinned_size(EVENTS_MAP).or(sizes.ring_bytes) {
+        loader.map_max_entries(EVENTS_MAP, bytes);
+    }
+    let watched_capacity = pinned_size(WATCHED_MAP).unwrap_or(sizes.watched_capacity);
+    loader.map_max_entries(WATCHED_MAP, watched_capacity);
+    watched_capacity
+}
+
+/// The programs a previous daemon left attached keep running: checks they number
+/// processes in this daemon's PID namespace and finds their iterators' pins.
+fn resume_attached(ebpf: &Ebpf, pid_ns: u32, pin_dir: &Path) -> Result<Iters> {
+    check_pinned_pid_ns(ebpf, pid_ns)?;
+    tracing::info!(pin_dir = %pin_dir.display(), "programs still attached from the previous run: resuming");
+    let pinned = |name| Some(iter_pin(pin_dir, name)).filter(|p| p.exists());
+    Ok(Iters {
+        rss: pinned(RSS_ITER),
+        descendants: pinned(DESCENDANTS_ITER),
+    })
+}
+
+/// Attaches and pins the programs and the iterators the kernel can run, then marks
+/// the pins as this build's.
+fn attach_anew(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    config: &watchdog_common::Config,
+    pid_ns: u32,
+    pin_dir: &Path,
+) -> Result<Iters> {
+    set_pid_ns(ebpf, btf, config, pid_ns)?;
+    attach_and_pin(ebpf, btf, pin_dir)?;
+    let rss = (config.rss_enabled != 0)
+        .then(|| {
+            attach_iter(
+                ebpf,
+                btf,
+                pin_dir,
+                RSS_ITER,
+                "the reconcile poll reads /proc instead",
+            )
+        })
+        .flatten();
+    let descendants = attach_iter(
+        ebpf,
+        btf,
+        pin_dir,
+        DESCENDANTS_ITER,
+        "registration scans /proc for descendants instead",
+    );
+    // Last: pins without it (a start that did not finish) are not resumed.
+    let mut layout: Array<MapData, u64> = Array::try_from(take(ebpf, LAYOUT_MAP)?)?;
+    layout
+        .set(0, LAYOUT, 0)
+        .context("writing this build's layout in the pinned LAYOUT map")?;
+    Ok(Iters { rss, descendants })
 }
 
 /// Turns the programs' error reports on or off (the switch is pinned: resumed programs

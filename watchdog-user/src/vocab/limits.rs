@@ -284,15 +284,8 @@ mod tests {
                 .contains("SIGUSR1")
         );
         let limits = Limits {
-            timeout_ms: 10_000,
-            memory_bytes: 100,
-            tree_memory_bytes: None,
             grace_ms: 1,
-            orphans: OrphanPolicy::Kill,
-            max_processes: 0,
-            max_zombies: 0,
-            warn_at_percent: 0,
-            warn_signal: DEFAULT_WARN_SIGNAL.into(),
+            ..Limits::for_tests(10_000, 100)
         };
         assert_eq!(limits.warn_level(10_000), None, "off by default");
         let warned = limits
