@@ -37,6 +37,7 @@ impl World {
                 .admin_gid
                 .is_some_and(|gid| caller.in_group(gid))
     }
+
     /// Checks a registration before anything is touched, so a refused one changes
     /// nothing. A caller other than root and the admin group may watch only processes
     /// that run as itself (real uid), and join only analyses it created.
@@ -48,38 +49,8 @@ impl World {
         caller: &Peer,
         procs: &dyn Procs,
     ) -> Result<Registration> {
-        if analysis_id.trim().is_empty() {
-            bail!(Error::bad_request(
-                "the analysis id is empty: pass --analysis-id with a name for the analysis"
-            ));
-        }
-        if analysis_id.len() > MAX_ANALYSIS_ID {
-            bail!(Error::bad_request(format!(
-                "the analysis id is {} bytes long: use at most {MAX_ANALYSIS_ID}",
-                analysis_id.len()
-            )));
-        }
-        if pid == 0 || pid == 1 {
-            bail!(Error::refused(format!(
-                "refusing to watch pid {pid}: it is the system's init/idle task, which the watchdog never touches"
-            )));
-        }
-        if pid == self.self_pid {
-            bail!(Error::refused(format!(
-                "refusing to watch pid {pid}: it is the watchdog daemon itself"
-            )));
-        }
-        let Some(root) = procs.read(pid) else {
-            bail!(Error::not_found(format!(
-                "no process with pid {pid}: check the pid (the process may have exited)"
-            )));
-        };
-        if root.kernel_thread {
-            bail!(Error::refused(format!(
-                "pid {pid} ({}) is a kernel thread: only user processes can be watched",
-                root.comm
-            )));
-        }
+        check_analysis_id(analysis_id)?;
+        let root = self.watchable(pid, procs)?;
         let confined_to = (!self.is_admin(caller)).then_some(caller.uid);
         if let Some(uid) = confined_to {
             self.check_own_process(&root, uid, None, procs)?;
@@ -124,6 +95,33 @@ impl World {
             root,
         })
     }
+    /// The process `pid`, if the watchdog may watch it at all: not init, not itself,
+    /// not a kernel thread, and living.
+    fn watchable(&self, pid: u32, procs: &dyn Procs) -> Result<ProcInfo> {
+        if pid == 0 || pid == 1 {
+            bail!(Error::refused(format!(
+                "refusing to watch pid {pid}: it is the system's init/idle task, which the watchdog never touches"
+            )));
+        }
+        if pid == self.self_pid {
+            bail!(Error::refused(format!(
+                "refusing to watch pid {pid}: it is the watchdog daemon itself"
+            )));
+        }
+        let Some(root) = procs.read(pid) else {
+            bail!(Error::not_found(format!(
+                "no process with pid {pid}: check the pid (the process may have exited)"
+            )));
+        };
+        if root.kernel_thread {
+            bail!(Error::refused(format!(
+                "pid {pid} ({}) is a kernel thread: only user processes can be watched",
+                root.comm
+            )));
+        }
+        Ok(root)
+    }
+
     /// Refuses a process that does not run as `uid` (its real uid); `root_pid` names
     /// the registered root when `process` is one of its descendants. A process gone
     /// meanwhile is no refusal: nothing of it can be watched.
@@ -211,4 +209,20 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// An analysis id is a label: not empty, and short enough for the kernel map.
+fn check_analysis_id(analysis_id: &str) -> Result<()> {
+    if analysis_id.trim().is_empty() {
+        bail!(Error::bad_request(
+            "the analysis id is empty: pass --analysis-id with a name for the analysis"
+        ));
+    }
+    if analysis_id.len() > MAX_ANALYSIS_ID {
+        bail!(Error::bad_request(format!(
+            "the analysis id is {} bytes long: use at most {MAX_ANALYSIS_ID}",
+            analysis_id.len()
+        )));
+    }
+    Ok(())
 }
