@@ -2,7 +2,7 @@
 //! `cargo test -p watchdog-user --lib` (and so in `cargo xtask test`): arbitrary bytes
 //! and arbitrary well-formed requests go through the code the socket runs, the framing
 //! ([`LineReader`]), the parser ([`parse_request`]) and the connection loop ([`converse`]),
-//! and through the handler ([`requests::respond`]) into the rules core on a fake /proc.
+//! and through the handler ([`requests::route`], the dispatch the daemon uses,) into the rules core on a fake /proc.
 //! Asserted: no panic, exactly one response line per request line, every error one
 //! line with a kind that parses back, and the read buffer never past the limit.
 //!
@@ -27,7 +27,8 @@ use crate::{
         protocol::{
             BadRequest, MAX_REQUEST_BYTES, Reply, Request, Response, TestFault, parse_request,
         },
-        report, requests,
+        report,
+        requests::{self, Routed},
     },
     core::{
         Clock, Core, Registration, Settings, Watch,
@@ -363,8 +364,20 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
     let mut answered = 0;
     let mut history = crate::api::overview::RssHistory::default();
     while let Some((request, peer, reply)) = calls.recv().await {
-        let response = match request {
-            Request::Status => {
+        // The daemon's own dispatch, without --test-faults (as a production daemon
+        // runs); what only the loop holds is answered from the fake world.
+        let routed = requests::route(
+            &mut core,
+            request,
+            &peer,
+            false,
+            &procs,
+            &clock,
+            &mut FakeWatch(&procs),
+        );
+        let response = match routed {
+            Routed::Answered(response) => response,
+            Routed::Status => {
                 let counters = report::KernelCounters {
                     lost_events: 0,
                     watch_map_full: 0,
@@ -379,21 +392,16 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
                     report::status(&core, &counters, started, Duration::from_secs(30), &clock);
                 Response::Ok(Reply::Status(Box::new(status)))
             }
-            Request::Events { .. } => Response::Ok(Reply::Events {
+            Routed::Events(_) => Response::Ok(Reply::Events {
                 records: Vec::new(),
                 database_error: None,
             }),
-            Request::Overview => Response::Ok(Reply::Overview(Box::new(
+            Routed::Overview => Response::Ok(Reply::Overview(Box::new(
                 crate::api::overview::overview(&core, &history, &clock),
             ))),
-            other => requests::respond(
-                &mut core,
-                other,
-                &peer,
-                &procs,
-                &clock,
-                &mut FakeWatch(&procs),
-            ),
+            Routed::Stall(_) | Routed::Fault(_) => {
+                unreachable!("test faults are routed only where --test-faults is given")
+            }
         };
         // The effects are not the protocol's: what the core asked for is dropped.
         core.take_actions();

@@ -1,18 +1,20 @@
-//! One control request, one response, against the rules core: what the daemon loop does
-//! with a call it answers itself (`status` and `events` also need the store, and are
-//! answered beside it; `overview` needs the loop's RSS history). The effects a
-//! registration needs are behind [`Watch`], so the fuzz tests run this very code on a
-//! fake world.
+//! The one dispatch of a control request: [`route`] decides, for the daemon loop and
+//! for the fuzz tests alike, which requests the rules core answers (and answers them),
+//! which the loop answers from what only it holds (`status` and `events` need the store,
+//! `overview` the loop's RSS history, the test faults the loop itself), and who may ask
+//! for the test faults. The effects a registration needs are behind [`Watch`], so the
+//! fuzz tests run this very code on a fake world.
 
 use anyhow::Result;
 
 use crate::{
     api::{
-        protocol::{Reply, Request, Response},
+        protocol::{Reply, Request, Response, TestFault},
         report,
     },
     core::Watch,
     core::{Clock, Core, procs::Procs},
+    store::EventFilter,
     vocab::{
         error::{Error, ErrorKind},
         limits::LimitOverrides,
@@ -26,9 +28,49 @@ use crate::{
 /// Errors of the other kinds (not found, bad request) name theirs where they are made.
 pub const UNTYPED: ErrorKind = ErrorKind::Refused;
 
+/// Where a request is answered.
+#[derive(Debug)]
+pub enum Routed {
+    /// By the rules core, now: this response.
+    Answered(Response),
+    /// By the loop, from the store and its own counters.
+    Status,
+    /// By the loop, once the ring is drained, from the store.
+    Events(EventFilter),
+    /// By the loop, from its RSS history.
+    Overview,
+    /// A test fault the caller may arm: the loop answers, then stalls `ms`.
+    Stall(u64),
+    /// A test fault the caller may arm.
+    Fault(TestFault),
+}
+
+/// Routes `peer`'s `request`: what the core answers is answered here; reads are open
+/// to everyone who can connect; the test faults only to root and the admin group of a
+/// daemon started with `--test-faults`.
+pub fn route(
+    core: &mut Core,
+    request: Request,
+    peer: &Peer,
+    test_faults: bool,
+    procs: &dyn Procs,
+    clock: &Clock,
+    effects: &mut dyn Watch,
+) -> Routed {
+    let faults_allowed = test_faults && core.is_admin(peer);
+    match request {
+        Request::Status => Routed::Status,
+        Request::Events { filter } => Routed::Events(filter),
+        Request::Overview => Routed::Overview,
+        Request::Stall { ms } if faults_allowed => Routed::Stall(ms),
+        Request::Fault { what } if faults_allowed => Routed::Fault(what),
+        request => Routed::Answered(respond(core, request, peer, procs, clock, effects)),
+    }
+}
+
 /// The response to `peer`'s `request`; the rules decide what it may do. The actions the
 /// core queued are the caller's to settle.
-pub fn respond(
+fn respond(
     core: &mut Core,
     request: Request,
     peer: &Peer,
@@ -56,7 +98,7 @@ pub fn respond(
         Request::DumpTree { analysis_id } => {
             report::dump_tree(core, analysis_id.as_deref(), procs, clock)
         }
-        // The loop answers these through the store; never a panic in the daemon.
+        // Routed to the loop by `route`: never a panic should that change.
         Request::Events { .. } | Request::Status | Request::Overview => Err(Error::new(
             ErrorKind::Internal,
             "internal: this request is answered by the daemon loop",

@@ -19,8 +19,9 @@ use crate::{
         access,
         control::{self, Call, SocketGuard},
         overview::{self, RssHistory},
-        protocol::{Faults, Reply, Request, Response, TestFault},
+        protocol::{Faults, Reply, Response, TestFault},
         report::{self, KernelCounters},
+        requests::{self, Routed},
     },
     app::effects::{Described, Effects, Feedback},
     core::event::KernelEvent,
@@ -32,7 +33,7 @@ use crate::{
         tasks::{self, Tasks},
     },
     store::{self, EventFilter, StoreMsg},
-    vocab::{error::ErrorKind, peer::Peer, process::ProcRef},
+    vocab::{error::ErrorKind, process::ProcRef},
 };
 
 /// How often the kernel's loss counters are read. A loss is repaired by a resync from
@@ -454,29 +455,36 @@ impl Daemon {
     /// A request: those that need more than the rules core (the store, the ring, the
     /// loop itself) are answered here; every other goes to the one dispatch.
     fn on_call(&mut self, (request, peer, reply): Call, test_faults: bool) {
-        let faults_allowed = test_faults && self.core.is_admin(&peer);
-        match request {
-            Request::Stall { ms } if faults_allowed => {
+        let clock = Clock::read();
+        let routed = requests::route(
+            &mut self.core,
+            request,
+            &peer,
+            test_faults,
+            &SysProcs,
+            &clock,
+            &mut self.effects,
+        );
+        match routed {
+            Routed::Answered(response) => {
+                self.settle(&clock);
+                let _ = reply.send(response);
+            }
+            Routed::Status => self.answer_status(reply),
+            Routed::Events(filter) => after_drain(&self.drain.0, &self.drain.1, (filter, reply)),
+            Routed::Overview => self.answer_overview(reply),
+            Routed::Stall(ms) => {
                 let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
                 tracing::warn!(ms, "test fault: main loop stalled");
                 std::thread::sleep(Duration::from_millis(ms));
             }
-            Request::Fault { what } if faults_allowed => {
+            Routed::Fault(what) => {
                 match what {
                     TestFault::StorePanic => {
                         let _ = self.effects.store().send(StoreMsg::FailNextWrite);
                     }
                 }
                 let _ = reply.send(Response::Ok(Reply::FaultArmed { what }));
-            }
-            // Reads are open to everyone who can connect.
-            Request::Events { filter } => {
-                after_drain(&self.drain.0, &self.drain.1, (filter, reply))
-            }
-            Request::Status => self.answer_status(reply),
-            Request::Overview => self.answer_overview(reply),
-            request => {
-                let _ = reply.send(self.handle(request, &peer));
             }
         }
     }
@@ -620,21 +628,6 @@ impl Daemon {
             .record(std::time::SystemTime::now(), overview::rss_sums(&self.core));
         self.polling = false;
         self.last_poll_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    }
-
-    /// Answers a request of `peer`'s; the rules decide what it may do.
-    fn handle(&mut self, request: Request, peer: &Peer) -> Response {
-        let clock = Clock::read();
-        let response = crate::api::requests::respond(
-            &mut self.core,
-            request,
-            peer,
-            &SysProcs,
-            &clock,
-            &mut self.effects,
-        );
-        self.settle(&clock);
-        response
     }
 
     fn kernel_counters(&self) -> KernelCounters {
