@@ -9,7 +9,7 @@ use watchdog_user::{
 use std::{path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Parser, Subcommand};
-use policy::{LimitOverrides, OrphanPolicy, Reason};
+use policy::{LimitOverrides, Reason};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF process watchdog: daemon and CLI")]
@@ -51,7 +51,7 @@ enum Command {
         #[arg(long)]
         analysis_id: String,
         #[command(flatten)]
-        limits: LimitArgs,
+        limits: LimitOverrides,
     },
     /// Stop watching a process (with its subtree) or a whole analysis.
     #[command(group(ArgGroup::new("what").required(true).args(["pid", "analysis_id"])))]
@@ -66,7 +66,7 @@ enum Command {
         #[arg(long)]
         analysis_id: String,
         #[command(flatten)]
-        limits: LimitArgs,
+        limits: LimitOverrides,
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
@@ -98,56 +98,6 @@ enum Command {
     },
 }
 
-/// Per-analysis limits; each left out takes the daemon's default.
-#[derive(clap::Args)]
-struct LimitArgs {
-    /// Wall-clock limit, e.g. 90s, 30m, 2h.
-    #[arg(long, value_parser = units::parse_duration)]
-    timeout: Option<Duration>,
-    /// RSS limit of each process, e.g. 512MiB, 2GiB.
-    #[arg(long, value_parser = units::parse_size)]
-    memory: Option<u64>,
-    /// Limit on the RSS summed over the analysis.
-    #[arg(long, value_parser = units::parse_size)]
-    tree_memory: Option<u64>,
-    /// Time between SIGTERM and SIGKILL.
-    #[arg(long, value_parser = units::parse_duration)]
-    grace: Option<Duration>,
-    /// kill: SIGTERM orphans at once; log: only record them.
-    #[arg(long, value_enum)]
-    orphans: Option<OrphanPolicy>,
-    /// Most processes at once, 0 for no limit (more: killed as a fork bomb).
-    #[arg(long)]
-    max_processes: Option<u64>,
-    /// Most exited, unreaped children one process may hold, 0 for no limit (more: the
-    /// process is killed, so that init reaps them).
-    #[arg(long)]
-    max_zombies: Option<u64>,
-    /// Warn the analysis' root at this part of the timeout and of each memory limit,
-    /// e.g. 80%, or off.
-    #[arg(long, value_parser = units::parse_percent)]
-    warn_at: Option<u8>,
-    /// The warning signal, e.g. SIGUSR1 (the default), SIGUSR2, SIGINT.
-    #[arg(long, value_parser = units::parse_warn_signal)]
-    warn_signal: Option<String>,
-}
-
-impl LimitArgs {
-    fn overrides(&self) -> LimitOverrides {
-        LimitOverrides {
-            timeout_ms: self.timeout.map(units::millis),
-            memory_bytes: self.memory,
-            tree_memory_bytes: self.tree_memory,
-            grace_ms: self.grace.map(units::millis),
-            orphans: self.orphans,
-            max_processes: self.max_processes,
-            max_zombies: self.max_zombies,
-            warn_at_percent: self.warn_at,
-            warn_signal: self.warn_signal.clone(),
-        }
-    }
-}
-
 fn main() {
     let args = Args::parse();
     if prints_to_a_pipe(&args.command) {
@@ -174,13 +124,13 @@ fn main() {
             pid,
             analysis_id,
             limits,
-        } => cli::register(&socket, pid, analysis_id, limits.overrides()),
+        } => cli::register(&socket, pid, analysis_id, limits),
         Command::Unregister { pid, analysis_id } => cli::unregister(&socket, pid, analysis_id),
         Command::Exec {
             analysis_id,
             limits,
             command,
-        } => match cli::exec(&socket, analysis_id, limits.overrides(), &command) {
+        } => match cli::exec(&socket, analysis_id, limits, &command) {
             Ok(code) => std::process::exit(code),
             Err(err) => Err(err),
         },

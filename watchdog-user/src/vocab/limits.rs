@@ -110,32 +110,56 @@ pub struct RssLevels {
     pub warn: u64,
 }
 
-/// What a register/exec request asks to change from the daemon's defaults.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// What a register/exec request asks to change from the daemon's defaults: the one
+/// definition of the per-analysis limits, from which the protocol's `limits` object
+/// (serde) and the `register`/`exec` flags (clap, humane values parsed to ms and bytes)
+/// both follow.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct LimitOverrides {
+    /// Wall-clock limit, e.g. 90s, 30m, 2h.
+    #[arg(long = "timeout", value_name = "DURATION", value_parser = duration_ms)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// RSS limit of each process, e.g. 512MiB, 2GiB.
+    #[arg(long = "memory", value_name = "SIZE", value_parser = crate::vocab::units::parse_size)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
+    /// Limit on the RSS summed over the analysis.
+    #[arg(long = "tree-memory", value_name = "SIZE", value_parser = crate::vocab::units::parse_size)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tree_memory_bytes: Option<u64>,
+    /// Time between SIGTERM and SIGKILL.
+    #[arg(long = "grace", value_name = "DURATION", value_parser = duration_ms)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_ms: Option<u64>,
+    /// kill: SIGTERM orphans at once; log: only record them.
+    #[arg(long, value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub orphans: Option<OrphanPolicy>,
-    /// 0: no limit.
+    /// Most processes at once, 0 for no limit (more: killed as a fork bomb).
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_processes: Option<u64>,
-    /// 0: no limit.
+    /// Most exited, unreaped children one process may hold, 0 for no limit (more: the
+    /// process is killed, so that init reaps them).
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_zombies: Option<u64>,
-    /// 1 to 99; 0: no warning.
+    /// Warn the analysis' root at this part of the timeout and of each memory limit,
+    /// e.g. 80%, or off.
+    #[arg(long = "warn-at", value_name = "PERCENT", value_parser = crate::vocab::units::parse_percent)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warn_at_percent: Option<u8>,
-    /// A signal name, `SIGUSR1` or `USR1`.
+    /// The warning signal, e.g. SIGUSR1 (the default), SIGUSR2, SIGINT.
+    #[arg(long, value_name = "SIGNAL", value_parser = parse_warn_signal)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warn_signal: Option<String>,
+}
+
+/// A humane duration as the protocol's milliseconds (clap value parser).
+fn duration_ms(text: &str) -> Result<u64, String> {
+    crate::vocab::units::parse_duration(text).map(crate::vocab::units::millis)
 }
 
 #[cfg(test)]
