@@ -25,7 +25,7 @@ use nix::{
     errno::Errno,
     sys::{
         signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, kill, killpg, sigaction},
-        wait::waitpid,
+        wait::{WaitPidFlag, WaitStatus, waitpid},
     },
     unistd::{ForkResult, Pid, fork},
 };
@@ -176,6 +176,32 @@ impl PauseTree {
         self.reaped = true;
         cleanup().groups.retain(|&g| g != self.child.id());
         Ok(reaped)
+    }
+
+    /// Reaps, without waiting and without signalling, the members that have died
+    /// (killed by the daemon under test); returns how many it reaped now, and whether
+    /// none is left. Then the tree is over: its drop signals no group, whose id may
+    /// already be another's.
+    pub fn reap_exited(&mut self) -> Result<(usize, bool)> {
+        if self.reaped {
+            return Ok((0, true));
+        }
+        let group = Pid::from_raw(-(self.child.id() as i32));
+        let mut reaped = 0;
+        loop {
+            match waitpid(group, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => return Ok((reaped, false)),
+                Ok(_) => reaped += 1,
+                Err(Errno::EINTR) => continue,
+                // As in `kill_group_and_reap`: no child of the group left, none at all.
+                Err(Errno::ECHILD) => {
+                    self.reaped = true;
+                    cleanup().groups.retain(|&g| g != self.child.id());
+                    return Ok((reaped, true));
+                }
+                Err(err) => return Err(err).context("reaping the pause tree"),
+            }
+        }
     }
 }
 

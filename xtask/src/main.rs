@@ -166,6 +166,7 @@ fn bench(bin: &Path) -> Result<()> {
         "bench-register",
         "bench-scale",
         "bench-page",
+        "bench-kill",
     ] {
         step(&format!("running {bench}"));
         let mut cmd = as_root(Path::new("cargo"));
