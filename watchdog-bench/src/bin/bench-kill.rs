@@ -534,12 +534,14 @@ fn report(kills: &[Kill], raised: &[String]) {
     );
     println!(
         "\nWhat limits it: a kill record holds what only a live process has, its cmdline, \
-         uid and RSS, so each target's are read from /proc before it is signalled; when \
-         those reads are made on the daemon's loop, the deadline's turn makes about 3 × \
-         {PROCESSES} reads before the loop takes anything else in (requests, kernel events, \
-         other deadlines). `loop_longest_ms` is the daemon's own measure of that turn when \
-         the kill set it. The probe's gap also holds the store's task, which answers the \
-         database part of `status` while it writes the {PROCESSES} records."
+         uid and RSS, so each target's are read from /proc before it is signalled: about 3 × \
+         {PROCESSES} reads. They are made off the daemon's loop, by blocking tasks (one per \
+         core) that read each target and then send its SIGTERM through its pidfd; the loop's \
+         own turns are the deadline's (starting the kill of {PROCESSES} targets) and those \
+         that take the descriptions and exits back. `loop_longest_ms` is the daemon's own \
+         measure of the longest of them when the kill set it. The probe's gap also holds the \
+         store's task, which answers the database part of `status` while it writes the \
+         {PROCESSES} records."
     );
     bench::figure("kill10k_loop_longest_ms", format!("{loop_ms:.1}"));
     bench::figure("kill10k_probe_gap_ms", format!("{gap_ms:.1}"));
