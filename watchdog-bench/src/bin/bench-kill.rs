@@ -535,8 +535,8 @@ fn report(kills: &[Kill], raised: &[String]) {
     println!(
         "\nWhat limits it: a kill record holds what only a live process has, its cmdline, \
          uid and RSS, so each target's are read from /proc before it is signalled: about 3 × \
-         {PROCESSES} reads. They are made off the daemon's loop, by blocking tasks (one per \
-         core) that read each target and then send its SIGTERM through its pidfd; the loop's \
+         {PROCESSES} reads. They are made off the daemon's loop, by a blocking task that \
+         reads each target and then sends its SIGTERM through its pidfd; the loop's \
          own turns are the deadline's (starting the kill of {PROCESSES} targets) and those \
          that take the descriptions and exits back. `loop_longest_ms` is the daemon's own \
          measure of the longest of them when the kill set it. The probe's gap also holds the \
