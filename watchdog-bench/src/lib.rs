@@ -405,6 +405,44 @@ pub fn on_interrupt_restore(path: &'static str, original: u64) {
     cleanup().sysctls.push((path, original));
 }
 
+/// A kernel limit raised for a run; the original is written back on drop.
+pub struct Sysctl {
+    pub path: &'static str,
+    pub original: u64,
+    pub raised: u64,
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        restore_sysctl(self.path, self.original);
+    }
+}
+
+pub fn read_sysctl(path: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    Ok(text.trim().parse()?)
+}
+
+/// Raises each `(path, needed, value)` to `value` where it is below `needed`. Each
+/// original is known to the interrupt clean-up, and has its guard, before it is written.
+pub fn raise_sysctls(wanted: &[(&'static str, u64, u64)]) -> Result<Vec<Sysctl>> {
+    let mut raised = Vec::new();
+    for &(path, needed, value) in wanted {
+        let original = read_sysctl(path)?;
+        if original >= needed {
+            continue;
+        }
+        on_interrupt_restore(path, original);
+        raised.push(Sysctl {
+            path,
+            original,
+            raised: value,
+        });
+        std::fs::write(path, value.to_string()).with_context(|| format!("raising {path}"))?;
+    }
+    Ok(raised)
+}
+
 /// Writes a kernel limit back, loudly when it cannot: a machine left with the bench's
 /// settings must not go unnoticed.
 pub fn restore_sysctl(path: &str, original: u64) {

@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
-use watchdog_bench::{self as bench, PauseTree, call_within, cpu_seconds, percentile};
+use watchdog_bench::{self as bench, PauseTree, Sysctl, call_within, cpu_seconds, percentile};
 use watchdog_tests::{Daemon, LimitOverrides, Reply, Request, sqlite_query, watchdog_bin};
 
 /// The root, 99 children, 100 grandchildren under each: 1 + 99 + 9,900 = 10,000.
@@ -394,24 +394,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A kernel limit raised for the run; the original is written back on drop.
-struct Sysctl {
-    path: &'static str,
-    original: u64,
-    raised: u64,
-}
-
-impl Drop for Sysctl {
-    fn drop(&mut self) {
-        bench::restore_sysctl(self.path, self.original);
-    }
-}
-
-fn read_sysctl(path: &str) -> Result<u64> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    Ok(text.trim().parse()?)
-}
-
 /// Tasks (processes and threads) on the host now: the 4th field of /proc/loadavg,
 /// "running/total".
 fn tasks_now() -> Result<u64> {
@@ -430,21 +412,10 @@ fn tasks_now() -> Result<u64> {
 /// guard, before it is written.
 fn raise_limits() -> Result<Vec<Sysctl>> {
     let needed = tasks_now()? + PROCESSES as u64 + HEADROOM;
-    let mut raised = Vec::new();
-    for (path, value) in [(PID_MAX, WANTED_PID_MAX), (THREADS_MAX, needed)] {
-        let original = read_sysctl(path)?;
-        if original >= needed {
-            continue;
-        }
-        bench::on_interrupt_restore(path, original);
-        raised.push(Sysctl {
-            path,
-            original,
-            raised: value,
-        });
-        std::fs::write(path, value.to_string()).with_context(|| format!("raising {path}"))?;
-    }
-    Ok(raised)
+    bench::raise_sysctls(&[
+        (PID_MAX, needed, WANTED_PID_MAX),
+        (THREADS_MAX, needed, needed),
+    ])
 }
 
 fn report(kills: &[Kill], raised: &[String]) {

@@ -15,7 +15,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use watchdog_bench::{self as bench, PauseTree, call_within, cpu_seconds, percentile, rss_mib};
+use watchdog_bench::{
+    self as bench, PauseTree, Sysctl, call_within, cpu_seconds, percentile, read_sysctl, rss_mib,
+};
 use watchdog_tests::{Daemon, LimitOverrides, Reply, Request, Status, client};
 
 /// 100 children of the root, each forking 999: 100 + 99,900 = 100,000 descendants.
@@ -251,42 +253,13 @@ fn live_descendants(root: u32) -> Result<HashSet<u32>> {
     Ok(found)
 }
 
-/// A kernel limit raised for the run; the original is written back on drop.
-struct Sysctl {
-    path: &'static str,
-    original: u64,
-    raised: u64,
-}
-
-impl Drop for Sysctl {
-    fn drop(&mut self) {
-        bench::restore_sysctl(self.path, self.original);
-    }
-}
-
-fn read_sysctl(path: &str) -> Result<u64> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    Ok(text.trim().parse()?)
-}
-
 /// Raises pid_max and threads-max where they are below what the run needs. Each
 /// original is known to the interrupt clean-up, and has its guard, before it is written.
 fn raise_limits() -> Result<Vec<Sysctl>> {
-    let mut raised = Vec::new();
-    for (path, value) in [(PID_MAX, WANTED_PID_MAX), (THREADS_MAX, WANTED_THREADS_MAX)] {
-        let original = read_sysctl(path)?;
-        if original >= value {
-            continue;
-        }
-        bench::on_interrupt_restore(path, original);
-        raised.push(Sysctl {
-            path,
-            original,
-            raised: value,
-        });
-        std::fs::write(path, value.to_string()).with_context(|| format!("raising {path}"))?;
-    }
-    Ok(raised)
+    bench::raise_sysctls(&[
+        (PID_MAX, WANTED_PID_MAX, WANTED_PID_MAX),
+        (THREADS_MAX, WANTED_THREADS_MAX, WANTED_THREADS_MAX),
+    ])
 }
 
 fn report(run: &Run, raised_pid_max: Option<u64>, restored_pid_max: u64) {
