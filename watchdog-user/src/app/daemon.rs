@@ -92,15 +92,15 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         "watchdog ready: programs attached"
     );
     supervise::ready(&daemon.status_line());
-    let mut inputs = Inputs::new(
-        event_rx,
-        drained_rx,
-        call_rx,
-        poll_rx,
-        launcher_rx,
-        described_rx,
-        options.poll_interval,
-    )?;
+    let mut inputs = Inputs {
+        events: event_rx,
+        drained: drained_rx,
+        calls: call_rx,
+        polls: poll_rx,
+        launchers: launcher_rx,
+        described: described_rx,
+        clock: Timers::new(options.poll_interval)?,
+    };
     let ended = loop {
         let input = match inputs.next(&daemon, &mut tasks).await {
             Ok(input) => input,
@@ -227,8 +227,8 @@ async fn shut_down(mut daemon: Daemon, mut tasks: Tasks, store: store::StoreHand
     store.last_flush(unqueued);
 }
 
-/// Where the loop's inputs come from: the channels of the tasks beside it, its timers
-/// and the signals it obeys.
+/// Where the loop's inputs come from: the channels of the tasks beside it, and its
+/// timers and signals.
 struct Inputs {
     events: mpsc::Receiver<ingest::Batch>,
     drained: mpsc::UnboundedReceiver<EventsQuery>,
@@ -236,6 +236,11 @@ struct Inputs {
     polls: mpsc::UnboundedReceiver<(PollSamples, Instant)>,
     launchers: mpsc::UnboundedReceiver<ProcRef>,
     described: mpsc::UnboundedReceiver<Vec<Described>>,
+    clock: Timers,
+}
+
+/// The loop's own timers and the signals it obeys.
+struct Timers {
     heartbeat_every: Option<Duration>,
     heartbeat: tokio::time::Interval,
     loss_check: tokio::time::Interval,
@@ -246,26 +251,12 @@ struct Inputs {
     sighup: tokio::signal::unix::Signal,
 }
 
-impl Inputs {
-    fn new(
-        events: mpsc::Receiver<ingest::Batch>,
-        drained: mpsc::UnboundedReceiver<EventsQuery>,
-        calls: mpsc::Receiver<Call>,
-        polls: mpsc::UnboundedReceiver<(PollSamples, Instant)>,
-        launchers: mpsc::UnboundedReceiver<ProcRef>,
-        described: mpsc::UnboundedReceiver<Vec<Described>>,
-        poll_every: Duration,
-    ) -> Result<Self> {
+impl Timers {
+    fn new(poll_every: Duration) -> Result<Self> {
         let heartbeat_every = supervise::heartbeat_every();
         let mut poll = tokio::time::interval(poll_every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Self {
-            events,
-            drained,
-            calls,
-            polls,
-            launchers,
-            described,
             heartbeat_every,
             heartbeat: tokio::time::interval(heartbeat_every.unwrap_or(Duration::from_secs(3600))),
             loss_check: tokio::time::interval(LOSS_CHECK_EVERY),
@@ -276,7 +267,9 @@ impl Inputs {
             sighup: tokio::signal::unix::signal(SignalKind::hangup())?,
         })
     }
+}
 
+impl Inputs {
     /// The next input, typed; Err when the loop must end (a task ended: Some, or
     /// SIGTERM/SIGINT: None).
     async fn next(
@@ -288,10 +281,10 @@ impl Inputs {
             Some(batch) = self.events.recv() => Input::Events(batch),
             Some(query) = self.drained.recv() => Input::EventsDrained(query),
             Some(call) = self.calls.recv() => Input::Call(call),
-            _ = self.processes_sync.tick() => Input::SyncProcesses,
-            _ = self.heartbeat.tick(), if self.heartbeat_every.is_some() => Input::Heartbeat,
-            _ = self.loss_check.tick() => Input::LossCheck,
-            _ = self.poll.tick() => Input::Poll,
+            _ = self.clock.processes_sync.tick() => Input::SyncProcesses,
+            _ = self.clock.heartbeat.tick(), if self.clock.heartbeat_every.is_some() => Input::Heartbeat,
+            _ = self.clock.loss_check.tick() => Input::LossCheck,
+            _ = self.clock.poll.tick() => Input::Poll,
             Some(samples) = self.polls.recv() => Input::PollDone(samples),
             Some(root) = self.launchers.recv() => Input::LauncherExit(root),
             Some(batch) = self.described.recv() => Input::Described(batch),
@@ -303,15 +296,15 @@ impl Inputs {
                 );
                 return Err(Some(ended));
             }
-            _ = self.sighup.recv() => Input::Reload,
-            _ = self.sigterm.recv() => return Err(None),
-            _ = self.sigint.recv() => return Err(None),
+            _ = self.clock.sighup.recv() => Input::Reload,
+            _ = self.clock.sigterm.recv() => return Err(None),
+            _ = self.clock.sigint.recv() => return Err(None),
         })
     }
 
     /// The poll's timer, restarted at a new interval.
     fn repoll_every(&mut self, every: Duration) {
-        self.poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        self.clock.poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     }
 }
 
