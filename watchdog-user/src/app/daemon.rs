@@ -546,12 +546,7 @@ impl Daemon {
 
     fn on_described(&mut self, batch: Vec<Described>) {
         let (details, not_sent) = self.effects.take_described(batch);
-        self.feed(|core, clock| {
-            core.on_described(&details, clock);
-            for order in not_sent {
-                core.on_signal_failed(order, clock);
-            }
-        });
+        self.feed(|core, clock| core.on_described(&details, &not_sent, clock));
     }
 
     fn on_tick(&mut self) {

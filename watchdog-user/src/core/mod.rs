@@ -229,9 +229,14 @@ impl Core {
     }
 
     /// What the effects read of kill targets (command line, owner, RSS) before their
-    /// first signal.
-    pub fn on_described(&mut self, described: &[(ProcRef, Details)], clock: &Clock) {
-        self.world.on_described(described, clock);
+    /// first signal, and the first signals they could not send.
+    pub fn on_described(
+        &mut self,
+        described: &[(ProcRef, Details)],
+        not_sent: &[SignalOrder],
+        clock: &Clock,
+    ) {
+        self.world.on_described(described, not_sent, clock);
     }
 
     /// The process that launched a registered root exited.

@@ -171,7 +171,7 @@ impl World {
             if looks.is_empty() {
                 return all;
             }
-            self.core.on_described(&looks, &self.clock);
+            self.core.on_described(&looks, &[], &self.clock);
         }
     }
 
@@ -1723,7 +1723,7 @@ fn a_kill_record_waits_for_what_the_effects_read_before_the_first_signal() {
         uid: 1234,
         rss_bytes: 7 * MIB,
     };
-    w.core.on_described(&[(target, described)], &w.clock);
+    w.core.on_described(&[(target, described)], &[], &w.clock);
     let records = records(&w.take());
     assert_eq!(records.len(), 1);
     assert_eq!(
@@ -1752,7 +1752,7 @@ fn a_target_described_after_its_grace_gets_its_sigkill_with_the_description() {
     w.core.on_tick(&w.procs, &w.clock);
     assert!(signals(&w.core.take_actions()).is_empty());
     w.core
-        .on_described(&[(target, w.procs.details(100))], &w.clock);
+        .on_described(&[(target, w.procs.details(100))], &[], &w.clock);
     assert_eq!(signals(&w.take()), vec![(100, Signal::SIGKILL)]);
 }
 
@@ -1779,4 +1779,25 @@ fn the_cores_refusals_carry_the_kind_a_client_branches_on() {
     assert_eq!(kind(empty), ErrorKind::BadRequest);
     let gone = w.register_as(&Peer::root(), 4242, "a").unwrap_err();
     assert_eq!(kind(gone), ErrorKind::NotFound);
+}
+
+#[test]
+fn a_first_signal_that_could_not_be_sent_is_not_in_the_record_even_when_the_target_exited_first() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.clock = w.clock.advanced(Duration::from_secs(1));
+    w.core.on_tick(&w.procs, &w.clock);
+    let actions = w.core.take_actions();
+    let [Action::Signal(order)] = actions.as_slice() else {
+        panic!("one signal: {actions:?}");
+    };
+    let order = *order;
+    // Its exit was queued before the effects found its pid naming another process.
+    assert!(records(&w.exit(100)).is_empty());
+    w.core
+        .on_described(&[(order.target, Details::default())], &[order], &w.clock);
+    let records = records(&w.take());
+    assert_eq!(records.len(), 1);
+    assert!(records[0].signals.is_empty(), "{:?}", records[0].signals);
+    assert_eq!(records[0].outcome, Outcome::AlreadyGone);
 }

@@ -264,9 +264,22 @@ impl World {
         self.actions.push(Action::Record(Box::new(record)));
     }
 
-    /// What the effects read of targets before their first signal: their records are
-    /// whole; one described after its grace ended gets its SIGKILL now.
-    pub fn on_described(&mut self, described: &[(ProcRef, Details)], clock: &Clock) {
+    /// What the effects read of targets before their first signal (`described`) and
+    /// the first signals that could not be sent (`not_sent`: gone, or their pid names
+    /// another process now): their records are whole; one described after its grace
+    /// ended gets its SIGKILL now. The failures are taken in first, so that no job is
+    /// finished with a signal it never sent.
+    pub fn on_described(
+        &mut self,
+        described: &[(ProcRef, Details)],
+        not_sent: &[SignalOrder],
+        clock: &Clock,
+    ) {
+        for order in not_sent {
+            for job in &mut self.jobs {
+                job.signal_failed(order.target, order.signal);
+            }
+        }
         for (process, details) in described {
             for job in &mut self.jobs {
                 if let Some(order) = job.describe(*process, details, clock.wall) {
