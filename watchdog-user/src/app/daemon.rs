@@ -1,8 +1,10 @@
 //! `watchdog-user run`: the wiring. One loop takes, in turn, kernel event batches
-//! (`ingest`), requests (`control`, `http`), poll results, launcher exits and the clock,
-//! feeds them to the rules core (`rules`), and hands the actions it returns to
-//! `effects`. The loop holds no rule of its own; one owner of the state means no locks
-//! and no interleaving to reason about. Every task it starts is supervised (`tasks`):
+//! (`kernel::ingest`), requests (`api::control`, `api::http`, routed by
+//! `api::requests::route`), poll results, launcher exits, kill targets described off
+//! the loop and the clock, feeds them to the rules core (`core`), and hands the actions
+//! it returns to `app::effects`. The loop holds no rule of its own; one owner of the
+//! state means no locks and no interleaving to reason about. Every task it starts is
+//! supervised (`os::tasks`):
 //! one that ends stops the daemon (systemd restarts it), after what the store holds has
 //! been spooled.
 

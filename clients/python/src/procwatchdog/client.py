@@ -21,7 +21,7 @@ from .units import Duration, Size, parse_duration_ms, parse_size_bytes
 
 DEFAULT_SOCKET = "/run/watchdog/watchdog.sock"
 
-# The daemon's kill reasons (policy.rs `Reason`), for `events(reason=...)`.
+# The daemon's kill reasons (`Reason` in watchdog-user/src/vocab/limits.rs), for `events(reason=...)`.
 REASONS = ("timeout", "memory", "tree_memory", "orphan", "max_processes", "map_full", "zombies", "warning")
 
 PathLike = Union[str, "os.PathLike[str]"]

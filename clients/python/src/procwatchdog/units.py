@@ -1,7 +1,7 @@
 """Durations and sizes as the CLI takes them, turned into what the protocol wants.
 
 The CLI parses ``--timeout 90s`` with Rust's ``humantime`` and ``--memory 512MiB`` with
-``bytesize`` (``watchdog-user/src/policy.rs``); these functions accept the same texts and
+``bytesize`` (``watchdog-user/src/vocab/units.rs``); these functions accept the same texts and
 refuse the same nonsense, with the same advice, so a value that works on the command
 line works here and the other way round. Python numbers are taken too: an ``int`` or
 ``float`` is seconds (durations) and an ``int`` is bytes (sizes); a
