@@ -75,7 +75,11 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
     let (drained_tx, drained_rx) = mpsc::unbounded_channel();
     let (described_tx, described_rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
-        core: Core::new(settings_of(&options, None), host, std::process::id()),
+        core: Core::new(
+            settings_of(&options, read_machine_memory()),
+            host,
+            std::process::id(),
+        ),
         effects: Effects::new(kernel, store_tx, launcher_tx, described_tx),
         started: Instant::now(),
         poll_interval: options.poll_interval,
@@ -101,7 +105,7 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         polls: poll_rx,
         launchers: launcher_rx,
         described: described_rx,
-        clock: Timers::new(options.poll_interval)?,
+        timers: Timers::new(options.poll_interval)?,
     };
     let ended = loop {
         let input = match inputs.next(&daemon, &mut tasks).await {
@@ -192,16 +196,13 @@ fn start_store(
     )
 }
 
-/// The rules' settings from the options; the machine's memory is read once, at start
-/// (`known_memory` None), and kept on reload.
-fn settings_of(
-    options: &crate::app::config::Options,
-    known_memory: Option<Option<u64>>,
-) -> Settings {
+/// The rules' settings from the options, for a machine of `machine_memory` (read once,
+/// at start, and kept on reload).
+fn settings_of(options: &crate::app::config::Options, machine_memory: Option<u64>) -> Settings {
     let settings = Settings {
         defaults: options.defaults.clone(),
         dry_run: options.dry_run,
-        machine_memory: known_memory.unwrap_or_else(read_machine_memory),
+        machine_memory,
         admin_gid: admin_gid(options.admin_group.as_deref()),
         memory_metric: options.memory_metric,
     };
@@ -238,7 +239,7 @@ struct Inputs {
     polls: mpsc::UnboundedReceiver<(PollSamples, Instant)>,
     launchers: mpsc::UnboundedReceiver<ProcRef>,
     described: mpsc::UnboundedReceiver<Vec<Described>>,
-    clock: Timers,
+    timers: Timers,
 }
 
 /// The loop's own timers and the signals it obeys.
@@ -283,10 +284,10 @@ impl Inputs {
             Some(batch) = self.events.recv() => Input::Events(batch),
             Some(query) = self.drained.recv() => Input::EventsDrained(query),
             Some(call) = self.calls.recv() => Input::Call(call),
-            _ = self.clock.processes_sync.tick() => Input::SyncProcesses,
-            _ = self.clock.heartbeat.tick(), if self.clock.heartbeat_every.is_some() => Input::Heartbeat,
-            _ = self.clock.loss_check.tick() => Input::LossCheck,
-            _ = self.clock.poll.tick() => Input::Poll,
+            _ = self.timers.processes_sync.tick() => Input::SyncProcesses,
+            _ = self.timers.heartbeat.tick(), if self.timers.heartbeat_every.is_some() => Input::Heartbeat,
+            _ = self.timers.loss_check.tick() => Input::LossCheck,
+            _ = self.timers.poll.tick() => Input::Poll,
             Some(samples) = self.polls.recv() => Input::PollDone(samples),
             Some(root) = self.launchers.recv() => Input::LauncherExit(root),
             Some(batch) = self.described.recv() => Input::Described(batch),
@@ -298,15 +299,15 @@ impl Inputs {
                 );
                 return Err(Some(ended));
             }
-            _ = self.clock.sighup.recv() => Input::Reload,
-            _ = self.clock.sigterm.recv() => return Err(None),
-            _ = self.clock.sigint.recv() => return Err(None),
+            _ = self.timers.sighup.recv() => Input::Reload,
+            _ = self.timers.sigterm.recv() => return Err(None),
+            _ = self.timers.sigint.recv() => return Err(None),
         })
     }
 
     /// The poll's timer, restarted at a new interval.
     fn repoll_every(&mut self, every: Duration) {
-        self.clock.poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        self.timers.poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     }
 }
 
@@ -734,7 +735,7 @@ impl Daemon {
                 "socket, socket group, database, state, pin, http and kernel-log settings change only with a restart"
             );
         }
-        let settings = settings_of(&new, Some(self.core.settings().machine_memory));
+        let settings = settings_of(&new, self.core.settings().machine_memory);
         self.core.set_settings(settings);
         self.poll_interval = new.poll_interval;
         tracing::info!(defaults = ?new.defaults, dry_run = new.dry_run, poll = ?new.poll_interval, "settings reloaded");

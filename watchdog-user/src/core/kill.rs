@@ -70,6 +70,14 @@ pub struct SignalOrder {
     pub describe: bool,
 }
 
+/// What a new target asks of the effects: its first signal (with its description), or,
+/// from a job that signals nothing, its description alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstAsk {
+    Signal(SignalOrder),
+    Describe(ProcRef),
+}
+
 /// A kill in progress: its targets, and when the grace ends.
 pub struct KillJob {
     pub reason: Reason,
@@ -160,17 +168,17 @@ impl KillJob {
         (!self.escalated && self.mode == Mode::Signal).then_some(self.escalate_at)
     }
 
-    /// Adds a process; returns the signal it gets now: SIGTERM, or SIGKILL once the
-    /// grace is over (a process forked while its tree is dying gets no grace of its
-    /// own), its description asked for with it. A dry run or a log-only job signals
-    /// nothing and is done with it at once, but for its description (asked for by the
-    /// caller: see [`Self::signals`]).
+    /// Adds a process; returns what it asks of the effects now (None when it was a
+    /// target already): its first signal, SIGTERM, or SIGKILL once the grace is over
+    /// (a process forked while its tree is dying gets no grace of its own), with its
+    /// description. A dry run or a log-only job signals nothing and is done with it at
+    /// once, but for its description.
     pub fn add(
         &mut self,
         info: TargetInfo,
         now: Instant,
         now_wall: SystemTime,
-    ) -> Option<SignalOrder> {
+    ) -> Option<FirstAsk> {
         let pid = info.process.pid;
         if self.targets.contains_key(&pid) {
             return None;
@@ -183,35 +191,25 @@ impl KillJob {
             done: self.mode != Mode::Signal,
             described: false,
         };
-        let order = (self.mode == Mode::Signal).then(|| {
+        let ask = if self.mode == Mode::Signal {
             let signal = if now >= self.escalate_at {
                 Signal::SIGKILL
             } else {
                 Signal::SIGTERM
             };
             Self::note_signal(&mut target, signal, now_wall);
-            SignalOrder {
+            FirstAsk::Signal(SignalOrder {
                 target: process,
                 signal,
                 describe: true,
-            }
-        });
+            })
+        } else {
+            FirstAsk::Describe(process)
+        };
         self.pending += usize::from(!target.done);
         self.undescribed += 1;
         self.targets.insert(pid, target);
-        order
-    }
-
-    /// Whether `process` is one of its targets (whatever the mode).
-    pub fn has_target_entry(&self, process: ProcRef) -> bool {
-        self.targets
-            .get(&process.pid)
-            .is_some_and(|t| t.info.process == process)
-    }
-
-    /// Whether its targets are signalled (else only described and recorded).
-    pub fn signals(&self) -> bool {
-        self.mode == Mode::Signal
+        Some(ask)
     }
 
     /// The effects read what a record tells of `process` (before its first signal):

@@ -4,7 +4,7 @@
 
 use crate::{
     core::{
-        kill::{JobSpec, KillJob, Mode, Scope, SignalOrder, TargetInfo},
+        kill::{FirstAsk, JobSpec, KillJob, Mode, Scope, SignalOrder, TargetInfo},
         procs::Details,
         tree::Node,
         world::{Action, Clock, DYING_LINGER, RECORDS_KEPT, World},
@@ -202,15 +202,13 @@ impl World {
             rss_bytes: node.rss_bytes(),
             runtime_ms: clock.boot_ns.saturating_sub(node.start_ns) / 1_000_000,
         };
-        let process = info.process;
         match job.add(info, clock.now, clock.wall) {
-            Some(order) => self.actions.push(Action::Signal(order)),
-            None if !job.signals() && job.has_target_entry(process) => {
-                self.actions.push(Action::Describe(process));
-            }
+            Some(FirstAsk::Signal(order)) => self.actions.push(Action::Signal(order)),
+            Some(FirstAsk::Describe(process)) => self.actions.push(Action::Describe(process)),
             None => {}
         }
     }
+
     /// A signal could not be delivered (the process is gone, or its pid was recycled).
     pub fn on_signal_failed(&mut self, order: SignalOrder, clock: &Clock) {
         for job in &mut self.jobs {
