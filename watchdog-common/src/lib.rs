@@ -164,28 +164,19 @@ pub struct WatchEntry {
 pub struct AnalysisEntry {
     pub id: [u8; ANALYSIS_ID_MAX],
     pub id_len: u32,
-    /// 0: kill, 1: log.
-    pub orphans: u32,
-    pub timeout_ms: u64,
-    pub memory_bytes: u64,
-    /// 0: none.
-    pub tree_memory_bytes: u64,
-    pub grace_ms: u64,
-    pub registered_unix_ms: u64,
-    pub deadline_unix_ms: u64,
-    /// Most processes the analysis may have at once; 0: no limit.
-    pub max_processes: u64,
     /// Uid of the caller that created it: only it (or an admin) may add processes to it
     /// or unregister it, also after a restart.
     pub owner_uid: u32,
-    /// Percent of each limit at which the root is warned; 0: no warning.
-    pub warn_at_percent: u32,
-    /// The warning signal's number.
-    pub warn_signal: u32,
-    pub _pad: u32,
-    /// Most unreaped children one process may hold; 0: no limit.
-    pub max_zombies: u64,
+    pub registered_unix_ms: u64,
+    pub deadline_unix_ms: u64,
+    /// The analysis' limits, each in the slot the daemon's limit set gives it (0: the
+    /// limit's built-in default, or none).
+    pub limits: [u64; LIMIT_SLOTS],
 }
+
+/// Slots for limits in an [`AnalysisEntry`]: more than there are, so that a new limit
+/// takes a free one and the pinned layout stays.
+pub const LIMIT_SLOTS: usize = 16;
 
 /// A registered root and the process that launched it: if that one is gone after a
 /// restart, the root was orphaned while the daemon was down.

@@ -123,6 +123,8 @@ def test_limits_become_the_protocols_fields():
         wd.limits(max_processes=-1)
     with pytest.raises(ValueError, match="grace"):
         wd.limits(grace="0s")
+    with pytest.raises(TypeError, match="unknown limit 'timout': use one of timeout, memory"):
+        wd.limits(timout="1h")
 
 
 def test_warnings_and_zombie_limits_become_the_protocols_fields():

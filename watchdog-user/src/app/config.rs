@@ -10,13 +10,56 @@ use serde::Deserialize;
 
 use crate::{
     store::DatabaseUrl,
-    vocab::limits::{Limits, OrphanPolicy},
+    vocab::limits::{Bytes, Count, Humane, Kind, Limits, Millis, OptionalBytes, Orphans, Percent, WarnSignal},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/watchdog/watchdog.sock";
 pub const DEFAULT_SOCKET_GROUP: &str = "watchdog";
 const DEFAULT_DATABASE: &str = "sqlite:///var/lib/watchdog/watchdog.db";
 
+/// Adds to `RunArgs` a `--default-…` flag and config key for each limit of the limit
+/// set (the limit's own name is an alias: `--grace`, `grace = "5s"`), and its merge and
+/// resolution.
+macro_rules! run_args {
+    ({ $(#[$meta:meta])* pub struct RunArgs { $($fields:tt)* } } $(
+        $field:ident: $kind:ident = $default:literal, flag $flag:literal, run $run:ident,
+            noun $noun:literal, slot $slot:literal, help $help:literal;
+    )+) => {
+        $(#[$meta])*
+        pub struct RunArgs {
+            $($fields)*
+            $(
+                #[arg(long, alias = $flag, value_name = <$kind as Kind>::VALUE_NAME,
+                      help = concat!($help, " [default: ", $default, "]"),
+                      value_parser = Humane::<$kind>::parser)]
+                #[serde(default, alias = $flag)]
+                pub $run: Option<Humane<$kind>>,
+            )+
+        }
+
+        impl RunArgs {
+            /// Each limit's default not given here taken from `file`.
+            fn merge_limits(&mut self, file: &RunArgs) {
+                $( if self.$run.is_none() { self.$run = file.$run.clone(); } )+
+            }
+
+            /// The limits for analyses that set none: these settings over the built-in
+            /// defaults.
+            fn default_limits(&self) -> Result<Limits> {
+                let builtin = Limits::default();
+                Ok(Limits { $(
+                    $field: match &self.$run {
+                        Some(given) => <$kind as Kind>::take(&given.0, $noun)
+                            .map_err(|e| anyhow!("{}: {e}", stringify!($run).replace('_', "-")))?,
+                        None => builtin.$field,
+                    },
+                )+ })
+            }
+        }
+    };
+}
+
+crate::vocab::limits::for_each_limit!(run_args! {
 /// Every `run` setting; each unset one falls back to the file, then the default.
 #[derive(clap::Args, Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -57,42 +100,6 @@ pub struct RunArgs {
     /// Kernel BTF to read struct offsets from [default: /sys/kernel/btf/vmlinux].
     #[arg(long)]
     pub btf: Option<PathBuf>,
-    /// Wall-clock limit of an analysis, from its registration [default: 30m].
-    #[arg(long)]
-    #[serde(default, deserialize_with = "duration_text")]
-    pub default_timeout: Option<String>,
-    /// RSS limit of each process [default: 2GiB].
-    #[arg(long)]
-    #[serde(default, deserialize_with = "size_text")]
-    pub default_memory: Option<String>,
-    /// Limit on the RSS summed over an analysis [default: none].
-    #[arg(long)]
-    #[serde(default, deserialize_with = "size_text")]
-    pub default_tree_memory: Option<String>,
-    /// Time between SIGTERM and SIGKILL [default: 10s].
-    #[arg(long)]
-    #[serde(default, deserialize_with = "duration_text")]
-    pub grace: Option<String>,
-    /// What to do with orphans by default [default: kill].
-    #[arg(long, value_enum)]
-    pub orphans: Option<OrphanPolicy>,
-    /// Most processes an analysis may have at once, 0 for no limit (a fork bomb is
-    /// killed with reason max_processes) [default: 10000].
-    #[arg(long, alias = "max-processes")]
-    pub default_max_processes: Option<u64>,
-    /// Most exited, unreaped children one process may hold, 0 for no limit (the process
-    /// is killed with reason zombies, so that init reaps them) [default: 1000].
-    #[arg(long, alias = "max-zombies")]
-    pub default_max_zombies: Option<u64>,
-    /// Send the warning signal to an analysis' root at this part of its timeout and of
-    /// each memory limit, once per limit, e.g. 80%; off: no warning [default: off].
-    #[arg(long, alias = "warn-at", value_parser = crate::vocab::units::parse_percent)]
-    #[serde(default, deserialize_with = "percent_text")]
-    pub default_warn_at: Option<u8>,
-    /// The warning signal [default: SIGUSR1].
-    #[arg(long, alias = "warn-signal", value_parser = crate::vocab::units::parse_warn_signal)]
-    #[serde(default, deserialize_with = "signal_text")]
-    pub default_warn_signal: Option<String>,
     /// Reconcile poll interval [default: 30s].
     #[arg(long)]
     #[serde(default, deserialize_with = "duration_text")]
@@ -122,31 +129,12 @@ pub struct RunArgs {
     #[serde(skip)]
     pub test_faults: bool,
 }
+});
 
 /// Checks a duration while the file is parsed, so its error names the line.
 fn duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let text = String::deserialize(d)?;
     crate::vocab::units::parse_duration(&text).map_err(serde::de::Error::custom)?;
-    Ok(Some(text))
-}
-
-fn percent_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
-    let text = String::deserialize(d)?;
-    crate::vocab::units::parse_percent(&text)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
-fn signal_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    let text = String::deserialize(d)?;
-    crate::vocab::units::parse_warn_signal(&text)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
-fn size_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    let text = String::deserialize(d)?;
-    crate::vocab::units::parse_size(&text).map_err(serde::de::Error::custom)?;
     Ok(Some(text))
 }
 
@@ -208,40 +196,28 @@ impl RunArgs {
 
     /// Flags first, then the file.
     fn merged(&self, file: RunArgs) -> RunArgs {
-        RunArgs {
+        let mut all = RunArgs {
             config: self.config.clone(),
-            socket: self.socket.clone().or(file.socket),
-            socket_group: self.socket_group.clone().or(file.socket_group),
-            admin_group: self.admin_group.clone().or(file.admin_group),
-            database_url: self.database_url.clone().or(file.database_url),
-            state_dir: self.state_dir.clone().or(file.state_dir),
-            pin_dir: self.pin_dir.clone().or(file.pin_dir),
+            socket: self.socket.clone().or(file.socket.clone()),
+            socket_group: self.socket_group.clone().or(file.socket_group.clone()),
+            admin_group: self.admin_group.clone().or(file.admin_group.clone()),
+            database_url: self.database_url.clone().or(file.database_url.clone()),
+            state_dir: self.state_dir.clone().or(file.state_dir.clone()),
+            pin_dir: self.pin_dir.clone().or(file.pin_dir.clone()),
             fresh: self.fresh,
-            http: self.http.clone().or(file.http),
-            btf: self.btf.clone().or(file.btf),
-            default_timeout: self.default_timeout.clone().or(file.default_timeout),
-            default_memory: self.default_memory.clone().or(file.default_memory),
-            default_tree_memory: self
-                .default_tree_memory
-                .clone()
-                .or(file.default_tree_memory),
-            grace: self.grace.clone().or(file.grace),
-            orphans: self.orphans.or(file.orphans),
-            default_max_processes: self.default_max_processes.or(file.default_max_processes),
-            default_max_zombies: self.default_max_zombies.or(file.default_max_zombies),
-            default_warn_at: self.default_warn_at.or(file.default_warn_at),
-            default_warn_signal: self
-                .default_warn_signal
-                .clone()
-                .or(file.default_warn_signal),
-            poll_interval: self.poll_interval.clone().or(file.poll_interval),
+            http: self.http.clone().or(file.http.clone()),
+            btf: self.btf.clone().or(file.btf.clone()),
+            poll_interval: self.poll_interval.clone().or(file.poll_interval.clone()),
             dry_run: self.dry_run.or(file.dry_run),
             memory_metric: self.memory_metric.or(file.memory_metric),
             kernel_log: self.kernel_log.or(file.kernel_log),
             ring_bytes: self.ring_bytes,
             watched_capacity: self.watched_capacity,
             test_faults: self.test_faults,
-        }
+            ..self.clone()
+        };
+        all.merge_limits(&file);
+        all
     }
 
     /// The daemon's options: flags, then the file, then the defaults.
@@ -251,9 +227,7 @@ impl RunArgs {
             crate::vocab::units::parse_duration(value.as_deref().unwrap_or(default))
                 .map_err(|e| anyhow!("{name}: {e}"))
         };
-        let size = |name: &str, value: &str| -> Result<u64> {
-            crate::vocab::units::parse_size(value).map_err(|e| anyhow!("{name}: {e}"))
-        };
+        let defaults = all.default_limits()?;
         let database_url = all.database_url.as_deref().unwrap_or(DEFAULT_DATABASE);
         let http = match all.http.as_deref().unwrap_or("127.0.0.1:9477") {
             "none" => None,
@@ -271,34 +245,7 @@ impl RunArgs {
             ring_bytes: all.ring_bytes,
             watched_capacity: all.watched_capacity,
             test_faults: all.test_faults,
-            defaults: Limits {
-                timeout_ms: crate::vocab::units::millis(duration(
-                    "default-timeout",
-                    &all.default_timeout,
-                    "30m",
-                )?),
-                memory_bytes: size(
-                    "default-memory",
-                    all.default_memory.as_deref().unwrap_or("2GiB"),
-                )?,
-                tree_memory_bytes: all
-                    .default_tree_memory
-                    .as_deref()
-                    .map(|v| size("default-tree-memory", v))
-                    .transpose()?,
-                grace_ms: crate::vocab::units::millis(duration("grace", &all.grace, "10s")?),
-                orphans: all.orphans.unwrap_or(OrphanPolicy::Kill),
-                max_processes: all
-                    .default_max_processes
-                    .unwrap_or(crate::vocab::limits::DEFAULT_MAX_PROCESSES),
-                max_zombies: all
-                    .default_max_zombies
-                    .unwrap_or(crate::vocab::limits::DEFAULT_MAX_ZOMBIES),
-                warn_at_percent: all.default_warn_at.unwrap_or(0),
-                warn_signal: all
-                    .default_warn_signal
-                    .unwrap_or_else(|| crate::vocab::limits::DEFAULT_WARN_SIGNAL.into()),
-            },
+            defaults,
             poll_interval: duration("poll-interval", &all.poll_interval, "30s")?,
             dry_run: all.dry_run.unwrap_or(false),
             memory_metric: all.memory_metric.unwrap_or_default(),

@@ -103,29 +103,19 @@ fn print_analysis(a: &AnalysisView) {
     } else {
         "deadline passed".to_string()
     };
-    let tree_memory = a.limits.tree_memory_bytes.map_or("none".to_string(), size);
-    let at_most = |limit: u64| match limit {
-        0 => "no limit".to_string(),
-        n => n.to_string(),
-    };
-    let (max_processes, max_zombies) = (
-        at_most(a.limits.max_processes),
-        at_most(a.limits.max_zombies),
-    );
-    let warning = match a.limits.warn_at_percent {
-        0 => "no warning".to_string(),
-        p => format!("warning {} at {p}%", a.limits.warn_signal),
-    };
+    let limits: Vec<String> = a
+        .limits
+        .shown()
+        .into_iter()
+        .map(|(name, value)| format!("{name} {value}"))
+        .collect();
     println!(
-        "analysis {} (owner {}): {} processes (at most {max_processes}), {} zombies (at most {max_zombies}), {deadline} (timeout {}), memory {}/process, tree memory {tree_memory}, grace {}, orphans {:?}, {warning}",
+        "analysis {} (owner {}): {} processes, {} zombies, {deadline}; limits: {}",
         a.analysis_id,
         user(a.owner_uid),
         a.processes,
         a.zombies,
-        humantime::format_duration(Duration::from_millis(a.limits.timeout_ms)),
-        size(a.limits.memory_bytes),
-        humantime::format_duration(Duration::from_millis(a.limits.grace_ms)),
-        a.limits.orphans,
+        limits.join(", "),
     );
 }
 

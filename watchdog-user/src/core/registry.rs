@@ -11,7 +11,7 @@ use std::{
 use watchdog_common::{ANALYSIS_ID_MAX, AnalysisEntry, RootEntry};
 
 use crate::vocab::{
-    limits::{Limits, OrphanPolicy, Reason},
+    limits::{Limits, Reason},
     process::{AnalysisKey, ProcRef},
 };
 
@@ -235,19 +235,10 @@ pub fn entry_from_analysis(analysis: &Analysis) -> AnalysisEntry {
     AnalysisEntry {
         id,
         id_len: bytes.len() as u32,
-        orphans: u32::from(analysis.limits.orphans == OrphanPolicy::Log),
-        timeout_ms: analysis.limits.timeout_ms,
-        memory_bytes: analysis.limits.memory_bytes,
-        tree_memory_bytes: analysis.limits.tree_memory_bytes.unwrap_or(0),
-        grace_ms: analysis.limits.grace_ms,
+        owner_uid: analysis.owner,
         registered_unix_ms: unix_ms(analysis.registered_wall),
         deadline_unix_ms: unix_ms(analysis.deadline_wall),
-        max_processes: analysis.limits.max_processes,
-        owner_uid: analysis.owner,
-        warn_at_percent: u32::from(analysis.limits.warn_at_percent),
-        warn_signal: analysis.limits.warn_signal() as u32,
-        _pad: 0,
-        max_zombies: analysis.limits.max_zombies,
+        limits: analysis.limits.to_slots(),
     }
 }
 
@@ -258,24 +249,7 @@ pub fn analysis_from_entry(entry: &AnalysisEntry, now: Instant, now_wall: System
     let deadline_wall = unix(entry.deadline_unix_ms);
     let left = deadline_wall.duration_since(now_wall).unwrap_or_default();
     let id_len = (entry.id_len as usize).min(ANALYSIS_ID_MAX);
-    let limits = Limits {
-        timeout_ms: entry.timeout_ms,
-        memory_bytes: entry.memory_bytes,
-        tree_memory_bytes: (entry.tree_memory_bytes != 0).then_some(entry.tree_memory_bytes),
-        grace_ms: entry.grace_ms,
-        orphans: if entry.orphans == 1 {
-            OrphanPolicy::Log
-        } else {
-            OrphanPolicy::Kill
-        },
-        max_processes: entry.max_processes,
-        max_zombies: entry.max_zombies,
-        warn_at_percent: u8::try_from(entry.warn_at_percent).unwrap_or(0).min(99),
-        warn_signal: nix::sys::signal::Signal::try_from(entry.warn_signal as i32).map_or_else(
-            |_| crate::vocab::limits::DEFAULT_WARN_SIGNAL.into(),
-            |s| s.as_str().into(),
-        ),
-    };
+    let limits = Limits::from_slots(&entry.limits);
     let deadline = now + left;
     Analysis {
         id: String::from_utf8_lossy(&entry.id[..id_len]).into_owned(),

@@ -430,19 +430,10 @@ mod tests {
         AnalysisEntry {
             id: bytes,
             id_len: id.len() as u32,
-            orphans: 0,
-            timeout_ms: 1000,
-            memory_bytes: 1 << 30,
-            tree_memory_bytes: 0,
-            grace_ms: 1000,
+            owner_uid: 0,
             registered_unix_ms: 0,
             deadline_unix_ms: 0,
-            max_processes: 0,
-            owner_uid: 0,
-            warn_at_percent: 0,
-            warn_signal: 0,
-            _pad: 0,
-            max_zombies: 0,
+            limits: [0; watchdog_common::LIMIT_SLOTS],
         }
     }
 

@@ -30,7 +30,7 @@ use crate::{
     core::snapshot::ProcessSnapshot,
     os::tasks::{self, Tasks},
     store::spool::{Spool, StoredRecord},
-    vocab::record::KillRecord,
+    vocab::{limits::Reason, record::KillRecord},
 };
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
@@ -288,7 +288,26 @@ pub async fn connect(url: &DatabaseUrl) -> Result<AnyPool> {
             url.redacted()
         )
     })?;
+    add_reasons(&pool).await.map_err(|e| {
+        anyhow!(
+            "the database {} refused the kill reasons ({e}): give the user the right to \
+             write to watchdog_reasons",
+            url.redacted()
+        )
+    })?;
     Ok(pool)
+}
+
+/// Every reason this build records, in the table a record's reason must be in (the
+/// migrations hold those known when they were written; a newer reason comes from here).
+async fn add_reasons(pool: &AnyPool) -> Result<(), sqlx::Error> {
+    for reason in <Reason as clap::ValueEnum>::value_variants() {
+        sqlx::query("INSERT INTO watchdog_reasons (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
+            .bind(reason.as_str())
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
 }
 
 /// The cause of a connection error, with what to do about it.

@@ -17,7 +17,8 @@ import socket as _socket
 from typing import Any, Dict, List, Optional, Union
 
 from .errors import NoDaemon, WatchdogError, from_response
-from .units import Duration, Size, parse_duration_ms, parse_size_bytes
+from ._limits import LIMITS
+from .units import Duration, parse_duration_ms, parse_size_bytes
 
 DEFAULT_SOCKET = "/run/watchdog/watchdog.sock"
 
@@ -27,58 +28,47 @@ REASONS = ("timeout", "memory", "tree_memory", "orphan", "max_processes", "map_f
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def limits(
-    timeout: Optional[Duration] = None,
-    memory: Optional[Size] = None,
-    tree_memory: Optional[Size] = None,
-    grace: Optional[Duration] = None,
-    orphans: Optional[str] = None,
-    max_processes: Optional[int] = None,
-    max_zombies: Optional[int] = None,
-    warn_at: Union[None, int, str] = None,
-    warn_signal: Union[None, int, str] = None,
-) -> Dict[str, Any]:
-    """The protocol's ``limits`` object for these values; each left as None takes the
-    daemon's default (``--default-timeout`` 30m, ``--default-memory`` 2GiB, no tree
-    limit, ``--grace`` 10s, ``--orphans kill``, ``--default-max-processes`` 10000,
-    ``--default-max-zombies`` 1000, no warning, ``--warn-signal`` SIGUSR1, unless the
-    host's daemon is configured otherwise). ``warn_at``: the part of the timeout and of
-    each memory limit at which the analysis' root gets ``warn_signal`` (``80`` or
-    ``"80%"``; ``0`` or ``"off"``: none); ``warn_signal``: a name (``"SIGUSR2"``) or a
-    ``signal.Signals``. ValueError/TypeError for a bad value, before anything is sent."""
+# The keywords of the limits, by name: (the request's field, kind, noun, default).
+LIMIT_KEYWORDS = {keyword: row for keyword, *row in LIMITS}
+
+
+def limits(**given: Any) -> Dict[str, Any]:
+    """The protocol's ``limits`` object for these keywords, one per limit of the
+    daemon's limit set (``LIMIT_KEYWORDS``, from ``_limits.py``): ``timeout``,
+    ``memory``, ``tree_memory``, ``grace``, ``orphans``, ``max_processes``,
+    ``max_zombies``, ``warn_at``, ``warn_signal``. Each left out (or None) takes the
+    daemon's default (the built-in ones are in ``LIMIT_KEYWORDS``; a host's daemon may
+    be configured otherwise). Durations are texts such as ``"90s"``, seconds or
+    ``timedelta``; sizes texts such as ``"2GiB"`` or bytes; counts ints, 0 for no
+    limit; ``warn_at`` the part of the timeout and of each memory limit at which the
+    analysis' root gets ``warn_signal`` (``80`` or ``"80%"``; ``0`` or ``"off"``: none);
+    ``warn_signal`` a name (``"SIGUSR2"``) or a ``signal.Signals``; ``orphans``
+    ``"kill"`` or ``"log"``. TypeError for an unknown keyword, ValueError/TypeError for
+    a bad value, before anything is sent."""
     out: Dict[str, Any] = {}
-    if timeout is not None:
-        out["timeout_ms"] = parse_duration_ms(timeout, "timeout")
-    if memory is not None:
-        out["memory_bytes"] = parse_size_bytes(memory, "memory limit")
-    if tree_memory is not None:
-        out["tree_memory_bytes"] = parse_size_bytes(tree_memory, "tree memory limit")
-    if grace is not None:
-        out["grace_ms"] = parse_duration_ms(grace, "grace period")
-    if orphans is not None:
-        if orphans not in ("kill", "log"):
-            raise ValueError(f"invalid orphans {orphans!r}: use 'kill' (SIGTERM them at once) or 'log' (only record them)")
-        out["orphans"] = orphans
-    if max_processes is not None:
-        if isinstance(max_processes, bool) or not isinstance(max_processes, int) or max_processes < 0:
-            raise ValueError(
-                f"invalid max_processes {max_processes!r}: use a number of processes such as 500, or 0 for no limit"
-            )
-        out["max_processes"] = max_processes
-    if max_zombies is not None:
-        if isinstance(max_zombies, bool) or not isinstance(max_zombies, int) or max_zombies < 0:
-            raise ValueError(
-                f"invalid max_zombies {max_zombies!r}: use a number of zombies such as 100, or 0 for no limit"
-            )
-        out["max_zombies"] = max_zombies
-    if warn_at is not None:
-        out["warn_at_percent"] = _percent(warn_at)
-    if warn_signal is not None:
-        out["warn_signal"] = _signal_name(warn_signal)
+    for keyword, value in given.items():
+        if keyword not in LIMIT_KEYWORDS:
+            raise TypeError(f"unknown limit {keyword!r}: use one of {', '.join(LIMIT_KEYWORDS)}")
+        if value is None:
+            continue
+        field, kind, noun, _default = LIMIT_KEYWORDS[keyword]
+        out[field] = _CONVERT[kind](value, keyword, noun[4:] if noun.startswith("the ") else noun)
     return out
 
 
-def _percent(value: Union[int, str]) -> int:
+def _count(value: Any, keyword: str, _noun: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"invalid {keyword} {value!r}: use a whole number such as 500, or 0 for no limit")
+    return value
+
+
+def _orphans(value: Any, _keyword: str, _noun: str) -> str:
+    if value not in ("kill", "log"):
+        raise ValueError(f"invalid orphans {value!r}: use 'kill' (SIGTERM them at once) or 'log' (only record them)")
+    return value
+
+
+def _percent(value: Union[int, str], _keyword: str = "warn_at", _noun: str = "") -> int:
     """``80``, ``"80%"``: 1 to 99; ``0``, ``"off"``: no warning."""
     text = value.strip() if isinstance(value, str) else value
     if text == "off":
@@ -94,7 +84,7 @@ def _percent(value: Union[int, str]) -> int:
     return percent
 
 
-def _signal_name(value: Union[int, str]) -> str:
+def _signal_name(value: Union[int, str], _keyword: str = "warn_signal", _noun: str = "") -> str:
     """``"SIGUSR1"``, ``"usr1"``, ``signal.SIGUSR1``: the signal's full name, one a
     process can catch."""
     try:
@@ -110,6 +100,17 @@ def _signal_name(value: Union[int, str]) -> str:
     if sig in (_signal.SIGKILL, _signal.SIGSTOP):
         raise ValueError(f"the warning signal {sig.name} cannot be caught, so it warns nobody: use one such as SIGUSR1")
     return sig.name
+
+
+# How each kind of limit value is checked and turned into the request's form.
+_CONVERT = {
+    "duration": lambda value, _keyword, noun: parse_duration_ms(value, noun),
+    "size": lambda value, _keyword, noun: parse_size_bytes(value, noun),
+    "count": _count,
+    "orphans": _orphans,
+    "percent": _percent,
+    "signal": _signal_name,
+}
 
 
 def _pid(pid: Any) -> int:
@@ -150,24 +151,15 @@ class Client:
         self,
         pid: int,
         analysis_id: str,
-        *,
-        timeout: Optional[Duration] = None,
-        memory: Optional[Size] = None,
-        tree_memory: Optional[Size] = None,
-        grace: Optional[Duration] = None,
-        orphans: Optional[str] = None,
-        max_processes: Optional[int] = None,
-        max_zombies: Optional[int] = None,
-        warn_at: Union[None, int, str] = None,
-        warn_signal: Union[None, int, str] = None,
-    ) -> Dict[str, Any]:
+        **limits_: Any,
+) -> Dict[str, Any]:
         """Watch ``pid``, its existing descendants and all it forks from now on, as
         analysis ``analysis_id``. Returns the daemon's reply:
         ``{"kind": "registered", "pid": ..., "analysis_id": ..., "watched": N}``."""
         return self._register(
             _pid(pid),
             analysis_id,
-            limits(timeout, memory, tree_memory, grace, orphans, max_processes, max_zombies, warn_at, warn_signal),
+            limits(**limits_),
             fresh=False,
         )
 

@@ -21,7 +21,7 @@ import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
-from .client import Client, limits as _limits
+from .client import LIMIT_KEYWORDS, Client, limits as _limits
 from .errors import NotFound
 
 # Per thread: how many gated starts this thread is inside. Kept by a forked child for
@@ -119,23 +119,12 @@ class Popen(subprocess.Popen):
         args: Any,
         analysis_id: str,
         *,
-        timeout: Any = None,
-        memory: Any = None,
-        tree_memory: Any = None,
-        grace: Any = None,
-        orphans: Optional[str] = None,
-        max_processes: Optional[int] = None,
-        max_zombies: Optional[int] = None,
-        warn_at: Any = None,
-        warn_signal: Any = None,
         client: Optional[Client] = None,
         **popen_kwargs: Any,
     ):
         self.client = client if client is not None else Client()
         self.analysis_id = analysis_id
-        wanted = _limits(
-            timeout, memory, tree_memory, grace, orphans, max_processes, max_zombies, warn_at, warn_signal
-        )
+        wanted = _limits(**{k: popen_kwargs.pop(k) for k in list(popen_kwargs) if k in LIMIT_KEYWORDS})
         self.registration = _start_gated(
             super().__init__,
             args,
