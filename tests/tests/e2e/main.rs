@@ -8,6 +8,7 @@ mod bad_input;
 mod cli_pipe;
 mod dashboard;
 mod enforce;
+mod exec;
 mod fail_closed;
 mod faults;
 mod orphans;

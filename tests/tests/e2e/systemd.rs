@@ -313,7 +313,8 @@ impl Container {
 
     fn tree(&self, analysis: &str) -> Result<Vec<TreeNode>> {
         let text = self.cli(&["dump-tree", "--json", "--analysis-id", analysis])?;
-        Ok(serde_json::from_str(&text)?)
+        let mut tree: serde_json::Value = serde_json::from_str(&text)?;
+        Ok(serde_json::from_value(tree["roots"].take())?)
     }
 
     fn status(&self) -> Result<Status> {

@@ -99,6 +99,11 @@ pub enum Request {
     /// What the live page shows: every analysis' usage, RSS history and tree, bounded
     /// (`overview.rs`).
     Overview,
+    /// Answered once run `run` (a `registered` reply's) has nothing left (every process
+    /// gone or unwatched, every kill finished) and its records are stored: how it ended.
+    Wait {
+        run: u64,
+    },
     /// Violations and kills from the database, newest first.
     Events {
         #[serde(default)]
@@ -235,6 +240,16 @@ pub enum Reply {
         pid: u32,
         analysis_id: String,
         watched: usize,
+        /// This run of the analysis (a retry of a killed one is a new run): what `wait`
+        /// takes.
+        #[serde(default)]
+        run: u64,
+    },
+    /// Run `run` has nothing left: the kills the watchdog made in it, by reason (none:
+    /// it ended by itself).
+    Ended {
+        run: u64,
+        kills: Vec<crate::core::runs::RunKill>,
     },
     Unregistered {
         removed: usize,

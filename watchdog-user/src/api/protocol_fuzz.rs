@@ -162,6 +162,7 @@ fn request() -> BoxedStrategy<Request> {
         1 => option::of(analysis_id()).prop_map(|analysis_id| Request::DumpTree { analysis_id }),
         1 => Just(Request::Status),
         1 => Just(Request::Overview),
+        1 => any::<u64>().prop_map(|run| Request::Wait { run }),
         1 => (
             option::of(any::<String>()),
             option::of(analysis_id()),
@@ -399,6 +400,9 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
             Routed::Overview => Response::Ok(Reply::Overview(Box::new(
                 crate::api::overview::overview(&core, &history, &clock),
             ))),
+            Routed::Wait(run) => requests::ended(run, core.run_state(run)).unwrap_or_else(|| {
+                Response::error(ErrorKind::Unavailable, "the fake loop does not wait")
+            }),
             Routed::Stall(_) | Routed::Fault(_) => {
                 unreachable!("test faults are routed only where --test-faults is given")
             }

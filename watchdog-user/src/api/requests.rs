@@ -13,7 +13,7 @@ use crate::{
         report,
     },
     core::Watch,
-    core::{Clock, Core, procs::Procs},
+    core::{Clock, Core, procs::Procs, runs::RunState},
     store::EventFilter,
     vocab::{
         error::{Error, ErrorKind},
@@ -39,6 +39,8 @@ pub enum Routed {
     Events(EventFilter),
     /// By the loop, from its RSS history.
     Overview,
+    /// By the loop, once the run has ended and its records are stored.
+    Wait(u64),
     /// A test fault the caller may arm: the loop answers, then stalls `ms`.
     Stall(u64),
     /// A test fault the caller may arm.
@@ -62,6 +64,7 @@ pub fn route(
         Request::Status => Routed::Status,
         Request::Events { filter } => Routed::Events(filter),
         Request::Overview => Routed::Overview,
+        Request::Wait { run } => Routed::Wait(run),
         Request::Stall { ms } if faults_allowed => Routed::Stall(ms),
         Request::Fault { what } if faults_allowed => Routed::Fault(what),
         request => Routed::Answered(respond(core, request, peer, procs, clock, effects)),
@@ -99,7 +102,7 @@ fn respond(
             report::dump_tree(core, analysis_id.as_deref(), procs, clock)
         }
         // Routed to the loop by `route`: never a panic should that change.
-        Request::Events { .. } | Request::Status | Request::Overview => Err(Error::new(
+        Request::Events { .. } | Request::Status | Request::Overview | Request::Wait { .. } => Err(Error::new(
             ErrorKind::Internal,
             "internal: this request is answered by the daemon loop",
         )
@@ -154,5 +157,21 @@ fn register(
         pid: registered.pid,
         analysis_id: registered.analysis_id,
         watched: registered.watched,
+        run: registered.run,
     })
+}
+
+/// The answer to `wait` for run `run` as it stands, or None while it is running.
+pub fn ended(run: u64, state: RunState) -> Option<Response> {
+    match state {
+        RunState::Running => None,
+        RunState::Ended(kills) => Some(Response::Ok(Reply::Ended { run, kills })),
+        RunState::Unknown => Some(Response::error(
+            ErrorKind::NotFound,
+            format!(
+                "run {run} is not known to this daemon: it never was, or it ended long ago \
+                 (see `watchdog-user events`)"
+            ),
+        )),
+    }
 }

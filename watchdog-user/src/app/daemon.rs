@@ -90,6 +90,7 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         loop_longest: Duration::ZERO,
         history: RssHistory::default(),
         drain: (drain_tx, drained_tx),
+        waiters: Vec::new(),
     };
     daemon.start();
     tracing::info!(
@@ -410,6 +411,8 @@ struct Daemon {
         mpsc::UnboundedSender<ingest::DrainRequest>,
         mpsc::UnboundedSender<EventsQuery>,
     ),
+    /// Clients waiting for a run to end (`wait`), by run.
+    waiters: Vec<(u64, oneshot::Sender<Response>)>,
 }
 
 impl Daemon {
@@ -469,6 +472,10 @@ impl Daemon {
             Routed::Status => self.answer_status(reply),
             Routed::Events(filter) => after_drain(&self.drain.0, &self.drain.1, (filter, reply)),
             Routed::Overview => self.answer_overview(reply),
+            Routed::Wait(run) => {
+                self.waiters.push((run, reply));
+                self.answer_waiters();
+            }
             Routed::Stall(ms) => {
                 let _ = reply.send(Response::Ok(Reply::Stalling { ms }));
                 tracing::warn!(ms, "test fault: main loop stalled");
@@ -491,6 +498,7 @@ impl Daemon {
         loop {
             let actions = self.core.take_actions();
             if actions.is_empty() {
+                self.answer_waiters();
                 return;
             }
             for feedback in self.effects.apply(actions) {
@@ -663,6 +671,28 @@ impl Daemon {
             };
             let _ = reply.send(response);
         });
+    }
+
+    /// Answers the clients whose run has ended, once its records are in the spool; a
+    /// run this daemon does not know is answered at once.
+    fn answer_waiters(&mut self) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        for (run, reply) in std::mem::take(&mut self.waiters) {
+            match requests::ended(run, self.core.run_state(run)) {
+                None => self.waiters.push((run, reply)),
+                Some(response) => {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = self.effects.store().send(StoreMsg::Spooled(tx));
+                    tokio::spawn(async move {
+                        // A store that stopped has its records spooled at shutdown.
+                        let _ = rx.await;
+                        let _ = reply.send(response);
+                    });
+                }
+            }
+        }
     }
 
     fn answer_overview(&self, reply: oneshot::Sender<Response>) {

@@ -1,22 +1,12 @@
 //! The CLI commands: each is one request over the control socket, printed for people
 //! (or as JSON for scripts).
 
-use std::{
-    ffi::CString,
-    path::Path,
-    sync::atomic::{AtomicI32, Ordering},
-    time::Duration,
-};
+mod exec;
+pub use exec::exec;
 
-use anyhow::{Context as _, Result, bail};
-use nix::{
-    fcntl::OFlag,
-    sys::{
-        signal::{SigHandler, Signal, kill, signal},
-        wait::{WaitStatus, waitpid},
-    },
-    unistd::{ForkResult, Pid, execvp, fork, pipe2, read, write},
-};
+use std::{path::Path, time::Duration};
+
+use anyhow::{Result, bail};
 
 use crate::{
     api::{
@@ -46,6 +36,7 @@ pub fn register(
             pid,
             analysis_id,
             watched,
+            ..
         } => {
             println!(
                 "registered pid {pid} as analysis {analysis_id:?} ({watched} processes watched)"
@@ -75,7 +66,8 @@ pub fn dump_tree(socket: &Path, json: bool, analysis_id: Option<String>) -> Resu
         bail!("the daemon sent an unexpected reply to dump-tree");
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&roots)?);
+        let tree = serde_json::json!({ "analyses": analyses, "roots": roots });
+        println!("{}", serde_json::to_string_pretty(&tree)?);
         return Ok(());
     }
     if roots.is_empty() {
@@ -249,95 +241,4 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         println!("pinned state: dropped at start, not trusted (the daemon's log says why)");
     }
     Ok(())
-}
-
-/// The child being run by `exec`, for the signal forwarder.
-static CHILD: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward_signal(signo: i32) {
-    let child = CHILD.load(Ordering::Relaxed);
-    if child > 0
-        && let Ok(sig) = Signal::try_from(signo)
-    {
-        let _ = kill(Pid::from_raw(child), sig);
-    }
-}
-
-/// Forks; the child waits on a pipe until the daemon has registered it, and only then
-/// execs CMD: so CMD's very first fork already happens watched. Exits with CMD's code
-/// (128 + signal when it was killed, as shells do).
-pub fn exec(
-    socket: &Path,
-    analysis_id: String,
-    limits: LimitOverrides,
-    command: &[String],
-) -> Result<i32> {
-    let argv = command
-        .iter()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<Result<Vec<_>, _>>()
-        .context("the command contains a NUL byte")?;
-    let (gate_read, gate_write) = pipe2(OFlag::O_CLOEXEC)?;
-    // SAFETY: this process is single-threaded (the CLI starts no threads), so the child
-    // may run ordinary code until it execs.
-    let child = match unsafe { fork() }.context("fork failed")? {
-        ForkResult::Child => {
-            drop(gate_write);
-            let mut go = [0u8; 1];
-            if !matches!(read(&gate_read, &mut go), Ok(1)) {
-                // Registration failed: the parent closed the gate without a byte.
-                unsafe { libc::_exit(125) };
-            }
-            let err = execvp(&argv[0], &argv).unwrap_err();
-            eprintln!("watchdog-user: error: cannot run {:?}: {err}", command[0]);
-            unsafe {
-                libc::_exit(if err == nix::errno::Errno::ENOENT {
-                    127
-                } else {
-                    126
-                })
-            };
-        }
-        ForkResult::Parent { child } => child,
-    };
-    drop(gate_read);
-    let registered = call(
-        socket,
-        &Request::Register {
-            pid: child.as_raw() as u32,
-            analysis_id,
-            limits,
-            // Forked just now and waiting on our pipe: it has no descendants to find.
-            fresh: true,
-        },
-    );
-    if let Err(err) = registered {
-        drop(gate_write);
-        let _ = waitpid(child, None);
-        return Err(err);
-    }
-    CHILD.store(child.as_raw(), Ordering::Relaxed);
-    // SAFETY: the handler only does an atomic load and kill(2), both async-signal-safe.
-    unsafe {
-        for sig in [Signal::SIGTERM, Signal::SIGHUP] {
-            signal(sig, SigHandler::Handler(forward_signal))?;
-        }
-        // The terminal sends these to the whole foreground group, CMD included.
-        signal(Signal::SIGINT, SigHandler::SigIgn)?;
-        signal(Signal::SIGQUIT, SigHandler::SigIgn)?;
-        // CMD, forked already, keeps the default action, as a shell gives it; here a
-        // CMD that died before it was released makes the write below an error, not a
-        // silent death.
-        signal(Signal::SIGPIPE, SigHandler::SigIgn)?;
-    }
-    write(&gate_write, b"x").context("releasing the command")?;
-    drop(gate_write);
-    loop {
-        match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(err) => bail!("waiting for the command failed: {err}"),
-        }
-    }
 }

@@ -21,6 +21,7 @@ pub mod registration;
 pub mod registry;
 mod resync;
 pub mod rules;
+pub mod runs;
 pub mod snapshot;
 pub mod tree;
 pub mod world;
@@ -109,6 +110,12 @@ impl Core {
             .registry
             .iter()
             .filter(|(key, _)| !lingering.contains_key(key))
+    }
+
+    /// How run `key` of an analysis stands.
+    pub fn run_state(&self, key: AnalysisKey) -> runs::RunState {
+        let live = self.world.registry.get(key).is_some();
+        self.world.runs.state(key, live)
     }
 
     pub fn counters(&self) -> &Counters {

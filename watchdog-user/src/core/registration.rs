@@ -42,6 +42,7 @@ pub struct Registered {
     pub pid: u32,
     pub analysis_id: String,
     pub watched: usize,
+    pub run: AnalysisKey,
 }
 /// What a registration needs of the outside world.
 pub trait Watch {
@@ -146,6 +147,7 @@ impl World {
             pid: root.pid,
             analysis_id,
             watched,
+            run: key,
         })
     }
     /// Stops watching a process with its subtree, or a whole analysis. A caller other

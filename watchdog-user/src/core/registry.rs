@@ -111,12 +111,23 @@ impl Registry {
                 self.warnings.insert((at, key));
             }
         }
-        self.by_id.insert(analysis.id.clone(), key);
+        // Keys only grow: the newest run of an id is the one its name stands for.
+        let newest = self.by_id.get(&analysis.id).is_none_or(|&other| other < key);
+        if newest {
+            self.by_id.insert(analysis.id.clone(), key);
+        }
         self.by_key.insert(key, analysis);
     }
 
+    /// The newest run of analysis `id`, dying or not.
     pub fn key(&self, id: &str) -> Option<AnalysisKey> {
         self.by_id.get(id).copied()
+    }
+
+    /// The run of analysis `id` a registration joins: the newest, unless it is being
+    /// killed (a retry then starts a run of its own, never inheriting a kill).
+    pub fn joinable(&self, id: &str) -> Option<AnalysisKey> {
+        self.key(id).filter(|&key| self.violation(key).is_none())
     }
 
     pub fn id(&self, key: AnalysisKey) -> Option<&str> {
@@ -201,7 +212,18 @@ impl Registry {
     /// Forgets an analysis and its roots; returns the roots' pids.
     pub fn forget(&mut self, key: AnalysisKey) -> Option<Vec<u32>> {
         let analysis = self.by_key.remove(&key)?;
-        self.by_id.remove(&analysis.id);
+        if self.by_id.get(&analysis.id) == Some(&key) {
+            let older = self
+                .by_key
+                .iter()
+                .filter(|(_, a)| a.id == analysis.id)
+                .map(|(k, _)| *k)
+                .max();
+            match older {
+                Some(older) => self.by_id.insert(analysis.id.clone(), older),
+                None => self.by_id.remove(&analysis.id),
+            };
+        }
         self.deadlines.remove(&(analysis.deadline, key));
         if let Some(at) = analysis.warn_at {
             self.warnings.remove(&(at, key));

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use super::*;
 use crate::{
     core::event::KernelEvent,
-    core::{kill::SignalOrder, procs::Details},
+    core::{kill::SignalOrder, procs::Details, runs::RunState},
     vocab::peer::Peer,
 };
 use crate::{
@@ -605,36 +605,44 @@ fn forks_into_a_dying_analysis_join_the_kill_and_after_the_grace_get_sigkill_at_
 }
 
 #[test]
-fn a_process_registered_into_a_dying_analysis_joins_its_kill() {
+fn a_registration_under_a_dying_analysis_starts_a_new_run_and_its_members_stay_in_the_kill() {
     let mut w = World::new();
     w.register(100, "a", timeout(1000));
+    let dying = w.key("a");
     assert_eq!(
         signals(&w.advance(Duration::from_secs(1))),
         [(100, Signal::SIGTERM)]
     );
+    // A process started anew under the same id: a run of its own, not killed.
     let info = w.procs.spawn(200, 1, start(200));
     let registration = w
         .core
-        .check_register(
-            200,
-            "a",
-            &LimitOverrides::default(),
-            &Peer::root(),
-            &w.procs,
-        )
+        .check_register(200, "a", &LimitOverrides::default(), &Peer::root(), &w.procs)
         .expect("registrable");
+    assert!(registration.new_analysis);
     w.core
         .adopt(registration, &[info], &w.clock)
         .expect("adopted");
-    assert_eq!(signals(&w.take()), [(200, Signal::SIGTERM)]);
+    assert!(signals(&w.take()).is_empty());
+    assert_ne!(w.key("a"), dying);
+    // What the dying run forked cannot leave its kill by registering itself, whether
+    // its fork event was taken in or is still queued.
+    w.fork(101, 100);
+    w.procs.spawn(102, 100, start(102));
+    for pid in [101, 102] {
+        let err = w
+            .core
+            .check_register(pid, "a", &LimitOverrides::default(), &Peer::root(), &w.procs)
+            .unwrap_err();
+        assert!(format!("{err}").contains("being killed"), "{pid}: {err}");
+    }
     w.exit(100);
-    let records = records(&w.exit(200));
-    assert_eq!(
+    let records = records(&w.exit(101));
+    assert!(
         records
             .iter()
-            .map(|r| (r.pid, r.reason))
-            .collect::<Vec<_>>(),
-        [(100, Reason::Timeout), (200, Reason::Timeout)]
+            .all(|r| r.reason == Reason::Timeout && r.pid != 200),
+        "{records:?}"
     );
 }
 
@@ -1800,4 +1808,141 @@ fn a_first_signal_that_could_not_be_sent_is_not_in_the_record_even_when_the_targ
     assert_eq!(records.len(), 1);
     assert!(records[0].signals.is_empty(), "{:?}", records[0].signals);
     assert_eq!(records[0].outcome, Outcome::AlreadyGone);
+}
+
+#[test]
+fn a_retry_under_a_killed_analysis_id_is_a_new_run_that_inherits_nothing() {
+    let mut w = World::new();
+    let timeout = LimitOverrides {
+        timeout_ms: Some(2000),
+        ..Default::default()
+    };
+    w.register(100, "fit", timeout.clone());
+    let first = w.key("fit");
+    w.fork(101, 100);
+    let actions = w.advance(Duration::from_secs(2));
+    assert_eq!(signals(&actions).len(), 2, "the first run is killed");
+    w.exit(100);
+    w.exit(101);
+    assert!(
+        w.core.registry().get(first).is_some(),
+        "the killed run lingers"
+    );
+    // The retry, within the linger: its own run, its own clock.
+    let actions = w.register(200, "fit", timeout);
+    assert!(signals(&actions).is_empty(), "never killed on arrival");
+    let second = w.key("fit");
+    assert_ne!(second, first);
+    assert!(w.core.registry().violation(second).is_none());
+    // A fork event of the first run still queued is killed, and joins nothing new.
+    w.procs.spawn(102, 1, start(102));
+    let late = w.event(KernelEvent::Fork {
+        pid: 102,
+        ppid: 101,
+        analysis: first,
+        start_ns: start(102),
+        comm: Comm::new("late"),
+        ts_ns: w.clock.boot_ns,
+        untracked: false,
+    });
+    assert_eq!(signals(&late), [(102, Signal::SIGTERM)]);
+    assert_eq!(w.core.tree().get(102).map(|n| n.analysis), Some(first));
+    assert_eq!(w.core.run_state(second), RunState::Running);
+    w.exit(102);
+    assert!(
+        signals(&w.advance(Duration::from_millis(1999))).is_empty(),
+        "its deadline counts from its own registration"
+    );
+    assert_eq!(
+        signals(&w.advance(Duration::from_millis(1))),
+        [(200, Signal::SIGTERM)]
+    );
+}
+
+#[test]
+fn joining_a_running_analysis_with_other_limits_is_refused_naming_its_limits() {
+    let mut w = World::new();
+    w.register(
+        100,
+        "shared",
+        LimitOverrides {
+            timeout_ms: Some(4000),
+            ..Default::default()
+        },
+    );
+    w.procs.spawn(200, 50, start(200));
+    let other = LimitOverrides {
+        timeout_ms: Some(3_600_000),
+        memory_bytes: Some(50 * MIB),
+        ..Default::default()
+    };
+    let err = w
+        .core
+        .check_register(200, "shared", &other, &Peer::root(), &w.procs)
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains("timeout 4s (asked: 1h)"), "{text}");
+    assert!(text.contains("memory 100 MiB (asked: 50 MiB)"), "{text}");
+    assert_eq!(
+        crate::vocab::error::kind_of(&err, crate::vocab::error::ErrorKind::Internal),
+        crate::vocab::error::ErrorKind::Refused
+    );
+    let same = LimitOverrides {
+        timeout_ms: Some(4000),
+        ..Default::default()
+    };
+    for overrides in [LimitOverrides::default(), same] {
+        let joined = w
+            .core
+            .check_register(200, "shared", &overrides, &Peer::root(), &w.procs)
+            .expect("the same limits, or none asked: it joins");
+        assert!(!joined.new_analysis);
+        assert_eq!(joined.limits.timeout_ms, 4000);
+    }
+}
+
+#[test]
+fn a_run_ends_with_the_kills_made_in_it_and_a_root_killed_is_said() {
+    let mut w = World::new();
+    w.register(
+        100,
+        "r",
+        LimitOverrides {
+            timeout_ms: Some(1000),
+            ..Default::default()
+        },
+    );
+    let run = w.key("r");
+    w.fork(101, 100);
+    w.advance(Duration::from_secs(1));
+    w.exit(101);
+    assert_eq!(w.core.run_state(run), RunState::Running, "the root lives");
+    w.exit(100);
+    let RunState::Ended(kills) = w.core.run_state(run) else {
+        panic!("ended once all is gone");
+    };
+    assert_eq!(kills.len(), 1);
+    assert_eq!(
+        (kills[0].reason, kills[0].limit, kills[0].processes),
+        (Reason::Timeout, Some(1000), 2)
+    );
+    assert_eq!(
+        kills[0].roots,
+        [crate::core::runs::RootKilled {
+            pid: 100,
+            signal: "SIGTERM".into()
+        }]
+    );
+    w.advance(DYING_LINGER);
+    assert!(w.core.registry().get(run).is_none(), "forgotten");
+    assert!(
+        matches!(w.core.run_state(run), RunState::Ended(_)),
+        "still told after it is forgotten"
+    );
+    assert_eq!(w.core.run_state(run + 100), RunState::Unknown);
+    // A run that ends by itself ends with no kills.
+    w.register(300, "calm", LimitOverrides::default());
+    let calm = w.key("calm");
+    w.exit(300);
+    assert_eq!(w.core.run_state(calm), RunState::Ended(Vec::new()));
 }

@@ -14,6 +14,7 @@ use crate::{
     core::{
         kill::{KillJob, SignalOrder},
         registry::Registry,
+        runs::Runs,
         tree::Tree,
     },
     vocab::error::Error,
@@ -187,6 +188,8 @@ pub struct World {
     pub lingering: BTreeMap<AnalysisKey, Instant>,
     /// Analyses forgotten since the rule families last dropped what they keep of them.
     pub forgotten: Vec<AnalysisKey>,
+    /// How each run ended, for the clients that wait for it.
+    pub runs: Runs,
 }
 
 impl World {
@@ -205,6 +208,7 @@ impl World {
             resynced_at_ns: 0,
             lingering: BTreeMap::new(),
             forgotten: Vec::new(),
+            runs: Runs::default(),
         }
     }
 

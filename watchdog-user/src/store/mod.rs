@@ -260,6 +260,8 @@ pub enum StoreMsg {
     Processes(ProcessSnapshot),
     Query(EventFilter, QueryReply),
     Status(oneshot::Sender<DbStatus>),
+    /// Answered once every record sent before it is in the spool (and so in `events`).
+    Spooled(oneshot::Sender<()>),
     /// Test fault (`--test-faults` only): the database task panics at its next write.
     FailNextWrite,
 }
@@ -675,6 +677,9 @@ async fn front(
                 }
                 StoreMsg::Status(reply) => {
                     let _ = reply.send(shared.status());
+                }
+                StoreMsg::Spooled(reply) => {
+                    let _ = reply.send(());
                 }
                 _ => unreachable!("only queries and statuses are answered after"),
             }

@@ -15,7 +15,9 @@ pub enum OrphanPolicy {
     Log,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]
 pub enum Reason {
@@ -287,7 +289,7 @@ impl Kind for Bytes {
         positive(*given, noun)
     }
     fn show(value: &u64) -> String {
-        bytesize::ByteSize(*value).display().iec().to_string()
+        crate::vocab::units::size_rounded(*value, false)
     }
     fn to_slot(value: &u64) -> u64 {
         *value

@@ -12,11 +12,38 @@ use crate::{
     },
     vocab::error::Error,
     vocab::{
-        limits::LimitOverrides,
+        limits::{LimitOverrides, Limits},
         peer::Peer,
         process::{AnalysisKey, ProcRef},
     },
 };
+/// The limits of a running analysis that a registration joins: its own. A request that
+/// asks for others is refused, naming them, rather than silently run under limits it
+/// did not ask for.
+fn joined_limits(
+    analysis_id: &str,
+    running: &Limits,
+    overrides: &LimitOverrides,
+) -> Result<Limits> {
+    let asked = running.with(overrides).map_err(Error::bad_request)?;
+    if asked == *running {
+        return Ok(asked);
+    }
+    let differ: Vec<String> = running
+        .shown()
+        .into_iter()
+        .zip(asked.shown())
+        .filter(|(theirs, ours)| theirs != ours)
+        .map(|((name, theirs), (_, ours))| format!("{name} {theirs} (asked: {ours})"))
+        .collect();
+    bail!(Error::refused(format!(
+        "analysis {analysis_id:?} is running with other limits: {}; a registration into it \
+         takes its limits: leave those out, ask for the same, or pick another \
+         --analysis-id (nothing was registered)",
+        differ.join(", ")
+    )))
+}
+
 /// The refusal of what only root and the admin group may do (test faults), to a caller
 /// that is neither ([`Core::is_admin`]).
 pub fn admin_only(caller: &Peer, what: &str) -> anyhow::Error {
@@ -63,7 +90,8 @@ impl World {
                 )));
             }
         }
-        let existing = self.registry.key(analysis_id);
+        self.refuse_dying(pid, root.ppid)?;
+        let existing = self.registry.joinable(analysis_id);
         if let (Some(uid), Some(key)) = (confined_to, existing) {
             let owner = self.registry.get(key).map_or(0, |a| a.owner);
             if owner != uid {
@@ -81,6 +109,10 @@ impl World {
             .with(overrides)
             .map_err(|e| Error::bad_request(format!("{e}: nothing was registered")))?;
         self.settings.check_reachable(overrides)?;
+        let limits = match existing.and_then(|key| self.registry.get(key)) {
+            Some(running) => joined_limits(analysis_id, &running.limits, overrides)?,
+            None => limits,
+        };
         let launcher = Some(root.ppid)
             .filter(|&p| p > 1 && p != self.self_pid)
             .and_then(|p| procs.read(p));
@@ -95,6 +127,25 @@ impl World {
             root,
         })
     }
+    /// Refuses a process of a run being killed (or forked by one: its fork event may
+    /// still be queued): registering it again must not take it out of the kill.
+    fn refuse_dying(&self, pid: u32, ppid: u32) -> Result<()> {
+        for member in [pid, ppid] {
+            let Some(node) = self.tree.get(member) else {
+                continue;
+            };
+            if let Some((reason, _)) = self.registry.violation(node.analysis) {
+                let id = self.registry.id(node.analysis).unwrap_or("?");
+                bail!(Error::refused(format!(
+                    "pid {pid} is being killed with analysis {id:?} ({}): it cannot be \
+                     registered again (nothing was registered)",
+                    reason.as_str()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The process `pid`, if the watchdog may watch it at all: not init, not itself,
     /// not a kernel thread, and living.
     fn watchable(&self, pid: u32, procs: &dyn Procs) -> Result<ProcInfo> {

@@ -51,6 +51,7 @@ impl World {
             self.jobs.push(job);
         } else if let Some((reason, limit)) = self.registry.violation(analysis) {
             self.lingering.remove(&analysis);
+            self.runs.resumed(analysis);
             self.start_kill(Scope::Analysis, reason, analysis, limit, &[pid], clock);
         }
     }
@@ -74,6 +75,7 @@ impl World {
             self.lingering.remove(&key);
             return;
         }
+        self.runs.ended(key);
         if self.registry.violation(key).is_some() {
             let at = *self
                 .lingering
@@ -239,7 +241,14 @@ impl World {
         for process in job.signalled() {
             self.actions.push(Action::Release(process));
         }
+        let roots = self
+            .registry
+            .get(job.analysis)
+            .map(|a| a.roots.clone())
+            .unwrap_or_default();
         for record in job.records(&self.host) {
+            self.runs
+                .killed(job.analysis, &record, roots.contains(&record.pid));
             self.keep_record(record);
         }
     }

@@ -1,0 +1,171 @@
+//! `exec` as users run it from scripts: retried in a loop, joined with other limits,
+//! and telling how the watchdog ended the command.
+
+use anyhow::Result;
+use watchdog_tests::{Daemon, Reason, alive, python};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_killed_analysis_retried_in_a_tight_loop_runs_every_time() -> Result<()> {
+    let daemon = Daemon::start()?;
+    for attempt in 0..20 {
+        let out = daemon.cli(&[
+            "exec",
+            "--analysis-id",
+            "retried",
+            "--timeout",
+            "300ms",
+            "--grace",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo ran {attempt}; exec sleep 30"),
+        ]);
+        let said = stderr(&out);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("ran {attempt}"),
+            "attempt {attempt} ran its command: {said}"
+        );
+        assert_eq!(out.status.code(), Some(143), "attempt {attempt}: {said}");
+        assert!(
+            said.contains("killed the command (SIGTERM)") && said.contains("timeout"),
+            "attempt {attempt}: {said}"
+        );
+    }
+    let records = daemon.events_of("retried")?;
+    assert_eq!(records.len(), 20, "one timeout per attempt: {records:#?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r.record.reason == Reason::Timeout && r.record.comm == "sleep"),
+        "only the commands were killed, never the CLI before it released one: {records:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn exec_says_why_the_watchdog_killed_the_command_and_exits_128_plus_the_signal() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let timeout = daemon.cli(&[
+        "exec",
+        "--analysis-id",
+        "slow",
+        "--timeout",
+        "500ms",
+        "--",
+        "sleep",
+        "30",
+    ]);
+    let said = stderr(&timeout);
+    eprintln!("timeout: status {:?}, stderr {said:?}", timeout.status.code());
+    assert_eq!(timeout.status.code(), Some(143), "{said}");
+    assert!(
+        said.contains("the watchdog killed the command (SIGTERM) of analysis \"slow\": timeout, its limit of 500ms passed"),
+        "{said}"
+    );
+    // The record is there as soon as exec has returned.
+    assert_eq!(daemon.events_of("slow")?.len(), 1);
+
+    let memory = daemon.cli(&[
+        "exec",
+        "--analysis-id",
+        "big",
+        "--memory",
+        "64MiB",
+        "--",
+        python(),
+        "-c",
+        "import time; x = bytearray(256 << 20); time.sleep(30)",
+    ]);
+    let said = stderr(&memory);
+    eprintln!("memory: status {:?}, stderr {said:?}", memory.status.code());
+    assert_eq!(memory.status.code(), Some(143), "{said}");
+    assert!(
+        said.contains("killed the command (SIGTERM) of analysis \"big\": memory, ")
+            && said.contains("over its limit of 64 MiB per process"),
+        "{said}"
+    );
+    assert_eq!(daemon.events_of("big")?[0].record.reason, Reason::Memory);
+
+    // The command exits by itself and leaves a process behind: exec returns once that
+    // one is killed as an orphan, with the command's own status.
+    let orphan = daemon.cli(&[
+        "exec",
+        "--analysis-id",
+        "leaver",
+        "--",
+        "sh",
+        "-c",
+        "sleep 30 & echo $!; exit 3",
+    ]);
+    let said = stderr(&orphan);
+    eprintln!("orphan: status {:?}, stderr {said:?}", orphan.status.code());
+    assert_eq!(orphan.status.code(), Some(3), "the command's own status: {said}");
+    assert!(
+        said.contains("killed 1 process of analysis \"leaver\": orphan"),
+        "{said}"
+    );
+    let left: u32 = String::from_utf8_lossy(&orphan.stdout).trim().parse()?;
+    assert!(!alive(left), "the orphan {left} is gone when exec returns");
+    let records = daemon.events_of("leaver")?;
+    assert_eq!(
+        (records.len(), records[0].record.reason, records[0].record.pid),
+        (1, Reason::Orphan, left)
+    );
+
+    // Nothing killed: nothing said, the command's status.
+    let calm = daemon.cli(&["exec", "--analysis-id", "calm", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(calm.status.code(), Some(7));
+    assert_eq!(stderr(&calm), "");
+    Ok(())
+}
+
+#[test]
+fn joining_a_running_analysis_with_other_limits_is_refused_and_the_command_never_runs()
+-> Result<()> {
+    let daemon = Daemon::start()?;
+    let mut first = watchdog_tests::Workload::spawn("sleep", &["600"])?;
+    daemon.register_with(first.pid(), "shared", &["--timeout", "4s"])?;
+    let marker = daemon.dir.join("ran");
+    let out = daemon.cli(&[
+        "exec",
+        "--analysis-id",
+        "shared",
+        "--timeout",
+        "1h",
+        "--memory",
+        "100MiB",
+        "--",
+        "touch",
+        marker.to_str().unwrap(),
+    ]);
+    let said = stderr(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("analysis \"shared\" is running with other limits: timeout 4s (asked: 1h), memory 2 GiB (asked: 100 MiB)"),
+        "{said}"
+    );
+    assert!(!marker.exists(), "the command never ran");
+    // dump-tree --json carries the analyses as the text view does.
+    let json: serde_json::Value =
+        serde_json::from_str(&daemon.cli_ok(&["dump-tree", "--json"])?)?;
+    assert_eq!(json["analyses"][0]["analysis_id"], "shared");
+    assert_eq!(json["analyses"][0]["limits"]["timeout_ms"], 4000);
+    assert_eq!(json["roots"][0]["pid"], first.pid());
+    // The same limits, or none: it joins, and returns once all of the analysis has
+    // ended, telling what the watchdog killed in it; its command's status stands.
+    let joined = daemon.cli(&["exec", "--analysis-id", "shared", "--", "true"]);
+    let said = stderr(&joined);
+    assert_eq!(joined.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("killed 1 process of analysis \"shared\": timeout, its limit of 4s passed"),
+        "{said}"
+    );
+    assert!(!first.alive_now());
+    Ok(())
+}
