@@ -379,7 +379,8 @@ impl Daemon {
         if let Some(id) = analysis {
             args.extend(["--analysis-id", id]);
         }
-        Ok(serde_json::from_str(&self.cli_ok(&args)?)?)
+        let mut tree: serde_json::Value = serde_json::from_str(&self.cli_ok(&args)?)?;
+        Ok(serde_json::from_value(tree["roots"].take())?)
     }
 
     /// Recent violations and kills, newest first: `events --json`, read as the daemon's

@@ -130,6 +130,13 @@ pub const ERROR_SLOTS: u32 = (PROGRAM_NAMES.len() * PROGRAM_ERRORS.len()) as u32
 /// [`Event::value`] of a fork whose child could not be put in [`WATCHED_MAP`] (full,
 /// or out of memory): the kernel does not follow that child, so the daemon must.
 pub const FORK_UNTRACKED: u64 = 1;
+/// Flag in a fork's [`Event::value`]: the parent is not watched but a launcher
+/// ([`LAUNCHERS_MAP`]): the child is a new root of the launcher's analysis.
+pub const FORK_LAUNCHED: u64 = 2;
+/// Name of the map of launchers (tgid → the [`WatchEntry`] their new children get, with
+/// the launcher's own start time): processes whose children join an analysis while
+/// they themselves are never members. Written by the daemon only.
+pub const LAUNCHERS_MAP: &str = "LAUNCHERS";
 /// Size of the ring buffer in bytes (a power of two, a multiple of the page size).
 /// At 72 bytes an event (64 and the ring's 8-byte header) this holds ~29,000 events:
 /// over a second of the fastest watched fork storm this machine runs (~11,000 forks/s,
@@ -304,7 +311,8 @@ pub struct Event {
     /// Fork and exit: the process' start time (CLOCK_BOOTTIME, ns): with the pid, the
     /// identity of the process that survives PID reuse.
     pub start_ns: u64,
-    /// Rss: bytes. Fork: [`FORK_UNTRACKED`] when the child is not in the map.
+    /// Rss: bytes. Fork: [`FORK_UNTRACKED`] when the child is not in the map, with
+    /// [`FORK_LAUNCHED`] when its parent is a launcher.
     pub value: u64,
     pub comm: [u8; 16],
 }
@@ -364,6 +372,9 @@ pub struct Config {
     pub upid_nr: u32,
     pub upid_ns: u32,
     pub pidns_inum: u32,
+    /// The length of /proc's clock tick, ns: the start times the daemon writes are
+    /// whole ticks, so a launcher's is compared with the kernel's at that precision.
+    pub ns_per_tick: u64,
 }
 
 impl Config {
@@ -401,6 +412,7 @@ impl Config {
         upid_nr: 0,
         upid_ns: 0,
         pidns_inum: 0,
+        ns_per_tick: 0,
     };
 }
 

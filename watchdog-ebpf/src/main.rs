@@ -33,9 +33,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use watchdog_common::{
-    AnalysisEntry, Config, ERROR_SLOTS, Event, EventKind, FORK_UNTRACKED, MAX_ANALYSES,
-    MAX_WATCHED, PidNs, ProcRecord, ProgramError, RING_BYTES, RootEntry, RssSample, WALK_MAX_DEPTH,
-    WalkTarget, WatchEntry, error_slot,
+    AnalysisEntry, Config, ERROR_SLOTS, Event, EventKind, FORK_LAUNCHED, FORK_UNTRACKED,
+    MAX_ANALYSES, MAX_WATCHED, PidNs, ProcRecord, ProgramError, RING_BYTES, RootEntry, RssSample,
+    WALK_MAX_DEPTH, WalkTarget, WatchEntry, error_slot,
 };
 
 /// What a hash map update returns when the map is full.
@@ -71,6 +71,12 @@ static ANALYSES: HashMap<u64, AnalysisEntry> = HashMap::with_max_entries(MAX_ANA
 
 #[map]
 static ROOTS: HashMap<u32, RootEntry> = HashMap::with_max_entries(MAX_ANALYSES, 0);
+
+/// Processes whose new children join an analysis, the processes themselves never being
+/// members: tgid → the entry a child gets, holding the launcher's own start time (an
+/// entry whose pid names another process now is ignored). Written by the daemon.
+#[map]
+static LAUNCHERS: HashMap<u32, WatchEntry> = HashMap::with_max_entries(MAX_ANALYSES, 0);
 
 /// The daemon's [`watchdog_common::LAYOUT`] (key 0), written once the programs are
 /// attached: a restarted daemon trusts the pinned maps only if it is its own.
@@ -299,8 +305,13 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> u32 {
 }
 
 fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
-    let Some(entry) = (unsafe { WATCHED.get(current_tgid()?) }).copied() else {
-        return Ok(());
+    let tgid = current_tgid()?;
+    let (entry, launched) = match unsafe { WATCHED.get(tgid) } {
+        Some(entry) => (*entry, false),
+        None => match launcher_entry(tgid)? {
+            Some(entry) => (entry, true),
+            None => return Ok(()),
+        },
     };
     let child: *const u8 = ctx.arg(1);
     let child_pid: u32 = read_at(child, config!(task_pid))?;
@@ -334,14 +345,30 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // real_parent, not the forking task: CLONE_PARENT makes them differ.
     let real_parent: *const u8 = read_at(child, config!(task_real_parent))?;
     let ppid = tgid_of(real_parent)?;
+    let flags =
+        (if untracked { FORK_UNTRACKED } else { 0 }) | (if launched { FORK_LAUNCHED } else { 0 });
     emit(Record {
         ppid,
         start_ns,
-        value: if untracked { FORK_UNTRACKED } else { 0 },
+        value: flags,
         urgent: untracked,
         ..Record::new(EventKind::Fork, child_tgid, entry.analysis)
     });
     Ok(())
+}
+
+/// The entry a child of launcher `tgid` (the current task's process) gets, if it is a
+/// launcher: one whose start time is the current process' own.
+fn launcher_entry(tgid: u32) -> Result<Option<WatchEntry>, i64> {
+    let Some(entry) = (unsafe { LAUNCHERS.get(tgid) }).copied() else {
+        return Ok(None);
+    };
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let leader: *const u8 = read_at(task, config!(task_group_leader))?;
+    let start_ns: u64 = read_at(leader, config!(task_start_boottime))?;
+    let tick = config!(ns_per_tick);
+    let same = tick != 0 && start_ns / tick == entry.start_ns / tick;
+    Ok(same.then_some(entry))
 }
 
 #[btf_tracepoint(function = "sched_process_exit")]

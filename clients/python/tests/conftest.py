@@ -131,7 +131,8 @@ def client_site(workdir):
         cmd.append("--no-build-isolation")
     except ImportError:
         pass  # pip fetches the build backend (setuptools) from PyPI
-    done = subprocess.run(cmd + [str(source)], capture_output=True, text=True)
+    # joblib and cloudpickle (pure Python, from PyPI), for the tests of loky's workers.
+    done = subprocess.run(cmd + [str(source), "joblib", "cloudpickle"], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.fail(f"pip install clients/python failed:\n{done.stdout}\n{done.stderr}")
     assert (site / "procwatchdog" / "__init__.py").exists()
@@ -271,7 +272,7 @@ class AsUser:
         self.python = python
         self.site = site
 
-    def __call__(self, code: str, *, socket_path=None, timeout: float = 180):
+    def __call__(self, code: str, *, socket_path=None, timeout: float = 180, may_fail: bool = False):
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "PYTHONPATH": str(self.site),
@@ -279,13 +280,17 @@ class AsUser:
             "PYTHONDONTWRITEBYTECODE": "1",
             "LANG": "C.UTF-8",
         }
-        done = subprocess.run(
-            [self.python, "-c", PRELUDE + textwrap.dedent(code)],
-            user=self.daemon.uid, group=self.daemon.gid, extra_groups=self.daemon.extra_groups,
-            cwd="/", env=env, capture_output=True, text=True, timeout=timeout,
-        )
+        try:
+            done = subprocess.run(
+                [self.python, "-c", PRELUDE + textwrap.dedent(code)],
+                user=self.daemon.uid, group=self.daemon.gid, extra_groups=self.daemon.extra_groups,
+                cwd="/", env=env, capture_output=True, text=True, timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as err:
+            pytest.fail(f"client code as {self.daemon.user_name} still ran after {timeout}s "
+                        f"(stdout: {err.stdout!r}):\ndaemon log:\n{self.daemon.log_text()}")
         results = [line[len("@@result "):] for line in done.stdout.splitlines() if line.startswith("@@result ")]
-        if done.returncode != 0 or not results:
+        if (done.returncode != 0 and not may_fail) or not results:
             pytest.fail(
                 f"client code as {self.daemon.user_name} failed ({done.returncode}):\n"
                 f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}\ndaemon log:\n{self.daemon.log_text()}"
@@ -296,3 +301,9 @@ class AsUser:
 @pytest.fixture(scope="session")
 def as_user(daemon, user_python, client_site):
     return AsUser(daemon, user_python, client_site)
+
+
+@pytest.fixture(scope="session")
+def as_user_raw(as_user):
+    """As ``as_user``, for client code that dies on purpose once it has said its result."""
+    return lambda code: as_user(code, may_fail=True, timeout=60)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import socket
+import textwrap
 import time
 from pathlib import Path
+
+import pytest
 
 
 def gone(pid: int) -> bool:
@@ -29,15 +32,22 @@ def test_popen_is_killed_at_its_timeout_and_events_show_it(as_user, daemon):
         start = time.monotonic()
         code = proc.wait(timeout=120)
         took = time.monotonic() - start
-        records = wait_for("the timeout record", lambda: wd.events(analysis_id="py-timeout"))
+        # Once wait() has returned, the record is stored and the kill known.
+        records = wd.events(analysis_id="py-timeout")
         out({"pid": proc.pid, "registration": proc.registration, "code": code, "took": took,
+             "killed_by": proc.killed_by, "kills": proc.kills,
              "records": records, "uid": os.getuid(), "recent": wd.events(since="1h", reason="timeout"),
              "future": wd.events(since=__import__("datetime").datetime.now() + __import__("datetime").timedelta(hours=1))})
         """
     )
+    assert seen["registration"].pop("run") > 0, "a run of its own"
     assert seen["registration"] == {"kind": "registered", "pid": seen["pid"], "analysis_id": "py-timeout", "watched": 1}
     assert seen["code"] == -15, "killed by SIGTERM, its grace not needed"
     assert 1.5 < seen["took"] < 30, seen["took"]
+    killed_by = seen["killed_by"]
+    assert (killed_by["reason"], killed_by["limit"], killed_by["roots"]) == (
+        "timeout", 2000, [{"pid": seen["pid"], "signal": "SIGTERM"}])
+    assert seen["kills"] == [killed_by]
     [record] = seen["records"]
     assert (record["pid"], record["reason"], record["limit"]) == (seen["pid"], "timeout", 2000)
     assert record["uid"] == daemon.uid == seen["uid"] != 0
@@ -70,12 +80,11 @@ def test_watch_block_catches_an_orphan_and_unregisters_at_its_end(as_user):
             # sh starts sleep in the background and exits once it runs: sleep is orphaned.
             script = ('sleep 300 >/dev/null 2>&1 & pid=$!; '
                       'while [ "$(cat /proc/$pid/comm)" != sleep ]; do :; done; echo $pid')
-            printed = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
-            orphan = int(printed)
+            sh = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
+            orphan = int(sh.communicate()[0])
             records = wait_for("the orphan's record",
                                lambda: [r for r in wd.events(analysis_id="py-orphan", reason="orphan")
                                         if r["pid"] == orphan])
-            sh_pids = list(w.pids)
             # A child os.fork()ed in the block is watched too, from its first instruction.
             child = os.fork()
             if child == 0:
@@ -84,25 +93,127 @@ def test_watch_block_catches_an_orphan_and_unregisters_at_its_end(as_user):
             in_tree = wait_for("the forked child in the tree", lambda: [
                 n for root in wd.tree("py-orphan")["roots"] for n in [root] + root["children"]
                 if n["pid"] == child])
-            registered = list(w.pids)
             os.kill(child, 9)
             os.waitpid(child, 0)
-        # After the block: nothing more is registered, and the analysis is gone.
+        # After the block: nothing more is watched, and the analysis is gone.
         after = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True).stdout
-        out({"orphan": orphan, "records": records, "sh_pids": sh_pids, "in_tree": in_tree,
-             "child": child, "registered": registered, "after_pid": int(after),
+        out({"orphan": orphan, "records": records, "sh": sh.pid, "in_tree": in_tree,
+             "child": child, "after_pid": int(after), "me": os.getpid(),
              "tree_after": wd.tree("py-orphan"), "after_records": wd.events(analysis_id="py-orphan")})
         """
     )
-    assert len(seen["sh_pids"]) == 1, "sh was registered, before it ran anything"
     [record] = seen["records"]
     assert (record["pid"], record["reason"], record["comm"]) == (seen["orphan"], "orphan", "sleep")
-    assert record["ppid"] == seen["sh_pids"][0], "the record names the parent that died: sh"
+    assert record["ppid"] == seen["sh"], "the record names the parent that died: sh"
     assert gone(seen["orphan"]), "the daemon killed the orphan"
-    assert seen["registered"] == seen["sh_pids"], "a forked child registers itself, in its own copy"
     assert [n["pid"] for n in seen["in_tree"]] == [seen["child"]]
     assert seen["tree_after"]["roots"] == [] and seen["tree_after"]["analyses"] == []
-    assert all(r["pid"] != seen["after_pid"] for r in seen["after_records"])
+    assert all(r["pid"] not in (seen["after_pid"], seen["me"]) for r in seen["after_records"])
+
+
+# One driver per start method: each opens a block with a 4 s budget, starts workers
+# that would sleep for 10 minutes, and reports their pids. Run under `watch()`, the
+# workers are killed at the budget; with `kill_driver`, the driver SIGKILLs itself once
+# they run, and they are killed as orphans.
+START_METHODS = {
+    "spawn": """
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        workers = [ctx.Process(target=time.sleep, args=(600,)) for _ in range(2)]
+        for p in workers:
+            p.start()
+        pids = [p.pid for p in workers]
+    """,
+    "forkserver": """
+        import multiprocessing
+        ctx = multiprocessing.get_context("forkserver")
+        workers = [ctx.Process(target=time.sleep, args=(600,)) for _ in range(2)]
+        for p in workers:
+            p.start()
+        pids = [p.pid for p in workers]
+    """,
+    "loky": """
+        from joblib.externals.loky import get_reusable_executor
+        executor = get_reusable_executor(max_workers=2)
+        futures = [executor.submit(os.getpid) for _ in range(8)]
+        pids = sorted({f.result() for f in futures})
+        executor.submit(time.sleep, 600)
+        executor.submit(time.sleep, 600)
+    """,
+    "os.system": """
+        # os.system blocks, so on a thread; the shell tells its pid, then becomes sleep.
+        import threading
+        path = f"/tmp/wd-system-{os.getpid()}"
+        threading.Thread(target=os.system, args=(f"echo $$ > {path}; exec sleep 600",), daemon=True).start()
+        pids = [int(wait_for("the shell's pid", lambda: open(path).read().strip() if os.path.exists(path) else ""))]
+        os.unlink(path)
+    """,
+}
+
+
+def _driver(method: str, kill_driver: bool) -> str:
+    start = textwrap.indent(textwrap.dedent(START_METHODS[method]), "    ")
+    ending = (
+        "    out_now(pids)\n    os.kill(os.getpid(), 9)\n"
+        if kill_driver
+        else "    started = time.monotonic()\n"
+        "    wait_for('the workers killed', lambda: all(gone(p) for p in pids), patience=60)\n"
+        "    out({'pids': pids, 'after_s': time.monotonic() - started, 'me': os.getpid()})\n"
+    )
+    return (
+        "import textwrap\n"
+        "def gone(pid):\n"
+        "    try:\n"
+        "        with open(f'/proc/{pid}/stat') as stat:\n"
+        "            return stat.read().rsplit(')', 1)[1].split()[0] in ('Z', 'X')\n"
+        "    except FileNotFoundError:\n"
+        "        return True\n"
+        "def out_now(pids):\n"
+        "    sys.stdout.write('\\n@@result ' + json.dumps({'pids': pids}) + '\\n')\n"
+        "    sys.stdout.flush()\n"
+        f"with wd.watch('py-{method.replace('.', '-')}-{int(kill_driver)}', timeout='4s', grace='1s'):\n"
+        + start
+        + ending
+    )
+
+
+@pytest.mark.parametrize("method", sorted(START_METHODS))
+def test_watch_catches_every_start_method_at_the_blocks_timeout(as_user, method):
+    seen = as_user(_driver(method, kill_driver=False))
+    assert seen["pids"], "workers were started"
+    assert seen["me"] not in seen["pids"]
+    assert all(gone(p) for p in seen["pids"])
+    # The budget counts from the block's start; the workers started within it.
+    assert seen["after_s"] < 30, seen
+
+
+@pytest.mark.parametrize("method", sorted(START_METHODS))
+def test_watch_workers_are_killed_as_orphans_when_the_driver_is_sigkilled(as_user_raw, method):
+    pids = as_user_raw(_driver(method, kill_driver=True))["pids"]
+    assert pids
+    deadline = time.monotonic() + 60
+    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(gone(p) for p in pids), f"{method}: workers {pids} outlived their driver"
+
+
+def test_watch_timeout_is_a_budget_for_the_whole_block(as_user):
+    seen = as_user(
+        """
+        started = time.monotonic()
+        steps = []
+        with wd.watch("py-budget", timeout="5s", grace="1s"):
+            for _ in range(4):
+                done = subprocess.run(["sleep", "3"])
+                steps.append(done.returncode)
+        out({"steps": steps, "took": time.monotonic() - started,
+             "records": wd.events(analysis_id="py-budget")})
+        """
+    )
+    assert seen["steps"][:1] == [0], "the first step fits in the budget"
+    assert -15 in seen["steps"], f"a step was killed when the budget was spent: {seen['steps']}"
+    assert seen["took"] < 12, f"four 3 s steps did not run 12 s under a 5 s budget: {seen}"
+    assert all(r["reason"] == "timeout" and r["limit"] == 5000 for r in seen["records"])
 
 
 def test_popen_refused_never_runs_the_command(as_user, daemon, workdir):
@@ -197,6 +308,7 @@ def test_register_unregister_tree_and_status(as_user, daemon):
              "gone": gone, "after": after})
         """
     )
+    assert seen["reply"].pop("run") > 0
     assert seen["reply"] == {"kind": "registered", "pid": seen["pid"], "analysis_id": "py-register", "watched": 1}
     [root] = seen["tree"]["roots"]
     assert (root["pid"], root["analysis_id"], root["comm"]) == (seen["pid"], "py-register", "sleep")
@@ -224,7 +336,7 @@ def test_watch_block_registers_multiprocessing_fork_workers(as_user):
             with multiprocessing.get_context("fork").Pool(2) as pool:
                 workers = sorted(set(pool.map(where, range(20))))
                 watched = sorted(n["pid"] for n in wd.tree("py-pool")["roots"])
-        out({"workers": workers, "watched": watched, "me": os.getpid(), "pids": w.pids})
+        out({"workers": workers, "watched": watched, "me": os.getpid()})
         """
     )
     assert seen["workers"] and set(seen["workers"]) <= set(seen["watched"])

@@ -62,7 +62,10 @@ fn exec_says_why_the_watchdog_killed_the_command_and_exits_128_plus_the_signal()
         "30",
     ]);
     let said = stderr(&timeout);
-    eprintln!("timeout: status {:?}, stderr {said:?}", timeout.status.code());
+    eprintln!(
+        "timeout: status {:?}, stderr {said:?}",
+        timeout.status.code()
+    );
     assert_eq!(timeout.status.code(), Some(143), "{said}");
     assert!(
         said.contains("the watchdog killed the command (SIGTERM) of analysis \"slow\": timeout, its limit of 500ms passed"),
@@ -105,7 +108,11 @@ fn exec_says_why_the_watchdog_killed_the_command_and_exits_128_plus_the_signal()
     ]);
     let said = stderr(&orphan);
     eprintln!("orphan: status {:?}, stderr {said:?}", orphan.status.code());
-    assert_eq!(orphan.status.code(), Some(3), "the command's own status: {said}");
+    assert_eq!(
+        orphan.status.code(),
+        Some(3),
+        "the command's own status: {said}"
+    );
     assert!(
         said.contains("killed 1 process of analysis \"leaver\": orphan"),
         "{said}"
@@ -114,7 +121,11 @@ fn exec_says_why_the_watchdog_killed_the_command_and_exits_128_plus_the_signal()
     assert!(!alive(left), "the orphan {left} is gone when exec returns");
     let records = daemon.events_of("leaver")?;
     assert_eq!(
-        (records.len(), records[0].record.reason, records[0].record.pid),
+        (
+            records.len(),
+            records[0].record.reason,
+            records[0].record.pid
+        ),
         (1, Reason::Orphan, left)
     );
 
@@ -126,8 +137,8 @@ fn exec_says_why_the_watchdog_killed_the_command_and_exits_128_plus_the_signal()
 }
 
 #[test]
-fn joining_a_running_analysis_with_other_limits_is_refused_and_the_command_never_runs()
--> Result<()> {
+fn joining_a_running_analysis_with_other_limits_is_refused_and_the_command_never_runs() -> Result<()>
+{
     let daemon = Daemon::start()?;
     let mut first = watchdog_tests::Workload::spawn("sleep", &["600"])?;
     daemon.register_with(first.pid(), "shared", &["--timeout", "4s"])?;
@@ -152,8 +163,7 @@ fn joining_a_running_analysis_with_other_limits_is_refused_and_the_command_never
     );
     assert!(!marker.exists(), "the command never ran");
     // dump-tree --json carries the analyses as the text view does.
-    let json: serde_json::Value =
-        serde_json::from_str(&daemon.cli_ok(&["dump-tree", "--json"])?)?;
+    let json: serde_json::Value = serde_json::from_str(&daemon.cli_ok(&["dump-tree", "--json"])?)?;
     assert_eq!(json["analyses"][0]["analysis_id"], "shared");
     assert_eq!(json["analyses"][0]["limits"]["timeout_ms"], 4000);
     assert_eq!(json["roots"][0]["pid"], first.pid());

@@ -80,7 +80,13 @@ fn a_script_trapping_the_warning_checkpoints_before_its_timeouts_sigterm() -> Re
         "bash",
         script.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(0), "it exited from its TERM trap");
+    // It exited from its TERM trap; exec says the watchdog killed it: 128 + SIGTERM.
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         lines(&script.with_extension("sh.out"))?,
         ["checkpoint", "sigterm"],
@@ -120,10 +126,12 @@ fn a_script_trapping_the_warning_checkpoints_before_its_memory_kill() -> Result<
         CHECKPOINTING_GROWER,
         out_file.to_str().unwrap(),
     ]);
+    // It exited from its TERM handler; exec says the watchdog killed it.
     assert_eq!(
         out.status.code(),
-        Some(0),
-        "it exited from its TERM handler"
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(lines(&out_file)?, ["checkpoint", "sigterm"]);
     let (warning, kill) = await_state("the warning and kill records", || {

@@ -84,6 +84,15 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         fresh: bool,
     },
+    /// Watch every child `pid` forks from now on (and all they fork) as analysis
+    /// `analysis_id`, `pid` itself never a member, until `pid` exits or the analysis is
+    /// unregistered; the analysis' clock runs from now. The Python client's `watch()`.
+    Launch {
+        pid: u32,
+        analysis_id: String,
+        #[serde(default)]
+        limits: LimitOverrides,
+    },
     /// Stop watching a process and its subtree, or a whole analysis.
     Unregister {
         #[serde(default)]

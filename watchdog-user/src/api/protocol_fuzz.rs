@@ -157,6 +157,13 @@ fn request() -> BoxedStrategy<Request> {
                 fresh,
             }
         ),
+        2 => (pid(), analysis_id(), limits()).prop_map(|(pid, analysis_id, limits)| {
+            Request::Launch {
+                pid,
+                analysis_id,
+                limits,
+            }
+        }),
         2 => (option::of(pid()), option::of(analysis_id()))
             .prop_map(|(pid, analysis_id)| Request::Unregister { pid, analysis_id }),
         1 => option::of(analysis_id()).prop_map(|analysis_id| Request::DumpTree { analysis_id }),
@@ -294,6 +301,10 @@ fn peer() -> BoxedStrategy<Peer> {
 struct FakeWatch<'a>(&'a FakeProcs);
 
 impl Watch for FakeWatch<'_> {
+    fn launch(&mut self, _registration: &Registration) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     fn descendants(&mut self, root: ProcRef) -> anyhow::Result<Vec<ProcRef>> {
         let mut found = Vec::new();
         let mut parents = vec![root.pid];

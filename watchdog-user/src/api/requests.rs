@@ -95,6 +95,18 @@ fn respond(
             clock,
             effects,
         ),
+        Request::Launch {
+            pid,
+            analysis_id,
+            limits,
+        } => launch(
+            core,
+            (pid, &analysis_id, &limits),
+            peer,
+            procs,
+            clock,
+            effects,
+        ),
         Request::Unregister { pid, analysis_id } => core
             .unregister(pid, analysis_id.as_deref(), peer, procs, clock)
             .map(|removed| Reply::Unregistered { removed }),
@@ -102,11 +114,13 @@ fn respond(
             report::dump_tree(core, analysis_id.as_deref(), procs, clock)
         }
         // Routed to the loop by `route`: never a panic should that change.
-        Request::Events { .. } | Request::Status | Request::Overview | Request::Wait { .. } => Err(Error::new(
-            ErrorKind::Internal,
-            "internal: this request is answered by the daemon loop",
-        )
-        .into()),
+        Request::Events { .. } | Request::Status | Request::Overview | Request::Wait { .. } => {
+            Err(Error::new(
+                ErrorKind::Internal,
+                "internal: this request is answered by the daemon loop",
+            )
+            .into())
+        }
         Request::Stall { .. } | Request::Fault { .. } if !core.is_admin(peer) => {
             Err(crate::core::admin_only(peer, "a test fault"))
         }
@@ -125,6 +139,27 @@ fn respond(
         Ok(reply) => Response::Ok(reply),
         Err(err) => Response::failed(&err, UNTYPED),
     }
+}
+
+/// Checked by the rules, put in the kernel's map of launchers by the effects, taken in
+/// by the rules: a refused launch changes nothing.
+fn launch(
+    core: &mut Core,
+    (pid, analysis_id, limits): (u32, &str, &LimitOverrides),
+    peer: &Peer,
+    procs: &dyn Procs,
+    clock: &Clock,
+    effects: &mut dyn Watch,
+) -> Result<Reply> {
+    let registration = core.check_launch(pid, analysis_id, limits, peer, procs)?;
+    effects.launch(&registration)?;
+    let launched = core.launch(registration, clock);
+    Ok(Reply::Registered {
+        pid: launched.pid,
+        analysis_id: launched.analysis_id,
+        watched: launched.watched,
+        run: launched.run,
+    })
 }
 
 /// Checked by the rules, put in the kernel map by the effects, taken in by the rules:

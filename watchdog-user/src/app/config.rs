@@ -10,7 +10,9 @@ use serde::Deserialize;
 
 use crate::{
     store::DatabaseUrl,
-    vocab::limits::{Bytes, Count, Humane, Kind, Limits, Millis, OptionalBytes, Orphans, Percent, WarnSignal},
+    vocab::limits::{
+        Bytes, Count, Humane, Kind, Limits, Millis, OptionalBytes, Orphans, Percent, WarnSignal,
+    },
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/watchdog/watchdog.sock";

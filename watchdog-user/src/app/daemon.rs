@@ -235,7 +235,7 @@ async fn shut_down(mut daemon: Daemon, mut tasks: Tasks, store: store::StoreHand
 /// timers and signals.
 struct Inputs {
     events: mpsc::Receiver<ingest::Batch>,
-    drained: mpsc::UnboundedReceiver<EventsQuery>,
+    drained: mpsc::UnboundedReceiver<AfterDrain>,
     calls: mpsc::Receiver<Call>,
     polls: mpsc::UnboundedReceiver<(PollSamples, Instant)>,
     launchers: mpsc::UnboundedReceiver<ProcRef>,
@@ -283,7 +283,7 @@ impl Inputs {
     ) -> Result<Input, Option<tasks::Ended>> {
         Ok(tokio::select! {
             Some(batch) = self.events.recv() => Input::Events(batch),
-            Some(query) = self.drained.recv() => Input::EventsDrained(query),
+            Some(waiting) = self.drained.recv() => Input::Drained(waiting),
             Some(call) = self.calls.recv() => Input::Call(call),
             _ = self.timers.processes_sync.tick() => Input::SyncProcesses,
             _ = self.timers.heartbeat.tick(), if self.timers.heartbeat_every.is_some() => Input::Heartbeat,
@@ -352,13 +352,22 @@ fn sample_of(sample: &watchdog_common::RssSample) -> (ProcRef, u64) {
 /// An `events` request, waiting for the ring to be drained.
 type EventsQuery = (EventFilter, oneshot::Sender<Response>);
 
+/// What waits for every kernel event sent before it to be taken in.
+enum AfterDrain {
+    /// An `events` request: a kill whose last exit was in the ring is answered.
+    Events(EventsQuery),
+    /// A launcher's exit: the children it forked before it died (their fork events
+    /// may not have woken the daemon) are members before its launch ends.
+    LauncherExit(ProcRef),
+}
+
 /// Asks the ring buffer reader to drain the ring now, and hands `query` back to the loop
-/// (through `drained`) once it has: the events it answers then include every kernel
-/// event sent before it was asked, also those sent without a wake-up.
+/// (through `drained`) once it has: what it does then follows every kernel event sent
+/// before it was asked, also those sent without a wake-up.
 fn after_drain(
     drain: &mpsc::UnboundedSender<ingest::DrainRequest>,
-    drained: &mpsc::UnboundedSender<EventsQuery>,
-    query: EventsQuery,
+    drained: &mpsc::UnboundedSender<AfterDrain>,
+    query: AfterDrain,
 ) {
     let (tx, rx) = oneshot::channel();
     let _ = drain.send(tx);
@@ -373,7 +382,7 @@ fn after_drain(
 /// What the loop takes in.
 enum Input {
     Events(ingest::Batch),
-    EventsDrained(EventsQuery),
+    Drained(AfterDrain),
     Call(Call),
     SyncProcesses,
     Heartbeat,
@@ -409,7 +418,7 @@ struct Daemon {
     /// comes back once it has.
     drain: (
         mpsc::UnboundedSender<ingest::DrainRequest>,
-        mpsc::UnboundedSender<EventsQuery>,
+        mpsc::UnboundedSender<AfterDrain>,
     ),
     /// Clients waiting for a run to end (`wait`), by run.
     waiters: Vec<(u64, oneshot::Sender<Response>)>,
@@ -426,21 +435,27 @@ impl Daemon {
         match input {
             Input::Events(batch) => self.on_events(batch),
             Input::Call(call) => self.on_call(call, options.test_faults),
-            Input::EventsDrained((filter, reply)) => {
-                // Every event the ring held when `events` came is in the channel now:
-                // taken in first, so that a kill whose last exit was among them has
-                // handed its records to the store before the store is asked.
+            Input::Drained(waiting) => {
+                // Every event the ring held when this came is in the channel now: taken
+                // in first.
                 while let Ok(batch) = inputs.events.try_recv() {
                     self.on_events(batch);
                 }
-                self.answer_events(filter, reply);
+                match waiting {
+                    AfterDrain::Events((filter, reply)) => self.answer_events(filter, reply),
+                    AfterDrain::LauncherExit(launcher) => self.on_launcher_exit(launcher),
+                }
             }
             Input::SyncProcesses => self.sync_processes(),
             Input::Heartbeat => supervise::heartbeat(&self.status_line()),
             Input::LossCheck => self.repair_losses(),
             Input::Poll => self.start_poll(),
             Input::PollDone(samples) => self.on_poll(samples),
-            Input::LauncherExit(root) => self.on_launcher_exit(root),
+            Input::LauncherExit(launcher) => after_drain(
+                &self.drain.0,
+                &self.drain.1,
+                AfterDrain::LauncherExit(launcher),
+            ),
             Input::Described(batch) => self.on_described(batch),
             Input::Tick => self.on_tick(),
             Input::Reload => {
@@ -470,7 +485,11 @@ impl Daemon {
                 let _ = reply.send(response);
             }
             Routed::Status => self.answer_status(reply),
-            Routed::Events(filter) => after_drain(&self.drain.0, &self.drain.1, (filter, reply)),
+            Routed::Events(filter) => after_drain(
+                &self.drain.0,
+                &self.drain.1,
+                AfterDrain::Events((filter, reply)),
+            ),
             Routed::Overview => self.answer_overview(reply),
             Routed::Wait(run) => {
                 self.waiters.push((run, reply));

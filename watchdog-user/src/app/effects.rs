@@ -161,6 +161,7 @@ impl Effects {
                     }
                 }
                 Action::WatchLauncher { root, launcher } => self.watch_launcher(root, launcher),
+                Action::Unlaunch(launcher) => self.kernel.unlaunch(launcher),
                 Action::Signal(order) if order.describe => {
                     first_looks.push(FirstLook::Signal(order));
                 }
@@ -510,6 +511,24 @@ fn first_look(look: FirstLook, self_pid: u32) -> Described {
 }
 
 impl Watch for Effects {
+    /// Puts the launcher in the kernel's map of launchers, with the start time the
+    /// kernel compares with its own (the /proc one is whole ticks: the kernel's is read
+    /// back from its watched-map walk where it differs).
+    fn launch(&mut self, registration: &Registration) -> Result<()> {
+        let launcher = registration.root.proc_ref();
+        self.kernel
+            .launch(launcher, registration.key, registration.limits.rss_levels())?;
+        if procs::read_same(launcher).is_none() {
+            self.kernel.unlaunch(launcher);
+            return Err(crate::vocab::error::Error::not_found(format!(
+                "pid {} exited while its launch was being made",
+                launcher.pid
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     /// The living descendants of `root`, as the registration walk will find them,
     /// without putting anything in the kernel map: what the rules check before a
     /// registration by a caller confined to its own processes.

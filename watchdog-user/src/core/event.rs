@@ -15,6 +15,8 @@ pub enum KernelEvent {
         ts_ns: u64,
         /// The kernel map could not take the child: the kernel does not follow it.
         untracked: bool,
+        /// Its parent is a launcher, not a member: the child is a new root.
+        launched: bool,
     },
     Exit {
         pid: u32,

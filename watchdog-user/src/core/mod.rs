@@ -162,10 +162,11 @@ impl Core {
                 start_ns,
                 comm,
                 untracked,
+                launched,
                 ..
             } => {
                 let node = Node::new(pid, ppid, start_ns, comm, analysis);
-                self.forks.forked(w, node, untracked, clock);
+                self.forks.forked(w, node, untracked, launched, clock);
             }
             KernelEvent::Exit {
                 pid,
@@ -247,9 +248,32 @@ impl Core {
     }
 
     /// The process that launched a registered root exited.
+    /// A launcher exited: a launch of its own ends, and `root`, which it started, is
+    /// an orphan.
     pub fn on_launcher_exit(&mut self, root: ProcRef, procs: &dyn Procs, clock: &Clock) {
+        if self.world.end_launch(root, clock) {
+            return;
+        }
         self.orphans
             .on_launcher_exit(&mut self.world, root, procs, clock);
+    }
+
+    /// Checks a launch (`pid`'s new children join analysis `analysis_id`; `pid` never
+    /// does) before anything is touched.
+    pub fn check_launch(
+        &self,
+        pid: u32,
+        analysis_id: &str,
+        overrides: &LimitOverrides,
+        caller: &Peer,
+        procs: &dyn Procs,
+    ) -> Result<Registration> {
+        self.world
+            .check_launch(pid, analysis_id, overrides, caller, procs)
+    }
+
+    pub fn launch(&mut self, registration: Registration, clock: &Clock) -> Registered {
+        self.world.launch(registration, clock)
     }
 
     /// Untracked processes to hand back to the kernel map: (process, analysis, its

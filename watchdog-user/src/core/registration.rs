@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use crate::{
     core::{
         procs::{ProcInfo, Procs},
-        registry::{self, Root},
+        registry::{self, Launch, Root},
         tree::Node,
         world::{Action, Clock, World},
     },
@@ -46,6 +46,9 @@ pub struct Registered {
 }
 /// What a registration needs of the outside world.
 pub trait Watch {
+    /// Makes the kernel put each child the launch's root forks in its analysis.
+    fn launch(&mut self, registration: &Registration) -> Result<()>;
+
     /// The root's existing descendants (checked for a confined caller first).
     fn descendants(&mut self, root: ProcRef) -> Result<Vec<ProcRef>>;
 
@@ -150,6 +153,83 @@ impl World {
             run: key,
         })
     }
+    /// Takes in a checked launch (`registration.root` is the launcher): its analysis is
+    /// made now, so its clock runs from the launch, and from now on the kernel puts
+    /// each child the launcher forks in it, the launcher itself never a member.
+    pub fn launch(&mut self, registration: Registration, clock: &Clock) -> Registered {
+        let Registration {
+            root,
+            analysis_id,
+            key,
+            new_analysis,
+            limits,
+            owner,
+            ..
+        } = registration;
+        if new_analysis {
+            self.registry
+                .create(&analysis_id, &limits, owner, clock.now, clock.wall);
+            let entry = registry::entry_from_analysis(self.registry.get(key).expect("just made"));
+            self.actions
+                .push(Action::SaveAnalysis(key, Box::new(entry)));
+        }
+        let process = root.proc_ref();
+        self.registry.add_launch(Launch {
+            process,
+            analysis: key,
+        });
+        // Its exit ends the launch (and makes orphans of the roots it started).
+        self.actions.push(Action::WatchLauncher {
+            root: process,
+            launcher: process,
+        });
+        tracing::info!(pid = root.pid, analysis_id, "launching");
+        Registered {
+            pid: root.pid,
+            watched: self.tree.member_count(key),
+            analysis_id,
+            run: key,
+        }
+    }
+
+    /// Ends the launch of `process` (it exited, or its analysis was unregistered);
+    /// false when it was none.
+    pub fn end_launch(&mut self, process: ProcRef, clock: &Clock) -> bool {
+        let Some(launch) = self.registry.end_launch(process) else {
+            return false;
+        };
+        self.actions.push(Action::Unlaunch(process));
+        self.forget_if_finished(launch.analysis, clock);
+        true
+    }
+
+    /// A child a launcher forked, put in the analysis by the kernel: a root of it,
+    /// orphaned when its launcher dies.
+    pub(in crate::core) fn adopt_launched(&mut self, child: ProcRef, ppid: u32, key: AnalysisKey) {
+        let launcher = self
+            .registry
+            .launch_of(ppid)
+            .filter(|l| l.analysis == key)
+            .map(|l| l.process)
+            .or_else(|| self.registry.launchers_of(key).first().copied());
+        let root = Root {
+            process: child,
+            analysis: key,
+            launcher,
+        };
+        self.registry.add_root(root);
+        self.actions.push(Action::SaveRoot(
+            child.pid,
+            registry::entry_from_root(&root),
+        ));
+        if let Some(launcher) = launcher {
+            self.actions.push(Action::WatchLauncher {
+                root: child,
+                launcher,
+            });
+        }
+    }
+
     /// Stops watching a process with its subtree, or a whole analysis. A caller other
     /// than root and the admin group may unregister only analyses it created, and a
     /// process only when it runs as the caller and all of its subtree is in analyses
@@ -212,6 +292,13 @@ impl World {
                 self.actions.push(Action::Unwatch(node.proc_ref()));
                 analyses.insert(node.analysis);
             }
+        }
+        let launches = match analysis_id.and_then(|id| self.registry.key(id)) {
+            Some(key) => self.registry.launchers_of(key),
+            None => Vec::new(),
+        };
+        for launcher in launches {
+            self.end_launch(launcher, clock);
         }
         for key in analyses {
             self.forget_if_finished(key, clock);

@@ -55,8 +55,18 @@ pub struct Root {
     pub launcher: Option<ProcRef>,
 }
 
+/// A process whose new children join an analysis, itself never a member (the Python
+/// client's `watch()` block): what it starts is the analysis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub process: ProcRef,
+    pub analysis: AnalysisKey,
+}
+
 #[derive(Default)]
 pub struct Registry {
+    /// Launchers, by pid.
+    launches: HashMap<u32, Launch>,
     by_key: HashMap<AnalysisKey, Analysis>,
     by_id: HashMap<String, AnalysisKey>,
     /// Deadlines of analyses not yet violated, soonest first.
@@ -112,7 +122,10 @@ impl Registry {
             }
         }
         // Keys only grow: the newest run of an id is the one its name stands for.
-        let newest = self.by_id.get(&analysis.id).is_none_or(|&other| other < key);
+        let newest = self
+            .by_id
+            .get(&analysis.id)
+            .is_none_or(|&other| other < key);
         if newest {
             self.by_id.insert(analysis.id.clone(), key);
         }
@@ -229,6 +242,35 @@ impl Registry {
             self.warnings.remove(&(at, key));
         }
         Some(analysis.roots)
+    }
+
+    pub fn add_launch(&mut self, launch: Launch) {
+        self.launches.insert(launch.process.pid, launch);
+    }
+
+    /// The launch of `pid`, if it is a launcher.
+    pub fn launch_of(&self, pid: u32) -> Option<Launch> {
+        self.launches.get(&pid).copied()
+    }
+
+    /// Ends the launch of `process`; what it was, if it was one.
+    pub fn end_launch(&mut self, process: ProcRef) -> Option<Launch> {
+        let launch = self
+            .launches
+            .get(&process.pid)
+            .filter(|l| l.process == process)?;
+        let launch = *launch;
+        self.launches.remove(&process.pid);
+        Some(launch)
+    }
+
+    /// The launchers of analysis `key`.
+    pub fn launchers_of(&self, key: AnalysisKey) -> Vec<ProcRef> {
+        self.launches
+            .values()
+            .filter(|l| l.analysis == key)
+            .map(|l| l.process)
+            .collect()
     }
 
     pub fn add_root(&mut self, root: Root) {

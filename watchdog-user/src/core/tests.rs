@@ -241,6 +241,7 @@ impl World {
             comm: Comm::new("child"),
             ts_ns: self.clock.boot_ns,
             untracked,
+            launched: false,
         })
     }
 
@@ -617,7 +618,13 @@ fn a_registration_under_a_dying_analysis_starts_a_new_run_and_its_members_stay_i
     let info = w.procs.spawn(200, 1, start(200));
     let registration = w
         .core
-        .check_register(200, "a", &LimitOverrides::default(), &Peer::root(), &w.procs)
+        .check_register(
+            200,
+            "a",
+            &LimitOverrides::default(),
+            &Peer::root(),
+            &w.procs,
+        )
         .expect("registrable");
     assert!(registration.new_analysis);
     w.core
@@ -632,7 +639,13 @@ fn a_registration_under_a_dying_analysis_starts_a_new_run_and_its_members_stay_i
     for pid in [101, 102] {
         let err = w
             .core
-            .check_register(pid, "a", &LimitOverrides::default(), &Peer::root(), &w.procs)
+            .check_register(
+                pid,
+                "a",
+                &LimitOverrides::default(),
+                &Peer::root(),
+                &w.procs,
+            )
             .unwrap_err();
         assert!(format!("{err}").contains("being killed"), "{pid}: {err}");
     }
@@ -1844,6 +1857,7 @@ fn a_retry_under_a_killed_analysis_id_is_a_new_run_that_inherits_nothing() {
         comm: Comm::new("late"),
         ts_ns: w.clock.boot_ns,
         untracked: false,
+        launched: false,
     });
     assert_eq!(signals(&late), [(102, Signal::SIGTERM)]);
     assert_eq!(w.core.tree().get(102).map(|n| n.analysis), Some(first));
@@ -1945,4 +1959,136 @@ fn a_run_ends_with_the_kills_made_in_it_and_a_root_killed_is_said() {
     let calm = w.key("calm");
     w.exit(300);
     assert_eq!(w.core.run_state(calm), RunState::Ended(Vec::new()));
+}
+
+impl World {
+    /// Launcher `launcher` (started by pid 40) launches analysis `id`.
+    fn launch(&mut self, launcher: u32, id: &str, overrides: LimitOverrides) -> Vec<Action> {
+        self.procs.spawn(40, 1, start(40));
+        self.procs.spawn(launcher, 40, start(launcher));
+        let registration = self
+            .core
+            .check_launch(launcher, id, &overrides, &Peer::root(), &self.procs)
+            .expect("launchable");
+        self.core.launch(registration, &self.clock);
+        self.take()
+    }
+
+    /// The kernel puts `pid`, forked by launcher `launcher`, in its analysis.
+    fn launched(&mut self, pid: u32, launcher: u32, id: &str) -> Vec<Action> {
+        self.procs.spawn(pid, launcher, start(pid));
+        let analysis = self.key(id);
+        self.event(KernelEvent::Fork {
+            pid,
+            ppid: launcher,
+            analysis,
+            start_ns: start(pid),
+            comm: Comm::new("python"),
+            ts_ns: self.clock.boot_ns,
+            untracked: false,
+            launched: true,
+        })
+    }
+}
+
+#[test]
+fn a_launchers_children_are_the_analysis_on_one_clock_and_the_launcher_is_never_touched() {
+    let mut w = World::new();
+    let actions = w.launch(
+        50,
+        "block",
+        LimitOverrides {
+            timeout_ms: Some(5000),
+            ..Default::default()
+        },
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::WatchLauncher { root, launcher } if root == launcher && launcher.pid == 50)),
+        "its exit is watched: {actions:?}"
+    );
+    assert!(!w.core.tree().contains(50), "the launcher is no member");
+    // Steps run one after the other: each ends before the next starts, all on the
+    // block's one clock.
+    for (step, pid) in [60, 61, 62].into_iter().enumerate() {
+        let actions = w.launched(pid, 50, "block");
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::SaveRoot(p, _) if *p == pid)),
+            "a root of the analysis"
+        );
+        w.advance(Duration::from_millis(1500));
+        if step < 2 {
+            w.exit(pid);
+        }
+    }
+    let actions = w.advance(Duration::from_millis(500));
+    assert_eq!(
+        signals(&actions),
+        [(62, Signal::SIGTERM)],
+        "the block's budget is spent at 5 s, the launcher untouched"
+    );
+    w.exit(62);
+    // After the deadline, a new child is killed on arrival; the launch goes on.
+    assert_eq!(
+        signals(&w.launched(63, 50, "block")),
+        [(63, Signal::SIGTERM)]
+    );
+    w.exit(63);
+    // Unregistering the analysis ends the launch.
+    w.core
+        .unregister(None, Some("block"), &Peer::root(), &w.procs, &w.clock)
+        .ok();
+    let actions = w.take();
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Unlaunch(l) if l.pid == 50)),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn when_a_launcher_dies_its_children_are_orphans_and_its_launch_ends() {
+    let mut w = World::new();
+    w.launch(50, "driver", LimitOverrides::default());
+    w.launched(60, 50, "driver");
+    w.launched(61, 50, "driver");
+    let launcher = ProcRef {
+        pid: 50,
+        start_ns: start(50),
+    };
+    w.procs.die(50);
+    for pid in [50, 60, 61] {
+        let root = ProcRef {
+            pid,
+            start_ns: start(pid),
+        };
+        w.core.on_launcher_exit(root, &w.procs, &w.clock);
+    }
+    let actions = w.take();
+    let mut signalled = signals(&actions);
+    signalled.sort();
+    assert_eq!(signalled, [(60, Signal::SIGTERM), (61, Signal::SIGTERM)]);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Unlaunch(l) if *l == launcher))
+    );
+    let err = w
+        .core
+        .check_launch(
+            60,
+            "other",
+            &LimitOverrides::default(),
+            &Peer::root(),
+            &w.procs,
+        )
+        .unwrap_err();
+    assert!(
+        format!("{err}").contains("watched as part of analysis"),
+        "{err}"
+    );
 }

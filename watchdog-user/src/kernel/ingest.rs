@@ -90,7 +90,8 @@ fn decode(bytes: &[u8], now_ns: u64) -> Option<KernelEvent> {
             start_ns: ev.start_ns,
             comm: Comm(ev.comm),
             ts_ns: ev.ts_ns,
-            untracked: ev.value == watchdog_common::FORK_UNTRACKED,
+            untracked: ev.value & watchdog_common::FORK_UNTRACKED != 0,
+            launched: ev.value & watchdog_common::FORK_LAUNCHED != 0,
         },
         EventKind::Exit => KernelEvent::Exit {
             pid: ev.pid,

@@ -14,9 +14,10 @@ use aya::{
 };
 use watchdog_common::{
     ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, ERRORS_MAP,
-    EVENTS_MAP, INITIAL_PID_NS_INUM, KERNEL_LOG_MAP, LAYOUT, LAYOUT_MAP, LOGS_MAP, PID_NS_MAP,
-    PIDNS_ITER, PROGRAM_ERRORS, PROGRAM_NAMES, PidNs, ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER,
-    RootEntry, RssSample, WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
+    EVENTS_MAP, INITIAL_PID_NS_INUM, KERNEL_LOG_MAP, LAUNCHERS_MAP, LAYOUT, LAYOUT_MAP, LOGS_MAP,
+    PID_NS_MAP, PIDNS_ITER, PROGRAM_ERRORS, PROGRAM_NAMES, PidNs, ProcRecord, RING_BYTES,
+    ROOTS_MAP, RSS_ITER, RootEntry, RssSample, WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP,
+    WalkTarget, WatchEntry,
 };
 
 use tokio::io::{Interest, unix::AsyncFd};
@@ -55,6 +56,7 @@ pub struct Kernel {
     watched_capacity: u32,
     analyses: HashMap<MapData, u64, AnalysisEntry>,
     roots: HashMap<MapData, u32, RootEntry>,
+    launchers: HashMap<MapData, u32, WatchEntry>,
     resumed: bool,
     /// Pinned state was found untrustworthy and dropped at load (1), or not (0).
     pinned_state_dropped: u64,
@@ -183,7 +185,7 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 13] = [
     WATCHED_MAP,
     EVENTS_MAP,
     DROPS_MAP,
@@ -191,6 +193,8 @@ const PINNED_MAPS: [&str; 12] = [
     ERRORS_MAP,
     ANALYSES_MAP,
     ROOTS_MAP,
+    // Launchers keep handing their children to their analyses while no daemon runs.
+    LAUNCHERS_MAP,
     // Pinned too so that a restarted daemon writes the map the pinned iterator reads.
     WALK_TARGET_MAP,
     // The error reports and their switch: a restarted daemon reads the reports the
@@ -301,6 +305,7 @@ impl Kernel {
         let in_pid_ns = pid_ns != INITIAL_PID_NS_INUM;
         let mut config = KernelBtf::from_file(btf_path)?.program_config(in_pid_ns)?;
         config.wake_watermark = u64::from(ring_bytes.unwrap_or(RING_BYTES) / 4);
+        config.ns_per_tick = crate::vocab::process::ns_per_tick();
         tracing::debug!(?config, "offsets read from kernel BTF");
         // EbpfLoader::new() parses /sys/kernel/btf/vmlinux for itself (~15 MiB of heap);
         // it is given ours (from --btf) instead, so drop its copy before parsing ours:
@@ -404,6 +409,7 @@ impl Kernel {
             watched_capacity,
             analyses: HashMap::try_from(take(&mut ebpf, ANALYSES_MAP)?)?,
             roots: HashMap::try_from(take(&mut ebpf, ROOTS_MAP)?)?,
+            launchers: HashMap::try_from(take(&mut ebpf, LAUNCHERS_MAP)?)?,
             resumed,
             pinned_state_dropped: 0,
             salvage: None,
@@ -490,6 +496,41 @@ impl Kernel {
 
     pub fn roots(&self) -> Vec<(u32, RootEntry)> {
         self.roots.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// From now on the kernel puts each child `launcher` forks in analysis `analysis`.
+    pub fn launch(
+        &mut self,
+        launcher: ProcRef,
+        analysis: u64,
+        levels: crate::vocab::limits::RssLevels,
+    ) -> Result<()> {
+        let entry = WatchEntry {
+            analysis,
+            mem_limit: levels.limit,
+            warn_bytes: levels.warn,
+            rss_reported: 0,
+            start_ns: launcher.start_ns,
+        };
+        self.launchers
+            .insert(launcher.pid, entry, 0)
+            .with_context(|| format!("adding launcher {} to the kernel's map", launcher.pid))
+            .map_err(unavailable)
+    }
+
+    pub fn unlaunch(&mut self, launcher: ProcRef) {
+        let same = self
+            .launchers
+            .get(&launcher.pid, 0)
+            .is_ok_and(|e| e.start_ns == launcher.start_ns);
+        if same {
+            let _ = self.launchers.remove(&launcher.pid);
+        }
+    }
+
+    /// The launchers in the kernel map: (pid, the entry its children get).
+    pub fn launchers(&self) -> Vec<(u32, WatchEntry)> {
+        self.launchers.iter().filter_map(|r| r.ok()).collect()
     }
 
     pub fn watch(

@@ -304,10 +304,12 @@ pub async fn connect(url: &DatabaseUrl) -> Result<AnyPool> {
 /// migrations hold those known when they were written; a newer reason comes from here).
 async fn add_reasons(pool: &AnyPool) -> Result<(), sqlx::Error> {
     for reason in <Reason as clap::ValueEnum>::value_variants() {
-        sqlx::query("INSERT INTO watchdog_reasons (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
-            .bind(reason.as_str())
-            .execute(pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO watchdog_reasons (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(reason.as_str())
+        .execute(pool)
+        .await?;
     }
     Ok(())
 }

@@ -16,7 +16,17 @@ pub enum OrphanPolicy {
 }
 
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]
@@ -562,7 +572,10 @@ mod tests {
         slots.sort_unstable();
         slots.dedup();
         assert_eq!(slots.len(), SLOTS.len(), "a slot is used twice");
-        assert!(slots.iter().all(|s| *s < LIMIT_SLOTS), "a slot past the entry");
+        assert!(
+            slots.iter().all(|s| *s < LIMIT_SLOTS),
+            "a slot past the entry"
+        );
         let limits = Limits::default()
             .with(&LimitOverrides {
                 tree_memory_bytes: Some(3 << 30),
@@ -585,11 +598,22 @@ mod tests {
     fn the_defaults_are_the_documented_ones() {
         let d = Limits::default();
         assert_eq!(
-            (d.timeout_ms, d.memory_bytes, d.tree_memory_bytes, d.grace_ms, d.orphans),
+            (
+                d.timeout_ms,
+                d.memory_bytes,
+                d.tree_memory_bytes,
+                d.grace_ms,
+                d.orphans
+            ),
             (1_800_000, 2 << 30, None, 10_000, OrphanPolicy::Kill)
         );
         assert_eq!(
-            (d.max_processes, d.max_zombies, d.warn_at_percent, d.warn_signal.as_str()),
+            (
+                d.max_processes,
+                d.max_zombies,
+                d.warn_at_percent,
+                d.warn_signal.as_str()
+            ),
             (10_000, 1_000, 0, "SIGUSR1")
         );
         let shown = d.shown();

@@ -171,6 +171,13 @@ class Client:
             request["fresh"] = True
         return self.call(request)
 
+    def _launch(self, pid: int, analysis_id: str, limits_: Dict[str, Any]) -> Dict[str, Any]:
+        """Every child ``pid`` forks from now on is in analysis ``analysis_id`` (``pid``
+        never is), until it exits or the analysis is unregistered."""
+        if not isinstance(analysis_id, str):
+            raise TypeError(f"the analysis id must be a str, not {type(analysis_id).__name__}")
+        return self.call({"op": "launch", "pid": _pid(pid), "analysis_id": analysis_id, "limits": limits_})
+
     def unregister(self, pid: Optional[int] = None, analysis_id: Optional[str] = None) -> Dict[str, Any]:
         """Stop watching ``pid`` with its subtree, or the whole analysis ``analysis_id``
         (exactly one of them). Returns ``{"kind": "unregistered", "removed": N}``."""

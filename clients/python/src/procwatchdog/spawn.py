@@ -13,8 +13,6 @@ until the child has exec'd): that is why the registration runs on a thread.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import subprocess
 import sys
@@ -24,14 +22,9 @@ from typing import Any, Callable, Dict, List, Optional
 from .client import LIMIT_KEYWORDS, Client, limits as _limits
 from .errors import NotFound
 
-# Per thread: how many gated starts this thread is inside. Kept by a forked child for
-# the thread that forked it, so the child of a gated start knows its parent registers it.
-_local = threading.local()
-
-# The watch blocks open now, innermost last (process-wide: every thread's children).
+# The watch block open now in this process, if any.
 _active: List["Watch"] = []
 _lock = threading.Lock()
-_hooks_installed = False
 
 
 class _NotRegistered(Exception):
@@ -80,7 +73,6 @@ def _start_gated(init: Callable[..., None], args: Any, kwargs: Dict[str, Any], r
 
     thread = threading.Thread(target=registrar, name="procwatchdog-register", daemon=True)
     thread.start()
-    _local.gating = getattr(_local, "gating", 0) + 1
     try:
         init(args, preexec_fn=preexec, **kwargs)
     except BaseException:
@@ -91,17 +83,12 @@ def _start_gated(init: Callable[..., None], args: Any, kwargs: Dict[str, Any], r
             raise outcome["error"] from None
         raise
     finally:
-        _local.gating -= 1
         if hello_w >= 0:
             os.close(hello_w)
         thread.join()
         for fd in (hello_r, gate_r, gate_w):
             os.close(fd)
     return outcome.get("reply")
-
-
-_original_init = subprocess.Popen.__init__
-_init_signature = inspect.signature(_original_init)
 
 
 class Popen(subprocess.Popen):
@@ -111,8 +98,19 @@ class Popen(subprocess.Popen):
     to ``subprocess.Popen``. ``registration`` holds the daemon's reply.
 
     Raises the daemon's error (Refused, NoDaemon, ...) when it would not watch the
-    child, which then never runs the command.
+    child, which then never runs the command. Inside a ``watch()`` block its child is
+    the block's already: use ``subprocess.Popen`` there.
+
+    Once the command has exited, ``wait()`` (and so ``communicate()``, ``with`` and
+    ``subprocess.run``) returns when all of its analysis has ended and the records are
+    stored, and sets ``kills``: what the watchdog killed in it, one dict per reason
+    (``reason``, ``limit``, ``processes``, ``roots``, ``measured_bytes``), and
+    ``killed_by``: the one that killed this command itself, or None. A command the
+    watchdog killed returns ``-signal``, as any killed command does.
     """
+
+    kills: Optional[List[Dict[str, Any]]] = None
+    killed_by: Optional[Dict[str, Any]] = None
 
     def __init__(
         self,
@@ -124,6 +122,12 @@ class Popen(subprocess.Popen):
     ):
         self.client = client if client is not None else Client()
         self.analysis_id = analysis_id
+        if _active:
+            raise ValueError(
+                f"Popen inside watch({_active[-1].analysis_id!r}): its child is in that block's "
+                "analysis from its first instruction already; use subprocess.Popen in the block, "
+                "or this Popen outside it"
+            )
         wanted = _limits(**{k: popen_kwargs.pop(k) for k in list(popen_kwargs) if k in LIMIT_KEYWORDS})
         self.registration = _start_gated(
             super().__init__,
@@ -132,23 +136,40 @@ class Popen(subprocess.Popen):
             lambda pid: self.client._register(pid, analysis_id, wanted, fresh=True),
         )
 
+    def wait(self, timeout: Optional[float] = None) -> int:
+        code = super().wait(timeout)
+        if self.kills is None and self.registration is not None:
+            ended = self.client.call({"op": "wait", "run": self.registration.get("run", 0)})
+            self.kills = ended.get("kills", [])
+            self.killed_by = next(
+                (k for k in self.kills if any(r["pid"] == self.pid for r in k.get("roots", []))),
+                None,
+            )
+        return code
+
 
 class Watch:
-    """What ``watch()`` returns: a context manager. While the block runs, every child
-    this process starts (from any thread) through ``subprocess`` (``Popen``, ``run``,
-    ``check_output``, ``os.popen``, asyncio's subprocesses...) or ``os.fork``
-    (``multiprocessing`` with its "fork" start method) is registered as analysis
-    ``analysis_id`` before it runs anything, and so is all it forks. This process
-    itself is not watched: it is never killed. At the end of the block the analysis is
-    unregistered: what still runs from it is no longer watched.
+    """What ``watch()`` returns: a context manager. While the block runs, every process
+    this process starts, from any thread and by any means (``subprocess``, ``os.fork``,
+    ``os.system``, ``os.posix_spawn``, multiprocessing's fork, spawn and forkserver
+    start methods, joblib's loky workers...), is in analysis ``analysis_id`` from its
+    first instruction, and so is all it starts: the kernel puts each new child of this
+    process in the analysis as it is forked. This process itself is never a member: it
+    is never killed.
 
-    The timeout counts from the first process the block starts (the daemon makes the
-    analysis then, and forgets it once all its processes have ended). What the block
-    starts is, like any registered process, killed as an orphan (``orphans="kill"``) if
-    this process dies while it runs.
+    The limits are the block's: its timeout is one budget for everything the block
+    starts, counted from the block's start (four 3 s steps one after the other under
+    ``timeout="5s"`` are killed at 5 s), and a process started once the budget is spent
+    is killed at once. For a limit per command, use ``Popen`` outside the block. What
+    the block started is killed as an orphan (``orphans="kill"``) when this process dies
+    while it runs: a SIGKILLed driver leaves no worker behind.
 
-    ``pids``: the subprocess children registered so far (a child of ``os.fork``
-    registers itself, in its own copy). ``client``, ``analysis_id``, ``limits``.
+    At the end of the block the analysis is unregistered: what still runs from it is no
+    longer watched. One block at a time per process: another one (nested, or from
+    another thread) is refused with ``Refused``.
+
+    ``registration``: the daemon's reply (its ``run`` names this run of the analysis).
+    ``client``, ``analysis_id``, ``limits``.
     """
 
     def __init__(self, analysis_id: str, *, client: Optional[Client] = None, **limits: Any):
@@ -157,94 +178,43 @@ class Watch:
         self.client = client if client is not None else Client()
         self.analysis_id = analysis_id
         self.limits = _limits(**limits)
-        self.pids: List[int] = []
-        self.forked = False  # an os.fork child (which registers itself) was started
+        self.registration: Optional[Dict[str, Any]] = None
 
     def __repr__(self) -> str:
         return f"Watch({self.analysis_id!r}, client={self.client!r})"
 
-    def register(self, pid: int) -> Dict[str, Any]:
-        """Registers ``pid`` (a child just started, held) into this block's analysis."""
-        reply = self.client._register(pid, self.analysis_id, self.limits, fresh=True)
-        self.pids.append(pid)
-        return reply
-
     def __enter__(self) -> "Watch":
-        _install_hooks()
+        self.registration = self.client._launch(os.getpid(), self.analysis_id, self.limits)
+        # A forkserver started earlier forks the block's workers: it launches them too.
+        server = _forkserver_pid()
+        if server is not None:
+            try:
+                self.client._launch(server, self.analysis_id, self.limits)
+            except NotFound:
+                pass  # it exited: multiprocessing starts another, in the block
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
         with _lock:
             _active.append(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         with _lock:
-            _active.remove(self)
-        if not (self.pids or self.forked):
-            return  # nothing was started: the daemon never heard of this block
+            if self in _active:
+                _active.remove(self)
         try:
             self.client.unregister(analysis_id=self.analysis_id)
         except NotFound:
-            pass  # everything it started has ended: the daemon forgot the analysis
+            pass  # the daemon forgot the analysis already
         except Exception:
             if exc_type is None:
                 raise
 
 
-def _current() -> Optional[Watch]:
-    return _active[-1] if _active else None
-
-
-def _watched_init(self: subprocess.Popen, *args: Any, **kwargs: Any) -> None:
-    """``subprocess.Popen.__init__`` while hooks are installed: held and registered
-    when a watch block is open and no gated start is under way on this thread."""
-    watch = _current()
-    if watch is None or getattr(_local, "gating", 0):
-        return _original_init(self, *args, **kwargs)
-    bound = _init_signature.bind(self, *args, **kwargs)
-    arguments = dict(bound.arguments)
-    arguments.pop("self")
-    extra = arguments.pop("kwargs", {})  # Popen's own **kwargs (none today)
-    popen_args = arguments.pop("args")
-    if arguments.get("preexec_fn") is None:
-        arguments.pop("preexec_fn", None)
-    _start_gated(functools.partial(_original_init, self), popen_args, {**arguments, **extra}, watch.register)
-
-
-def _before_fork() -> None:
-    watch = _current()
-    if watch is not None and not getattr(_local, "gating", 0):
-        watch.forked = True
-
-
-def _after_fork_in_child() -> None:
-    """``os.fork`` inside a watch block: the child registers itself before it returns
-    from fork. A child that cannot be registered exits (125) rather than run unwatched."""
-    global _lock
-    if getattr(_local, "gating", 0):
-        return  # a held subprocess child: its parent registers it
-    watch = _current()
-    _lock = threading.Lock()
-    if watch is None:
-        return
-    # What this child forks is watched by the kernel from now on: no more registering.
-    _active.clear()
-    try:
-        watch.client._register(os.getpid(), watch.analysis_id, watch.limits, fresh=True)
-    except BaseException as err:
-        try:
-            sys.stderr.write(
-                f"procwatchdog: a process forked inside watch({watch.analysis_id!r}) could not be "
-                f"registered, so it exits instead of running unwatched: {err}\n"
-            )
-            sys.stderr.flush()
-        finally:
-            os._exit(125)
-
-
-def _install_hooks() -> None:
-    global _hooks_installed
-    with _lock:
-        if _hooks_installed:
-            return
-        subprocess.Popen.__init__ = _watched_init  # type: ignore[method-assign]
-        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
-        _hooks_installed = True
+def _forkserver_pid() -> Optional[int]:
+    """The pid of multiprocessing's forkserver, if this process started one."""
+    module = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(module, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    return pid if isinstance(pid, int) and pid > 0 else None

@@ -127,6 +127,33 @@ impl World {
             root,
         })
     }
+    /// Checks a launch: as a registration, and the launcher must be neither a member
+    /// (what it starts is watched already) nor a launcher already.
+    pub fn check_launch(
+        &self,
+        pid: u32,
+        analysis_id: &str,
+        overrides: &LimitOverrides,
+        caller: &Peer,
+        procs: &dyn Procs,
+    ) -> Result<Registration> {
+        if let Some(node) = self.tree.get(pid) {
+            let id = self.registry.id(node.analysis).unwrap_or("?");
+            bail!(Error::refused(format!(
+                "pid {pid} is watched as part of analysis {id:?}: what it starts is watched \
+                 already, so it cannot launch another (nothing was changed)"
+            )));
+        }
+        if let Some(launch) = self.registry.launch_of(pid) {
+            let id = self.registry.id(launch.analysis).unwrap_or("?");
+            bail!(Error::refused(format!(
+                "pid {pid} launches analysis {id:?} already: one launch per process; end \
+                 that one first (unregister --analysis-id {id:?})"
+            )));
+        }
+        self.check_register(pid, analysis_id, overrides, caller, procs)
+    }
+
     /// Refuses a process of a run being killed (or forked by one: its fork event may
     /// still be queued): registering it again must not take it out of the kill.
     fn refuse_dying(&self, pid: u32, ppid: u32) -> Result<()> {

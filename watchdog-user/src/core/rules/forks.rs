@@ -42,6 +42,7 @@ impl Forks {
         w: &mut World,
         node: Node,
         untracked: bool,
+        launched: bool,
         clock: &Clock,
     ) {
         w.counters.forks += 1;
@@ -54,6 +55,9 @@ impl Forks {
         }
         let (process, ppid, analysis) = (node.proc_ref(), node.ppid, node.analysis);
         w.insert(node);
+        if launched {
+            w.adopt_launched(process, ppid, analysis);
+        }
         w.join_dying_scope(process.pid, ppid, analysis, clock);
         self.check_process_count(w, analysis, clock);
         if untracked {

@@ -71,7 +71,8 @@ impl World {
     /// Forgets an analysis with no process and no kill left (a killed one only after
     /// [`DYING_LINGER`]).
     pub(in crate::core) fn forget_if_finished(&mut self, key: AnalysisKey, clock: &Clock) {
-        if self.tree.has_analysis(key) || self.jobs.iter().any(|j| j.analysis == key) {
+        let launched = !self.registry.launchers_of(key).is_empty();
+        if launched || self.tree.has_analysis(key) || self.jobs.iter().any(|j| j.analysis == key) {
             self.lingering.remove(&key);
             return;
         }
