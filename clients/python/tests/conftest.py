@@ -125,12 +125,11 @@ def client_site(workdir):
     site = workdir / "site"
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site)]
     try:
-        import setuptools  # noqa: F401  (with both here, build offline)
-        import wheel  # noqa: F401
+        import flit_core  # noqa: F401  (with the build backend here, build offline)
 
         cmd.append("--no-build-isolation")
     except ImportError:
-        pass  # pip fetches the build backend (setuptools) from PyPI
+        pass  # pip fetches the build backend (flit_core) from PyPI
     # joblib and cloudpickle (pure Python, from PyPI), for the tests of loky's workers.
     done = subprocess.run(cmd + [str(source), "joblib", "cloudpickle"], capture_output=True, text=True)
     if done.returncode != 0:

@@ -179,3 +179,52 @@ fn joining_a_running_analysis_with_other_limits_is_refused_and_the_command_never
     assert!(!first.alive_now());
     Ok(())
 }
+
+/// A script that starts a daemon the way `ray start` does (the starter returns, the
+/// daemon lives on with init as its parent), uses it, and stops it.
+const DAEMON_STARTING_SCRIPT: &str = r#"
+sh -c 'sleep 600 & echo $! > "$0"' "$1"
+sleep 0.3
+if [ -d /proc/$(cat "$1") ] && ! grep -q '^State:.*Z' /proc/$(cat "$1")/status; then
+    echo "job: the daemon answers"
+else
+    echo "job: the daemon is gone"
+fi
+kill $(cat "$1")
+"#;
+
+#[test]
+fn a_daemon_starting_tool_works_under_orphans_log_and_is_killed_at_once_by_default() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let run = |id: &str, policy: &[&str]| -> Result<(String, String, Option<i32>)> {
+        let pidfile = daemon.dir.join(format!("{id}.pid"));
+        let mut args = vec!["exec", "--analysis-id", id, "--timeout", "60s"];
+        args.extend(policy);
+        args.extend(["--", "sh", "-c", DAEMON_STARTING_SCRIPT, "script"]);
+        let pidfile = pidfile.to_str().unwrap().to_string();
+        args.push(&pidfile);
+        let out = daemon.cli(&args);
+        Ok((
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            stderr(&out),
+            out.status.code(),
+        ))
+    };
+    // The default: the daemon is an orphan the moment its starter returns.
+    let (said, warned, code) = run("ray-default", &[])?;
+    assert_eq!(said, "job: the daemon is gone", "{warned}");
+    assert!(warned.contains("orphan"), "{warned}");
+    assert_eq!(code, Some(0));
+    // Under --orphans log it is a member until the timeout: the job uses it, stops it,
+    // and exec returns once it is gone; its record says it outlived its starter.
+    let (said, warned, code) = run("ray-log", &["--orphans", "log"])?;
+    assert_eq!(said, "job: the daemon answers", "{warned}");
+    assert_eq!((warned.as_str(), code), ("", Some(0)), "nothing was killed");
+    let records = daemon.events_of("ray-log")?;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(
+        (records[0].record.reason, records[0].record.outcome),
+        (Reason::Orphan, watchdog_tests::Outcome::Logged)
+    );
+    Ok(())
+}

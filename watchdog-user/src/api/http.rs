@@ -521,6 +521,8 @@ mod tests {
             owner_uid: Some(0),
             warned_of: None,
             zombies: None,
+            tree_pss_bytes: None,
+            tree_rss_bytes: None,
         }
     }
 

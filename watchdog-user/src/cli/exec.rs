@@ -179,7 +179,8 @@ fn why(kill: &RunKill) -> String {
             size(limit)
         ),
         Reason::TreeMemory => format!(
-            "tree_memory, the analysis over its limit of {} in all",
+            "tree_memory, its processes' PSS summed to {}, over its limit of {} in all",
+            size(kill.measured_bytes),
             size(limit)
         ),
         Reason::Orphan => "orphan, left running when its parent died".into(),

@@ -88,6 +88,8 @@ pub struct KillJob {
     pub limit: Option<u64>,
     /// Reason `zombies`: how many unreaped children the target held.
     pub zombies: Option<u64>,
+    /// Reason `tree_memory`: the analysis' PSS sum and RSS sum when it crossed.
+    pub tree_sums: Option<(u64, u64)>,
     pub escalate_at: Instant,
     escalated: bool,
     pub mode: Mode,
@@ -124,6 +126,7 @@ impl KillJob {
             owner_uid: spec.owner_uid,
             limit: spec.limit,
             zombies: spec.zombies,
+            tree_sums: None,
             escalate_at: now + spec.grace,
             escalated: false,
             mode: spec.mode,
@@ -358,6 +361,8 @@ impl KillJob {
                 owner_uid: self.owner_uid,
                 warned_of: None,
                 zombies: self.zombies,
+                tree_pss_bytes: self.tree_sums.map(|(pss, _)| pss),
+                tree_rss_bytes: self.tree_sums.map(|(_, rss)| rss),
             })
             .collect()
     }

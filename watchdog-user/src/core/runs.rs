@@ -23,7 +23,8 @@ pub struct RunKill {
     /// The registered roots of the run it signalled (the commands a client started),
     /// each with the last signal it got (`SIGTERM`, `SIGKILL`).
     pub roots: Vec<RootKilled>,
-    /// The largest memory figure of its records (RSS, or the tree's PSS sum), bytes.
+    /// The largest memory figure of its records, bytes: a process' RSS, or for
+    /// `tree_memory` the analysis' PSS sum.
     pub measured_bytes: u64,
 }
 
@@ -71,7 +72,8 @@ impl Runs {
                 measured_bytes: 0,
             });
         kill.processes += 1;
-        kill.measured_bytes = kill.measured_bytes.max(record.rss_bytes);
+        let measured = record.tree_pss_bytes.unwrap_or(record.rss_bytes);
+        kill.measured_bytes = kill.measured_bytes.max(measured);
         if root && let Some(last) = record.signals.last() {
             kill.roots.push(RootKilled {
                 pid: record.pid,

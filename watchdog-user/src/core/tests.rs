@@ -465,6 +465,16 @@ fn processes_under_their_own_limit_but_over_the_tree_limit_get_the_analysis_kill
         signals(&w.rss(102, 90 * MIB)).is_empty(),
         "one kill per analysis"
     );
+    w.exit(101);
+    w.exit(102);
+    let records = records(&w.exit(100));
+    assert_eq!(records.len(), 3);
+    assert!(
+        records.iter().all(|r| r.reason == Reason::TreeMemory
+            && r.tree_pss_bytes == Some(255 * MIB)
+            && r.tree_rss_bytes == Some(255 * MIB)),
+        "each record says what crossed the limit: {records:?}"
+    );
 }
 
 #[test]

@@ -351,15 +351,15 @@ impl Sql {
             insert_event_text: format!(
                 "INSERT INTO watchdog_events (event_uid, time, host, pid, ppid, analysis_id, reason, \
                  limit_value, rss_bytes, runtime_ms, signals, outcome, comm, cmdline, uid, owner_uid, \
-                 warned_of, zombies) \
+                 warned_of, zombies, tree_pss_bytes, tree_rss_bytes) \
                  VALUES ($1, $2{ts}, $3, $4, $5, $6, $7, $8, $9, $10, $11{json}, $12, $13, $14, $15, $16, \
-                 $17, $18) \
+                 $17, $18, $19, $20) \
                  ON CONFLICT (event_uid) DO NOTHING"
             ),
             select_events_text: format!(
                 "SELECT {time_out} AS time, host, pid, ppid, analysis_id, reason, limit_value, rss_bytes, \
                  runtime_ms, {signals_out} AS signals, outcome, comm, cmdline, uid, owner_uid, warned_of, \
-                 zombies FROM watchdog_events \
+                 zombies, tree_pss_bytes, tree_rss_bytes FROM watchdog_events \
                  WHERE ($1{text} IS NULL OR time >= $1{ts}) AND ($2{text} IS NULL OR analysis_id = $2) \
                  AND ($3{text} IS NULL OR reason = $3) AND ($4{text} IS NULL OR host = $4) \
                  ORDER BY time DESC, id DESC LIMIT $5"
@@ -405,6 +405,8 @@ impl Sql {
             .bind(r.owner_uid.map(i64::from))
             .bind(r.warned_of.map(|w| w.as_str().to_string()))
             .bind(r.zombies.map(i64_of))
+            .bind(r.tree_pss_bytes.map(i64_of))
+            .bind(r.tree_rss_bytes.map(i64_of))
     }
 
     fn insert_event(&self) -> AssertSqlSafe<String> {
@@ -998,6 +1000,12 @@ fn record_from_row(row: &AnyRow) -> Result<KillRecord> {
             .map(|w| serde_json::from_value(serde_json::Value::String(w)))
             .transpose()?,
         zombies: row.try_get::<Option<i64>, _>("zombies")?.map(|v| v as u64),
+        tree_pss_bytes: row
+            .try_get::<Option<i64>, _>("tree_pss_bytes")?
+            .map(|v| v as u64),
+        tree_rss_bytes: row
+            .try_get::<Option<i64>, _>("tree_rss_bytes")?
+            .map(|v| v as u64),
     })
 }
 
@@ -1030,6 +1038,8 @@ pub async fn bench_inserts(url: &DatabaseUrl, rows: usize, batch: usize) -> Resu
             owner_uid: Some(1000),
             warned_of: None,
             zombies: None,
+            tree_pss_bytes: None,
+            tree_rss_bytes: None,
         },
     };
     let started = std::time::Instant::now();
@@ -1081,6 +1091,8 @@ mod tests {
             owner_uid: None,
             warned_of: None,
             zombies: None,
+            tree_pss_bytes: None,
+            tree_rss_bytes: None,
         };
         let late = record(
             "2026-11-21T12:00:00.500Z",

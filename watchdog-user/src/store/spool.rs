@@ -479,6 +479,8 @@ mod tests {
                 owner_uid: None,
                 warned_of: None,
                 zombies: None,
+                tree_pss_bytes: None,
+                tree_rss_bytes: None,
                 uid: 0,
             },
         }

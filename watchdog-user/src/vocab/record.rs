@@ -67,4 +67,12 @@ pub struct KillRecord {
     /// Reason `zombies`: how many exited children the process held unreaped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zombies: Option<u64>,
+    /// Reason `tree_memory`: what crossed the limit, the analysis' PSS summed over its
+    /// processes from /proc/PID/smaps_rollup (a page shared by N processes counts 1/N
+    /// in each), measured once the sum of their RSS (`tree_rss_bytes`, which counts a
+    /// shared page N times) had crossed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_pss_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_rss_bytes: Option<u64>,
 }

@@ -169,6 +169,14 @@ impl Memory {
             "tree memory limit crossed"
         );
         w.kill_analysis(key, Reason::TreeMemory, Some(limit), clock);
+        let job = w
+            .jobs
+            .iter_mut()
+            .rev()
+            .find(|j| j.analysis == key && j.reason == Reason::TreeMemory);
+        if let Some(job) = job {
+            job.tree_sums = Some((pss, sum));
+        }
     }
 
     /// A process' memory reached the warning's level of its limit (by RSS, or by PSS

@@ -91,6 +91,8 @@ impl World {
                 owner_uid: Some(owner),
                 warned_of: Some(of),
                 zombies: None,
+                tree_pss_bytes: None,
+                tree_rss_bytes: None,
             });
         }
     }
