@@ -115,23 +115,19 @@ def test_watch_block_catches_an_orphan_and_unregisters_at_its_end(as_user):
 # that would sleep for 10 minutes, and reports their pids. Run under `watch()`, the
 # workers are killed at the budget; with `kill_driver`, the driver SIGKILLs itself once
 # they run, and they are killed as orphans.
+# multiprocessing's start methods that start each worker anew (in C: no Python hook).
+_CONTEXT_WORKERS = """
+        import multiprocessing
+        ctx = multiprocessing.get_context("{method}")
+        workers = [ctx.Process(target=time.sleep, args=(600,)) for _ in range(2)]
+        for p in workers:
+            p.start()
+        pids = [p.pid for p in workers]
+"""
+
 START_METHODS = {
-    "spawn": """
-        import multiprocessing
-        ctx = multiprocessing.get_context("spawn")
-        workers = [ctx.Process(target=time.sleep, args=(600,)) for _ in range(2)]
-        for p in workers:
-            p.start()
-        pids = [p.pid for p in workers]
-    """,
-    "forkserver": """
-        import multiprocessing
-        ctx = multiprocessing.get_context("forkserver")
-        workers = [ctx.Process(target=time.sleep, args=(600,)) for _ in range(2)]
-        for p in workers:
-            p.start()
-        pids = [p.pid for p in workers]
-    """,
+    "spawn": _CONTEXT_WORKERS.format(method="spawn"),
+    "forkserver": _CONTEXT_WORKERS.format(method="forkserver"),
     "loky": """
         from joblib.externals.loky import get_reusable_executor
         executor = get_reusable_executor(max_workers=2)

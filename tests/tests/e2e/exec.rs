@@ -228,3 +228,50 @@ fn a_daemon_starting_tool_works_under_orphans_log_and_is_killed_at_once_by_defau
     );
     Ok(())
 }
+
+/// Starts `sleep 600` for each line it reads, printing its pid: a driver whose children
+/// a launch puts in an analysis.
+const LAUNCHING_DRIVER: &str = r#"
+import subprocess, sys
+for _ in sys.stdin:
+    print(subprocess.Popen(["sleep", "600"]).pid, flush=True)
+"#;
+
+#[test]
+fn a_launch_survives_a_daemon_restart_and_its_children_die_with_the_launcher() -> Result<()> {
+    let mut daemon = Daemon::start()?;
+    let mut driver = watchdog_tests::Workload::python(LAUNCHING_DRIVER, &[])?;
+    let answer = daemon.request(&format!(
+        r#"{{"op":"launch","pid":{},"analysis_id":"launched"}}"#,
+        driver.pid()
+    ))?;
+    assert_eq!(answer["ok"]["kind"], "registered", "{answer}");
+    let member = |daemon: &Daemon, pid: u32| -> Result<bool> {
+        Ok(watchdog_tests::all_nodes(&daemon.tree(Some("launched"))?)
+            .iter()
+            .any(|n| n.pid == pid))
+    };
+    driver.send("go")?;
+    let before: u32 = driver.read_line()?.parse()?;
+    watchdog_tests::await_state("the first child in the analysis", || {
+        Ok(member(&daemon, before)?.then_some(()))
+    })?;
+    assert!(!member(&daemon, driver.pid())?, "the launcher is no member");
+    daemon.restart()?;
+    driver.send("go")?;
+    let after: u32 = driver.read_line()?.parse()?;
+    watchdog_tests::await_state("the child forked after the restart in the analysis", || {
+        Ok(member(&daemon, after)?.then_some(()))
+    })?;
+    driver.kill()?;
+    watchdog_tests::await_state("both children killed as orphans", || {
+        Ok((!alive(before) && !alive(after)).then_some(()))
+    })?;
+    let records = daemon.events_of("launched")?;
+    assert!(
+        records.iter().all(|r| r.record.reason == Reason::Orphan),
+        "{records:#?}"
+    );
+    assert_eq!(records.len(), 2);
+    Ok(())
+}

@@ -12,7 +12,7 @@ use crate::{
         protocol::{Reply, Request, Response, TestFault},
         report,
     },
-    core::Watch,
+    core::{Registered, Watch},
     core::{Clock, Core, procs::Procs, runs::RunState},
     store::EventFilter,
     vocab::{
@@ -153,13 +153,7 @@ fn launch(
 ) -> Result<Reply> {
     let registration = core.check_launch(pid, analysis_id, limits, peer, procs)?;
     effects.launch(&registration)?;
-    let launched = core.launch(registration, clock);
-    Ok(Reply::Registered {
-        pid: launched.pid,
-        analysis_id: launched.analysis_id,
-        watched: launched.watched,
-        run: launched.run,
-    })
+    Ok(registered(core.launch(registration, clock)))
 }
 
 /// Checked by the rules, put in the kernel map by the effects, taken in by the rules:
@@ -187,13 +181,17 @@ fn register(
         let permit = |process: ProcRef| core.check_descendants(&registration, &[process], procs);
         effects.watch(&registration, fresh, &|pid| core.analysis_of(pid), &permit)?
     };
-    let registered = core.adopt(registration, &watched, clock)?;
-    Ok(Reply::Registered {
-        pid: registered.pid,
-        analysis_id: registered.analysis_id,
-        watched: registered.watched,
-        run: registered.run,
-    })
+    Ok(registered(core.adopt(registration, &watched, clock)?))
+}
+
+/// The reply to a registration or launch taken in.
+fn registered(taken: Registered) -> Reply {
+    Reply::Registered {
+        pid: taken.pid,
+        analysis_id: taken.analysis_id,
+        watched: taken.watched,
+        run: taken.run,
+    }
 }
 
 /// The answer to `wait` for run `run` as it stands, or None while it is running.

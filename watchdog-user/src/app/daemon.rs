@@ -551,7 +551,20 @@ impl Daemon {
         let in_map = kernel.watched();
         if kernel.resumed() {
             let (analyses, roots) = (kernel.saved_analyses(), kernel.roots());
-            self.feed(|core, clock| core.resume(&analyses, &roots, &in_map, &SysProcs, clock));
+            let launchers: Vec<_> = kernel
+                .launchers()
+                .into_iter()
+                .map(|(pid, entry)| {
+                    let launcher = ProcRef {
+                        pid,
+                        start_ns: entry.start_ns,
+                    };
+                    (launcher, entry.analysis)
+                })
+                .collect();
+            self.feed(|core, clock| {
+                core.resume(&analyses, &roots, &launchers, &in_map, &SysProcs, clock)
+            });
         } else {
             self.feed(|core, clock| core.resync(&in_map, &SysProcs, clock, Resync::Start));
         }

@@ -108,13 +108,7 @@ impl World {
             )));
         }
         if new_analysis {
-            let made = self
-                .registry
-                .create(&analysis_id, &limits, owner, clock.now, clock.wall);
-            debug_assert_eq!(made, key);
-            let entry = registry::entry_from_analysis(self.registry.get(key).expect("just made"));
-            self.actions
-                .push(Action::SaveAnalysis(key, Box::new(entry)));
+            self.create_analysis(key, &analysis_id, &limits, owner, clock);
         }
         for info in watched {
             self.insert(node_of(info, key));
@@ -167,11 +161,7 @@ impl World {
             ..
         } = registration;
         if new_analysis {
-            self.registry
-                .create(&analysis_id, &limits, owner, clock.now, clock.wall);
-            let entry = registry::entry_from_analysis(self.registry.get(key).expect("just made"));
-            self.actions
-                .push(Action::SaveAnalysis(key, Box::new(entry)));
+            self.create_analysis(key, &analysis_id, &limits, owner, clock);
         }
         let process = root.proc_ref();
         self.registry.add_launch(Launch {
@@ -190,6 +180,25 @@ impl World {
             analysis_id,
             run: key,
         }
+    }
+
+    /// Makes the analysis a registration checked as new (its clock starts now), and
+    /// saves it in the kernel map for a restarted daemon.
+    fn create_analysis(
+        &mut self,
+        key: AnalysisKey,
+        analysis_id: &str,
+        limits: &Limits,
+        owner: u32,
+        clock: &Clock,
+    ) {
+        let made = self
+            .registry
+            .create(analysis_id, limits, owner, clock.now, clock.wall);
+        debug_assert_eq!(made, key);
+        let entry = registry::entry_from_analysis(self.registry.get(key).expect("just made"));
+        self.actions
+            .push(Action::SaveAnalysis(key, Box::new(entry)));
     }
 
     /// Ends the launch of `process` (it exited, or its analysis was unregistered);

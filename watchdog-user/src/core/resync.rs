@@ -10,7 +10,7 @@ use crate::{
     core::{
         Core,
         procs::Procs,
-        registry::{self, Root},
+        registry::{self, Launch, Root},
         tree::Node,
         world::{Action, Clock, Resync},
     },
@@ -81,6 +81,7 @@ impl Core {
         &mut self,
         analyses: &[(AnalysisKey, AnalysisEntry)],
         roots: &[(u32, RootEntry)],
+        launchers: &[(ProcRef, AnalysisKey)],
         in_map: &[(ProcRef, AnalysisKey)],
         procs: &dyn Procs,
         clock: &Clock,
@@ -91,6 +92,7 @@ impl Core {
                 registry::analysis_from_entry(entry, clock.now, clock.wall),
             );
         }
+        self.resume_launches(launchers, procs);
         self.resync(in_map, procs, clock, Resync::Restart);
         let saved: std::collections::HashMap<u32, RootEntry> = roots.iter().copied().collect();
         let parentless: Vec<ProcRef> = self
@@ -134,9 +136,32 @@ impl Core {
         }
         self.world.finish_done_jobs(clock);
         tracing::info!(
+            launches = launchers.len(),
             analyses = self.world.registry.len(),
             watched = self.world.tree.len(),
             "resumed the previous run's analyses"
         );
+    }
+
+    /// The launches the kernel kept while no daemon ran: each of a living launcher and
+    /// a known analysis goes on (its exit watched again); the others end.
+    fn resume_launches(&mut self, launchers: &[(ProcRef, AnalysisKey)], procs: &dyn Procs) {
+        for &(launcher, key) in launchers {
+            let alive = procs
+                .read(launcher.pid)
+                .is_some_and(|p| same_start(p.start_ns, launcher.start_ns));
+            if alive && self.world.registry.get(key).is_some() {
+                self.world.registry.add_launch(Launch {
+                    process: launcher,
+                    analysis: key,
+                });
+                self.world.actions.push(Action::WatchLauncher {
+                    root: launcher,
+                    launcher,
+                });
+            } else {
+                self.world.actions.push(Action::Unlaunch(launcher));
+            }
+        }
     }
 }

@@ -867,6 +867,7 @@ fn after_a_restart_passed_deadlines_are_enforced_and_processes_orphaned_in_the_g
     w.core.resume(
         &[(key, entry)],
         &roots,
+        &[],
         &[mapped(100, key), mapped(101, key)],
         &w.procs,
         &w.clock,

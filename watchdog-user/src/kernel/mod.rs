@@ -505,15 +505,8 @@ impl Kernel {
         analysis: u64,
         levels: crate::vocab::limits::RssLevels,
     ) -> Result<()> {
-        let entry = WatchEntry {
-            analysis,
-            mem_limit: levels.limit,
-            warn_bytes: levels.warn,
-            rss_reported: 0,
-            start_ns: launcher.start_ns,
-        };
         self.launchers
-            .insert(launcher.pid, entry, 0)
+            .insert(launcher.pid, watch_entry(launcher, analysis, levels), 0)
             .with_context(|| format!("adding launcher {} to the kernel's map", launcher.pid))
             .map_err(unavailable)
     }
@@ -539,15 +532,8 @@ impl Kernel {
         analysis: u64,
         mem_limit: crate::vocab::limits::RssLevels,
     ) -> Result<()> {
-        let entry = WatchEntry {
-            analysis,
-            mem_limit: mem_limit.limit,
-            warn_bytes: mem_limit.warn,
-            rss_reported: 0,
-            start_ns: process.start_ns,
-        };
         self.watched
-            .insert(process.pid, entry, 0)
+            .insert(process.pid, watch_entry(process, analysis, mem_limit), 0)
             .with_context(|| format!("adding pid {} to the kernel's watched map", process.pid))
             .map_err(unavailable)
     }
@@ -847,5 +833,21 @@ fn raise_memlock_limit() {
     use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
     if let Err(errno) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
         tracing::debug!("could not raise RLIMIT_MEMLOCK ({errno}); fine on kernels >= 5.11");
+    }
+}
+
+/// The kernel map's entry of `process` in `analysis` (a launcher's: the one its
+/// children get, with the launcher's start time).
+fn watch_entry(
+    process: ProcRef,
+    analysis: u64,
+    levels: crate::vocab::limits::RssLevels,
+) -> WatchEntry {
+    WatchEntry {
+        analysis,
+        mem_limit: levels.limit,
+        warn_bytes: levels.warn,
+        rss_reported: 0,
+        start_ns: process.start_ns,
     }
 }
