@@ -174,7 +174,7 @@ fn why(kill: &RunKill) -> String {
             humantime::format_duration(Duration::from_millis(limit))
         ),
         Reason::Memory => format!(
-            "memory, {} over its limit of {} per process",
+            "memory, it reached {}, over its limit of {} per process",
             size(kill.measured_bytes),
             size(limit)
         ),
