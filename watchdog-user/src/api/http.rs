@@ -292,6 +292,11 @@ const METRICS: &[Metric] = &[
         s.analyses as f64
     }),
     gauge(
+        "watchdog_pinned_fill_ratio",
+        "The fuller of the pinned maps of analyses and roots, 0 to 1: at 1 registrations are refused.",
+        |s| s.pinned_analyses.max(s.pinned_roots) as f64 / s.pinned_capacity.max(1) as f64,
+    ),
+    gauge(
         "watchdog_processes_in_grace",
         "Processes signalled and not yet gone.",
         |s| s.grace_count as f64,
@@ -555,6 +560,9 @@ mod tests {
             uptime_s: 86_461,
             monitored_count: 17,
             analyses: 3,
+            pinned_analyses: 3,
+            pinned_roots: 4096,
+            pinned_capacity: 16_384,
             zombies: 2,
             lost_events: 5,
             watch_map_full: 7,

@@ -333,6 +333,14 @@ pub struct Status {
     pub uptime_s: u64,
     pub monitored_count: usize,
     pub analyses: usize,
+    /// Entries of the pinned maps of analyses and of registered roots, each of
+    /// `pinned_capacity`: a registration is refused once one is full.
+    #[serde(default)]
+    pub pinned_analyses: usize,
+    #[serde(default)]
+    pub pinned_roots: usize,
+    #[serde(default)]
+    pub pinned_capacity: usize,
     /// Exited processes of analyses their watched parents have not reaped yet.
     #[serde(default)]
     pub zombies: usize,

@@ -141,6 +141,9 @@ pub fn status(
         uptime_s: clock.now.duration_since(started).as_secs(),
         monitored_count: core.tree().len(),
         analyses: core.live_analyses().count(),
+        pinned_analyses: core.registry().len(),
+        pinned_roots: core.registry().roots_total(),
+        pinned_capacity: watchdog_common::MAX_ANALYSES as usize,
         zombies: core.zombies().len(),
         zombies_by_analysis: core
             .zombies()

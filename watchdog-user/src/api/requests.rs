@@ -12,8 +12,8 @@ use crate::{
         protocol::{Reply, Request, Response, TestFault},
         report,
     },
-    core::{Registered, Watch},
     core::{Clock, Core, procs::Procs, runs::RunState},
+    core::{Registered, Watch},
     store::EventFilter,
     vocab::{
         error::{Error, ErrorKind},

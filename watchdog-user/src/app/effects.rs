@@ -162,6 +162,7 @@ impl Effects {
                 }
                 Action::WatchLauncher { root, launcher } => self.watch_launcher(root, launcher),
                 Action::Unlaunch(launcher) => self.kernel.unlaunch(launcher),
+                Action::ForgetRoot(pid) => self.kernel.forget_root(pid),
                 Action::Signal(order) if order.describe => {
                     first_looks.push(FirstLook::Signal(order));
                 }

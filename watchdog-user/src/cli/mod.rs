@@ -197,6 +197,19 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         "watched processes: {} in {} analyses",
         status.monitored_count, status.analyses
     );
+    let fill =
+        status.pinned_analyses.max(status.pinned_roots) * 100 / status.pinned_capacity.max(1);
+    println!(
+        "pinned state: {} analyses, {} roots of {} each ({fill}% full{})",
+        status.pinned_analyses,
+        status.pinned_roots,
+        status.pinned_capacity,
+        if fill >= 80 {
+            "; registrations are refused at 100%"
+        } else {
+            ""
+        }
+    );
     println!("zombies (exited, not reaped): {}", status.zombies);
     for (analysis_id, zombies) in &status.zombies_by_analysis {
         println!("  {analysis_id}: {zombies}");

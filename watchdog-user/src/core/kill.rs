@@ -90,6 +90,9 @@ pub struct KillJob {
     pub zombies: Option<u64>,
     /// Reason `tree_memory`: the analysis' PSS sum and RSS sum when it crossed.
     pub tree_sums: Option<(u64, u64)>,
+    /// The analysis' registered roots when the kill began (a root that exits leaves
+    /// the registry before the kill's records are made).
+    pub roots: Vec<u32>,
     pub escalate_at: Instant,
     escalated: bool,
     pub mode: Mode,
@@ -127,6 +130,7 @@ impl KillJob {
             limit: spec.limit,
             zombies: spec.zombies,
             tree_sums: None,
+            roots: Vec::new(),
             escalate_at: now + spec.grace,
             escalated: false,
             mode: spec.mode,

@@ -199,6 +199,9 @@ impl Core {
         }
         let children: Vec<u32> = w.tree.children_of(process.pid).collect();
         if let Some(node) = w.remove(process.pid) {
+            if w.registry.drop_root(node.analysis, process.pid) {
+                w.actions.push(Action::ForgetRoot(process.pid));
+            }
             self.zombies.maybe_zombie(w, &node, clock);
         }
         for child in children {

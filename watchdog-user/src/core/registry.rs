@@ -273,6 +273,22 @@ impl Registry {
             .collect()
     }
 
+    /// The registered roots of every analysis: as many entries as the pinned map of
+    /// roots holds.
+    pub fn roots_total(&self) -> usize {
+        self.by_key.values().map(|a| a.roots.len()).sum()
+    }
+
+    /// `pid` is no longer a root of analysis `key` (it exited); false when it was none.
+    pub fn drop_root(&mut self, key: AnalysisKey, pid: u32) -> bool {
+        let Some(analysis) = self.by_key.get_mut(&key) else {
+            return false;
+        };
+        let before = analysis.roots.len();
+        analysis.roots.retain(|&r| r != pid);
+        analysis.roots.len() != before
+    }
+
     pub fn add_root(&mut self, root: Root) {
         if let Some(analysis) = self.by_key.get_mut(&root.analysis)
             && !analysis.roots.contains(&root.process.pid)

@@ -2103,3 +2103,52 @@ fn when_a_launcher_dies_its_children_are_orphans_and_its_launch_ends() {
         "{err}"
     );
 }
+
+#[test]
+fn an_exited_root_leaves_the_pinned_roots_and_a_registration_past_the_pinned_room_is_refused() {
+    let mut w = World::new();
+    w.register(100, "long", LimitOverrides::default());
+    w.fork(101, 100);
+    let actions = w.exit(100);
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::ForgetRoot(100))),
+        "{actions:?}"
+    );
+    assert_eq!(w.core.registry().roots_total(), 0);
+    // Fill the pinned maps: one analysis and one root each.
+    let cap = watchdog_common::MAX_ANALYSES;
+    for pid in 1000..1000 + cap - 1 {
+        w.register(pid, &format!("a{pid}"), LimitOverrides::default());
+    }
+    assert_eq!(w.core.registry().len(), cap as usize);
+    let root = w.procs.spawn(90_000, 50, start(90_000));
+    let err = w
+        .core
+        .check_register(
+            root.pid,
+            "one-too-many",
+            &LimitOverrides::default(),
+            &Peer::root(),
+            &w.procs,
+        )
+        .unwrap_err();
+    assert!(
+        format!("{err}").contains("as many as its pinned state keeps"),
+        "{err}"
+    );
+    assert_eq!(
+        crate::vocab::error::kind_of(&err, crate::vocab::error::ErrorKind::Internal),
+        crate::vocab::error::ErrorKind::Unavailable
+    );
+    // One ends: there is room again.
+    w.exit(1000);
+    w.core
+        .check_register(
+            root.pid,
+            "one-too-many",
+            &LimitOverrides::default(),
+            &Peer::root(),
+            &w.procs,
+        )
+        .expect("room again");
+}

@@ -71,6 +71,8 @@ pub enum Action {
     /// The analysis is over: drop it and its roots from the kernel maps.
     ForgetAnalysis(AnalysisKey, Vec<u32>),
     SaveRoot(u32, RootEntry),
+    /// A root exited: its entry leaves the pinned map of roots.
+    ForgetRoot(u32),
     /// The kernel stops putting the new children of this launcher in its analysis.
     Unlaunch(ProcRef),
     /// Tell the rules (`Core::on_launcher_exit`) when `launcher` exits.

@@ -494,6 +494,10 @@ impl Kernel {
             .context("saving the root in the kernel map")
     }
 
+    pub fn forget_root(&mut self, pid: u32) {
+        let _ = self.roots.remove(&pid);
+    }
+
     pub fn roots(&self) -> Vec<(u32, RootEntry)> {
         self.roots.iter().filter_map(|r| r.ok()).collect()
     }

@@ -92,6 +92,7 @@ impl World {
         }
         self.refuse_dying(pid, root.ppid)?;
         let existing = self.registry.joinable(analysis_id);
+        self.check_pinned_room(existing.is_none())?;
         if let (Some(uid), Some(key)) = (confined_to, existing) {
             let owner = self.registry.get(key).map_or(0, |a| a.owner);
             if owner != uid {
@@ -152,6 +153,27 @@ impl World {
             )));
         }
         self.check_register(pid, analysis_id, overrides, caller, procs)
+    }
+
+    /// Refuses a registration the pinned maps have no room for (a new analysis, a new
+    /// root): an "ok" that a restart would forget must never be given.
+    fn check_pinned_room(&self, new_analysis: bool) -> Result<()> {
+        let cap = watchdog_common::MAX_ANALYSES as usize;
+        let full = if new_analysis && self.registry.len() >= cap {
+            Some("analyses")
+        } else if self.registry.roots_total() >= cap {
+            Some("registered roots")
+        } else {
+            None
+        };
+        if let Some(what) = full {
+            bail!(Error::unavailable(format!(
+                "the watchdog holds {cap} {what}, as many as its pinned state keeps across \
+                 restarts: nothing was registered; wait for some to end, or join a running \
+                 analysis (status shows the fill)"
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses a process of a run being killed (or forked by one: its fork event may

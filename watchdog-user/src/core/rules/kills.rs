@@ -147,7 +147,12 @@ impl World {
             dry_run = self.settings.dry_run,
             "limit crossed: killing"
         );
-        let job = self.new_job(spec, pids, clock);
+        let mut job = self.new_job(spec, pids, clock);
+        job.roots = self
+            .registry
+            .get(job.analysis)
+            .map(|a| a.roots.clone())
+            .unwrap_or_default();
         self.jobs.push(job);
         self.processes_dirty = true;
     }
@@ -242,14 +247,9 @@ impl World {
         for process in job.signalled() {
             self.actions.push(Action::Release(process));
         }
-        let roots = self
-            .registry
-            .get(job.analysis)
-            .map(|a| a.roots.clone())
-            .unwrap_or_default();
         for record in job.records(&self.host) {
             self.runs
-                .killed(job.analysis, &record, roots.contains(&record.pid));
+                .killed(job.analysis, &record, job.roots.contains(&record.pid));
             self.keep_record(record);
         }
     }
