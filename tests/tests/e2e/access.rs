@@ -653,3 +653,29 @@ fn owners_survive_a_daemon_restart() -> Result<()> {
     assert!(analyses(&daemon)?.is_empty() && hers.alive_now());
     Ok(())
 }
+
+#[test]
+fn the_socket_appears_only_with_its_final_mode_and_group() -> Result<()> {
+    let mut accounts = Accounts::new("stage");
+    let group = accounts.group("sock")?;
+    // Looks at the socket the moment it exists, while the daemon starts.
+    let watcher = r#"sock="$3"
+(while [ ! -S "$sock" ]; do :; done; stat -c '%a %U %G' "$sock" > "$sock.first") &
+exec "$@""#;
+    let daemon = Daemon::builder()
+        .arg("--socket-group", &group)
+        .wrapper(&["sh", "-c", watcher, "sh"])
+        .start()?;
+    let seen = format!("{}.first", daemon.socket.display());
+    let first = await_state("the first look at the socket", || {
+        Ok(std::fs::read_to_string(&seen)
+            .ok()
+            .filter(|s| s.ends_with('\n')))
+    })?;
+    assert_eq!(
+        first.trim(),
+        format!("660 root {group}"),
+        "the first a client could see"
+    );
+    Ok(())
+}

@@ -93,16 +93,16 @@ pub fn group_name(gid: u32) -> Option<String> {
 }
 
 /// Gives the socket to root and group `group` (mode 0660, set at bind), so the group's
-/// members may connect. Where the group does not exist (or cannot be given), the socket
+/// members may connect; its messages name it `shown_as` (where clients will find it). Where the group does not exist (or cannot be given), the socket
 /// stays root's alone: the warning, one line naming the fix, is returned.
-pub fn share_socket(socket: &Path, group: &str) -> Result<u32, String> {
+pub fn share_socket(socket: &Path, shown_as: &Path, group: &str) -> Result<u32, String> {
     let Some(gid) = group_gid(group) else {
         return Err(format!(
             "the socket group {group:?} does not exist: {} stays root-only (root:root, mode \
              0660), so only root can use the watchdog; create it (`groupadd --system {group}`, \
              then `usermod -aG {group} USER` for each user) and restart, or pass \
              --socket-group with an existing group",
-            socket.display()
+            shown_as.display()
         ));
     };
     match chown(socket, Some(Uid::from_raw(0)), Some(Gid::from_raw(gid))) {
@@ -110,7 +110,7 @@ pub fn share_socket(socket: &Path, group: &str) -> Result<u32, String> {
         Err(err) => Err(format!(
             "cannot give {} to group {group:?} ({err}): it stays root-only; run the daemon \
              as root with CAP_CHOWN",
-            socket.display()
+            shown_as.display()
         )),
     }
 }

@@ -59,9 +59,12 @@ const READ_CHUNK: usize = 4096;
 /// credentials, read at accept) and where to send the answer.
 pub type Call = (Request, Peer, oneshot::Sender<Response>);
 
-/// Binds the socket (mode 0660, parent directory created). A leftover socket file with
-/// no daemon behind it is replaced; a live daemon's socket is not.
-pub async fn bind(path: &Path) -> Result<UnixListener> {
+/// Binds the socket (mode 0660, parent directory created) under a staging name beside
+/// `path`, returned with the listener: clients find it at `path` only once [`publish`]
+/// has moved it there, with its final mode and group, so none is ever refused by a
+/// mode or group still being set. A leftover socket file with no daemon behind it is
+/// replaced; a live daemon's socket is not.
+pub async fn bind(path: &Path) -> Result<(UnixListener, PathBuf)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the socket directory {}", dir.display()))?;
@@ -77,11 +80,34 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("setting mode 0660 on {}", path.display()))?;
-    Ok(listener)
+    let staged = staged_path(path);
+    let _ = std::fs::remove_file(&staged);
+    let listener = UnixListener::bind(&staged)
+        .with_context(|| format!("binding the control socket {}", staged.display()))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting mode 0660 on {}", staged.display()))?;
+    Ok((listener, staged))
+}
+
+/// Where [`bind`] puts the socket until it is published: a hidden name of this daemon's
+/// in the same directory (a rename within it is atomic).
+fn staged_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map_or_else(
+        || "watchdog.sock".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    path.with_file_name(format!(".{name}.{}", std::process::id()))
+}
+
+/// Moves the staged socket to `path`: from now on clients reach it.
+pub fn publish(staged: &Path, path: &Path) -> Result<()> {
+    std::fs::rename(staged, path).with_context(|| {
+        format!(
+            "moving the control socket {} to {}",
+            staged.display(),
+            path.display()
+        )
+    })
 }
 
 /// The control socket's counters, for `status` and /metrics.
@@ -454,10 +480,12 @@ impl LineReader {
 }
 
 /// Removes the socket file when the daemon stops.
-pub struct SocketGuard(pub PathBuf);
+pub struct SocketGuard(pub Vec<PathBuf>);
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }

@@ -8,7 +8,10 @@
 //! one that ends stops the daemon (systemd restarts it), after what the store holds has
 //! been spooled.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Result, bail};
 use tokio::{
@@ -47,8 +50,8 @@ const PROCESSES_SYNC_EVERY: Duration = Duration::from_millis(500);
 const STORE_FINISH_WITHIN: Duration = Duration::from_secs(5);
 
 pub async fn run(options: crate::app::config::Options) -> Result<()> {
-    let listener = control::bind(&options.socket).await?;
-    let _socket = SocketGuard(options.socket.clone());
+    let (listener, staged) = control::bind(&options.socket).await?;
+    let _socket = SocketGuard(vec![staged.clone(), options.socket.clone()]);
     check_ring_bytes(options.ring_bytes)?;
     let (mut kernel, ring) = Kernel::load(
         &options.btf,
@@ -58,7 +61,8 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         options.fresh,
         options.kernel_log,
     )?;
-    share_socket(&options);
+    share_socket(&staged, &options.socket, &options.socket_group);
+    control::publish(&staged, &options.socket)?;
     // Every task the daemon starts is supervised: one that ends stops the daemon.
     let mut tasks = Tasks::new();
     if let Some(logger) = kernel.take_logger() {
@@ -137,13 +141,13 @@ fn check_ring_bytes(ring_bytes: Option<u32>) -> Result<()> {
     Ok(())
 }
 
-/// Once the programs are loaded (a daemon that cannot start says only why): until then
-/// the socket is root:root, mode 0660.
-fn share_socket(options: &crate::app::config::Options) {
-    match access::share_socket(&options.socket, &options.socket_group) {
+/// Once the programs are loaded (a daemon that cannot start says only why), the staged
+/// socket is given its group; it is published at `socket` only after that.
+fn share_socket(staged: &Path, socket: &Path, group: &str) {
+    match access::share_socket(staged, socket, group) {
         Ok(gid) => tracing::info!(
-            socket = %options.socket.display(),
-            group = options.socket_group,
+            socket = %socket.display(),
+            group,
             gid,
             "the socket is open to root and the socket group (mode 0660)"
         ),

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use crate::vocab::process::ProcRef;
+use crate::vocab::process::{ProcRef, Uids};
 
 #[derive(Debug, Clone)]
 pub struct ProcInfo {
@@ -42,9 +42,9 @@ pub trait Procs {
     fn details(&self, pid: u32) -> Details;
     /// Its RSS now, 0 when it is gone.
     fn rss_bytes(&self, pid: u32) -> u64;
-    /// The real uid of `process` (the first field of /proc/PID/status `Uid:`): who runs
-    /// it. None when it is gone, or its pid names another process now.
-    fn real_uid(&self, process: ProcRef) -> Option<u32>;
+    /// The real, effective and saved uids of `process` (/proc/PID/status `Uid:`): who
+    /// runs it, and as whom. None when it is gone, or its pid names another process now.
+    fn uids(&self, process: ProcRef) -> Option<Uids>;
     /// Its proportional set size now (a shared page counts 1/N in each of the N
     /// processes sharing it); None when it is gone or unreadable.
     fn pss_bytes(&self, pid: u32) -> Option<u64>;

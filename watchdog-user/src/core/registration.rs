@@ -261,12 +261,12 @@ impl World {
                 };
                 let subtree = self.tree.subtree(pid);
                 if let Some(uid) = confined_to {
-                    let runs_as = procs.real_uid(node.proc_ref());
-                    if let Some(runs_as) = runs_as.filter(|&r| r != uid) {
+                    let runs_as = procs.uids(node.proc_ref());
+                    if let Some(runs_as) = runs_as.filter(|r| !r.only(uid)) {
                         bail!(Error::refused(format!(
-                            "refused by rule own-processes: pid {pid} ({}) runs as uid \
-                             {runs_as}, and you are uid {uid}: only root or a member of the \
-                             admin group may unregister another user's processes (nothing was \
+                            "refused by rule own-processes: pid {pid} ({}) runs as {runs_as}, \
+                             and you are uid {uid}: only root or a member of the admin group \
+                             may unregister another user's processes (nothing was \
                              unregistered)",
                             node.comm.as_str()
                         )));

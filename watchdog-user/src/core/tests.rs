@@ -18,7 +18,7 @@ use crate::{
     core::rules::zombies::{ZOMBIE_SETTLE, ZOMBIE_SWEEP_EVERY},
     vocab::{
         limits::{Limits, OrphanPolicy, Reason},
-        process::{Comm, same_start},
+        process::{Comm, Uids, same_start},
         record::Outcome,
     },
 };
@@ -33,7 +33,7 @@ const MIB: u64 = 1 << 20;
 pub(crate) struct FakeProcs(
     RefCell<HashMap<u32, ProcInfo>>,
     RefCell<HashMap<u32, u64>>,
-    RefCell<HashMap<u32, u32>>,
+    RefCell<HashMap<u32, Uids>>,
     RefCell<HashMap<u32, ProcInfo>>,
 );
 
@@ -53,7 +53,18 @@ impl FakeProcs {
 
     /// A process that runs as `uid`.
     pub(crate) fn spawn_as(&self, pid: u32, ppid: u32, uid: u32) -> ProcInfo {
-        self.2.borrow_mut().insert(pid, uid);
+        self.2.borrow_mut().insert(pid, Uids::all(uid));
+        self.spawn(pid, ppid, start(pid))
+    }
+
+    /// A setuid program: run by `real`, as `effective`.
+    pub(crate) fn spawn_setuid(&self, pid: u32, ppid: u32, real: u32, effective: u32) -> ProcInfo {
+        let uids = Uids {
+            real,
+            effective,
+            saved: effective,
+        };
+        self.2.borrow_mut().insert(pid, uids);
         self.spawn(pid, ppid, start(pid))
     }
 
@@ -119,10 +130,15 @@ impl Procs for FakeProcs {
         same_start(info.start_ns, process.start_ns).then_some(info.ppid)
     }
 
-    fn real_uid(&self, process: ProcRef) -> Option<u32> {
+    fn uids(&self, process: ProcRef) -> Option<Uids> {
         let info = self.read(process.pid)?;
-        same_start(info.start_ns, process.start_ns)
-            .then(|| self.2.borrow().get(&process.pid).copied().unwrap_or(0))
+        same_start(info.start_ns, process.start_ns).then(|| {
+            self.2
+                .borrow()
+                .get(&process.pid)
+                .copied()
+                .unwrap_or(Uids::all(0))
+        })
     }
 }
 
@@ -1154,14 +1170,23 @@ fn a_user_may_register_only_processes_that_run_as_themselves() {
             format!(
                 "refused by rule own-processes: pid {victim} (p{victim}) runs as uid {runs_as}, \
                  and you are uid {ALICE}: only root or a member of the admin group may watch \
-                 another user's processes; register a process of your own (nothing was \
-                 registered)"
+                 another user's processes (a setuid program is its owner's); register a \
+                 process of your own (nothing was registered)"
             )
         );
         assert!(!refused.contains('\n'), "one line");
         assert_eq!(w.sizes(), (1, 2), "nothing changed");
         assert!(w.take().is_empty(), "nothing asked of the kernel");
     }
+    // Her setuid program (real uid hers, effective root's) is not hers.
+    w.procs.spawn_setuid(400, 1, ALICE, 0);
+    let refused = w.register_as(&alice, 400, "s").unwrap_err().to_string();
+    assert!(
+        refused.contains(&format!(
+            "runs as uid {ALICE} (effective uid 0, saved uid 0)"
+        )),
+        "{refused}"
+    );
     // Bob registers his own, into an analysis of his own.
     w.register_as(&bob, 200, "b").unwrap();
     assert_eq!(w.owner("b"), BOB);

@@ -120,8 +120,8 @@ impl Procs for SysProcs {
         rss_bytes(pid)
     }
 
-    fn real_uid(&self, process: crate::vocab::process::ProcRef) -> Option<u32> {
-        real_uid(process)
+    fn uids(&self, process: crate::vocab::process::ProcRef) -> Option<crate::vocab::process::Uids> {
+        uids(process)
     }
 
     fn pss_bytes(&self, pid: u32) -> Option<u64> {
@@ -166,16 +166,21 @@ pub fn unreaped(process: crate::vocab::process::ProcRef) -> Option<u32> {
     same_start(info.start_ns, process.start_ns).then_some(info.ppid)
 }
 
-/// The real uid of `process`, None when it is gone or its pid was recycled. Both reads
-/// go through one handle on its /proc directory, which stays bound to the process it
-/// was opened on: the uid read is that of the process whose start time was checked.
-pub fn real_uid(process: crate::vocab::process::ProcRef) -> Option<u32> {
+/// The uids of `process`, None when it is gone or its pid was recycled. Both reads go
+/// through one handle on its /proc directory, which stays bound to the process it was
+/// opened on: the uids read are those of the process whose start time was checked.
+pub fn uids(process: crate::vocab::process::ProcRef) -> Option<crate::vocab::process::Uids> {
     let handle = procfs::process::Process::new(process.pid as i32).ok()?;
     let info = info_from(handle.stat().ok()?);
     if info.exited || !same_start(info.start_ns, process.start_ns) {
         return None;
     }
-    Some(handle.status().ok()?.ruid)
+    let status = handle.status().ok()?;
+    Some(crate::vocab::process::Uids {
+        real: status.ruid,
+        effective: status.euid,
+        saved: status.suid,
+    })
 }
 
 /// PSS from /proc/PID/smaps_rollup (kernel 4.14+): one file, summed by the kernel over

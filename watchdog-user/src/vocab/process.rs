@@ -74,3 +74,41 @@ pub fn boottime_ns() -> u64 {
 pub fn same_start(a_ns: u64, b_ns: u64) -> bool {
     a_ns / ns_per_tick() == b_ns / ns_per_tick()
 }
+
+/// A process' real, effective and saved uids (/proc/PID/status `Uid:`): a setuid
+/// program run by a user has the user's real uid and its owner's effective one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Uids {
+    pub real: u32,
+    pub effective: u32,
+    pub saved: u32,
+}
+
+impl Uids {
+    pub fn all(uid: u32) -> Self {
+        Self {
+            real: uid,
+            effective: uid,
+            saved: uid,
+        }
+    }
+
+    /// Whether every one of them is `uid`: the process is wholly that user's.
+    pub fn only(&self, uid: u32) -> bool {
+        [self.real, self.effective, self.saved] == [uid; 3]
+    }
+}
+
+impl std::fmt::Display for Uids {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.effective == self.real && self.saved == self.real {
+            write!(f, "uid {}", self.real)
+        } else {
+            write!(
+                f,
+                "uid {} (effective uid {}, saved uid {})",
+                self.real, self.effective, self.saved
+            )
+        }
+    }
+}

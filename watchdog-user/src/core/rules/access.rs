@@ -232,7 +232,7 @@ impl World {
         root_pid: Option<u32>,
         procs: &dyn Procs,
     ) -> Result<()> {
-        let Some(runs_as) = procs.real_uid(process.proc_ref()) else {
+        let Some(runs_as) = procs.uids(process.proc_ref()) else {
             if root_pid.is_none() {
                 bail!(Error::not_found(format!(
                     "no process with pid {}: check the pid (the process may have exited)",
@@ -241,7 +241,7 @@ impl World {
             }
             return Ok(());
         };
-        if runs_as == uid {
+        if runs_as.only(uid) {
             return Ok(());
         }
         let what = match root_pid {
@@ -252,9 +252,10 @@ impl World {
             ),
         };
         bail!(Error::refused(format!(
-            "refused by rule own-processes: {what} runs as uid {runs_as}, and you are uid \
+            "refused by rule own-processes: {what} runs as {runs_as}, and you are uid \
              {uid}: only root or a member of the admin group may watch another user's \
-             processes; register a process of your own (nothing was registered)"
+             processes (a setuid program is its owner's); register a process of your own \
+             (nothing was registered)"
         )))
     }
     /// For a caller confined to its own processes: every existing descendant of the
