@@ -275,3 +275,39 @@ fn a_launch_survives_a_daemon_restart_and_its_children_die_with_the_launcher() -
     assert_eq!(records.len(), 2);
     Ok(())
 }
+
+#[test]
+fn a_record_keeps_at_most_4096_bytes_of_a_command_line_and_says_it_cut() -> Result<()> {
+    let daemon = Daemon::start()?;
+    // About 1 MiB of arguments (each under the kernel's 128 KiB per argument).
+    let arg = "x".repeat(100 << 10);
+    let mut argv = vec![
+        "exec",
+        "--analysis-id",
+        "long-args",
+        "--timeout",
+        "300ms",
+        "--",
+    ];
+    argv.extend(["sh", "-c", "sleep 30; :", "sh"]);
+    argv.extend(std::iter::repeat_n(arg.as_str(), 10));
+    let out = daemon.cli(&argv);
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    let records = daemon.events_of("long-args")?;
+    let shell = records
+        .iter()
+        .find(|r| r.record.comm == "sh")
+        .expect("the shell's record");
+    assert!(
+        shell.record.cmdline.starts_with("sh -c sleep 30; : sh xxx"),
+        "{}",
+        &shell.record.cmdline[..80]
+    );
+    assert!(shell.record.cmdline.ends_with(" …[cut at 4096 bytes]"));
+    assert!(
+        shell.record.cmdline.len() < 4200,
+        "{}",
+        shell.record.cmdline.len()
+    );
+    Ok(())
+}

@@ -29,6 +29,8 @@ use crate::{
 pub const MAX_ANALYSIS_ID: usize = watchdog_common::ANALYSIS_ID_MAX;
 /// Records kept in memory for `status` (the database keeps them all).
 pub const RECORDS_KEPT: usize = 10_000;
+/// ...and at most this many bytes of them (`KillRecord::size_bytes`).
+pub const RECORDS_KEPT_BYTES: usize = 8 << 20;
 /// How long a killed analysis is kept once empty: a member whose fork event was lost
 /// comes back with the next resync (the loss check runs every 200 ms) and is killed,
 /// instead of finding its analysis forgotten and escaping.
@@ -180,6 +182,8 @@ pub struct World {
     pub counters: Counters,
     /// Finished violations and kills, newest last (bounded).
     pub recent: VecDeque<KillRecord>,
+    /// What `recent` holds, bytes.
+    pub recent_bytes: usize,
     pub host: String,
     pub self_pid: u32,
     pub actions: Vec<Action>,
@@ -205,6 +209,7 @@ impl World {
             settings,
             counters: Counters::default(),
             recent: VecDeque::new(),
+            recent_bytes: 0,
             host,
             self_pid,
             actions: Vec::new(),

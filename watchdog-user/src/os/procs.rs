@@ -103,10 +103,8 @@ impl Procs for SysProcs {
 
     fn details(&self, pid: u32) -> Details {
         let process = procfs::process::Process::new(pid as i32).ok();
-        let cmdline = process
-            .as_ref()
-            .and_then(|p| p.cmdline().ok())
-            .map(|args| args.join(" "))
+        let cmdline = bounded_read(&format!("/proc/{pid}/cmdline"))
+            .map(|bytes| crate::vocab::record::bounded_cmdline(&bytes))
             .unwrap_or_default();
         let rss_bytes = process.as_ref().map(resident_bytes).unwrap_or(0);
         Details {
@@ -190,4 +188,17 @@ pub fn pss_bytes(pid: u32) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("Pss:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// At most [`CMDLINE_MAX`](crate::vocab::record::CMDLINE_MAX) + 1 bytes of `path`: a
+/// command line of any length costs one bounded read.
+fn bounded_read(path: &str) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(crate::vocab::record::CMDLINE_MAX as u64 + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(bytes)
 }

@@ -76,3 +76,56 @@ pub struct KillRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tree_rss_bytes: Option<u64>,
 }
+
+/// The most of a command line a record keeps, bytes: a record's size is bounded
+/// whatever a process puts in its arguments.
+pub const CMDLINE_MAX: usize = 4096;
+
+/// `bytes` (a command line as /proc gives it, NULs between arguments, read up to
+/// [`CMDLINE_MAX`] + 1 bytes) as a record keeps it: arguments joined by spaces, cut at
+/// [`CMDLINE_MAX`] on a character boundary and marked so when longer.
+pub fn bounded_cmdline(bytes: &[u8]) -> String {
+    let cut = bytes.len() > CMDLINE_MAX;
+    let kept = &bytes[..bytes.len().min(CMDLINE_MAX)];
+    let text = String::from_utf8_lossy(kept);
+    let mut text = text.trim_end_matches('\0').replace('\0', " ");
+    if cut {
+        while text.len() > CMDLINE_MAX {
+            text.pop();
+        }
+        text.push_str(" …[cut at 4096 bytes]");
+    }
+    text
+}
+
+impl KillRecord {
+    /// About what the record costs in memory, bytes: its text and a fixed part.
+    pub fn size_bytes(&self) -> usize {
+        256 + self.cmdline.len()
+            + self.comm.len()
+            + self.analysis_id.len()
+            + self.host.len()
+            + self.signals.len() * 48
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_line_is_kept_whole_up_to_its_bound_and_marked_when_cut() {
+        assert_eq!(
+            bounded_cmdline(b"python\0fit.py\0--seed\0042\0"),
+            "python fit.py --seed 042"
+        );
+        let huge: Vec<u8> = std::iter::repeat_n(b'x', CMDLINE_MAX + 1).collect();
+        let kept = bounded_cmdline(&huge);
+        assert!(kept.ends_with(" …[cut at 4096 bytes]"), "{}", &kept[4000..]);
+        assert_eq!(kept.len(), CMDLINE_MAX + " …[cut at 4096 bytes]".len());
+        // A cut through a multi-byte character keeps valid text.
+        let mut accents = vec![b'a'; CMDLINE_MAX - 1];
+        accents.extend("é".repeat(4).as_bytes());
+        assert!(bounded_cmdline(&accents).is_char_boundary(CMDLINE_MAX - 1));
+    }
+}

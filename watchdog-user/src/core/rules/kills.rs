@@ -7,7 +7,7 @@ use crate::{
         kill::{FirstAsk, JobSpec, KillJob, Mode, Scope, SignalOrder, TargetInfo},
         procs::Details,
         tree::Node,
-        world::{Action, Clock, DYING_LINGER, RECORDS_KEPT, World},
+        world::{Action, Clock, DYING_LINGER, RECORDS_KEPT, RECORDS_KEPT_BYTES, World},
     },
     vocab::{
         limits::Reason,
@@ -265,10 +265,14 @@ impl World {
             .kills_by_reason
             .entry(record.reason.as_str())
             .or_default() += 1;
-        if self.recent.len() == RECORDS_KEPT {
-            self.recent.pop_front();
-        }
+        self.recent_bytes += record.size_bytes();
         self.recent.push_back(record.clone());
+        while self.recent.len() > RECORDS_KEPT || self.recent_bytes > RECORDS_KEPT_BYTES {
+            let Some(oldest) = self.recent.pop_front() else {
+                break;
+            };
+            self.recent_bytes -= oldest.size_bytes();
+        }
         self.actions.push(Action::Record(Box::new(record)));
     }
 
