@@ -365,6 +365,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
         machine_memory: Some(1 << 34),
         admin_gid: Some(ADMINS),
         memory_metric: MemoryMetric::Rss,
+        quotas: Default::default(),
     };
     let mut core = Core::new(settings, "host".into(), SELF_PID);
     let started = Instant::now();

@@ -102,6 +102,13 @@ pub struct RunArgs {
     /// Kernel BTF to read struct offsets from [default: /sys/kernel/btf/vmlinux].
     #[arg(long)]
     pub btf: Option<PathBuf>,
+    /// Most analyses one user (not root, not the admin group) may own at once
+    /// [default: 1024].
+    #[arg(long)]
+    pub user_max_analyses: Option<u64>,
+    /// Most registered roots one user may have in its analyses at once [default: 4096].
+    #[arg(long)]
+    pub user_max_roots: Option<u64>,
     /// Reconcile poll interval [default: 30s].
     #[arg(long)]
     #[serde(default, deserialize_with = "duration_text")]
@@ -156,6 +163,8 @@ pub struct Options {
     pub defaults: Limits,
     /// Reconcile poll: RSS of every watched process, and the safety net for the rest.
     pub poll_interval: Duration,
+    /// What one user may hold at once.
+    pub quotas: crate::core::world::Quotas,
     /// Log every kill that would be made, signal nothing.
     pub dry_run: bool,
     /// What the per-process memory limit compares.
@@ -210,6 +219,8 @@ impl RunArgs {
             http: self.http.clone().or(file.http.clone()),
             btf: self.btf.clone().or(file.btf.clone()),
             poll_interval: self.poll_interval.clone().or(file.poll_interval.clone()),
+            user_max_analyses: self.user_max_analyses.or(file.user_max_analyses),
+            user_max_roots: self.user_max_roots.or(file.user_max_roots),
             dry_run: self.dry_run.or(file.dry_run),
             memory_metric: self.memory_metric.or(file.memory_metric),
             kernel_log: self.kernel_log.or(file.kernel_log),
@@ -249,6 +260,13 @@ impl RunArgs {
             test_faults: all.test_faults,
             defaults,
             poll_interval: duration("poll-interval", &all.poll_interval, "30s")?,
+            quotas: {
+                let builtin = crate::core::world::Quotas::default();
+                crate::core::world::Quotas {
+                    analyses: all.user_max_analyses.unwrap_or(builtin.analyses),
+                    roots: all.user_max_roots.unwrap_or(builtin.roots),
+                }
+            },
             dry_run: all.dry_run.unwrap_or(false),
             memory_metric: all.memory_metric.unwrap_or_default(),
             database: DatabaseUrl::parse(database_url),

@@ -210,6 +210,7 @@ fn settings_of(options: &crate::app::config::Options, machine_memory: Option<u64
         machine_memory,
         admin_gid: admin_gid(options.admin_group.as_deref()),
         memory_metric: options.memory_metric,
+        quotas: options.quotas,
     };
     if let Some(warning) = settings.unreachable_default() {
         tracing::warn!("{warning}");

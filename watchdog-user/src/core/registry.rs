@@ -273,6 +273,16 @@ impl Registry {
             .collect()
     }
 
+    /// The analyses `uid` owns, and the registered roots in them.
+    pub fn owned_by(&self, uid: u32) -> (u64, u64) {
+        self.by_key
+            .values()
+            .filter(|a| a.owner == uid)
+            .fold((0, 0), |(analyses, roots), a| {
+                (analyses + 1, roots + a.roots.len() as u64)
+            })
+    }
+
     /// The registered roots of every analysis: as many entries as the pinned map of
     /// roots holds.
     pub fn roots_total(&self) -> usize {

@@ -206,6 +206,7 @@ impl World {
                     machine_memory: None,
                     admin_gid: None,
                     memory_metric: crate::vocab::limits::MemoryMetric::Rss,
+                    quotas: Default::default(),
                 },
                 "host".into(),
                 SELF_PID,
@@ -1519,6 +1520,7 @@ fn with_the_pss_metric_a_process_over_its_limit_by_shared_pages_only_lives() {
     let mut w = World::new(); // 100 MiB per process
     w.core.set_settings(Settings {
         memory_metric: crate::vocab::limits::MemoryMetric::Pss,
+        quotas: Default::default(),
         ..w.core.settings().clone()
     });
     w.register(100, "a", LimitOverrides::default());
@@ -2176,4 +2178,36 @@ fn an_exited_root_leaves_the_pinned_roots_and_a_registration_past_the_pinned_roo
             &w.procs,
         )
         .expect("room again");
+}
+
+#[test]
+fn a_user_is_refused_past_their_quotas_and_root_is_not_counted() {
+    let mut w = World::new();
+    let mut settings = w.core.settings().clone();
+    settings.quotas = crate::core::world::Quotas {
+        analyses: 3,
+        roots: 4,
+    };
+    w.core.set_settings(settings);
+    let alice = Peer::user(ALICE, &[]);
+    for pid in 100..103 {
+        w.procs.spawn_as(pid, 1, ALICE);
+        w.register_as(&alice, pid, &format!("a{pid}")).unwrap();
+    }
+    w.procs.spawn_as(103, 1, ALICE);
+    let refused = w.register_as(&alice, 103, "a103").unwrap_err().to_string();
+    assert!(
+        refused.starts_with(&format!(
+            "refused by quota analyses-per-user: you (uid {ALICE}) hold 3 analyses"
+        )) && refused.contains("--user-max-analyses"),
+        "{refused}"
+    );
+    // Into one of hers: one more root is within the roots quota, the next is not.
+    w.register_as(&alice, 103, "a100").unwrap();
+    w.procs.spawn_as(104, 1, ALICE);
+    let refused = w.register_as(&alice, 104, "a100").unwrap_err().to_string();
+    assert!(refused.contains("quota roots-per-user"), "{refused}");
+    // Root's registrations are not counted against anyone.
+    w.procs.spawn(300, 1, start(300));
+    w.register_as(&Peer::root(), 300, "root-job").unwrap();
 }

@@ -108,6 +108,27 @@ pub struct Settings {
     pub admin_gid: Option<u32>,
     /// What the per-process limit compares (the tree limit always counts PSS).
     pub memory_metric: crate::vocab::limits::MemoryMetric,
+    /// What one user (not root, not the admin group) may hold at once.
+    pub quotas: Quotas,
+}
+
+/// What one user may hold at once, so that no member crowds out the others: the pinned
+/// state keeps 16,384 analyses and 16,384 registered roots for everyone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quotas {
+    /// Analyses owned (`--user-max-analyses`).
+    pub analyses: u64,
+    /// Registered roots in the analyses owned (`--user-max-roots`).
+    pub roots: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            analyses: 1_024,
+            roots: 4_096,
+        }
+    }
 }
 
 impl Settings {

@@ -93,6 +93,9 @@ impl World {
         self.refuse_dying(pid, root.ppid)?;
         let existing = self.registry.joinable(analysis_id);
         self.check_pinned_room(existing.is_none())?;
+        if let Some(uid) = confined_to {
+            self.check_quotas(uid, existing.is_none())?;
+        }
         if let (Some(uid), Some(key)) = (confined_to, existing) {
             let owner = self.registry.get(key).map_or(0, |a| a.owner);
             if owner != uid {
@@ -171,6 +174,39 @@ impl World {
                 "the watchdog holds {cap} {what}, as many as its pinned state keeps across \
                  restarts: nothing was registered; wait for some to end, or join a running \
                  analysis (status shows the fill)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a registration past what one user may hold (root and the admin group are
+    /// not counted): a new analysis past `--user-max-analyses`, a new root past
+    /// `--user-max-roots`.
+    fn check_quotas(&self, uid: u32, new_analysis: bool) -> Result<()> {
+        let (analyses, roots) = self.registry.owned_by(uid);
+        let quotas = self.settings.quotas;
+        let over = if new_analysis && analyses >= quotas.analyses {
+            Some((
+                "analyses-per-user",
+                analyses,
+                "analyses",
+                "--user-max-analyses",
+            ))
+        } else if roots >= quotas.roots {
+            Some((
+                "roots-per-user",
+                roots,
+                "registered roots",
+                "--user-max-roots",
+            ))
+        } else {
+            None
+        };
+        if let Some((quota, held, what, flag)) = over {
+            bail!(Error::refused(format!(
+                "refused by quota {quota}: you (uid {uid}) hold {held} {what}, the most one \
+                 user may hold at once ({flag}): wait for some to end, or join one of your \
+                 running analyses (nothing was registered)"
             )));
         }
         Ok(())
