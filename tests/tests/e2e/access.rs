@@ -679,3 +679,92 @@ exec "$@""#;
     );
     Ok(())
 }
+
+#[test]
+fn a_member_is_refused_at_the_quota_and_roots_analysis_survives_a_restart() -> Result<()> {
+    let mut accounts = Accounts::new("quota");
+    let group = accounts.group("sock")?;
+    let member = accounts.user("m", &[&group])?;
+    let mut daemon = {
+        let daemon = Daemon::builder()
+            .arg("--socket-group", &group)
+            .arg("--user-max-analyses", "50")
+            .start()?;
+        std::fs::set_permissions(&daemon.dir, std::fs::Permissions::from_mode(0o755))?;
+        daemon
+    };
+    let mut sleeper = member.spawn(&[
+        "sh",
+        "-c",
+        "for i in $(seq 60); do sleep 600 & done; echo started; wait",
+    ])?;
+    assert_eq!(sleeper.read_line()?, "started");
+    // setpriv execs sh: its children are the sleeps.
+    let sleeps = all_children(sleeper.pid());
+    assert!(sleeps.len() >= 51, "{} sleeps", sleeps.len());
+    for (n, pid) in sleeps.iter().take(50).enumerate() {
+        member.cli_ok(
+            &daemon,
+            &[
+                "register",
+                "--pid",
+                &pid.to_string(),
+                "--analysis-id",
+                &format!("m{n}"),
+            ],
+        )?;
+    }
+    let line = one_line_error(&member.cli(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &sleeps[50].to_string(),
+            "--analysis-id",
+            "m50",
+        ],
+    ));
+    assert!(
+        line.contains("refused by quota analyses-per-user")
+            && line.contains("hold 50 analyses")
+            && line.contains("--user-max-analyses"),
+        "{line}"
+    );
+    // Root is not counted, and its analysis keeps its deadline across a restart.
+    let root_job = Workload::spawn("sleep", &["600"])?;
+    daemon.register_with(root_job.pid(), "root-job", &["--timeout", "1h"])?;
+    daemon.restart()?;
+    let text = daemon.cli_ok(&["dump-tree", "--json", "--analysis-id", "root-job"])?;
+    let tree: serde_json::Value = serde_json::from_str(&text)?;
+    let left = tree["analyses"][0]["deadline_in_ms"].as_i64().unwrap_or(0);
+    assert!(
+        (3_500_000..=3_600_000).contains(&left),
+        "resumed with its deadline: {left} ms left"
+    );
+    assert_eq!(tree["roots"][0]["pid"], root_job.pid());
+    sleeper.kill()?;
+    Ok(())
+}
+
+/// The pids whose parent is `pid`, from /proc.
+fn all_children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()?
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
