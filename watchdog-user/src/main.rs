@@ -224,7 +224,7 @@ fn run_daemon(options: config::Options) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     watchdog_user::os::tasks::install_panic_hook();
-    outrank_the_analyses();
+    watchdog_user::os::host::outrank_the_analyses();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -243,40 +243,6 @@ fn raise_descriptor_limit() {
     match raised {
         Ok(limit) => tracing::debug!(limit, "descriptor limit raised to the hard limit"),
         Err(err) => tracing::warn!("could not raise the descriptor limit: {err}"),
-    }
-}
-
-/// The niceness the daemon runs at, at most: above the analyses it must stop (a fork
-/// storm or a CPU hog in one must not delay the kills it makes).
-const DAEMON_NICE: i32 = -10;
-
-/// Before any thread starts (Linux keeps niceness per thread; new threads inherit
-/// it): the daemon takes CPU ahead of the analyses, and the OOM killer takes anything
-/// before it. Under the unit, systemd has set both (`Nice=`, `OOMScoreAdjust=`) and
-/// nothing is left to do; where the daemon may not (no CAP_SYS_NICE), it says so.
-fn outrank_the_analyses() {
-    // SAFETY: getpriority/setpriority only read and set this thread's niceness.
-    let now = unsafe {
-        *libc::__errno_location() = 0;
-        libc::getpriority(libc::PRIO_PROCESS, 0)
-    };
-    if now > DAEMON_NICE {
-        let set = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, DAEMON_NICE) };
-        if set != 0 {
-            tracing::warn!(
-                "running at niceness {now}, as the analyses may: could not take {DAEMON_NICE} \
-                 ({}); give the daemon CAP_SYS_NICE or run it under the unit (Nice=)",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    let adj = std::fs::read_to_string("/proc/self/oom_score_adj")
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok());
-    if adj.is_some_and(|a| a > -900)
-        && let Err(err) = std::fs::write("/proc/self/oom_score_adj", "-900")
-    {
-        tracing::warn!("could not lower the daemon's oom_score_adj to -900 ({err})");
     }
 }
 

@@ -102,6 +102,9 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         watched = daemon.core.tree().len(),
         "watchdog ready: programs attached"
     );
+    for line in crate::os::host::not_outranked() {
+        tracing::warn!("{line}");
+    }
     supervise::ready(&daemon.status_line());
     let mut inputs = Inputs {
         events: event_rx,

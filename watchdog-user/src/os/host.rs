@@ -1,4 +1,5 @@
-//! Facts of the machine the daemon reads once: its name and its memory.
+//! Facts of the machine the daemon reads once (its name and its memory), and its own
+//! standing on it (its priority).
 
 /// The host's name, for the records.
 pub fn hostname() -> String {
@@ -14,4 +15,48 @@ pub fn machine_memory() -> Option<u64> {
     let ram = RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram());
     let system = System::new_with_specifics(ram).ok()?;
     Some(system.total_memory()).filter(|&bytes| bytes > 0)
+}
+
+/// The niceness the daemon runs at, at most: above the analyses it must stop (a fork
+/// storm or a CPU hog in one must not delay the kills it makes).
+const DAEMON_NICE: i32 = -10;
+
+/// What [`outrank_the_analyses`] could not take, said once the daemon is up.
+static NOT_OUTRANKED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Before any thread starts (Linux keeps niceness per thread; new threads inherit
+/// it): the daemon takes CPU ahead of the analyses, and the OOM killer takes anything
+/// before it. Under the unit, systemd has set both (`Nice=`, `OOMScoreAdjust=`) and
+/// nothing is left to do. What it may not take is kept for [`not_outranked`]: a daemon
+/// that cannot start says only why.
+pub fn outrank_the_analyses() {
+    let mut not_taken = Vec::new();
+    // SAFETY: getpriority/setpriority only read and set this thread's niceness.
+    let now = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if now > DAEMON_NICE && unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, DAEMON_NICE) } != 0 {
+        not_taken.push(format!(
+            "running at niceness {now}, as the analyses may: could not take {DAEMON_NICE} \
+             ({}); give the daemon CAP_SYS_NICE or run it under the unit (Nice=)",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let adj = std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    if adj.is_some_and(|a| a > -900)
+        && let Err(err) = std::fs::write("/proc/self/oom_score_adj", "-900")
+    {
+        not_taken.push(format!(
+            "the OOM killer may pick the daemon as soon as an analysis (oom_score_adj {}): \
+             could not lower it to -900 ({err}); give it CAP_SYS_RESOURCE or run it under \
+             the unit (OOMScoreAdjust=)",
+            adj.unwrap_or(0)
+        ));
+    }
+    let _ = NOT_OUTRANKED.set(not_taken);
+}
+
+/// The lines saying what priority the daemon could not take.
+pub fn not_outranked() -> &'static [String] {
+    NOT_OUTRANKED.get().map_or(&[], Vec::as_slice)
 }
