@@ -97,15 +97,7 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         waiters: Vec::new(),
     };
     daemon.start();
-    tracing::info!(
-        socket = %options.socket.display(),
-        watched = daemon.core.tree().len(),
-        "watchdog ready: programs attached"
-    );
-    for line in crate::os::host::not_outranked() {
-        tracing::warn!("{line}");
-    }
-    supervise::ready(&daemon.status_line());
+    announce_ready(&daemon, &options.socket);
     let mut inputs = Inputs {
         events: event_rx,
         drained: drained_rx,
@@ -131,6 +123,19 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         Some(ended) => Err(ended.into()),
         None => Ok(()),
     }
+}
+
+/// The one "ready" line (and what priority the daemon could not take), then READY=1.
+fn announce_ready(daemon: &Daemon, socket: &Path) {
+    tracing::info!(
+        socket = %socket.display(),
+        watched = daemon.core.tree().len(),
+        "watchdog ready: programs attached"
+    );
+    for line in crate::os::host::not_outranked() {
+        tracing::warn!("{line}");
+    }
+    supervise::ready(&daemon.status_line());
 }
 
 fn check_ring_bytes(ring_bytes: Option<u32>) -> Result<()> {

@@ -56,30 +56,7 @@ pub fn exec(
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<Vec<_>, _>>()
         .context("the command contains a NUL byte")?;
-    let (gate_read, gate_write) = pipe2(OFlag::O_CLOEXEC)?;
-    // SAFETY: this process is single-threaded (the CLI starts no threads), so the child
-    // may run ordinary code until it execs.
-    let child = match unsafe { fork() }.context("fork failed")? {
-        ForkResult::Child => {
-            drop(gate_write);
-            let mut go = [0u8; 1];
-            if !matches!(read(&gate_read, &mut go), Ok(1)) {
-                // Registration failed: the parent closed the gate without a byte.
-                unsafe { libc::_exit(125) };
-            }
-            let err = execvp(&argv[0], &argv).unwrap_err();
-            eprintln!("watchdog-user: error: cannot run {:?}: {err}", command[0]);
-            unsafe {
-                libc::_exit(if err == nix::errno::Errno::ENOENT {
-                    127
-                } else {
-                    126
-                })
-            };
-        }
-        ForkResult::Parent { child } => child,
-    };
-    drop(gate_read);
+    let (child, gate) = fork_held(&argv, &command[0])?;
     let registered = call(
         socket,
         &Request::Register {
@@ -93,7 +70,7 @@ pub fn exec(
     let run = match registered {
         Ok(Reply::Registered { run, .. }) => run,
         other => {
-            drop(gate_write);
+            drop(gate);
             let _ = waitpid(child, None);
             return Err(match other {
                 Err(err) => err,
@@ -101,30 +78,10 @@ pub fn exec(
             });
         }
     };
-    CHILD.store(child.as_raw(), Ordering::Relaxed);
-    // SAFETY: the handler only does an atomic load and kill(2), both async-signal-safe.
-    unsafe {
-        for sig in [Signal::SIGTERM, Signal::SIGHUP] {
-            signal(sig, SigHandler::Handler(forward_signal))?;
-        }
-        // The terminal sends these to the whole foreground group, CMD included.
-        signal(Signal::SIGINT, SigHandler::SigIgn)?;
-        signal(Signal::SIGQUIT, SigHandler::SigIgn)?;
-        // CMD, forked already, keeps the default action, as a shell gives it; here a
-        // CMD that died before it was released makes the write below an error, not a
-        // silent death.
-        signal(Signal::SIGPIPE, SigHandler::SigIgn)?;
-    }
-    write(&gate_write, b"x").context("releasing the command")?;
-    drop(gate_write);
-    let status = loop {
-        match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, code)) => break code,
-            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(err) => bail!("waiting for the command failed: {err}"),
-        }
-    };
+    forward_signals_to(child)?;
+    write(&gate, b"x").context("releasing the command")?;
+    drop(gate);
+    let status = exit_status_of(child)?;
     match call(socket, &Request::Wait { run }) {
         Ok(Reply::Ended { kills, .. }) => Ok(said_and_status(
             &analysis_id,
@@ -139,6 +96,65 @@ pub fn exec(
                  {analysis_id:?} ended is unknown: {err:#}"
             );
             Ok(status)
+        }
+    }
+}
+
+/// Forks a child that waits for a byte on the returned gate before it execs `argv`
+/// (and exits 125, running nothing, when the gate closes without one).
+fn fork_held(argv: &[CString], name: &str) -> Result<(Pid, std::os::fd::OwnedFd)> {
+    let (gate_read, gate_write) = pipe2(OFlag::O_CLOEXEC)?;
+    // SAFETY: this process is single-threaded (the CLI starts no threads), so the child
+    // may run ordinary code until it execs.
+    match unsafe { fork() }.context("fork failed")? {
+        ForkResult::Child => {
+            drop(gate_write);
+            let mut go = [0u8; 1];
+            if !matches!(read(&gate_read, &mut go), Ok(1)) {
+                // Registration failed: the parent closed the gate without a byte.
+                unsafe { libc::_exit(125) };
+            }
+            let err = execvp(&argv[0], argv).unwrap_err();
+            eprintln!("watchdog-user: error: cannot run {name:?}: {err}");
+            let code = if err == nix::errno::Errno::ENOENT {
+                127
+            } else {
+                126
+            };
+            unsafe { libc::_exit(code) };
+        }
+        ForkResult::Parent { child } => Ok((child, gate_write)),
+    }
+}
+
+/// SIGTERM and SIGHUP go on to `child`; the terminal's SIGINT and SIGQUIT reach it
+/// directly.
+fn forward_signals_to(child: Pid) -> Result<()> {
+    CHILD.store(child.as_raw(), Ordering::Relaxed);
+    // SAFETY: the handler only does an atomic load and kill(2), both async-signal-safe.
+    unsafe {
+        for sig in [Signal::SIGTERM, Signal::SIGHUP] {
+            signal(sig, SigHandler::Handler(forward_signal))?;
+        }
+        // The terminal sends these to the whole foreground group, CMD included.
+        signal(Signal::SIGINT, SigHandler::SigIgn)?;
+        signal(Signal::SIGQUIT, SigHandler::SigIgn)?;
+        // CMD, forked already, keeps the default action, as a shell gives it; here a
+        // CMD that died before it was released makes the write to the gate an error,
+        // not a silent death.
+        signal(Signal::SIGPIPE, SigHandler::SigIgn)?;
+    }
+    Ok(())
+}
+
+/// `child`'s exit code, or 128 + the signal that killed it, as shells say it.
+fn exit_status_of(child: Pid) -> Result<i32> {
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => bail!("waiting for the command failed: {err}"),
         }
     }
 }
