@@ -122,22 +122,7 @@ impl World {
             pid: l.pid,
             start_ns: l.start_ns,
         });
-        let entry = Root {
-            process: root_ref,
-            analysis: key,
-            launcher,
-        };
-        self.registry.add_root(entry);
-        self.actions.push(Action::SaveRoot(
-            root.pid,
-            registry::entry_from_root(&entry),
-        ));
-        if let Some(launcher) = launcher {
-            self.actions.push(Action::WatchLauncher {
-                root: root_ref,
-                launcher,
-            });
-        }
+        self.add_root(root_ref, key, launcher);
         let watched = self.tree.member_count(key);
         tracing::info!(pid = root.pid, analysis_id, watched, "registered");
         Ok(Registered {
@@ -221,19 +206,25 @@ impl World {
             .filter(|l| l.analysis == key)
             .map(|l| l.process)
             .or_else(|| self.registry.launchers_of(key).first().copied());
+        self.add_root(child, key, launcher);
+    }
+
+    /// `process` is a root of analysis `key`: kept, pinned for a restarted daemon, and
+    /// orphaned when `launcher` (if it has one) exits.
+    fn add_root(&mut self, process: ProcRef, key: AnalysisKey, launcher: Option<ProcRef>) {
         let root = Root {
-            process: child,
+            process,
             analysis: key,
             launcher,
         };
         self.registry.add_root(root);
         self.actions.push(Action::SaveRoot(
-            child.pid,
+            process.pid,
             registry::entry_from_root(&root),
         ));
         if let Some(launcher) = launcher {
             self.actions.push(Action::WatchLauncher {
-                root: child,
+                root: process,
                 launcher,
             });
         }
