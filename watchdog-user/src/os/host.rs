@@ -17,29 +17,17 @@ pub fn machine_memory() -> Option<u64> {
     Some(system.total_memory()).filter(|&bytes| bytes > 0)
 }
 
-/// The niceness the daemon runs at, at most: above the analyses it must stop (a fork
-/// storm or a CPU hog in one must not delay the kills it makes).
-const DAEMON_NICE: i32 = -10;
-
 /// What [`outrank_the_analyses`] could not take, said once the daemon is up.
 static NOT_OUTRANKED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
-/// Before any thread starts (Linux keeps niceness per thread; new threads inherit
-/// it): the daemon takes CPU ahead of the analyses, and the OOM killer takes anything
-/// before it. Under the unit, systemd has set both (`Nice=`, `OOMScoreAdjust=`) and
-/// nothing is left to do. What it may not take is kept for [`not_outranked`]: a daemon
-/// that cannot start says only why.
+/// Before any thread starts: the OOM killer takes anything before the daemon (under
+/// the unit systemd has set it, `OOMScoreAdjust=`, and nothing is left to do). What it
+/// may not take is kept for [`not_outranked`]: a daemon that cannot start says only
+/// why. Its niceness is left as it is: at -10 its wake-ups preempt a watched forker so
+/// often that the forker's rate falls to a quarter (see the closing note's figures);
+/// CPU share under contention is the unit's `CPUWeight=`.
 pub fn outrank_the_analyses() {
     let mut not_taken = Vec::new();
-    // SAFETY: getpriority/setpriority only read and set this thread's niceness.
-    let now = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    if now > DAEMON_NICE && unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, DAEMON_NICE) } != 0 {
-        not_taken.push(format!(
-            "running at niceness {now}, as the analyses may: could not take {DAEMON_NICE} \
-             ({}); give the daemon CAP_SYS_NICE or run it under the unit (Nice=)",
-            std::io::Error::last_os_error()
-        ));
-    }
     let adj = std::fs::read_to_string("/proc/self/oom_score_adj")
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok());
