@@ -64,6 +64,8 @@ pub const LAYOUT: u64 = layout_hash(&[
     align_of::<ProcRecord>() as u64,
     size_of::<PidNs>() as u64,
     align_of::<PidNs>() as u64,
+    size_of::<TreeRss>() as u64,
+    align_of::<TreeRss>() as u64,
 ]);
 
 /// FNV-1a over the words' bytes: any change of any word changes the result, at compile
@@ -163,6 +165,26 @@ pub struct WatchEntry {
     /// that finds its target in the map checks it, so an entry can never name a
     /// recycled pid's new process.
     pub start_ns: u64,
+    /// RSS, bytes, that this process adds to its analysis' sum in [`TREE_RSS_MAP`]: the
+    /// RSS at its last change while the analysis had a sum (0 until then; a child
+    /// starts at 0).
+    pub rss_counted: u64,
+}
+
+/// Name of the map of analyses with a tree memory limit: key → [`TreeRss`], the RSS of
+/// all their processes summed in the kernel as it changes. The daemon creates an entry
+/// with the analysis and removes it at its end; the programs only update entries there.
+pub const TREE_RSS_MAP: &str = "TREE_RSS";
+
+/// Value of [`TREE_RSS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeRss {
+    /// The sum of the processes' `rss_counted`, bytes; changed by atomic adds of each
+    /// change (two's complement: read it as `i64`, clamped at 0).
+    pub sum: u64,
+    /// The sum last reported to the daemon.
+    pub reported: u64,
 }
 
 /// An analysis as the daemon needs it back after a restart.
@@ -210,6 +232,10 @@ pub enum EventKind {
     /// A watched process' RSS crossed its limit, or moved by `Config::rss_step` since
     /// the last report: `value` is its RSS in bytes.
     Rss = 4,
+    /// The RSS summed over an analysis' processes ([`TREE_RSS_MAP`]) moved by
+    /// `Config::rss_step` since the last report: `value` is the sum in bytes, `pid` the
+    /// process whose change moved it.
+    TreeRss = 5,
 }
 
 impl EventKind {
@@ -219,6 +245,7 @@ impl EventKind {
             2 => Some(Self::Exit),
             3 => Some(Self::Exec),
             4 => Some(Self::Rss),
+            5 => Some(Self::TreeRss),
             _ => None,
         }
     }
@@ -354,7 +381,10 @@ pub struct Config {
     pub task_exit_state: u32,
     /// `task_struct.comm`, for the descendants iterator's records.
     pub task_comm: u32,
-    pub _pad: u32,
+    /// `mm_struct.owner` (kernels with memory cgroups), or 0: an RSS change made by
+    /// another task (`process_vm_writev`, ptrace, reclaim) is charged to the owner of
+    /// the address space it changed. Without it such changes wait for the poll.
+    pub mm_owner: u32,
     /// Unread bytes in the ring past which every event wakes the daemon: events that
     /// can wait are batched, but never so many that the ring could fill.
     pub wake_watermark: u64,
@@ -402,7 +432,7 @@ impl Config {
         task_children: 0,
         task_exit_state: 0,
         task_comm: 0,
-        _pad: 0,
+        mm_owner: 0,
         wake_watermark: 0,
         in_pid_ns: 0,
         task_thread_pid: 0,
@@ -428,4 +458,5 @@ mod pod {
     unsafe impl aya::Pod for super::WalkTarget {}
     unsafe impl aya::Pod for super::ProcRecord {}
     unsafe impl aya::Pod for super::PidNs {}
+    unsafe impl aya::Pod for super::TreeRss {}
 }

@@ -19,6 +19,10 @@
 //! (`run --kernel-log`). Only failures report: nothing of it is on the success path.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no atomic types with read-modify-write methods, and
+// an add whose result is unused is BPF's oldest atomic (`lock xadd`, every kernel).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -35,7 +39,7 @@ use aya_log_ebpf::error;
 use watchdog_common::{
     AnalysisEntry, Config, ERROR_SLOTS, Event, EventKind, FORK_LAUNCHED, FORK_UNTRACKED,
     MAX_ANALYSES, MAX_WATCHED, PidNs, ProcRecord, ProgramError, RING_BYTES, RootEntry, RssSample,
-    WALK_MAX_DEPTH, WalkTarget, WatchEntry, error_slot,
+    TreeRss, WALK_MAX_DEPTH, WalkTarget, WatchEntry, error_slot,
 };
 
 /// What a hash map update returns when the map is full.
@@ -77,6 +81,12 @@ static ROOTS: HashMap<u32, RootEntry> = HashMap::with_max_entries(MAX_ANALYSES, 
 /// entry whose pid names another process now is ignored). Written by the daemon.
 #[map]
 static LAUNCHERS: HashMap<u32, WatchEntry> = HashMap::with_max_entries(MAX_ANALYSES, 0);
+
+/// Analyses with a tree memory limit and their RSS summed as it changes: the daemon adds
+/// and removes entries, the programs only update them, so a straggler of an analysis
+/// that is over never brings its entry back.
+#[map]
+static TREE_RSS: HashMap<u64, TreeRss> = HashMap::with_max_entries(MAX_ANALYSES, 0);
 
 /// The daemon's [`watchdog_common::LAYOUT`] (key 0), written once the programs are
 /// attached: a restarted daemon trusts the pinned maps only if it is its own.
@@ -325,6 +335,7 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let start_ns: u64 = read_at(child, config!(task_start_boottime))?;
     let child_entry = WatchEntry {
         rss_reported: 0,
+        rss_counted: 0,
         start_ns,
         ..entry
     };
@@ -392,6 +403,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if WATCHED.remove(tgid).is_err() {
         return Ok(());
     }
+    uncount_rss(&entry);
     let exit_status: i32 = read_at(task, config!(task_exit_code))?;
     // The process' start time (its leader's: the last thread out may be another one)
     // lets userspace tell this exit from one of a recycled PID.
@@ -470,21 +482,18 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if config!(rss_enabled) == 0 {
         return Ok(());
     }
-    let tgid = current_tgid()?;
+    let mm: *const u8 = ctx.arg(0);
+    let Some(tgid) = mm_user(mm)? else {
+        return Ok(());
+    };
     let Some(entry) = WATCHED.get_ptr_mut(tgid) else {
         return Ok(());
     };
-    // Only the process' own address space: reclaim and others also touch counters.
-    let mm: *const u8 = ctx.arg(0);
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    let own_mm: *const u8 = read_at(task, config!(task_mm))?;
-    if own_mm != mm {
-        return Ok(());
-    }
     let rss = rss_of(mm)?;
     // SAFETY: a valid map value pointer; racing updates from other CPUs of the same
     // process at worst repeat or skip one report, never corrupt.
     let entry = unsafe { &mut *entry };
+    count_rss(entry, tgid, rss);
     let crosses = |level: u64| level != 0 && rss >= level && entry.rss_reported < level;
     let crossed = crosses(entry.mem_limit) || crosses(entry.warn_bytes);
     let moved = rss.abs_diff(entry.rss_reported) >= config!(rss_step);
@@ -500,6 +509,81 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
         entry.rss_reported = rss;
     }
     Ok(())
+}
+
+/// The process whose address space `mm` is: the current one's own, or (a change made
+/// by another task: `process_vm_writev`, ptrace, reclaim) the owner's, where the kernel
+/// has `mm->owner`. None for an address space being torn down (its owner gone) or
+/// built (a fork's child, whose `mm` is not yet the new one).
+fn mm_user(mm: *const u8) -> Result<Option<u32>, i64> {
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let own_mm: *const u8 = read_at(task, config!(task_mm))?;
+    if own_mm == mm {
+        return current_tgid().map(Some);
+    }
+    let owner_offset = config!(mm_owner);
+    if owner_offset == 0 {
+        return Ok(None);
+    }
+    let owner: *const u8 = read_at(mm, owner_offset)?;
+    if owner.is_null() {
+        return Ok(None);
+    }
+    let owners_mm: *const u8 = read_at(owner, config!(task_mm))?;
+    if owners_mm != mm {
+        return Ok(None);
+    }
+    tgid_of(owner).map(Some)
+}
+
+/// Moves the analysis' summed RSS by this process' change since it was last counted,
+/// and reports the sum once it moved by `rss_step`. Only for analyses with a sum.
+fn count_rss(entry: &mut WatchEntry, tgid: u32, rss: u64) {
+    let Some(tree) = TREE_RSS.get_ptr_mut(entry.analysis) else {
+        return;
+    };
+    let delta = rss.wrapping_sub(entry.rss_counted);
+    entry.rss_counted = rss;
+    add_atomically(tree, delta);
+    let total = clamped(unsafe { core::ptr::read_volatile(&raw const (*tree).sum) });
+    let reported = unsafe { (*tree).reported };
+    if total.abs_diff(reported) >= config!(rss_step)
+        && emit(Record {
+            value: total,
+            ..Record::new(EventKind::TreeRss, tgid, entry.analysis)
+        })
+    {
+        unsafe { (*tree).reported = total };
+    }
+}
+
+/// Takes an exited process' part out of its analysis' summed RSS.
+fn uncount_rss(entry: &WatchEntry) {
+    if entry.rss_counted == 0 {
+        return;
+    }
+    if let Some(tree) = TREE_RSS.get_ptr_mut(entry.analysis) {
+        add_atomically(tree, entry.rss_counted.wrapping_neg());
+    }
+}
+
+/// Adds `delta` (two's complement) to the sum: atomic, so the changes of processes on
+/// other CPUs are never lost.
+fn add_atomically(tree: *mut TreeRss, delta: u64) {
+    // SAFETY: a valid map value pointer, u64-aligned.
+    unsafe {
+        let _: u64 = core::intrinsics::atomic_xadd::<
+            u64,
+            u64,
+            { core::intrinsics::AtomicOrdering::Relaxed },
+        >(&raw mut (*tree).sum, delta);
+    }
+}
+
+/// A sum of signed changes read back: never below 0 (two threads racing on one
+/// process' `rss_counted` can leave it off by a page).
+fn clamped(sum: u64) -> u64 {
+    if (sum as i64) < 0 { 0 } else { sum }
 }
 
 /// `struct bpf_iter_meta` and `struct bpf_iter__task`: the iterator's context.

@@ -33,4 +33,10 @@ pub enum KernelEvent {
         analysis: AnalysisKey,
         rss_bytes: u64,
     },
+    /// The kernel's sum of an analysis' RSS (analyses with a tree limit), kept exact
+    /// as each process' RSS changes, however little.
+    TreeRss {
+        analysis: AnalysisKey,
+        rss_sum: u64,
+    },
 }

@@ -146,6 +146,7 @@ impl Core {
             self.world.kills_wakeup(),
             self.orphans.next_wakeup(),
             self.zombies.next_wakeup(),
+            self.memory.next_wakeup(),
         ]
         .into_iter()
         .flatten()
@@ -181,6 +182,11 @@ impl Core {
             KernelEvent::Rss { pid, rss_bytes, .. } => {
                 w.counters.rss_reports += 1;
                 self.memory.rss_seen(w, pid, rss_bytes, procs, clock);
+            }
+            KernelEvent::TreeRss { analysis, rss_sum } => {
+                w.counters.rss_reports += 1;
+                self.memory
+                    .tree_rss_seen(w, analysis, rss_sum, procs, clock);
             }
             KernelEvent::Exec { pid, comm } => {
                 w.counters.execs += 1;
@@ -231,6 +237,7 @@ impl Core {
         w.lingering_due(clock);
         self.orphans.looks_due(w, procs, clock);
         self.zombies.sweep_due(w, procs, clock);
+        self.memory.remeasures_due(w, procs, clock);
         w.finish_done_jobs(clock);
     }
 

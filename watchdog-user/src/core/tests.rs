@@ -1470,7 +1470,10 @@ fn a_pool_sharing_its_parents_pages_is_measured_by_pss_and_lives_under_the_tree_
     for pid in 101..104 {
         w.pss(pid, 450 * MIB);
     }
-    let actions = w.rss_shared(101, 900 * MIB);
+    // Measured a moment ago: the next measure waits its turn, then kills.
+    assert!(signals(&w.rss_shared(101, 900 * MIB)).is_empty());
+    assert!(w.core.next_wakeup().is_some(), "a measure is due");
+    let actions = w.advance(Duration::from_millis(200));
     assert_eq!(
         signals(&actions).len(),
         4,
@@ -1478,6 +1481,40 @@ fn a_pool_sharing_its_parents_pages_is_measured_by_pss_and_lives_under_the_tree_
     );
     assert_eq!(
         w.core.registry().get(w.key("pool")).unwrap().violation,
+        Some((Reason::TreeMemory, Some(1024 * MIB)))
+    );
+}
+
+#[test]
+fn growth_below_every_process_report_is_seen_in_the_kernels_sum_of_the_tree() {
+    let mut w = World::new();
+    w.register(100, "growers", pool_limits());
+    for pid in 101..=200 {
+        w.fork(pid, 100);
+    }
+    // Each process reported 20 MiB, then grew by 7 MiB (below the report step): the
+    // daemon's own sum stays at 2 GiB of RSS while the PSS climbs past the limit.
+    for pid in 100..=200 {
+        w.pss(pid, 2 * MIB);
+        assert!(signals(&w.rss_shared(pid, 20 * MIB)).is_empty());
+    }
+    // The measures these reports asked for find the PSS under the limit.
+    assert!(signals(&w.advance(Duration::from_millis(200))).is_empty());
+    for pid in 100..=200 {
+        w.pss(pid, 12 * MIB);
+    }
+    let key = w.key("growers");
+    assert!(
+        signals(&w.advance(Duration::from_secs(1))).is_empty(),
+        "no report, no measure"
+    );
+    let actions = w.event(KernelEvent::TreeRss {
+        analysis: key,
+        rss_sum: 101 * 27 * MIB,
+    });
+    assert_eq!(signals(&actions).len(), 101, "the tree is killed");
+    assert_eq!(
+        w.core.registry().get(key).unwrap().violation,
         Some((Reason::TreeMemory, Some(1024 * MIB)))
     );
 }

@@ -307,6 +307,10 @@ impl KernelBtf {
         config.mm_shmempages = self.enumerator("MM_SHMEMPAGES")?;
         config.page_size = procfs::page_size();
         config.rss_step = RSS_STEP;
+        config.mm_owner = self.member_offset("mm_struct", "owner").unwrap_or_else(|_| {
+            tracing::info!("this kernel has no mm_struct.owner (no memory cgroups): memory another process writes into a watched one is seen at the poll");
+            0
+        });
         Ok(())
     }
 

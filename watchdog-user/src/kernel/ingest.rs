@@ -108,6 +108,10 @@ fn decode(bytes: &[u8], now_ns: u64) -> Option<KernelEvent> {
             analysis: ev.analysis,
             rss_bytes: ev.value,
         },
+        EventKind::TreeRss => KernelEvent::TreeRss {
+            analysis: ev.analysis,
+            rss_sum: ev.value,
+        },
     })
 }
 

@@ -16,8 +16,8 @@ use watchdog_common::{
     ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, ERRORS_MAP,
     EVENTS_MAP, INITIAL_PID_NS_INUM, KERNEL_LOG_MAP, LAUNCHERS_MAP, LAYOUT, LAYOUT_MAP, LOGS_MAP,
     PID_NS_MAP, PIDNS_ITER, PROGRAM_ERRORS, PROGRAM_NAMES, PidNs, ProcRecord, RING_BYTES,
-    ROOTS_MAP, RSS_ITER, RootEntry, RssSample, WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP,
-    WalkTarget, WatchEntry,
+    ROOTS_MAP, RSS_ITER, RootEntry, RssSample, TREE_RSS_MAP, TreeRss, WALK_TARGET_MAP,
+    WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
 };
 
 use tokio::io::{Interest, unix::AsyncFd};
@@ -57,6 +57,7 @@ pub struct Kernel {
     analyses: HashMap<MapData, u64, AnalysisEntry>,
     roots: HashMap<MapData, u32, RootEntry>,
     launchers: HashMap<MapData, u32, WatchEntry>,
+    tree_rss: HashMap<MapData, u64, TreeRss>,
     resumed: bool,
     /// Pinned state was found untrustworthy and dropped at load (1), or not (0).
     pinned_state_dropped: u64,
@@ -185,7 +186,7 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 13] = [
+const PINNED_MAPS: [&str; 14] = [
     WATCHED_MAP,
     EVENTS_MAP,
     DROPS_MAP,
@@ -195,6 +196,8 @@ const PINNED_MAPS: [&str; 13] = [
     ROOTS_MAP,
     // Launchers keep handing their children to their analyses while no daemon runs.
     LAUNCHERS_MAP,
+    // The sums go on while no daemon runs, and stay equal to their processes' parts.
+    TREE_RSS_MAP,
     // Pinned too so that a restarted daemon writes the map the pinned iterator reads.
     WALK_TARGET_MAP,
     // The error reports and their switch: a restarted daemon reads the reports the
@@ -410,6 +413,7 @@ impl Kernel {
             analyses: HashMap::try_from(take(&mut ebpf, ANALYSES_MAP)?)?,
             roots: HashMap::try_from(take(&mut ebpf, ROOTS_MAP)?)?,
             launchers: HashMap::try_from(take(&mut ebpf, LAUNCHERS_MAP)?)?,
+            tree_rss: HashMap::try_from(take(&mut ebpf, TREE_RSS_MAP)?)?,
             resumed,
             pinned_state_dropped: 0,
             salvage: None,
@@ -449,14 +453,24 @@ impl Kernel {
         self.salvage.take()
     }
 
+    /// Saves the analysis for a restarted daemon and, with a tree memory limit, starts
+    /// its sum in the kernel (a sum already there, resumed, goes on).
     pub fn save_analysis(&mut self, key: u64, entry: &AnalysisEntry) -> Result<()> {
         self.analyses
             .insert(key, entry, 0)
-            .context("saving the analysis in the kernel map")
+            .context("saving the analysis in the kernel map")?;
+        let limits = crate::vocab::limits::Limits::from_slots(&entry.limits);
+        if limits.tree_memory_bytes.is_some() && self.tree_rss.get(&key, 0).is_err() {
+            self.tree_rss
+                .insert(key, TreeRss::default(), 0)
+                .context("starting the analysis' RSS sum in the kernel map (its tree limit waits for the poll)")?;
+        }
+        Ok(())
     }
 
     pub fn forget_analysis(&mut self, key: u64, roots: &[u32]) {
         let _ = self.analyses.remove(&key);
+        let _ = self.tree_rss.remove(&key);
         for pid in roots {
             let _ = self.roots.remove(pid);
         }
@@ -536,8 +550,23 @@ impl Kernel {
         analysis: u64,
         mem_limit: crate::vocab::limits::RssLevels,
     ) -> Result<()> {
+        // A process already counted in this analysis' sum keeps its part, or the sum
+        // would count it twice.
+        let rss_counted = self
+            .watched
+            .get(&process.pid, 0)
+            .ok()
+            .filter(|e| {
+                e.analysis == analysis
+                    && crate::vocab::process::same_start(e.start_ns, process.start_ns)
+            })
+            .map_or(0, |e| e.rss_counted);
+        let entry = WatchEntry {
+            rss_counted,
+            ..watch_entry(process, analysis, mem_limit)
+        };
         self.watched
-            .insert(process.pid, watch_entry(process, analysis, mem_limit), 0)
+            .insert(process.pid, entry, 0)
             .with_context(|| format!("adding pid {} to the kernel's watched map", process.pid))
             .map_err(unavailable)
     }
@@ -853,5 +882,6 @@ fn watch_entry(
         warn_bytes: levels.warn,
         rss_reported: 0,
         start_ns: process.start_ns,
+        rss_counted: 0,
     }
 }

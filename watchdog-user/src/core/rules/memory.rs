@@ -4,7 +4,10 @@
 //! counters; PSS is a walk of each address space, so it is measured only when the RSS
 //! says it may matter.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use crate::{
     core::{
@@ -21,28 +24,54 @@ use crate::{
 /// With an analysis over its tree limit by RSS but not by PSS, the PSS is measured
 /// again once the RSS sum grows by this part of the limit (and at every poll).
 const PSS_REMEASURE_PART: u64 = 32;
+/// And no sooner than this after the last measure: a measure walks every address space
+/// of the analysis (~150 µs a process), and 300 processes growing at once would
+/// otherwise have it measured at each of their reports, the loop doing nothing else.
+const PSS_REMEASURE_AFTER: Duration = Duration::from_millis(200);
+
+/// A PSS measure that found the sum under a level.
+#[derive(Clone, Copy)]
+struct Measure {
+    rss_sum: u64,
+    at: Instant,
+}
+
+/// What a crossing by RSS came to.
+enum Pss {
+    /// The PSS sum reached the level too: this.
+    Reached(u64),
+    Under,
+    /// Measured too recently: measure again at this time.
+    Later(Instant),
+}
+
 /// Analyses whose RSS sum had crossed one level of their tree limit (the limit, or its
-/// warning level) while their PSS sum had not: the RSS sum at that measure.
+/// warning level) while their PSS sum had not: that measure.
 #[derive(Default)]
-struct PssUnder(HashMap<AnalysisKey, u64>);
+struct PssUnder(HashMap<AnalysisKey, Measure>);
 impl PssUnder {
     /// Asked once the RSS sum (`sum`, an upper bound: it counts a page shared by N
     /// processes N times) has crossed a level: the PSS sum, which counts it once, when
     /// it has `reached` the level too. PSS is a walk of each address space, so after a
     /// measure found it under, it is measured again only once the RSS sum has grown by
-    /// `limit / PSS_REMEASURE_PART` (or the poll forgot the measure).
+    /// `limit / PSS_REMEASURE_PART` (or the poll forgot the measure), and not before
+    /// `PSS_REMEASURE_AFTER`.
     fn reaches(
         &mut self,
         key: AnalysisKey,
-        sum: u64,
-        limit: u64,
+        (sum, limit): (u64, u64),
         reached: impl Fn(u64) -> bool,
         tree: &Tree,
         procs: &dyn Procs,
-    ) -> Option<u64> {
-        let measured_at = self.0.get(&key).copied();
-        if measured_at.is_some_and(|at| sum < at.saturating_add(limit / PSS_REMEASURE_PART)) {
-            return None;
+        now: Instant,
+    ) -> Pss {
+        if let Some(last) = self.0.get(&key).copied() {
+            if sum < last.rss_sum.saturating_add(limit / PSS_REMEASURE_PART) {
+                return Pss::Under;
+            }
+            if now < last.at + PSS_REMEASURE_AFTER {
+                return Pss::Later(last.at + PSS_REMEASURE_AFTER);
+            }
         }
         let pss: u64 = tree
             .members(key)
@@ -51,11 +80,17 @@ impl PssUnder {
             .sum();
         if reached(pss) {
             self.0.remove(&key);
-            return Some(pss);
+            return Pss::Reached(pss);
         }
         tracing::debug!(key, rss_sum = sum, pss, limit, "under by PSS: shared pages");
-        self.0.insert(key, sum);
-        None
+        self.0.insert(
+            key,
+            Measure {
+                rss_sum: sum,
+                at: now,
+            },
+        );
+        Pss::Under
     }
 
     fn forget(&mut self, key: AnalysisKey) {
@@ -64,18 +99,93 @@ impl PssUnder {
 }
 
 /// The memory rule's state: analyses over a level of their tree limit by RSS but not by
-/// PSS (shared pages), for the limit and for its warning level.
+/// PSS (shared pages), for the limit and for its warning level; and the kernel's RSS
+/// sum of each analysis with a tree limit, as last reported.
 #[derive(Default)]
 pub struct Memory {
     over_rss: PssUnder,
     over_rss_warning: PssUnder,
+    kernel_sums: HashMap<AnalysisKey, u64>,
+    /// Analyses whose tree is to be checked again once a measure may be made.
+    remeasures: HashMap<AnalysisKey, Instant>,
 }
 
 impl Memory {
     /// Drops what is kept of an analysis that is over.
     pub fn forget(&mut self, key: AnalysisKey) {
+        self.forget_measures(key);
+        self.kernel_sums.remove(&key);
+        self.remeasures.remove(&key);
+    }
+
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        self.remeasures.values().min().copied()
+    }
+
+    /// The trees whose measure was put off, checked now that it may be made.
+    pub(in crate::core) fn remeasures_due(
+        &mut self,
+        w: &mut World,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let due: Vec<AnalysisKey> = self
+            .remeasures
+            .iter()
+            .filter(|&(_, &at)| at <= clock.now)
+            .map(|(&key, _)| key)
+            .collect();
+        for key in due {
+            self.remeasures.remove(&key);
+            let own = w.tree.rss_sum(key);
+            self.check_tree_memory(w, key, own, procs, clock);
+        }
+    }
+
+    /// What a crossing by RSS came to, a measure put off being kept for later.
+    fn pss_reached(&mut self, pss: Pss, key: AnalysisKey) -> Option<u64> {
+        match pss {
+            Pss::Reached(pss) => Some(pss),
+            Pss::Under => None,
+            Pss::Later(at) => {
+                let due = self.remeasures.entry(key).or_insert(at);
+                *due = (*due).min(at);
+                None
+            }
+        }
+    }
+
+    fn forget_measures(&mut self, key: AnalysisKey) {
         self.over_rss.forget(key);
         self.over_rss_warning.forget(key);
+    }
+
+    /// The kernel's sum of the analysis' RSS: it follows every change, where the
+    /// processes' own reports each wait for a step (300 processes each 7 MiB larger
+    /// would be 2 GiB that no report shows).
+    pub(in crate::core) fn tree_rss_seen(
+        &mut self,
+        w: &mut World,
+        key: AnalysisKey,
+        rss_sum: u64,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        if w.registry.get(key).is_none() {
+            return;
+        }
+        self.kernel_sums.insert(key, rss_sum);
+        let own = w.tree.rss_sum(key);
+        self.check_tree_memory(w, key, own, procs, clock);
+    }
+
+    /// What the analysis' RSS sum is at least: the daemon's own sum of its processes'
+    /// last reports, or the kernel's running sum, whichever is more. The kernel's counts
+    /// a process from its first change after the sum started, so an idle process is in
+    /// the daemon's sum only; a process growing in steps below the report's is in the
+    /// kernel's only.
+    fn rss_bound(&self, key: AnalysisKey, own: u64) -> u64 {
+        own.max(self.kernel_sums.get(&key).copied().unwrap_or(0))
     }
 
     pub(in crate::core) fn rss_seen(
@@ -147,6 +257,7 @@ impl Memory {
         let Some(limit) = w.registry.get(key).and_then(|a| a.limits.tree_memory_bytes) else {
             return;
         };
+        let sum = self.rss_bound(key, sum);
         self.warn_of_tree_memory(w, key, sum, limit, procs, clock);
         // The RSS sum counts a page shared by N processes N times (a pool forked from
         // a parent holding its data): it is an upper bound, and only once it crosses
@@ -154,10 +265,15 @@ impl Memory {
         if sum <= limit || w.registry.violation(key).is_some() {
             return;
         }
-        let Some(pss) = self
-            .over_rss
-            .reaches(key, sum, limit, |pss| pss > limit, &w.tree, procs)
-        else {
+        let measured = self.over_rss.reaches(
+            key,
+            (sum, limit),
+            |pss| pss > limit,
+            &w.tree,
+            procs,
+            clock.now,
+        );
+        let Some(pss) = self.pss_reached(measured, key) else {
             return;
         };
         let analysis_id = w.registry.id(key).unwrap_or_default().to_string();
@@ -230,10 +346,15 @@ impl Memory {
         {
             return;
         }
-        let reached =
-            self.over_rss_warning
-                .reaches(key, sum, limit, |pss| pss >= level, &w.tree, procs);
-        if reached.is_some() {
+        let measured = self.over_rss_warning.reaches(
+            key,
+            (sum, limit),
+            |pss| pss >= level,
+            &w.tree,
+            procs,
+            clock.now,
+        );
+        if self.pss_reached(measured, key).is_some() {
             w.warn(key, Reason::TreeMemory, limit, procs, clock);
         }
     }
@@ -260,7 +381,7 @@ impl Memory {
         for key in analyses {
             // Writes to shared pages (copy-on-write) raise the PSS, not the RSS: the
             // poll measures again whatever is over its limit by RSS.
-            self.forget(key);
+            self.forget_measures(key);
             let sum = w.tree.rss_sum(key);
             self.check_tree_memory(w, key, sum, procs, clock);
         }
