@@ -116,7 +116,7 @@ mod tests {
     #[test]
     fn a_command_line_is_kept_whole_up_to_its_bound_and_marked_when_cut() {
         assert_eq!(
-            bounded_cmdline(b"python\0fit.py\0--seed\0042\0"),
+            bounded_cmdline(b"python\0fit.py\0--seed\x00042\0"),
             "python fit.py --seed 042"
         );
         let huge: Vec<u8> = std::iter::repeat_n(b'x', CMDLINE_MAX + 1).collect();
