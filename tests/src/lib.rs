@@ -690,6 +690,71 @@ print("survived", flush=True)
 time.sleep(600)
 "#;
 
+/// A parent forks argv[1] children; on "go" each child grows by argv[2] KiB. A child
+/// of this interpreter holds ~5.6 MiB, ~7.3 MiB once grown by 1.5 MiB: never a step
+/// (8 MiB) from the 0 it started at, so none of them ever reports its own RSS. Prints
+/// the children's pids once they run, and "grown" once all grew.
+pub const GROWERS: &str = r#"
+import os, sys, time
+N, GROW = int(sys.argv[1]), int(sys.argv[2]) << 10
+go_r, go_w = os.pipe()
+ready_r, ready_w = os.pipe()
+def wait_for(n):
+    got = 0
+    while got < n:
+        got += len(os.read(ready_r, n - got))
+pids = []
+for _ in range(N):
+    pid = os.fork()
+    if pid == 0:
+        os.write(ready_w, b".")
+        os.read(go_r, 1)
+        hold = bytearray(GROW)
+        hold[::4096] = b"\x01" * (GROW // 4096)
+        os.write(ready_w, b"+")
+        time.sleep(600)
+        os._exit(0)
+    pids.append(pid)
+wait_for(N)
+print(" ".join(map(str, pids)), flush=True)
+sys.stdin.readline()
+os.write(go_w, b"g" * N)
+wait_for(N)
+print("grown", flush=True)
+time.sleep(600)
+"#;
+
+/// Maps argv[1] MiB it never touches, prints its pid and the mapping's address.
+pub const TARGET: &str = r#"
+import ctypes, mmap, os, sys, time
+size = int(sys.argv[1]) << 20
+area = mmap.mmap(-1, size)
+address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+print(os.getpid(), address, flush=True)
+time.sleep(600)
+"#;
+
+/// Writes argv[3] MiB into process argv[1] at address argv[2] with process_vm_writev,
+/// 8 MiB a call, until done or the target is gone.
+pub const WRITER: &str = r#"
+import ctypes, os, sys
+pid, address, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) << 20
+class IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+libc = ctypes.CDLL(None, use_errno=True)
+chunk = 8 << 20
+buf = ctypes.create_string_buffer(b"\x07" * chunk, chunk)
+done = 0
+while done < size:
+    local = IoVec(ctypes.addressof(buf), chunk)
+    remote = IoVec(address + done, chunk)
+    if libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) < 0:
+        print("stopped", os.strerror(ctypes.get_errno()), done >> 20, flush=True)
+        sys.exit(0)
+    done += chunk
+print("wrote", done >> 20, flush=True)
+"#;
+
 /// Live threads of a process, from /proc.
 pub fn thread_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))

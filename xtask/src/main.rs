@@ -167,6 +167,7 @@ fn bench(bin: &Path) -> Result<()> {
         "bench-scale",
         "bench-page",
         "bench-kill",
+        "bench-bounds",
     ] {
         step(&format!("running {bench}"));
         let mut cmd = as_root(Path::new("cargo"));
