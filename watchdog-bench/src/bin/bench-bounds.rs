@@ -4,6 +4,8 @@
 //!   report step) past a 300 MiB tree limit, and 800 MiB written into a process by
 //!   another one (`process_vm_writev`) against its 200 MiB limit: from the start of
 //!   the growth to the SIGTERM, with the poll set to an hour.
+//! - A record flood: processes with 1 MiB command lines killed by the thousand; the
+//!   daemon's peak RSS and the database's growth per record.
 //! - A bystander's deadline under a watched fork storm: the lateness of its SIGTERM
 //!   with the daemon at the analyses' CPU weight, and at the unit's (`CPUWeight=1000`,
 //!   ten times the default; on a cgroup v1 host, `cpu.shares` 10240 against 1024).
@@ -36,6 +38,7 @@ fn main() -> Result<()> {
     watchdog_bench::install_interrupt_cleanup()?;
     println!("## Bounds: memory no report shows, and the daemon's priority\n");
     memory_reach()?;
+    record_flood()?;
     bystander_lateness()?;
     Ok(())
 }
@@ -126,6 +129,77 @@ fn memory_reach() -> Result<()> {
     );
     println!(
         "\nWhat limits it: the growers' figure includes 300 children faulting in their pages and the PSS measure (one `smaps_rollup` read a process) the crossing of the kernel's RSS sum asks for; the written figure, the writer's 100 calls up to the limit and the signal.\n"
+    );
+    Ok(())
+}
+
+const FLOOD: usize = 1000;
+const ARG_BYTES: usize = 128 * 1024 - 1;
+
+/// Starts argv[1] shells, each with eight arguments of argv[2] bytes and a `sleep`
+/// child; prints "ready" once all run.
+const FLOOD_ROOT: &str = r#"
+import subprocess, sys, time
+n, size = int(sys.argv[1]), int(sys.argv[2])
+arg = "x" * size
+shells = [subprocess.Popen(["sh", "-c", "sleep 600; :", "sh"] + [arg] * 8) for _ in range(n)]
+print("ready", flush=True)
+time.sleep(600)
+"#;
+
+/// `VmHWM` of `pid`, MiB: the peak RSS.
+fn peak_rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmHWM")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+/// FLOOD shells, each with eight 128 KiB arguments (1 MiB of command line) and a
+/// `sleep` child, in one analysis killed at its 1 s timeout: 2 × FLOOD records.
+fn record_flood() -> Result<()> {
+    let daemon = Daemon::builder().start()?;
+    let db = daemon.dir.join("watchdog.db");
+    let (rss_before, db_before) = (peak_rss_mib(daemon.pid())?, std::fs::metadata(&db)?.len());
+    let mut root = Workload::python(FLOOD_ROOT, &[&FLOOD.to_string(), &ARG_BYTES.to_string()])?;
+    root.read_line()?;
+    daemon.register_with(
+        root.pid(),
+        "flood",
+        &["--timeout", "1s", "--max-processes", "5000"],
+    )?;
+    // The shells at least, and every record the daemon made stored.
+    let records = watchdog_tests::await_state("every flood record stored", || {
+        let stored = watchdog_tests::sqlite_query(&db, "SELECT count(*) FROM watchdog_events")?;
+        let stored: u64 = stored.trim().parse().unwrap_or(0);
+        let made = daemon.status()?.kills_total;
+        Ok((stored > FLOOD as u64 && stored == made).then_some(stored))
+    })?;
+    let _ = root.kill();
+    let rss_peak = peak_rss_mib(daemon.pid())?;
+    let db_growth = std::fs::metadata(&db)?.len().saturating_sub(db_before) as f64;
+    let longest =
+        watchdog_tests::sqlite_query(&db, "SELECT max(length(cmdline)) FROM watchdog_events")?;
+    let per_record_kib = db_growth / records as f64 / 1024.0;
+    watchdog_bench::figure("flood_peak_rss_mib", format!("{rss_peak:.1}"));
+    watchdog_bench::figure("flood_db_kib_per_record", format!("{per_record_kib:.1}"));
+    println!(
+        "A record flood: {FLOOD} processes with 1 MiB command lines (8 arguments of 128 KiB) and their {FLOOD} children, one analysis killed at its timeout: {records} records.\n"
+    );
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| the longest command line stored | {} bytes |",
+        longest.trim()
+    );
+    println!("| database growth per record (SQLite) | {per_record_kib:.1} KiB |");
+    println!("| daemon peak RSS before → after | {rss_before:.1} → {rss_peak:.1} MiB |");
+    println!(
+        "\nWhat bounds it: a command line is cut at 4,096 bytes (marked so) when it is read, so no record holds more; the records kept in memory for `status` and the page are bounded at 8 MiB and 10,000, whichever is reached first; an `events` answer holds at most 1,000 records. The daemon's worst case for a flood is therefore its idle RSS, the kept records (8 MiB) and one answer (1,000 × ~5 KiB).\n"
     );
     Ok(())
 }
