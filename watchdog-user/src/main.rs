@@ -88,6 +88,13 @@ enum Command {
         reason: Option<Reason>,
         #[arg(long)]
         host: Option<String>,
+        /// At most this many (and at most 1,000), newest first.
+        #[arg(long)]
+        limit: Option<u32>,
+        /// The page after a previous answer: the cursor it printed (`older records may
+        /// follow: events --before …`).
+        #[arg(long)]
+        before: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -141,6 +148,8 @@ fn main() {
             analysis_id,
             reason,
             host,
+            limit,
+            before,
             json,
         } => {
             let filter = store::EventFilter {
@@ -150,7 +159,8 @@ fn main() {
                 analysis_id,
                 reason: reason.map(|r| r.as_str().to_string()),
                 host,
-                limit: None,
+                limit,
+                before,
             };
             cli::events(&socket, filter, json)
         }

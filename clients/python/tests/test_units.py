@@ -238,3 +238,18 @@ def test_the_default_socket_comes_from_the_environment(monkeypatch):
     assert wd.Client().socket == "/tmp/elsewhere.sock"
     monkeypatch.delenv("WATCHDOG_SOCKET")
     assert wd.Client().socket == wd.DEFAULT_SOCKET == "/run/watchdog/watchdog.sock"
+
+
+def test_iter_events_follows_each_full_answers_next_until_one_has_none(monkeypatch):
+    pages = {None: ([{"pid": 3}, {"pid": 2}], "t2/b"), "t2/b": ([{"pid": 1}], None)}
+    asked = []
+
+    def call(self, request):
+        asked.append(dict(request["filter"]))
+        records, after = pages[request["filter"].get("before")]
+        return {"records": records, **({"next": after} if after else {})}
+
+    monkeypatch.setattr(wd.Client, "call", call)
+    got = [r["pid"] for r in wd.Client("/nonexistent").iter_events(analysis_id="a", page=2)]
+    assert got == [3, 2, 1]
+    assert asked == [{"analysis_id": "a", "limit": 2}, {"analysis_id": "a", "limit": 2, "before": "t2/b"}]

@@ -30,6 +30,7 @@ fn cli_output_into_a_closed_pipe_ends_quietly() {
                 Request::Events { .. } => Reply::Events {
                     records: Vec::new(),
                     database_error: None,
+                    next: None,
                 },
                 other => panic!("not asked: {other:?}"),
             };

@@ -262,7 +262,7 @@ fn events_filters_and_json_match_the_rows() -> Result<()> {
 
     let events = |filters: &[&str]| daemon.events_with(filters);
     let all = events(&[])?;
-    let rows = db.query("select pid, reason, analysis_id, outcome, time from watchdog_events order by time desc, id desc")?;
+    let rows = db.query("select pid, reason, analysis_id, outcome, time from watchdog_events order by time desc, event_uid desc")?;
     let from_json: Vec<String> = all
         .iter()
         .map(|e| {
@@ -375,6 +375,84 @@ fn events_right_after_exec_returns_from_a_kill_shows_that_kill() -> Result<()> {
         assert_eq!(kills.len(), 1, "round {round}: {records:?}");
         assert_eq!(kills[0].record.reason, Reason::Timeout);
         assert_eq!(kills[0].record.outcome, Outcome::ExitedAfterSigterm);
+    }
+    Ok(())
+}
+
+/// Forks argv[1] sleepers, prints "forked", then sleeps.
+const SLEEPERS: &str = r#"
+import os, sys, time
+for _ in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        time.sleep(600)
+        os._exit(0)
+print("forked", flush=True)
+time.sleep(600)
+"#;
+
+/// One page of `events --json --limit N [--before CURSOR]`: its records and the
+/// cursor of the next page, if it says one follows.
+fn page(
+    daemon: &Daemon,
+    limit: &str,
+    before: Option<&str>,
+) -> Result<(Vec<EventRecord>, Option<String>)> {
+    let mut args = vec!["events", "--json", "--limit", limit];
+    if let Some(cursor) = before {
+        args.extend(["--before", cursor]);
+    }
+    let out = daemon.cli(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let next = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find_map(|l| l.split_once("events --before ").map(|(_, c)| c.to_string()));
+    Ok((serde_json::from_slice(&out.stdout)?, next))
+}
+
+#[test]
+fn events_come_in_pages_that_hold_every_record_once_in_order_on_both_databases() -> Result<()> {
+    for (name, db) in both()? {
+        let daemon = Daemon::builder().database_url(db.url()).start()?;
+        let mut tree = Workload::python(SLEEPERS, &["7"])?;
+        assert_eq!(tree.read_line()?, "forked");
+        // One kill of eight processes: records made in the same millisecond, which only
+        // the id tells apart.
+        daemon.register_with(tree.pid(), "paged", &["--timeout", "1s"])?;
+        await_rows(&db, "select count(*) from watchdog_events", "8")?;
+        let (all, none) = page(&daemon, "1000", None)?;
+        assert_eq!(
+            (all.len(), none),
+            (8, None),
+            "{name}: one answer holds them all"
+        );
+        let mut paged = Vec::new();
+        let mut cursor = None;
+        let mut pages = 0;
+        loop {
+            let (records, next) = page(&daemon, "3", cursor.as_deref())?;
+            pages += 1;
+            assert!(pages <= 8, "{name}: a page never ends the listing");
+            paged.extend(records);
+            match next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        let ids = |records: &[EventRecord]| -> Vec<String> {
+            records.iter().map(|r| r.event_uid.clone()).collect()
+        };
+        assert_eq!(pages, 3, "{name}: pages of 3, 3 and 2");
+        assert_eq!(
+            ids(&paged),
+            ids(&all),
+            "{name}: every record once, newest first"
+        );
+        let line = one_line_error(&daemon.cli(&["events", "--before", "yesterday"]));
+        assert!(line.contains("--before takes the `next`"), "{name}: {line}");
     }
     Ok(())
 }

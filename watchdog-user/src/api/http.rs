@@ -218,6 +218,7 @@ async fn api_events(State(calls): State<mpsc::Sender<Call>>) -> HttpResponse {
         Ok(Reply::Events {
             records,
             database_error,
+            ..
         }) => fresh_json(page_events(records, database_error)),
         Ok(_) => (StatusCode::SERVICE_UNAVAILABLE, "no events from the daemon").into_response(),
         Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err).into_response(),

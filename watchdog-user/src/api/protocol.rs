@@ -274,6 +274,9 @@ pub enum Reply {
         /// Why the database could not be read: then only the spooled records are shown.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         database_error: Option<String>,
+        /// With a full answer: the `before` of the next page (older records may follow).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
     Status(Box<Status>),
     Overview(Box<crate::api::overview::Overview>),

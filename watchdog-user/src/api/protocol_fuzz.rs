@@ -408,6 +408,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
             Routed::Events(_) => Response::Ok(Reply::Events {
                 records: Vec::new(),
                 database_error: None,
+                next: None,
             }),
             Routed::Overview => Response::Ok(Reply::Overview(Box::new(
                 crate::api::overview::overview(&core, &history, &clock),

@@ -704,11 +704,24 @@ impl Daemon {
     }
 
     fn answer_events(&self, filter: EventFilter, reply: oneshot::Sender<Response>) {
+        if let Some(before) = filter.before.as_deref()
+            && crate::store::parse_cursor(before).is_none()
+        {
+            let line = format!(
+                "--before takes the `next` of a previous events answer (TIME/ID), not {before:?}"
+            );
+            let _ = reply.send(Response::error(ErrorKind::BadRequest, line));
+            return;
+        }
+        let page = usize::try_from(filter.max_records()).unwrap_or(usize::MAX);
         let (tx, rx) = oneshot::channel();
         let _ = self.effects.store().send(StoreMsg::Query(filter, tx));
         tokio::spawn(async move {
             let response = match rx.await {
                 Ok((records, database_error)) => Response::Ok(Reply::Events {
+                    next: (records.len() == page)
+                        .then(|| records.last().map(|r| r.cursor()))
+                        .flatten(),
                     records,
                     database_error,
                 }),

@@ -151,12 +151,16 @@ pub fn events(socket: &Path, filter: EventFilter, json: bool) -> Result<()> {
     let Reply::Events {
         records,
         database_error,
+        next,
     } = call(socket, &Request::Events { filter })?
     else {
         bail!("the daemon sent an unexpected reply to events");
     };
     if let Some(err) = &database_error {
         eprintln!("watchdog-user: warning: {err}; showing only the records in the spool");
+    }
+    if let Some(next) = &next {
+        eprintln!("watchdog-user: older records may follow: events --before {next}");
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&records)?);
@@ -166,7 +170,10 @@ pub fn events(socket: &Path, filter: EventFilter, json: bool) -> Result<()> {
         "{:<24} {:<12} {:>7} {:<16} {:<13} {:<20} {:>10} {:>9} {:<16} {:<7}",
         "TIME", "HOST", "PID", "ANALYSIS", "REASON", "OUTCOME", "RSS", "RUNTIME", "COMM", "STORED"
     );
-    for EventRecord { record: r, spooled } in &records {
+    for EventRecord {
+        record: r, spooled, ..
+    } in &records
+    {
         println!(
             "{:<24} {:<12} {:>7} {:<16} {:<13} {:<20} {:>10} {:>9} {:<16} {:<7}",
             r.time,

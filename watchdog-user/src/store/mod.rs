@@ -128,6 +128,27 @@ pub struct EventRecord {
     pub record: KillRecord,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub spooled: bool,
+    /// The record's id, stable from the spool to the database.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub event_uid: String,
+}
+
+impl EventRecord {
+    /// Where the page after this record starts: `events --before` takes it.
+    pub fn cursor(&self) -> String {
+        format!("{}/{}", self.record.time, self.event_uid)
+    }
+
+    /// Newest first: by time, then by id, the order pages follow.
+    fn order_key(&self) -> (&str, &str) {
+        (&self.record.time, &self.event_uid)
+    }
+}
+
+/// A page's end, from [`EventRecord::cursor`]: the time and the id of its last record.
+pub fn parse_cursor(cursor: &str) -> Option<(&str, &str)> {
+    let (time, uid) = cursor.rsplit_once('/')?;
+    (humantime::parse_rfc3339_weak(time).is_ok() && !uid.is_empty()).then_some((time, uid))
 }
 
 /// One row of `watchdog_processes`.
@@ -193,6 +214,9 @@ pub struct EventFilter {
     /// The newest this many at most; unset (and at most): 1,000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// Only records older than this cursor (a previous answer's `next`): the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
 }
 
 impl EventFilter {
@@ -204,6 +228,14 @@ impl EventFilter {
 
     /// Whether a record not in the database yet passes what the database's query
     /// checks (a time that does not parse is not filtered out: better shown than lost).
+    pub fn admits_stored(&self, stored: &StoredRecord) -> bool {
+        let older = |cursor: &str| {
+            parse_cursor(cursor)
+                .is_none_or(|at| (stored.record.time.as_str(), stored.event_uid.as_str()) < at)
+        };
+        self.admits(&stored.record) && self.before.as_deref().is_none_or(older)
+    }
+
     pub fn admits(&self, record: &KillRecord) -> bool {
         let at_or_after = |since: &str| {
             let parse = |t: &str| humantime::parse_rfc3339_weak(t).ok();
@@ -359,10 +391,11 @@ impl Sql {
             select_events_text: format!(
                 "SELECT {time_out} AS time, host, pid, ppid, analysis_id, reason, limit_value, rss_bytes, \
                  runtime_ms, {signals_out} AS signals, outcome, comm, cmdline, uid, owner_uid, warned_of, \
-                 zombies, tree_pss_bytes, tree_rss_bytes FROM watchdog_events \
+                 zombies, tree_pss_bytes, tree_rss_bytes, event_uid FROM watchdog_events \
                  WHERE ($1{text} IS NULL OR time >= $1{ts}) AND ($2{text} IS NULL OR analysis_id = $2) \
                  AND ($3{text} IS NULL OR reason = $3) AND ($4{text} IS NULL OR host = $4) \
-                 ORDER BY time DESC, id DESC LIMIT $5"
+                 AND ($6{text} IS NULL OR time < $6{ts} OR (time = $6{ts} AND event_uid < $7)) \
+                 ORDER BY time DESC, event_uid DESC LIMIT $5"
             ),
             upsert_process_text: format!(
                 "INSERT INTO watchdog_processes (host, pid, ppid, start_time, analysis_id, timeout_ms, \
@@ -909,30 +942,28 @@ impl Store {
         };
         let mut records: Vec<EventRecord> = spooled
             .into_iter()
-            .map(|record| EventRecord {
-                record,
+            .map(|stored| EventRecord {
+                record: stored.record,
                 spooled: true,
+                event_uid: stored.event_uid,
             })
-            .chain(stored.into_iter().map(|record| EventRecord {
-                record,
-                spooled: false,
-            }))
+            .chain(stored)
             .collect();
         // Newest first (RFC 3339 UTC, same precision: text order is time order).
-        records.sort_by(|a, b| b.record.time.cmp(&a.record.time));
+        records.sort_by(|a, b| b.order_key().cmp(&a.order_key()));
         // The spooled ones and the database's each fit the limit; together they may not.
         records.truncate(usize::try_from(filter.max_records()).unwrap_or(usize::MAX));
         (records, database_error)
     }
 
     /// The spool's records the filter admits, newest first.
-    fn spooled(&self, filter: &EventFilter) -> Vec<KillRecord> {
+    fn spooled(&self, filter: &EventFilter) -> Vec<StoredRecord> {
         let waiting = self.shared.spool().waiting();
         match waiting {
             Ok(records) => records
                 .into_iter()
                 .rev()
-                .filter(|r| filter.admits(r))
+                .filter(|r| filter.admits_stored(r))
                 .collect(),
             Err(err) => {
                 tracing::error!("{err:#}: events shows no spooled records this time");
@@ -941,7 +972,7 @@ impl Store {
         }
     }
 
-    async fn query_database(&mut self, filter: &EventFilter) -> Result<Vec<KillRecord>, String> {
+    async fn query_database(&mut self, filter: &EventFilter) -> Result<Vec<EventRecord>, String> {
         let Some(pool) = self.pool.clone() else {
             let status = self.shared.status();
             return Err(format!(
@@ -952,17 +983,26 @@ impl Store {
                 status.spool_path
             ));
         };
+        let cursor = filter.before.as_deref().and_then(parse_cursor);
         let rows = sqlx::query(self.sql.select_events())
             .bind(filter.since.clone())
             .bind(filter.analysis_id.clone())
             .bind(filter.reason.clone())
             .bind(filter.host.clone())
             .bind(filter.max_records())
+            .bind(cursor.map(|(time, _)| time.to_string()))
+            .bind(cursor.map(|(_, uid)| uid.to_string()))
             .fetch_all(&pool)
             .await
             .map_err(|e| format!("reading watchdog_events failed: {e}"))?;
         rows.iter()
-            .map(record_from_row)
+            .map(|row| {
+                Ok(EventRecord {
+                    record: record_from_row(row)?,
+                    spooled: false,
+                    event_uid: row.try_get("event_uid")?,
+                })
+            })
             .collect::<Result<_>>()
             .map_err(|e| format!("{e:#}"))
     }

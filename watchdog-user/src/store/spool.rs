@@ -405,10 +405,12 @@ impl Spool {
 
     /// Every record waiting for the database, oldest first: those in the file, then
     /// those held in memory.
-    pub fn waiting(&mut self) -> Result<Vec<KillRecord>> {
+    pub fn waiting(&mut self) -> Result<Vec<StoredRecord>> {
         let (in_file, _) = self.snapshot()?;
-        let held = self.held.iter().map(|s| s.record.clone());
-        Ok(in_file.into_iter().map(|s| s.record).chain(held).collect())
+        Ok(in_file
+            .into_iter()
+            .chain(self.held.iter().cloned())
+            .collect())
     }
 
     /// Drops the first `bytes` (records now committed), keeping anything appended since.
@@ -682,7 +684,12 @@ mod tests {
         spool.push(record(1, "sleep"));
         spool.flush().unwrap();
         spool.push(record(2, "sleep"));
-        let waiting: Vec<u32> = spool.waiting().unwrap().iter().map(|r| r.pid).collect();
+        let waiting: Vec<u32> = spool
+            .waiting()
+            .unwrap()
+            .iter()
+            .map(|r| r.record.pid)
+            .collect();
         assert_eq!(waiting, [1, 2], "in the file, then held");
     }
 }

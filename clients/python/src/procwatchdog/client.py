@@ -14,7 +14,7 @@ import json
 import os
 import signal as _signal
 import socket as _socket
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 from .errors import NoDaemon, WatchdogError, from_response
 from ._limits import LIMITS
@@ -220,11 +220,28 @@ class Client:
         for the database. While the database cannot be read only the spooled records
         are returned. ``since``: a duration (``"1h"``: the last hour) or a datetime;
         ``reason``: one of ``REASONS``."""
-        if reason is not None and reason not in REASONS:
-            raise ValueError(f"invalid reason {reason!r}: use one of {', '.join(REASONS)}")
-        wanted = {"since": _since(since), "analysis_id": analysis_id, "reason": reason, "host": host}
-        reply = self.call({"op": "events", "filter": {k: v for k, v in wanted.items() if v is not None}})
+        reply = self.call({"op": "events", "filter": _event_filter(since, analysis_id, reason, host)})
         return reply["records"]
+
+    def iter_events(
+        self,
+        since: Union[None, Duration, datetime.datetime] = None,
+        analysis_id: Optional[str] = None,
+        reason: Optional[str] = None,
+        host: Optional[str] = None,
+        page: int = 1000,
+    ) -> Iterator[Dict[str, Any]]:
+        """Every record ``events`` would give with no cap on their number, newest first,
+        read ``page`` records (at most 1,000) an answer: each answer that is full names
+        where the next one starts."""
+        wanted = _event_filter(since, analysis_id, reason, host)
+        wanted["limit"] = page
+        while True:
+            reply = self.call({"op": "events", "filter": wanted})
+            yield from reply["records"]
+            if not reply.get("next"):
+                return
+            wanted["before"] = reply["next"]
 
     # --- starting processes already watched -----------------------------------------
 
@@ -342,3 +359,12 @@ def _group_of(path: str) -> Optional[str]:
         return grp.getgrgid(os.stat(path).st_gid).gr_name
     except (OSError, KeyError, ImportError):
         return None
+
+
+def _event_filter(since: Any, analysis_id: Optional[str], reason: Optional[str],
+                  host: Optional[str]) -> Dict[str, Any]:
+    """The ``events`` request's filter object: the fields given, checked."""
+    if reason is not None and reason not in REASONS:
+        raise ValueError(f"invalid reason {reason!r}: use one of {', '.join(REASONS)}")
+    wanted = {"since": _since(since), "analysis_id": analysis_id, "reason": reason, "host": host}
+    return {k: v for k, v in wanted.items() if v is not None}
