@@ -639,6 +639,7 @@ mod tests {
             .map(|pid| EventRecord {
                 record: record(pid, Reason::Timeout),
                 spooled: pid == 0,
+                event_uid: format!("uid-{pid}"),
             })
             .collect();
         let page = serde_json::to_value(page_events(records, None)).expect("serializes");
@@ -664,6 +665,7 @@ mod tests {
         let all = (0..PAGE_EVENTS as u32).map(|pid| EventRecord {
             record: record(pid, Reason::Memory),
             spooled: false,
+            event_uid: format!("uid-{pid}"),
         });
         assert!(!page_events(all.collect(), None).more);
     }

@@ -184,6 +184,7 @@ fn request() -> BoxedStrategy<Request> {
                     reason,
                     host,
                     limit,
+                    before: None,
                 },
             }),
         1 => any::<u64>().prop_map(|ms| Request::Stall { ms }),

@@ -109,6 +109,10 @@ pub struct RunArgs {
     /// Most registered roots one user may have in its analyses at once [default: 4096].
     #[arg(long)]
     pub user_max_roots: Option<u64>,
+    /// Kill records one user's analyses may make in a minute before its new
+    /// registrations are refused [default: 10000].
+    #[arg(long)]
+    pub user_max_records_per_minute: Option<u64>,
     /// Reconcile poll interval [default: 30s].
     #[arg(long)]
     #[serde(default, deserialize_with = "duration_text")]
@@ -221,6 +225,9 @@ impl RunArgs {
             poll_interval: self.poll_interval.clone().or(file.poll_interval.clone()),
             user_max_analyses: self.user_max_analyses.or(file.user_max_analyses),
             user_max_roots: self.user_max_roots.or(file.user_max_roots),
+            user_max_records_per_minute: self
+                .user_max_records_per_minute
+                .or(file.user_max_records_per_minute),
             dry_run: self.dry_run.or(file.dry_run),
             memory_metric: self.memory_metric.or(file.memory_metric),
             kernel_log: self.kernel_log.or(file.kernel_log),
@@ -265,6 +272,9 @@ impl RunArgs {
                 crate::core::world::Quotas {
                     analyses: all.user_max_analyses.unwrap_or(builtin.analyses),
                     roots: all.user_max_roots.unwrap_or(builtin.roots),
+                    records_per_minute: all
+                        .user_max_records_per_minute
+                        .unwrap_or(builtin.records_per_minute),
                 }
             },
             dry_run: all.dry_run.unwrap_or(false),

@@ -147,6 +147,7 @@ impl Core {
             self.orphans.next_wakeup(),
             self.zombies.next_wakeup(),
             self.memory.next_wakeup(),
+            self.world.record_rates.next_expiry(),
         ]
         .into_iter()
         .flatten()
@@ -238,6 +239,7 @@ impl Core {
         self.orphans.looks_due(w, procs, clock);
         self.zombies.sweep_due(w, procs, clock);
         self.memory.remeasures_due(w, procs, clock);
+        w.record_rates.expire(clock.now);
         w.finish_done_jobs(clock);
     }
 

@@ -2224,6 +2224,7 @@ fn a_user_is_refused_past_their_quotas_and_root_is_not_counted() {
     settings.quotas = crate::core::world::Quotas {
         analyses: 3,
         roots: 4,
+        ..Default::default()
     };
     w.core.set_settings(settings);
     let alice = Peer::user(ALICE, &[]);
@@ -2247,4 +2248,39 @@ fn a_user_is_refused_past_their_quotas_and_root_is_not_counted() {
     // Root's registrations are not counted against anyone.
     w.procs.spawn(300, 1, start(300));
     w.register_as(&Peer::root(), 300, "root-job").unwrap();
+}
+
+#[test]
+fn a_user_whose_analyses_made_a_minutes_worth_of_records_registers_again_after_it() {
+    let mut w = World::new();
+    let mut settings = w.core.settings().clone();
+    settings.quotas.records_per_minute = 3;
+    w.core.set_settings(settings);
+    let alice = Peer::user(ALICE, &[]);
+    w.procs.spawn_as(100, 1, ALICE);
+    for pid in 101..104 {
+        w.procs.spawn_as(pid, 100, ALICE);
+    }
+    w.register_as(&alice, 100, "burst").unwrap();
+    // Its deadline: four records, all kept.
+    let signalled = signals(&w.advance(Duration::from_secs(1801)));
+    assert_eq!(signalled.len(), 4);
+    for pid in [101, 102, 103, 100] {
+        w.exit(pid);
+    }
+    assert_eq!(w.core.recent().len(), 4, "every record kept");
+    w.procs.spawn_as(200, 1, ALICE);
+    let refused = w.register_as(&alice, 200, "next").unwrap_err().to_string();
+    assert!(
+        refused.starts_with(&format!(
+            "refused by quota records-per-minute: your (uid {ALICE}) analyses made 4 kill records"
+        )) && refused.contains("--user-max-records-per-minute"),
+        "{refused}"
+    );
+    // Root is never refused by it; the minute over, she is not either.
+    w.procs.spawn(300, 1, start(300));
+    w.register_as(&Peer::root(), 300, "root-job").unwrap();
+    assert!(w.core.next_wakeup().is_some());
+    w.advance(Duration::from_secs(60));
+    w.register_as(&alice, 200, "next").unwrap();
 }

@@ -3,7 +3,7 @@
 //! progress, the settings, the counters, and the actions queued for the effects.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -120,6 +120,10 @@ pub struct Quotas {
     pub analyses: u64,
     /// Registered roots in the analyses owned (`--user-max-roots`).
     pub roots: u64,
+    /// Records the user's analyses made in the last minute past which its new
+    /// registrations are refused (`--user-max-records-per-minute`): every record of a
+    /// kill is still kept, what is bounded is the work that makes more.
+    pub records_per_minute: u64,
 }
 
 impl Default for Quotas {
@@ -127,7 +131,56 @@ impl Default for Quotas {
         Self {
             analyses: 1_024,
             roots: 4_096,
+            // One kill of an analysis at the default --max-processes is 10,000 records.
+            records_per_minute: 10_000,
         }
+    }
+}
+
+/// How many records each user's analyses made in the last minute, in one-second
+/// buckets (at most 60 a user).
+#[derive(Default)]
+pub struct RecordRates(HashMap<u32, VecDeque<(Instant, u64)>>);
+
+/// The window [`RecordRates`] counts over.
+pub const RECORD_WINDOW: Duration = Duration::from_secs(60);
+
+impl RecordRates {
+    pub fn count(&mut self, uid: u32, now: Instant) {
+        let buckets = self.0.entry(uid).or_default();
+        match buckets.back_mut() {
+            Some((at, n)) if now.saturating_duration_since(*at) < Duration::from_secs(1) => *n += 1,
+            _ => buckets.push_back((now, 1)),
+        }
+    }
+
+    /// Drops the buckets older than the window.
+    pub fn expire(&mut self, now: Instant) {
+        self.0.retain(|_, buckets| {
+            while buckets
+                .front()
+                .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= RECORD_WINDOW)
+            {
+                buckets.pop_front();
+            }
+            !buckets.is_empty()
+        });
+    }
+
+    /// Records of `uid`'s analyses in the window, as of the last expiry.
+    pub fn in_window(&self, uid: u32) -> u64 {
+        self.0
+            .get(&uid)
+            .map_or(0, |b| b.iter().map(|(_, n)| n).sum())
+    }
+
+    /// When the oldest bucket leaves the window.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.0
+            .values()
+            .filter_map(|b| b.front())
+            .map(|(at, _)| *at + RECORD_WINDOW)
+            .min()
     }
 }
 
@@ -219,6 +272,8 @@ pub struct World {
     pub forgotten: Vec<AnalysisKey>,
     /// How each run ended, for the clients that wait for it.
     pub runs: Runs,
+    /// Records per user in the last minute (the owners of the analyses killed).
+    pub record_rates: RecordRates,
 }
 
 impl World {
@@ -239,6 +294,7 @@ impl World {
             lingering: BTreeMap::new(),
             forgotten: Vec::new(),
             runs: Runs::default(),
+            record_rates: RecordRates::default(),
         }
     }
 

@@ -1145,6 +1145,7 @@ mod tests {
                 reason: reason.map(Into::into),
                 host: None,
                 limit: None,
+                before: None,
             };
         assert!(filter(None, None, None).admits(&late));
         assert!(filter(Some("2026-11-21T12:00:00.500Z"), Some("a"), Some("timeout")).admits(&late));

@@ -202,6 +202,15 @@ impl World {
         } else {
             None
         };
+        let records = self.record_rates.in_window(uid);
+        if over.is_none() && records >= quotas.records_per_minute {
+            bail!(Error::refused(format!(
+                "refused by quota records-per-minute: your (uid {uid}) analyses made {records} \
+                 kill records in the last minute, the most one user's may make \
+                 (--user-max-records-per-minute): every one of them is kept; register again \
+                 once the minute has passed (nothing was registered)"
+            )));
+        }
         if let Some((quota, held, what, flag)) = over {
             bail!(Error::refused(format!(
                 "refused by quota {quota}: you (uid {uid}) hold {held} {what}, the most one \

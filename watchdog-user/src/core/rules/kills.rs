@@ -237,12 +237,12 @@ impl World {
         self.jobs = running;
         for job in done {
             let analysis = job.analysis;
-            self.finish(job);
+            self.finish(job, clock);
             self.forget_if_finished(analysis, clock);
         }
     }
     /// Records a finished job: one record per process, kept for `status`.
-    pub(in crate::core) fn finish(&mut self, job: KillJob) {
+    pub(in crate::core) fn finish(&mut self, job: KillJob, clock: &Clock) {
         self.processes_dirty = true;
         for process in job.signalled() {
             self.actions.push(Action::Release(process));
@@ -250,11 +250,14 @@ impl World {
         for record in job.records(&self.host) {
             self.runs
                 .killed(job.analysis, &record, job.roots.contains(&record.pid));
-            self.keep_record(record);
+            self.keep_record(record, clock);
         }
     }
     /// Counts a record, keeps it for `status` and hands it to the store.
-    pub(in crate::core) fn keep_record(&mut self, record: KillRecord) {
+    pub(in crate::core) fn keep_record(&mut self, record: KillRecord, clock: &Clock) {
+        if let Some(owner) = record.owner_uid {
+            self.record_rates.count(owner, clock.now);
+        }
         if !matches!(record.outcome, Outcome::Logged | Outcome::Warned)
             && record.reason != Reason::Warning
         {

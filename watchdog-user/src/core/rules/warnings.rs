@@ -70,30 +70,33 @@ impl World {
                 }
                 Outcome::Warned
             };
-            self.keep_record(KillRecord {
-                time: at.clone(),
-                host: self.host.clone(),
-                pid: root.pid,
-                ppid: root.ppid,
-                analysis_id: analysis_id.clone(),
-                reason: Reason::Warning,
-                limit: Some(limit),
-                rss_bytes: details.rss_bytes.max(root.rss_bytes()),
-                runtime_ms: clock.boot_ns.saturating_sub(root.start_ns) / 1_000_000,
-                signals: vec![crate::vocab::record::SignalSent {
-                    signal: signal.as_str().into(),
-                    at: at.clone(),
-                }],
-                outcome,
-                comm: root.comm.as_str().into_owned(),
-                cmdline: details.cmdline,
-                uid: details.uid,
-                owner_uid: Some(owner),
-                warned_of: Some(of),
-                zombies: None,
-                tree_pss_bytes: None,
-                tree_rss_bytes: None,
-            });
+            self.keep_record(
+                KillRecord {
+                    time: at.clone(),
+                    host: self.host.clone(),
+                    pid: root.pid,
+                    ppid: root.ppid,
+                    analysis_id: analysis_id.clone(),
+                    reason: Reason::Warning,
+                    limit: Some(limit),
+                    rss_bytes: details.rss_bytes.max(root.rss_bytes()),
+                    runtime_ms: clock.boot_ns.saturating_sub(root.start_ns) / 1_000_000,
+                    signals: vec![crate::vocab::record::SignalSent {
+                        signal: signal.as_str().into(),
+                        at: at.clone(),
+                    }],
+                    outcome,
+                    comm: root.comm.as_str().into_owned(),
+                    cmdline: details.cmdline,
+                    uid: details.uid,
+                    owner_uid: Some(owner),
+                    warned_of: Some(of),
+                    zombies: None,
+                    tree_pss_bytes: None,
+                    tree_rss_bytes: None,
+                },
+                clock,
+            );
         }
     }
 }
