@@ -109,6 +109,10 @@ pub struct RunArgs {
     /// Most registered roots one user may have in its analyses at once [default: 4096].
     #[arg(long)]
     pub user_max_roots: Option<u64>,
+    /// Watched processes one user's analyses may hold before its new registrations are
+    /// refused [default: 16384].
+    #[arg(long)]
+    pub user_max_processes: Option<u64>,
     /// Kill records one user's analyses may make in a minute before its new
     /// registrations are refused [default: 10000].
     #[arg(long)]
@@ -225,6 +229,7 @@ impl RunArgs {
             poll_interval: self.poll_interval.clone().or(file.poll_interval.clone()),
             user_max_analyses: self.user_max_analyses.or(file.user_max_analyses),
             user_max_roots: self.user_max_roots.or(file.user_max_roots),
+            user_max_processes: self.user_max_processes.or(file.user_max_processes),
             user_max_records_per_minute: self
                 .user_max_records_per_minute
                 .or(file.user_max_records_per_minute),
@@ -272,6 +277,7 @@ impl RunArgs {
                 crate::core::world::Quotas {
                     analyses: all.user_max_analyses.unwrap_or(builtin.analyses),
                     roots: all.user_max_roots.unwrap_or(builtin.roots),
+                    processes: all.user_max_processes.unwrap_or(builtin.processes),
                     records_per_minute: all
                         .user_max_records_per_minute
                         .unwrap_or(builtin.records_per_minute),

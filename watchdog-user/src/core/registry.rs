@@ -283,6 +283,14 @@ impl Registry {
             })
     }
 
+    /// The analyses `uid` owns, by key.
+    pub fn keys_owned_by(&self, uid: u32) -> impl Iterator<Item = AnalysisKey> + '_ {
+        self.by_key
+            .iter()
+            .filter(move |(_, a)| a.owner == uid)
+            .map(|(&key, _)| key)
+    }
+
     /// The registered roots of every analysis: as many entries as the pinned map of
     /// roots holds.
     pub fn roots_total(&self) -> usize {

@@ -2284,3 +2284,30 @@ fn a_user_whose_analyses_made_a_minutes_worth_of_records_registers_again_after_i
     w.advance(Duration::from_secs(60));
     w.register_as(&alice, 200, "next").unwrap();
 }
+
+#[test]
+fn a_user_whose_analyses_hold_their_quota_of_processes_is_refused_more() {
+    let mut w = World::new();
+    let mut settings = w.core.settings().clone();
+    settings.quotas.processes = 5;
+    w.core.set_settings(settings);
+    let alice = Peer::user(ALICE, &[]);
+    w.procs.spawn_as(100, 1, ALICE);
+    for pid in 101..104 {
+        w.procs.spawn_as(pid, 100, ALICE);
+    }
+    w.register_as(&alice, 100, "four").unwrap();
+    w.procs.spawn_as(200, 1, ALICE);
+    w.register_as(&alice, 200, "fifth").unwrap();
+    w.procs.spawn_as(300, 1, ALICE);
+    let refused = w.register_as(&alice, 300, "sixth").unwrap_err().to_string();
+    assert!(
+        refused.starts_with(&format!(
+            "refused by quota processes-per-user: your (uid {ALICE}) analyses hold 5 watched processes"
+        )) && refused.contains("--user-max-processes"),
+        "{refused}"
+    );
+    // One of hers ends: room again.
+    w.exit(200);
+    w.register_as(&alice, 300, "sixth").unwrap();
+}

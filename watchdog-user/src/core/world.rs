@@ -120,6 +120,9 @@ pub struct Quotas {
     pub analyses: u64,
     /// Registered roots in the analyses owned (`--user-max-roots`).
     pub roots: u64,
+    /// Watched processes in the analyses owned (`--user-max-processes`): the kernel adds
+    /// a member's children without asking, so past it new registrations are refused.
+    pub processes: u64,
     /// Records the user's analyses made in the last minute past which its new
     /// registrations are refused (`--user-max-records-per-minute`): every record of a
     /// kill is still kept, what is bounded is the work that makes more.
@@ -131,6 +134,7 @@ impl Default for Quotas {
         Self {
             analyses: 1_024,
             roots: 4_096,
+            processes: 16_384,
             // One kill of an analysis at the default --max-processes is 10,000 records.
             records_per_minute: 10_000,
         }

@@ -181,7 +181,8 @@ impl World {
 
     /// Refuses a registration past what one user may hold (root and the admin group are
     /// not counted): a new analysis past `--user-max-analyses`, a new root past
-    /// `--user-max-roots`.
+    /// `--user-max-roots`, any past `--user-max-processes` watched processes in its
+    /// analyses or `--user-max-records-per-minute`.
     fn check_quotas(&self, uid: u32, new_analysis: bool) -> Result<()> {
         let (analyses, roots) = self.registry.owned_by(uid);
         let quotas = self.settings.quotas;
@@ -202,6 +203,18 @@ impl World {
         } else {
             None
         };
+        let processes: u64 = self
+            .registry
+            .keys_owned_by(uid)
+            .map(|key| self.tree.member_count(key) as u64)
+            .sum();
+        if over.is_none() && processes >= quotas.processes {
+            bail!(Error::refused(format!(
+                "refused by quota processes-per-user: your (uid {uid}) analyses hold {processes} \
+                 watched processes, the most one user's may hold at once \
+                 (--user-max-processes): wait for some to end (nothing was registered)"
+            )));
+        }
         let records = self.record_rates.in_window(uid);
         if over.is_none() && records >= quotas.records_per_minute {
             bail!(Error::refused(format!(
