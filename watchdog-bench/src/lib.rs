@@ -340,12 +340,22 @@ pub fn call_within(socket: &Path, request: &Request, timeout: Duration) -> Resul
 
 /// Resident set size of a process, MiB.
 pub fn rss_mib(pid: u32) -> Result<f64> {
+    status_mib(pid, "VmRSS")
+}
+
+/// The peak RSS of a process, MiB (`VmHWM`).
+pub fn peak_rss_mib(pid: u32) -> Result<f64> {
+    status_mib(pid, "VmHWM")
+}
+
+/// A `kB` field of /proc/PID/status, in MiB.
+fn status_mib(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
-        .context("no VmRSS")?
+        .with_context(|| format!("no {field}"))?
         .parse()?;
     Ok(kib / 1024.0)
 }

@@ -147,24 +147,15 @@ print("ready", flush=True)
 time.sleep(600)
 "#;
 
-/// `VmHWM` of `pid`, MiB: the peak RSS.
-fn peak_rss_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("no VmHWM")?
-        .parse()?;
-    Ok(kib / 1024.0)
-}
-
 /// FLOOD shells, each with eight 128 KiB arguments (1 MiB of command line) and a
 /// `sleep` child, in one analysis killed at its 1 s timeout: 2 × FLOOD records.
 fn record_flood() -> Result<()> {
     let daemon = Daemon::builder().start()?;
     let db = daemon.dir.join("watchdog.db");
-    let (rss_before, db_before) = (peak_rss_mib(daemon.pid())?, std::fs::metadata(&db)?.len());
+    let (rss_before, db_before) = (
+        watchdog_bench::peak_rss_mib(daemon.pid())?,
+        std::fs::metadata(&db)?.len(),
+    );
     let mut root = Workload::python(FLOOD_ROOT, &[&FLOOD.to_string(), &ARG_BYTES.to_string()])?;
     root.read_line()?;
     daemon.register_with(
@@ -180,7 +171,7 @@ fn record_flood() -> Result<()> {
         Ok((stored > FLOOD as u64 && stored == made).then_some(stored))
     })?;
     let _ = root.kill();
-    let rss_peak = peak_rss_mib(daemon.pid())?;
+    let rss_peak = watchdog_bench::peak_rss_mib(daemon.pid())?;
     let db_growth = std::fs::metadata(&db)?.len().saturating_sub(db_before) as f64;
     let longest =
         watchdog_tests::sqlite_query(&db, "SELECT max(length(cmdline)) FROM watchdog_events")?;

@@ -57,19 +57,7 @@ impl World {
                 "warning: a limit is near"
             );
             let details = procs.details(root.pid);
-            let outcome = if self.settings.dry_run {
-                Outcome::DryRun
-            } else {
-                self.actions.push(Action::Signal(SignalOrder {
-                    target: root.proc_ref(),
-                    signal,
-                    describe: false,
-                }));
-                if !self.jobs.iter().any(|j| j.target_pending(root.pid)) {
-                    self.actions.push(Action::Release(root.proc_ref()));
-                }
-                Outcome::Warned
-            };
+            let outcome = self.send_warning(&root, signal);
             self.keep_record(
                 KillRecord {
                     time: at.clone(),
@@ -98,5 +86,21 @@ impl World {
                 clock,
             );
         }
+    }
+
+    /// The warning signal to `root` (none in a dry run): the outcome its record gets.
+    fn send_warning(&mut self, root: &Node, signal: nix::sys::signal::Signal) -> Outcome {
+        if self.settings.dry_run {
+            return Outcome::DryRun;
+        }
+        self.actions.push(Action::Signal(SignalOrder {
+            target: root.proc_ref(),
+            signal,
+            describe: false,
+        }));
+        if !self.jobs.iter().any(|j| j.target_pending(root.pid)) {
+            self.actions.push(Action::Release(root.proc_ref()));
+        }
+        Outcome::Warned
     }
 }
