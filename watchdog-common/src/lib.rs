@@ -361,12 +361,16 @@ pub struct Config {
     /// argument; otherwise the programs read `task->signal->live` instead.
     pub exit_has_group_dead: u32,
     /// Memory fast path (kmem:rss_stat); `rss_enabled` is 0 where this kernel's
-    /// `mm_struct.rss_stat` is not an array of `percpu_counter` (before 6.2).
+    /// `mm_struct.rss_stat` has a layout the programs cannot read.
     pub rss_enabled: u32,
     pub task_mm: u32,
-    pub mm_rss_stat: u32,
-    pub percpu_counter_size: u32,
-    pub percpu_counter_count: u32,
+    /// The counters of an address space: `mm_rss_counters` is where the first one
+    /// starts in `mm_struct`, each `rss_counter_size` bytes long with its s64 value
+    /// `rss_counter_value` bytes in (a `percpu_counter`'s `count` from 6.2, an
+    /// `atomic_long_t` of `struct mm_rss_stat` before).
+    pub mm_rss_counters: u32,
+    pub rss_counter_size: u32,
+    pub rss_counter_value: u32,
     /// Indices of MM_FILEPAGES, MM_ANONPAGES, MM_SHMEMPAGES: together, the RSS.
     pub mm_filepages: u32,
     pub mm_anonpages: u32,
@@ -421,9 +425,9 @@ impl Config {
         exit_has_group_dead: 0,
         rss_enabled: 0,
         task_mm: 0,
-        mm_rss_stat: 0,
-        percpu_counter_size: 0,
-        percpu_counter_count: 0,
+        mm_rss_counters: 0,
+        rss_counter_size: 0,
+        rss_counter_value: 0,
         mm_filepages: 0,
         mm_anonpages: 0,
         mm_shmempages: 0,

@@ -463,9 +463,8 @@ pub fn rss_stat(ctx: BtfTracePointContext) -> u32 {
 }
 
 fn rss_counter(mm: *const u8, member: u32) -> Result<u64, i64> {
-    let offset = config!(mm_rss_stat)
-        + member * config!(percpu_counter_size)
-        + config!(percpu_counter_count);
+    let offset =
+        config!(mm_rss_counters) + member * config!(rss_counter_size) + config!(rss_counter_value);
     let pages: i64 = read_at(mm, offset)?;
     Ok(if pages > 0 { pages as u64 } else { 0 })
 }

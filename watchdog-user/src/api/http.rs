@@ -429,7 +429,20 @@ const METRICS: &[Metric] = &[
         "Seconds since the daemon started.",
         |s| s.uptime_s as f64,
     ),
+    Metric {
+        name: "watchdog_kernel_path",
+        kind: "gauge",
+        help: "How this kernel lets each part work (memory, memory_from_others, rss_poll, registration_walk, exit, bpf_memory): 1 for the way in use.",
+        samples: Samples::Labelled(kernel_paths),
+    },
 ];
+
+fn kernel_paths(s: &Status) -> Vec<(String, f64)> {
+    s.kernel_paths
+        .iter()
+        .map(|p| (format!("{{path=\"{}\",how=\"{}\"}}", p.path, p.how), 1.0))
+        .collect()
+}
 
 fn kills_by_reason(s: &Status) -> Vec<(String, f64)> {
     s.kills_by_reason
@@ -604,6 +617,10 @@ mod tests {
         s.control.oversized = 45;
         s.control.timed_out = 46;
         s.control.not_utf8 = 47;
+        s.kernel_paths = vec![
+            crate::vocab::kernel::KernelPath::new("memory", "kernel_events", "per-CPU"),
+            crate::vocab::kernel::KernelPath::new("exit", "signal_live", "no group_dead"),
+        ];
         s
     }
 

@@ -397,6 +397,11 @@ pub struct Status {
     /// The control socket's connections and the requests it refused unread.
     #[serde(default)]
     pub control: ControlStats,
+    /// The running kernel (`uname -r`) and how it lets each part work.
+    #[serde(default)]
+    pub kernel_release: String,
+    #[serde(default)]
+    pub kernel_paths: Vec<crate::vocab::kernel::KernelPath>,
 }
 
 /// What can change without a restart, as `status` reports it.

@@ -401,6 +401,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
                     faults: Default::default(),
                     records_unqueued: 0,
                     control: Default::default(),
+                    paths: Vec::new(),
                 };
                 let status =
                     report::status(&core, &counters, started, Duration::from_secs(30), &clock);

@@ -117,6 +117,8 @@ pub struct KernelCounters {
     pub records_unqueued: u64,
     /// The control socket's connections and refusals.
     pub control: crate::api::protocol::ControlStats,
+    /// How this kernel lets each part work.
+    pub paths: Vec<crate::vocab::kernel::KernelPath>,
 }
 
 pub fn status(
@@ -185,6 +187,8 @@ pub fn status(
             ..kernel.faults.clone()
         },
         control: kernel.control.clone(),
+        kernel_release: crate::kernel::release_name(),
+        kernel_paths: kernel.paths.clone(),
     }
 }
 

@@ -696,6 +696,7 @@ impl Daemon {
             },
             records_unqueued: self.effects.unqueued() as u64,
             control: control::STATS.snapshot(),
+            paths: self.effects.kernel.paths().to_vec(),
         }
     }
 

@@ -257,6 +257,12 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         status.watch_map_full,
         status.resyncs
     );
+    if !status.kernel_release.is_empty() {
+        println!("kernel {}:", status.kernel_release);
+    }
+    for path in &status.kernel_paths {
+        println!("  {}: {} ({})", path.path, path.how, path.detail);
+    }
     if status.pinned_state_dropped > 0 {
         println!("pinned state: dropped at start, not trusted (the daemon's log says why)");
     }

@@ -9,6 +9,8 @@ use std::{collections::HashMap, path::Path};
 use anyhow::{Context as _, Result, bail};
 use watchdog_common::Config;
 
+use crate::vocab::kernel::KernelPath;
+
 const MAGIC: u16 = 0xeb9f;
 /// RSS movement that makes the kernel report a process' RSS: the precision of tree
 /// memory sums between polls (a per-process limit crossing is reported exactly).
@@ -19,6 +21,68 @@ const KIND_PTR: u32 = 2;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_ARRAY: u32 = 3;
 const KIND_ENUM: u32 = 6;
+const KIND_INT: u32 = 1;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+
+/// The RSS counters of an address space as this kernel lays them out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RssCounters {
+    pub kind: CounterKind,
+    /// Byte offset of the first counter in `mm_struct`.
+    pub start: u32,
+    /// Bytes from one counter to the next.
+    pub size: u32,
+    /// Byte offset of a counter's s64 value in it.
+    pub value: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterKind {
+    /// 6.2 on: `struct percpu_counter`, whose `count` the kernel folds each CPU's part
+    /// into every 32 pages or so.
+    PerCpu,
+    /// Before 6.2: `atomic_long_t`, which each thread's own cache of up to 64 page
+    /// faults reaches at the next fold.
+    Atomic,
+}
+
+/// How memory is followed where the programs can read the counters.
+fn memory_paths(counters: RssCounters, has_owner: bool) -> Vec<KernelPath> {
+    let memory = match counters.kind {
+        CounterKind::PerCpu => "the rss_stat tracepoint reads mm_struct's per-CPU counters",
+        CounterKind::Atomic => {
+            "the rss_stat tracepoint reads struct mm_rss_stat's atomic counters, which each \
+             thread reaches with up to 64 page faults at a time"
+        }
+    };
+    let from_others = if has_owner {
+        KernelPath::new(
+            "memory_from_others",
+            "owner",
+            "charged to the address space's owner (mm_struct.owner)",
+        )
+    } else {
+        KernelPath::new(
+            "memory_from_others",
+            "poll_only",
+            "this kernel has no mm_struct.owner (no memory cgroups): seen at the reconcile poll",
+        )
+    };
+    vec![
+        KernelPath::new("memory", "kernel_events", memory),
+        from_others,
+    ]
+}
+
+fn whole_bytes(bits: u32, what: &str) -> Result<u32> {
+    if !bits.is_multiple_of(8) {
+        bail!("{what} is a bitfield; cannot read it");
+    }
+    Ok(bits / 8)
+}
 
 struct Type {
     kind: u32,
@@ -209,17 +273,6 @@ impl KernelBtf {
         Ok(self.struct_type(name)?.size_or_type)
     }
 
-    /// Whether `name.member` is an array of `struct elem`.
-    pub fn is_array_of(&self, name: &str, member: &str, elem: &str) -> bool {
-        let Ok((type_id, _)) = self.member(name, member) else {
-            return false;
-        };
-        let Some(array) = self.ty(type_id).filter(|t| t.kind == KIND_ARRAY) else {
-            return false;
-        };
-        self.by_name.get(&(elem.to_string(), KIND_STRUCT)) == Some(&array.array_elem)
-    }
-
     pub fn enumerator(&self, name: &str) -> Result<u32> {
         let value = *self
             .enumerators
@@ -231,10 +284,7 @@ impl KernelBtf {
     /// Byte offset of `member` in `struct name`.
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32> {
         let (_, bits) = self.member(name, member)?;
-        if bits % 8 != 0 {
-            bail!("{name}.{member} is a bitfield; cannot read it");
-        }
-        Ok(bits / 8)
+        whole_bytes(bits, &format!("{name}.{member}"))
     }
 
     /// Number of arguments a tp_btf program on `tracepoint` receives (the BTF prototype
@@ -260,8 +310,9 @@ impl KernelBtf {
     /// Everything the kernel programs need to know about this kernel. `in_pid_ns`: the
     /// daemon runs in a PID namespace other than the initial one, so the programs must
     /// translate pids into it; where this kernel's BTF lacks what that reads, the error
-    /// says so and names the way out.
-    pub fn program_config(&self, in_pid_ns: bool) -> Result<Config> {
+    /// says so and names the way out. With it, how this kernel lets memory and exits
+    /// be followed ([`KernelPath`]s).
+    pub fn program_config(&self, in_pid_ns: bool) -> Result<(Config, Vec<KernelPath>)> {
         let mut config = self.process_config()?;
         if in_pid_ns {
             self.add_pid_ns_config(&mut config).context(
@@ -270,14 +321,29 @@ impl KernelBtf {
                  the host's PID namespace (hostPID)",
             )?;
         }
-        if self.is_array_of("mm_struct", "rss_stat", "percpu_counter") {
-            self.add_rss_config(&mut config)?;
+        let mut paths = match self.rss_counters() {
+            Ok(counters) => {
+                self.add_rss_config(&mut config, counters)?;
+                memory_paths(counters, config.mm_owner != 0)
+            }
+            Err(why) => {
+                let why = format!("{why:#}: limits and warnings act at the reconcile poll");
+                vec![
+                    KernelPath::new("memory", "poll_only", &why),
+                    KernelPath::new("memory_from_others", "poll_only", why),
+                ]
+            }
+        };
+        paths.push(if config.exit_has_group_dead != 0 {
+            KernelPath::new("exit", "group_dead", "sched_process_exit says when a process' last thread exits")
         } else {
-            tracing::warn!(
-                "this kernel's mm_struct.rss_stat is not per-CPU counters (< 6.2): memory limits use the poll only"
-            );
-        }
-        Ok(config)
+            KernelPath::new(
+                "exit",
+                "signal_live",
+                "sched_process_exit has no group_dead argument: the programs read signal_struct.live",
+            )
+        });
+        Ok((config, paths))
     }
 
     /// What the programs read to number a process in the daemon's PID namespace, as the
@@ -296,21 +362,83 @@ impl KernelBtf {
         Ok(())
     }
 
-    fn add_rss_config(&self, config: &mut Config) -> Result<()> {
+    /// Where an address space's RSS counters are, in either layout the kernel has had
+    /// since the rss_stat tracepoint exists (5.5): an array of `struct percpu_counter`
+    /// (6.2 on), or `struct mm_rss_stat` wrapping an array of `atomic_long_t` (before).
+    /// An error says why neither is found.
+    pub fn rss_counters(&self) -> Result<RssCounters> {
+        let (type_id, bits) = self.member("mm_struct", "rss_stat")?;
+        let rss_stat = whole_bytes(bits, "mm_struct.rss_stat")?;
+        let ty = self.resolved(type_id)?;
+        let (kind, array, start) = match ty.kind {
+            KIND_ARRAY => (CounterKind::PerCpu, ty, rss_stat),
+            KIND_STRUCT => {
+                let (count_id, count_bits) = self
+                    .find_member(ty, "count", 0)
+                    .context("mm_struct.rss_stat is a struct without a count array")?;
+                let count = self.resolved(count_id)?;
+                if count.kind != KIND_ARRAY {
+                    bail!("mm_struct.rss_stat.count is not an array");
+                }
+                let offset = whole_bytes(count_bits, "mm_rss_stat.count")?;
+                (CounterKind::Atomic, count, rss_stat + offset)
+            }
+            kind => {
+                bail!("mm_struct.rss_stat is of BTF kind {kind}, neither an array nor a struct")
+            }
+        };
+        let counter = self.resolved(array.array_elem)?;
+        let value_name = match kind {
+            CounterKind::PerCpu => "count",
+            CounterKind::Atomic => "counter",
+        };
+        let (value_id, value_bits) = (counter.kind == KIND_STRUCT)
+            .then(|| self.find_member(counter, value_name, 0))
+            .flatten()
+            .with_context(|| {
+                format!("the counters of mm_struct.rss_stat have no member {value_name}")
+            })?;
+        let value = self.resolved(value_id)?;
+        if value.kind != KIND_INT || value.size_or_type != 8 {
+            bail!("mm_struct.rss_stat's {value_name} is not a 64-bit integer");
+        }
+        Ok(RssCounters {
+            kind,
+            start,
+            size: counter.size_or_type,
+            value: whole_bytes(value_bits, value_name)?,
+        })
+    }
+
+    /// The type `id` names once typedefs and qualifiers are looked through.
+    fn resolved(&self, mut id: u32) -> Result<&Type> {
+        for _ in 0..32 {
+            let ty = self
+                .ty(id)
+                .with_context(|| format!("dangling BTF type id {id}"))?;
+            if !matches!(
+                ty.kind,
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
+            ) {
+                return Ok(ty);
+            }
+            id = ty.size_or_type;
+        }
+        bail!("BTF type id {id} is a chain of more than 32 typedefs")
+    }
+
+    fn add_rss_config(&self, config: &mut Config, counters: RssCounters) -> Result<()> {
         config.rss_enabled = 1;
         config.task_mm = self.member_offset("task_struct", "mm")?;
-        config.mm_rss_stat = self.member_offset("mm_struct", "rss_stat")?;
-        config.percpu_counter_size = self.struct_size("percpu_counter")?;
-        config.percpu_counter_count = self.member_offset("percpu_counter", "count")?;
+        config.mm_rss_counters = counters.start;
+        config.rss_counter_size = counters.size;
+        config.rss_counter_value = counters.value;
         config.mm_filepages = self.enumerator("MM_FILEPAGES")?;
         config.mm_anonpages = self.enumerator("MM_ANONPAGES")?;
         config.mm_shmempages = self.enumerator("MM_SHMEMPAGES")?;
         config.page_size = procfs::page_size();
         config.rss_step = RSS_STEP;
-        config.mm_owner = self.member_offset("mm_struct", "owner").unwrap_or_else(|_| {
-            tracing::info!("this kernel has no mm_struct.owner (no memory cgroups): memory another process writes into a watched one is seen at the poll");
-            0
-        });
+        config.mm_owner = self.member_offset("mm_struct", "owner").unwrap_or(0);
         Ok(())
     }
 
@@ -342,11 +470,16 @@ mod tests {
     #[test]
     fn reads_task_struct_offsets_from_the_running_kernel() {
         let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
-        let cfg = btf.program_config(false).unwrap();
+        let (cfg, paths) = btf.program_config(false).unwrap();
         assert_eq!(cfg.task_tgid, cfg.task_pid + 4);
         assert!(cfg.task_pid > 0 && cfg.task_real_parent > cfg.task_tgid);
         assert_eq!(btf.tracepoint_arity("sched_process_fork").unwrap(), 2);
         assert_eq!(cfg.rss_enabled, 1, "6.18 has per-CPU rss counters");
+        assert_eq!(
+            cfg.rss_counter_size,
+            btf.struct_size("percpu_counter").unwrap()
+        );
+        assert_eq!(path(&paths, "memory").how, "kernel_events");
         assert_eq!((cfg.mm_filepages, cfg.mm_anonpages), (0, 1));
     }
 
@@ -355,10 +488,10 @@ mod tests {
     #[test]
     fn reads_pid_namespace_offsets_from_the_running_kernel() {
         let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
-        let initial = btf.program_config(false).unwrap();
+        let (initial, _) = btf.program_config(false).unwrap();
         assert_eq!(initial.in_pid_ns, 0);
         assert_eq!((initial.task_thread_pid, initial.upid_size), (0, 0));
-        let cfg = btf.program_config(true).unwrap();
+        let (cfg, _) = btf.program_config(true).unwrap();
         assert_eq!(cfg.in_pid_ns, 1);
         assert_eq!((cfg.upid_size, cfg.upid_nr, cfg.upid_ns), (16, 0, 8));
         assert!(cfg.task_thread_pid > cfg.task_tgid);
@@ -370,50 +503,258 @@ mod tests {
     /// A struct of [`synthetic_btf`]: its name, size and members (name, byte offset).
     type SyntheticStruct<'a> = (&'a str, u32, &'a [(&'a str, u32)]);
 
-    /// A BTF file of the given structs (members: name, byte offset; all plain ints) and
-    /// the `sched_process_exit` tracepoint's prototype (`void *`, task, group_dead).
-    fn synthetic_btf(structs: &[SyntheticStruct]) -> Vec<u8> {
-        let mut strings = vec![0u8];
-        let mut name = |text: &str| {
-            let offset = strings.len() as u32;
-            strings.extend(text.as_bytes());
-            strings.push(0);
+    /// Builds a BTF file type by type: ids are handed out in order from 1.
+    struct Synth {
+        strings: Vec<u8>,
+        types: Vec<u8>,
+        last_id: u32,
+    }
+
+    const fn info(kind: u32, vlen: usize) -> u32 {
+        (kind << 24) | vlen as u32
+    }
+
+    impl Synth {
+        /// With 1: int, 2: void *, 3: the `sched_process_exit` prototype (`void *`,
+        /// task, group_dead), 4: a pointer to it, 5: its typedef.
+        fn new() -> Self {
+            let mut synth = Self {
+                strings: vec![0],
+                types: Vec::new(),
+                last_id: 0,
+            };
+            let int = synth.name("int");
+            synth.ty(&[int, info(KIND_INT, 0), 4, 32]);
+            synth.ty(&[0, info(KIND_PTR, 0), 0]);
+            synth.ty(&[0, info(KIND_FUNC_PROTO, 3), 0, 0, 2, 0, 1, 0, 1]);
+            synth.ty(&[0, info(KIND_PTR, 0), 3]);
+            let exit = synth.name("btf_trace_sched_process_exit");
+            synth.ty(&[exit, info(KIND_TYPEDEF, 0), 4]);
+            synth
+        }
+
+        fn name(&mut self, text: &str) -> u32 {
+            let offset = self.strings.len() as u32;
+            self.strings.extend(text.as_bytes());
+            self.strings.push(0);
             offset
-        };
-        let mut types = Vec::new();
-        let mut push = |words: &[u32]| words.iter().for_each(|w| types.extend(w.to_ne_bytes()));
-        let info = |kind: u32, vlen: usize| (kind << 24) | vlen as u32;
-        // 1: int, 2: void *, 3: the prototype, 4: a pointer to it, 5: its typedef.
-        push(&[name("int"), info(1, 0), 4, 32]);
-        push(&[0, info(KIND_PTR, 0), 0]);
-        push(&[0, info(KIND_FUNC_PROTO, 3), 0, 0, 2, 0, 1, 0, 1]);
-        push(&[0, info(KIND_PTR, 0), 3]);
-        push(&[
-            name("btf_trace_sched_process_exit"),
-            info(KIND_TYPEDEF, 0),
-            4,
+        }
+
+        /// Appends one type (its header and trailing words); returns its id.
+        fn ty(&mut self, words: &[u32]) -> u32 {
+            words
+                .iter()
+                .for_each(|w| self.types.extend(w.to_ne_bytes()));
+            self.last_id += 1;
+            self.last_id
+        }
+
+        /// A struct of members (name, type id, byte offset); "" names an anonymous one.
+        fn struct_of(&mut self, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            let name = if name.is_empty() { 0 } else { self.name(name) };
+            let mut words = vec![name, info(KIND_STRUCT, members.len()), size];
+            for (member, type_id, offset) in members {
+                let member = if member.is_empty() {
+                    0
+                } else {
+                    self.name(member)
+                };
+                words.extend([member, *type_id, offset * 8]);
+            }
+            self.ty(&words)
+        }
+
+        /// A struct whose members are all ints.
+        fn ints(&mut self, name: &str, size: u32, members: &[(&str, u32)]) -> u32 {
+            let members: Vec<(&str, u32, u32)> = members.iter().map(|&(m, o)| (m, 1, o)).collect();
+            self.struct_of(name, size, &members)
+        }
+
+        fn typedef(&mut self, name: &str, type_id: u32) -> u32 {
+            let name = self.name(name);
+            self.ty(&[name, info(KIND_TYPEDEF, 0), type_id])
+        }
+
+        fn array(&mut self, elem: u32, count: u32) -> u32 {
+            self.ty(&[0, info(KIND_ARRAY, 0), 0, elem, 1, count])
+        }
+
+        fn enumeration(&mut self, values: &[(&str, u32)]) -> u32 {
+            let mut words = vec![0, info(KIND_ENUM, values.len()), 4];
+            for (name, value) in values {
+                let name = self.name(name);
+                words.extend([name, *value]);
+            }
+            self.ty(&words)
+        }
+
+        fn finish(self) -> Vec<u8> {
+            let mut btf = Vec::new();
+            btf.extend(MAGIC.to_ne_bytes());
+            btf.extend([1, 0]);
+            for word in [
+                24,
+                0,
+                self.types.len() as u32,
+                self.types.len() as u32,
+                self.strings.len() as u32,
+            ] {
+                btf.extend(word.to_ne_bytes());
+            }
+            btf.extend(self.types);
+            btf.extend(self.strings);
+            btf
+        }
+    }
+
+    /// A BTF file of the given structs (members: name, byte offset; all plain ints) and
+    /// the `sched_process_exit` tracepoint's prototype.
+    fn synthetic_btf(structs: &[SyntheticStruct]) -> Vec<u8> {
+        let mut synth = Synth::new();
+        for (name, size, members) in structs {
+            synth.ints(name, *size, members);
+        }
+        synth.finish()
+    }
+
+    /// The layouts of `mm_struct.rss_stat` the kernel has had.
+    enum RssLayout {
+        /// 6.2 on: `struct percpu_counter rss_stat[NR_MM_COUNTERS]`, inside the
+        /// anonymous struct that holds mm_struct's fields.
+        PerCpu,
+        /// Before: `struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; }`, with
+        /// `atomic_long_t` a typedef of a typedef of an anonymous struct.
+        Atomic,
+        /// Something else: an int.
+        Unknown,
+    }
+
+    /// A kernel's BTF with `task_struct.mm`, the MM_* counters and `mm_struct` as
+    /// `layout` has it.
+    fn btf_with_rss(layout: RssLayout) -> KernelBtf {
+        let mut synth = Synth::new();
+        let mut task = TASK.to_vec();
+        task.push(("mm", 88));
+        synth.ints("task_struct", 96, &task);
+        synth.ints("signal_struct", 8, &[("live", 4)]);
+        synth.enumeration(&[
+            ("MM_FILEPAGES", 0),
+            ("MM_ANONPAGES", 1),
+            ("MM_SWAPENTS", 2),
+            ("MM_SHMEMPAGES", 3),
         ]);
-        for (struct_name, size, members) in structs {
-            push(&[name(struct_name), info(KIND_STRUCT, members.len()), *size]);
-            for (member, offset) in *members {
-                push(&[name(member), 1, offset * 8]);
+        let long_long = synth.name("long long");
+        let long_long = synth.ty(&[long_long, info(KIND_INT, 0), 8, (1 << 24) | 64]);
+        let s64 = synth.typedef("s64", long_long);
+        match layout {
+            RssLayout::PerCpu => {
+                let counter = synth.struct_of(
+                    "percpu_counter",
+                    40,
+                    &[("lock", 1, 0), ("count", s64, 8), ("counters", 1, 32)],
+                );
+                let counters = synth.array(counter, 4);
+                let fields =
+                    synth.struct_of("", 1000, &[("rss_stat", counters, 720), ("owner", 1, 904)]);
+                synth.struct_of("mm_struct", 1024, &[("", fields, 0)]);
+            }
+            RssLayout::Atomic => {
+                let atomic = synth.struct_of("", 8, &[("counter", s64, 0)]);
+                let atomic64 = synth.typedef("atomic64_t", atomic);
+                let atomic_long = synth.typedef("atomic_long_t", atomic64);
+                let counters = synth.array(atomic_long, 4);
+                let stat = synth.struct_of("mm_rss_stat", 32, &[("count", counters, 0)]);
+                synth.struct_of(
+                    "mm_struct",
+                    1024,
+                    &[("rss_stat", stat, 680), ("owner", 1, 900)],
+                );
+            }
+            RssLayout::Unknown => {
+                synth.ints("mm_struct", 1024, &[("rss_stat", 680)]);
             }
         }
-        let mut btf = Vec::new();
-        btf.extend(MAGIC.to_ne_bytes());
-        btf.extend([1, 0]);
-        for word in [
-            24,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
-            btf.extend(word.to_ne_bytes());
-        }
-        btf.extend(types);
-        btf.extend(strings);
-        btf
+        KernelBtf::parse(&synth.finish()).unwrap()
+    }
+
+    fn path<'a>(paths: &'a [KernelPath], name: &str) -> &'a KernelPath {
+        paths.iter().find(|p| p.path == name).unwrap()
+    }
+
+    #[test]
+    fn per_cpu_counters_are_read_at_their_count() {
+        let btf = btf_with_rss(RssLayout::PerCpu);
+        let counters = btf.rss_counters().unwrap();
+        assert_eq!(
+            counters,
+            RssCounters {
+                kind: CounterKind::PerCpu,
+                start: 720,
+                size: 40,
+                value: 8
+            }
+        );
+        let (cfg, paths) = btf.program_config(false).unwrap();
+        assert_eq!(cfg.rss_enabled, 1);
+        assert_eq!(
+            (
+                cfg.mm_rss_counters,
+                cfg.rss_counter_size,
+                cfg.rss_counter_value
+            ),
+            (720, 40, 8)
+        );
+        assert_eq!((cfg.task_mm, cfg.mm_owner, cfg.mm_shmempages), (88, 904, 3));
+        assert_eq!(path(&paths, "memory").how, "kernel_events");
+        assert!(path(&paths, "memory").detail.contains("per-CPU"));
+        assert_eq!(path(&paths, "memory_from_others").how, "owner");
+    }
+
+    /// Before 6.2 the same counters sit in `struct mm_rss_stat`, as atomics: the
+    /// programs read them there rather than falling back to the poll.
+    #[test]
+    fn atomic_counters_before_6_2_are_read_through_mm_rss_stat() {
+        let btf = btf_with_rss(RssLayout::Atomic);
+        let (cfg, paths) = btf.program_config(false).unwrap();
+        assert_eq!(cfg.rss_enabled, 1);
+        assert_eq!(
+            (
+                cfg.mm_rss_counters,
+                cfg.rss_counter_size,
+                cfg.rss_counter_value
+            ),
+            (680, 8, 0)
+        );
+        assert_eq!((cfg.mm_owner, cfg.mm_anonpages), (900, 1));
+        let memory = path(&paths, "memory");
+        assert_eq!(memory.how, "kernel_events");
+        assert!(
+            memory.detail.contains("mm_rss_stat") && memory.detail.contains("64 page faults"),
+            "{memory:?}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_layout_leaves_memory_to_the_poll_and_says_why() {
+        let btf = btf_with_rss(RssLayout::Unknown);
+        let (cfg, paths) = btf.program_config(false).unwrap();
+        assert_eq!(cfg.rss_enabled, 0);
+        let memory = path(&paths, "memory");
+        assert_eq!(memory.how, "poll_only");
+        assert!(
+            memory.detail.contains("mm_struct.rss_stat")
+                && memory.detail.contains("reconcile poll"),
+            "{memory:?}"
+        );
+        assert_eq!(path(&paths, "memory_from_others").how, "poll_only");
+    }
+
+    /// Every Debian kernel before 6.18 lacks `group_dead`: the path is said.
+    #[test]
+    fn the_exit_path_follows_the_tracepoints_arity() {
+        let btf = btf_with_rss(RssLayout::PerCpu);
+        let (_, paths) = btf.program_config(false).unwrap();
+        assert_eq!(path(&paths, "exit").how, "group_dead");
     }
 
     const TASK: &[(&str, u32)] = &[
@@ -438,7 +779,7 @@ mod tests {
         let signal: &[(&str, u32)] = &[("live", 4)];
         let btf = synthetic_btf(&[("task_struct", 96, TASK), ("signal_struct", 8, signal)]);
         let btf = KernelBtf::parse(&btf).unwrap();
-        assert_eq!(btf.program_config(false).unwrap().task_tgid, 12);
+        assert_eq!(btf.program_config(false).unwrap().0.task_tgid, 12);
         let err = format!("{:#}", btf.program_config(true).unwrap_err());
         assert!(!err.contains('\n'), "{err}");
         assert!(
@@ -459,7 +800,7 @@ mod tests {
             ("pid_namespace", 200, &[("ns", 120)]),
             ("ns_common", 40, &[("inum", 20)]),
         ]);
-        let cfg = KernelBtf::parse(&btf)
+        let (cfg, _) = KernelBtf::parse(&btf)
             .unwrap()
             .program_config(true)
             .unwrap();

@@ -2,6 +2,7 @@
 
 pub mod btf;
 pub mod ingest;
+pub mod memlock;
 pub mod pins;
 
 use std::path::{Path, PathBuf};
@@ -25,9 +26,10 @@ use tokio::io::{Interest, unix::AsyncFd};
 use crate::{
     kernel::{
         btf::KernelBtf,
+        memlock::{MapShape, Shortfall},
         pins::{Salvage, Verdict},
     },
-    vocab::{error::Error, process::ProcRef},
+    vocab::{error::Error, kernel::KernelPath, process::ProcRef},
 };
 
 /// The object built by watchdog-user's build.rs from watchdog-ebpf.
@@ -74,6 +76,8 @@ pub struct Kernel {
     descendants_iter: Option<PathBuf>,
     /// The reader of the programs' error reports, with `--kernel-log`, until taken.
     logger: Option<KernelLogger>,
+    /// How this kernel lets each part work, for `status`.
+    paths: Vec<KernelPath>,
 }
 
 /// Attaches a task iterator and pins its link: each read of the pin runs it afresh.
@@ -155,6 +159,12 @@ fn attach_and_pin(ebpf: &mut Ebpf, btf: &Btf, pin_dir: &Path) -> Result<()> {
 }
 
 /// Turns the loader's error chain into one line that names the fix.
+/// Whether `refused` said the kernel denied permission (EPERM or EACCES, no verifier
+/// log): what a map charge past RLIMIT_MEMLOCK returns too.
+fn is_permission_refusal(err: &anyhow::Error) -> bool {
+    err.to_string().contains("(permission denied)")
+}
+
 fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
     let err = err.into();
     let chain = format!("{err:#}");
@@ -306,7 +316,7 @@ impl Kernel {
     ) -> Result<(Self, RingBuf<MapData>)> {
         let pid_ns = crate::os::procs::own_pid_ns()?;
         let in_pid_ns = pid_ns != INITIAL_PID_NS_INUM;
-        let mut config = KernelBtf::from_file(btf_path)?.program_config(in_pid_ns)?;
+        let (mut config, mut paths) = KernelBtf::from_file(btf_path)?.program_config(in_pid_ns)?;
         config.wake_watermark = u64::from(ring_bytes.unwrap_or(RING_BYTES) / 4);
         config.ns_per_tick = crate::vocab::process::ns_per_tick();
         tracing::debug!(?config, "offsets read from kernel BTF");
@@ -317,7 +327,12 @@ impl Kernel {
         loader.btf(None);
         let btf = Btf::parse_file(btf_path, Endianness::default())
             .map_err(|e| anyhow!("kernel BTF at {} is unusable: {e}", btf_path.display()))?;
-        raise_memlock_limit();
+        let watched_capacity = watched_capacity.unwrap_or_else(pid_max);
+        let (bpf_memory, memlock_shortfall) = memlock::prepare(
+            kernel_release(),
+            maps_charge(watched_capacity, ring_bytes.unwrap_or(RING_BYTES)),
+        );
+        paths.push(bpf_memory);
         // Pinned state is resumed only once checked (see `pins`); anything else is
         // said, counted and dropped, keeping what can be read of it.
         let mut dropped = None;
@@ -334,8 +349,9 @@ impl Kernel {
         let resumed = programs_pinned(pin_dir);
         let sizes = Sizes {
             ring_bytes,
-            watched_capacity: watched_capacity.unwrap_or_else(pid_max),
+            watched_capacity,
             pid_ns,
+            memlock_shortfall,
         };
         let mut loaded =
             Self::load_pinned(loader, &btf, &config, sizes, pin_dir, resumed, kernel_log);
@@ -352,6 +368,11 @@ impl Kernel {
         if loaded.is_err() && (!resumed || dropped.is_some()) {
             // Refused: leave no half-made pinned state behind.
             let _ = drop_pins(pin_dir);
+        }
+        if let Ok((kernel, _)) = &mut loaded {
+            paths.extend(kernel.iterator_paths(&config));
+            log_paths(&paths);
+            kernel.paths = paths;
         }
         if let (Ok((kernel, _)), Some(salvage)) = (&mut loaded, dropped) {
             kernel.pinned_state_dropped = 1;
@@ -381,9 +402,15 @@ impl Kernel {
             loader.map_pin_path(name, pin_dir.join(name));
         }
         let watched_capacity = size_maps(&mut loader, sizes, pin_dir, resumed);
-        let mut ebpf = loader
-            .load(PROGRAMS)
-            .map_err(|e| refused("load the watchdog's eBPF maps and programs", e))?;
+        let mut ebpf = loader.load(PROGRAMS).map_err(|e| {
+            let err = refused("load the watchdog's eBPF maps and programs", e);
+            match sizes.memlock_shortfall {
+                Some(shortfall) if is_permission_refusal(&err) => {
+                    memlock::refusal(shortfall, sizes.watched_capacity)
+                }
+                _ => err,
+            }
+        })?;
         let iters = if resumed {
             resume_attached(&ebpf, sizes.pid_ns, pin_dir)?
         } else {
@@ -422,6 +449,7 @@ impl Kernel {
             walk_target: Array::try_from(take(&mut ebpf, WALK_TARGET_MAP)?)?,
             descendants_iter: iters.descendants,
             logger,
+            paths: Vec::new(),
             _ebpf: ebpf,
         })
     }
@@ -638,6 +666,55 @@ struct Iters {
     descendants: Option<PathBuf>,
 }
 
+impl Kernel {
+    /// How the reconcile poll and the registration walk read, as attached.
+    fn iterator_paths(&self, config: &watchdog_common::Config) -> [KernelPath; 2] {
+        let rss_poll = match (&self.rss_iter, config.rss_enabled != 0) {
+            (Some(_), _) => KernelPath::new(
+                "rss_poll",
+                "task_iterator",
+                "one read of a pinned task iterator measures every watched process",
+            ),
+            (None, true) => KernelPath::new(
+                "rss_poll",
+                "proc",
+                "this kernel refused the task iterator: the poll reads /proc/PID/statm",
+            ),
+            (None, false) => KernelPath::new(
+                "rss_poll",
+                "proc",
+                "the programs cannot read this kernel's RSS counters: the poll reads /proc/PID/statm",
+            ),
+        };
+        let walk = if self.descendants_iter.is_some() {
+            KernelPath::new(
+                "registration_walk",
+                "task_iterator",
+                "a pinned task iterator finds a registered root's descendants",
+            )
+        } else {
+            KernelPath::new(
+                "registration_walk",
+                "proc_scan",
+                "this kernel refused the task iterator: registration scans /proc",
+            )
+        };
+        [rss_poll, walk]
+    }
+
+    /// How this kernel lets each part work.
+    pub fn paths(&self) -> &[KernelPath] {
+        &self.paths
+    }
+}
+
+/// The running kernel as `uname -r` names it.
+pub fn release_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// Sizes the ring buffer and the watched map before the load; returns the watched
 /// map's capacity.
 fn size_maps(loader: &mut EbpfLoader<'_>, sizes: Sizes, pin_dir: &Path, resumed: bool) -> u32 {
@@ -751,6 +828,8 @@ struct Sizes {
     ring_bytes: Option<u32>,
     watched_capacity: u32,
     pid_ns: u32,
+    /// RLIMIT_MEMLOCK is below what this kernel charges the maps to it.
+    memlock_shortfall: Option<Shortfall>,
 }
 
 /// Tells the programs, before they are attached, which PID namespace to number
@@ -860,12 +939,48 @@ fn release_free_heap() {
     }
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Newer ones charge the memory
-/// cgroup, and where we lack CAP_SYS_RESOURCE the raise fails harmlessly.
-fn raise_memlock_limit() {
-    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
-    if let Err(errno) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK ({errno}); fine on kernels >= 5.11");
+/// The running kernel's (major, minor) version; (0, 0) where it cannot be read, which
+/// counts as a kernel that charges RLIMIT_MEMLOCK (the cautious reading).
+fn kernel_release() -> (u8, u8) {
+    aya::util::KernelVersion::current()
+        .map(|v| {
+            let code = v.code();
+            ((code >> 16) as u8, (code >> 8) as u8)
+        })
+        .unwrap_or((0, 0))
+}
+
+/// What kernels before 5.11 charge for the object's maps at these sizes.
+fn maps_charge(watched_capacity: u32, ring_bytes: u32) -> u64 {
+    let Ok(object) = aya_obj::Object::parse(PROGRAMS) else {
+        return 0;
+    };
+    let shapes: Vec<MapShape> = object
+        .maps
+        .iter()
+        .map(|(name, map)| MapShape {
+            map_type: map.map_type(),
+            key_size: map.key_size(),
+            value_size: map.value_size(),
+            max_entries: match name.as_str() {
+                WATCHED_MAP => watched_capacity,
+                EVENTS_MAP => ring_bytes,
+                _ => map.max_entries(),
+            },
+        })
+        .collect();
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
+    memlock::charge(&shapes, cpus, procfs::page_size())
+}
+
+/// One line per part of the watchdog this kernel degrades, and one saying the rest.
+fn log_paths(paths: &[KernelPath]) {
+    for path in paths {
+        if path.how == "poll_only" || path.how == "proc" || path.how == "proc_scan" {
+            tracing::warn!(path = %path.path, how = %path.how, "{}", path.detail);
+        } else {
+            tracing::info!(path = %path.path, how = %path.how, "{}", path.detail);
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! formatting: it imports nothing else of the crate.
 
 pub mod error;
+pub mod kernel;
 pub mod limits;
 pub mod peer;
 pub mod process;
