@@ -65,7 +65,8 @@ fn a_timeout_sigterms_at_the_deadline_and_sigkills_what_ignores_it_after_the_gra
 #[test]
 fn a_process_over_its_memory_limit_is_killed_by_the_kernel_fast_path_not_the_poll() -> Result<()> {
     const LIMIT: u64 = 200 << 20;
-    let daemon = Daemon::start()?; // poll every 30 s: its first tick is at start, before this
+    // The reconcile poll off: only the kernel's rss_stat reports can kill.
+    let daemon = Daemon::builder().arg("--poll-interval", "1h").start()?;
     let mut work = Workload::python(GROWER, &[])?;
     daemon.register_with(work.pid(), "m", &["--memory", "200MiB"])?;
     let started = SystemTime::now();
@@ -80,8 +81,8 @@ fn a_process_over_its_memory_limit_is_killed_by_the_kernel_fast_path_not_the_pol
     );
     let sigterm = time_of(&record.record.signals[0].at);
     assert!(
-        sigterm.duration_since(started)? < Duration::from_secs(10),
-        "well before the 30 s poll"
+        sigterm.duration_since(started)? < Duration::from_secs(5),
+        "the kernel path, within 5 s of the start of the growth (on any kernel, under qemu too)"
     );
     assert!(daemon.status()?.rss_reports > 0);
     Ok(())

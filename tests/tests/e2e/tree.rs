@@ -285,3 +285,152 @@ fn lost_events_are_counted_and_the_tree_is_repaired_from_the_kernel_map() -> Res
     assert_eq!(children, kept, "nothing escaped, nothing stale");
     Ok(())
 }
+
+/// Four threads; the main one leaves first (`pthread_exit`), and the others serve the
+/// test on stdin: `fork` (a child that sleeps, its pid printed) and `exit` (the child
+/// killed and reaped, then the whole process gone).
+const LEADER_EXITS_FIRST: &str = r#"
+import ctypes, os, signal, sys, threading
+def serve():
+    child = None
+    for line in sys.stdin:
+        if line.strip() == "fork":
+            child = os.fork()
+            if child == 0:
+                signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                os.execvp("sleep", ["sleep", "600"])
+            print(child, flush=True)
+        elif line.strip() == "exit":
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            os._exit(0)
+idle = threading.Event()
+threads = [threading.Thread(target=serve)] + [threading.Thread(target=idle.wait) for _ in range(3)]
+for t in threads:
+    t.start()
+print("up", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"#;
+
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// A process whose main thread exits before the others is one process still: the
+/// kernel's exit of its first thread must not end it in the tree (the path every
+/// kernel without `group_dead` takes reads `signal->live`), its last thread's must.
+#[test]
+fn a_process_whose_main_thread_exits_first_leaves_the_tree_only_with_its_last_thread() -> Result<()>
+{
+    let daemon = Daemon::start()?;
+    let mut work = Workload::python(LEADER_EXITS_FIRST, &[])?;
+    daemon.register(work.pid(), "leader-first")?;
+    assert_eq!(work.read_line()?, "up");
+    await_state("the main thread to exit, the others running", || {
+        Ok((process_state(work.pid()) == Some('Z') && thread_count(work.pid()) >= 4).then_some(()))
+    })?;
+    // A fork after the leader's exit: once the tree shows the child, the daemon has read
+    // every event before it, the leader's exit included.
+    work.send("fork")?;
+    let child: u32 = work.read_line()?.parse()?;
+    let roots = await_state("the child forked after the leader's exit", || {
+        let roots = daemon.tree(Some("leader-first"))?;
+        Ok(all_nodes(&roots)
+            .iter()
+            .any(|n| n.pid == child)
+            .then_some(roots))
+    })?;
+    assert_eq!(roots.len(), 1);
+    assert_eq!(
+        roots[0].pid,
+        work.pid(),
+        "the process is still in the tree: {roots:#?}"
+    );
+    assert_eq!(
+        daemon.status()?.exits_seen,
+        0,
+        "no thread's exit is a process' exit"
+    );
+
+    work.send("exit")?;
+    assert!(work.wait()?.success());
+    await_state("the process and its child to leave the tree", || {
+        Ok(daemon.tree(None)?.is_empty().then_some(()))
+    })?;
+    assert_eq!(
+        daemon.status()?.exits_seen,
+        2,
+        "the child and the process, once each"
+    );
+    Ok(())
+}
+
+/// SIGTERMs a process when dropped.
+struct StopOnDrop(u32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
+/// The daemon in a PID namespace of its own (a container without hostPID): the
+/// programs number processes as the daemon sees them, and a timeout kills a tree
+/// started inside it.
+#[test]
+fn a_daemon_in_its_own_pid_namespace_kills_a_timed_out_tree_started_there() -> Result<()> {
+    let daemon = Daemon::builder()
+        .wrapper(&["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"])
+        .start()?;
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", daemon.pid()))?;
+    let inner: u32 = children.split_whitespace().next().unwrap_or("0").parse()?;
+    // unshare ignores SIGTERM while it waits for its child: the daemon itself is
+    // stopped (before the harness reaps unshare), pass or fail.
+    let _stop_inner = StopOnDrop(inner);
+    let socket = daemon.socket.display().to_string();
+    let bin = watchdog_tests::watchdog_bin().display().to_string();
+    let out = std::process::Command::new("nsenter")
+        .args([
+            "--target",
+            &inner.to_string(),
+            "--pid",
+            "--mount",
+            "--",
+            &bin,
+        ])
+        .args([
+            "exec",
+            "--socket",
+            &socket,
+            "--analysis-id",
+            "in-ns",
+            "--timeout",
+            "2s",
+        ])
+        .args(["--", "sh", "-c", "sleep 60 & sleep 60"])
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "the shell SIGTERMed at its deadline: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = await_state("the three timeout records", || {
+        let records = daemon.events_of("in-ns")?;
+        Ok((records.len() == 3).then_some(records))
+    })?;
+    for record in &records {
+        assert_eq!(record.record.reason, watchdog_tests::Reason::Timeout);
+        assert!(
+            record.record.pid < 1000,
+            "pids as the daemon's namespace numbers them: {records:?}"
+        );
+    }
+    let status = daemon.status()?;
+    assert_eq!(status.monitored_count, 0, "all three gone");
+    Ok(())
+}
