@@ -84,7 +84,20 @@ fn a_process_over_its_memory_limit_is_killed_by_the_kernel_fast_path_not_the_pol
         sigterm.duration_since(started)? < Duration::from_secs(5),
         "the kernel path, within 5 s of the start of the growth (on any kernel, under qemu too)"
     );
-    assert!(daemon.status()?.rss_reports > 0);
+    let status = daemon.status()?;
+    assert!(status.rss_reports > 0);
+    let memory = status.kernel_paths.iter().find(|p| p.path == "memory");
+    assert_eq!(
+        memory.map(|p| p.how.as_str()),
+        Some("kernel_events"),
+        "{memory:?}"
+    );
+    eprintln!(
+        "figures: kernel {}: SIGTERM {:?} after the growth began, RSS at kill {:.3}x the limit",
+        status.kernel_release,
+        sigterm.duration_since(started)?,
+        rss as f64 / LIMIT as f64
+    );
     Ok(())
 }
 

@@ -11,6 +11,7 @@ mod enforce;
 mod exec;
 mod fail_closed;
 mod faults;
+mod kernels;
 mod memory_reach;
 mod orphans;
 mod page;
