@@ -91,7 +91,13 @@ fn main() -> Result<()> {
                 .args(["test", "--"])
                 .args(&args);
             let cargo_passed = run_status(cmd)?;
-            // A filter names Rust tests: the Python client's suite is left out then.
+            // A filter names Rust tests: the Python client's suite and the kernel
+            // matrix are left out then.
+            let matrix_passed = if args.is_empty() {
+                kernel_matrix(&bin)?
+            } else {
+                true
+            };
             let python_passed = if args.is_empty() {
                 python_client_tests(&bin)?
             } else {
@@ -102,6 +108,7 @@ fn main() -> Result<()> {
             };
             let failed: Vec<&str> = [
                 (cargo_passed, "cargo test"),
+                (matrix_passed, "the kernel matrix"),
                 (python_passed, "pytest clients/python/tests"),
             ]
             .into_iter()
@@ -113,6 +120,36 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The kernel matrix (tests/tests/e2e/kernels.rs): the checks every kernel must pass,
+/// in Debian's 5.10, 6.1 and 6.12 under qemu, one kernel at a time (each guest takes
+/// both cores). Whether they passed.
+fn kernel_matrix(bin: &Path) -> Result<bool> {
+    step("running the kernel matrix (Debian 5.10, 6.1, 6.12 under qemu; kernels cached in ~/.cache/watchdog/kernels)");
+    let started = std::time::Instant::now();
+    let mut cmd = as_root(Path::new("cargo"));
+    cmd.current_dir(workspace_root())
+        .env("WATCHDOG_BIN", bin)
+        .args([
+            "test",
+            "--package",
+            "watchdog-tests",
+            "--test",
+            "e2e",
+            "--",
+            "--ignored",
+            "kernel_matrix",
+            "--test-threads",
+            "1",
+            "--nocapture",
+        ]);
+    let passed = run_status(cmd)?;
+    step(&format!(
+        "the kernel matrix took {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(passed)
 }
 
 /// The Python client's tests (pytest), against a real daemon (`bin`) as root; they make

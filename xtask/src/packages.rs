@@ -39,13 +39,28 @@ pub fn ensure_test_packages() -> Result<()> {
     if !Path::new("/usr/bin/chromium").exists() {
         missing.push("chromium");
     }
+    // The kernel matrix (tests/kernels/run-in-kernel.sh): qemu boots Debian's kernels
+    // with an initramfs of busybox and the modules kmod lists, packed by cpio.
+    for (binary, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("cpio", "cpio"),
+        ("depmod", "kmod"),
+    ] {
+        if !on_path(binary) && !Path::new("/sbin").join(binary).exists() {
+            missing.push(package);
+        }
+    }
+    if !Path::new("/bin/busybox").exists() {
+        missing.push("busybox-static");
+    }
     if missing.is_empty() {
         return Ok(());
     }
     step(&format!(
         "installing Debian's {} (a throwaway database server for the persistence tests; \
          systemd-analyze to verify the unit; systemd-nspawn to run it under a real systemd; \
-         a headless browser for the live page's test)",
+         a headless browser for the live page's test; qemu, busybox, kmod and cpio to boot \
+         other kernels for the kernel matrix)",
         missing.join(" and ")
     ));
     let apt = |args: &[&str]| {
