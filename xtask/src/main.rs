@@ -126,7 +126,9 @@ fn main() -> Result<()> {
 /// in Debian's 5.10, 6.1 and 6.12 under qemu, one kernel at a time (each guest takes
 /// both cores). Whether they passed.
 fn kernel_matrix(bin: &Path) -> Result<bool> {
-    step("running the kernel matrix (Debian 5.10, 6.1, 6.12 under qemu; kernels cached in ~/.cache/watchdog/kernels)");
+    step(
+        "running the kernel matrix (Debian 5.10, 6.1, 6.12 under qemu; kernels cached in ~/.cache/watchdog/kernels)",
+    );
     let started = std::time::Instant::now();
     let mut cmd = as_root(Path::new("cargo"));
     cmd.current_dir(workspace_root())

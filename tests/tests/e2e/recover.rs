@@ -78,6 +78,7 @@ fn a_crashed_daemon_restarts_with_every_gap_fork_watched_and_acts_on_the_gap() -
     );
     let restarted = SystemTime::now();
     daemon.start_again()?;
+    let serving_after = restarted.elapsed()?;
 
     let tree = await_state("every gap fork in the tree", || {
         let roots = daemon.tree(Some("recover"))?;
@@ -102,9 +103,11 @@ fn a_crashed_daemon_restarts_with_every_gap_fork_watched_and_acts_on_the_gap() -
     let timeout = daemon.await_record_for(sleeper.pid())?;
     assert_eq!(timeout.record.reason, Reason::Timeout);
     let sigterm = humantime::parse_rfc3339(&timeout.record.signals[0].at)?;
+    // The restart's own start (BTF, programs) aside: a slow machine takes seconds.
     assert!(
-        sigterm.duration_since(restarted)? < Duration::from_secs(5),
-        "the passed deadline is enforced at once"
+        sigterm.duration_since(restarted)? < serving_after + Duration::from_secs(2),
+        "the passed deadline is enforced at once: SIGTERM {:?} after the restart began, serving after {serving_after:?}",
+        sigterm.duration_since(restarted)?
     );
     assert!(alive(work.pid()), "the root itself broke no rule");
     Ok(())
