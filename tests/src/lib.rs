@@ -70,17 +70,19 @@ pub fn await_state<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) 
     }
 }
 
-/// `node` and all below it, depth first.
-pub fn flatten(node: &TreeNode) -> Vec<&TreeNode> {
-    let mut out = vec![node];
-    for child in &node.children {
-        out.extend(flatten(child));
-    }
-    out
+/// Every process of a `dump-tree`, as a list of references.
+pub fn all_nodes(processes: &[TreeNode]) -> Vec<&TreeNode> {
+    processes.iter().collect()
 }
 
-pub fn all_nodes(roots: &[TreeNode]) -> Vec<&TreeNode> {
-    roots.iter().flat_map(flatten).collect()
+/// The processes of a `dump-tree` that no other process in it is the parent of.
+pub fn roots_of(processes: &[TreeNode]) -> Vec<&TreeNode> {
+    processes.iter().filter(|n| n.depth == 0).collect()
+}
+
+/// The processes of a `dump-tree` directly below `pid`.
+pub fn children_of(processes: &[TreeNode], pid: u32) -> Vec<&TreeNode> {
+    processes.iter().filter(|n| n.ppid == pid && n.depth > 0).collect()
 }
 
 /// A daemon of the test's own, stopped and cleaned up on drop.
@@ -374,13 +376,14 @@ impl Daemon {
         self.cli_ok(&args).map(drop)
     }
 
+    /// `dump-tree --json`'s processes: depth first, roots at depth 0.
     pub fn tree(&self, analysis: Option<&str>) -> Result<Vec<TreeNode>> {
         let mut args = vec!["dump-tree", "--json"];
         if let Some(id) = analysis {
             args.extend(["--analysis-id", id]);
         }
         let mut tree: serde_json::Value = serde_json::from_str(&self.cli_ok(&args)?)?;
-        Ok(serde_json::from_value(tree["roots"].take())?)
+        Ok(serde_json::from_value(tree["processes"].take())?)
     }
 
     /// Recent violations and kills, newest first: `events --json`, read as the daemon's

@@ -317,9 +317,6 @@ pub struct PidNs {
     pub inum: u32,
 }
 
-/// How far up the descendants iterator follows parents looking for the root.
-pub const WALK_MAX_DEPTH: u32 = 64;
-
 /// One record in the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

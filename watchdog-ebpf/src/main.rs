@@ -39,7 +39,7 @@ use aya_log_ebpf::error;
 use watchdog_common::{
     AnalysisEntry, Config, ERROR_SLOTS, Event, EventKind, FORK_LAUNCHED, FORK_UNTRACKED,
     MAX_ANALYSES, MAX_WATCHED, PidNs, ProcRecord, ProgramError, RING_BYTES, RootEntry, RssSample,
-    TreeRss, WALK_MAX_DEPTH, WalkTarget, WatchEntry, error_slot,
+    TreeRss, WalkTarget, WatchEntry, error_slot,
 };
 
 /// What a hash map update returns when the map is full.
@@ -655,9 +655,10 @@ fn seq_write<T>(meta: *const IterMeta, record: &T) {
 
 /// Registration's walk of the descendants of one root (`WALK_TARGET`), in the kernel:
 /// this kernel may lack /proc/PID/task/*/children, and scanning all of /proc costs
-/// what the host has, not what the analysis has. A process older than the root is
-/// skipped after one read; a younger one climbs its parents until it meets the root
-/// or one older than it (a descendant's ancestors up to the root are all younger).
+/// what the host has, not what the analysis has. Every living process that started
+/// no earlier than the root is listed with its parent (a descendant and its ancestors
+/// up to the root are all younger than it); the daemon keeps those whose parents lead
+/// to the root, at any depth, which a bounded climb here could not.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
 pub fn descendants_iter(ctx: *mut core::ffi::c_void) -> i32 {
@@ -692,35 +693,14 @@ fn try_descendants_iter(ctx: *const IterTaskCtx) -> Result<(), i64> {
         return Ok(()); // Outside the daemon's pid namespace, or the root itself.
     }
     let parent: *const u8 = read_at(task, config!(task_real_parent))?;
-    let ppid = tgid_of(parent)?;
-    if !descends_from(parent, &target)? {
-        return Ok(());
-    }
     let record = ProcRecord {
         pid,
-        ppid,
+        ppid: tgid_of(parent)?,
         start_ns,
         comm: read_at(task, config!(task_comm))?,
     };
     seq_write(meta, &record);
     Ok(())
-}
-
-/// Whether `ancestor` or one of its parents is the target root.
-fn descends_from(mut ancestor: *const u8, target: &WalkTarget) -> Result<bool, i64> {
-    for _ in 0..WALK_MAX_DEPTH {
-        let tgid = tgid_of(ancestor)?;
-        let start_ns: u64 = read_at(ancestor, config!(task_start_boottime))?;
-        // 0: outside the daemon's namespace; 1: its init. Neither is below the root.
-        if start_ns < target.start_ns || tgid <= 1 {
-            return Ok(false);
-        }
-        if tgid == target.pid {
-            return Ok(true);
-        }
-        ancestor = read_at(ancestor, config!(task_real_parent))?;
-    }
-    Ok(false)
 }
 
 /// Tells the daemon its own PID namespace as the kernel sees it: the reader's (the task

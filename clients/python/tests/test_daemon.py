@@ -91,8 +91,7 @@ def test_watch_block_catches_an_orphan_and_unregisters_at_its_end(as_user):
                 time.sleep(60)
                 os._exit(0)
             in_tree = wait_for("the forked child in the tree", lambda: [
-                n for root in wd.tree("py-orphan")["roots"] for n in [root] + root["children"]
-                if n["pid"] == child])
+                n for n in wd.tree("py-orphan")["processes"] if n["pid"] == child])
             os.kill(child, 9)
             os.waitpid(child, 0)
         # After the block: nothing more is watched, and the analysis is gone.
@@ -107,7 +106,7 @@ def test_watch_block_catches_an_orphan_and_unregisters_at_its_end(as_user):
     assert record["ppid"] == seen["sh"], "the record names the parent that died: sh"
     assert gone(seen["orphan"]), "the daemon killed the orphan"
     assert [n["pid"] for n in seen["in_tree"]] == [seen["child"]]
-    assert seen["tree_after"]["roots"] == [] and seen["tree_after"]["analyses"] == []
+    assert seen["tree_after"]["processes"] == [] and seen["tree_after"]["analyses"] == []
     assert all(r["pid"] not in (seen["after_pid"], seen["me"]) for r in seen["after_records"])
 
 
@@ -255,7 +254,7 @@ def test_typed_errors_carry_the_daemons_message(as_user, daemon, workdir):
                 "zero_timeout": error_of(lambda: wd.register(me, "py-x", timeout="0s")),
                 "bad_size": error_of(lambda: wd.register(me, "py-x", memory="lots")),
                 "both": error_of(lambda: wd.unregister(pid=me, analysis_id="py-x")),
-                "still_unwatched": wd.tree()["roots"],
+                "still_unwatched": wd.tree()["processes"],
             }})
             """
         )
@@ -306,7 +305,7 @@ def test_register_unregister_tree_and_status(as_user, daemon):
     )
     assert seen["reply"].pop("run") > 0
     assert seen["reply"] == {"kind": "registered", "pid": seen["pid"], "analysis_id": "py-register", "watched": 1}
-    [root] = seen["tree"]["roots"]
+    [root] = seen["tree"]["processes"]
     assert (root["pid"], root["analysis_id"], root["comm"]) == (seen["pid"], "py-register", "sleep")
     [analysis] = seen["tree"]["analyses"]
     assert analysis["limits"] == {
@@ -317,7 +316,7 @@ def test_register_unregister_tree_and_status(as_user, daemon):
     assert analysis["zombies"] == 0
     assert seen["status"]["kind"] == "status" and seen["status"]["version"]
     assert seen["gone"] == {"kind": "unregistered", "removed": 1}
-    assert seen["after"]["roots"] == []
+    assert seen["after"]["processes"] == []
 
 
 def test_watch_block_registers_multiprocessing_fork_workers(as_user):
@@ -335,7 +334,7 @@ def test_watch_block_registers_multiprocessing_fork_workers(as_user):
                 # hears of it from the ring, drained at least every 10 ms.
                 deadline = time.monotonic() + 10
                 while True:
-                    watched = sorted(n["pid"] for n in wd.tree("py-pool")["roots"])
+                    watched = sorted(n["pid"] for n in wd.tree("py-pool")["processes"])
                     if set(workers) <= set(watched) or time.monotonic() > deadline:
                         break
                     time.sleep(0.01)
@@ -355,7 +354,7 @@ def test_popen_of_a_missing_command_raises_and_leaves_nothing_watched(as_user):
         """
     )
     assert seen["err"]["type"] == "FileNotFoundError"
-    assert seen["tree"]["roots"] == []
+    assert seen["tree"]["processes"] == []
 
 
 def test_popen_with_warn_at_gets_the_warning_signal_before_its_timeout(as_user, daemon):

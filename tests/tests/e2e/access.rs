@@ -741,7 +741,7 @@ fn a_member_is_refused_at_the_quota_and_roots_analysis_survives_a_restart() -> R
         (3_500_000..=3_600_000).contains(&left),
         "resumed with its deadline: {left} ms left"
     );
-    assert_eq!(tree["roots"][0]["pid"], root_job.pid());
+    assert_eq!(tree["processes"][0]["pid"], root_job.pid());
     sleeper.kill()?;
     Ok(())
 }

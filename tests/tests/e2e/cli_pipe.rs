@@ -24,7 +24,7 @@ fn cli_output_into_a_closed_pipe_ends_quietly() {
             let reply = match serde_json::from_str(&line).unwrap() {
                 Request::Status => Reply::Status(Box::default()),
                 Request::DumpTree { .. } => Reply::Tree {
-                    roots: Vec::new(),
+                    processes: Vec::new(),
                     analyses: Vec::new(),
                 },
                 Request::Events { .. } => Reply::Events {

@@ -166,7 +166,7 @@ fn joining_a_running_analysis_with_other_limits_is_refused_and_the_command_never
     let json: serde_json::Value = serde_json::from_str(&daemon.cli_ok(&["dump-tree", "--json"])?)?;
     assert_eq!(json["analyses"][0]["analysis_id"], "shared");
     assert_eq!(json["analyses"][0]["limits"]["timeout_ms"], 4000);
-    assert_eq!(json["roots"][0]["pid"], first.pid());
+    assert_eq!(json["processes"][0]["pid"], first.pid());
     // The same limits, or none: it joins, and returns once all of the analysis has
     // ended, telling what the watchdog killed in it; its command's status stands.
     let joined = daemon.cli(&["exec", "--analysis-id", "shared", "--", "true"]);

@@ -314,7 +314,7 @@ impl Container {
     fn tree(&self, analysis: &str) -> Result<Vec<TreeNode>> {
         let text = self.cli(&["dump-tree", "--json", "--analysis-id", analysis])?;
         let mut tree: serde_json::Value = serde_json::from_str(&text)?;
-        Ok(serde_json::from_value(tree["roots"].take())?)
+        Ok(serde_json::from_value(tree["processes"].take())?)
     }
 
     fn status(&self) -> Result<Status> {

@@ -2,8 +2,10 @@
 
 use std::collections::BTreeSet;
 
-use anyhow::Result;
-use watchdog_tests::{Daemon, Workload, all_nodes, await_state, thread_count};
+use anyhow::{Result, bail};
+use watchdog_tests::{
+    Daemon, Workload, all_nodes, await_state, children_of, roots_of, thread_count,
+};
 
 /// Waits for "go" on stdin, forks 3 children (the first forks a grandchild), reports
 /// their pids and keeps them all alive.
@@ -47,17 +49,16 @@ fn a_registered_process_children_and_grandchild_form_exactly_the_tree() -> Resul
         Ok((all_nodes(&roots).len() == 5).then_some(roots))
     })?;
 
-    assert_eq!(roots.len(), 1, "one root: {roots:#?}");
-    let root = &roots[0];
-    assert_eq!(root.pid, work.pid());
-    let got: BTreeSet<u32> = root.children.iter().map(|c| c.pid).collect();
+    let root = roots_of(&roots);
+    assert_eq!(root.len(), 1, "one root: {roots:#?}");
+    assert_eq!(root[0].pid, work.pid());
+    let got: BTreeSet<u32> = children_of(&roots, work.pid()).iter().map(|c| c.pid).collect();
     assert_eq!(got, children.iter().copied().collect());
-    let first = root.children.iter().find(|c| c.pid == children[0]).unwrap();
+    let below_first = children_of(&roots, children[0]);
     assert_eq!(
-        first.children.iter().map(|c| c.pid).collect::<Vec<_>>(),
-        vec![grandchild]
+        below_first.iter().map(|c| (c.pid, c.depth)).collect::<Vec<_>>(),
+        vec![(grandchild, 2)]
     );
-    assert_eq!(first.children[0].ppid, children[0]);
     for node in all_nodes(&roots) {
         assert_eq!(node.analysis_id, "tree-5");
         assert!(node.rss_bytes > 0, "{node:?} has no RSS");
@@ -170,11 +171,14 @@ fn exec_watches_a_forking_pipeline_and_passes_its_exit_code_through() -> Result<
                 .then_some(roots),
         )
     })?;
-    assert_eq!(roots.len(), 1);
+    assert_eq!(roots_of(&roots).len(), 1);
     let shell = &roots[0];
     assert_eq!(shell.ppid, exec.pid(), "the command is exec's own child");
     assert_eq!(shell.comm, "sh");
-    let sleeps: Vec<&str> = shell.children.iter().map(|c| c.comm.as_str()).collect();
+    let sleeps: Vec<&str> = children_of(&roots, shell.pid)
+        .iter()
+        .map(|c| c.comm.as_str())
+        .collect();
     assert_eq!(sleeps, vec!["sleep", "sleep"], "exec'd names are tracked");
 
     exec.send("go")?;
@@ -279,9 +283,9 @@ fn lost_events_are_counted_and_the_tree_is_repaired_from_the_kernel_map() -> Res
             Ok((all_nodes(&roots).len() == 3).then_some(roots))
         },
     )?;
-    assert_eq!(roots.len(), 1);
+    assert_eq!(roots_of(&roots).len(), 1);
     assert_eq!(roots[0].pid, work.pid());
-    let children: BTreeSet<u32> = roots[0].children.iter().map(|c| c.pid).collect();
+    let children: BTreeSet<u32> = children_of(&roots, work.pid()).iter().map(|c| c.pid).collect();
     assert_eq!(children, kept, "nothing escaped, nothing stale");
     Ok(())
 }
@@ -432,5 +436,60 @@ fn a_daemon_in_its_own_pid_namespace_kills_a_timed_out_tree_started_there() -> R
     }
     let status = daemon.status()?;
     assert_eq!(status.monitored_count, 0, "all three gone");
+    Ok(())
+}
+
+#[test]
+fn a_chain_ten_thousand_deep_is_watched_whole_dumped_and_killed_on_its_timeout() -> Result<()> {
+    const DEPTH: u32 = 10_000;
+    let daemon = Daemon::start()?;
+    let mut chain = Workload::spawn(env!("CARGO_BIN_EXE_chain"), &[&DEPTH.to_string()])?;
+    let (mut root, mut deepest) = (0u32, 0u32);
+    while root == 0 || deepest == 0 {
+        let line = chain.read_line()?;
+        match line.split_once(' ') {
+            Some(("root", pid)) => root = pid.parse()?,
+            Some(("ready", pid)) => deepest = pid.parse()?,
+            _ => bail!("chain said {line:?}"),
+        }
+    }
+    // Registered once the chain stands: the walk alone must find all of it.
+    daemon.register_with(root, "deep", &["--timeout", "4s", "--max-processes", "20000"])?;
+
+    let processes = daemon.tree(Some("deep"))?;
+    assert_eq!(processes.len(), DEPTH as usize + 1);
+    let last = processes.last().unwrap();
+    assert_eq!((last.pid, last.depth), (deepest, DEPTH));
+    assert!(
+        processes.windows(2).all(|w| w[1].ppid == w[0].pid && w[1].depth == w[0].depth + 1),
+        "one chain, parents first"
+    );
+    let text = daemon.cli_ok(&["dump-tree", "--analysis-id", "deep"])?;
+    assert!(text.contains(&format!("[depth {DEPTH}] {deepest} chain")), "deepest line");
+    assert!(text.lines().all(|l| l.len() < 200), "indentation stays bounded");
+    // The Python client reads it too (its json module nests at most ~1,000 deep).
+    let client = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python/src");
+    let python = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import sys; sys.path.insert(0, sys.argv[1]); \
+            from procwatchdog.client import Client; \
+            t = Client(sys.argv[2]).tree('deep')['processes']; \
+            print(len(t), max(n['depth'] for n in t))"])
+        .arg(client)
+        .arg(&daemon.socket)
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&python.stdout).trim(),
+        format!("{} {DEPTH}", DEPTH + 1),
+        "{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+
+    // The chain's own reaper ends once no member is left.
+    chain.wait()?;
+    let status = await_state("every member's kill record", || {
+        let s = daemon.status()?;
+        Ok((s.kills_by_reason.get("timeout") == Some(&(DEPTH as u64 + 1))).then_some(s))
+    })?;
+    assert_eq!(status.monitored_count, 0);
     Ok(())
 }

@@ -264,7 +264,9 @@ pub enum Reply {
         removed: usize,
     },
     Tree {
-        roots: Vec<TreeNode>,
+        /// Every process, depth first: a root, then each of its children with everything
+        /// below it, then the next root. Flat, so no depth of tree is too deep to send.
+        processes: Vec<TreeNode>,
         analyses: Vec<AnalysisView>,
     },
     Events {
@@ -288,7 +290,7 @@ pub enum Reply {
     },
 }
 
-/// One process of the live tree, with its children: the `dump-tree --json` shape.
+/// One process of the live tree: the `dump-tree --json` shape.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TreeNode {
     pub pid: u32,
@@ -308,7 +310,8 @@ pub struct TreeNode {
     /// Being killed: time left before SIGKILL.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub grace_left_ms: Option<u64>,
-    pub children: Vec<TreeNode>,
+    /// How far below its root (a root is at 0).
+    pub depth: u32,
 }
 
 /// An analysis as `dump-tree` shows it: its limits and time left.

@@ -24,20 +24,19 @@ pub fn dump_tree(
             Some(key) => Some(key),
             None => {
                 return Ok(Reply::Tree {
-                    roots: Vec::new(),
+                    processes: Vec::new(),
                     analyses: Vec::new(),
                 });
             }
         },
         None => None,
     };
-    let roots = core
-        .tree()
-        .roots()
-        .into_iter()
-        .filter(|n| filter.is_none_or(|key| n.analysis == key))
-        .map(|n| view(core, n, procs, clock))
-        .collect();
+    let mut processes = Vec::new();
+    for root in core.tree().roots() {
+        if filter.is_none_or(|key| root.analysis == key) {
+            subtree_views(core, root, procs, clock, &mut processes);
+        }
+    }
     let analyses = core
         .live_analyses()
         .filter(|(key, _)| filter.is_none_or(|f| f == *key))
@@ -51,10 +50,52 @@ pub fn dump_tree(
             limits: a.limits.clone(),
         })
         .collect();
-    Ok(Reply::Tree { roots, analyses })
+    Ok(Reply::Tree {
+        processes,
+        analyses,
+    })
 }
 
-fn view(core: &Core, node: &Node, procs: &dyn Procs, clock: &Clock) -> TreeNode {
+/// `root` and everything below it, depth first, each with its depth: iterative, so a
+/// chain of any length costs heap, not stack.
+fn subtree_views(
+    core: &Core,
+    root: &Node,
+    procs: &dyn Procs,
+    clock: &Clock,
+    out: &mut Vec<TreeNode>,
+) {
+    enum Item<'a> {
+        Process(&'a Node),
+        Zombie(&'a Zombie, &'a Node),
+    }
+    let mut stack = vec![(Item::Process(root), 0u32)];
+    while let Some((item, depth)) = stack.pop() {
+        let node = match item {
+            Item::Zombie(zombie, holder) => {
+                out.push(zombie_view(core, zombie, holder, depth, clock));
+                continue;
+            }
+            Item::Process(node) => node,
+        };
+        out.push(view(core, node, depth, procs, clock));
+        let below: Vec<Item> = core
+            .tree()
+            .children_of(node.pid)
+            .filter_map(|c| core.tree().get(c))
+            .map(Item::Process)
+            .chain(
+                core.zombies()
+                    .of_holder(node.pid)
+                    .map(|z| Item::Zombie(z, node)),
+            )
+            .collect();
+        // Reversed onto the stack, so they come off in their own order.
+        stack.extend(below.into_iter().rev().map(|item| (item, depth + 1)));
+    }
+}
+
+fn view(core: &Core, node: &Node, depth: u32, procs: &dyn Procs, clock: &Clock) -> TreeNode {
     let analysis = core.registry().get(node.analysis);
     TreeNode {
         pid: node.pid,
@@ -71,22 +112,18 @@ fn view(core: &Core, node: &Node, procs: &dyn Procs, clock: &Clock) -> TreeNode 
             .iter()
             .find(|j| j.target_pending(node.pid))
             .and_then(|j| j.grace_left_ms(clock.now)),
-        children: core
-            .tree()
-            .children_of(node.pid)
-            .filter_map(|c| core.tree().get(c))
-            .map(|c| view(core, c, procs, clock))
-            .chain(
-                core.zombies()
-                    .of_holder(node.pid)
-                    .map(|z| zombie_view(core, z, node, clock)),
-            )
-            .collect(),
+        depth,
     }
 }
 
 /// A zombie, shown as a leaf under the process that holds it.
-fn zombie_view(core: &Core, zombie: &Zombie, holder: &Node, clock: &Clock) -> TreeNode {
+fn zombie_view(
+    core: &Core,
+    zombie: &Zombie,
+    holder: &Node,
+    depth: u32,
+    clock: &Clock,
+) -> TreeNode {
     let analysis = core.registry().get(zombie.analysis);
     TreeNode {
         pid: zombie.process.pid,
@@ -99,7 +136,7 @@ fn zombie_view(core: &Core, zombie: &Zombie, holder: &Node, clock: &Clock) -> Tr
         orphan: false,
         zombie: true,
         grace_left_ms: None,
-        children: Vec::new(),
+        depth,
     }
 }
 

@@ -62,22 +62,26 @@ fn unexpected(reply: Reply) -> Result<()> {
 }
 
 pub fn dump_tree(socket: &Path, json: bool, analysis_id: Option<String>) -> Result<()> {
-    let Reply::Tree { roots, analyses } = call(socket, &Request::DumpTree { analysis_id })? else {
+    let Reply::Tree {
+        processes,
+        analyses,
+    } = call(socket, &Request::DumpTree { analysis_id })?
+    else {
         bail!("the daemon sent an unexpected reply to dump-tree");
     };
     if json {
-        let tree = serde_json::json!({ "analyses": analyses, "roots": roots });
+        let tree = serde_json::json!({ "analyses": analyses, "processes": processes });
         println!("{}", serde_json::to_string_pretty(&tree)?);
         return Ok(());
     }
-    if roots.is_empty() {
+    if processes.is_empty() {
         println!("no watched processes");
     }
     for analysis in &analyses {
         print_analysis(analysis);
     }
-    for root in &roots {
-        print_node(root, 0);
+    for node in &processes {
+        print_node(node);
     }
     Ok(())
 }
@@ -119,7 +123,11 @@ fn user(uid: u32) -> String {
     }
 }
 
-fn print_node(node: &TreeNode, depth: usize) {
+/// Indentation stops growing here, so a deep chain stays readable; the depth is then
+/// written out.
+const MAX_INDENT_DEPTH: u32 = 32;
+
+fn print_node(node: &TreeNode) {
     let age = humantime::format_duration(Duration::from_secs(node.age_ms / 1000));
     let mut marks = String::new();
     if node.orphan {
@@ -131,8 +139,13 @@ fn print_node(node: &TreeNode, depth: usize) {
     if let Some(left) = node.grace_left_ms {
         marks.push_str(&format!("  IN GRACE ({}s left)", left.div_ceil(1000)));
     }
+    let deeper = if node.depth > MAX_INDENT_DEPTH {
+        format!("[depth {}] ", node.depth)
+    } else {
+        String::new()
+    };
     println!(
-        "{:indent$}{} {}  analysis={}  owner={}  age={}  rss={}{marks}",
+        "{:indent$}{deeper}{} {}  analysis={}  owner={}  age={}  rss={}{marks}",
         "",
         node.pid,
         node.comm,
@@ -140,11 +153,8 @@ fn print_node(node: &TreeNode, depth: usize) {
         node.owner_uid,
         age,
         size(node.rss_bytes),
-        indent = depth * 2
+        indent = node.depth.min(MAX_INDENT_DEPTH) as usize * 2
     );
-    for child in &node.children {
-        print_node(child, depth + 1);
-    }
 }
 
 pub fn events(socket: &Path, filter: EventFilter, json: bool) -> Result<()> {

@@ -1348,12 +1348,14 @@ fn the_owner_is_in_dump_tree_kill_records_and_the_process_table() {
     let alice = Peer::user(ALICE, &[]);
     w.procs.spawn_as(100, 1, ALICE);
     w.register_as(&alice, 100, "a").unwrap();
-    let crate::api::protocol::Reply::Tree { roots, analyses } =
-        crate::api::report::dump_tree(&w.core, None, &w.procs, &w.clock).unwrap()
+    let crate::api::protocol::Reply::Tree {
+        processes,
+        analyses,
+    } = crate::api::report::dump_tree(&w.core, None, &w.procs, &w.clock).unwrap()
     else {
         panic!("a tree")
     };
-    assert_eq!((roots[0].owner_uid, analyses[0].owner_uid), (ALICE, ALICE));
+    assert_eq!((processes[0].owner_uid, analyses[0].owner_uid), (ALICE, ALICE));
     let snapshot = w.core.process_snapshot(&w.clock).expect("changed");
     assert_eq!(snapshot.rows()[0].owner_uid, ALICE);
     w.take();
@@ -1362,6 +1364,27 @@ fn the_owner_is_in_dump_tree_kill_records_and_the_process_table() {
     let killed = records(&actions);
     assert_eq!(killed.len(), 1);
     assert_eq!(killed[0].owner_uid, Some(ALICE));
+}
+
+#[test]
+fn a_chain_ten_thousand_deep_is_dumped_depth_first_and_crosses_the_socket() {
+    let mut w = World::new();
+    w.register(100, "deep", LimitOverrides::default());
+    for pid in 101..=10_100 {
+        w.fork(pid, pid - 1);
+    }
+    w.fork(20_000, 100); // a second child of the root, after the whole chain
+    let reply = crate::api::report::dump_tree(&w.core, None, &w.procs, &w.clock).unwrap();
+    let text = serde_json::to_string(&reply).unwrap();
+    let crate::api::protocol::Reply::Tree { processes, .. } = serde_json::from_str(&text).unwrap()
+    else {
+        panic!("a tree")
+    };
+    assert_eq!(processes.len(), 10_002);
+    for (i, node) in processes[..10_001].iter().enumerate() {
+        assert_eq!((node.pid, node.depth), (100 + i as u32, i as u32));
+    }
+    assert_eq!((processes[10_001].pid, processes[10_001].depth), (20_000, 1));
 }
 
 #[test]

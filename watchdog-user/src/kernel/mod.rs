@@ -522,7 +522,8 @@ impl Kernel {
             .set(0, target, 0)
             .context("naming the root for the descendants iterator")
             .map_err(unavailable)?;
-        read_iter(path).map_err(unavailable)
+        let younger = read_iter(path).map_err(unavailable)?;
+        Ok(crate::os::procs::descendants_among(root.pid, younger))
     }
 
     /// The saved analyses, without any no daemon could have saved.

@@ -2,6 +2,8 @@
 //! process, and what a kill record tells of it. The rules read /proc only through the
 //! [`Procs`] trait, so they can be tested against a fake one.
 
+use watchdog_common::ProcRecord;
+
 use crate::{
     core::procs::{Details, ProcInfo, Procs},
     vocab::process::{ns_per_tick, same_start},
@@ -49,30 +51,37 @@ pub fn read_same(process: crate::vocab::process::ProcRef) -> Option<ProcInfo> {
 
 /// The living descendants of `root`, by scanning all of /proc: the fallback for
 /// kernels without task iterators (it costs what the host has, not the analysis).
-pub fn descendants_by_scan(root: u32) -> Vec<watchdog_common::ProcRecord> {
+pub fn descendants_by_scan(root: u32) -> Vec<ProcRecord> {
     let Ok(all) = procfs::process::all_processes() else {
         return Vec::new();
     };
-    let living: Vec<ProcInfo> = all
+    let living = all
         .filter_map(|p| p.ok()?.stat().ok())
         .map(info_from)
         .filter(|p| !p.exited && !p.kernel_thread)
+        .map(|p| ProcRecord {
+            pid: p.pid,
+            ppid: p.ppid,
+            start_ns: p.start_ns,
+            comm: crate::vocab::process::Comm::new(&p.comm).0,
+        })
         .collect();
-    let mut children: std::collections::HashMap<u32, Vec<&ProcInfo>> = Default::default();
-    for p in &living {
+    descendants_among(root, living)
+}
+
+/// Those of `processes` whose parents lead to `root`, at any depth, parents before
+/// their children.
+pub fn descendants_among(root: u32, processes: Vec<ProcRecord>) -> Vec<ProcRecord> {
+    let mut children: std::collections::HashMap<u32, Vec<ProcRecord>> = Default::default();
+    for p in processes {
         children.entry(p.ppid).or_default().push(p);
     }
     let mut out = Vec::new();
     let mut stack = vec![root];
     while let Some(pid) = stack.pop() {
-        for child in children.get(&pid).into_iter().flatten() {
+        for child in children.remove(&pid).into_iter().flatten() {
             stack.push(child.pid);
-            out.push(watchdog_common::ProcRecord {
-                pid: child.pid,
-                ppid: child.ppid,
-                start_ns: child.start_ns,
-                comm: crate::vocab::process::Comm::new(&child.comm).0,
-            });
+            out.push(child);
         }
     }
     out
@@ -201,4 +210,39 @@ fn bounded_read(path: &str) -> Option<Vec<u8>> {
         .read_to_end(&mut bytes)
         .ok()?;
     Some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(pid: u32, ppid: u32) -> ProcRecord {
+        ProcRecord {
+            pid,
+            ppid,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn descendants_are_found_at_any_depth_and_strangers_left_out() {
+        let chain = (2..10_002).map(|pid| record(pid, pid - 1));
+        let strangers = [record(20_000, 40_000), record(20_001, 20_000)];
+        let branch = record(30_000, 7);
+        // The kernel lists tasks in pid order, not parents first: mix them.
+        let mut all: Vec<ProcRecord> = chain.chain(strangers).chain([branch]).collect();
+        all.reverse();
+        let found = descendants_among(1, all);
+        assert_eq!(found.len(), 10_000 + 1, "the chain and its branch, no stranger");
+        let under_7 = descendants_among(7, found.clone());
+        assert_eq!(under_7.len(), 10_001 - 7 + 1, "pids 8..=10001 and the branch");
+        let position = |pid| found.iter().position(|r| r.pid == pid).unwrap();
+        assert!(position(5_000) < position(5_001), "parents before their children");
+    }
+
+    #[test]
+    fn a_cycle_of_recycled_pids_ends_the_walk() {
+        let found = descendants_among(1, vec![record(2, 1), record(3, 2), record(2, 3)]);
+        assert_eq!(found.len(), 3, "each record once, then the walk ends");
+    }
 }

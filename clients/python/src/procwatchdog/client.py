@@ -191,11 +191,13 @@ class Client:
         return self.call(request)
 
     def tree(self, analysis_id: Optional[str] = None) -> Dict[str, Any]:
-        """The live tree: ``{"roots": [node, ...], "analyses": [analysis, ...]}``; a node
-        has pid, ppid, analysis_id, comm, age_ms, rss_bytes, orphan, zombie (true for an
-        exited child its parent has not reaped: a leaf under that parent), grace_left_ms
-        (while being killed) and children; an analysis has analysis_id, processes,
-        zombies, deadline_in_ms, deadline_unix_ms and limits."""
+        """The live tree: ``{"processes": [node, ...], "analyses": [analysis, ...]}``.
+        The processes are flat and depth first (a root, everything below it, the next
+        root), so any depth fits; a node has pid, ppid, depth (0 for a root),
+        analysis_id, comm, age_ms, rss_bytes, orphan, zombie (true for an exited child
+        its parent has not reaped: a leaf under that parent) and grace_left_ms (while
+        being killed); an analysis has analysis_id, processes, zombies, deadline_in_ms,
+        deadline_unix_ms and limits."""
         request: Dict[str, Any] = {"op": "dump_tree"}
         if analysis_id is not None:
             request["analysis_id"] = analysis_id
