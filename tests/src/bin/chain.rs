@@ -19,7 +19,12 @@ fn main() {
         .expect("usage: chain N");
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes no pointers.
     let set = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(set, 0, "PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        set,
+        0,
+        "PR_SET_CHILD_SUBREAPER: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: single-threaded here; the child only forks, writes and pauses.
     match unsafe { fork() }.expect("fork") {
         ForkResult::Child => grow(depth),

@@ -52,11 +52,17 @@ fn a_registered_process_children_and_grandchild_form_exactly_the_tree() -> Resul
     let root = roots_of(&roots);
     assert_eq!(root.len(), 1, "one root: {roots:#?}");
     assert_eq!(root[0].pid, work.pid());
-    let got: BTreeSet<u32> = children_of(&roots, work.pid()).iter().map(|c| c.pid).collect();
+    let got: BTreeSet<u32> = children_of(&roots, work.pid())
+        .iter()
+        .map(|c| c.pid)
+        .collect();
     assert_eq!(got, children.iter().copied().collect());
     let below_first = children_of(&roots, children[0]);
     assert_eq!(
-        below_first.iter().map(|c| (c.pid, c.depth)).collect::<Vec<_>>(),
+        below_first
+            .iter()
+            .map(|c| (c.pid, c.depth))
+            .collect::<Vec<_>>(),
         vec![(grandchild, 2)]
     );
     for node in all_nodes(&roots) {
@@ -285,7 +291,10 @@ fn lost_events_are_counted_and_the_tree_is_repaired_from_the_kernel_map() -> Res
     )?;
     assert_eq!(roots_of(&roots).len(), 1);
     assert_eq!(roots[0].pid, work.pid());
-    let children: BTreeSet<u32> = children_of(&roots, work.pid()).iter().map(|c| c.pid).collect();
+    let children: BTreeSet<u32> = children_of(&roots, work.pid())
+        .iter()
+        .map(|c| c.pid)
+        .collect();
     assert_eq!(children, kept, "nothing escaped, nothing stale");
     Ok(())
 }
@@ -457,18 +466,27 @@ fn a_chain_past_every_nesting_limit_is_watched_whole_dumped_and_killed_on_its_ti
         }
     }
     // Registered once the chain stands: the walk alone must find all of it.
-    daemon.register_with(root, "deep", &["--timeout", "4s", "--max-processes", "20000"])?;
+    daemon.register_with(
+        root,
+        "deep",
+        &["--timeout", "4s", "--max-processes", "20000"],
+    )?;
 
     let processes = daemon.tree(Some("deep"))?;
     assert_eq!(processes.len(), DEPTH as usize + 1);
     let last = processes.last().unwrap();
     assert_eq!((last.pid, last.depth), (deepest, DEPTH));
     assert!(
-        processes.windows(2).all(|w| w[1].ppid == w[0].pid && w[1].depth == w[0].depth + 1),
+        processes
+            .windows(2)
+            .all(|w| w[1].ppid == w[0].pid && w[1].depth == w[0].depth + 1),
         "one chain, parents first"
     );
     let text = daemon.cli_ok(&["dump-tree", "--analysis-id", "deep"])?;
-    assert!(text.contains(&format!("[depth {DEPTH}] {deepest} chain")), "deepest line");
+    assert!(
+        text.contains(&format!("[depth {DEPTH}] {deepest} chain")),
+        "deepest line"
+    );
     let indent = |l: &str| l.len() - l.trim_start().len();
     assert_eq!(
         text.lines().map(indent).max(),
@@ -478,10 +496,13 @@ fn a_chain_past_every_nesting_limit_is_watched_whole_dumped_and_killed_on_its_ti
     // The Python client reads it too.
     let client = concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/python/src");
     let python = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", "import sys; sys.path.insert(0, sys.argv[1]); \
+        .args([
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); \
             from procwatchdog.client import Client; \
             t = Client(sys.argv[2]).tree('deep')['processes']; \
-            print(len(t), max(n['depth'] for n in t))"])
+            print(len(t), max(n['depth'] for n in t))",
+        ])
         .arg(client)
         .arg(&daemon.socket)
         .output()?;

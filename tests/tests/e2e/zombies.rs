@@ -165,7 +165,9 @@ fn zombies_under_the_limit_are_shown_marked_and_nothing_is_killed() -> Result<()
     assert_eq!(zombie_nodes(&roots), kids);
     assert!(
         roots[0].pid == holder
-            && roots[1..].iter().all(|c| c.zombie && c.ppid == holder && c.depth == 1),
+            && roots[1..]
+                .iter()
+                .all(|c| c.zombie && c.ppid == holder && c.depth == 1),
         "{roots:?}"
     );
     let text = daemon.cli_ok(&["dump-tree"])?;

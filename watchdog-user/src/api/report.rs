@@ -117,13 +117,7 @@ fn view(core: &Core, node: &Node, depth: u32, procs: &dyn Procs, clock: &Clock) 
 }
 
 /// A zombie, shown as a leaf under the process that holds it.
-fn zombie_view(
-    core: &Core,
-    zombie: &Zombie,
-    holder: &Node,
-    depth: u32,
-    clock: &Clock,
-) -> TreeNode {
+fn zombie_view(core: &Core, zombie: &Zombie, holder: &Node, depth: u32, clock: &Clock) -> TreeNode {
     let analysis = core.registry().get(zombie.analysis);
     TreeNode {
         pid: zombie.process.pid,

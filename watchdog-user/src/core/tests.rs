@@ -1355,7 +1355,10 @@ fn the_owner_is_in_dump_tree_kill_records_and_the_process_table() {
     else {
         panic!("a tree")
     };
-    assert_eq!((processes[0].owner_uid, analyses[0].owner_uid), (ALICE, ALICE));
+    assert_eq!(
+        (processes[0].owner_uid, analyses[0].owner_uid),
+        (ALICE, ALICE)
+    );
     let snapshot = w.core.process_snapshot(&w.clock).expect("changed");
     assert_eq!(snapshot.rows()[0].owner_uid, ALICE);
     w.take();
@@ -1384,7 +1387,10 @@ fn a_chain_ten_thousand_deep_is_dumped_depth_first_and_crosses_the_socket() {
     for (i, node) in processes[..10_001].iter().enumerate() {
         assert_eq!((node.pid, node.depth), (100 + i as u32, i as u32));
     }
-    assert_eq!((processes[10_001].pid, processes[10_001].depth), (20_000, 1));
+    assert_eq!(
+        (processes[10_001].pid, processes[10_001].depth),
+        (20_000, 1)
+    );
 }
 
 #[test]

@@ -233,11 +233,22 @@ mod tests {
         let mut all: Vec<ProcRecord> = chain.chain(strangers).chain([branch]).collect();
         all.reverse();
         let found = descendants_among(1, all);
-        assert_eq!(found.len(), 10_000 + 1, "the chain and its branch, no stranger");
+        assert_eq!(
+            found.len(),
+            10_000 + 1,
+            "the chain and its branch, no stranger"
+        );
         let under_7 = descendants_among(7, found.clone());
-        assert_eq!(under_7.len(), 10_001 - 7 + 1, "pids 8..=10001 and the branch");
+        assert_eq!(
+            under_7.len(),
+            10_001 - 7 + 1,
+            "pids 8..=10001 and the branch"
+        );
         let position = |pid| found.iter().position(|r| r.pid == pid).unwrap();
-        assert!(position(5_000) < position(5_001), "parents before their children");
+        assert!(
+            position(5_000) < position(5_001),
+            "parents before their children"
+        );
     }
 
     #[test]
