@@ -82,10 +82,7 @@ pub fn roots_of(processes: &[TreeNode]) -> Vec<&TreeNode> {
 
 /// The processes of a `dump-tree` directly below `pid`.
 pub fn children_of(processes: &[TreeNode], pid: u32) -> Vec<&TreeNode> {
-    processes
-        .iter()
-        .filter(|n| n.ppid == pid && n.depth > 0)
-        .collect()
+    processes.iter().filter(|n| n.ppid == pid).collect()
 }
 
 /// A daemon of the test's own, stopped and cleaned up on drop.
