@@ -655,6 +655,24 @@ pub fn real_uid_in(proc: &Path, pid: u32) -> Option<u32> {
         .ok()
 }
 
+/// /proc's state letter of `pid` (`Z` for a zombie), None when no such process exists.
+pub fn state_of(pid: u32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+/// The parent of `pid`, from /proc; None when no such process exists.
+pub fn ppid_of(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// The pids whose parent is `pid`, from a scan of /proc.
+pub fn children_by_scan(pid: u32) -> Vec<u32> {
+    let dir = std::fs::read_dir("/proc").expect("/proc is readable");
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| ppid_of(*p) == Some(pid))
+        .collect()
+}
+
 /// The fields of /proc/PID/stat after the command name: state first.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -13,7 +13,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use watchdog_tests::{
-    Daemon, Workload, alive, all_nodes, await_state, one_line_error, sqlite_query, watchdog_bin,
+    Daemon, Workload, alive, all_nodes, await_state, children_by_scan, one_line_error,
+    sqlite_query, watchdog_bin,
 };
 
 /// Users and groups made for one test, removed on drop (after the test's processes,
@@ -222,27 +223,6 @@ fn tree_of(workload: &Workload, count: usize) -> Result<Vec<u32>> {
         }
         Ok((pids.len() >= count).then_some(pids))
     })
-}
-
-fn children_by_scan(parent: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit(')')
-                        .next()?
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse()
-                        .ok()
-                })
-                == Some(parent)
-        })
-        .collect()
 }
 
 /// The real uid of a process, from /proc.
@@ -700,7 +680,7 @@ fn a_member_is_refused_at_the_quota_and_roots_analysis_survives_a_restart() -> R
     ])?;
     assert_eq!(sleeper.read_line()?, "started");
     // setpriv execs sh: its children are the sleeps.
-    let sleeps = all_children(sleeper.pid());
+    let sleeps = children_by_scan(sleeper.pid());
     assert!(sleeps.len() >= 51, "{} sleeps", sleeps.len());
     for (n, pid) in sleeps.iter().take(50).enumerate() {
         member.cli_ok(
@@ -744,27 +724,4 @@ fn a_member_is_refused_at_the_quota_and_roots_analysis_survives_a_restart() -> R
     assert_eq!(tree["processes"][0]["pid"], root_job.pid());
     sleeper.kill()?;
     Ok(())
-}
-
-/// The pids whose parent is `pid`, from /proc.
-fn all_children(pid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit(')')
-                        .next()?
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse::<u32>()
-                        .ok()
-                })
-                == Some(pid)
-        })
-        .collect()
 }

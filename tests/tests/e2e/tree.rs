@@ -325,11 +325,6 @@ print("up", flush=True)
 ctypes.CDLL(None).pthread_exit(None)
 "#;
 
-fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(") ")?.1.chars().next()
-}
-
 /// A process whose main thread exits before the others is one process still: the
 /// kernel's exit of its first thread must not end it in the tree (the path every
 /// kernel without `group_dead` takes reads `signal->live`), its last thread's must.
@@ -341,7 +336,10 @@ fn a_process_whose_main_thread_exits_first_leaves_the_tree_only_with_its_last_th
     daemon.register(work.pid(), "leader-first")?;
     assert_eq!(work.read_line()?, "up");
     await_state("the main thread to exit, the others running", || {
-        Ok((process_state(work.pid()) == Some('Z') && thread_count(work.pid()) >= 4).then_some(()))
+        Ok(
+            (watchdog_tests::state_of(work.pid()) == Some('Z') && thread_count(work.pid()) >= 4)
+                .then_some(()),
+        )
     })?;
     // A fork after the leader's exit: once the tree shows the child, the daemon has read
     // every event before it, the leader's exit included.

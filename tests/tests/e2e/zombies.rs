@@ -8,7 +8,7 @@
 use anyhow::Result;
 use watchdog_tests::{
     Daemon, EventRecord, Reason, TreeNode, Workload, alive, all_nodes, await_state, free_port,
-    http_get,
+    http_get, state_of,
 };
 
 /// The test's subreaper: forks the holder (printing its pid), then reaps every child
@@ -77,17 +77,6 @@ fn holder_with_zombies(
     Ok((work, holder, kids))
 }
 
-/// /proc's state letter of `pid`, None when no such process exists.
-fn state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(')')
-        .next()?
-        .split_whitespace()
-        .next()?
-        .chars()
-        .next()
-}
-
 fn zombie_nodes(roots: &[TreeNode]) -> Vec<u32> {
     let mut pids: Vec<u32> = all_nodes(roots)
         .into_iter()
@@ -132,7 +121,7 @@ fn a_process_holding_more_zombies_than_its_limit_is_killed_and_its_zombies_are_g
     await_state("its zombies reaped", || {
         Ok(kids
             .iter()
-            .all(|&pid| state(pid) != Some('Z'))
+            .all(|&pid| state_of(pid) != Some('Z'))
             .then_some(()))
     })?;
     await_no_zombie_shown(&daemon)?;
@@ -158,7 +147,7 @@ fn zombies_under_the_limit_are_shown_marked_and_nothing_is_killed() -> Result<()
     })?;
     assert_eq!(status.zombies_by_analysis["few-zombies"], 3);
     assert!(
-        kids.iter().all(|&pid| state(pid) == Some('Z')),
+        kids.iter().all(|&pid| state_of(pid) == Some('Z')),
         "real zombies"
     );
     let roots = daemon.tree(Some("few-zombies"))?;
