@@ -59,3 +59,64 @@ fn a_grandchild_adopted_by_the_analysis_subreaper_lives_on_and_one_reparented_to
     );
     Ok(())
 }
+
+/// A launcher (Python) starts a root that shares its stdin; once told, the root makes
+/// a child with `clone(CLONE_PARENT)`, which has the launcher as its parent, and prints
+/// its pid.
+const LAUNCHER_OF_A_CLONE_PARENT_ROOT: &str = r#"
+import subprocess, sys
+ROOT = '''
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+sys.stdin.readline()
+SYS_clone, CLONE_PARENT, SIGCHLD = 56, 0x8000, 17
+zero = ctypes.c_long(0)
+pid = libc.syscall(ctypes.c_long(SYS_clone), ctypes.c_long(CLONE_PARENT | SIGCHLD), zero, zero, zero, zero)
+if pid == 0:
+    os.execvp("sleep", ["sleep", "600"])
+assert pid > 0, ctypes.get_errno()
+print(pid, flush=True)
+time.sleep(600)
+'''
+root = subprocess.Popen([sys.executable, "-c", ROOT])
+print(root.pid, flush=True)
+root.wait()
+"#;
+
+/// A child a registered root makes with `CLONE_PARENT` is the launcher's child, not
+/// the root's: when the launcher dies, it is orphaned by the same exit and killed with
+/// the root.
+#[test]
+fn a_clone_parent_sibling_of_a_root_is_killed_with_it_when_their_launcher_dies() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let mut launcher = Workload::python(LAUNCHER_OF_A_CLONE_PARENT_ROOT, &[])?;
+    let root: u32 = launcher.read_line()?.parse()?;
+    daemon.register(root, "clone-parent")?;
+    launcher.send("clone")?;
+    let sibling: u32 = launcher.read_line()?.parse()?;
+    assert_eq!(
+        watchdog_tests::ppid_of(sibling),
+        Some(launcher.pid()),
+        "the launcher is its parent"
+    );
+    await_state("the sibling in the analysis", || {
+        let tree = daemon.tree(Some("clone-parent"))?;
+        Ok(all_nodes(&tree)
+            .iter()
+            .any(|n| n.pid == sibling)
+            .then_some(()))
+    })?;
+    launcher.signal(nix::sys::signal::Signal::SIGKILL)?;
+    let records = daemon.await_records_for(&[root, sibling])?;
+    let mut named: Vec<u32> = records.iter().map(|r| r.record.pid).collect();
+    named.sort();
+    let mut expected = vec![root, sibling];
+    expected.sort();
+    assert_eq!(named, expected, "{records:?}");
+    assert!(records.iter().all(|r| r.record.reason == Reason::Orphan));
+    await_state("the root and its sibling gone", || {
+        Ok((!alive(root) && !alive(sibling)).then_some(()))
+    })?;
+    Ok(())
+}

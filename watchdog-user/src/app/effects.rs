@@ -163,6 +163,9 @@ impl Effects {
                 Action::WatchLauncher { root, launcher } => self.watch_launcher(root, launcher),
                 Action::Unlaunch(launcher) => self.kernel.unlaunch(launcher),
                 Action::ForgetRoot(pid) => self.kernel.forget_root(pid),
+                Action::ForgetParentWatch(process) => {
+                    self.forget_launcher_watches(|root| *root == process)
+                }
                 Action::Signal(order) if order.describe => {
                     first_looks.push(FirstLook::Signal(order));
                 }
@@ -335,8 +338,14 @@ impl Effects {
     /// Roots that are over: their launchers' watches end with the last of them.
     fn forget_launchers_of(&mut self, roots: &[u32]) {
         let gone: HashSet<u32> = roots.iter().copied().collect();
+        self.forget_launcher_watches(|root| gone.contains(&root.pid));
+    }
+
+    /// The watched processes that are over leave their launchers' watches, which end
+    /// with the last of them.
+    fn forget_launcher_watches(&mut self, over: impl Fn(&ProcRef) -> bool) {
         self.launchers.retain(|_, watch| {
-            watch.roots.retain(|root| !gone.contains(&root.pid));
+            watch.roots.retain(|root| !over(root));
             !watch.roots.is_empty()
         });
     }

@@ -169,6 +169,11 @@ impl Core {
             } => {
                 let node = Node::new(pid, ppid, start_ns, comm, analysis);
                 self.forks.forked(w, node, untracked, launched, clock);
+                if !launched {
+                    let child = ProcRef { pid, start_ns };
+                    self.orphans
+                        .watch_outside_parent(w, child, ppid, procs, clock);
+                }
             }
             KernelEvent::Exit {
                 pid,
@@ -208,6 +213,10 @@ impl Core {
         if let Some(node) = w.remove(process.pid) {
             if w.registry.drop_root(node.analysis, process.pid) {
                 w.actions.push(Action::ForgetRoot(process.pid));
+            }
+            if !w.tree.contains(node.ppid) {
+                // A root or a member with a parent outside: its parent's watch was its.
+                w.actions.push(Action::ForgetParentWatch(process));
             }
             self.zombies.maybe_zombie(w, &node, clock);
         }
@@ -259,9 +268,8 @@ impl Core {
         self.world.on_described(described, not_sent, clock);
     }
 
-    /// The process that launched a registered root exited.
-    /// A launcher exited: a launch of its own ends, and `root`, which it started, is
-    /// an orphan.
+    /// A watched parent outside the analysis exited: a launch of its own ends, and
+    /// `root` (a root it started, or a member whose parent it was) is an orphan.
     pub fn on_launcher_exit(&mut self, root: ProcRef, procs: &dyn Procs, clock: &Clock) {
         if self.world.end_launch(root, clock) {
             return;

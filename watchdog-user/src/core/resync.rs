@@ -2,7 +2,7 @@
 //! events are lost: at start, after lost events, and after a restart (with the saved
 //! analyses and roots, which say why each process is watched).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use watchdog_common::{AnalysisEntry, RootEntry};
 
@@ -94,7 +94,7 @@ impl Core {
         }
         self.resume_launches(launchers, procs);
         self.resync(in_map, procs, clock, Resync::Restart);
-        let saved: std::collections::HashMap<u32, RootEntry> = roots.iter().copied().collect();
+        let saved: HashMap<u32, RootEntry> = roots.iter().copied().collect();
         let parentless: Vec<ProcRef> = self
             .world
             .tree
@@ -107,8 +107,15 @@ impl Core {
                 .get(&process.pid)
                 .filter(|r| same_start(r.start_ns, process.start_ns));
             let Some(root) = root else {
-                self.orphans
-                    .orphaned(&mut self.world, process.pid, procs, clock);
+                match self.launcher_parent(process, &saved, procs) {
+                    Some(launcher) => self.world.actions.push(Action::WatchLauncher {
+                        root: process,
+                        launcher,
+                    }),
+                    None => self
+                        .orphans
+                        .orphaned(&mut self.world, process.pid, procs, clock),
+                }
                 continue;
             };
             let launcher = (root.parent_pid != 0).then_some(ProcRef {
@@ -141,6 +148,43 @@ impl Core {
             watched = self.world.tree.len(),
             "resumed the previous run's analyses"
         );
+    }
+
+    /// The living parent of `process`, a member that is no root, when that parent is
+    /// the launcher of a root (or a launch) of its analysis: `process` is a child a
+    /// root made with `CLONE_PARENT`, never orphaned. Any other parent outside the tree
+    /// adopted it after its own parent died while no daemon ran.
+    fn launcher_parent(
+        &self,
+        process: ProcRef,
+        saved: &HashMap<u32, RootEntry>,
+        procs: &dyn Procs,
+    ) -> Option<ProcRef> {
+        let key = self.world.tree.get(process.pid)?.analysis;
+        let info = procs
+            .read(process.pid)
+            .filter(|p| same_start(p.start_ns, process.start_ns))?;
+        let parent = procs
+            .read(info.ppid)
+            .filter(|p| p.pid > 1 && p.start_ns <= process.start_ns)?
+            .proc_ref();
+        let is_parent = |launcher: ProcRef| {
+            launcher.pid == parent.pid && same_start(launcher.start_ns, parent.start_ns)
+        };
+        let launched_a_root = saved.values().any(|r| {
+            r.analysis == key
+                && is_parent(ProcRef {
+                    pid: r.parent_pid,
+                    start_ns: r.parent_start_ns,
+                })
+        });
+        let launches = self
+            .world
+            .registry
+            .launchers_of(key)
+            .into_iter()
+            .any(is_parent);
+        (launched_a_root || launches).then_some(parent)
     }
 
     /// The launches the kernel kept while no daemon ran: each of a living launcher and

@@ -262,6 +262,23 @@ impl World {
         })
     }
 
+    /// Member `by` makes `pid` with `clone(CLONE_PARENT)`: `by`'s parent is its parent.
+    fn fork_clone_parent(&mut self, pid: u32, by: u32) -> Vec<Action> {
+        let ppid = self.procs.read(by).expect("living").ppid;
+        self.procs.spawn(pid, ppid, start(pid));
+        let analysis = self.core.tree().get(by).expect("a member").analysis;
+        self.event(KernelEvent::Fork {
+            pid,
+            ppid,
+            analysis,
+            start_ns: start(pid),
+            comm: Comm::new("sibling"),
+            ts_ns: self.clock.boot_ns,
+            untracked: false,
+            launched: false,
+        })
+    }
+
     /// `pid` exits; its living children are reparented to init, as the kernel does.
     fn exit(&mut self, pid: u32) -> Vec<Action> {
         self.exit_to(pid, Some(1))
@@ -585,6 +602,140 @@ fn a_root_whose_launcher_dies_is_an_orphan() {
     };
     w.core.on_launcher_exit(root, &w.procs, &w.clock);
     assert_eq!(signals(&w.take()), [(100, Signal::SIGTERM)]);
+}
+
+fn proc_ref(pid: u32) -> ProcRef {
+    ProcRef {
+        pid,
+        start_ns: start(pid),
+    }
+}
+
+fn watches_parent(actions: &[Action], child: u32, parent: u32) -> bool {
+    actions.iter().any(|a| {
+        matches!(a, Action::WatchLauncher { root, launcher }
+            if *root == proc_ref(child) && *launcher == proc_ref(parent))
+    })
+}
+
+#[test]
+fn a_clone_parent_sibling_of_a_root_is_orphaned_with_it_when_the_launcher_dies() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    let actions = w.fork_clone_parent(101, 100);
+    assert!(watches_parent(&actions, 101, 50), "{actions:?}");
+    let actions = w.fork_clone_parent(102, 101);
+    assert!(watches_parent(&actions, 102, 50), "{actions:?}");
+    w.procs.die(50);
+    for pid in [100, 101, 102] {
+        w.procs.reparent(pid, 1);
+        w.core.on_launcher_exit(proc_ref(pid), &w.procs, &w.clock);
+    }
+    let actions = w.take();
+    assert_eq!(
+        signals(&actions),
+        [
+            (100, Signal::SIGTERM),
+            (101, Signal::SIGTERM),
+            (102, Signal::SIGTERM)
+        ]
+    );
+    assert!(records(&actions).iter().all(|r| r.reason == Reason::Orphan));
+}
+
+#[test]
+fn a_clone_parent_child_whose_parent_is_gone_when_its_fork_is_read_is_judged_at_once() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    w.procs.spawn(101, 1, start(101));
+    w.procs.die(50);
+    let key = w.key("a");
+    let actions = w.event(KernelEvent::Fork {
+        pid: 101,
+        ppid: 50,
+        analysis: key,
+        start_ns: start(101),
+        comm: Comm::new("sibling"),
+        ts_ns: w.clock.boot_ns,
+        untracked: false,
+        launched: false,
+    });
+    assert_eq!(signals(&actions), [(101, Signal::SIGTERM)]);
+    assert!(w.core.tree().get(101).unwrap().orphan);
+}
+
+#[test]
+fn children_of_members_and_of_init_watch_no_parent_and_an_exit_ends_a_parent_watch() {
+    let mut w = World::new();
+    w.register(100, "a", LimitOverrides::default());
+    let actions = w.fork(101, 100);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::WatchLauncher { .. })),
+        "its parent is a member: {actions:?}"
+    );
+    w.procs.reparent(100, 1);
+    let actions = w.fork_clone_parent(102, 100);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::WatchLauncher { .. })),
+        "init never exits: {actions:?}"
+    );
+    let actions = w.exit(102);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::ForgetParentWatch(p) if *p == proc_ref(102))),
+        "{actions:?}"
+    );
+    let actions = w.exit(101);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::ForgetParentWatch(_))),
+        "its parent was a member: {actions:?}"
+    );
+}
+
+#[test]
+fn after_a_restart_a_clone_parent_sibling_watches_the_launcher_instead_of_being_judged() {
+    let mut before = World::new();
+    before.register(100, "a", LimitOverrides::default());
+    let key = before.key("a");
+    let entry = registry::entry_from_analysis(before.core.registry().get(key).unwrap());
+    let mut w = World::new();
+    w.clock = before.clock.advanced(Duration::from_secs(1));
+    w.procs.spawn(50, 1, start(50));
+    w.procs.spawn(100, 50, start(100));
+    w.procs.spawn(101, 50, start(101));
+    // Orphaned while no daemon ran: its parent died, a subreaper outside took it.
+    w.procs.spawn(60, 1, start(60));
+    w.procs.spawn(102, 60, start(102));
+    let roots = [(
+        100,
+        RootEntry {
+            analysis: key,
+            start_ns: start(100),
+            parent_start_ns: start(50),
+            parent_pid: 50,
+            _pad: 0,
+        },
+    )];
+    w.core.resume(
+        &[(key, entry)],
+        &roots,
+        &[],
+        &[mapped(100, key), mapped(101, key), mapped(102, key)],
+        &w.procs,
+        &w.clock,
+    );
+    let actions = w.take();
+    assert!(watches_parent(&actions, 100, 50), "{actions:?}");
+    assert!(watches_parent(&actions, 101, 50), "{actions:?}");
+    assert_eq!(signals(&actions), [(102, Signal::SIGTERM)]);
+    assert!(!w.core.tree().get(101).unwrap().orphan);
 }
 
 #[test]

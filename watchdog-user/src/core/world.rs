@@ -77,11 +77,16 @@ pub enum Action {
     ForgetRoot(u32),
     /// The kernel stops putting the new children of this launcher in its analysis.
     Unlaunch(ProcRef),
-    /// Tell the rules (`Core::on_launcher_exit`) when `launcher` exits.
+    /// Tell the rules (`Core::on_launcher_exit`) when `launcher` exits: the parent,
+    /// outside the analysis, of `root` (a registered root, or a member whose parent is
+    /// outside its analysis).
     WatchLauncher {
         root: ProcRef,
         launcher: ProcRef,
     },
+    /// `process`, watched through [`Action::WatchLauncher`], exited: its parent's exit
+    /// no longer concerns it.
+    ForgetParentWatch(ProcRef),
     /// Send this signal, to this process only (never to a recycled pid); report a
     /// failure with `Core::on_signal_failed`. A first signal (`describe`) is sent
     /// once the process' command line, owner and RSS are read, which come back with

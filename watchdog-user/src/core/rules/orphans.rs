@@ -12,7 +12,7 @@ use crate::{
     core::{
         kill::Scope,
         procs::Procs,
-        world::{Clock, World},
+        world::{Action, Clock, World},
     },
     vocab::{
         limits::{OrphanPolicy, Reason},
@@ -141,7 +141,34 @@ impl Orphans {
         w.tree.reparent(pid, new_ppid);
     }
 
-    /// The process that launched a registered root exited.
+    /// `child` joined its analysis with a parent outside it: a child a root made with
+    /// `CLONE_PARENT` has the root's own parent. That parent's exit sends no event (it is
+    /// not watched), so it is watched as a root's launcher is, and its exit orphans the
+    /// child the same way; one already gone is judged now.
+    pub(in crate::core) fn watch_outside_parent(
+        &mut self,
+        w: &mut World,
+        child: ProcRef,
+        ppid: u32,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        // Init never exits, and a parent outside our pid namespace reads as 0.
+        if ppid <= 1 || w.tree.contains(ppid) || !w.tree.holds(child) {
+            return;
+        }
+        // A parent younger than its child is another process holding the pid now.
+        match procs.read(ppid).filter(|p| p.start_ns <= child.start_ns) {
+            Some(parent) => w.actions.push(Action::WatchLauncher {
+                root: child,
+                launcher: parent.proc_ref(),
+            }),
+            None => self.parent_gone(w, child.pid, 0, procs, clock),
+        }
+    }
+
+    /// The watched parent of `root` (the launcher of a registered root, or the parent
+    /// outside the analysis of a member) exited.
     pub fn on_launcher_exit(
         &mut self,
         w: &mut World,
