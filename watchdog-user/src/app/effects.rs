@@ -498,20 +498,20 @@ fn first_look(look: FirstLook, self_pid: u32) -> Described {
     let Some(order) = order else {
         return Described {
             process,
-            details: SysProcs.details(process.pid),
+            details: SysProcs.details(process),
             signal: None,
         };
     };
     let (details, delivery) = match open_for_signal(process, self_pid) {
         Ok(pidfd) => {
-            let details = SysProcs.details(process.pid);
+            let details = SysProcs.details(process);
             match pidfd.signal(order.signal) {
                 Ok(()) => (details, Delivery::Sent(pidfd)),
                 Err(_) => (details, Delivery::NotSent),
             }
         }
         Err(OpenError::Gone) => (Details::default(), Delivery::NotSent),
-        Err(OpenError::Failed(err)) => (SysProcs.details(process.pid), Delivery::NoPidfd(err)),
+        Err(OpenError::Failed(err)) => (SysProcs.details(process), Delivery::NoPidfd(err)),
     };
     Described {
         process,

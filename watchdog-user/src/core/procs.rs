@@ -38,8 +38,9 @@ pub struct Details {
 pub trait Procs {
     /// The living process with this pid (zombies count as exited).
     fn read(&self, pid: u32) -> Option<ProcInfo>;
-    /// Its command line, owner and RSS now.
-    fn details(&self, pid: u32) -> Details;
+    /// Its command line, owner and RSS now; empty when its pid names another process
+    /// now (never the newcomer's).
+    fn details(&self, process: ProcRef) -> Details;
     /// Its RSS now, 0 when it is gone.
     fn rss_bytes(&self, pid: u32) -> u64;
     /// The real, effective and saved uids of `process` (/proc/PID/status `Uid:`): who

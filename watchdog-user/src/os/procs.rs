@@ -110,17 +110,8 @@ impl Procs for SysProcs {
         read(pid)
     }
 
-    fn details(&self, pid: u32) -> Details {
-        let process = procfs::process::Process::new(pid as i32).ok();
-        let cmdline = bounded_read(&format!("/proc/{pid}/cmdline"))
-            .map(|bytes| crate::vocab::record::bounded_cmdline(&bytes))
-            .unwrap_or_default();
-        let rss_bytes = process.as_ref().map(resident_bytes).unwrap_or(0);
-        Details {
-            cmdline,
-            uid: process.and_then(|p| p.uid().ok()).unwrap_or(0),
-            rss_bytes,
-        }
+    fn details(&self, process: crate::vocab::process::ProcRef) -> Details {
+        details(process).unwrap_or_default()
     }
 
     fn rss_bytes(&self, pid: u32) -> u64 {
@@ -201,15 +192,37 @@ pub fn pss_bytes(pid: u32) -> Option<u64> {
 
 /// At most [`CMDLINE_MAX`](crate::vocab::record::CMDLINE_MAX) + 1 bytes of `path`: a
 /// command line of any length costs one bounded read.
-fn bounded_read(path: &str) -> Option<Vec<u8>> {
+fn bounded_read(file: std::fs::File) -> Option<Vec<u8>> {
     use std::io::Read as _;
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(crate::vocab::record::CMDLINE_MAX as u64 + 1)
+    file.take(crate::vocab::record::CMDLINE_MAX as u64 + 1)
         .read_to_end(&mut bytes)
         .ok()?;
     Some(bytes)
+}
+
+/// What a record tells of `process` (command line, owner, RSS), or None when its pid
+/// names another process now. Everything is read through one handle on /proc/PID,
+/// checked to be `process` by its start time: the handle is bound to that process, not
+/// to its pid number, so once it exits every read through it fails rather than return
+/// what a newcomer under the same pid holds.
+pub fn details(process: crate::vocab::process::ProcRef) -> Option<Details> {
+    let handle = procfs::process::Process::new(process.pid as i32).ok()?;
+    let started = info_from(handle.stat().ok()?).start_ns;
+    if !same_start(started, process.start_ns) {
+        return None;
+    }
+    let cmdline = handle
+        .open_relative("cmdline")
+        .ok()
+        .and_then(bounded_read)
+        .map(|bytes| crate::vocab::record::bounded_cmdline(&bytes))
+        .unwrap_or_default();
+    Some(Details {
+        cmdline,
+        uid: handle.uid().ok()?,
+        rss_bytes: resident_bytes(&handle),
+    })
 }
 
 #[cfg(test)]
@@ -222,6 +235,23 @@ mod tests {
             ppid,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn details_are_read_only_for_the_process_whose_start_time_is_given() {
+        let me = read(std::process::id()).expect("this process");
+        let mine = details(me.proc_ref()).expect("described");
+        let argv0 = std::env::args().next().unwrap();
+        assert!(mine.cmdline.starts_with(&argv0), "{mine:?}");
+        assert_eq!(mine.uid, nix::unistd::geteuid().as_raw());
+        let later = crate::vocab::process::ProcRef {
+            start_ns: me.start_ns + 10_000_000_000,
+            ..me.proc_ref()
+        };
+        assert!(
+            details(later).is_none(),
+            "another process under the same pid"
+        );
     }
 
     #[test]

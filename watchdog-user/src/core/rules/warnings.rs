@@ -56,7 +56,7 @@ impl World {
                 signal = signal.as_str(),
                 "warning: a limit is near"
             );
-            let details = procs.details(root.pid);
+            let details = procs.details(root.proc_ref());
             let outcome = self.send_warning(&root, signal);
             self.keep_record(
                 KillRecord {
