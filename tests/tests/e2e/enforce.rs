@@ -424,3 +424,41 @@ fn bad_limits_are_refused_with_a_clear_error_and_nothing_is_registered() -> Resu
     assert_eq!(daemon.status()?.monitored_count, 0, "nothing registered");
     Ok(())
 }
+
+/// Says `term` on each SIGTERM and lives on.
+const TRAPS_SIGTERM: &str = r#"
+import signal, sys, time
+# traps-sigterm: lives through its SIGTERM
+signal.signal(signal.SIGTERM, lambda *_: print("term", flush=True))
+print("ready", flush=True)
+while True:
+    time.sleep(600)
+"#;
+
+/// An analysis unregistered during its kill's grace is let go: never SIGKILLed, and
+/// its record says `released` (stored so, the database's constraint included) with the
+/// SIGTERM it had and its own command line.
+#[test]
+fn unregistering_during_the_grace_lets_the_process_go_and_its_record_says_released() -> Result<()> {
+    let daemon = Daemon::start()?;
+    let mut work = Workload::python(TRAPS_SIGTERM, &[])?;
+    assert_eq!(work.read_line()?, "ready");
+    daemon.register_with(work.pid(), "let-go", &["--timeout", "1s", "--grace", "60s"])?;
+    assert_eq!(work.read_line()?, "term");
+    daemon.cli_ok(&["unregister", "--analysis-id", "let-go"])?;
+    let record = await_state("its record in the database", || {
+        let events = daemon.events()?;
+        Ok(events
+            .into_iter()
+            .find(|e| e.record.pid == work.pid() && !e.spooled))
+    })?;
+    assert_eq!(record.record.outcome, Outcome::Released, "{record:?}");
+    assert_eq!(signal_names(&record.record), vec!["SIGTERM"]);
+    assert!(
+        record.record.cmdline.contains("traps-sigterm"),
+        "{:?}",
+        record.record.cmdline
+    );
+    assert!(work.alive_now(), "let go alive");
+    Ok(())
+}

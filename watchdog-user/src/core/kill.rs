@@ -37,6 +37,8 @@ struct Target {
     done: bool,
     /// Its command line, owner and RSS came back from the effects: its record is whole.
     described: bool,
+    /// Unregistered while it was being killed: let go, never signalled again.
+    released: bool,
 }
 
 /// What a kill covers; processes forked into the scope while it dies join it.
@@ -197,6 +199,7 @@ impl KillJob {
             sigkilled: false,
             done: self.mode != Mode::Signal,
             described: false,
+            released: false,
         };
         let ask = if self.mode == Mode::Signal {
             let signal = if now >= self.escalate_at {
@@ -311,6 +314,19 @@ impl KillJob {
         }
     }
 
+    /// `process` was unregistered while this job killed it: it is let go alive, and
+    /// its record says so. True when it was a target still being killed.
+    pub fn release(&mut self, process: ProcRef) -> bool {
+        match self.targets.get_mut(&process.pid) {
+            Some(target) if target.info.process == process && !target.done => {
+                target.released = true;
+                Self::mark_done(target, &mut self.pending);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The targets not done yet.
     pub fn pending_pids(&self) -> impl Iterator<Item = u32> + '_ {
         self.targets
@@ -355,6 +371,7 @@ impl KillJob {
                 outcome: match self.mode {
                     Mode::DryRun => Outcome::DryRun,
                     Mode::LogOnly => Outcome::Logged,
+                    Mode::Signal if t.released => Outcome::Released,
                     Mode::Signal if t.signals.is_empty() => Outcome::AlreadyGone,
                     Mode::Signal if t.sigkilled => Outcome::Killed,
                     Mode::Signal => Outcome::ExitedAfterSigterm,

@@ -288,6 +288,11 @@ impl World {
         };
         let mut analyses = HashSet::new();
         for &pid in &pids {
+            if let Some(process) = self.tree.get(pid).map(|n| n.proc_ref()) {
+                for job in &mut self.jobs {
+                    job.release(process);
+                }
+            }
             if let Some(node) = self.remove(pid) {
                 self.actions.push(Action::Unwatch(node.proc_ref()));
                 analyses.insert(node.analysis);
@@ -303,6 +308,8 @@ impl World {
         for key in analyses {
             self.forget_if_finished(key, clock);
         }
+        // A kill whose targets were all let go is over: its records go out now.
+        self.finish_done_jobs(clock);
         tracing::info!(
             ?pid,
             ?analysis_id,

@@ -7,7 +7,11 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::vocab::{limits::Reason, process::AnalysisKey, record::KillRecord};
+use crate::vocab::{
+    limits::Reason,
+    process::AnalysisKey,
+    record::{KillRecord, Outcome},
+};
 
 /// Ended runs remembered, oldest dropped first: far more than clients waiting at once.
 const ENDED_KEPT: usize = 4096;
@@ -54,9 +58,9 @@ pub struct Runs {
 
 impl Runs {
     /// Counts a kill record of run `key`; `root`: the record's process is one of the
-    /// run's registered roots.
+    /// run's registered roots. One let go alive by an unregister was not killed.
     pub fn killed(&mut self, key: AnalysisKey, record: &KillRecord, root: bool) {
-        if record.signals.is_empty() {
+        if record.signals.is_empty() || record.outcome == Outcome::Released {
             return;
         }
         let kill = self

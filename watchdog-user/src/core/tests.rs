@@ -95,9 +95,15 @@ impl Procs for FakeProcs {
         self.0.borrow().get(&pid).cloned()
     }
 
-    fn details(&self, pid: u32) -> Details {
+    fn details(&self, process: ProcRef) -> Details {
+        let same = self
+            .read(process.pid)
+            .is_some_and(|p| same_start(p.start_ns, process.start_ns));
+        if !same {
+            return Details::default();
+        }
         Details {
-            cmdline: format!("cmd {pid}"),
+            cmdline: format!("cmd {}", process.pid),
             uid: 1000,
             rss_bytes: 0,
         }
@@ -181,7 +187,7 @@ impl World {
                     Action::Describe(process) => Some(*process),
                     _ => None,
                 })
-                .map(|process| (process, self.procs.details(process.pid)))
+                .map(|process| (process, self.procs.details(process)))
                 .collect();
             all.extend(actions);
             if looks.is_empty() {
@@ -982,6 +988,59 @@ fn a_default_memory_limit_above_the_machines_memory_is_warned_of_not_refused() {
         ..w.core.settings().clone()
     };
     assert!(unknown.unreachable_default().is_none());
+}
+
+#[test]
+fn unregistering_during_a_kills_grace_lets_its_processes_go_and_records_them_released() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.fork(101, 100);
+    let actions = w.advance(Duration::from_secs(1));
+    assert_eq!(
+        signals(&actions),
+        [(100, Signal::SIGTERM), (101, Signal::SIGTERM)]
+    );
+    w.core
+        .unregister(Some(101), None, &Peer::root(), &w.procs, &w.clock)
+        .unwrap();
+    let actions = w.take();
+    assert!(
+        records(&actions).is_empty(),
+        "the kill of 100 goes on: {actions:?}"
+    );
+    let actions = w.advance(Duration::from_secs(60));
+    assert_eq!(
+        signals(&actions),
+        [(100, Signal::SIGKILL)],
+        "101 was let go"
+    );
+    let actions = w.exit(100);
+    let records = records(&actions);
+    let outcomes: Vec<(u32, Outcome)> = records.iter().map(|r| (r.pid, r.outcome)).collect();
+    assert_eq!(outcomes, [(100, Outcome::Killed), (101, Outcome::Released)]);
+    assert_eq!(records[1].signals.len(), 1, "its SIGTERM is told");
+}
+
+#[test]
+fn a_target_whose_pid_names_another_process_when_it_is_described_keeps_no_command_line() {
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.clock = w.clock.advanced(Duration::from_secs(1));
+    w.core.on_tick(&w.procs, &w.clock);
+    let actions = w.core.take_actions();
+    let [Action::Signal(order)] = actions.as_slice() else {
+        panic!("one signal: {actions:?}");
+    };
+    let target = order.target;
+    // The root exited and a stranger took its pid before the description was read.
+    w.procs.die(100);
+    w.procs.spawn(100, 1, start(100) + 5_000_000_000);
+    w.core
+        .on_described(&[(target, w.procs.details(target))], &[], &w.clock);
+    let actions = w.exit_event(100, w.key("a"));
+    let records = records(&actions);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].cmdline, "", "never the stranger's");
 }
 
 #[test]
@@ -2028,7 +2087,7 @@ fn a_target_described_after_its_grace_gets_its_sigkill_with_the_description() {
     w.core.on_tick(&w.procs, &w.clock);
     assert!(signals(&w.core.take_actions()).is_empty());
     w.core
-        .on_described(&[(target, w.procs.details(100))], &[], &w.clock);
+        .on_described(&[(target, w.procs.details(target))], &[], &w.clock);
     assert_eq!(signals(&w.take()), vec![(100, Signal::SIGKILL)]);
 }
 

@@ -23,6 +23,8 @@ pub enum Outcome {
     DryRun,
     /// Reason `warning`: the warning signal was sent; nothing is killed for it.
     Warned,
+    /// Unregistered while it was being killed: let go alive after the signals listed.
+    Released,
 }
 
 impl Outcome {
@@ -34,6 +36,7 @@ impl Outcome {
             Self::Logged => "logged",
             Self::DryRun => "dry_run",
             Self::Warned => "warned",
+            Self::Released => "released",
         }
     }
 }
