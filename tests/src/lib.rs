@@ -153,6 +153,10 @@ pub struct DaemonBuilder {
     database_url: Option<String>,
 }
 
+/// The daemon's state directory, inside the test's own (which holds the socket and the
+/// log, and files the test makes): the daemon makes it root's alone.
+const STATE_DIR: &str = "state";
+
 /// Options the builder sets itself: given twice, the daemon would take the last one, and
 /// a test's choice could be silently overridden by a default.
 const OWN_OPTIONS: [&str; 4] = ["--state-dir", "--pin-dir", "--http", "--database-url"];
@@ -221,12 +225,13 @@ impl DaemonBuilder {
         let pin_dir = self
             .pin_dir
             .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf").join(dir.file_name().expect("a name")));
+        let state_dir = dir.join(STATE_DIR);
         let database_url = self
             .database_url
-            .unwrap_or_else(|| format!("sqlite://{}/watchdog.db", dir.display()));
+            .unwrap_or_else(|| format!("sqlite://{}/watchdog.db", state_dir.display()));
         let mut args: Vec<String> = vec![
             "--state-dir".into(),
-            dir.display().to_string(),
+            state_dir.display().to_string(),
             "--pin-dir".into(),
             pin_dir.display().to_string(),
             "--http".into(),
@@ -335,6 +340,24 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Where the daemon keeps its database, spool and HTTP token.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join(STATE_DIR)
+    }
+
+    /// The bearer token its HTTP listener asks for.
+    pub fn http_token(&self) -> Result<String> {
+        let path = self.state_dir().join("http-token");
+        let token = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(token.trim().to_string())
+    }
+
+    /// `GET path` on its HTTP listener at `port`, bearing its token.
+    pub fn http_get(&self, port: u16, path: &str) -> Result<(u16, String)> {
+        http_get_with_token(port, path, &self.http_token()?)
     }
 
     pub fn log(&self) -> String {
@@ -839,11 +862,20 @@ pub fn signal_names(record: &KillRecord) -> Vec<&str> {
 
 /// A plain HTTP/1.1 GET: status code and body.
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    http_request(port, path, "")
+}
+
+/// A GET bearing `token` (`Authorization: Bearer`), as the daemon's token file gives it.
+pub fn http_get_with_token(port: u16, path: &str, token: &str) -> Result<(u16, String)> {
+    http_request(port, path, &format!("Authorization: Bearer {token}\r\n"))
+}
+
+fn http_request(port: u16, path: &str, headers: &str) -> Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"
     )?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;

@@ -161,9 +161,12 @@ class Daemon:
         self.log_path = dir_ / "daemon.log"
         self.user_name, self.uid, self.gid = user
         self.extra_groups = []
+        # The daemon makes its state directory root's alone: the socket, which the test
+        # user must reach, is beside it.
+        state = dir_ / "state"
         args = [str(bin_), "--socket", str(self.socket), "run",
-                "--state-dir", str(dir_), "--pin-dir", str(self.pin_dir), "--http", "none",
-                "--database-url", f"sqlite://{dir_}/watchdog.db"]
+                "--state-dir", str(state), "--pin-dir", str(self.pin_dir), "--http", "none",
+                "--database-url", f"sqlite://{state}/watchdog.db"]
         self.group_created = False
         if _supports(bin_, "--socket-group"):
             # The access rules are in: the socket is open to one group; the user joins it.

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use watchdog_tests::{
-    Daemon, Workload, alive, all_nodes, await_state, children_by_scan, one_line_error,
+    Daemon, Workload, alive, all_nodes, await_state, children_by_scan, free_port, one_line_error,
     sqlite_query, watchdog_bin,
 };
 
@@ -311,7 +311,7 @@ fn a_member_watches_their_own_processes_and_unregisters_their_own_analyses() -> 
     );
     assert!(text.contains(&format!("owner={}", alice.uid)), "{text}");
     // The process table names her too.
-    let db = daemon.dir.join("watchdog.db");
+    let db = daemon.state_dir().join("watchdog.db");
     await_state("watchdog_processes rows with her uid", || {
         let rows = sqlite_query(
             &db,
@@ -723,5 +723,116 @@ fn a_member_is_refused_at_the_quota_and_roots_analysis_survives_a_restart() -> R
     );
     assert_eq!(tree["processes"][0]["pid"], root_job.pid());
     sleeper.kill()?;
+    Ok(())
+}
+
+/// A GET to the daemon's HTTP listener made by `user` (Python's urllib, no token):
+/// the status code and the body.
+fn http_get_as(user: &User, port: u16, path: &str) -> Result<(u16, String)> {
+    const GET: &str = r#"
+import sys, urllib.error, urllib.request
+try:
+    answer = urllib.request.urlopen(sys.argv[1])
+    code, body = answer.status, answer.read()
+except urllib.error.HTTPError as refused:
+    code, body = refused.code, refused.read()
+print(code)
+sys.stdout.write(body.decode())
+"#;
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let out = Command::new("setpriv")
+        .args(user.argv(&["/usr/bin/python3", "-c", GET, &url]))
+        .output()?;
+    let text = String::from_utf8(out.stdout)?;
+    let (code, body) = text.split_once('\n').context("a status line")?;
+    Ok((code.parse()?, body.to_string()))
+}
+
+/// Whether `user` can read `path` (`cat` as that user).
+fn readable_by(user: &User, path: &std::path::Path) -> bool {
+    let path = path.display().to_string();
+    Command::new("setpriv")
+        .args(user.argv(&["cat", &path]))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Nothing about a user's processes reaches whoever may not see it. Over HTTP, only a
+/// request bearing the token in the root-only token file is told about processes: a
+/// member of the socket group and a stranger both get 401 from `/status` and the
+/// page's JSON, and `/metrics` (theirs to read) holds no command line. The state
+/// directory (database, spool, token) is root's alone, the daemon started by hand.
+#[test]
+fn a_member_and_a_stranger_read_no_process_over_http_and_no_state_file() -> Result<()> {
+    let mut accounts = Accounts::new("see");
+    let group = accounts.group("sock")?;
+    let member = accounts.user("m", &[&group])?;
+    let stranger = accounts.user("s", &[])?;
+    let port = free_port()?;
+    let daemon = Daemon::builder()
+        .http_port(port)
+        .arg("--socket-group", &group)
+        .start()?;
+    std::fs::set_permissions(&daemon.dir, std::fs::Permissions::from_mode(0o755))?;
+    const SECRET: &str = "--password=hunter2-for-the-test";
+    let work = member.spawn(&[
+        "/usr/bin/python3",
+        "-c",
+        "import time; time.sleep(600)",
+        SECRET,
+    ])?;
+    let pid = work.pid().to_string();
+    member.cli_ok(
+        &daemon,
+        &[
+            "register",
+            "--pid",
+            &pid,
+            "--analysis-id",
+            "secretive",
+            "--timeout",
+            "1s",
+        ],
+    )?;
+    daemon.await_records_for(&[work.pid()])?;
+
+    let (code, status) = daemon.http_get(port, "/status")?;
+    assert_eq!(code, 200, "{status}");
+    assert!(
+        status.contains(SECRET),
+        "with the token, the record is shown"
+    );
+    for user in [&member, &stranger] {
+        for path in ["/status", "/api/analyses", "/api/events"] {
+            let (code, body) = http_get_as(user, port, path)?;
+            assert_eq!(code, 401, "{} GET {path}: {body}", user.name);
+            assert!(
+                !body.contains(SECRET) && !body.contains("secretive"),
+                "{body}"
+            );
+            assert!(
+                body.contains("http-token"),
+                "the refusal names the file: {body}"
+            );
+        }
+        let (code, metrics) = http_get_as(user, port, "/metrics")?;
+        assert_eq!(code, 200);
+        assert!(metrics.contains("watchdog_kills_total"), "{metrics}");
+        assert!(!metrics.contains(SECRET) && !metrics.contains("secretive"));
+        let (code, _) = http_get_as(user, port, "/")?;
+        assert_eq!(code, 200, "the page itself holds nothing");
+    }
+
+    let state = daemon.state_dir();
+    let mode =
+        |path: &std::path::Path| Ok::<_, anyhow::Error>(std::fs::metadata(path)?.mode() & 0o777);
+    assert_eq!(mode(&state)?, 0o700, "the state directory");
+    for file in ["watchdog.db", "spool.jsonl", "http-token"] {
+        let path = state.join(file);
+        assert_eq!(mode(&path)?, 0o600, "{file}");
+        for user in [&member, &stranger] {
+            assert!(!readable_by(user, &path), "{} reads {file}", user.name);
+        }
+    }
     Ok(())
 }

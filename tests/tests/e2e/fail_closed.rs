@@ -46,7 +46,7 @@ impl Drop for Sqlite {
 }
 
 fn spool_path(daemon: &Daemon) -> PathBuf {
-    daemon.dir.join("spool.jsonl")
+    daemon.state_dir().join("spool.jsonl")
 }
 
 /// The spool's single line, as a record of another analysis with its own id: what the
@@ -215,7 +215,7 @@ fn doomed_family(daemon: &Daemon, children: usize, id: &str) -> Result<(Workload
 fn a_store_task_that_dies_stops_the_daemon_with_one_line_and_the_restart_loses_no_record()
 -> Result<()> {
     let mut daemon = Daemon::builder().flag("--test-faults").start()?;
-    let db = daemon.dir.join("watchdog.db");
+    let db = daemon.state_dir().join("watchdog.db");
     await_state("the database connected", || {
         Ok((daemon.status()?.db == "ok").then_some(()))
     })?;
@@ -432,7 +432,7 @@ fn a_record_the_database_refuses_for_good_is_set_aside_and_blocks_none_behind_it
         format!("{fine}|fine"),
         "the record behind it is in, once"
     );
-    let rejected = std::fs::read_to_string(daemon.dir.join("spool.jsonl.rejected"))?;
+    let rejected = std::fs::read_to_string(daemon.state_dir().join("spool.jsonl.rejected"))?;
     let kept: Value = serde_json::from_str(rejected.trim())?;
     assert_eq!(
         (kept["pid"].as_u64(), kept["analysis_id"].as_str()),

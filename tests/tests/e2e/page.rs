@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use headless_chrome::{Browser, LaunchOptions, Tab, protocol::cdp::Page};
 use serde_json::Value;
-use watchdog_tests::{Daemon, Reason, Workload, await_state, free_port, http_get};
+use watchdog_tests::{Daemon, Reason, Workload, await_state, free_port};
 
 /// Debian's chromium: `cargo xtask test` installs it when missing.
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -72,7 +72,8 @@ struct PageUnderTest {
 }
 
 impl PageUnderTest {
-    fn open(port: u16) -> Result<Self> {
+    /// The page as its address gives it the daemon's token (`#token=`).
+    fn open(daemon: &Daemon, port: u16) -> Result<Self> {
         let options = LaunchOptions::default_builder()
             .path(Some(PathBuf::from(CHROMIUM)))
             // The tests run as root, where chromium's sandbox refuses to start.
@@ -86,7 +87,8 @@ impl PageUnderTest {
             format!("starting {CHROMIUM} (cargo xtask test installs Debian's chromium)")
         })?;
         let tab = browser.new_tab()?;
-        tab.navigate_to(&format!("http://127.0.0.1:{port}/"))?
+        let token = daemon.http_token()?;
+        tab.navigate_to(&format!("http://127.0.0.1:{port}/#token={token}"))?
             .wait_until_navigated()?;
         Ok(Self {
             _browser: browser,
@@ -190,7 +192,7 @@ fn the_page_shows_analyses_and_kills_and_follows_a_registration_without_reloadin
             .then_some(()))
     })?;
 
-    let page = PageUnderTest::open(port)?;
+    let page = PageUnderTest::open(&daemon, port)?;
     page.await_js(
         "alpha and beta on the page",
         &format!("{} && {}", card("alpha"), card("beta")),
@@ -279,7 +281,7 @@ fn an_empty_daemon_a_long_id_and_thousands_of_processes_all_render() -> Result<(
     const CROWD_SIZE: usize = 2000;
     let port = free_port()?;
     let daemon = start_daemon(port)?;
-    let page = PageUnderTest::open(port)?;
+    let page = PageUnderTest::open(&daemon, port)?;
 
     // Empty: the page says so, and shows no error.
     let empty = page.await_js(
@@ -363,7 +365,7 @@ fn an_empty_daemon_a_long_id_and_thousands_of_processes_all_render() -> Result<(
     page.screenshot("page-crowd.png")?;
 
     // The JSON the page polls answers for the crowd too, bounded.
-    let (code, body) = http_get(port, "/api/analyses")?;
+    let (code, body) = daemon.http_get(port, "/api/analyses")?;
     assert_eq!(code, 200);
     let json: Value = serde_json::from_str(&body)?;
     let crowd_json = json["analyses"]

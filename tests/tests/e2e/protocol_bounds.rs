@@ -359,7 +359,7 @@ fn the_http_listener_serves_reads_only() -> Result<()> {
         "/api/analyses",
         "/api/events",
     ] {
-        assert_eq!(http_get(port, path)?.0, 200, "GET {path}");
+        assert_eq!(daemon.http_get(port, path)?.0, 200, "GET {path}");
         for method in ["POST", "PUT", "PATCH", "DELETE"] {
             assert_eq!(
                 http_write(port, method, path, 10, 10)?,
@@ -369,6 +369,9 @@ fn the_http_listener_serves_reads_only() -> Result<()> {
         }
     }
     assert_eq!(http_get(port, "/register")?.0, 404);
+    for path in ["/status", "/api/analyses", "/api/events"] {
+        assert_eq!(http_get(port, path)?.0, 401, "GET {path} without the token");
+    }
     drop(daemon);
     Ok(())
 }

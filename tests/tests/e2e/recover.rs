@@ -231,8 +231,8 @@ fn the_drop_line(daemon: &Daemon) -> String {
 }
 
 /// The body of a GET to the daemon's --http listener, which must answer 200.
-fn http_ok(port: u16, path: &str) -> Result<String> {
-    let (code, body) = watchdog_tests::http_get(port, path)?;
+fn http_ok(daemon: &Daemon, port: u16, path: &str) -> Result<String> {
+    let (code, body) = daemon.http_get(port, path)?;
     anyhow::ensure!(code == 200, "GET {path}: {code}");
     Ok(body)
 }
@@ -279,9 +279,9 @@ fn pins_of_another_layout_are_dropped_said_and_counted_and_nothing_is_read() -> 
     let status = daemon.status()?;
     assert_eq!(status.pinned_state_dropped, 1);
     assert_eq!(status.analyses, 0, "nothing of another layout is read");
-    let status: Value = serde_json::from_str(&http_ok(port, "/status")?)?;
+    let status: Value = serde_json::from_str(&http_ok(&daemon, port, "/status")?)?;
     assert_eq!(status["pinned_state_dropped"], 1, "{status}");
-    let metrics = http_ok(port, "/metrics")?;
+    let metrics = http_ok(&daemon, port, "/metrics")?;
     assert!(
         metrics
             .lines()

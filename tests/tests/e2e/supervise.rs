@@ -186,7 +186,7 @@ fn status_and_metrics_count_a_scripted_scenario_and_the_metrics_parse() -> Resul
     )?;
 
     let status: Value = await_state("3 kills in /status", || {
-        let (code, body) = http_get(port, "/status")?;
+        let (code, body) = daemon.http_get(port, "/status")?;
         assert_eq!(code, 200);
         let status: Value = serde_json::from_str(&body)?;
         // "ok" says the database is reachable; the records are in it once the spool

@@ -1,14 +1,20 @@
 //! `GET /status` (JSON), `GET /metrics` (Prometheus text) and the live page (`GET /`,
 //! its script, and the JSON it polls: `/api/analyses`, `/api/events`) over HTTP. All
 //! ask the daemon loop through the same typed requests as the control socket.
+//!
+//! What names processes, users and analyses (`/status` and the page's JSON) is served
+//! only to a request bearing the token in the state directory's root-only token file;
+//! `/metrics` (aggregate series only) and the page's static HTML and script are served
+//! to anyone who can connect.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Request as HttpRequest, State},
     http::{StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response as HttpResponse},
     routing::get,
 };
@@ -25,6 +31,7 @@ use crate::{
         protocol::{Reply, Request, Response, Status},
     },
     kernel::ingest::{LATENCY, LatencySnapshot},
+    os::private::same_secret,
     store::{EventFilter, EventRecord},
     vocab::peer::Peer,
 };
@@ -55,18 +62,65 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 /// Serves until the listener fails (the daemon's supervisor reports why). Read-only:
 /// GET routes only (HEAD too), any other method is 405 and any other path 404; no
 /// handler takes a body, so none is ever buffered.
-pub async fn serve(listener: TcpListener, calls: mpsc::Sender<Call>) -> Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    calls: mpsc::Sender<Call>,
+    access: TokenCheck,
+) -> Result<()> {
+    // On each GET alone: a write to these paths is 405 like any other, token or not.
+    let token = || middleware::from_fn_with_state(access.clone(), require_token);
     let app = Router::new()
-        .route("/status", get(status))
+        .route("/status", get(status).route_layer(token()))
+        .route("/api/analyses", get(api_analyses).route_layer(token()))
+        .route("/api/events", get(api_events).route_layer(token()))
         .route("/metrics", get(metrics))
         .route("/", get(page))
         .route("/page.js", get(page_script))
-        .route("/api/analyses", get(api_analyses))
-        .route("/api/events", get(api_events))
         .with_state(calls);
     axum::serve(listener, app)
         .await
         .context("the HTTP listener stopped")
+}
+
+/// The token a request must bear (`Authorization: Bearer TOKEN`) to be told about
+/// processes, and the file it is read from (for the refusal's message).
+#[derive(Clone)]
+pub struct TokenCheck(Arc<(String, PathBuf)>);
+
+impl TokenCheck {
+    pub fn new(token: String, file: PathBuf) -> Self {
+        Self(Arc::new((token, file)))
+    }
+}
+
+/// Passes a request bearing the token on; any other gets 401 and the one line that
+/// says how to get in.
+async fn require_token(
+    State(access): State<TokenCheck>,
+    request: HttpRequest,
+    next: Next,
+) -> HttpResponse {
+    let (token, file) = &*access.0;
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    if presented.is_some_and(|p| same_secret(p.trim().as_bytes(), token.as_bytes())) {
+        return next.run(request).await;
+    }
+    let refusal = format!(
+        "{} names processes and their command lines: send `Authorization: Bearer TOKEN`, \
+         TOKEN being the contents of {} (readable by root only); /metrics needs none",
+        request.uri().path(),
+        file.display()
+    );
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        refusal,
+    )
+        .into_response()
 }
 
 /// Asks the daemon loop, as a reader without credentials.

@@ -33,6 +33,7 @@ use crate::{
     core::{Clock, Core, Resync, Settings},
     kernel::{self, Kernel, ingest},
     os::{
+        private,
         procs::{self, SysProcs},
         supervise,
         tasks::{self, Tasks},
@@ -46,10 +47,16 @@ use crate::{
 const LOSS_CHECK_EVERY: Duration = Duration::from_millis(200);
 /// How often the `watchdog_processes` table is brought up to date (when changed).
 const PROCESSES_SYNC_EVERY: Duration = Duration::from_millis(500);
+/// The bearer token the HTTP listener asks for, in the state directory.
+pub const HTTP_TOKEN_FILE: &str = "http-token";
 /// How long the shutdown waits for the store's front task to take what is queued.
 const STORE_FINISH_WITHIN: Duration = Duration::from_secs(5);
 
 pub async fn run(options: crate::app::config::Options) -> Result<()> {
+    private::restrict_umask();
+    if let Some(tightened) = private::own_dir(&options.state_dir)? {
+        tracing::warn!("{tightened}");
+    }
     let (listener, staged) = control::bind(&options.socket).await?;
     let _socket = SocketGuard(vec![staged.clone(), options.socket.clone()]);
     check_ring_bytes(options.ring_bytes)?;
@@ -173,9 +180,12 @@ async fn serve_requests(
     let (call_tx, call_rx) = mpsc::channel::<Call>(64);
     if let Some(addr) = options.http {
         let listener = crate::api::http::bind(addr).await?;
+        let token_file = options.state_dir.join(HTTP_TOKEN_FILE);
+        let token = private::http_token(&token_file)?;
+        let access = crate::api::http::TokenCheck::new(token, token_file);
         tasks.spawn(
             "HTTP server",
-            crate::api::http::serve(listener, call_tx.clone()),
+            crate::api::http::serve(listener, call_tx.clone(), access),
         );
     }
     tasks.spawn("control socket server", async move {

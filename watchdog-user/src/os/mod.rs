@@ -3,6 +3,7 @@
 
 pub mod host;
 pub mod pidfd;
+pub mod private;
 pub mod procs;
 pub mod supervise;
 pub mod tasks;

@@ -301,9 +301,16 @@ pub enum StoreMsg {
 /// Connects and applies the migrations; the error is one line naming the fix.
 pub async fn connect(url: &DatabaseUrl) -> Result<AnyPool> {
     sqlx::any::install_default_drivers();
-    if let Some(dir) = url.sqlite_path().as_deref().and_then(Path::parent) {
+    let sqlite = url.sqlite_path();
+    if let Some(dir) = sqlite.as_deref().and_then(Path::parent) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the database directory {}", dir.display()))?;
+    }
+    if let Some(db) = &sqlite {
+        // A database outside the state directory is kept from other users too.
+        if let Some(tightened) = crate::os::private::own_file(db)? {
+            tracing::warn!("{tightened}");
+        }
     }
     let pool = AnyPoolOptions::new()
         .max_connections(2)

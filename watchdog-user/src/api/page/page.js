@@ -228,8 +228,28 @@ function showEvents(data) {
     : '';
 }
 
+// The token the page's JSON asks for comes in the address' fragment (#token=TOKEN),
+// which the browser never sends; it is kept for this tab only, and taken out of the
+// address so that it stays out of history and screenshots.
+const TOKEN_KEY = 'watchdog-token';
+
+function token() {
+  const given = new URLSearchParams(location.hash.slice(1)).get('token');
+  if (given) {
+    sessionStorage.setItem(TOKEN_KEY, given);
+    history.replaceState(null, '', location.pathname + location.search);
+  }
+  return sessionStorage.getItem(TOKEN_KEY) || '';
+}
+
 async function fetchJson(path) {
-  const response = await fetch(path, { cache: 'no-store' });
+  const response = await fetch(path, {
+    cache: 'no-store',
+    headers: { Authorization: `Bearer ${token()}` },
+  });
+  if (response.status === 401) {
+    throw new Error(`this page needs the daemon's token: open it as ${location.origin}/#token=TOKEN (${await response.text()})`);
+  }
   if (!response.ok) {
     throw new Error(`${path}: ${response.status} ${await response.text()}`);
   }
