@@ -54,9 +54,6 @@ const STORE_FINISH_WITHIN: Duration = Duration::from_secs(5);
 
 pub async fn run(options: crate::app::config::Options) -> Result<()> {
     private::restrict_umask();
-    if let Some(tightened) = private::own_dir(&options.state_dir)? {
-        tracing::warn!("{tightened}");
-    }
     let (listener, staged) = control::bind(&options.socket).await?;
     let _socket = SocketGuard(vec![staged.clone(), options.socket.clone()]);
     check_ring_bytes(options.ring_bytes)?;
@@ -68,6 +65,10 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         options.fresh,
         options.kernel_log,
     )?;
+    // After the programs load: a daemon that cannot load them says only that.
+    if let Some(tightened) = private::own_dir(&options.state_dir)? {
+        tracing::warn!("{tightened}");
+    }
     share_socket(&staged, &options.socket, &options.socket_group);
     control::publish(&staged, &options.socket)?;
     // Every task the daemon starts is supervised: one that ends stops the daemon.
