@@ -887,3 +887,147 @@ fn http_request(port: u16, path: &str, headers: &str) -> Result<(u16, String)> {
         .parse()?;
     Ok((code, body.to_string()))
 }
+
+/// Users and groups made for one test, removed on drop (after the test's processes,
+/// which are declared after it and so dropped first), pass or fail.
+pub struct Accounts {
+    /// What every name it makes starts with.
+    pub prefix: String,
+    users: Vec<String>,
+    groups: Vec<String>,
+}
+
+impl Accounts {
+    pub fn new(tag: &str) -> Self {
+        Self {
+            prefix: format!("wdt-{}-{tag}", std::process::id()),
+            users: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// A new group, `<prefix>-<name>`.
+    pub fn group(&mut self, name: &str) -> Result<String> {
+        let group = format!("{}-{name}", self.prefix);
+        run("groupadd", &[&group])?;
+        self.groups.push(group.clone());
+        Ok(group)
+    }
+
+    /// A new user `<prefix><name>` (no home, no login shell) in `groups`; its uid.
+    pub fn user(&mut self, name: &str, groups: &[&str]) -> Result<User> {
+        let user = format!("{}{name}", self.prefix);
+        let mut args = vec!["--no-create-home", "--shell", "/usr/sbin/nologin"];
+        let joined = groups.join(",");
+        if !groups.is_empty() {
+            args.extend(["--groups", &joined]);
+        }
+        args.push(&user);
+        run("useradd", &args)?;
+        self.users.push(user.clone());
+        let uid = nix::unistd::User::from_name(&user)?
+            .context("the user just made")?
+            .uid
+            .as_raw();
+        Ok(User { name: user, uid })
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        for user in &self.users {
+            // userdel refuses a user whose processes (just SIGKILLed, maybe not yet
+            // reaped) still exist: a few tries.
+            for _ in 0..40 {
+                let done = Command::new("userdel")
+                    .arg(user)
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if done {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        for group in &self.groups {
+            let _ = Command::new("groupdel").arg(group).output();
+        }
+    }
+}
+
+/// Runs `program`, failing with its stderr.
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A Unix user made by [`Accounts`].
+#[derive(Clone)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+}
+
+impl User {
+    /// `setpriv` as this user (real and effective uid and gid, its groups), then `argv`.
+    pub fn argv<'a>(&'a self, argv: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec![
+            "--reuid",
+            self.name.as_str(),
+            "--regid",
+            self.name.as_str(),
+            "--init-groups",
+            "--",
+        ];
+        all.extend(argv);
+        all
+    }
+
+    /// A process running as this user, in its own process group (killed on drop).
+    pub fn spawn(&self, argv: &[&str]) -> Result<Workload> {
+        Workload::spawn("setpriv", &self.argv(argv))
+    }
+
+    /// The CLI, run as this user against `daemon`'s socket.
+    pub fn cli(&self, daemon: &Daemon, args: &[&str]) -> Output {
+        let bin = watchdog_bin();
+        let socket = daemon.socket.display().to_string();
+        let mut argv = vec![bin.to_str().expect("a UTF-8 path"), "--socket", &socket];
+        argv.extend(args);
+        Command::new("setpriv")
+            .args(self.argv(&argv))
+            .output()
+            .expect("setpriv runs")
+    }
+
+    pub fn cli_ok(&self, daemon: &Daemon, args: &[&str]) -> Result<String> {
+        let out = self.cli(daemon, args);
+        if !out.status.success() {
+            bail!(
+                "watchdog-user {args:?} as {} failed ({}): {}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Registration as this user must be refused in one line naming `rule`.
+    pub fn refused(&self, daemon: &Daemon, args: &[&str], rule: &str) -> String {
+        let line = one_line_error(&self.cli(daemon, args));
+        assert!(
+            line.contains(&format!("refused by rule {rule}")),
+            "{args:?} as {}: expected rule {rule}, got: {line}",
+            self.name
+        );
+        eprintln!("{} {args:?}: {line}", self.name);
+        line
+    }
+}
