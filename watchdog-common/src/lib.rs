@@ -171,6 +171,12 @@ pub struct WatchEntry {
     pub rss_counted: u64,
 }
 
+/// Name of the map of analyses whose kill has reached SIGKILL (key → 0): a member of
+/// one that forks is SIGKILLed by the fork program at that fork, so a fork bomb cannot
+/// outgrow its kill, whatever its pace. Written by the daemon only, and pinned: it
+/// holds while no daemon runs.
+pub const DYING_MAP: &str = "DYING";
+
 /// Name of the map of analyses with a tree memory limit: key → [`TreeRss`], the RSS of
 /// all their processes summed in the kernel as it changes. The daemon creates an entry
 /// with the analysis and removes it at its end; the programs only update entries there.

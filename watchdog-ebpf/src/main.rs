@@ -29,7 +29,8 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_ktime_get_boot_ns, bpf_probe_read_kernel, generated::bpf_seq_write,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+        generated::{bpf_send_signal, bpf_seq_write},
     },
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -44,6 +45,7 @@ use watchdog_common::{
 
 /// What a hash map update returns when the map is full.
 const E2BIG: i64 = 7;
+const SIGKILL: u32 = 9;
 
 #[unsafe(no_mangle)]
 static WATCHDOG_CONFIG: Config = Config::UNSET;
@@ -87,6 +89,11 @@ static LAUNCHERS: HashMap<u32, WatchEntry> = HashMap::with_max_entries(MAX_ANALY
 /// that is over never brings its entry back.
 #[map]
 static TREE_RSS: HashMap<u64, TreeRss> = HashMap::with_max_entries(MAX_ANALYSES, 0);
+
+/// Analyses being SIGKILLed ([`watchdog_common::DYING_MAP`]): their members die at
+/// their next fork.
+#[map]
+static DYING: HashMap<u64, u64> = HashMap::with_max_entries(MAX_ANALYSES, 0);
 
 /// The daemon's [`watchdog_common::LAYOUT`] (key 0), written once the programs are
 /// attached: a restarted daemon trusts the pinned maps only if it is its own.
@@ -353,6 +360,12 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
             true
         }
     };
+    // A member of an analysis being SIGKILLed dies at its fork (the child is in the map
+    // and reported, and gets its SIGKILL from the daemon): forks can no longer add to
+    // the analysis, so its kill converges. A launcher is no member and is spared.
+    if !launched && unsafe { DYING.get(&entry.analysis) }.is_some() {
+        unsafe { bpf_send_signal(SIGKILL) };
+    }
     // real_parent, not the forking task: CLONE_PARENT makes them differ.
     let real_parent: *const u8 = read_at(child, config!(task_real_parent))?;
     let ppid = tgid_of(real_parent)?;

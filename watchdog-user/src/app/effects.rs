@@ -163,6 +163,13 @@ impl Effects {
                 Action::WatchLauncher { root, launcher } => self.watch_launcher(root, launcher),
                 Action::Unlaunch(launcher) => self.kernel.unlaunch(launcher),
                 Action::ForgetRoot(pid) => self.kernel.forget_root(pid),
+                Action::StopForks(key) => {
+                    if let Err(err) = self.kernel.stop_forks(key) {
+                        tracing::error!(
+                            "{err:#}: its members' forks are killed by the daemon alone"
+                        );
+                    }
+                }
                 Action::ForgetParentWatch(process) => {
                     self.forget_launcher_watches(|root| *root == process)
                 }
@@ -238,9 +245,25 @@ impl Effects {
         }
         let (back, self_pid) = (self.described.clone(), self.self_pid);
         tokio::task::spawn_blocking(move || {
-            let described = looks
+            let _outranking = crate::os::host::KillingPriority::take();
+            // Every target yields the CPU first (cheap), so that reading the
+            // descriptions of hundreds of spinning targets is not slowed by them.
+            let opened: Vec<(FirstLook, Option<Result<PidFd, OpenError>>)> = looks
                 .into_iter()
-                .map(|look| first_look(look, self_pid))
+                .map(|look| {
+                    let FirstLook::Signal(order) = look else {
+                        return (look, None);
+                    };
+                    let pidfd = open_for_signal(order.target, self_pid);
+                    if let Ok(pidfd) = &pidfd {
+                        pidfd.yield_cpu(order.target.pid);
+                    }
+                    (look, Some(pidfd))
+                })
+                .collect();
+            let described = opened
+                .into_iter()
+                .map(|(look, pidfd)| first_look(look, pidfd))
                 .collect();
             let _ = back.send(described);
         });
@@ -489,20 +512,20 @@ fn open_for_signal(process: ProcRef, self_pid: u32) -> Result<PidFd, OpenError> 
 }
 
 /// One target's description, read before its first signal is sent (a dead process
-/// has no cmdline).
-fn first_look(look: FirstLook, self_pid: u32) -> Described {
-    let (process, order) = match look {
-        FirstLook::Signal(order) => (order.target, Some(order)),
-        FirstLook::Describe(process) => (process, None),
+/// has no cmdline) through `pidfd`, opened for a look that signals.
+fn first_look(look: FirstLook, pidfd: Option<Result<PidFd, OpenError>>) -> Described {
+    let (process, order, pidfd) = match (look, pidfd) {
+        (FirstLook::Signal(order), Some(pidfd)) => (order.target, order, pidfd),
+        (FirstLook::Signal(order), None) => (order.target, order, Err(OpenError::Gone)),
+        (FirstLook::Describe(process), _) => {
+            return Described {
+                process,
+                details: SysProcs.details(process),
+                signal: None,
+            };
+        }
     };
-    let Some(order) = order else {
-        return Described {
-            process,
-            details: SysProcs.details(process),
-            signal: None,
-        };
-    };
-    let (details, delivery) = match open_for_signal(process, self_pid) {
+    let (details, delivery) = match pidfd {
         Ok(pidfd) => {
             let details = SysProcs.details(process);
             match pidfd.signal(order.signal) {

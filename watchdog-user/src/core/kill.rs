@@ -264,6 +264,11 @@ impl KillJob {
         target.sigkilled |= signal == Signal::SIGKILL;
     }
 
+    /// Whether the grace is over and its SIGKILLs went out.
+    pub fn escalated(&self) -> bool {
+        self.escalated
+    }
+
     /// Once the grace is over: SIGKILL for every target still alive (once).
     pub fn escalate(&mut self, now: Instant, now_wall: SystemTime) -> Vec<SignalOrder> {
         if self.escalated || self.mode != Mode::Signal || now < self.escalate_at {

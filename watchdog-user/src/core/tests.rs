@@ -991,6 +991,41 @@ fn a_default_memory_limit_above_the_machines_memory_is_warned_of_not_refused() {
 }
 
 #[test]
+fn once_an_analysis_kill_reaches_sigkill_the_kernel_is_told_to_kill_its_forkers() {
+    let stops = |actions: &[Action]| {
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::StopForks(_)))
+            .count()
+    };
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    let key = w.key("a");
+    let actions = w.advance(Duration::from_secs(1));
+    assert_eq!(stops(&actions), 0, "not during the grace");
+    let actions = w.advance(Duration::from_secs(60));
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::StopForks(k) if *k == key)),
+        "{actions:?}"
+    );
+    assert_eq!(stops(&w.advance(Duration::from_secs(60))), 0, "once");
+
+    let mut w = World::new();
+    w.register(100, "b", LimitOverrides::default());
+    w.fork(101, 100);
+    w.exit(100);
+    assert!(w.core.tree().get(101).unwrap().orphan);
+    let actions = w.advance(Duration::from_secs(60));
+    assert_eq!(
+        stops(&actions),
+        0,
+        "an orphan's subtree kill leaves the analysis alone"
+    );
+}
+
+#[test]
 fn unregistering_during_a_kills_grace_lets_its_processes_go_and_records_them_released() {
     let mut w = World::new();
     w.register(100, "a", timeout(1000));

@@ -84,6 +84,8 @@ pub enum Action {
         root: ProcRef,
         launcher: ProcRef,
     },
+    /// The analysis' kill reached SIGKILL: the kernel kills its members at their forks.
+    StopForks(AnalysisKey),
     /// `process`, watched through [`Action::WatchLauncher`], exited: its parent's exit
     /// no longer concerns it.
     ForgetParentWatch(ProcRef),

@@ -14,7 +14,7 @@ use aya::{
     programs::{BtfTracePoint, Iter, links::FdLink},
 };
 use watchdog_common::{
-    ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, ERRORS_MAP,
+    ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, DYING_MAP, ERRORS_MAP,
     EVENTS_MAP, INITIAL_PID_NS_INUM, KERNEL_LOG_MAP, LAUNCHERS_MAP, LAYOUT, LAYOUT_MAP, LOGS_MAP,
     PID_NS_MAP, PIDNS_ITER, PROGRAM_ERRORS, PROGRAM_NAMES, PidNs, ProcRecord, RING_BYTES,
     ROOTS_MAP, RSS_ITER, RootEntry, RssSample, TREE_RSS_MAP, TreeRss, WALK_TARGET_MAP,
@@ -60,6 +60,8 @@ pub struct Kernel {
     roots: HashMap<MapData, u32, RootEntry>,
     launchers: HashMap<MapData, u32, WatchEntry>,
     tree_rss: HashMap<MapData, u64, TreeRss>,
+    /// Analyses whose members the fork program kills at their forks.
+    dying: HashMap<MapData, u64, u64>,
     resumed: bool,
     /// Pinned state was found untrustworthy and dropped at load (1), or not (0).
     pinned_state_dropped: u64,
@@ -196,7 +198,7 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 14] = [
+const PINNED_MAPS: [&str; 15] = [
     WATCHED_MAP,
     EVENTS_MAP,
     DROPS_MAP,
@@ -208,6 +210,8 @@ const PINNED_MAPS: [&str; 14] = [
     LAUNCHERS_MAP,
     // The sums go on while no daemon runs, and stay equal to their processes' parts.
     TREE_RSS_MAP,
+    // A dying analysis' members die at their forks also while no daemon runs.
+    DYING_MAP,
     // Pinned too so that a restarted daemon writes the map the pinned iterator reads.
     WALK_TARGET_MAP,
     // The error reports and their switch: a restarted daemon reads the reports the
@@ -441,6 +445,7 @@ impl Kernel {
             roots: HashMap::try_from(take(&mut ebpf, ROOTS_MAP)?)?,
             launchers: HashMap::try_from(take(&mut ebpf, LAUNCHERS_MAP)?)?,
             tree_rss: HashMap::try_from(take(&mut ebpf, TREE_RSS_MAP)?)?,
+            dying: HashMap::try_from(take(&mut ebpf, DYING_MAP)?)?,
             resumed,
             pinned_state_dropped: 0,
             salvage: None,
@@ -499,9 +504,17 @@ impl Kernel {
     pub fn forget_analysis(&mut self, key: u64, roots: &[u32]) {
         let _ = self.analyses.remove(&key);
         let _ = self.tree_rss.remove(&key);
+        let _ = self.dying.remove(&key);
         for pid in roots {
             let _ = self.roots.remove(pid);
         }
+    }
+
+    /// From now on a member of analysis `key` that forks is SIGKILLed at its fork.
+    pub fn stop_forks(&mut self, key: u64) -> Result<()> {
+        self.dying
+            .insert(key, 0, 0)
+            .context("marking the analysis dying in the kernel map")
     }
 
     /// The living descendants of `root` (not the root itself), from the kernel's

@@ -48,3 +48,43 @@ pub fn outrank_the_analyses() {
 pub fn not_outranked() -> &'static [String] {
     NOT_OUTRANKED.get().map_or(&[], Vec::as_slice)
 }
+
+/// Niceness of the thread that sends a kill's first signals while it does: a kill
+/// whose targets spin on every core (a fork bomb at its process limit) must not wait
+/// for a CPU share among them. The daemon is left at its own niceness otherwise: at
+/// -10 for good its wake-ups would slow every watched forker.
+const KILLING_NICE: i32 = -10;
+
+/// The calling thread at [`KILLING_NICE`] until dropped, then back to where it was;
+/// nothing when the daemon may not raise its priority (no CAP_SYS_NICE).
+pub struct KillingPriority {
+    tid: libc::id_t,
+    before: Option<i32>,
+}
+
+impl KillingPriority {
+    pub fn take() -> Self {
+        // SAFETY: gettid takes nothing; get/setpriority take plain integers (the tid
+        // is this thread's own, alive as long as this guard).
+        let tid = unsafe { libc::gettid() } as libc::id_t;
+        let before = unsafe {
+            *libc::__errno_location() = 0;
+            let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+            let read = *libc::__errno_location() == 0;
+            (read
+                && nice > KILLING_NICE
+                && libc::setpriority(libc::PRIO_PROCESS, tid, KILLING_NICE) == 0)
+                .then_some(nice)
+        };
+        Self { tid, before }
+    }
+}
+
+impl Drop for KillingPriority {
+    fn drop(&mut self) {
+        if let Some(nice) = self.before {
+            // SAFETY: as above; this thread is the one the guard was taken on.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid, nice) };
+        }
+    }
+}

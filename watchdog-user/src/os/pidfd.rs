@@ -58,6 +58,33 @@ impl PidFd {
             .ok_or(OpenError::Gone)
     }
 
+    /// Whether the process has exited (its pidfd polls readable).
+    pub fn exited(&self) -> bool {
+        let mut poll = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        ready != 0
+    }
+
+    /// Puts the process' main thread (and so what it forks from now on) at nice 19: a
+    /// process being killed yields the CPU to everything else, the daemon first, so a
+    /// fork bomb spinning on every core cannot starve the kill it is under; alone on the
+    /// machine it runs as fast as before. Only while this pidfd says it lives: its pid
+    /// then names it (nice has no pidfd call; a pid is not reused before its process is
+    /// reaped). False when it had exited.
+    pub fn yield_cpu(&self, pid: u32) -> bool {
+        if self.exited() {
+            return false;
+        }
+        // SAFETY: setpriority takes plain integers.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, 19) };
+        rc == 0
+    }
+
     pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
         // SAFETY: a valid pidfd, a valid signal number, no siginfo, no flags.
         let rc = unsafe {

@@ -305,11 +305,21 @@ impl World {
         self.finish_done_jobs(clock);
     }
 
-    /// Graces that ended: SIGKILL for what is still alive.
+    /// Graces that ended: SIGKILL for what is still alive. A whole analysis' kill also
+    /// has the kernel kill its members at their forks from then on: one SIGKILL at a
+    /// time could never outrun a fork bomb.
     pub fn graces_due(&mut self, clock: &Clock) {
         for job in &mut self.jobs {
+            let escalating = !job.escalated();
             for order in job.escalate(clock.now, clock.wall) {
                 self.actions.push(Action::Signal(order));
+            }
+            if escalating
+                && job.escalated()
+                && job.scope == Scope::Analysis
+                && job.mode == Mode::Signal
+            {
+                self.actions.push(Action::StopForks(job.analysis));
             }
         }
     }
