@@ -2,10 +2,15 @@
 //! room left, and descriptors that must not grow with registrations. Every daemon here
 //! has a bystander process it must never touch (checked when the daemon is dropped).
 
-use std::process::{Child, Command, Stdio};
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant, SystemTime},
+};
 
-use anyhow::Result;
-use watchdog_tests::{Daemon, Reason, Workload, alive, alive_in_group, all_nodes, await_state};
+use anyhow::{Context as _, Result};
+use watchdog_tests::{
+    Accounts, Daemon, Reason, Workload, alive, alive_in_group, all_nodes, await_state,
+};
 
 /// Forks children that sleep, as fast as it can, once told to.
 const FORK_LOOP: &str = r#"
@@ -255,5 +260,100 @@ fn two_thousand_roots_registered_and_unregistered_leave_no_descriptor_behind() -
         during <= before + 2,
         "{during} descriptors with {ROOTS} roots"
     );
+    Ok(())
+}
+
+/// Every process forks as fast as it can, forever, ignoring SIGTERM; once told.
+const UNBOUNDED_FORK_BOMB: &str = r#"
+import os, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+sys.stdin.readline()
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass
+"#;
+
+/// RLIMIT_NPROC of the bomb's user: all that bounds it.
+const BOMB_NPROC: &str = "600";
+
+/// A fork bomb with no process limit, SIGTERM ignored, bounded only by its user's
+/// RLIMIT_NPROC, under a 2 s timeout: once its grace is over the kernel kills each
+/// member at its next fork, so the kill converges (one SIGKILL at a time never could),
+/// and another analysis' timeout falling in the middle of it is still enforced.
+#[test]
+fn an_unbounded_fork_bomb_is_gone_soon_after_its_grace_and_a_bystander_timeout_holds() -> Result<()>
+{
+    let mut accounts = Accounts::new("bomb");
+    let bomber = accounts.user("b", &[])?;
+    let daemon = Daemon::start()?;
+    let nproc = format!("--nproc={BOMB_NPROC}");
+    let mut argv = vec!["prlimit", &nproc, "--", "setpriv"];
+    argv.extend(bomber.argv(&["/usr/bin/python3", "-c", UNBOUNDED_FORK_BOMB]));
+    let mut bomb = Workload::spawn(env!("CARGO_BIN_EXE_reaper"), &argv)?;
+    let root: u32 = bomb
+        .read_line()?
+        .strip_prefix("root ")
+        .context("the reaper names the root")?
+        .parse()?;
+    assert_eq!(bomb.read_line()?, "ready");
+    let calm = Workload::spawn("sleep", &["600"])?;
+
+    let bomb_registered = Instant::now();
+    daemon.register_with(root, "unbounded", &["--timeout", "2s", "--grace", "1s"])?;
+    bomb.send("go")?;
+    await_state("the bomb at its user's process limit", || {
+        Ok((alive_in_group(bomb.pid()).len() > 400).then_some(()))
+    })?;
+    // Its deadline falls after the bomb's SIGKILLs began.
+    std::thread::sleep(Duration::from_millis(1500).saturating_sub(bomb_registered.elapsed()));
+    let calm_registered = SystemTime::now();
+    daemon.register_with(calm.pid(), "bystander", &["--timeout", "2s"])?;
+
+    // The reaper ends with the last member.
+    await_state("nothing of the bomb left", || {
+        Ok((!bomb.alive_now()).then_some(()))
+    })?;
+    let gone_after = bomb_registered.elapsed();
+    let record = daemon.await_records_for(&[calm.pid()])?.remove(0);
+    let sigterm = watchdog_tests::time_of(&record.record.signals[0].at);
+    let late = sigterm.duration_since(calm_registered + Duration::from_secs(2))?;
+    eprintln!(
+        "figures: the bomb ({BOMB_NPROC} processes at most) gone {:?} after deadline + grace; \
+         the bystander's SIGTERM at most {late:?} after its deadline",
+        gone_after.saturating_sub(Duration::from_secs(3))
+    );
+    assert!(
+        gone_after < Duration::from_secs(20),
+        "converged: gone {gone_after:?} after registration"
+    );
+    let records = daemon.events_of("unbounded")?;
+    assert!(records.iter().all(|r| r.record.reason == Reason::Timeout));
+    let sent = |name: &str| {
+        let mut at: Vec<SystemTime> = records
+            .iter()
+            .flat_map(|r| &r.record.signals)
+            .filter(|s| s.signal == name)
+            .map(|s| watchdog_tests::time_of(&s.at))
+            .collect();
+        at.sort();
+        at
+    };
+    let (terms, kills) = (sent("SIGTERM"), sent("SIGKILL"));
+    if let (Some(first), Some(last_term), Some(last_kill)) =
+        (terms.first(), terms.last(), kills.last())
+    {
+        eprintln!(
+            "figures: {} records, {} SIGTERMs over {:?}, {} SIGKILLs, the first {:?} and the last {:?} after the first SIGTERM",
+            records.len(),
+            terms.len(),
+            last_term.duration_since(*first)?,
+            kills.len(),
+            kills[0].duration_since(*first)?,
+            last_kill.duration_since(*first)?
+        );
+    }
     Ok(())
 }
