@@ -4,7 +4,7 @@
 use std::{cell::RefCell, collections::HashMap, time::Duration};
 
 use nix::sys::signal::Signal;
-use watchdog_common::RootEntry;
+use watchdog_common::{AnalysisEntry, RootEntry};
 
 use std::time::SystemTime;
 
@@ -283,6 +283,30 @@ impl World {
             untracked: false,
             launched: false,
         })
+    }
+
+    /// A restarted daemon resumes analysis `key` (saved as `entry`) with its root 100,
+    /// launched by 50, and `members` in the kernel map.
+    fn resume_root_100(&mut self, key: AnalysisKey, entry: AnalysisEntry, members: &[u32]) {
+        let roots = [(
+            100,
+            RootEntry {
+                analysis: key,
+                start_ns: start(100),
+                parent_start_ns: start(50),
+                parent_pid: 50,
+                _pad: 0,
+            },
+        )];
+        let in_map: Vec<_> = members.iter().map(|&pid| mapped(pid, key)).collect();
+        self.core.resume(
+            &[(key, entry)],
+            &roots,
+            &[],
+            &in_map,
+            &self.procs,
+            &self.clock,
+        );
     }
 
     /// `pid` exits; its living children are reparented to init, as the kernel does.
@@ -719,24 +743,7 @@ fn after_a_restart_a_clone_parent_sibling_watches_the_launcher_instead_of_being_
     // Orphaned while no daemon ran: its parent died, a subreaper outside took it.
     w.procs.spawn(60, 1, start(60));
     w.procs.spawn(102, 60, start(102));
-    let roots = [(
-        100,
-        RootEntry {
-            analysis: key,
-            start_ns: start(100),
-            parent_start_ns: start(50),
-            parent_pid: 50,
-            _pad: 0,
-        },
-    )];
-    w.core.resume(
-        &[(key, entry)],
-        &roots,
-        &[],
-        &[mapped(100, key), mapped(101, key), mapped(102, key)],
-        &w.procs,
-        &w.clock,
-    );
+    w.resume_root_100(key, entry, &[100, 101, 102]);
     let actions = w.take();
     assert!(watches_parent(&actions, 100, 50), "{actions:?}");
     assert!(watches_parent(&actions, 101, 50), "{actions:?}");
@@ -1116,24 +1123,7 @@ fn after_a_restart_passed_deadlines_are_enforced_and_processes_orphaned_in_the_g
     w.clock = before.clock.advanced(Duration::from_secs(10));
     w.procs.spawn(100, 1, start(100));
     w.procs.spawn(101, 1, start(101));
-    let roots = [(
-        100,
-        RootEntry {
-            analysis: key,
-            start_ns: start(100),
-            parent_start_ns: start(50),
-            parent_pid: 50,
-            _pad: 0,
-        },
-    )];
-    w.core.resume(
-        &[(key, entry)],
-        &roots,
-        &[],
-        &[mapped(100, key), mapped(101, key)],
-        &w.procs,
-        &w.clock,
-    );
+    w.resume_root_100(key, entry, &[100, 101]);
     let actions = w.take();
     assert_eq!(
         signals(&actions),
