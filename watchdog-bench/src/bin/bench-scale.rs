@@ -211,14 +211,11 @@ fn watched_pids(daemon: &Daemon) -> Result<(HashSet<u32>, Duration)> {
         analysis_id: Some(ANALYSIS.into()),
     };
     let asked = Instant::now();
-    let Reply::Tree { roots, .. } = call_within(&daemon.socket, &request, CALL_TIMEOUT)? else {
+    let Reply::Tree { processes, .. } = call_within(&daemon.socket, &request, CALL_TIMEOUT)? else {
         bail!("dump-tree answered with something else than a tree");
     };
     let took = asked.elapsed();
-    let pids = watchdog_tests::all_nodes(&roots)
-        .into_iter()
-        .map(|n| n.pid)
-        .collect();
+    let pids = processes.iter().map(|n| n.pid).collect();
     Ok((pids, took))
 }
 
