@@ -151,7 +151,7 @@ time.sleep(600)
 /// `sleep` child, in one analysis killed at its 1 s timeout: 2 × FLOOD records.
 fn record_flood() -> Result<()> {
     let daemon = Daemon::builder().start()?;
-    let db = daemon.dir.join("watchdog.db");
+    let db = daemon.state_dir().join("watchdog.db");
     let (rss_before, db_before) = (
         watchdog_bench::peak_rss_mib(daemon.pid())?,
         std::fs::metadata(&db)?.len(),

@@ -241,7 +241,7 @@ fn measure(daemon: &Daemon, analysis: &str) -> Result<Kill> {
         .map(|w| ms(w[1].answered - w[0].answered))
         .fold(0.0, f64::max);
     let in_database = sqlite_query(
-        &daemon.dir.join("watchdog.db"),
+        &daemon.state_dir().join("watchdog.db"),
         &format!(
             "SELECT count(*) FROM watchdog_events WHERE analysis_id = '{analysis}' AND reason = 'timeout'"
         ),

@@ -25,18 +25,21 @@ const WARM_UP: usize = 20;
 /// The target for each endpoint.
 const TARGET_MS: f64 = 5.0;
 
-/// One keep-alive HTTP/1.1 connection, as a browser holds one to the page's origin.
+/// One keep-alive HTTP/1.1 connection, as a browser holds one to the page's origin,
+/// bearing the daemon's token as the page does.
 struct Connection {
     reader: BufReader<TcpStream>,
+    token: String,
 }
 
 impl Connection {
-    fn open(port: u16) -> Result<Self> {
+    fn open(port: u16, token: String) -> Result<Self> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         Ok(Self {
             reader: BufReader::new(stream),
+            token,
         })
     }
 
@@ -44,7 +47,8 @@ impl Connection {
     fn get(&mut self, path: &str) -> Result<(u16, usize)> {
         write!(
             self.reader.get_mut(),
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\r\n",
+            self.token
         )?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
@@ -133,7 +137,7 @@ fn main() -> Result<()> {
         Ok((watched > 10_000).then_some(watched))
     })?;
 
-    let mut connection = Connection::open(port)?;
+    let mut connection = Connection::open(port, daemon.http_token()?)?;
     let (analyses, analyses_bytes) = measure(&mut connection, "/api/analyses")?;
     let (events, events_bytes) = measure(&mut connection, "/api/events")?;
     let status = daemon.status()?;
