@@ -230,18 +230,15 @@ impl World {
         }
     }
 
-    /// Stops watching a process with its subtree, or a whole analysis. A caller other
-    /// than root and the admin group may unregister only analyses it created, and a
-    /// process only when it runs as the caller and all of its subtree is in analyses
-    /// the caller created.
-    pub fn unregister(
-        &mut self,
+    /// What an unregister of `pid` (with its subtree) or of analysis `analysis_id`
+    /// would remove, once `caller` is found allowed to.
+    fn pids_to_unregister(
+        &self,
         pid: Option<u32>,
         analysis_id: Option<&str>,
         caller: &Peer,
         procs: &dyn Procs,
-        clock: &Clock,
-    ) -> Result<usize> {
+    ) -> Result<Vec<u32>> {
         let confined_to = (!self.is_admin(caller)).then_some(caller.uid);
         let pids = match (pid, analysis_id) {
             (Some(pid), None) => {
@@ -286,6 +283,22 @@ impl World {
                 "unregister takes exactly one of --pid or --analysis-id"
             )),
         };
+        Ok(pids)
+    }
+
+    /// Stops watching a process with its subtree, or a whole analysis. A caller other
+    /// than root and the admin group may unregister only analyses it created, and a
+    /// process only when it runs as the caller and all of its subtree is in analyses
+    /// the caller created.
+    pub fn unregister(
+        &mut self,
+        pid: Option<u32>,
+        analysis_id: Option<&str>,
+        caller: &Peer,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) -> Result<usize> {
+        let pids = self.pids_to_unregister(pid, analysis_id, caller, procs)?;
         let mut analyses = HashSet::new();
         for &pid in &pids {
             if let Some(process) = self.tree.get(pid).map(|n| n.proc_ref()) {

@@ -285,6 +285,19 @@ impl World {
         })
     }
 
+    /// Root 100, registered with a 1 s timeout, at its deadline: its SIGTERM asked for,
+    /// its description not yet read (the actions are not taken through [`Self::take`]).
+    fn timed_out_undescribed(&mut self) -> ProcRef {
+        self.register(100, "a", timeout(1000));
+        self.clock = self.clock.advanced(Duration::from_secs(1));
+        self.core.on_tick(&self.procs, &self.clock);
+        let actions = self.core.take_actions();
+        let [Action::Signal(order)] = actions.as_slice() else {
+            panic!("one signal: {actions:?}");
+        };
+        order.target
+    }
+
     /// A restarted daemon resumes analysis `key` (saved as `entry`) with its root 100,
     /// launched by 50, and `members` in the kernel map.
     fn resume_root_100(&mut self, key: AnalysisKey, entry: AnalysisEntry, members: &[u32]) {
@@ -1066,14 +1079,7 @@ fn unregistering_during_a_kills_grace_lets_its_processes_go_and_records_them_rel
 #[test]
 fn a_target_whose_pid_names_another_process_when_it_is_described_keeps_no_command_line() {
     let mut w = World::new();
-    w.register(100, "a", timeout(1000));
-    w.clock = w.clock.advanced(Duration::from_secs(1));
-    w.core.on_tick(&w.procs, &w.clock);
-    let actions = w.core.take_actions();
-    let [Action::Signal(order)] = actions.as_slice() else {
-        panic!("one signal: {actions:?}");
-    };
-    let target = order.target;
+    let target = w.timed_out_undescribed();
     // The root exited and a stranger took its pid before the description was read.
     w.procs.die(100);
     w.procs.spawn(100, 1, start(100) + 5_000_000_000);
@@ -2099,14 +2105,7 @@ fn a_kill_record_waits_for_what_the_effects_read_before_the_first_signal() {
 #[test]
 fn a_target_described_after_its_grace_gets_its_sigkill_with_the_description() {
     let mut w = World::new();
-    w.register(100, "a", timeout(1000));
-    w.clock = w.clock.advanced(Duration::from_secs(1));
-    w.core.on_tick(&w.procs, &w.clock);
-    let actions = w.core.take_actions();
-    let [Action::Signal(order)] = actions.as_slice() else {
-        panic!("one signal: {actions:?}");
-    };
-    let target = order.target;
+    let target = w.timed_out_undescribed();
     // The grace ends before its first signal went out: no SIGKILL ahead of it.
     w.clock = w.clock.advanced(Duration::from_secs(2));
     w.core.on_tick(&w.procs, &w.clock);
