@@ -333,7 +333,7 @@ impl Daemon {
 
     /// Stops the daemon (SIGTERM) and starts it again with the same state.
     pub fn restart(&mut self) -> Result<()> {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        signal_unreaped(&mut self.child, Signal::SIGTERM)?;
         self.child.wait()?;
         self.start_again()
     }
@@ -490,9 +490,8 @@ impl Daemon {
     }
 
     /// Sends a signal to the daemon (e.g. SIGHUP to reload its config).
-    pub fn signal(&self, signal: Signal) -> Result<()> {
-        kill(Pid::from_raw(self.child.id() as i32), signal)?;
-        Ok(())
+    pub fn signal(&mut self, signal: Signal) -> Result<()> {
+        signal_unreaped(&mut self.child, signal)
     }
 
     /// Whether the daemon process is still running.
@@ -545,7 +544,7 @@ impl Drop for Daemon {
         let untouched = self.untouchables_alive();
         let _ = self.bystander.kill();
         let _ = self.bystander.wait();
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = signal_unreaped(&mut self.child, Signal::SIGTERM);
         let _ = self.child.wait();
         // Captured by the test harness: shown only when the test fails.
         eprintln!("--- daemon log ---\n{}", self.log());
@@ -565,6 +564,9 @@ pub struct Workload {
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
+    /// Once the first process is reaped its pid, and so the group's id, may name a
+    /// newcomer's group: drop then signals no group.
+    reaped: bool,
 }
 
 impl Workload {
@@ -582,6 +584,7 @@ impl Workload {
             child,
             stdin,
             stdout,
+            reaped: false,
         })
     }
 
@@ -615,33 +618,49 @@ impl Workload {
 
     /// Whether the workload's first process still runs (reaping it if it has ended).
     pub fn alive_now(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        let running = matches!(self.child.try_wait(), Ok(None));
+        self.reaped |= !running;
+        running
     }
 
     /// Sends `signal` to the workload's first process, leaving it unreaped.
-    pub fn signal(&self, signal: Signal) -> Result<()> {
-        kill(Pid::from_raw(self.child.id() as i32), signal)?;
-        Ok(())
+    pub fn signal(&mut self, signal: Signal) -> Result<()> {
+        signal_unreaped(&mut self.child, signal)
     }
 
     /// SIGKILLs the workload's first process and reaps it.
     pub fn kill(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
+        self.reaped = true;
         Ok(())
     }
 
     pub fn wait(&mut self) -> Result<std::process::ExitStatus> {
         self.stdin.take();
-        Ok(self.child.wait()?)
+        let status = self.child.wait()?;
+        self.reaped = true;
+        Ok(status)
     }
 }
 
 impl Drop for Workload {
     fn drop(&mut self) {
-        let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-        let _ = self.child.wait();
+        if !self.reaped {
+            let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
     }
+}
+
+/// Signals `child` unless it is already reaped: a reaped child's pid may name a
+/// newcomer, while an unreaped one (running or a zombie) still holds its pid.
+fn signal_unreaped(child: &mut Child, signal: Signal) -> Result<()> {
+    if child.try_wait()?.is_some() {
+        bail!("process {} has already ended", child.id());
+    }
+    kill(Pid::from_raw(child.id() as i32), signal)?;
+    Ok(())
 }
 
 /// The real interpreter, not a version manager's shim: a pyenv shim is a bash script

@@ -322,7 +322,7 @@ fn a_bad_config_file_is_refused_on_start_and_on_sighup_with_its_line() -> Result
     );
 
     write(&config, "grace = \"5s\"\ndefault-timeout = \"1h\"\n")?;
-    let daemon = Daemon::builder()
+    let mut daemon = Daemon::builder()
         .arg("--config", config.to_str().unwrap())
         .start()?;
     assert_eq!(grace_ms(&daemon)?, 5000, "the file applies");
