@@ -66,6 +66,8 @@ pub const LAYOUT: u64 = layout_hash(&[
     align_of::<PidNs>() as u64,
     size_of::<TreeRss>() as u64,
     align_of::<TreeRss>() as u64,
+    size_of::<KillProgress>() as u64,
+    align_of::<KillProgress>() as u64,
 ]);
 
 /// FNV-1a over the words' bytes: any change of any word changes the result, at compile
@@ -176,6 +178,24 @@ pub struct WatchEntry {
 /// outgrow its kill, whatever its pace. Written by the daemon only, and pinned: it
 /// holds while no daemon runs.
 pub const DYING_MAP: &str = "DYING";
+
+/// Name of the map of processes a kill has sent SIGTERM: pid → [`KillProgress`].
+/// Written by the daemon only, and pinned: a restarted daemon SIGKILLs them when the
+/// grace that SIGTERM began ends, never after a grace of its own.
+pub const KILLS_MAP: &str = "KILLS";
+
+/// Value of [`KILLS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KillProgress {
+    /// The process' start time (CLOCK_BOOTTIME, ns): with the pid, its identity.
+    pub start_ns: u64,
+    pub analysis: u64,
+    /// When its SIGTERM was sent (Unix ms), for its record.
+    pub sigterm_unix_ms: u64,
+    /// When its grace ends (CLOCK_BOOTTIME, ns): a clock no wall-clock step moves.
+    pub escalate_boot_ns: u64,
+}
 
 /// Name of the map of analyses with a tree memory limit: key → [`TreeRss`], the RSS of
 /// all their processes summed in the kernel as it changes. The daemon creates an entry
@@ -466,4 +486,5 @@ mod pod {
     unsafe impl aya::Pod for super::ProcRecord {}
     unsafe impl aya::Pod for super::PidNs {}
     unsafe impl aya::Pod for super::TreeRss {}
+    unsafe impl aya::Pod for super::KillProgress {}
 }

@@ -39,8 +39,8 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use watchdog_common::{
     AnalysisEntry, Config, ERROR_SLOTS, Event, EventKind, FORK_LAUNCHED, FORK_UNTRACKED,
-    MAX_ANALYSES, MAX_WATCHED, PidNs, ProcRecord, ProgramError, RING_BYTES, RootEntry, RssSample,
-    TreeRss, WalkTarget, WatchEntry, error_slot,
+    KillProgress, MAX_ANALYSES, MAX_WATCHED, PidNs, ProcRecord, ProgramError, RING_BYTES,
+    RootEntry, RssSample, TreeRss, WalkTarget, WatchEntry, error_slot,
 };
 
 /// What a hash map update returns when the map is full.
@@ -94,6 +94,12 @@ static TREE_RSS: HashMap<u64, TreeRss> = HashMap::with_max_entries(MAX_ANALYSES,
 /// their next fork.
 #[map]
 static DYING: HashMap<u64, u64> = HashMap::with_max_entries(MAX_ANALYSES, 0);
+
+/// Processes a kill has sent SIGTERM ([`watchdog_common::KILLS_MAP`]): kept for a
+/// restarted daemon, read by no program. Allocated as it fills: most of the time empty.
+#[map]
+static KILLS: HashMap<u32, KillProgress> =
+    HashMap::with_max_entries(MAX_WATCHED, BPF_F_NO_PREALLOC);
 
 /// The daemon's [`watchdog_common::LAYOUT`] (key 0), written once the programs are
 /// attached: a restarted daemon trusts the pinned maps only if it is its own.

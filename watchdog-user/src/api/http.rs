@@ -396,6 +396,11 @@ const METRICS: &[Metric] = &[
         "Pidfds that could not be opened (e.g. out of descriptors).",
         |s| s.faults.pidfd_failures as f64,
     ),
+    counter(
+        "watchdog_kill_progress_unsaved_total",
+        "SIGTERMs whose time the pinned map could not keep for a restarted daemon.",
+        |s| s.faults.kill_progress_unsaved as f64,
+    ),
     gauge(
         "watchdog_launchers_watched",
         "Launchers of registered roots watched now.",
@@ -651,6 +656,7 @@ mod tests {
         .into();
         s.faults.untracked_forks = 13;
         s.faults.pidfd_failures = 14;
+        s.faults.kill_progress_unsaved = 16;
         s.faults.launchers_watched = 15;
         s.faults.program_errors = [
             ("exit/read".to_string(), 3),

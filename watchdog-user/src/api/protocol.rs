@@ -450,6 +450,10 @@ pub struct Faults {
     /// Pidfds that could not be opened (e.g. out of descriptors) for a signal or a
     /// launcher watch; launchers are then checked in /proc instead.
     pub pidfd_failures: u64,
+    /// SIGTERMs whose time the pinned map could not keep: a daemon restarted during
+    /// those kills gives them a grace of its own.
+    #[serde(default)]
+    pub kill_progress_unsaved: u64,
     /// Launchers of registered roots watched now (one pidfd each).
     pub launchers_watched: usize,
     /// Failures inside the kernel programs, by "program/kind" (kind: read, map_update).

@@ -30,7 +30,7 @@ use crate::{
     },
     app::effects::{Described, Effects, Feedback},
     core::event::KernelEvent,
-    core::{Clock, Core, Resync, Settings},
+    core::{Clock, Core, Resync, Saved, Settings},
     kernel::{self, Kernel, ingest},
     os::{
         private,
@@ -574,21 +574,23 @@ impl Daemon {
         let kernel = &self.effects.kernel;
         let in_map = kernel.watched();
         if kernel.resumed() {
-            let (analyses, roots) = (kernel.saved_analyses(), kernel.roots());
-            let launchers: Vec<_> = kernel
-                .launchers()
-                .into_iter()
-                .map(|(pid, entry)| {
-                    let launcher = ProcRef {
-                        pid,
-                        start_ns: entry.start_ns,
-                    };
-                    (launcher, entry.analysis)
-                })
-                .collect();
-            self.feed(|core, clock| {
-                core.resume(&analyses, &roots, &launchers, &in_map, &SysProcs, clock)
-            });
+            let saved = Saved {
+                analyses: kernel.saved_analyses(),
+                roots: kernel.roots(),
+                launchers: kernel
+                    .launchers()
+                    .into_iter()
+                    .map(|(pid, entry)| {
+                        let launcher = ProcRef {
+                            pid,
+                            start_ns: entry.start_ns,
+                        };
+                        (launcher, entry.analysis)
+                    })
+                    .collect(),
+                kills: kernel.kill_progress(),
+            };
+            self.feed(|core, clock| core.resume(&saved, &in_map, &SysProcs, clock));
         } else {
             self.feed(|core, clock| core.resync(&in_map, &SysProcs, clock, Resync::Start));
         }
@@ -695,6 +697,7 @@ impl Daemon {
             faults: Faults {
                 watched_capacity: self.effects.kernel.watched_capacity(),
                 pidfd_failures: self.effects.pidfd_failures,
+                kill_progress_unsaved: self.effects.kill_progress_unsaved,
                 launchers_watched: self.effects.launchers_watched(),
                 program_errors: self
                     .effects

@@ -71,6 +71,8 @@ pub struct Effects {
     /// Descriptors that could not be opened, and signals that could not be sent for
     /// another reason than the process being gone.
     pub pidfd_failures: u64,
+    /// SIGTERM times the pinned map could not take.
+    pub kill_progress_unsaved: u64,
     self_pid: u32,
     /// Records the store did not take (its task had stopped): kept for the shutdown,
     /// which spools them directly.
@@ -109,6 +111,7 @@ impl Effects {
             launcher_exits,
             launchers: HashMap::new(),
             pidfd_failures: 0,
+            kill_progress_unsaved: 0,
             self_pid: std::process::id(),
             unqueued: Vec::new(),
             described,
@@ -170,6 +173,10 @@ impl Effects {
                         );
                     }
                 }
+                Action::SaveKillProgress(process, progress) => {
+                    self.save_kill_progress(process, &progress)
+                }
+                Action::ForgetKillProgress(process) => self.kernel.forget_kill_progress(process),
                 Action::ForgetParentWatch(process) => {
                     self.forget_launcher_watches(|root| *root == process)
                 }
@@ -225,6 +232,19 @@ impl Effects {
                 self.pidfds.remove(&order.target);
                 false
             }
+        }
+    }
+
+    /// The first failure is said; each is counted. The kill goes on: only a daemon
+    /// restarted during it would give its grace again.
+    fn save_kill_progress(&mut self, process: ProcRef, progress: &watchdog_common::KillProgress) {
+        if let Err(err) = self.kernel.save_kill_progress(process, progress) {
+            if self.kill_progress_unsaved == 0 {
+                tracing::error!(
+                    "{err:#}: a daemon restarted during this kill would start its grace again (counted in watchdog_kill_progress_unsaved_total)"
+                );
+            }
+            self.kill_progress_unsaved += 1;
         }
     }
 

@@ -39,6 +39,8 @@ struct Target {
     described: bool,
     /// Unregistered while it was being killed: let go, never signalled again.
     released: bool,
+    /// Its SIGTERM is kept pinned (sent by this kill, or by an earlier daemon's).
+    progress_saved: bool,
 }
 
 /// What a kill covers; processes forked into the scope while it dies join it.
@@ -181,12 +183,14 @@ impl KillJob {
     /// target already): its first signal, SIGTERM, or SIGKILL once the grace is over
     /// (a process forked while its tree is dying gets no grace of its own), with its
     /// description. A dry run or a log-only job signals nothing and is done with it at
-    /// once, but for its description.
+    /// once, but for its description. A target an earlier daemon sent SIGTERM
+    /// (`earlier_sigterm`, when) gets none again: its SIGKILL, when the grace is over.
     pub fn add(
         &mut self,
         info: TargetInfo,
         now: Instant,
         now_wall: SystemTime,
+        earlier_sigterm: Option<SystemTime>,
     ) -> Option<FirstAsk> {
         let pid = info.process.pid;
         if self.targets.contains_key(&pid) {
@@ -200,14 +204,32 @@ impl KillJob {
             done: self.mode != Mode::Signal,
             described: false,
             released: false,
+            progress_saved: false,
         };
-        let ask = if self.mode == Mode::Signal {
+        let ask = if let (Mode::Signal, Some(at)) = (self.mode, earlier_sigterm) {
+            // An earlier daemon's SIGTERM: never sent twice, and the grace it began
+            // ([`Self::resume_grace`]) is the one that ends.
+            Self::note_signal(&mut target, Signal::SIGTERM, at);
+            target.progress_saved = true;
+            self.time = self.time.min(at);
+            if now >= self.escalate_at {
+                Self::note_signal(&mut target, Signal::SIGKILL, now_wall);
+                FirstAsk::Signal(SignalOrder {
+                    target: process,
+                    signal: Signal::SIGKILL,
+                    describe: true,
+                })
+            } else {
+                FirstAsk::Describe(process)
+            }
+        } else if self.mode == Mode::Signal {
             let signal = if now >= self.escalate_at {
                 Signal::SIGKILL
             } else {
                 Signal::SIGTERM
             };
             Self::note_signal(&mut target, signal, now_wall);
+            target.progress_saved = signal == Signal::SIGTERM;
             FirstAsk::Signal(SignalOrder {
                 target: process,
                 signal,
@@ -262,6 +284,22 @@ impl KillJob {
             at: rfc3339(at),
         });
         target.sigkilled |= signal == Signal::SIGKILL;
+    }
+
+    /// A target's SIGTERM came from an earlier daemon, whose grace ends at `escalate_at`:
+    /// this kill's grace ends then too, if that is sooner.
+    pub fn resume_grace(&mut self, escalate_at: Instant) {
+        if !self.escalated {
+            self.escalate_at = self.escalate_at.min(escalate_at);
+        }
+    }
+
+    /// The targets whose SIGTERM is kept pinned: their entries go with the kill.
+    pub fn saved_progress(&self) -> impl Iterator<Item = ProcRef> + '_ {
+        self.targets
+            .values()
+            .filter(|t| t.progress_saved)
+            .map(|t| t.info.process)
     }
 
     /// Whether the grace is over and its SIGKILLs went out.

@@ -33,7 +33,7 @@ use anyhow::Result;
 pub use crate::core::{
     registration::{Registered, Registration, Watch},
     rules::{access::admin_only, forks::Retrack},
-    world::{Action, Clock, Counters, DYING_LINGER, MAX_ANALYSIS_ID, Resync, Settings},
+    world::{Action, Clock, Counters, DYING_LINGER, MAX_ANALYSIS_ID, Resync, Saved, Settings},
 };
 use crate::{
     core::{

@@ -12,7 +12,7 @@ use crate::{
         procs::Procs,
         registry::{self, Launch, Root},
         tree::Node,
-        world::{Action, Clock, Resync},
+        world::{Action, Clock, Resync, Saved},
     },
     vocab::process::{AnalysisKey, Comm, ProcRef, same_start},
 };
@@ -77,16 +77,18 @@ impl Core {
     /// roots say why. A process whose parent is no longer in the tree lost it while we
     /// were down (descendants are only watched through a watched parent), and a root
     /// whose launcher is gone was orphaned: both are flagged now, by their policy.
+    /// Kills in progress go on where they were: a target sent SIGTERM before is not
+    /// sent it again, and is SIGKILLed when that grace ends.
     pub fn resume(
         &mut self,
-        analyses: &[(AnalysisKey, AnalysisEntry)],
-        roots: &[(u32, RootEntry)],
-        launchers: &[(ProcRef, AnalysisKey)],
+        saved: &Saved,
         in_map: &[(ProcRef, AnalysisKey)],
         procs: &dyn Procs,
         clock: &Clock,
     ) {
-        for (key, entry) in analyses {
+        let (roots, launchers) = (&saved.roots, &saved.launchers);
+        self.world.resume_sigterms(&saved.kills, procs);
+        for (key, entry) in &saved.analyses {
             self.world.registry.restore(
                 *key,
                 registry::analysis_from_entry(entry, clock.now, clock.wall),
@@ -94,7 +96,7 @@ impl Core {
         }
         self.resume_launches(launchers, procs);
         self.resync(in_map, procs, clock, Resync::Restart);
-        let saved: HashMap<u32, RootEntry> = roots.iter().copied().collect();
+        let saved_roots: HashMap<u32, RootEntry> = roots.iter().copied().collect();
         let parentless: Vec<ProcRef> = self
             .world
             .tree
@@ -103,11 +105,11 @@ impl Core {
             .map(|n| n.proc_ref())
             .collect();
         for process in parentless {
-            let root = saved
+            let root = saved_roots
                 .get(&process.pid)
                 .filter(|r| same_start(r.start_ns, process.start_ns));
             let Some(root) = root else {
-                match self.launcher_parent(process, &saved, procs) {
+                match self.launcher_parent(process, &saved_roots, procs) {
                     Some(launcher) => self.world.actions.push(Action::WatchLauncher {
                         root: process,
                         launcher,

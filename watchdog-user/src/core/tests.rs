@@ -4,7 +4,7 @@
 use std::{cell::RefCell, collections::HashMap, time::Duration};
 
 use nix::sys::signal::Signal;
-use watchdog_common::{AnalysisEntry, RootEntry};
+use watchdog_common::{AnalysisEntry, KillProgress, RootEntry};
 
 use std::time::SystemTime;
 
@@ -292,15 +292,25 @@ impl World {
         self.clock = self.clock.advanced(Duration::from_secs(1));
         self.core.on_tick(&self.procs, &self.clock);
         let actions = self.core.take_actions();
-        let [Action::Signal(order)] = actions.as_slice() else {
-            panic!("one signal: {actions:?}");
-        };
+        let order = &only_signal(&actions);
         order.target
     }
 
     /// A restarted daemon resumes analysis `key` (saved as `entry`) with its root 100,
     /// launched by 50, and `members` in the kernel map.
     fn resume_root_100(&mut self, key: AnalysisKey, entry: AnalysisEntry, members: &[u32]) {
+        self.resume_root_100_killed(key, entry, members, &[]);
+    }
+
+    /// [`Self::resume_root_100`] with the SIGTERMs of kills in progress the pinned map
+    /// kept.
+    fn resume_root_100_killed(
+        &mut self,
+        key: AnalysisKey,
+        entry: AnalysisEntry,
+        members: &[u32],
+        kills: &[(u32, KillProgress)],
+    ) {
         let roots = [(
             100,
             RootEntry {
@@ -312,14 +322,13 @@ impl World {
             },
         )];
         let in_map: Vec<_> = members.iter().map(|&pid| mapped(pid, key)).collect();
-        self.core.resume(
-            &[(key, entry)],
-            &roots,
-            &[],
-            &in_map,
-            &self.procs,
-            &self.clock,
-        );
+        let saved = crate::core::Saved {
+            analyses: vec![(key, entry)],
+            roots: roots.to_vec(),
+            kills: kills.to_vec(),
+            ..Default::default()
+        };
+        self.core.resume(&saved, &in_map, &self.procs, &self.clock);
     }
 
     /// `pid` exits; its living children are reparented to init, as the kernel does.
@@ -789,9 +798,7 @@ fn a_process_gone_before_its_signal_is_recorded_as_already_gone() {
     let mut w = World::new();
     w.register(100, "a", timeout(1000));
     let actions = w.advance(Duration::from_secs(1));
-    let [Action::Signal(order)] = actions.as_slice() else {
-        panic!("one signal: {actions:?}");
-    };
+    let order = &only_signal(&actions);
     w.core.on_signal_failed(*order, &w.clock);
     let records = records(&w.take());
     assert_eq!(records.len(), 1);
@@ -900,11 +907,8 @@ fn a_kill_signals_the_process_it_saw_by_pid_and_start_time() {
     let mut w = World::new();
     w.register(100, "a", timeout(1000));
     let actions = w.advance(Duration::from_secs(1));
-    let [Action::Signal(SignalOrder { target, .. })] = actions.as_slice() else {
-        panic!("one signal: {actions:?}");
-    };
     assert_eq!(
-        *target,
+        only_signal(&actions).target,
         ProcRef {
             pid: 100,
             start_ns: start(100)
@@ -2074,9 +2078,7 @@ fn a_kill_record_waits_for_what_the_effects_read_before_the_first_signal() {
     w.core.on_tick(&w.procs, &w.clock);
     // Taken raw: the description is not answered yet.
     let actions = w.core.take_actions();
-    let [Action::Signal(order)] = actions.as_slice() else {
-        panic!("one signal: {actions:?}");
-    };
+    let order = &only_signal(&actions);
     assert!(
         order.describe,
         "the first signal asks for the target's description"
@@ -2147,9 +2149,7 @@ fn a_first_signal_that_could_not_be_sent_is_not_in_the_record_even_when_the_targ
     w.clock = w.clock.advanced(Duration::from_secs(1));
     w.core.on_tick(&w.procs, &w.clock);
     let actions = w.core.take_actions();
-    let [Action::Signal(order)] = actions.as_slice() else {
-        panic!("one signal: {actions:?}");
-    };
+    let order = &only_signal(&actions);
     let order = *order;
     // Its exit was queued before the effects found its pid naming another process.
     assert!(records(&w.exit(100)).is_empty());
@@ -2573,4 +2573,134 @@ fn a_user_whose_analyses_hold_their_quota_of_processes_is_refused_more() {
     // One of hers ends: room again.
     w.exit(200);
     w.register_as(&alice, 300, "sixth").unwrap();
+}
+
+/// The SIGTERMs pinned by `actions`, by pid.
+fn saved_sigterms(actions: &[Action]) -> Vec<(u32, KillProgress)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SaveKillProgress(process, progress) => Some((process.pid, *progress)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn forgets_sigterm_of(actions: &[Action], pid: u32) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::ForgetKillProgress(p) if p.pid == pid))
+}
+
+/// Root 100 (grace 10 s) is sent its timeout's SIGTERM by a daemon that then stops:
+/// what that daemon pinned, the analysis as saved, and the clock at the SIGTERM.
+fn sigtermed_before_a_restart() -> (AnalysisKey, AnalysisEntry, Vec<(u32, KillProgress)>, Clock) {
+    let mut before = World::new();
+    let grace = LimitOverrides {
+        grace_ms: Some(10_000),
+        ..timeout(1000)
+    };
+    before.register(100, "a", grace);
+    let key = before.key("a");
+    let entry = registry::entry_from_analysis(before.core.registry().get(key).unwrap());
+    let actions = before.advance(Duration::from_secs(1));
+    assert_eq!(signals(&actions), [(100, Signal::SIGTERM)]);
+    (key, entry, saved_sigterms(&actions), before.clock)
+}
+
+/// The restarted daemon's world at `later` after the SIGTERM, root 100 still running.
+fn restarted(after_sigterm: &Clock, later: Duration) -> World {
+    let mut w = World::new();
+    w.clock = after_sigterm.advanced(later);
+    w.procs.spawn(50, 1, start(50));
+    w.procs.spawn(100, 50, start(100));
+    w
+}
+
+#[test]
+fn a_sigterm_is_pinned_with_the_end_of_its_grace_and_forgotten_with_its_kill() {
+    let (key, _, saved, clock) = sigtermed_before_a_restart();
+    let [(100, progress)] = saved.as_slice() else {
+        panic!("one SIGTERM pinned: {saved:?}");
+    };
+    assert_eq!(progress.analysis, key);
+    assert_eq!(progress.start_ns, start(100));
+    assert_eq!(progress.escalate_boot_ns, clock.boot_ns + 10_000_000_000);
+    assert_eq!(
+        progress.sigterm_unix_ms,
+        crate::vocab::units::unix_ms(clock.wall)
+    );
+
+    let mut w = World::new();
+    w.register(100, "a", timeout(1000));
+    w.advance(Duration::from_secs(1));
+    let actions = w.exit(100);
+    assert!(forgets_sigterm_of(&actions, 100), "{actions:?}");
+}
+
+#[test]
+fn a_restarted_daemon_sends_no_second_sigterm_and_sigkills_when_the_first_grace_ends() {
+    let (key, entry, saved, at_sigterm) = sigtermed_before_a_restart();
+    let mut w = restarted(&at_sigterm, Duration::from_secs(3));
+    w.resume_root_100_killed(key, entry, &[100], &saved);
+    let mut actions = w.take();
+    actions.extend(w.advance(Duration::ZERO));
+    assert!(
+        signals(&actions).is_empty(),
+        "no second SIGTERM: {actions:?}"
+    );
+    assert!(saved_sigterms(&actions).is_empty(), "already pinned");
+    // 9.9 s after the SIGTERM, not 10 s after the restart.
+    let actions = w.advance(Duration::from_millis(6_900));
+    assert!(signals(&actions).is_empty(), "{actions:?}");
+    let actions = w.advance(Duration::from_millis(100));
+    assert_eq!(signals(&actions), [(100, Signal::SIGKILL)]);
+
+    let actions = w.exit(100);
+    let [record] = records(&actions).try_into().expect("one record");
+    assert_eq!(record.outcome, Outcome::Killed);
+    let names: Vec<&str> = record.signals.iter().map(|s| s.signal.as_str()).collect();
+    assert_eq!(names, ["SIGTERM", "SIGKILL"]);
+    assert_eq!(
+        record.signals[0].at,
+        crate::vocab::units::rfc3339(at_sigterm.wall),
+        "the earlier daemon's SIGTERM, at its time"
+    );
+    assert!(forgets_sigterm_of(&actions, 100), "{actions:?}");
+}
+
+#[test]
+fn a_daemon_restarted_after_the_grace_ended_sigkills_at_once() {
+    let (key, entry, saved, at_sigterm) = sigtermed_before_a_restart();
+    let mut w = restarted(&at_sigterm, Duration::from_secs(12));
+    w.resume_root_100_killed(key, entry, &[100], &saved);
+    let mut actions = w.take();
+    actions.extend(w.advance(Duration::ZERO));
+    assert_eq!(signals(&actions), [(100, Signal::SIGKILL)]);
+}
+
+#[test]
+fn a_pinned_sigterm_of_a_process_gone_meanwhile_is_forgotten_at_resume() {
+    let (key, entry, saved, at_sigterm) = sigtermed_before_a_restart();
+    let mut w = restarted(&at_sigterm, Duration::from_secs(3));
+    // Pid 100 now names a process started later.
+    w.procs.spawn(100, 50, start(100) + 1_000_000_000);
+    w.resume_root_100_killed(key, entry, &[], &saved);
+    let actions = w.take();
+    assert!(forgets_sigterm_of(&actions, 100), "{actions:?}");
+}
+
+/// The one signal among `actions` (beside the bookkeeping that comes with it).
+fn only_signal(actions: &[Action]) -> SignalOrder {
+    let orders: Vec<SignalOrder> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Signal(order) => Some(*order),
+            _ => None,
+        })
+        .collect();
+    let [order] = orders.as_slice() else {
+        panic!("one signal: {actions:?}");
+    };
+    *order
 }

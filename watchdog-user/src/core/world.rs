@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use watchdog_common::{AnalysisEntry, RootEntry};
+use watchdog_common::{AnalysisEntry, KillProgress, RootEntry};
 
 use crate::{
     core::{
@@ -63,6 +63,17 @@ impl Clock {
     }
 }
 
+/// What the pinned maps kept of the previous run, for [`Core::resume`].
+#[derive(Default)]
+pub struct Saved {
+    pub analyses: Vec<(AnalysisKey, AnalysisEntry)>,
+    pub roots: Vec<(u32, RootEntry)>,
+    /// The launches: (launcher, analysis).
+    pub launchers: Vec<(ProcRef, AnalysisKey)>,
+    /// The SIGTERMs of kills in progress: (pid, progress).
+    pub kills: Vec<(u32, KillProgress)>,
+}
+
 /// What the rules ask the outside world to do.
 #[derive(Debug)]
 pub enum Action {
@@ -99,6 +110,11 @@ pub enum Action {
     Describe(ProcRef),
     /// A finished kill no longer needs a handle on this process.
     Release(ProcRef),
+    /// `process` got its kill's SIGTERM: kept pinned, so that a restarted daemon ends
+    /// its grace when this one would have.
+    SaveKillProgress(ProcRef, KillProgress),
+    /// The kill of `process` is over (or never signalled it): its pinned entry goes.
+    ForgetKillProgress(ProcRef),
     /// A finished violation or kill: log it, spool it, store it.
     Record(Box<KillRecord>),
 }
@@ -285,6 +301,9 @@ pub struct World {
     pub runs: Runs,
     /// Records per user in the last minute (the owners of the analyses killed).
     pub record_rates: RecordRates,
+    /// SIGTERMs an earlier daemon's kills sent, by pid, until a kill takes them up or
+    /// their process leaves the tree.
+    pub earlier_sigterms: HashMap<u32, KillProgress>,
 }
 
 impl World {
@@ -306,6 +325,7 @@ impl World {
             forgotten: Vec::new(),
             runs: Runs::default(),
             record_rates: RecordRates::default(),
+            earlier_sigterms: HashMap::new(),
         }
     }
 

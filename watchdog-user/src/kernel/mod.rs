@@ -15,10 +15,10 @@ use aya::{
 };
 use watchdog_common::{
     ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, DYING_MAP, ERRORS_MAP,
-    EVENTS_MAP, INITIAL_PID_NS_INUM, KERNEL_LOG_MAP, LAUNCHERS_MAP, LAYOUT, LAYOUT_MAP, LOGS_MAP,
-    PID_NS_MAP, PIDNS_ITER, PROGRAM_ERRORS, PROGRAM_NAMES, PidNs, ProcRecord, RING_BYTES,
-    ROOTS_MAP, RSS_ITER, RootEntry, RssSample, TREE_RSS_MAP, TreeRss, WALK_TARGET_MAP,
-    WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
+    EVENTS_MAP, INITIAL_PID_NS_INUM, KERNEL_LOG_MAP, KILLS_MAP, KillProgress, LAUNCHERS_MAP,
+    LAYOUT, LAYOUT_MAP, LOGS_MAP, PID_NS_MAP, PIDNS_ITER, PROGRAM_ERRORS, PROGRAM_NAMES, PidNs,
+    ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER, RootEntry, RssSample, TREE_RSS_MAP, TreeRss,
+    WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
 };
 
 use tokio::io::{Interest, unix::AsyncFd};
@@ -62,6 +62,8 @@ pub struct Kernel {
     tree_rss: HashMap<MapData, u64, TreeRss>,
     /// Analyses whose members the fork program kills at their forks.
     dying: HashMap<MapData, u64, u64>,
+    /// Processes a kill has sent SIGTERM, and when their grace ends.
+    kills: HashMap<MapData, u32, KillProgress>,
     resumed: bool,
     /// Pinned state was found untrustworthy and dropped at load (1), or not (0).
     pinned_state_dropped: u64,
@@ -198,7 +200,7 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 15] = [
+const PINNED_MAPS: [&str; 16] = [
     WATCHED_MAP,
     EVENTS_MAP,
     DROPS_MAP,
@@ -212,6 +214,8 @@ const PINNED_MAPS: [&str; 15] = [
     TREE_RSS_MAP,
     // A dying analysis' members die at their forks also while no daemon runs.
     DYING_MAP,
+    // A kill's grace goes on across restarts: a restarted daemon SIGKILLs when it ends.
+    KILLS_MAP,
     // Pinned too so that a restarted daemon writes the map the pinned iterator reads.
     WALK_TARGET_MAP,
     // The error reports and their switch: a restarted daemon reads the reports the
@@ -446,6 +450,7 @@ impl Kernel {
             launchers: HashMap::try_from(take(&mut ebpf, LAUNCHERS_MAP)?)?,
             tree_rss: HashMap::try_from(take(&mut ebpf, TREE_RSS_MAP)?)?,
             dying: HashMap::try_from(take(&mut ebpf, DYING_MAP)?)?,
+            kills: HashMap::try_from(take(&mut ebpf, KILLS_MAP)?)?,
             resumed,
             pinned_state_dropped: 0,
             salvage: None,
@@ -515,6 +520,31 @@ impl Kernel {
         self.dying
             .insert(key, 0, 0)
             .context("marking the analysis dying in the kernel map")
+    }
+
+    /// `process` got its kill's SIGTERM: a restarted daemon ends its grace when `progress`
+    /// says, not later.
+    pub fn save_kill_progress(&mut self, process: ProcRef, progress: &KillProgress) -> Result<()> {
+        self.kills
+            .insert(process.pid, progress, 0)
+            .with_context(|| format!("saving the kill of {} in the kernel map", process.pid))
+    }
+
+    /// The kill of `process` is over: its entry goes, unless the pid names a newer kill's
+    /// target by now.
+    pub fn forget_kill_progress(&mut self, process: ProcRef) {
+        let same = self
+            .kills
+            .get(&process.pid, 0)
+            .is_ok_and(|e| e.start_ns == process.start_ns);
+        if same {
+            let _ = self.kills.remove(&process.pid);
+        }
+    }
+
+    /// The kills in progress the pinned map kept: (pid, progress).
+    pub fn kill_progress(&self) -> Vec<(u32, KillProgress)> {
+        self.kills.iter().filter_map(|r| r.ok()).collect()
     }
 
     /// The living descendants of `root` (not the root itself), from the kernel's

@@ -11,10 +11,24 @@ use crate::{
     },
     vocab::{
         limits::Reason,
-        process::{AnalysisKey, ProcRef},
+        process::{AnalysisKey, ProcRef, same_start},
         record::{KillRecord, Outcome},
     },
 };
+use nix::sys::signal::Signal;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+use watchdog_common::KillProgress;
+/// The monotonic instant of CLOCK_BOOTTIME `boot_ns` (now, if it has passed).
+fn instant_at(boot_ns: u64, clock: &Clock) -> Instant {
+    clock.now + Duration::from_nanos(boot_ns.saturating_sub(clock.boot_ns))
+}
+
+/// CLOCK_BOOTTIME at monotonic `at` (now, if it has passed).
+fn boot_ns_at(at: Instant, clock: &Clock) -> u64 {
+    let ahead = at.saturating_duration_since(clock.now);
+    clock.boot_ns + u64::try_from(ahead.as_nanos()).unwrap_or(u64::MAX / 2)
+}
+
 impl World {
     /// Marks an analysis violated and kills all its members, unless it was already.
     pub(in crate::core) fn kill_analysis(
@@ -67,6 +81,40 @@ impl World {
         for job in &mut self.jobs {
             job.exited(process);
         }
+        if self.earlier_sigterms.remove(&process.pid).is_some() {
+            self.actions.push(Action::ForgetKillProgress(process));
+        }
+    }
+
+    /// The SIGTERMs the pinned map kept from an earlier daemon: those of a process
+    /// still running are taken up by the kill that comes for it (its grace then ends
+    /// when the earlier one's did); the others' entries go.
+    pub(in crate::core) fn resume_sigterms(
+        &mut self,
+        saved: &[(u32, KillProgress)],
+        procs: &dyn crate::core::procs::Procs,
+    ) {
+        for &(pid, progress) in saved {
+            let process = ProcRef {
+                pid,
+                start_ns: progress.start_ns,
+            };
+            let running = procs
+                .read(pid)
+                .is_some_and(|p| same_start(p.start_ns, progress.start_ns));
+            if running {
+                self.earlier_sigterms.insert(pid, progress);
+            } else {
+                self.actions.push(Action::ForgetKillProgress(process));
+            }
+        }
+    }
+
+    /// The earlier daemon's SIGTERM of `process`, if it had one.
+    fn earlier_sigterm(&self, process: ProcRef) -> Option<&KillProgress> {
+        self.earlier_sigterms
+            .get(&process.pid)
+            .filter(|p| same_start(p.start_ns, process.start_ns))
     }
     /// Forgets an analysis with no process and no kill left (a killed one only after
     /// [`DYING_LINGER`]).
@@ -164,6 +212,16 @@ impl World {
         clock: &Clock,
     ) -> KillJob {
         let mut job = KillJob::new(spec, clock.now, clock.wall);
+        // An earlier daemon's grace ends first, before any target is signalled.
+        for &pid in pids {
+            let earlier = self
+                .tree
+                .get(pid)
+                .and_then(|n| self.earlier_sigterm(n.proc_ref()));
+            if let Some(progress) = earlier {
+                job.resume_grace(instant_at(progress.escalate_boot_ns, clock));
+            }
+        }
         for &pid in pids {
             self.add_target(&mut job, pid, clock);
         }
@@ -210,8 +268,26 @@ impl World {
             rss_bytes: node.rss_bytes(),
             runtime_ms: clock.boot_ns.saturating_sub(node.start_ns) / 1_000_000,
         };
-        match job.add(info, clock.now, clock.wall) {
-            Some(FirstAsk::Signal(order)) => self.actions.push(Action::Signal(order)),
+        let process = info.process;
+        let earlier = self.earlier_sigterm(process).copied();
+        if earlier.is_some() {
+            self.earlier_sigterms.remove(&pid);
+        }
+        let earlier_at = earlier.map(|p| UNIX_EPOCH + Duration::from_millis(p.sigterm_unix_ms));
+        match job.add(info, clock.now, clock.wall, earlier_at) {
+            Some(FirstAsk::Signal(order)) => {
+                self.actions.push(Action::Signal(order));
+                if order.signal == Signal::SIGTERM {
+                    let progress = KillProgress {
+                        start_ns: process.start_ns,
+                        analysis: job.analysis,
+                        sigterm_unix_ms: crate::vocab::units::unix_ms(clock.wall),
+                        escalate_boot_ns: boot_ns_at(job.escalate_at, clock),
+                    };
+                    self.actions
+                        .push(Action::SaveKillProgress(process, progress));
+                }
+            }
             Some(FirstAsk::Describe(process)) => self.actions.push(Action::Describe(process)),
             None => {}
         }
@@ -246,6 +322,9 @@ impl World {
         self.processes_dirty = true;
         for process in job.signalled() {
             self.actions.push(Action::Release(process));
+        }
+        for process in job.saved_progress() {
+            self.actions.push(Action::ForgetKillProgress(process));
         }
         for record in job.records(&self.host) {
             self.runs
