@@ -403,3 +403,100 @@ fn untouched_pins_are_resumed_not_dropped() -> Result<()> {
     assert_eq!(daemon.status()?.pinned_state_dropped, 0);
     await_in_tree(&daemon, "kept", &[work.pid()])
 }
+
+/// Says `term UNIX_TIME` on each SIGTERM and lives on.
+const SAYS_WHEN_SIGTERMED: &str = r#"
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: print(f"term {time.time()}", flush=True))
+print("ready", flush=True)
+while True:
+    time.sleep(600)
+"#;
+
+/// A daemon SIGKILLed every second while an analysis that ignores SIGTERM is in its
+/// kill's grace: each new daemon takes the kill up where it was, sends no second
+/// SIGTERM, and the SIGKILL comes when the first SIGTERM's grace ends (the next daemon
+/// up sends it, if none runs at that moment), never a grace later.
+#[test]
+fn a_daemon_killed_every_second_still_sigkills_at_the_end_of_the_first_grace() -> Result<()> {
+    const GRACE: Duration = Duration::from_secs(4);
+    let mut daemon = Daemon::start()?;
+    let mut work = Workload::python(SAYS_WHEN_SIGTERMED, &[])?;
+    assert_eq!(work.read_line()?, "ready");
+    daemon.register_with(
+        work.pid(),
+        "restarts",
+        &["--timeout", "1s", "--grace", "4s"],
+    )?;
+    let sigterm = sigterm_time(&work.read_line()?)?;
+    let pid = work.pid();
+
+    // The workload's end, as its parent sees it: when it died, how, after how many
+    // more SIGTERMs.
+    let (ended_tx, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut more_sigterms = 0;
+        while work.read_line().is_ok() {
+            more_sigterms += 1;
+        }
+        let status = work.wait();
+        let _ = ended_tx.send((SystemTime::now(), status, more_sigterms));
+    });
+    let mut restarts = 0;
+    let (died, status, more_sigterms) = loop {
+        if let Ok(end) = ended.try_recv() {
+            break end;
+        }
+        assert!(
+            restarts < 20,
+            "still alive after {restarts} restarts, {:?} past its deadline + grace",
+            SystemTime::now().duration_since(sigterm + GRACE)
+        );
+        let started = Instant::now();
+        daemon.crash()?;
+        daemon.start_again()?;
+        restarts += 1;
+        if let Ok(end) =
+            ended.recv_timeout(Duration::from_secs(1).saturating_sub(started.elapsed()))
+        {
+            break end;
+        }
+    };
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(status?.signal(), Some(libc::SIGKILL), "SIGKILLed");
+    assert_eq!(more_sigterms, 0, "one SIGTERM across {restarts} daemons");
+    // The workload stamps its SIGTERM when its handler runs, a little after the
+    // daemon sent it: an end a few ms "before" stamp + grace is on time.
+    let handler_latency = Duration::from_millis(100);
+    let late = (died + handler_latency)
+        .duration_since(sigterm + GRACE)
+        .context("SIGKILLed before its grace ended")?
+        .saturating_sub(handler_latency);
+    eprintln!(
+        "figures: SIGKILLed {late:?} after SIGTERM + grace, across {restarts} daemons each SIGKILLed within 1 s of its start"
+    );
+    assert!(late < Duration::from_secs(5), "SIGKILLed {late:?} late");
+    // Its record, if the daemon that saw it die lived to write it, says the same.
+    if let Some(record) = daemon
+        .events_of("restarts")?
+        .iter()
+        .find(|r| r.record.pid == pid)
+    {
+        let signals: Vec<&str> = record
+            .record
+            .signals
+            .iter()
+            .map(|s| s.signal.as_str())
+            .collect();
+        assert_eq!(signals, ["SIGTERM", "SIGKILL"], "{record:?}");
+    }
+    Ok(())
+}
+
+fn sigterm_time(line: &str) -> Result<SystemTime> {
+    let secs: f64 = line
+        .strip_prefix("term ")
+        .with_context(|| format!("a SIGTERM said: {line:?}"))?
+        .parse()?;
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
+}

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use watchdog_common::{AnalysisEntry, RootEntry};
+use watchdog_common::RootEntry;
 
 use crate::{
     core::{
