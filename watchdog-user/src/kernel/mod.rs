@@ -199,6 +199,21 @@ fn refused(what: &str, err: impl Into<anyhow::Error>) -> anyhow::Error {
     }
 }
 
+/// Removes `process`' entry from a pid-keyed map, unless the pid names another
+/// process' entry by now (its start time, read by `start_of`, differs).
+fn remove_if_same<V: aya::Pod>(
+    map: &mut HashMap<MapData, u32, V>,
+    process: ProcRef,
+    start_of: impl Fn(&V) -> u64,
+) {
+    let same = map
+        .get(&process.pid, 0)
+        .is_ok_and(|e| start_of(&e) == process.start_ns);
+    if same {
+        let _ = map.remove(&process.pid);
+    }
+}
+
 /// The maps pinned under the pin directory, by name.
 const PINNED_MAPS: [&str; 16] = [
     WATCHED_MAP,
@@ -533,13 +548,7 @@ impl Kernel {
     /// The kill of `process` is over: its entry goes, unless the pid names a newer kill's
     /// target by now.
     pub fn forget_kill_progress(&mut self, process: ProcRef) {
-        let same = self
-            .kills
-            .get(&process.pid, 0)
-            .is_ok_and(|e| e.start_ns == process.start_ns);
-        if same {
-            let _ = self.kills.remove(&process.pid);
-        }
+        remove_if_same(&mut self.kills, process, |e| e.start_ns);
     }
 
     /// The kills in progress the pinned map kept: (pid, progress).
@@ -602,13 +611,7 @@ impl Kernel {
     }
 
     pub fn unlaunch(&mut self, launcher: ProcRef) {
-        let same = self
-            .launchers
-            .get(&launcher.pid, 0)
-            .is_ok_and(|e| e.start_ns == launcher.start_ns);
-        if same {
-            let _ = self.launchers.remove(&launcher.pid);
-        }
+        remove_if_same(&mut self.launchers, launcher, |e| e.start_ns);
     }
 
     /// The launchers in the kernel map: (pid, the entry its children get).
