@@ -206,35 +206,31 @@ impl KillJob {
             released: false,
             progress_saved: false,
         };
-        let ask = if let (Mode::Signal, Some(at)) = (self.mode, earlier_sigterm) {
-            // An earlier daemon's SIGTERM: never sent twice, and the grace it began
-            // ([`Self::resume_grace`]) is the one that ends.
-            Self::note_signal(&mut target, Signal::SIGTERM, at);
-            target.progress_saved = true;
-            self.time = self.time.min(at);
-            if now >= self.escalate_at {
-                Self::note_signal(&mut target, Signal::SIGKILL, now_wall);
-                FirstAsk::Signal(SignalOrder {
-                    target: process,
-                    signal: Signal::SIGKILL,
-                    describe: true,
-                })
-            } else {
-                FirstAsk::Describe(process)
+        let ask = if self.mode == Mode::Signal {
+            if let Some(at) = earlier_sigterm {
+                Self::note_signal(&mut target, Signal::SIGTERM, at);
+                target.progress_saved = true;
+                self.time = self.time.min(at);
             }
-        } else if self.mode == Mode::Signal {
             let signal = if now >= self.escalate_at {
-                Signal::SIGKILL
+                Some(Signal::SIGKILL)
             } else {
-                Signal::SIGTERM
+                earlier_sigterm.is_none().then_some(Signal::SIGTERM)
             };
-            Self::note_signal(&mut target, signal, now_wall);
-            target.progress_saved = signal == Signal::SIGTERM;
-            FirstAsk::Signal(SignalOrder {
-                target: process,
-                signal,
-                describe: true,
-            })
+            match signal {
+                Some(signal) => {
+                    Self::note_signal(&mut target, signal, now_wall);
+                    target.progress_saved |= signal == Signal::SIGTERM;
+                    FirstAsk::Signal(SignalOrder {
+                        target: process,
+                        signal,
+                        describe: true,
+                    })
+                }
+                // Its SIGTERM went out before: only its description is read now, and
+                // the grace it began ([`Self::resume_grace`]) is the one that ends.
+                None => FirstAsk::Describe(process),
+            }
         } else {
             FirstAsk::Describe(process)
         };

@@ -18,6 +18,7 @@ use crate::{
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 use watchdog_common::KillProgress;
+
 /// The monotonic instant of CLOCK_BOOTTIME `boot_ns` (now, if it has passed).
 fn instant_at(boot_ns: u64, clock: &Clock) -> Instant {
     clock.now + Duration::from_nanos(boot_ns.saturating_sub(clock.boot_ns))
@@ -26,7 +27,9 @@ fn instant_at(boot_ns: u64, clock: &Clock) -> Instant {
 /// CLOCK_BOOTTIME at monotonic `at` (now, if it has passed).
 fn boot_ns_at(at: Instant, clock: &Clock) -> u64 {
     let ahead = at.saturating_duration_since(clock.now);
-    clock.boot_ns + u64::try_from(ahead.as_nanos()).unwrap_or(u64::MAX / 2)
+    clock
+        .boot_ns
+        .saturating_add(u64::try_from(ahead.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl World {
@@ -115,6 +118,12 @@ impl World {
         self.earlier_sigterms
             .get(&process.pid)
             .filter(|p| same_start(p.start_ns, process.start_ns))
+    }
+
+    /// [`Self::earlier_sigterm`], taken up by the kill that now covers `process`.
+    fn take_earlier_sigterm(&mut self, process: ProcRef) -> Option<KillProgress> {
+        self.earlier_sigterm(process)?;
+        self.earlier_sigterms.remove(&process.pid)
     }
     /// Forgets an analysis with no process and no kill left (a killed one only after
     /// [`DYING_LINGER`]).
@@ -269,10 +278,7 @@ impl World {
             runtime_ms: clock.boot_ns.saturating_sub(node.start_ns) / 1_000_000,
         };
         let process = info.process;
-        let earlier = self.earlier_sigterm(process).copied();
-        if earlier.is_some() {
-            self.earlier_sigterms.remove(&pid);
-        }
+        let earlier = self.take_earlier_sigterm(process);
         let earlier_at = earlier.map(|p| UNIX_EPOCH + Duration::from_millis(p.sigterm_unix_ms));
         match job.add(info, clock.now, clock.wall, earlier_at) {
             Some(FirstAsk::Signal(order)) => {
