@@ -34,6 +34,30 @@ pub struct Details {
     pub rss_bytes: u64,
 }
 
+/// A tmpfs file (in /dev/shm or any tmpfs mount, a memfd, a SysV segment, a shared
+/// anonymous mapping) a process holds open or mapped: its pages are memory no RSS
+/// counts until a process maps and touches them, and a named one outlives its holders.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ShmFile {
+    pub dev: u64,
+    pub ino: u64,
+    /// Its path as the daemon sees it, when it has one there (not a memfd, not
+    /// unlinked, not in another mount namespace): what a kill record lists as left.
+    pub path: Option<String>,
+    /// Its owner's uid.
+    pub uid: u32,
+}
+
+/// The tmpfs files one process holds, read at the reconcile poll.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Held {
+    /// Each distinct file once, with the bytes it has allocated.
+    pub files: Vec<(ShmFile, u64)>,
+    /// Its tmpfs pages already in its RSS (`RssShmem`): mapped and touched, they are
+    /// not counted twice.
+    pub rss_shmem: u64,
+}
+
 /// The rules' window on /proc.
 pub trait Procs {
     /// The living process with this pid (zombies count as exited).
@@ -56,4 +80,7 @@ pub trait Procs {
     /// The pids on `pid`'s list of children: living ones and those it has not reaped
     /// (a zombie stays on its parent's list until reaped). None when it cannot be read.
     fn children(&self, pid: u32) -> Option<HashSet<u32>>;
+    /// The bytes `file` has allocated, found at its path, while that path still names
+    /// it (same device and inode); None once it is gone (or has no path).
+    fn shm_file_bytes(&self, file: &ShmFile) -> Option<u64>;
 }

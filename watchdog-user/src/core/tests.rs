@@ -11,7 +11,11 @@ use std::time::SystemTime;
 use super::*;
 use crate::{
     core::event::KernelEvent,
-    core::{kill::SignalOrder, procs::Details, runs::RunState},
+    core::{
+        kill::SignalOrder,
+        procs::{Details, ShmFile},
+        runs::RunState,
+    },
     vocab::peer::Peer,
 };
 use crate::{
@@ -28,13 +32,15 @@ const MIB: u64 = 1 << 20;
 
 /// /proc as the test says it is: living processes by pid, the PSS of those that have
 /// one, the real uids of those that do not run as root, and the exited processes their
-/// parent has not reaped yet.
+/// parent has not reaped yet, and the tmpfs files still at their paths (by device and
+/// inode) with their bytes.
 #[derive(Default)]
 pub(crate) struct FakeProcs(
     RefCell<HashMap<u32, ProcInfo>>,
     RefCell<HashMap<u32, u64>>,
     RefCell<HashMap<u32, Uids>>,
     RefCell<HashMap<u32, ProcInfo>>,
+    RefCell<HashMap<(u64, u64), u64>>,
 );
 
 impl FakeProcs {
@@ -128,6 +134,10 @@ impl Procs for FakeProcs {
                 .map(|p| p.pid)
                 .collect(),
         )
+    }
+
+    fn shm_file_bytes(&self, file: &ShmFile) -> Option<u64> {
+        self.4.borrow().get(&(file.dev, file.ino)).copied()
     }
 
     fn unreaped(&self, process: ProcRef) -> Option<u32> {

@@ -5,5 +5,6 @@ pub mod host;
 pub mod pidfd;
 pub mod private;
 pub mod procs;
+pub mod shmem;
 pub mod supervise;
 pub mod tasks;

@@ -133,6 +133,10 @@ impl Procs for SysProcs {
     fn children(&self, pid: u32) -> Option<std::collections::HashSet<u32>> {
         children(pid)
     }
+
+    fn shm_file_bytes(&self, file: &crate::core::procs::ShmFile) -> Option<u64> {
+        crate::os::shmem::file_bytes(file)
+    }
 }
 
 /// `/proc/PID/task/*/children`: each thread's children (a child belongs to the thread

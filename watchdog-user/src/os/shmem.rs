@@ -1,0 +1,298 @@
+//! Memory outside RSS: the tmpfs files a process holds through its descriptors or its
+//! mappings (a memfd, a file in /dev/shm or any tmpfs, a SysV segment, a shared
+//! anonymous mapping). Their pages count in no RSS until mapped and touched, and a
+//! named one outlives every holder. Read at the reconcile poll, off the loop.
+
+use std::{collections::HashMap, os::unix::fs::MetadataExt as _};
+
+use nix::sys::statfs::{HUGETLBFS_MAGIC, TMPFS_MAGIC};
+
+use crate::{
+    core::procs::{Held, ShmFile},
+    vocab::process::ProcRef,
+};
+
+/// Most files kept by identity per process: beyond them, their bytes are counted for
+/// the process alone (never shared with another holder), so that a process holding a
+/// million memfds costs a bounded sample and escapes nothing.
+pub const FILES_PER_PROCESS: usize = 4096;
+
+/// Devices met in one poll and whether each is a tmpfs: one statfs per device.
+#[derive(Default)]
+pub struct Devices(HashMap<u64, bool>);
+
+impl Devices {
+    /// Whether `dev`, the device of the file `path` leads to, is a tmpfs (or hugetlbfs,
+    /// where a hugetlb memfd lives). A statfs that fails (the file went) decides
+    /// nothing for the device.
+    fn is_tmpfs(&mut self, dev: u64, path: &str) -> bool {
+        if let Some(&known) = self.0.get(&dev) {
+            return known;
+        }
+        let Ok(fs) = nix::sys::statfs::statfs(path) else {
+            return false;
+        };
+        let tmpfs = matches!(fs.filesystem_type(), TMPFS_MAGIC | HUGETLBFS_MAGIC);
+        self.0.insert(dev, tmpfs);
+        tmpfs
+    }
+}
+
+/// What one process' scan found so far.
+#[derive(Default)]
+struct Found {
+    files: HashMap<(u64, u64), (ShmFile, u64)>,
+    more_bytes: u64,
+}
+
+impl Found {
+    fn has(&self, dev: u64, ino: u64) -> bool {
+        self.files.contains_key(&(dev, ino))
+    }
+
+    /// The file `link` (a /proc magic link) leads to, named `name` by its holder.
+    fn add(&mut self, link: &str, name: Option<&str>, meta: &std::fs::Metadata) {
+        let bytes = meta.blocks() * 512;
+        if self.files.len() >= FILES_PER_PROCESS {
+            self.more_bytes += bytes;
+            return;
+        }
+        let (dev, ino) = (meta.dev(), meta.ino());
+        let path = name
+            .filter(|name| name.starts_with('/'))
+            .filter(|name| names_here(name, dev, ino))
+            .map(str::to_string);
+        tracing::trace!(link, ?path, bytes, "tmpfs file held");
+        let file = ShmFile {
+            dev,
+            ino,
+            path,
+            uid: meta.uid(),
+        };
+        self.files.insert((dev, ino), (file, bytes));
+    }
+}
+
+/// Whether `path`, as the daemon resolves it, is the file (dev, ino): a holder's name
+/// may be from another mount namespace, or unlinked ("… (deleted)").
+fn names_here(path: &str, dev: u64, ino: u64) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+/// The tmpfs files `process` holds now, None when it holds none (or is gone, or its
+/// pid was recycled during the read).
+pub fn held(process: ProcRef, devices: &mut Devices) -> Option<Held> {
+    let pid = process.pid;
+    let mut found = Found::default();
+    held_by_descriptors(pid, devices, &mut found);
+    held_by_mappings(pid, devices, &mut found);
+    if found.files.is_empty() && found.more_bytes == 0 {
+        return None;
+    }
+    // Read after the scan: a pid recycled during it has another start time now.
+    crate::os::procs::read_same(process)?;
+    let mut files: Vec<(ShmFile, u64)> = found.files.into_values().collect();
+    if found.more_bytes > 0 {
+        files.push((
+            ShmFile {
+                dev: 0,
+                ino: u64::from(pid),
+                path: None,
+                uid: 0,
+            },
+            found.more_bytes,
+        ));
+    }
+    Some(Held {
+        files,
+        rss_shmem: rss_shmem(pid),
+    })
+}
+
+fn held_by_descriptors(pid: u32, devices: &mut Devices, found: &mut Found) {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let link = entry.path();
+        let Some(link) = link.to_str() else { continue };
+        let Ok(meta) = std::fs::metadata(link) else {
+            continue;
+        };
+        if found.has(meta.dev(), meta.ino()) || !devices.is_tmpfs(meta.dev(), link) {
+            continue;
+        }
+        let name = std::fs::read_link(link).ok();
+        found.add(link, name.as_ref().and_then(|n| n.to_str()), &meta);
+    }
+}
+
+fn held_by_mappings(pid: u32, devices: &mut Devices, found: &mut Found) {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return;
+    };
+    for line in maps.lines() {
+        let Some(mapping) = Mapping::parse(line) else {
+            continue;
+        };
+        if found.has(mapping.dev, mapping.ino) || devices.0.get(&mapping.dev) == Some(&false) {
+            continue;
+        }
+        let link = format!("/proc/{pid}/map_files/{}", mapping.range);
+        let Ok(meta) = std::fs::metadata(&link) else {
+            continue;
+        };
+        if devices.is_tmpfs(meta.dev(), &link) {
+            found.add(&link, mapping.name, &meta);
+        }
+    }
+}
+
+/// A line of /proc/PID/maps backed by a file: `start-end perms offset maj:min inode
+/// name`.
+struct Mapping<'a> {
+    range: &'a str,
+    dev: u64,
+    ino: u64,
+    name: Option<&'a str>,
+}
+
+impl<'a> Mapping<'a> {
+    fn parse(line: &'a str) -> Option<Self> {
+        let mut fields = line.splitn(6, ' ');
+        let range = fields.next()?;
+        let _perms = fields.next()?;
+        let _offset = fields.next()?;
+        let (major, minor) = fields.next()?.split_once(':')?;
+        let ino: u64 = fields.next()?.parse().ok()?;
+        if ino == 0 {
+            return None; // Anonymous memory: in the RSS already.
+        }
+        let dev = nix::sys::stat::makedev(
+            u64::from_str_radix(major, 16).ok()?,
+            u64::from_str_radix(minor, 16).ok()?,
+        );
+        let name = fields.next().map(str::trim_start).filter(|n| !n.is_empty());
+        Some(Self {
+            range,
+            dev,
+            ino,
+            name,
+        })
+    }
+}
+
+/// The process' tmpfs pages mapped and resident (`RssShmem` in /proc/PID/status), 0
+/// when unreadable.
+fn rss_shmem(pid: u32) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// The bytes `file` has allocated, at its path, while that path still names it.
+pub fn file_bytes(file: &ShmFile) -> Option<u64> {
+    let meta = std::fs::symlink_metadata(file.path.as_deref()?).ok()?;
+    (meta.dev() == file.dev && meta.ino() == file.ino).then(|| meta.blocks() * 512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    const MIB: u64 = 1 << 20;
+
+    fn me() -> ProcRef {
+        crate::os::procs::read(std::process::id())
+            .expect("this process")
+            .proc_ref()
+    }
+
+    fn memfd(bytes: usize) -> std::fs::File {
+        let fd =
+            nix::sys::memfd::memfd_create(c"watchdog-test", nix::sys::memfd::MFdFlags::empty())
+                .expect("memfd_create");
+        let mut file = std::fs::File::from(fd);
+        file.write_all(&vec![7u8; bytes]).expect("write");
+        file
+    }
+
+    fn held_bytes(held: &Held, pick: impl Fn(&ShmFile) -> bool) -> u64 {
+        held.files
+            .iter()
+            .filter(|(f, _)| pick(f))
+            .map(|(_, b)| b)
+            .sum()
+    }
+
+    #[test]
+    fn a_memfd_written_and_not_mapped_is_held_with_its_bytes_and_no_path() {
+        let file = memfd(3 * MIB as usize);
+        let ino = file.metadata().unwrap().ino();
+        let now = held(me(), &mut Devices::default()).expect("the memfd is held");
+        let (memfd, bytes) = now.files.iter().find(|(f, _)| f.ino == ino).expect("found");
+        assert_eq!(*bytes, 3 * MIB);
+        assert_eq!(memfd.path, None, "a memfd has no path to list");
+        drop(file);
+        let after = held(me(), &mut Devices::default());
+        assert!(after.is_none_or(|h| h.files.iter().all(|(f, _)| f.ino != ino)));
+    }
+
+    #[test]
+    fn a_dev_shm_file_mapped_and_closed_is_held_by_its_mapping_with_its_path() {
+        let path = format!("/dev/shm/watchdog-test-{}", std::process::id());
+        let mut file = std::fs::File::create_new(&path).expect("create in /dev/shm");
+        file.write_all(&vec![1u8; 2 * MIB as usize]).unwrap();
+        let map = unsafe { memmap_of(&file) };
+        drop(file);
+        let held = held(me(), &mut Devices::default()).expect("the mapping is held");
+        let bytes = held_bytes(&held, |f| f.path.as_deref() == Some(path.as_str()));
+        std::fs::remove_file(&path).unwrap();
+        unsafe { nix::sys::mman::munmap(map, 2 * MIB as usize).unwrap() };
+        assert_eq!(bytes, 2 * MIB);
+    }
+
+    /// Maps `file` shared, untouched: its pages stay out of this process' RSS.
+    unsafe fn memmap_of(file: &std::fs::File) -> std::ptr::NonNull<std::ffi::c_void> {
+        use nix::sys::mman::{MapFlags, ProtFlags, mmap};
+        unsafe {
+            mmap(
+                None,
+                std::num::NonZeroUsize::new(2 * MIB as usize).unwrap(),
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_SHARED,
+                file,
+                0,
+            )
+        }
+        .expect("mmap")
+    }
+
+    #[test]
+    fn a_recycled_pid_holds_nothing() {
+        let _file = memfd(MIB as usize);
+        let later = ProcRef {
+            start_ns: me().start_ns + 10_000_000_000,
+            ..me()
+        };
+        assert!(held(later, &mut Devices::default()).is_none());
+    }
+
+    #[test]
+    fn mappings_are_read_with_their_device_inode_and_name() {
+        let m = Mapping::parse("7f00-7f10 rw-s 00000000 00:1a 4242   /dev/shm/x y").unwrap();
+        assert_eq!(
+            (m.range, m.ino, m.name),
+            ("7f00-7f10", 4242, Some("/dev/shm/x y"))
+        );
+        assert_eq!(m.dev, nix::sys::stat::makedev(0, 0x1a));
+        assert!(Mapping::parse("7f00-7f10 rw-p 00000000 00:00 0 ").is_none());
+        assert!(Mapping::parse("7f00-7f10 rw-p 00000000 00:00 0      [heap]").is_none());
+    }
+}
