@@ -401,6 +401,11 @@ const METRICS: &[Metric] = &[
         "SIGTERMs whose time the pinned map could not keep for a restarted daemon.",
         |s| s.faults.kill_progress_unsaved as f64,
     ),
+    counter(
+        "watchdog_shm_unremoved_total",
+        "Files left in tmpfs by killed analyses that --remove-shm could not remove.",
+        |s| s.faults.shm_unremoved as f64,
+    ),
     gauge(
         "watchdog_launchers_watched",
         "Launchers of registered roots watched now.",
@@ -601,6 +606,8 @@ mod tests {
             zombies: None,
             tree_pss_bytes: None,
             tree_rss_bytes: None,
+            shmem_bytes: None,
+            shm_left: Vec::new(),
         }
     }
 
@@ -657,6 +664,7 @@ mod tests {
         s.faults.untracked_forks = 13;
         s.faults.pidfd_failures = 14;
         s.faults.kill_progress_unsaved = 16;
+        s.faults.shm_unremoved = 17;
         s.faults.launchers_watched = 15;
         s.faults.program_errors = [
             ("exit/read".to_string(), 3),

@@ -454,6 +454,9 @@ pub struct Faults {
     /// those kills gives them a grace of its own.
     #[serde(default)]
     pub kill_progress_unsaved: u64,
+    /// Files left in tmpfs by killed analyses that `--remove-shm` could not remove.
+    #[serde(default)]
+    pub shm_unremoved: u64,
     /// Launchers of registered roots watched now (one pidfd each).
     pub launchers_watched: usize,
     /// Failures inside the kernel programs, by "program/kind" (kind: read, map_update).

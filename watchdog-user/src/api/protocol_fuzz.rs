@@ -363,6 +363,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
     let settings = Settings {
         defaults,
         dry_run: false,
+        remove_shm: false,
         machine_memory: Some(1 << 34),
         admin_gid: Some(ADMINS),
         memory_metric: MemoryMetric::Rss,

@@ -124,6 +124,11 @@ pub struct RunArgs {
     /// Log every kill that would be made; signal nothing.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub dry_run: Option<bool>,
+    /// Remove the files in tmpfs (/dev/shm) that a killed analysis' members were seen
+    /// holding, owned by them and still there when its kill ends (its record lists
+    /// them either way).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub remove_shm: Option<bool>,
     /// What the per-process memory limit compares: rss (resident pages, shared ones in
     /// full) or pss (a page shared by N processes counts 1/N) [default: rss]. The tree
     /// limit always counts PSS.
@@ -175,6 +180,8 @@ pub struct Options {
     pub quotas: crate::core::world::Quotas,
     /// Log every kill that would be made, signal nothing.
     pub dry_run: bool,
+    /// Remove what a killed analysis left in tmpfs.
+    pub remove_shm: bool,
     /// What the per-process memory limit compares.
     pub memory_metric: crate::vocab::limits::MemoryMetric,
     /// The database, or why its URL was refused (the daemon then runs, spooling).
@@ -234,6 +241,7 @@ impl RunArgs {
                 .user_max_records_per_minute
                 .or(file.user_max_records_per_minute),
             dry_run: self.dry_run.or(file.dry_run),
+            remove_shm: self.remove_shm.or(file.remove_shm),
             memory_metric: self.memory_metric.or(file.memory_metric),
             kernel_log: self.kernel_log.or(file.kernel_log),
             ring_bytes: self.ring_bytes,
@@ -284,6 +292,7 @@ impl RunArgs {
                 }
             },
             dry_run: all.dry_run.unwrap_or(false),
+            remove_shm: all.remove_shm.unwrap_or(false),
             memory_metric: all.memory_metric.unwrap_or_default(),
             database: DatabaseUrl::parse(database_url),
             state_dir: all.state_dir.unwrap_or_else(|| "/var/lib/watchdog".into()),

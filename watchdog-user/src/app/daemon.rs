@@ -226,6 +226,7 @@ fn settings_of(options: &crate::app::config::Options, machine_memory: Option<u64
     let settings = Settings {
         defaults: options.defaults.clone(),
         dry_run: options.dry_run,
+        remove_shm: options.remove_shm,
         machine_memory,
         admin_gid: admin_gid(options.admin_group.as_deref()),
         memory_metric: options.memory_metric,
@@ -367,7 +368,24 @@ fn read_machine_memory() -> Option<u64> {
 }
 
 /// (process, RSS) of watched processes, read off the loop.
-type PollSamples = Vec<(ProcRef, u64)>;
+/// What one poll read: the RSS of every watched process, and the tmpfs files of those
+/// holding any.
+struct PollSamples {
+    rss: Vec<(ProcRef, u64)>,
+    held: Vec<(ProcRef, crate::core::procs::Held)>,
+}
+
+impl PollSamples {
+    /// The RSS read, and then each process' tmpfs files (by descriptor and mapping).
+    fn of(rss: Vec<(ProcRef, u64)>) -> Self {
+        let mut devices = crate::os::shmem::Devices::default();
+        let held = rss
+            .iter()
+            .filter_map(|&(process, _)| Some((process, procs::held(process, &mut devices)?)))
+            .collect();
+        Self { rss, held }
+    }
+}
 
 fn sample_of(sample: &watchdog_common::RssSample) -> (ProcRef, u64) {
     (ProcRef::from(sample), sample.rss_bytes)
@@ -546,7 +564,9 @@ impl Daemon {
             }
             for feedback in self.effects.apply(actions) {
                 match feedback {
-                    Feedback::SignalFailed(order) => self.core.on_signal_failed(order, clock),
+                    Feedback::SignalFailed(order) => {
+                        self.core.on_signal_failed(order, &SysProcs, clock)
+                    }
                 }
             }
         }
@@ -615,7 +635,7 @@ impl Daemon {
 
     fn on_described(&mut self, batch: Vec<Described>) {
         let (details, not_sent) = self.effects.take_described(batch);
-        self.feed(|core, clock| core.on_described(&details, &not_sent, clock));
+        self.feed(|core, clock| core.on_described(&details, &not_sent, &SysProcs, clock));
     }
 
     fn on_tick(&mut self) {
@@ -662,7 +682,7 @@ impl Daemon {
                             Vec::new()
                         }
                     };
-                    let _ = tx.send((samples, started));
+                    let _ = tx.send((PollSamples::of(samples), started));
                 });
             }
             None => {
@@ -672,14 +692,14 @@ impl Daemon {
                         .into_iter()
                         .map(|p| (p, procs::rss_bytes(p.pid)))
                         .collect();
-                    let _ = tx.send((samples, started));
+                    let _ = tx.send((PollSamples::of(samples), started));
                 });
             }
         }
     }
 
     fn on_poll(&mut self, (samples, started): (PollSamples, Instant)) {
-        self.feed(|core, clock| core.on_poll(&samples, &SysProcs, clock));
+        self.feed(|core, clock| core.on_poll(&samples.rss, &samples.held, &SysProcs, clock));
         // Every RSS was just read: the sums are as fresh as they get.
         self.history
             .record(std::time::SystemTime::now(), overview::rss_sums(&self.core));
@@ -698,6 +718,7 @@ impl Daemon {
                 watched_capacity: self.effects.kernel.watched_capacity(),
                 pidfd_failures: self.effects.pidfd_failures,
                 kill_progress_unsaved: self.effects.kill_progress_unsaved,
+                shm_unremoved: self.effects.shm_unremoved,
                 launchers_watched: self.effects.launchers_watched(),
                 program_errors: self
                     .effects

@@ -73,6 +73,8 @@ pub struct Effects {
     pub pidfd_failures: u64,
     /// SIGTERM times the pinned map could not take.
     pub kill_progress_unsaved: u64,
+    /// Files left in tmpfs by killed analyses that `--remove-shm` could not remove.
+    pub shm_unremoved: u64,
     self_pid: u32,
     /// Records the store did not take (its task had stopped): kept for the shutdown,
     /// which spools them directly.
@@ -112,6 +114,7 @@ impl Effects {
             launchers: HashMap::new(),
             pidfd_failures: 0,
             kill_progress_unsaved: 0,
+            shm_unremoved: 0,
             self_pid: std::process::id(),
             unqueued: Vec::new(),
             described,
@@ -192,6 +195,7 @@ impl Effects {
                 Action::Release(process) => {
                     self.pidfds.remove(&process);
                 }
+                Action::RemoveShm(file) => self.remove_shm(&file),
                 Action::Record(record) => {
                     tracing::warn!(target: "kill_event", "{}", serde_json::to_string(&record).expect("records serialize"));
                     records.push(*record);
@@ -245,6 +249,25 @@ impl Effects {
                 );
             }
             self.kill_progress_unsaved += 1;
+        }
+    }
+
+    /// Removes a file a killed analysis left in tmpfs; one line either way, and a
+    /// failure counted.
+    fn remove_shm(&mut self, file: &crate::core::procs::ShmFile) {
+        let path = file.path.as_deref().unwrap_or_default();
+        match crate::os::shmem::remove(file) {
+            Ok(bytes) => tracing::info!(
+                path,
+                bytes,
+                "removed a file the killed analysis left in tmpfs"
+            ),
+            Err(err) => {
+                self.shm_unremoved += 1;
+                tracing::error!(
+                    "{err:#}: {path} is left in place (counted in watchdog_shm_unremoved_total)"
+                );
+            }
         }
     }
 

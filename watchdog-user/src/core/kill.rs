@@ -3,7 +3,7 @@
 //! No I/O: `effects` sends the signals (through pidfds) and reports failures back.
 
 use crate::vocab::{
-    record::{KillRecord, Outcome, SignalSent},
+    record::{KillRecord, Outcome, ShmLeft, SignalSent},
     units::rfc3339,
 };
 use std::{
@@ -94,6 +94,9 @@ pub struct KillJob {
     pub zombies: Option<u64>,
     /// Reason `tree_memory`: the analysis' PSS sum and RSS sum when it crossed.
     pub tree_sums: Option<(u64, u64)>,
+    /// Reasons `memory` and `tree_memory`: what of the memory measured was in tmpfs
+    /// files, outside every RSS.
+    pub shmem_bytes: Option<u64>,
     /// The analysis' registered roots when the kill began (a root that exits leaves
     /// the registry before the kill's records are made).
     pub roots: Vec<u32>,
@@ -134,6 +137,7 @@ impl KillJob {
             limit: spec.limit,
             zombies: spec.zombies,
             tree_sums: None,
+            shmem_bytes: None,
             roots: Vec::new(),
             escalate_at: now + spec.grace,
             escalated: false,
@@ -391,9 +395,16 @@ impl KillJob {
             .map(|t| t.info.process)
     }
 
-    /// The records of a finished job, one per target.
-    pub fn records(&self, host: &str) -> Vec<KillRecord> {
+    /// The records of a finished job, one per target; what the analysis left in tmpfs
+    /// (`shm_left`) on its roots' records, or on the first if none was a target.
+    pub fn records(&self, host: &str, shm_left: Vec<ShmLeft>) -> Vec<KillRecord> {
         let time = rfc3339(self.time);
+        let holder = self
+            .targets
+            .keys()
+            .copied()
+            .find(|pid| self.roots.contains(pid))
+            .or_else(|| self.targets.keys().copied().next());
         self.targets
             .values()
             .map(|t| KillRecord {
@@ -423,6 +434,14 @@ impl KillJob {
                 zombies: self.zombies,
                 tree_pss_bytes: self.tree_sums.map(|(pss, _)| pss),
                 tree_rss_bytes: self.tree_sums.map(|(_, rss)| rss),
+                shmem_bytes: self.shmem_bytes,
+                shm_left: if self.roots.contains(&t.info.process.pid)
+                    || holder == Some(t.info.process.pid)
+                {
+                    shm_left.clone()
+                } else {
+                    Vec::new()
+                },
             })
             .collect()
     }

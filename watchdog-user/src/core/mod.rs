@@ -22,6 +22,7 @@ pub mod registry;
 mod resync;
 pub mod rules;
 pub mod runs;
+pub mod shmem;
 pub mod snapshot;
 pub mod tree;
 pub mod world;
@@ -39,7 +40,7 @@ use crate::{
     core::{
         event::KernelEvent,
         kill::{KillJob, SignalOrder},
-        procs::{Details, ProcInfo, Procs},
+        procs::{Details, Held, ProcInfo, Procs},
         registry::{Analysis, Registry},
         rules::{
             forks::Forks,
@@ -135,6 +136,7 @@ impl Core {
     pub fn take_actions(&mut self) -> Vec<Action> {
         for key in std::mem::take(&mut self.world.forgotten) {
             self.memory.forget(key);
+            self.world.shm.forget(key);
         }
         std::mem::take(&mut self.world.actions)
     }
@@ -199,7 +201,7 @@ impl Core {
                 w.tree.set_comm(pid, comm);
             }
         }
-        self.world.finish_done_jobs(clock);
+        self.world.finish_done_jobs(procs, clock);
     }
 
     /// A member exited: its children lost their parent, and its parent may hold it
@@ -230,13 +232,20 @@ impl Core {
         }
     }
 
-    /// The reconcile poll's findings: (process, RSS) of watched processes. Samples of a
-    /// pid that now names another process are ignored.
-    pub fn on_poll(&mut self, samples: &[(ProcRef, u64)], procs: &dyn Procs, clock: &Clock) {
+    /// The reconcile poll's findings: (process, RSS) of watched processes, and the
+    /// tmpfs files of those holding any. Samples of a pid that now names another
+    /// process are ignored.
+    pub fn on_poll(
+        &mut self,
+        samples: &[(ProcRef, u64)],
+        held: &[(ProcRef, Held)],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
         let w = &mut self.world;
-        self.memory.on_poll(w, samples, procs, clock);
+        self.memory.on_poll(w, samples, held, procs, clock);
         self.zombies.sweep_zombies(w, procs, clock);
-        w.finish_done_jobs(clock);
+        w.finish_done_jobs(procs, clock);
     }
 
     /// Deadlines that passed, graces that ended, and every family's timers.
@@ -249,12 +258,12 @@ impl Core {
         self.zombies.sweep_due(w, procs, clock);
         self.memory.remeasures_due(w, procs, clock);
         w.record_rates.expire(clock.now);
-        w.finish_done_jobs(clock);
+        w.finish_done_jobs(procs, clock);
     }
 
     /// A signal could not be delivered (the process is gone, or its pid was recycled).
-    pub fn on_signal_failed(&mut self, order: SignalOrder, clock: &Clock) {
-        self.world.on_signal_failed(order, clock);
+    pub fn on_signal_failed(&mut self, order: SignalOrder, procs: &dyn Procs, clock: &Clock) {
+        self.world.on_signal_failed(order, procs, clock);
     }
 
     /// What the effects read of kill targets (command line, owner, RSS) before their
@@ -263,9 +272,10 @@ impl Core {
         &mut self,
         described: &[(ProcRef, Details)],
         not_sent: &[SignalOrder],
+        procs: &dyn Procs,
         clock: &Clock,
     ) {
-        self.world.on_described(described, not_sent, clock);
+        self.world.on_described(described, not_sent, procs, clock);
     }
 
     /// A watched parent outside the analysis exited: a launch of its own ends, and
@@ -327,7 +337,7 @@ impl Core {
                 self.world.forget_if_finished(key, clock);
             }
         }
-        self.world.finish_done_jobs(clock);
+        self.world.finish_done_jobs(procs, clock);
     }
 
     /// Whether `caller` may do everything: root, or a member of `--admin-group`.

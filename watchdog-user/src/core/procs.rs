@@ -56,6 +56,8 @@ pub struct Held {
     /// Its tmpfs pages already in its RSS (`RssShmem`): mapped and touched, they are
     /// not counted twice.
     pub rss_shmem: u64,
+    /// The holder's effective uid: a file it owns is one it made (or may remove).
+    pub uid: u32,
 }
 
 /// The rules' window on /proc.

@@ -322,7 +322,7 @@ impl World {
             self.forget_if_finished(key, clock);
         }
         // A kill whose targets were all let go is over: its records go out now.
-        self.finish_done_jobs(clock);
+        self.finish_done_jobs(procs, clock);
         tracing::info!(
             ?pid,
             ?analysis_id,

@@ -69,7 +69,7 @@ impl Core {
         for key in touched {
             self.world.forget_if_finished(key, clock);
         }
-        self.world.finish_done_jobs(clock);
+        self.world.finish_done_jobs(procs, clock);
         tracing::info!(?reason, watched = self.world.tree.len(), "tree resynced");
     }
 
@@ -143,7 +143,7 @@ impl Core {
                     .orphaned(&mut self.world, process.pid, procs, clock);
             }
         }
-        self.world.finish_done_jobs(clock);
+        self.world.finish_done_jobs(procs, clock);
         tracing::info!(
             launches = launchers.len(),
             analyses = self.world.registry.len(),

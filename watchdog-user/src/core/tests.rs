@@ -13,7 +13,7 @@ use crate::{
     core::event::KernelEvent,
     core::{
         kill::SignalOrder,
-        procs::{Details, ShmFile},
+        procs::{Details, Held, ShmFile},
         runs::RunState,
     },
     vocab::peer::Peer,
@@ -23,7 +23,7 @@ use crate::{
     vocab::{
         limits::{Limits, OrphanPolicy, Reason},
         process::{Comm, Uids, same_start},
-        record::Outcome,
+        record::{Outcome, ShmLeft},
     },
 };
 
@@ -203,7 +203,8 @@ impl World {
             if looks.is_empty() {
                 return all;
             }
-            self.core.on_described(&looks, &[], &self.clock);
+            self.core
+                .on_described(&looks, &[], &self.procs, &self.clock);
         }
     }
 
@@ -219,6 +220,7 @@ impl World {
                 Settings {
                     defaults,
                     dry_run,
+                    remove_shm: false,
                     machine_memory: None,
                     admin_gid: None,
                     memory_metric: crate::vocab::limits::MemoryMetric::Rss,
@@ -581,13 +583,15 @@ fn the_poll_updates_rss_and_ignores_samples_of_recycled_pids() {
         pid: 100,
         start_ns: start(100) + 10_000_000_000,
     };
-    w.core.on_poll(&[(stranger, 500 * MIB)], &w.procs, &w.clock);
+    w.core
+        .on_poll(&[(stranger, 500 * MIB)], &[], &w.procs, &w.clock);
     assert!(signals(&w.take()).is_empty());
     let root = ProcRef {
         pid: 100,
         start_ns: start(100),
     };
-    w.core.on_poll(&[(root, 500 * MIB)], &w.procs, &w.clock);
+    w.core
+        .on_poll(&[(root, 500 * MIB)], &[], &w.procs, &w.clock);
     assert_eq!(signals(&w.take()), [(100, Signal::SIGTERM)]);
 }
 
@@ -809,7 +813,7 @@ fn a_process_gone_before_its_signal_is_recorded_as_already_gone() {
     w.register(100, "a", timeout(1000));
     let actions = w.advance(Duration::from_secs(1));
     let order = &only_signal(&actions);
-    w.core.on_signal_failed(*order, &w.clock);
+    w.core.on_signal_failed(*order, &w.procs, &w.clock);
     let records = records(&w.take());
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].outcome, Outcome::AlreadyGone);
@@ -1097,8 +1101,12 @@ fn a_target_whose_pid_names_another_process_when_it_is_described_keeps_no_comman
     // The root exited and a stranger took its pid before the description was read.
     w.procs.die(100);
     w.procs.spawn(100, 1, start(100) + 5_000_000_000);
-    w.core
-        .on_described(&[(target, w.procs.details(target))], &[], &w.clock);
+    w.core.on_described(
+        &[(target, w.procs.details(target))],
+        &[],
+        &w.procs,
+        &w.clock,
+    );
     let actions = w.exit_event(100, w.key("a"));
     let records = records(&actions);
     assert_eq!(records.len(), 1);
@@ -1831,7 +1839,7 @@ fn copy_on_write_raises_pss_without_rss_and_the_poll_measures_it_again() {
             600 * MIB,
         ),
     ];
-    w.core.on_poll(&samples, &w.procs, &w.clock);
+    w.core.on_poll(&samples, &[], &w.procs, &w.clock);
     assert_eq!(signals(&w.take()).len(), 2);
     assert!(w.core.registry().get(key).unwrap().violation.is_some());
 }
@@ -2101,7 +2109,8 @@ fn a_kill_record_waits_for_what_the_effects_read_before_the_first_signal() {
         uid: 1234,
         rss_bytes: 7 * MIB,
     };
-    w.core.on_described(&[(target, described)], &[], &w.clock);
+    w.core
+        .on_described(&[(target, described)], &[], &w.procs, &w.clock);
     let records = records(&w.take());
     assert_eq!(records.len(), 1);
     assert_eq!(
@@ -2122,8 +2131,12 @@ fn a_target_described_after_its_grace_gets_its_sigkill_with_the_description() {
     w.clock = w.clock.advanced(Duration::from_secs(2));
     w.core.on_tick(&w.procs, &w.clock);
     assert!(signals(&w.core.take_actions()).is_empty());
-    w.core
-        .on_described(&[(target, w.procs.details(target))], &[], &w.clock);
+    w.core.on_described(
+        &[(target, w.procs.details(target))],
+        &[],
+        &w.procs,
+        &w.clock,
+    );
     assert_eq!(signals(&w.take()), vec![(100, Signal::SIGKILL)]);
 }
 
@@ -2163,8 +2176,12 @@ fn a_first_signal_that_could_not_be_sent_is_not_in_the_record_even_when_the_targ
     let order = *order;
     // Its exit was queued before the effects found its pid naming another process.
     assert!(records(&w.exit(100)).is_empty());
-    w.core
-        .on_described(&[(order.target, Details::default())], &[order], &w.clock);
+    w.core.on_described(
+        &[(order.target, Details::default())],
+        &[order],
+        &w.procs,
+        &w.clock,
+    );
     let records = records(&w.take());
     assert_eq!(records.len(), 1);
     assert!(records[0].signals.is_empty(), "{:?}", records[0].signals);
@@ -2713,4 +2730,178 @@ fn only_signal(actions: &[Action]) -> SignalOrder {
         panic!("one signal: {actions:?}");
     };
     *order
+}
+
+/// A tmpfs file owned by `uid`, at `path` (None: a memfd).
+fn shm_file(ino: u64, path: Option<&str>, uid: u32) -> ShmFile {
+    ShmFile {
+        dev: 42,
+        ino,
+        path: path.map(str::to_string),
+        uid,
+    }
+}
+
+/// What a process running as uid 1000 holds in tmpfs: `files`, of which `rss_shmem`
+/// bytes are mapped and resident.
+fn holding(files: &[(&ShmFile, u64)], rss_shmem: u64) -> Held {
+    Held {
+        files: files.iter().map(|(f, b)| ((*f).clone(), *b)).collect(),
+        rss_shmem,
+        uid: 1000,
+    }
+}
+
+impl World {
+    /// A reconcile poll that reads `rss` of each process and what `held` says they
+    /// hold in tmpfs.
+    fn poll(&mut self, rss: &[(u32, u64)], held: &[(u32, Held)]) -> Vec<Action> {
+        let at = |pid: u32| ProcRef {
+            pid,
+            start_ns: start(pid),
+        };
+        let samples: Vec<(ProcRef, u64)> = rss.iter().map(|&(pid, b)| (at(pid), b)).collect();
+        let held: Vec<(ProcRef, Held)> =
+            held.iter().map(|(pid, h)| (at(*pid), h.clone())).collect();
+        self.core.on_poll(&samples, &held, &self.procs, &self.clock);
+        self.take()
+    }
+
+    /// `file` is at its path in tmpfs with `bytes`, or (None) gone.
+    fn shm_at_path(&mut self, file: &ShmFile, bytes: Option<u64>) {
+        let mut files = self.procs.4.borrow_mut();
+        match bytes {
+            Some(bytes) => files.insert((file.dev, file.ino), bytes),
+            None => files.remove(&(file.dev, file.ino)),
+        };
+    }
+
+    /// Every member in `pids` exits, deepest first.
+    fn exit_all(&mut self, pids: &[u32]) -> Vec<Action> {
+        pids.iter().rev().flat_map(|&pid| self.exit(pid)).collect()
+    }
+}
+
+#[test]
+fn a_memfd_outside_the_rss_counts_toward_the_process_limit_at_the_poll() {
+    let mut w = World::new(); // 100 MiB per process
+    w.register(100, "a", LimitOverrides::default());
+    assert!(signals(&w.rss(100, 10 * MIB)).is_empty());
+    let memfd = shm_file(1, None, 1000);
+    let actions = w.poll(
+        &[(100, 10 * MIB)],
+        &[(100, holding(&[(&memfd, 400 * MIB)], 0))],
+    );
+    assert_eq!(signals(&actions), [(100, Signal::SIGTERM)]);
+    let record = records(&w.exit(100)).pop().expect("its record");
+    assert_eq!(record.reason, Reason::Memory);
+    assert_eq!(record.shmem_bytes, Some(400 * MIB));
+    assert!(record.shm_left.is_empty(), "a memfd goes with its holders");
+}
+
+#[test]
+fn tmpfs_pages_already_in_the_rss_are_not_counted_twice() {
+    let mut w = World::new(); // 100 MiB per process
+    w.register(100, "a", LimitOverrides::default());
+    let file = shm_file(1, Some("/dev/shm/x"), 1000);
+    // 90 MiB of RSS, 80 of them the file's pages, mapped and touched.
+    w.rss(100, 90 * MIB);
+    let mapped = holding(&[(&file, 80 * MIB)], 80 * MIB);
+    assert!(signals(&w.poll(&[(100, 90 * MIB)], &[(100, mapped)])).is_empty());
+    // The file grows by 40 MiB through write(): 130 MiB in all.
+    let grown = holding(&[(&file, 120 * MIB)], 80 * MIB);
+    let actions = w.poll(&[(100, 90 * MIB)], &[(100, grown)]);
+    assert_eq!(signals(&actions), [(100, Signal::SIGTERM)]);
+}
+
+#[test]
+fn a_file_the_tree_shares_counts_once_and_what_it_left_is_on_the_roots_record_and_removed() {
+    let mut w = World::new();
+    w.core.set_settings(Settings {
+        remove_shm: true,
+        ..w.core.settings().clone()
+    });
+    let limits = LimitOverrides {
+        tree_memory_bytes: Some(200 * MIB),
+        memory_bytes: Some(4096 * MIB),
+        ..Default::default()
+    };
+    w.register(100, "pool", limits);
+    w.fork(101, 100);
+    w.fork(102, 100);
+    let rss = [(100, 10 * MIB), (101, 10 * MIB), (102, 10 * MIB)];
+    for (pid, bytes) in rss {
+        w.rss(pid, bytes);
+    }
+    let data = shm_file(7, Some("/dev/shm/data"), 1000);
+    w.shm_at_path(&data, Some(150 * MIB));
+    let held = [
+        (101, holding(&[(&data, 150 * MIB)], 0)),
+        (102, holding(&[(&data, 150 * MIB)], 0)),
+    ];
+    assert!(
+        signals(&w.poll(&rss, &held)).is_empty(),
+        "30 MiB of RSS and one 150 MiB file"
+    );
+    // The workers let go of the file, which grew: it still holds memory.
+    w.shm_at_path(&data, Some(190 * MIB));
+    let actions = w.poll(&rss, &[]);
+    assert_eq!(signals(&actions).len(), 3, "220 MiB: the tree is killed");
+    let mut finished = w.exit_all(&[100, 101, 102]);
+    finished.extend(w.take());
+    let records = records(&finished);
+    assert_eq!(records.len(), 3);
+    let left = ShmLeft {
+        path: "/dev/shm/data".into(),
+        bytes: 190 * MIB,
+    };
+    assert_eq!(records[0].pid, 100);
+    assert_eq!(records[0].shm_left, [left]);
+    assert!(records[1..].iter().all(|r| r.shm_left.is_empty()));
+    assert!(records.iter().all(|r| r.shmem_bytes == Some(190 * MIB)));
+    let removed: Vec<&ShmFile> = finished
+        .iter()
+        .filter_map(|a| match a {
+            Action::RemoveShm(file) => Some(file),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, [&data]);
+}
+
+#[test]
+fn a_file_gone_stops_counting_and_anothers_file_is_never_left_or_removed() {
+    let mut w = World::new();
+    w.core.set_settings(Settings {
+        remove_shm: true,
+        ..w.core.settings().clone()
+    });
+    let limits = LimitOverrides {
+        tree_memory_bytes: Some(200 * MIB),
+        timeout_ms: Some(60_000),
+        ..Default::default()
+    };
+    w.register(100, "a", limits);
+    w.rss(100, 10 * MIB);
+    let own = shm_file(1, Some("/dev/shm/own"), 1000);
+    let roots = shm_file(2, Some("/dev/shm/roots"), 0);
+    w.shm_at_path(&own, Some(50 * MIB));
+    w.shm_at_path(&roots, Some(50 * MIB));
+    let held = holding(&[(&own, 50 * MIB), (&roots, 50 * MIB)], 0);
+    w.poll(&[(100, 10 * MIB)], &[(100, held)]);
+    let key = w.key("a");
+    assert_eq!(w.core.world.shm.analysis_bytes(key), 100 * MIB);
+    // Let go of both: root's file no longer counts; the own file, once removed, neither.
+    w.poll(&[(100, 10 * MIB)], &[]);
+    assert_eq!(w.core.world.shm.analysis_bytes(key), 50 * MIB);
+    w.shm_at_path(&own, None);
+    w.poll(&[(100, 10 * MIB)], &[]);
+    assert_eq!(w.core.world.shm.analysis_bytes(key), 0);
+    // Held again at the deadline: the kill leaves root's file alone.
+    let held = holding(&[(&roots, 50 * MIB)], 0);
+    w.poll(&[(100, 10 * MIB)], &[(100, held)]);
+    assert_eq!(signals(&w.advance(Duration::from_secs(60))).len(), 1);
+    let finished = w.exit(100);
+    assert!(records(&finished)[0].shm_left.is_empty());
+    assert!(!finished.iter().any(|a| matches!(a, Action::RemoveShm(_))));
 }

@@ -13,8 +13,10 @@ use watchdog_common::{AnalysisEntry, KillProgress, RootEntry};
 use crate::{
     core::{
         kill::{KillJob, SignalOrder},
+        procs::ShmFile,
         registry::Registry,
         runs::Runs,
+        shmem::ShmSeen,
         tree::Tree,
     },
     vocab::error::Error,
@@ -100,6 +102,9 @@ pub enum Action {
     /// `process`, watched through [`Action::WatchLauncher`], exited: its parent's exit
     /// no longer concerns it.
     ForgetParentWatch(ProcRef),
+    /// Remove this file, left in tmpfs by a killed analysis (`--remove-shm`), while its
+    /// path still names it.
+    RemoveShm(ShmFile),
     /// Send this signal, to this process only (never to a recycled pid); report a
     /// failure with `Core::on_signal_failed`. A first signal (`describe`) is sent
     /// once the process' command line, owner and RSS are read, which come back with
@@ -124,6 +129,8 @@ pub enum Action {
 pub struct Settings {
     pub defaults: Limits,
     pub dry_run: bool,
+    /// `--remove-shm`: the files a killed analysis left in tmpfs are removed.
+    pub remove_shm: bool,
     /// The machine's total memory, bytes (read once at start; None if unreadable): no
     /// process' RSS can exceed it, so a per-process limit above it is refused.
     pub machine_memory: Option<u64>,
@@ -304,6 +311,8 @@ pub struct World {
     /// SIGTERMs an earlier daemon's kills sent, by pid, until a kill takes them up or
     /// their process leaves the tree.
     pub earlier_sigterms: HashMap<u32, KillProgress>,
+    /// Memory outside RSS (tmpfs files), as of the last poll.
+    pub shm: ShmSeen,
 }
 
 impl World {
@@ -326,6 +335,7 @@ impl World {
             runs: Runs::default(),
             record_rates: RecordRates::default(),
             earlier_sigterms: HashMap::new(),
+            shm: ShmSeen::default(),
         }
     }
 

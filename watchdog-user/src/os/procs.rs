@@ -194,6 +194,18 @@ pub fn pss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The tmpfs files `process` holds now ([`crate::os::shmem::held`]), None when it
+/// holds none, is gone, or its pid was recycled during the read.
+pub fn held(
+    process: crate::vocab::process::ProcRef,
+    devices: &mut crate::os::shmem::Devices,
+) -> Option<crate::core::procs::Held> {
+    let held = crate::os::shmem::held(process.pid, devices)?;
+    // Read after the scan: a pid recycled during it has another start time now.
+    read_same(process)?;
+    Some(held)
+}
+
 /// At most [`CMDLINE_MAX`](crate::vocab::record::CMDLINE_MAX) + 1 bytes of `path`: a
 /// command line of any length costs one bounded read.
 fn bounded_read(file: std::fs::File) -> Option<Vec<u8>> {
@@ -239,6 +251,19 @@ mod tests {
             ppid,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_recycled_pid_holds_no_tmpfs_file() {
+        let _file = crate::os::shmem::tests::memfd(1 << 20);
+        let me = read(std::process::id()).expect("this process").proc_ref();
+        let devices = &mut crate::os::shmem::Devices::default();
+        assert!(held(me, devices).is_some());
+        let later = crate::vocab::process::ProcRef {
+            start_ns: me.start_ns + 10_000_000_000,
+            ..me
+        };
+        assert!(held(later, devices).is_none());
     }
 
     #[test]

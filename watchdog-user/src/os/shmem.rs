@@ -7,10 +7,7 @@ use std::{collections::HashMap, os::unix::fs::MetadataExt as _};
 
 use nix::sys::statfs::{HUGETLBFS_MAGIC, TMPFS_MAGIC};
 
-use crate::{
-    core::procs::{Held, ShmFile},
-    vocab::process::ProcRef,
-};
+use crate::core::procs::{Held, ShmFile};
 
 /// Most files kept by identity per process: beyond them, their bytes are counted for
 /// the process alone (never shared with another holder), so that a process holding a
@@ -79,18 +76,17 @@ fn names_here(path: &str, dev: u64, ino: u64) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
 }
 
-/// The tmpfs files `process` holds now, None when it holds none (or is gone, or its
-/// pid was recycled during the read).
-pub fn held(process: ProcRef, devices: &mut Devices) -> Option<Held> {
-    let pid = process.pid;
+/// The tmpfs files the process under `pid` holds now, None when it holds none (or is
+/// gone). Whose they are is for the caller to check, after the read
+/// (`procs::held`).
+pub fn held(pid: u32, devices: &mut Devices) -> Option<Held> {
     let mut found = Found::default();
     held_by_descriptors(pid, devices, &mut found);
     held_by_mappings(pid, devices, &mut found);
     if found.files.is_empty() && found.more_bytes == 0 {
         return None;
     }
-    // Read after the scan: a pid recycled during it has another start time now.
-    crate::os::procs::read_same(process)?;
+    let (rss_shmem, uid) = rss_shmem_and_uid(pid)?;
     let mut files: Vec<(ShmFile, u64)> = found.files.into_values().collect();
     if found.more_bytes > 0 {
         files.push((
@@ -105,7 +101,8 @@ pub fn held(process: ProcRef, devices: &mut Devices) -> Option<Held> {
     }
     Some(Held {
         files,
-        rss_shmem: rss_shmem(pid),
+        rss_shmem,
+        uid,
     })
 }
 
@@ -182,17 +179,19 @@ impl<'a> Mapping<'a> {
     }
 }
 
-/// The process' tmpfs pages mapped and resident (`RssShmem` in /proc/PID/status), 0
-/// when unreadable.
-fn rss_shmem(pid: u32) -> u64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return 0;
+/// The process' tmpfs pages mapped and resident (`RssShmem`, bytes) and its
+/// effective uid, from /proc/PID/status; None when unreadable.
+fn rss_shmem_and_uid(pid: u32) -> Option<(u64, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str, at: usize| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().nth(at)?.parse::<u64>().ok())
     };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssShmem:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
+    let kib = field("RssShmem:", 0).unwrap_or(0);
+    let euid = u32::try_from(field("Uid:", 1)?).ok()?;
+    Some((kib * 1024, euid))
 }
 
 /// The bytes `file` has allocated, at its path, while that path still names it.
@@ -201,20 +200,45 @@ pub fn file_bytes(file: &ShmFile) -> Option<u64> {
     (meta.dev() == file.dev && meta.ino() == file.ino).then(|| meta.blocks() * 512)
 }
 
+/// Removes `file`, left in tmpfs by a killed analysis, only while its path names it:
+/// the directory is held open first and the name looked up in it without following
+/// links, so a directory swapped for a link in between can lead nowhere else. Returns
+/// the bytes freed.
+pub fn remove(file: &ShmFile) -> anyhow::Result<u64> {
+    use anyhow::{Context as _, bail};
+    use nix::{fcntl::OFlag, sys::stat::Mode};
+    let path = std::path::Path::new(file.path.as_deref().context("it has no path")?);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        bail!("{} is no file in a directory", path.display());
+    };
+    let dir = nix::fcntl::open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", dir.display()))?;
+    let found = nix::sys::stat::fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+        .with_context(|| format!("looking at {}", path.display()))?;
+    if found.st_dev != file.dev || found.st_ino != file.ino || found.st_uid != file.uid {
+        bail!("{} names another file now", path.display());
+    }
+    nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)
+        .with_context(|| format!("removing {}", path.display()))?;
+    Ok(u64::try_from(found.st_blocks).unwrap_or(0) * 512)
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write as _;
 
     const MIB: u64 = 1 << 20;
 
-    fn me() -> ProcRef {
-        crate::os::procs::read(std::process::id())
-            .expect("this process")
-            .proc_ref()
+    fn me() -> u32 {
+        std::process::id()
     }
 
-    fn memfd(bytes: usize) -> std::fs::File {
+    pub(crate) fn memfd(bytes: usize) -> std::fs::File {
         let fd =
             nix::sys::memfd::memfd_create(c"watchdog-test", nix::sys::memfd::MFdFlags::empty())
                 .expect("memfd_create");
@@ -275,13 +299,31 @@ mod tests {
     }
 
     #[test]
-    fn a_recycled_pid_holds_nothing() {
-        let _file = memfd(MIB as usize);
-        let later = ProcRef {
-            start_ns: me().start_ns + 10_000_000_000,
-            ..me()
+    fn a_left_file_is_removed_only_while_its_path_names_it() {
+        let path = format!("/dev/shm/watchdog-remove-{}", std::process::id());
+        std::fs::write(&path, vec![1u8; MIB as usize]).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let file = ShmFile {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            path: Some(path.clone()),
+            uid: meta.uid(),
         };
-        assert!(held(later, &mut Devices::default()).is_none());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"a newcomer under the same name").unwrap();
+        let refused = remove(&file).expect_err("another file under its name");
+        assert!(
+            refused.to_string().contains("names another file now"),
+            "{refused:#}"
+        );
+        assert!(std::path::Path::new(&path).exists());
+        let newcomer = std::fs::metadata(&path).unwrap();
+        let file = ShmFile {
+            ino: newcomer.ino(),
+            ..file
+        };
+        assert_eq!(remove(&file).expect("removed"), 4096);
+        assert!(!std::path::Path::new(&path).exists());
     }
 
     #[test]

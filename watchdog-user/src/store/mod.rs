@@ -390,15 +390,16 @@ impl Sql {
             insert_event_text: format!(
                 "INSERT INTO watchdog_events (event_uid, time, host, pid, ppid, analysis_id, reason, \
                  limit_value, rss_bytes, runtime_ms, signals, outcome, comm, cmdline, uid, owner_uid, \
-                 warned_of, zombies, tree_pss_bytes, tree_rss_bytes) \
+                 warned_of, zombies, tree_pss_bytes, tree_rss_bytes, shmem_bytes, shm_left) \
                  VALUES ($1, $2{ts}, $3, $4, $5, $6, $7, $8, $9, $10, $11{json}, $12, $13, $14, $15, $16, \
-                 $17, $18, $19, $20) \
+                 $17, $18, $19, $20, $21, $22) \
                  ON CONFLICT (event_uid) DO NOTHING"
             ),
             select_events_text: format!(
                 "SELECT {time_out} AS time, host, pid, ppid, analysis_id, reason, limit_value, rss_bytes, \
                  runtime_ms, {signals_out} AS signals, outcome, comm, cmdline, uid, owner_uid, warned_of, \
-                 zombies, tree_pss_bytes, tree_rss_bytes, event_uid FROM watchdog_events \
+                 zombies, tree_pss_bytes, tree_rss_bytes, shmem_bytes, shm_left, event_uid \
+                 FROM watchdog_events \
                  WHERE ($1{text} IS NULL OR time >= $1{ts}) AND ($2{text} IS NULL OR analysis_id = $2) \
                  AND ($3{text} IS NULL OR reason = $3) AND ($4{text} IS NULL OR host = $4) \
                  AND ($6{text} IS NULL OR time < $6{ts} OR (time = $6{ts} AND event_uid < $7)) \
@@ -447,6 +448,12 @@ impl Sql {
             .bind(r.zombies.map(i64_of))
             .bind(r.tree_pss_bytes.map(i64_of))
             .bind(r.tree_rss_bytes.map(i64_of))
+            .bind(r.shmem_bytes.map(i64_of))
+            .bind(
+                Some(&r.shm_left)
+                    .filter(|left| !left.is_empty())
+                    .map(|left| serde_json::to_string(left).expect("paths serialize")),
+            )
     }
 
     fn insert_event(&self) -> AssertSqlSafe<String> {
@@ -1053,6 +1060,14 @@ fn record_from_row(row: &AnyRow) -> Result<KillRecord> {
         tree_rss_bytes: row
             .try_get::<Option<i64>, _>("tree_rss_bytes")?
             .map(|v| v as u64),
+        shmem_bytes: row
+            .try_get::<Option<i64>, _>("shmem_bytes")?
+            .map(|v| v as u64),
+        shm_left: row
+            .try_get::<Option<String>, _>("shm_left")?
+            .map(|left| serde_json::from_str(&left))
+            .transpose()?
+            .unwrap_or_default(),
     })
 }
 
@@ -1087,6 +1102,8 @@ pub async fn bench_inserts(url: &DatabaseUrl, rows: usize, batch: usize) -> Resu
             zombies: None,
             tree_pss_bytes: None,
             tree_rss_bytes: None,
+            shmem_bytes: None,
+            shm_left: Vec::new(),
         },
     };
     let started = std::time::Instant::now();
@@ -1140,6 +1157,8 @@ mod tests {
             zombies: None,
             tree_pss_bytes: None,
             tree_rss_bytes: None,
+            shmem_bytes: None,
+            shm_left: Vec::new(),
         };
         let late = record(
             "2026-11-21T12:00:00.500Z",

@@ -483,6 +483,8 @@ mod tests {
                 zombies: None,
                 tree_pss_bytes: None,
                 tree_rss_bytes: None,
+                shmem_bytes: None,
+                shm_left: Vec::new(),
                 uid: 0,
             },
         }

@@ -11,6 +11,14 @@ pub struct SignalSent {
     pub at: String,
 }
 
+/// A file in tmpfs (/dev/shm) that a killed analysis' members held and owned, still
+/// there when its kill ended: its memory is not freed by the kill.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShmLeft {
+    pub path: String,
+    pub bytes: u64,
+}
+
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -78,6 +86,16 @@ pub struct KillRecord {
     pub tree_pss_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tree_rss_bytes: Option<u64>,
+    /// Reasons `memory` and `tree_memory`: the part of the memory measured that was in
+    /// tmpfs files (memfd, /dev/shm) and in no RSS: the process' for `memory`, the
+    /// analysis' for `tree_memory` (added to `rss_bytes` or to `tree_pss_bytes` and
+    /// `tree_rss_bytes`, which count RSS only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shmem_bytes: Option<u64>,
+    /// A whole analysis' kill, on its roots' records: the files its members left in
+    /// tmpfs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shm_left: Vec<ShmLeft>,
 }
 
 /// The most of a command line a record keeps, bytes: a record's size is bounded

@@ -5,14 +5,14 @@
 use crate::{
     core::{
         kill::{FirstAsk, JobSpec, KillJob, Mode, Scope, SignalOrder, TargetInfo},
-        procs::Details,
+        procs::{Details, Procs},
         tree::Node,
         world::{Action, Clock, DYING_LINGER, RECORDS_KEPT, RECORDS_KEPT_BYTES, World},
     },
     vocab::{
         limits::Reason,
         process::{AnalysisKey, ProcRef, same_start},
-        record::{KillRecord, Outcome},
+        record::{KillRecord, Outcome, ShmLeft},
     },
 };
 use nix::sys::signal::Signal;
@@ -95,7 +95,7 @@ impl World {
     pub(in crate::core) fn resume_sigterms(
         &mut self,
         saved: &[(u32, KillProgress)],
-        procs: &dyn crate::core::procs::Procs,
+        procs: &dyn Procs,
     ) {
         for &(pid, progress) in saved {
             let process = ProcRef {
@@ -300,16 +300,16 @@ impl World {
     }
 
     /// A signal could not be delivered (the process is gone, or its pid was recycled).
-    pub fn on_signal_failed(&mut self, order: SignalOrder, clock: &Clock) {
+    pub fn on_signal_failed(&mut self, order: SignalOrder, procs: &dyn Procs, clock: &Clock) {
         for job in &mut self.jobs {
             job.signal_failed(order.target, order.signal);
         }
-        self.finish_done_jobs(clock);
+        self.finish_done_jobs(procs, clock);
     }
     /// Jobs are over once every target has exited *and* the tree has taken in those
     /// exits: until then a target's children look parentless, and the job must still
     /// be there to claim them (else they would be flagged as orphans of this kill).
-    pub(in crate::core) fn finish_done_jobs(&mut self, clock: &Clock) {
+    pub(in crate::core) fn finish_done_jobs(&mut self, procs: &dyn Procs, clock: &Clock) {
         if !self.jobs.iter().any(KillJob::is_done) {
             return;
         }
@@ -319,12 +319,12 @@ impl World {
         self.jobs = running;
         for job in done {
             let analysis = job.analysis;
-            self.finish(job, clock);
+            self.finish(job, procs, clock);
             self.forget_if_finished(analysis, clock);
         }
     }
     /// Records a finished job: one record per process, kept for `status`.
-    pub(in crate::core) fn finish(&mut self, job: KillJob, clock: &Clock) {
+    pub(in crate::core) fn finish(&mut self, job: KillJob, procs: &dyn Procs, clock: &Clock) {
         self.processes_dirty = true;
         for process in job.signalled() {
             self.actions.push(Action::Release(process));
@@ -332,11 +332,31 @@ impl World {
         for process in job.saved_progress() {
             self.actions.push(Action::ForgetKillProgress(process));
         }
-        for record in job.records(&self.host) {
+        let shm_left = self.shm_left_by(&job, procs);
+        for record in job.records(&self.host, shm_left) {
             self.runs
                 .killed(job.analysis, &record, job.roots.contains(&record.pid));
             self.keep_record(record, clock);
         }
+    }
+    /// What a whole analysis' kill leaves in tmpfs: the files its members held and
+    /// owned, still there now that they are dead; removed too with `--remove-shm`
+    /// (never by a dry run).
+    fn shm_left_by(&mut self, job: &KillJob, procs: &dyn Procs) -> Vec<ShmLeft> {
+        if job.scope != Scope::Analysis {
+            return Vec::new();
+        }
+        let left = self.shm.left(job.analysis, procs);
+        let remove = self.settings.remove_shm && job.mode == Mode::Signal;
+        left.into_iter()
+            .filter_map(|(file, bytes)| {
+                let path = file.path.clone()?;
+                if remove {
+                    self.actions.push(Action::RemoveShm(file));
+                }
+                Some(ShmLeft { path, bytes })
+            })
+            .collect()
     }
     /// Counts a record, keeps it for `status` and hands it to the store.
     pub(in crate::core) fn keep_record(&mut self, record: KillRecord, clock: &Clock) {
@@ -373,6 +393,7 @@ impl World {
         &mut self,
         described: &[(ProcRef, Details)],
         not_sent: &[SignalOrder],
+        procs: &dyn Procs,
         clock: &Clock,
     ) {
         for order in not_sent {
@@ -387,7 +408,7 @@ impl World {
                 }
             }
         }
-        self.finish_done_jobs(clock);
+        self.finish_done_jobs(procs, clock);
     }
 
     /// Graces that ended: SIGKILL for what is still alive. A whole analysis' kill also

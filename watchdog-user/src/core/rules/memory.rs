@@ -12,7 +12,7 @@ use std::{
 use crate::{
     core::{
         kill::Scope,
-        procs::Procs,
+        procs::{Held, Procs},
         tree::Tree,
         world::{Clock, World},
     },
@@ -61,7 +61,7 @@ impl PssUnder {
         key: AnalysisKey,
         (sum, limit): (u64, u64),
         reached: impl Fn(u64) -> bool,
-        tree: &Tree,
+        (tree, outside): (&Tree, u64),
         procs: &dyn Procs,
         now: Instant,
     ) -> Pss {
@@ -78,7 +78,7 @@ impl PssUnder {
             .into_iter()
             .map(|pid| procs.pss_bytes(pid).unwrap_or(0))
             .sum();
-        if reached(pss) {
+        if reached(pss + outside) {
             self.0.remove(&key);
             return Pss::Reached(pss);
         }
@@ -218,18 +218,20 @@ impl Memory {
             return;
         };
         let (limit, warn_level) = (limits.memory_bytes, limits.warn_level(limits.memory_bytes));
-        if let Some(level) = warn_level.filter(|&level| node.rss_bytes() >= level) {
+        let outside = w.shm.process_bytes(node.proc_ref());
+        let memory = node.rss_bytes() + outside;
+        if let Some(level) = warn_level.filter(|&level| memory >= level) {
             self.warn_of_process_memory(w, pid, level, limit, procs, clock);
         }
-        let Some(node) = w.tree.get(pid) else {
-            return;
-        };
-        if node.rss_bytes() <= limit || w.jobs.iter().any(|j| j.has_target(pid)) {
+        if w.tree.get(pid).is_none() || memory <= limit || w.jobs.iter().any(|j| j.has_target(pid))
+        {
             return;
         }
         // RSS is an upper bound of PSS: only a crossing by RSS needs the PSS read.
         if w.settings.memory_metric == crate::vocab::limits::MemoryMetric::Pss
-            && procs.pss_bytes(pid).is_none_or(|pss| pss <= limit)
+            && procs
+                .pss_bytes(pid)
+                .is_none_or(|pss| pss + outside <= limit)
         {
             return;
         }
@@ -244,6 +246,9 @@ impl Memory {
             &[pid],
             clock,
         );
+        if let Some(job) = w.jobs.last_mut().filter(|j| j.reason == Reason::Memory) {
+            job.shmem_bytes = Some(outside).filter(|&b| b > 0);
+        }
     }
 
     pub(in crate::core) fn check_tree_memory(
@@ -257,19 +262,20 @@ impl Memory {
         let Some(limit) = w.registry.get(key).and_then(|a| a.limits.tree_memory_bytes) else {
             return;
         };
+        let outside = w.shm.analysis_bytes(key);
         let sum = self.rss_bound(key, sum);
         self.warn_of_tree_memory(w, key, sum, limit, procs, clock);
         // The RSS sum counts a page shared by N processes N times (a pool forked from
         // a parent holding its data): it is an upper bound, and only once it crosses
         // is the PSS sum, which counts every page once, measured and compared.
-        if sum <= limit || w.registry.violation(key).is_some() {
+        if sum + outside <= limit || w.registry.violation(key).is_some() {
             return;
         }
         let measured = self.over_rss.reaches(
             key,
-            (sum, limit),
-            |pss| pss > limit,
-            &w.tree,
+            (sum + outside, limit),
+            |memory| memory > limit,
+            (&w.tree, outside),
             procs,
             clock.now,
         );
@@ -281,6 +287,7 @@ impl Memory {
             analysis_id,
             pss,
             rss_sum = sum,
+            outside_rss = outside,
             limit,
             "tree memory limit crossed"
         );
@@ -292,6 +299,7 @@ impl Memory {
             .find(|j| j.analysis == key && j.reason == Reason::TreeMemory);
         if let Some(job) = job {
             job.tree_sums = Some((pss, sum));
+            job.shmem_bytes = Some(outside).filter(|&b| b > 0);
         }
     }
 
@@ -313,9 +321,13 @@ impl Memory {
             .registry
             .get(key)
             .is_none_or(|a| a.warned.contains(&Reason::Memory) || a.violation.is_some());
+        let outside = w
+            .tree
+            .get(pid)
+            .map_or(0, |n| w.shm.process_bytes(n.proc_ref()));
         if warned
             || (w.settings.memory_metric == crate::vocab::limits::MemoryMetric::Pss
-                && procs.pss_bytes(pid).is_none_or(|pss| pss < level))
+                && procs.pss_bytes(pid).is_none_or(|pss| pss + outside < level))
         {
             return;
         }
@@ -340,7 +352,8 @@ impl Memory {
         let Some(level) = analysis.limits.warn_level(limit) else {
             return;
         };
-        if sum < level
+        let outside = w.shm.analysis_bytes(key);
+        if sum + outside < level
             || analysis.warned.contains(&Reason::TreeMemory)
             || analysis.violation.is_some()
         {
@@ -348,9 +361,9 @@ impl Memory {
         }
         let measured = self.over_rss_warning.reaches(
             key,
-            (sum, limit),
-            |pss| pss >= level,
-            &w.tree,
+            (sum + outside, limit),
+            |memory| memory >= level,
+            (&w.tree, outside),
             procs,
             clock.now,
         );
@@ -359,15 +372,23 @@ impl Memory {
         }
     }
 
-    /// The reconcile poll's RSS of each process: each checked against its limit, then
-    /// each analysis' sum against its tree limit.
+    /// The reconcile poll's RSS of each process and the tmpfs files of those holding
+    /// any: each process checked against its limit, then each analysis' sum against
+    /// its tree limit.
     pub fn on_poll(
         &mut self,
         w: &mut World,
         samples: &[(ProcRef, u64)],
+        held: &[(ProcRef, Held)],
         procs: &dyn Procs,
         clock: &Clock,
     ) {
+        let tree = &w.tree;
+        w.shm.polled(
+            held,
+            |process| Some(tree.get(process.pid)?.analysis).filter(|_| tree.holds(process)),
+            procs,
+        );
         let mut analyses = HashSet::new();
         for &(process, rss) in samples {
             if !w.tree.holds(process) {

@@ -179,7 +179,7 @@ impl Orphans {
         if w.tree.holds(root) {
             self.orphaned(w, root.pid, procs, clock);
         }
-        w.finish_done_jobs(clock);
+        w.finish_done_jobs(procs, clock);
     }
 
     /// The children whose next look is due are looked at again.

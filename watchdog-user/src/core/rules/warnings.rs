@@ -81,6 +81,8 @@ impl World {
                     warned_of: Some(of),
                     zombies: None,
                     tree_pss_bytes: None,
+                    shmem_bytes: None,
+                    shm_left: Vec::new(),
                     tree_rss_bytes: None,
                 },
                 clock,
