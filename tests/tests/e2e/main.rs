@@ -19,6 +19,7 @@ mod persist;
 mod protocol_bounds;
 mod recover;
 mod shared_pages;
+mod shmem;
 mod supervise;
 mod systemd;
 mod tree;

@@ -4,7 +4,7 @@
 //!   tmpfs pages already in its RSS (`RssShmem`): a file held by several processes
 //!   counts whole in each, as a shared page does in each RSS;
 //! - an analysis' memory is its PSS (or RSS) sum plus the bytes of every distinct file
-//!   its members hold, less their `RssShmem` sum; a file with a path that a member
+//!   its members hold, less their `RssShmem` sum; a file in /dev/shm that a member
 //!   owns and was seen holding keeps counting after its holders let it go, until it
 //!   is gone, since its pages stay in memory. The subtraction may take away more than
 //!   the files' mapped part (shared anonymous pages, or one file mapped by several
@@ -19,6 +19,17 @@ use crate::{
     core::procs::{Held, Procs, ShmFile},
     vocab::process::{AnalysisKey, ProcRef, same_start},
 };
+
+/// Where POSIX shared memory (`shm_open`, joblib's memmapping, multiprocessing's
+/// `SharedMemory`) lives: the only files remembered after their holders let go, listed
+/// as left and removed. Other tmpfs files (/tmp, /run) hold user data: they count
+/// while held and are never touched.
+pub const SHM_DIR: &str = "/dev/shm/";
+
+/// Whether `path` is in [`SHM_DIR`] (never `..` out of it).
+pub fn in_shm_dir(path: &str) -> bool {
+    path.starts_with(SHM_DIR) && !path.split('/').any(|part| part == "..")
+}
 
 /// Most named files remembered per analysis: beyond them a file counts only while
 /// held, so that an analysis creating a million files costs a bounded state.
@@ -109,11 +120,11 @@ impl ShmSeen {
 }
 
 impl Outside {
-    /// Keeps `file` for after its holders let go: a file with a path here, owned by
-    /// the member (`holder_uid`) that holds it (never someone else's file it opened).
+    /// Keeps `file` for after its holders let go: a file in /dev/shm, owned by the
+    /// member (`holder_uid`) that holds it (never someone else's file it opened).
     fn remember(&mut self, file: &ShmFile, bytes: u64, holder_uid: u32) {
         let id = (file.dev, file.ino);
-        if file.path.is_none() || file.uid != holder_uid {
+        if !file.path.as_deref().is_some_and(in_shm_dir) || file.uid != holder_uid {
             return;
         }
         if self.named.len() < FILES_PER_ANALYSIS || self.named.contains_key(&id) {

@@ -2870,7 +2870,7 @@ fn a_file_the_tree_shares_counts_once_and_what_it_left_is_on_the_roots_record_an
 }
 
 #[test]
-fn a_file_gone_stops_counting_and_anothers_file_is_never_left_or_removed() {
+fn a_file_gone_stops_counting_and_anothers_file_or_one_out_of_dev_shm_is_never_left_or_removed() {
     let mut w = World::new();
     w.core.set_settings(Settings {
         remove_shm: true,
@@ -2895,6 +2895,14 @@ fn a_file_gone_stops_counting_and_anothers_file_is_never_left_or_removed() {
     w.poll(&[(100, 10 * MIB)], &[]);
     assert_eq!(w.core.world.shm.analysis_bytes(key), 50 * MIB);
     w.shm_at_path(&own, None);
+    w.poll(&[(100, 10 * MIB)], &[]);
+    assert_eq!(w.core.world.shm.analysis_bytes(key), 0);
+    // A results file in /tmp (a tmpfs) counts while held, and is never remembered.
+    let results = shm_file(3, Some("/tmp/results.csv"), 1000);
+    w.shm_at_path(&results, Some(30 * MIB));
+    let held = holding(&[(&results, 30 * MIB)], 0);
+    w.poll(&[(100, 10 * MIB)], &[(100, held)]);
+    assert_eq!(w.core.world.shm.analysis_bytes(key), 30 * MIB);
     w.poll(&[(100, 10 * MIB)], &[]);
     assert_eq!(w.core.world.shm.analysis_bytes(key), 0);
     // Held again at the deadline: the kill leaves root's file alone.

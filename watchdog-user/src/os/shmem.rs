@@ -1,7 +1,8 @@
 //! Memory outside RSS: the tmpfs files a process holds through its descriptors or its
 //! mappings (a memfd, a file in /dev/shm or any tmpfs, a SysV segment, a shared
 //! anonymous mapping). Their pages count in no RSS until mapped and touched, and a
-//! named one outlives every holder. Read at the reconcile poll, off the loop.
+//! named one outlives every holder. Read at the reconcile poll, off the loop. Only
+//! regular files count: a device node in /dev (devtmpfs) is a tmpfs inode too.
 
 use std::{collections::HashMap, os::unix::fs::MetadataExt as _};
 
@@ -116,7 +117,10 @@ fn held_by_descriptors(pid: u32, devices: &mut Devices, found: &mut Found) {
         let Ok(meta) = std::fs::metadata(link) else {
             continue;
         };
-        if found.has(meta.dev(), meta.ino()) || !devices.is_tmpfs(meta.dev(), link) {
+        if !meta.is_file()
+            || found.has(meta.dev(), meta.ino())
+            || !devices.is_tmpfs(meta.dev(), link)
+        {
             continue;
         }
         let name = std::fs::read_link(link).ok();
@@ -139,7 +143,7 @@ fn held_by_mappings(pid: u32, devices: &mut Devices, found: &mut Found) {
         let Ok(meta) = std::fs::metadata(&link) else {
             continue;
         };
-        if devices.is_tmpfs(meta.dev(), &link) {
+        if meta.is_file() && devices.is_tmpfs(meta.dev(), &link) {
             found.add(&link, mapping.name, &meta);
         }
     }
@@ -200,14 +204,19 @@ pub fn file_bytes(file: &ShmFile) -> Option<u64> {
     (meta.dev() == file.dev && meta.ino() == file.ino).then(|| meta.blocks() * 512)
 }
 
-/// Removes `file`, left in tmpfs by a killed analysis, only while its path names it:
-/// the directory is held open first and the name looked up in it without following
-/// links, so a directory swapped for a link in between can lead nowhere else. Returns
-/// the bytes freed.
+/// Removes `file`, left in /dev/shm by a killed analysis, only while its path names
+/// it: the directory is held open first and the name looked up in it without
+/// following links, so a directory swapped for a link in between can lead nowhere
+/// else; and only a regular file under /dev/shm, owned by whom it was. Returns the
+/// bytes freed.
 pub fn remove(file: &ShmFile) -> anyhow::Result<u64> {
     use anyhow::{Context as _, bail};
     use nix::{fcntl::OFlag, sys::stat::Mode};
-    let path = std::path::Path::new(file.path.as_deref().context("it has no path")?);
+    let path = file.path.as_deref().context("it has no path")?;
+    if !crate::core::shmem::in_shm_dir(path) {
+        bail!("{path} is not in {}", crate::core::shmem::SHM_DIR);
+    }
+    let path = std::path::Path::new(path);
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         bail!("{} is no file in a directory", path.display());
     };
@@ -219,7 +228,10 @@ pub fn remove(file: &ShmFile) -> anyhow::Result<u64> {
     .with_context(|| format!("opening {}", dir.display()))?;
     let found = nix::sys::stat::fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
         .with_context(|| format!("looking at {}", path.display()))?;
-    if found.st_dev != file.dev || found.st_ino != file.ino || found.st_uid != file.uid {
+    let regular = nix::sys::stat::SFlag::from_bits_truncate(found.st_mode)
+        .contains(nix::sys::stat::SFlag::S_IFREG);
+    if !regular || found.st_dev != file.dev || found.st_ino != file.ino || found.st_uid != file.uid
+    {
         bail!("{} names another file now", path.display());
     }
     nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)
@@ -324,6 +336,34 @@ pub(crate) mod tests {
         };
         assert_eq!(remove(&file).expect("removed"), 4096);
         assert!(!std::path::Path::new(&path).exists());
+    }
+
+    #[test]
+    fn a_device_node_in_dev_is_never_a_held_file_nor_removed() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let _memfd = memfd(MIB as usize);
+        let now = held(me(), &mut Devices::default()).expect("the memfd is held");
+        assert!(
+            now.files
+                .iter()
+                .all(|(f, _)| f.path.as_deref() != Some("/dev/null")),
+            "{now:?}"
+        );
+        let meta = null.metadata().unwrap();
+        let mut file = ShmFile {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            path: Some("/dev/null".into()),
+            uid: meta.uid(),
+        };
+        assert!(remove(&file).is_err());
+        file.path = Some("/dev/shm/../null".into());
+        let refused = remove(&file).expect_err("out of /dev/shm");
+        assert!(
+            refused.to_string().contains("is not in /dev/shm/"),
+            "{refused:#}"
+        );
+        assert!(std::path::Path::new("/dev/null").exists());
     }
 
     #[test]
