@@ -180,6 +180,15 @@ fn said_and_status(analysis_id: &str, command: u32, kills: &[RunKill], status: i
     killed_the_command.map_or(status, |signal| 128 + signal as i32)
 }
 
+/// What of a memory kill's figure was in tmpfs files, for people.
+fn in_tmpfs(kill: &RunKill) -> String {
+    if kill.shmem_bytes == 0 {
+        return String::new();
+    }
+    let size = crate::vocab::units::size_rounded(kill.shmem_bytes, false);
+    format!(" ({size} of it in memfd or /dev/shm files)")
+}
+
 /// The reason of a kill with its limit, for people.
 fn why(kill: &RunKill) -> String {
     let size = |b: u64| crate::vocab::units::size_rounded(b, false);
@@ -190,13 +199,15 @@ fn why(kill: &RunKill) -> String {
             humantime::format_duration(Duration::from_millis(limit))
         ),
         Reason::Memory => format!(
-            "memory, it reached {}, over its limit of {} per process",
+            "memory, it reached {}{}, over its limit of {} per process",
             size(kill.measured_bytes),
+            in_tmpfs(kill),
             size(limit)
         ),
         Reason::TreeMemory => format!(
-            "tree_memory, its processes' PSS summed to {}, over its limit of {} in all",
+            "tree_memory, its processes' PSS summed to {}{}, over its limit of {} in all",
             size(kill.measured_bytes),
+            in_tmpfs(kill),
             size(limit)
         ),
         Reason::Orphan => "orphan, left running when its parent died".into(),

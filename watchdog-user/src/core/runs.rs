@@ -28,8 +28,11 @@ pub struct RunKill {
     /// each with the last signal it got (`SIGTERM`, `SIGKILL`).
     pub roots: Vec<RootKilled>,
     /// The largest memory figure of its records, bytes: a process' RSS, or for
-    /// `tree_memory` the analysis' PSS sum.
+    /// `tree_memory` the analysis' PSS sum, each with what was in tmpfs files.
     pub measured_bytes: u64,
+    /// Of `measured_bytes`, what was in tmpfs files (memfd, /dev/shm) and in no RSS.
+    #[serde(default)]
+    pub shmem_bytes: u64,
 }
 
 /// A registered root the watchdog killed.
@@ -74,10 +77,15 @@ impl Runs {
                 processes: 0,
                 roots: Vec::new(),
                 measured_bytes: 0,
+                shmem_bytes: 0,
             });
         kill.processes += 1;
-        let measured = record.tree_pss_bytes.unwrap_or(record.rss_bytes);
-        kill.measured_bytes = kill.measured_bytes.max(measured);
+        let shmem = record.shmem_bytes.unwrap_or(0);
+        let measured = record.tree_pss_bytes.unwrap_or(record.rss_bytes) + shmem;
+        if measured > kill.measured_bytes {
+            kill.measured_bytes = measured;
+            kill.shmem_bytes = shmem;
+        }
         if root && let Some(last) = record.signals.last() {
             kill.roots.push(RootKilled {
                 pid: record.pid,
