@@ -2753,6 +2753,14 @@ fn holding(files: &[(&ShmFile, u64)], rss_shmem: u64) -> Held {
 }
 
 impl World {
+    /// Turns on `--remove-shm`.
+    fn remove_shm(&mut self) {
+        self.core.set_settings(Settings {
+            remove_shm: true,
+            ..self.core.settings().clone()
+        });
+    }
+
     /// A reconcile poll that reads `rss` of each process and what `held` says they
     /// hold in tmpfs.
     fn poll(&mut self, rss: &[(u32, u64)], held: &[(u32, Held)]) -> Vec<Action> {
@@ -2817,10 +2825,7 @@ fn tmpfs_pages_already_in_the_rss_are_not_counted_twice() {
 #[test]
 fn a_file_the_tree_shares_counts_once_and_what_it_left_is_on_the_roots_record_and_removed() {
     let mut w = World::new();
-    w.core.set_settings(Settings {
-        remove_shm: true,
-        ..w.core.settings().clone()
-    });
+    w.remove_shm();
     let limits = LimitOverrides {
         tree_memory_bytes: Some(200 * MIB),
         memory_bytes: Some(4096 * MIB),
@@ -2872,10 +2877,7 @@ fn a_file_the_tree_shares_counts_once_and_what_it_left_is_on_the_roots_record_an
 #[test]
 fn a_file_gone_stops_counting_and_anothers_file_or_one_out_of_dev_shm_is_never_left_or_removed() {
     let mut w = World::new();
-    w.core.set_settings(Settings {
-        remove_shm: true,
-        ..w.core.settings().clone()
-    });
+    w.remove_shm();
     let limits = LimitOverrides {
         tree_memory_bytes: Some(200 * MIB),
         timeout_ms: Some(60_000),
