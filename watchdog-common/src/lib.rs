@@ -186,16 +186,62 @@ pub const KILLS_MAP: &str = "KILLS";
 
 /// Value of [`KILLS_MAP`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KillProgress {
     /// The process' start time (CLOCK_BOOTTIME, ns): with the pid, its identity.
     pub start_ns: u64,
     pub analysis: u64,
-    /// When its SIGTERM was sent (Unix ms), for its record.
+    /// When its SIGTERM was sent (Unix ms), for its record; 0 in an entry the kernel
+    /// wrote, until a daemon takes it up.
     pub sigterm_unix_ms: u64,
-    /// When its grace ends (CLOCK_BOOTTIME, ns): a clock no wall-clock step moves.
+    /// When its grace ends (CLOCK_BOOTTIME, ns): a clock no wall-clock step moves; 0 in
+    /// an entry the kernel wrote, until a daemon takes it up.
     pub escalate_boot_ns: u64,
+    /// When the kernel itself sent the SIGTERM (CLOCK_BOOTTIME, ns), the moment the
+    /// process crossed its memory limit ([`STRIKES_MAP`]); 0: a daemon sent it.
+    pub struck_boot_ns: u64,
+    /// The process' RSS when the kernel sent it (bytes; with `struck_boot_ns`).
+    pub struck_rss: u64,
+    /// Its name, uid and the start of its command line (`cmdline_len` bytes, NULs
+    /// between the arguments) then, with `struck_boot_ns`: a process that handles its
+    /// SIGTERM at once is gone before a daemon can read /proc, and its record keeps
+    /// these instead.
+    pub comm: [u8; 16],
+    pub uid: u32,
+    pub cmdline_len: u32,
+    pub cmdline: [u8; KILL_CMDLINE],
 }
+
+/// The most of a command line the kernel keeps in a [`KillProgress`] it writes, bytes.
+pub const KILL_CMDLINE: usize = 256;
+
+impl Default for KillProgress {
+    fn default() -> Self {
+        Self {
+            start_ns: 0,
+            analysis: 0,
+            sigterm_unix_ms: 0,
+            escalate_boot_ns: 0,
+            struck_boot_ns: 0,
+            struck_rss: 0,
+            comm: [0; 16],
+            uid: 0,
+            cmdline_len: 0,
+            cmdline: [0; KILL_CMDLINE],
+        }
+    }
+}
+
+/// Name of the one-entry array (`u32`, [`STRIKE_MEMORY`] bits) the daemon writes at
+/// each start and reload: what the programs may signal themselves, the moment they
+/// see a violation, before any daemon hears of it. Pinned, so the switch holds while
+/// no daemon runs and each restarted daemon sets it for itself.
+pub const STRIKES_MAP: &str = "STRIKES";
+/// Bit of [`STRIKES_MAP`]: a watched process whose RSS crosses its per-process limit
+/// in its own context (its page fault) gets its kill's SIGTERM from the `rss_stat`
+/// program, which writes the process' [`KILLS_MAP`] entry first and reports
+/// [`EventKind::Struck`].
+pub const STRIKE_MEMORY: u32 = 1;
 
 /// Name of the map of analyses with a tree memory limit: key → [`TreeRss`], the RSS of
 /// all their processes summed in the kernel as it changes. The daemon creates an entry
@@ -262,6 +308,10 @@ pub enum EventKind {
     /// `Config::rss_step` since the last report: `value` is the sum in bytes, `pid` the
     /// process whose change moved it.
     TreeRss = 5,
+    /// A watched process crossed its per-process memory limit in its own context and
+    /// the kernel sent it SIGTERM ([`STRIKE_MEMORY`]; its [`KILLS_MAP`] entry says so):
+    /// `value` is its RSS in bytes, `start_ns` its start time.
+    Struck = 6,
 }
 
 impl EventKind {
@@ -272,6 +322,7 @@ impl EventKind {
             3 => Some(Self::Exec),
             4 => Some(Self::Rss),
             5 => Some(Self::TreeRss),
+            6 => Some(Self::Struck),
             _ => None,
         }
     }
@@ -358,10 +409,10 @@ pub struct Event {
     pub analysis: u64,
     /// CLOCK_BOOTTIME of the event, ns.
     pub ts_ns: u64,
-    /// Fork and exit: the process' start time (CLOCK_BOOTTIME, ns): with the pid, the
+    /// Fork, exit and struck: the process' start time (CLOCK_BOOTTIME, ns): with the pid, the
     /// identity of the process that survives PID reuse.
     pub start_ns: u64,
-    /// Rss: bytes. Fork: [`FORK_UNTRACKED`] when the child is not in the map, with
+    /// Rss and Struck: bytes. Fork: [`FORK_UNTRACKED`] when the child is not in the map, with
     /// [`FORK_LAUNCHED`] when its parent is a launcher.
     pub value: u64,
     pub comm: [u8; 16],
@@ -432,6 +483,10 @@ pub struct Config {
     /// The length of /proc's clock tick, ns: the start times the daemon writes are
     /// whole ticks, so a launcher's is compared with the kernel's at that precision.
     pub ns_per_tick: u64,
+    /// `mm_struct.arg_start` and `arg_end` (0: not found): where a process' command
+    /// line lies in its memory, kept by the memory strike for the record.
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
 }
 
 impl Config {
@@ -470,6 +525,8 @@ impl Config {
         upid_ns: 0,
         pidns_inum: 0,
         ns_per_tick: 0,
+        mm_arg_start: 0,
+        mm_arg_end: 0,
     };
 }
 

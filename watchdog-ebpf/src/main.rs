@@ -29,8 +29,8 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
-        generated::{bpf_send_signal, bpf_seq_write},
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+        generated::{bpf_probe_read_user, bpf_send_signal, bpf_seq_write},
     },
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -39,13 +39,18 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use watchdog_common::{
     AnalysisEntry, Config, ERROR_SLOTS, Event, EventKind, FORK_LAUNCHED, FORK_UNTRACKED,
-    KillProgress, MAX_ANALYSES, MAX_WATCHED, PidNs, ProcRecord, ProgramError, RING_BYTES,
-    RootEntry, RssSample, TreeRss, WalkTarget, WatchEntry, error_slot,
+    KILL_CMDLINE, KillProgress, MAX_ANALYSES, MAX_WATCHED, PidNs, ProcRecord, ProgramError,
+    RING_BYTES, RootEntry, RssSample, STRIKE_MEMORY, TreeRss, WalkTarget, WatchEntry, error_slot,
 };
 
 /// What a hash map update returns when the map is full.
 const E2BIG: i64 = 7;
+/// What a `NOEXIST` update returns when the key is there.
+const EEXIST: i64 = 17;
 const SIGKILL: u32 = 9;
+const SIGTERM: u32 = 15;
+/// `BPF_NOEXIST`: an update that only creates.
+const NOEXIST: u64 = 1;
 
 #[unsafe(no_mangle)]
 static WATCHDOG_CONFIG: Config = Config::UNSET;
@@ -96,10 +101,21 @@ static TREE_RSS: HashMap<u64, TreeRss> = HashMap::with_max_entries(MAX_ANALYSES,
 static DYING: HashMap<u64, u64> = HashMap::with_max_entries(MAX_ANALYSES, 0);
 
 /// Processes a kill has sent SIGTERM ([`watchdog_common::KILLS_MAP`]): kept for a
-/// restarted daemon, read by no program. Allocated as it fills: most of the time empty.
+/// restarted daemon; the memory strike writes its own here, and sends none to a
+/// process already in it. Allocated as it fills: most of the time empty.
 #[map]
 static KILLS: HashMap<u32, KillProgress> =
     HashMap::with_max_entries(MAX_WATCHED, BPF_F_NO_PREALLOC);
+
+/// One [`KillProgress`] per CPU, where the memory strike builds the entry it writes.
+#[map]
+static STRIKE_SCRATCH: PerCpuArray<KillProgress> = PerCpuArray::with_max_entries(1, 0);
+
+/// What the programs may signal themselves ([`watchdog_common::STRIKES_MAP`], key 0):
+/// written by each daemon at its start and reload, and pinned, so it holds while no
+/// daemon runs.
+#[map]
+static STRIKES: Array<u32> = Array::with_max_entries(1, 0);
 
 /// The daemon's [`watchdog_common::LAYOUT`] (key 0), written once the programs are
 /// attached: a restarted daemon trusts the pinned maps only if it is its own.
@@ -501,7 +517,7 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let mm: *const u8 = ctx.arg(0);
-    let Some(tgid) = mm_user(mm)? else {
+    let Some((tgid, own)) = mm_user(mm)? else {
         return Ok(());
     };
     let Some(entry) = WATCHED.get_ptr_mut(tgid) else {
@@ -513,6 +529,17 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let entry = unsafe { &mut *entry };
     count_rss(entry, tgid, rss);
     let crosses = |level: u64| level != 0 && rss >= level && entry.rss_reported < level;
+    let over_limit = crosses(entry.mem_limit) && rss > entry.mem_limit;
+    if over_limit && own && strike(ctx, (mm, entry), tgid, rss) {
+        entry.rss_reported = rss;
+        emit(Record {
+            start_ns: entry.start_ns,
+            value: rss,
+            urgent: true,
+            ..Record::new(EventKind::Struck, tgid, entry.analysis)
+        });
+        return Ok(());
+    }
     let crossed = crosses(entry.mem_limit) || crosses(entry.warn_bytes);
     let moved = rss.abs_diff(entry.rss_reported) >= config!(rss_step);
     // What was reported is what the daemon heard: a report lost to a full ring leaves
@@ -529,15 +556,88 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// The process whose address space `mm` is: the current one's own, or (a change made
-/// by another task: `process_vm_writev`, ptrace, reclaim) the owner's, where the kernel
-/// has `mm->owner`. None for an address space being torn down (its owner gone) or
-/// built (a fork's child, whose `mm` is not yet the new one).
-fn mm_user(mm: *const u8) -> Result<Option<u32>, i64> {
+/// The memory strike: the current process, `tgid`, has just crossed its limit in its
+/// own page fault; when the daemon lets the kernel do so, it gets its kill's SIGTERM
+/// now, before it runs another instruction, instead of a few ms later from the
+/// daemon. Its [`KILLS`] entry is written first and holds the time and the RSS: the
+/// record of it never depends on the event reaching a daemon. None is sent to a
+/// process a kill has already sent one, nor to a member of an analysis being
+/// SIGKILLed; a failed send is undone and leaves the crossing to the daemon.
+fn strike(
+    ctx: &BtfTracePointContext,
+    (mm, entry): (*const u8, &WatchEntry),
+    tgid: u32,
+    rss: u64,
+) -> bool {
+    if STRIKES.get(0).is_none_or(|bits| bits & STRIKE_MEMORY == 0)
+        || unsafe { DYING.get(&entry.analysis) }.is_some()
+    {
+        return false;
+    }
+    // Built in the map, not on the stack: the command line alone is half of it.
+    let Some(progress) = STRIKE_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer, this CPU's own.
+    let progress = unsafe { &mut *progress };
+    progress.start_ns = entry.start_ns;
+    progress.analysis = entry.analysis;
+    progress.sigterm_unix_ms = 0;
+    progress.escalate_boot_ns = 0;
+    progress.struck_boot_ns = unsafe { bpf_ktime_get_boot_ns() };
+    progress.struck_rss = rss;
+    progress.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    progress.uid = bpf_get_current_uid_gid() as u32;
+    progress.cmdline_len = read_cmdline(mm, &mut progress.cmdline);
+    // NOEXIST: a kill's SIGTERM already went out (its entry is there), or another
+    // thread of the process is striking it on another CPU right now.
+    if let Err(code) = KILLS.insert(tgid, &*progress, NOEXIST) {
+        let code = i64::from(code);
+        if code != -EEXIST && code != -E2BIG {
+            failed(ctx, Program::RssStat, ProgramError::MapUpdate, code);
+        }
+        return false;
+    }
+    if unsafe { bpf_send_signal(SIGTERM) } != 0 {
+        let _ = KILLS.remove(tgid);
+        return false;
+    }
+    true
+}
+
+/// The start of the command line of the current process, whose address space `mm` is,
+/// into `buf`: its length (0 where this kernel's offsets are unknown, or the page is
+/// not resident: a probe read never faults).
+fn read_cmdline(mm: *const u8, buf: &mut [u8; KILL_CMDLINE]) -> u32 {
+    let (start_at, end_at) = (config!(mm_arg_start), config!(mm_arg_end));
+    if start_at == 0 || end_at == 0 {
+        return 0;
+    }
+    let (Ok(start), Ok(end)) = (read_at::<u64>(mm, start_at), read_at::<u64>(mm, end_at)) else {
+        return 0;
+    };
+    // Masked as well as bounded: the verifier must see the size is at most the buffer.
+    let len = (end.saturating_sub(start).min(KILL_CMDLINE as u64 - 1) as u32) & 0xff;
+    let read = unsafe {
+        bpf_probe_read_user(
+            buf.as_mut_ptr().cast(),
+            len,
+            start as *const core::ffi::c_void,
+        )
+    };
+    if read == 0 { len } else { 0 }
+}
+
+/// The process whose address space `mm` is, and whether it is the current one: the
+/// current one's own, or (a change made by another task: `process_vm_writev`, ptrace,
+/// reclaim) the owner's, where the kernel has `mm->owner`. None for an address space
+/// being torn down (its owner gone) or built (a fork's child, whose `mm` is not yet
+/// the new one).
+fn mm_user(mm: *const u8) -> Result<Option<(u32, bool)>, i64> {
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let own_mm: *const u8 = read_at(task, config!(task_mm))?;
     if own_mm == mm {
-        return current_tgid().map(Some);
+        return current_tgid().map(|tgid| Some((tgid, true)));
     }
     let owner_offset = config!(mm_owner);
     if owner_offset == 0 {
@@ -551,7 +651,7 @@ fn mm_user(mm: *const u8) -> Result<Option<u32>, i64> {
     if owners_mm != mm {
         return Ok(None);
     }
-    tgid_of(owner).map(Some)
+    tgid_of(owner).map(|tgid| Some((tgid, false)))
 }
 
 /// Moves the analysis' summed RSS by this process' change since it was last counted,

@@ -417,6 +417,11 @@ const METRICS: &[Metric] = &[
         program_errors,
     ),
     counter(
+        "watchdog_kernel_signals_total",
+        "Memory kills whose SIGTERM the kernel programs sent themselves, at the crossing.",
+        |s| s.kernel_signals as f64,
+    ),
+    counter(
         "watchdog_resyncs_total",
         "Tree rebuilds after lost events.",
         |s| s.resyncs as f64,
@@ -596,6 +601,7 @@ mod tests {
             signals: vec![SignalSent {
                 signal: "SIGTERM".into(),
                 at: "2026-11-21T17:00:00.000Z".into(),
+                by: None,
             }],
             outcome: Outcome::ExitedAfterSigterm,
             comm: "<img src=x onerror=alert(1)>".into(),
@@ -648,6 +654,7 @@ mod tests {
             watch_map_full: 7,
             pinned_state_dropped: 1,
             resyncs: 4,
+            kernel_signals: 18,
             loop_longest_ms: 12.5,
             grace_count: 6,
             records_unqueued: 8,

@@ -369,6 +369,10 @@ pub struct Status {
     pub resyncs: u64,
     /// RSS reports from the kernel's memory fast path.
     pub rss_reports: u64,
+    /// Memory kills whose SIGTERM the kernel programs sent themselves, at the crossing
+    /// (`kernel_paths` says whether they may: `memory_first_signal`).
+    #[serde(default)]
+    pub kernel_signals: u64,
     /// Duration of the last reconcile poll (RSS of every watched process), ms.
     pub last_poll_ms: f64,
     /// The longest the daemon's loop spent on one input since start (a batch of kernel

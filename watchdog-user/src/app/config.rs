@@ -137,6 +137,12 @@ pub struct RunArgs {
     /// Log the kernel programs' error reports (read with aya-log; off: they write none).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub kernel_log: Option<bool>,
+    /// Let the kernel programs send a memory kill's SIGTERM themselves, the moment a
+    /// process crosses its limit in its own page fault, also while no daemon runs; the
+    /// daemon then runs the grace and the SIGKILL. Off: the daemon sends it, a few ms
+    /// later [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub kernel_signals: Option<bool>,
     /// Ring buffer size in bytes (tests use a tiny one to provoke losses).
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -194,10 +200,30 @@ pub struct Options {
     pub fresh: bool,
     /// Turn the kernel programs' error reports on and forward them to this log.
     pub kernel_log: bool,
+    /// Let the programs send a memory kill's SIGTERM themselves.
+    pub kernel_signals: bool,
     /// /status and /metrics listener.
     pub http: Option<std::net::SocketAddr>,
     /// What the options were resolved from, to resolve them again on SIGHUP.
     pub args: crate::app::config::RunArgs,
+}
+
+impl Options {
+    /// Why the programs may not send a memory kill's SIGTERM themselves, if they may
+    /// not: they compare RSS, and only signal.
+    pub fn memory_strike_off(&self) -> Option<&'static str> {
+        if !self.kernel_signals {
+            Some("off (kernel-signals = false): the daemon sends it when it hears of the crossing")
+        } else if self.dry_run {
+            Some("off during a dry run: nothing is signalled")
+        } else if self.memory_metric == crate::vocab::limits::MemoryMetric::Pss {
+            Some(
+                "off with --memory-metric pss: the kernel sees RSS only; the daemon reads PSS and signals",
+            )
+        } else {
+            None
+        }
+    }
 }
 
 impl RunArgs {
@@ -244,6 +270,7 @@ impl RunArgs {
             remove_shm: self.remove_shm.or(file.remove_shm),
             memory_metric: self.memory_metric.or(file.memory_metric),
             kernel_log: self.kernel_log.or(file.kernel_log),
+            kernel_signals: self.kernel_signals.or(file.kernel_signals),
             ring_bytes: self.ring_bytes,
             watched_capacity: self.watched_capacity,
             test_faults: self.test_faults,
@@ -299,6 +326,7 @@ impl RunArgs {
             pin_dir: all.pin_dir.unwrap_or_else(|| "/sys/fs/bpf/watchdog".into()),
             fresh: all.fresh,
             kernel_log: all.kernel_log.unwrap_or(false),
+            kernel_signals: all.kernel_signals.unwrap_or(true),
             http,
             args: self.clone(),
         })

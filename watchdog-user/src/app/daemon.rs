@@ -12,6 +12,7 @@ use std::{
     path::Path,
     time::{Duration, Instant},
 };
+use watchdog_common::KillProgress;
 
 use anyhow::{Result, bail};
 use tokio::{
@@ -65,6 +66,7 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         options.fresh,
         options.kernel_log,
     )?;
+    kernel.set_memory_strike(options.memory_strike_off())?;
     // After the programs load: a daemon that cannot load them says only that.
     if let Some(tightened) = private::own_dir(&options.state_dir)? {
         tracing::warn!("{tightened}");
@@ -626,9 +628,22 @@ impl Daemon {
                 if ts_ns <= resynced_at_ns && !kernel.is_watched(pid))
         };
         batch.retain(|e| !stale(e));
+        // A kernel strike's entry holds what the kernel read of the process (command
+        // line, uid): read here, in the event's turn, for its record.
+        let kept = |event: &KernelEvent| match *event {
+            KernelEvent::Struck { process, .. } => kernel.untaken_strike(process),
+            _ => None,
+        };
+        let batch: Vec<(KernelEvent, Option<KillProgress>)> =
+            batch.into_iter().map(|e| (e, kept(&e))).collect();
         self.feed(|core, clock| {
-            for event in batch {
-                core.on_event(event, &SysProcs, clock);
+            for (event, kept) in batch {
+                match (event, kept) {
+                    (KernelEvent::Struck { process, .. }, Some(kept)) => {
+                        core.take_up_strikes(&[(process.pid, kept)], &SysProcs, clock)
+                    }
+                    _ => core.on_event(event, &SysProcs, clock),
+                }
             }
         });
     }
@@ -833,7 +848,12 @@ impl Daemon {
         );
         self.losses_repaired = losses;
         let in_map = self.effects.kernel.watched();
-        self.feed(|core, clock| core.resync(&in_map, &SysProcs, clock, Resync::LostEvents));
+        // The kernel's SIGTERMs at memory crossings whose events may be among those lost.
+        let kills = self.effects.kernel.kill_progress();
+        self.feed(|core, clock| {
+            core.resync(&in_map, &SysProcs, clock, Resync::LostEvents);
+            core.take_up_strikes(&kills, &SysProcs, clock);
+        });
     }
 
     /// SIGHUP: re-reads the settings; applies what can change while running (limits
@@ -861,6 +881,13 @@ impl Daemon {
         }
         let settings = settings_of(&new, self.core.settings().machine_memory);
         self.core.set_settings(settings);
+        if let Err(err) = self
+            .effects
+            .kernel
+            .set_memory_strike(new.memory_strike_off())
+        {
+            tracing::error!("{err:#}: the programs keep the memory strike as it was");
+        }
         self.poll_interval = new.poll_interval;
         tracing::info!(defaults = ?new.defaults, dry_run = new.dry_run, poll = ?new.poll_interval, "settings reloaded");
         Some(new.poll_interval)

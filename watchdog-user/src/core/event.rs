@@ -1,7 +1,7 @@
 //! What the kernel tells the core, decoded from the ring buffer: the core's input
 //! vocabulary for process lifetimes and memory.
 
-use crate::vocab::process::{AnalysisKey, Comm};
+use crate::vocab::process::{AnalysisKey, Comm, ProcRef};
 
 /// One kernel event about a watched process.
 #[derive(Debug, Clone, Copy)]
@@ -38,5 +38,13 @@ pub enum KernelEvent {
     TreeRss {
         analysis: AnalysisKey,
         rss_sum: u64,
+    },
+    /// The kernel sent `process` its memory kill's SIGTERM at `ts_ns` (CLOCK_BOOTTIME),
+    /// the moment its RSS crossed its limit in its own page fault.
+    Struck {
+        process: ProcRef,
+        analysis: AnalysisKey,
+        rss_bytes: u64,
+        ts_ns: u64,
     },
 }

@@ -74,6 +74,14 @@ pub struct SignalOrder {
     pub describe: bool,
 }
 
+/// A target's SIGTERM sent before its kill began: by an earlier daemon (its grace
+/// goes on), or by the kernel the moment the target crossed its memory limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EarlierSigterm {
+    pub at: SystemTime,
+    pub by_kernel: bool,
+}
+
 /// What a new target asks of the effects: its first signal (with its description), or,
 /// from a job that signals nothing, its description alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,14 +195,15 @@ impl KillJob {
     /// target already): its first signal, SIGTERM, or SIGKILL once the grace is over
     /// (a process forked while its tree is dying gets no grace of its own), with its
     /// description. A dry run or a log-only job signals nothing and is done with it at
-    /// once, but for its description. A target an earlier daemon sent SIGTERM
-    /// (`earlier_sigterm`, when) gets none again: its SIGKILL, when the grace is over.
+    /// once, but for its description. A target sent SIGTERM before (`earlier_sigterm`:
+    /// by an earlier daemon, or by the kernel) gets none again: its SIGKILL, when the
+    /// grace is over.
     pub fn add(
         &mut self,
         info: TargetInfo,
         now: Instant,
         now_wall: SystemTime,
-        earlier_sigterm: Option<SystemTime>,
+        earlier_sigterm: Option<EarlierSigterm>,
     ) -> Option<FirstAsk> {
         let pid = info.process.pid;
         if self.targets.contains_key(&pid) {
@@ -211,10 +220,15 @@ impl KillJob {
             progress_saved: false,
         };
         let ask = if self.mode == Mode::Signal {
-            if let Some(at) = earlier_sigterm {
-                Self::note_signal(&mut target, Signal::SIGTERM, at);
+            if let Some(earlier) = earlier_sigterm {
+                Self::note_signal(&mut target, Signal::SIGTERM, earlier.at);
+                if earlier.by_kernel
+                    && let Some(sent) = target.signals.last_mut()
+                {
+                    sent.by = Some("kernel".into());
+                }
                 target.progress_saved = true;
-                self.time = self.time.min(at);
+                self.time = self.time.min(earlier.at);
             }
             let signal = if now >= self.escalate_at {
                 Some(Signal::SIGKILL)
@@ -258,8 +272,11 @@ impl KillJob {
             return None;
         }
         self.undescribed -= 1;
-        target.info.cmdline.clone_from(&details.cmdline);
-        target.info.uid = details.uid;
+        // A target gone before /proc was read keeps what the kernel read of it, if any.
+        if !details.cmdline.is_empty() || target.info.cmdline.is_empty() {
+            target.info.cmdline.clone_from(&details.cmdline);
+            target.info.uid = details.uid;
+        }
         target.info.rss_bytes = target.info.rss_bytes.max(details.rss_bytes);
         if !self.escalated || target.done || target.sigkilled {
             return None;
@@ -282,6 +299,7 @@ impl KillJob {
         target.signals.push(SignalSent {
             signal: format!("{signal}"),
             at: rfc3339(at),
+            by: None,
         });
         target.sigkilled |= signal == Signal::SIGKILL;
     }

@@ -30,6 +30,7 @@ pub mod world;
 use std::{collections::VecDeque, time::Instant};
 
 use anyhow::Result;
+use watchdog_common::KillProgress;
 
 pub use crate::core::{
     registration::{Registered, Registration, Watch},
@@ -196,9 +197,55 @@ impl Core {
                 self.memory
                     .tree_rss_seen(w, analysis, rss_sum, procs, clock);
             }
+            KernelEvent::Struck {
+                process,
+                analysis,
+                rss_bytes,
+                ts_ns,
+            } => {
+                // Its pinned entry, when the daemon could read it, comes through
+                // `take_up_strikes`, with what the kernel read of the process.
+                w.counters.rss_reports += 1;
+                let kept = KillProgress {
+                    start_ns: process.start_ns,
+                    analysis,
+                    struck_boot_ns: ts_ns,
+                    struck_rss: rss_bytes,
+                    ..KillProgress::default()
+                };
+                self.memory.struck(w, process, &kept, clock);
+            }
             KernelEvent::Exec { pid, comm } => {
                 w.counters.execs += 1;
                 w.tree.set_comm(pid, comm);
+            }
+        }
+        self.world.finish_done_jobs(procs, clock);
+    }
+
+    /// SIGTERMs the kernel sent at memory crossings that no event told of (lost to a
+    /// full ring, or sent while no daemon ran; their pinned entries say so): each
+    /// kill goes on from its SIGTERM, and a process gone since is recorded as it
+    /// ended. Called once the tree is rebuilt from the kernel map.
+    pub fn take_up_strikes(
+        &mut self,
+        kills: &[(u32, KillProgress)],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        let untaken = kills
+            .iter()
+            .filter(|(_, p)| p.struck_boot_ns != 0 && p.escalate_boot_ns == 0);
+        for &(pid, struck) in untaken {
+            let process = ProcRef {
+                pid,
+                start_ns: struck.start_ns,
+            };
+            if self.world.tree.holds(process) {
+                self.memory.struck(&mut self.world, process, &struck, clock);
+            } else {
+                self.world
+                    .record_past_strike(process, &struck, procs, clock);
             }
         }
         self.world.finish_done_jobs(procs, clock);

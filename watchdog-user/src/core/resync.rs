@@ -96,6 +96,7 @@ impl Core {
         }
         self.resume_launches(launchers, procs);
         self.resync(in_map, procs, clock, Resync::Restart);
+        self.take_up_strikes(&saved.kills, procs, clock);
         let saved_roots: HashMap<u32, RootEntry> = roots.iter().copied().collect();
         let parentless: Vec<ProcRef> = self
             .world

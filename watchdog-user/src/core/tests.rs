@@ -2607,7 +2607,7 @@ fn saved_sigterms(actions: &[Action]) -> Vec<(u32, KillProgress)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::SaveKillProgress(process, progress) => Some((process.pid, *progress)),
+            Action::SaveKillProgress(process, progress) => Some((process.pid, **progress)),
             _ => None,
         })
         .collect()

@@ -117,7 +117,7 @@ pub enum Action {
     Release(ProcRef),
     /// `process` got its kill's SIGTERM: kept pinned, so that a restarted daemon ends
     /// its grace when this one would have.
-    SaveKillProgress(ProcRef, KillProgress),
+    SaveKillProgress(ProcRef, Box<KillProgress>),
     /// The kill of `process` is over (or never signalled it): its pinned entry goes.
     ForgetKillProgress(ProcRef),
     /// A finished violation or kill: log it, spool it, store it.
@@ -269,6 +269,8 @@ pub struct Counters {
     pub kills_by_reason: BTreeMap<&'static str, u64>,
     /// Children the kernel map could not take, followed by the rules instead.
     pub untracked_forks: u64,
+    /// Memory kills whose SIGTERM the kernel sent itself, at the crossing.
+    pub kernel_strikes: u64,
 }
 
 /// Why the tree is rebuilt from the kernel map; only a repair after lost events counts

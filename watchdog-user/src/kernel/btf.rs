@@ -439,6 +439,9 @@ impl KernelBtf {
         config.page_size = procfs::page_size();
         config.rss_step = RSS_STEP;
         config.mm_owner = self.member_offset("mm_struct", "owner").unwrap_or(0);
+        // Only for a record's command line: without them it is read from /proc only.
+        config.mm_arg_start = self.member_offset("mm_struct", "arg_start").unwrap_or(0);
+        config.mm_arg_end = self.member_offset("mm_struct", "arg_end").unwrap_or(0);
         Ok(())
     }
 

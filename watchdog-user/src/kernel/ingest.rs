@@ -112,6 +112,15 @@ fn decode(bytes: &[u8], now_ns: u64) -> Option<KernelEvent> {
             analysis: ev.analysis,
             rss_sum: ev.value,
         },
+        EventKind::Struck => KernelEvent::Struck {
+            process: crate::vocab::process::ProcRef {
+                pid: ev.pid,
+                start_ns: ev.start_ns,
+            },
+            analysis: ev.analysis,
+            rss_bytes: ev.value,
+            ts_ns: ev.ts_ns,
+        },
     })
 }
 

@@ -17,8 +17,8 @@ use watchdog_common::{
     ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, DYING_MAP, ERRORS_MAP,
     EVENTS_MAP, INITIAL_PID_NS_INUM, KERNEL_LOG_MAP, KILLS_MAP, KillProgress, LAUNCHERS_MAP,
     LAYOUT, LAYOUT_MAP, LOGS_MAP, PID_NS_MAP, PIDNS_ITER, PROGRAM_ERRORS, PROGRAM_NAMES, PidNs,
-    ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER, RootEntry, RssSample, TREE_RSS_MAP, TreeRss,
-    WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
+    ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER, RootEntry, RssSample, STRIKE_MEMORY, STRIKES_MAP,
+    TREE_RSS_MAP, TreeRss, WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
 };
 
 use tokio::io::{Interest, unix::AsyncFd};
@@ -64,6 +64,11 @@ pub struct Kernel {
     dying: HashMap<MapData, u64, u64>,
     /// Processes a kill has sent SIGTERM, and when their grace ends.
     kills: HashMap<MapData, u32, KillProgress>,
+    /// What the programs may signal themselves ([`STRIKES_MAP`]).
+    strikes: Array<MapData, u32>,
+    /// The programs read this kernel's RSS counters at each change: the memory strike
+    /// can work here.
+    memory_events: bool,
     resumed: bool,
     /// Pinned state was found untrustworthy and dropped at load (1), or not (0).
     pinned_state_dropped: u64,
@@ -215,7 +220,7 @@ fn remove_if_same<V: aya::Pod>(
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 16] = [
+const PINNED_MAPS: [&str; 17] = [
     WATCHED_MAP,
     EVENTS_MAP,
     DROPS_MAP,
@@ -231,6 +236,8 @@ const PINNED_MAPS: [&str; 16] = [
     DYING_MAP,
     // A kill's grace goes on across restarts: a restarted daemon SIGKILLs when it ends.
     KILLS_MAP,
+    // What the programs signal themselves, also while no daemon runs.
+    STRIKES_MAP,
     // Pinned too so that a restarted daemon writes the map the pinned iterator reads.
     WALK_TARGET_MAP,
     // The error reports and their switch: a restarted daemon reads the reports the
@@ -393,6 +400,7 @@ impl Kernel {
             let _ = drop_pins(pin_dir);
         }
         if let Ok((kernel, _)) = &mut loaded {
+            kernel.memory_events = config.rss_enabled != 0;
             paths.extend(kernel.iterator_paths(&config));
             log_paths(&paths);
             kernel.paths = paths;
@@ -466,6 +474,8 @@ impl Kernel {
             tree_rss: HashMap::try_from(take(&mut ebpf, TREE_RSS_MAP)?)?,
             dying: HashMap::try_from(take(&mut ebpf, DYING_MAP)?)?,
             kills: HashMap::try_from(take(&mut ebpf, KILLS_MAP)?)?,
+            strikes: Array::try_from(take(&mut ebpf, STRIKES_MAP)?)?,
+            memory_events: false,
             resumed,
             pinned_state_dropped: 0,
             salvage: None,
@@ -549,6 +559,41 @@ impl Kernel {
     /// target by now.
     pub fn forget_kill_progress(&mut self, process: ProcRef) {
         remove_if_same(&mut self.kills, process, |e| e.start_ns);
+    }
+
+    /// Lets the programs send a memory kill's SIGTERM themselves, at the crossing, or
+    /// not (`off`: why the daemon does not let them); said in `status` as the path
+    /// `memory_first_signal`. Where the programs do not follow this kernel's RSS
+    /// counters, the daemon sends it, whatever is asked.
+    pub fn set_memory_strike(&mut self, off: Option<&str>) -> Result<()> {
+        let path = match (self.memory_events, off) {
+            (false, _) => KernelPath::new(
+                "memory_first_signal",
+                "daemon",
+                "the programs cannot read this kernel's RSS counters: the daemon signals at the reconcile poll",
+            ),
+            (true, Some(why)) => KernelPath::new("memory_first_signal", "daemon", why),
+            (true, None) => KernelPath::new(
+                "memory_first_signal",
+                "kernel",
+                "the rss_stat program sends SIGTERM the moment a process crosses its limit in its own page fault",
+            ),
+        };
+        let on = path.how == "kernel";
+        self.strikes
+            .set(0, if on { STRIKE_MEMORY } else { 0 }, 0)
+            .context("setting what the programs may signal themselves (STRIKES)")?;
+        self.paths.retain(|p| p.path != path.path);
+        self.paths.push(path);
+        Ok(())
+    }
+
+    /// The entry the kernel wrote when it sent `process` SIGTERM, while no daemon has
+    /// taken it up yet.
+    pub fn untaken_strike(&self, process: ProcRef) -> Option<KillProgress> {
+        self.kills.get(&process.pid, 0).ok().filter(|p| {
+            p.start_ns == process.start_ns && p.struck_boot_ns != 0 && p.escalate_boot_ns == 0
+        })
     }
 
     /// The kills in progress the pinned map kept: (pid, progress).

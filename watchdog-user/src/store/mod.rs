@@ -1092,6 +1092,7 @@ pub async fn bench_inserts(url: &DatabaseUrl, rows: usize, batch: usize) -> Resu
             signals: vec![crate::vocab::record::SignalSent {
                 signal: "SIGTERM".into(),
                 at: crate::vocab::units::rfc3339(std::time::SystemTime::now()),
+                by: None,
             }],
             outcome: crate::vocab::record::Outcome::ExitedAfterSigterm,
             comm: "python3".into(),

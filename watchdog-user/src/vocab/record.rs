@@ -9,6 +9,10 @@ use crate::vocab::limits::Reason;
 pub struct SignalSent {
     pub signal: String,
     pub at: String,
+    /// Who sent it, when not the daemon: `kernel`, the programs themselves, the moment
+    /// the process crossed its limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// A file in tmpfs (/dev/shm) that a killed analysis' members held and owned, still

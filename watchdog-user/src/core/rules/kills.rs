@@ -4,7 +4,7 @@
 
 use crate::{
     core::{
-        kill::{FirstAsk, JobSpec, KillJob, Mode, Scope, SignalOrder, TargetInfo},
+        kill::{EarlierSigterm, FirstAsk, JobSpec, KillJob, Mode, Scope, SignalOrder, TargetInfo},
         procs::{Details, Procs},
         tree::Node,
         world::{Action, Clock, DYING_LINGER, RECORDS_KEPT, RECORDS_KEPT_BYTES, World},
@@ -12,16 +12,29 @@ use crate::{
     vocab::{
         limits::Reason,
         process::{AnalysisKey, ProcRef, same_start},
-        record::{KillRecord, Outcome, ShmLeft},
+        record::{KillRecord, Outcome, ShmLeft, SignalSent},
+        units::rfc3339,
     },
 };
 use nix::sys::signal::Signal;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use watchdog_common::KillProgress;
 
 /// The monotonic instant of CLOCK_BOOTTIME `boot_ns` (now, if it has passed).
 fn instant_at(boot_ns: u64, clock: &Clock) -> Instant {
     clock.now + Duration::from_nanos(boot_ns.saturating_sub(clock.boot_ns))
+}
+
+/// The command line the kernel read when it sent SIGTERM, as records keep one.
+fn struck_cmdline(struck: &KillProgress) -> String {
+    let len = (struck.cmdline_len as usize).min(struck.cmdline.len());
+    crate::vocab::record::bounded_cmdline(&struck.cmdline[..len])
+}
+
+/// The wall-clock time of CLOCK_BOOTTIME `boot_ns` (now, if that is ahead).
+fn wall_at(boot_ns: u64, clock: &Clock) -> SystemTime {
+    let ago = Duration::from_nanos(clock.boot_ns.saturating_sub(boot_ns));
+    clock.wall.checked_sub(ago).unwrap_or(clock.wall)
 }
 
 /// CLOCK_BOOTTIME at monotonic `at` (now, if it has passed).
@@ -111,6 +124,95 @@ impl World {
                 self.actions.push(Action::ForgetKillProgress(process));
             }
         }
+    }
+
+    /// The kernel sent `process` its memory kill's SIGTERM (`kept`: what its entry
+    /// holds): kept as an earlier SIGTERM, with the time it was sent and the end of the
+    /// grace it began, for the kill that now comes for it (and, pinned, for a restarted
+    /// daemon).
+    pub(in crate::core) fn take_up_strike(
+        &mut self,
+        process: ProcRef,
+        analysis: AnalysisKey,
+        kept: &KillProgress,
+        clock: &Clock,
+    ) {
+        let grace = self
+            .registry
+            .get(analysis)
+            .map_or_else(|| self.settings.defaults.grace(), |a| a.limits.grace());
+        let at = kept.struck_boot_ns;
+        let progress = KillProgress {
+            start_ns: process.start_ns,
+            analysis,
+            sigterm_unix_ms: crate::vocab::units::unix_ms(wall_at(at, clock)),
+            escalate_boot_ns: at
+                .saturating_add(u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX)),
+            ..*kept
+        };
+        self.earlier_sigterms.insert(process.pid, progress);
+        self.actions
+            .push(Action::SaveKillProgress(process, Box::new(progress)));
+    }
+
+    /// The kernel sent `process` SIGTERM at its memory crossing (`struck`, its pinned
+    /// entry), and it is out of the tree before any kill took that up: it ended while no
+    /// daemon ran, or with its events lost. Its record is made from what the kernel
+    /// kept; one whose pid still runs that process was let go (unregistered), and only
+    /// said.
+    pub(in crate::core) fn record_past_strike(
+        &mut self,
+        process: ProcRef,
+        struck: &KillProgress,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        self.actions.push(Action::ForgetKillProgress(process));
+        let running = procs
+            .read(process.pid)
+            .is_some_and(|p| same_start(p.start_ns, process.start_ns));
+        if running {
+            tracing::warn!(
+                pid = process.pid,
+                "the kernel sent SIGTERM at the memory limit to a process no longer watched"
+            );
+            return;
+        }
+        let analysis = self.registry.get(struck.analysis);
+        let at = rfc3339(wall_at(struck.struck_boot_ns, clock));
+        let owner = analysis.map(|a| a.owner);
+        let record = KillRecord {
+            time: at.clone(),
+            host: self.host.clone(),
+            pid: process.pid,
+            ppid: 0,
+            analysis_id: analysis.map(|a| a.id.clone()).unwrap_or_default(),
+            reason: Reason::Memory,
+            limit: analysis.map(|a| a.limits.memory_bytes),
+            rss_bytes: struck.struck_rss,
+            runtime_ms: struck.struck_boot_ns.saturating_sub(process.start_ns) / 1_000_000,
+            signals: vec![SignalSent {
+                signal: format!("{}", Signal::SIGTERM),
+                at,
+                by: Some("kernel".into()),
+            }],
+            outcome: Outcome::ExitedAfterSigterm,
+            comm: crate::vocab::process::Comm(struck.comm)
+                .as_str()
+                .into_owned(),
+            cmdline: struck_cmdline(struck),
+            uid: struck.uid,
+            owner_uid: owner,
+            warned_of: None,
+            zombies: None,
+            tree_pss_bytes: None,
+            tree_rss_bytes: None,
+            shmem_bytes: None,
+            shm_left: Vec::new(),
+        };
+        self.counters.kernel_strikes += 1;
+        self.runs.killed(struck.analysis, &record, false);
+        self.keep_record(record, clock);
     }
 
     /// The earlier daemon's SIGTERM of `process`, if it had one.
@@ -279,8 +381,17 @@ impl World {
         };
         let process = info.process;
         let earlier = self.take_earlier_sigterm(process);
-        let earlier_at = earlier.map(|p| UNIX_EPOCH + Duration::from_millis(p.sigterm_unix_ms));
-        match job.add(info, clock.now, clock.wall, earlier_at) {
+        let mut info = info;
+        if let Some(struck) = earlier.filter(|p| p.struck_boot_ns != 0) {
+            // What the kernel read at its SIGTERM: /proc may be gone by the time the
+            // effects read it.
+            (info.cmdline, info.uid) = (struck_cmdline(&struck), struck.uid);
+        }
+        let earlier = earlier.map(|p| EarlierSigterm {
+            at: UNIX_EPOCH + Duration::from_millis(p.sigterm_unix_ms),
+            by_kernel: p.struck_boot_ns != 0,
+        });
+        match job.add(info, clock.now, clock.wall, earlier) {
             Some(FirstAsk::Signal(order)) => {
                 self.actions.push(Action::Signal(order));
                 if order.signal == Signal::SIGTERM {
@@ -289,9 +400,10 @@ impl World {
                         analysis: job.analysis,
                         sigterm_unix_ms: crate::vocab::units::unix_ms(clock.wall),
                         escalate_boot_ns: boot_ns_at(job.escalate_at, clock),
+                        ..KillProgress::default()
                     };
                     self.actions
-                        .push(Action::SaveKillProgress(process, progress));
+                        .push(Action::SaveKillProgress(process, Box::new(progress)));
                 }
             }
             Some(FirstAsk::Describe(process)) => self.actions.push(Action::Describe(process)),

@@ -9,12 +9,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use watchdog_common::KillProgress;
+
 use crate::{
     core::{
         kill::Scope,
         procs::{Held, Procs},
         tree::Tree,
-        world::{Clock, World},
+        world::{Action, Clock, World},
     },
     vocab::{
         limits::Reason,
@@ -201,6 +203,55 @@ impl Memory {
         };
         self.check_process_memory(w, pid, procs, clock);
         self.check_tree_memory(w, analysis, sum, procs, clock);
+    }
+
+    /// The kernel sent `process` SIGTERM the moment it crossed its limit
+    /// ([`watchdog_common::STRIKE_MEMORY`]; `kept`: what its pinned entry holds): its
+    /// kill goes on from that SIGTERM, as one this daemon had sent, and its record says
+    /// the kernel sent it. The kernel
+    /// strikes by RSS alone, which only `--memory-metric rss` compares, and never
+    /// during a dry run: no PSS is read here.
+    pub(in crate::core) fn struck(
+        &mut self,
+        w: &mut World,
+        process: ProcRef,
+        kept: &KillProgress,
+        clock: &Clock,
+    ) {
+        let limit = w
+            .tree
+            .get(process.pid)
+            .filter(|_| w.tree.holds(process))
+            .and_then(|n| Some((n.analysis, w.registry.get(n.analysis)?.limits.memory_bytes)));
+        let Some((analysis, limit)) = limit else {
+            // Out of the tree before its event was read: its record was made when the
+            // tree let it go (`record_past_strike`), or it was unregistered.
+            tracing::debug!(
+                pid = process.pid,
+                "a strike of a process no longer in the tree"
+            );
+            w.actions.push(Action::ForgetKillProgress(process));
+            return;
+        };
+        w.tree.set_rss(process.pid, kept.struck_rss);
+        if w.jobs.iter().any(|j| j.has_target(process.pid)) {
+            return; // A kill's own SIGTERM went out too, and its entry replaced this one.
+        }
+        w.counters.kernel_strikes += 1;
+        w.take_up_strike(process, analysis, kept, clock);
+        let outside = w.shm.process_bytes(process);
+        let _ = w.tree.mark_memory_violated(process.pid);
+        w.start_kill(
+            Scope::Process,
+            Reason::Memory,
+            analysis,
+            Some(limit),
+            &[process.pid],
+            clock,
+        );
+        if let Some(job) = w.jobs.last_mut().filter(|j| j.reason == Reason::Memory) {
+            job.shmem_bytes = Some(outside).filter(|&b| b > 0);
+        }
     }
 
     pub(in crate::core) fn check_process_memory(

@@ -72,6 +72,7 @@ impl World {
                     signals: vec![crate::vocab::record::SignalSent {
                         signal: signal.as_str().into(),
                         at: at.clone(),
+                        by: None,
                     }],
                     outcome,
                     comm: root.comm.as_str().into_owned(),
