@@ -2915,3 +2915,116 @@ fn a_file_gone_stops_counting_and_anothers_file_or_one_out_of_dev_shm_is_never_l
     assert!(records(&finished)[0].shm_left.is_empty());
     assert!(!finished.iter().any(|a| matches!(a, Action::RemoveShm(_))));
 }
+
+/// Root 100 (grace 4 s) with member 101, which the kernel sent SIGTERM at its memory
+/// crossing 1 s before the daemon reads of it: what the kernel's entry holds.
+fn struck_a_second_ago() -> (World, KillProgress) {
+    let mut w = World::new();
+    let grace = LimitOverrides {
+        grace_ms: Some(4000),
+        ..LimitOverrides::default()
+    };
+    w.register(100, "a", grace);
+    w.fork(101, 100);
+    let mut cmdline = [0u8; watchdog_common::KILL_CMDLINE];
+    cmdline[..15].copy_from_slice(b"python3\0fit.py\0");
+    let kept = KillProgress {
+        start_ns: start(101),
+        analysis: w.key("a"),
+        struck_boot_ns: w.clock.boot_ns - 1_000_000_000,
+        struck_rss: 101 * MIB,
+        comm: *b"python3\0\0\0\0\0\0\0\0\0",
+        uid: 1000,
+        cmdline_len: 15,
+        cmdline,
+        ..KillProgress::default()
+    };
+    (w, kept)
+}
+
+#[test]
+fn a_memory_sigterm_the_kernel_sent_is_not_sent_again_and_its_grace_runs_from_it() {
+    let (mut w, kept) = struck_a_second_ago();
+    w.core.take_up_strikes(&[(101, kept)], &w.procs, &w.clock);
+    let actions = w.take();
+    assert!(
+        signals(&actions).is_empty(),
+        "no second SIGTERM: {actions:?}"
+    );
+    let [(101, pinned)] = saved_sigterms(&actions)[..] else {
+        panic!("the kernel's entry taken up: {actions:?}");
+    };
+    assert_eq!(pinned.escalate_boot_ns, kept.struck_boot_ns + 4_000_000_000);
+    assert_eq!(pinned.cmdline_len, 15, "what the kernel read is kept");
+    assert!(signals(&w.advance(Duration::from_millis(2900))).is_empty());
+    assert_eq!(
+        signals(&w.advance(Duration::from_millis(100))),
+        [(101, Signal::SIGKILL)],
+        "the grace ends 4 s after the kernel's SIGTERM, not the daemon's reading"
+    );
+    // The kernel's event, read after the kill took its entry up, changes nothing.
+    let late = w.event(KernelEvent::Struck {
+        process: proc_ref(101),
+        analysis: w.key("a"),
+        rss_bytes: 101 * MIB,
+        ts_ns: kept.struck_boot_ns,
+    });
+    assert!(signals(&late).is_empty() && records(&late).is_empty());
+    let records = records(&w.exit(101));
+    let [record] = records.as_slice() else {
+        panic!("one record: {records:?}");
+    };
+    assert_eq!(
+        (record.reason, record.limit),
+        (Reason::Memory, Some(100 * MIB))
+    );
+    assert_eq!(record.signals[0].by.as_deref(), Some("kernel"));
+    assert_eq!(record.signals[1].signal, "SIGKILL");
+    assert_eq!(record.signals[1].by, None);
+    assert_eq!(
+        record.signals[0].at,
+        crate::vocab::units::rfc3339(w.clock.wall - Duration::from_secs(4)),
+        "the SIGTERM at the kernel's time"
+    );
+    assert!(
+        w.core.tree().contains(100),
+        "the rest of the analysis lives on"
+    );
+}
+
+#[test]
+fn a_kernel_sigterm_of_a_process_gone_before_a_daemon_read_of_it_is_recorded_once_from_its_entry() {
+    let (mut w, kept) = struck_a_second_ago();
+    let key = w.key("a");
+    // It handled its SIGTERM and exited, and both events were lost: the resync drops it.
+    w.procs.die(101);
+    w.core
+        .resync(&[mapped(100, key)], &w.procs, &w.clock, Resync::LostEvents);
+    w.core.take_up_strikes(&[(101, kept)], &w.procs, &w.clock);
+    let actions = w.take();
+    assert!(forgets_sigterm_of(&actions, 101), "{actions:?}");
+    let found = records(&actions);
+    let [record] = found.as_slice() else {
+        panic!("one record: {found:?}");
+    };
+    assert_eq!(
+        (record.pid, record.reason, record.outcome),
+        (101, Reason::Memory, Outcome::ExitedAfterSigterm)
+    );
+    assert_eq!(
+        (record.cmdline.as_str(), record.comm.as_str(), record.uid),
+        ("python3 fit.py", "python3", 1000)
+    );
+    assert_eq!(record.rss_bytes, 101 * MIB);
+    assert_eq!(record.signals.len(), 1);
+    assert_eq!(record.signals[0].by.as_deref(), Some("kernel"));
+    assert_eq!(w.core.counters().kernel_strikes, 1);
+    // Its event, read now, makes no second record.
+    let late = w.event(KernelEvent::Struck {
+        process: proc_ref(101),
+        analysis: key,
+        rss_bytes: 101 * MIB,
+        ts_ns: kept.struck_boot_ns,
+    });
+    assert!(records(&late).is_empty(), "{late:?}");
+}

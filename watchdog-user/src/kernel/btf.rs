@@ -484,6 +484,9 @@ mod tests {
         );
         assert_eq!(path(&paths, "memory").how, "kernel_events");
         assert_eq!((cfg.mm_filepages, cfg.mm_anonpages), (0, 1));
+        // Two unsigned longs side by side, inside mm_struct's anonymous struct.
+        assert!(cfg.mm_arg_start > 0, "{cfg:?}");
+        assert_eq!(cfg.mm_arg_end, cfg.mm_arg_start + 8);
     }
 
     /// The pid-namespace fields of the running kernel: a `struct upid` is an int and a
