@@ -20,6 +20,7 @@ mod protocol_bounds;
 mod recover;
 mod shared_pages;
 mod shmem;
+mod strike;
 mod supervise;
 mod systemd;
 mod tree;
