@@ -501,7 +501,7 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "watchdog_kernel_path",
         kind: "gauge",
-        help: "How this kernel lets each part work (memory, memory_from_others, rss_poll, registration_walk, exit, bpf_memory): 1 for the way in use.",
+        help: "How this kernel lets each part work (memory, memory_from_others, memory_first_signal, rss_poll, registration_walk, exit, bpf_memory): 1 for the way in use.",
         samples: Samples::Labelled(kernel_paths),
     },
 ];

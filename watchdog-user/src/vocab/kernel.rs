@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KernelPath {
     /// The part: `memory` (limits and warnings between polls), `memory_from_others`
-    /// (pages another process writes into a watched one), `rss_poll` (the reconcile
+    /// (pages another process writes into a watched one), `memory_first_signal` (who
+    /// sends a memory kill's SIGTERM: `kernel` or `daemon`), `rss_poll` (the reconcile
     /// poll), `registration_walk`, `exit` (how a process' last thread is told),
     /// `bpf_memory` (what the kernel charges the maps to).
     pub path: String,
