@@ -114,6 +114,14 @@ fn a_process_over_its_memory_limit_is_killed_by_the_kernel_fast_path_not_the_pol
         Some("kernel_events"),
         "{memory:?}"
     );
+    // Where the programs follow the RSS counters, they send the SIGTERM themselves.
+    let first = status
+        .kernel_paths
+        .iter()
+        .find(|p| p.path == "memory_first_signal");
+    assert_eq!(first.map(|p| p.how.as_str()), Some("kernel"), "{first:?}");
+    assert_eq!(record.record.signals[0].by.as_deref(), Some("kernel"));
+    assert_eq!(status.kernel_signals, 1);
     Ok(())
 }
 
