@@ -642,6 +642,15 @@ impl Workload {
         self.reaped = true;
         Ok(status)
     }
+
+    /// Like [`Workload::wait`], but fails after `PATIENCE`: for a workload that only
+    /// ends if something kills it.
+    pub fn await_death(&mut self) -> Result<std::process::ExitStatus> {
+        self.stdin.take();
+        let status = await_state("the workload to be killed", || Ok(self.child.try_wait()?))?;
+        self.reaped = true;
+        Ok(status)
+    }
 }
 
 impl Drop for Workload {

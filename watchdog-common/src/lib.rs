@@ -117,10 +117,26 @@ pub enum ProgramError {
     /// An update of a map failed for another reason than a full map (those are counted
     /// in [`WATCH_FULL_MAP`]).
     MapUpdate = 1,
+    /// A signal the program sends itself was refused (bpf_send_signal): the daemon
+    /// sends it instead.
+    Signal = 2,
+}
+
+/// Whether `rss` is a process' first report over its memory `limit` (0: none), after
+/// `reported` was the last one the daemon heard. Over, not at: the daemon kills above
+/// the limit, so a report of exactly the limit leaves the crossing still to come.
+pub const fn goes_over(rss: u64, reported: u64, limit: u64) -> bool {
+    limit != 0 && rss > limit && reported <= limit
+}
+
+/// Whether `rss` is a process' first report at or above its warning `level` (0: none),
+/// after `reported`.
+pub const fn reaches(rss: u64, reported: u64, level: u64) -> bool {
+    level != 0 && rss >= level && reported < level
 }
 
 /// The kinds of [`ProgramError`], in slot order.
-pub const PROGRAM_ERRORS: [&str; 2] = ["read", "map_update"];
+pub const PROGRAM_ERRORS: [&str; 3] = ["read", "map_update", "signal"];
 
 /// The slot of [`ERRORS_MAP`] that counts `error` in program number `program` (its
 /// index in [`PROGRAM_NAMES`]).
@@ -544,4 +560,26 @@ mod pod {
     unsafe impl aya::Pod for super::PidNs {}
     unsafe impl aya::Pod for super::TreeRss {}
     unsafe impl aya::Pod for super::KillProgress {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_of_exactly_the_limit_leaves_the_crossing_to_the_next_one_over_it() {
+        assert!(!goes_over(100, 90, 100));
+        assert!(goes_over(101, 100, 100), "after a report at the limit");
+        assert!(goes_over(101, 90, 100));
+        assert!(!goes_over(102, 101, 100), "reported over it already");
+        assert!(!goes_over(1 << 40, 0, 0), "no limit");
+    }
+
+    #[test]
+    fn a_warning_comes_at_its_level_once() {
+        assert!(reaches(100, 90, 100));
+        assert!(!reaches(101, 100, 100));
+        assert!(!reaches(99, 0, 100));
+        assert!(!reaches(1 << 40, 0, 0), "no level");
+    }
 }

@@ -41,6 +41,7 @@ use watchdog_common::{
     AnalysisEntry, Config, ERROR_SLOTS, Event, EventKind, FORK_LAUNCHED, FORK_UNTRACKED,
     KILL_CMDLINE, KillProgress, MAX_ANALYSES, MAX_WATCHED, PidNs, ProcRecord, ProgramError,
     RING_BYTES, RootEntry, RssSample, STRIKE_MEMORY, TreeRss, WalkTarget, WatchEntry, error_slot,
+    goes_over, reaches,
 };
 
 /// What a hash map update returns when the map is full.
@@ -528,8 +529,7 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // process at worst repeat or skip one report, never corrupt.
     let entry = unsafe { &mut *entry };
     count_rss(entry, tgid, rss);
-    let crosses = |level: u64| level != 0 && rss >= level && entry.rss_reported < level;
-    let over_limit = crosses(entry.mem_limit) && rss > entry.mem_limit;
+    let over_limit = goes_over(rss, entry.rss_reported, entry.mem_limit);
     if over_limit && own && strike(ctx, (mm, entry), tgid, rss) {
         entry.rss_reported = rss;
         emit(Record {
@@ -540,7 +540,7 @@ fn try_rss_stat(ctx: &BtfTracePointContext) -> Result<(), i64> {
         });
         return Ok(());
     }
-    let crossed = crosses(entry.mem_limit) || crosses(entry.warn_bytes);
+    let crossed = over_limit || reaches(rss, entry.rss_reported, entry.warn_bytes);
     let moved = rss.abs_diff(entry.rss_reported) >= config!(rss_step);
     // What was reported is what the daemon heard: a report lost to a full ring leaves
     // it unchanged, so the next change reports the crossing again.
@@ -598,8 +598,10 @@ fn strike(
         }
         return false;
     }
-    if unsafe { bpf_send_signal(SIGTERM) } != 0 {
+    let sent = unsafe { bpf_send_signal(SIGTERM) };
+    if sent != 0 {
         let _ = KILLS.remove(tgid);
+        failed(ctx, Program::RssStat, ProgramError::Signal, sent);
         return false;
     }
     true

@@ -67,7 +67,7 @@ fn a_memory_hog_gets_its_sigterm_from_the_kernel_at_the_crossing_and_its_sigkill
         .unwrap_or_else(|| panic!("the hog's note of its SIGTERM: {noted:?}"))
         .parse()?;
     assert_eq!(
-        hog.wait()?.signal(),
+        hog.await_death()?.signal(),
         Some(libc::SIGKILL),
         "SIGKILLed after the grace"
     );
@@ -101,7 +101,7 @@ fn with_kernel_signals_off_the_daemon_sends_the_sigterm() -> Result<()> {
     let mut work = Workload::python(GROWER, &[])?;
     daemon.register_with(work.pid(), "m", &["--memory", "200MiB"])?;
     work.send("go")?;
-    assert_eq!(work.wait()?.signal(), Some(libc::SIGTERM));
+    assert_eq!(work.await_death()?.signal(), Some(libc::SIGTERM));
     let record = daemon.await_record_for(work.pid())?.record;
     assert_eq!(record.reason, Reason::Memory);
     assert_eq!(record.signals[0].by, None, "{record:#?}");
@@ -125,7 +125,7 @@ fn a_hog_dies_of_the_kernels_sigterm_while(
     let mut work = Workload::python(GROWER, &[])?;
     daemon.register_with(work.pid(), "away", &["--memory", "200MiB"])?;
     pause(daemon)?;
-    let died = work.send("go").and_then(|()| work.wait());
+    let died = work.send("go").and_then(|()| work.await_death());
     resume(daemon)?;
     assert_eq!(
         died?.signal(),

@@ -413,7 +413,7 @@ const METRICS: &[Metric] = &[
     ),
     counters(
         "watchdog_kernel_program_errors_total",
-        "Failures inside the kernel programs, by program and kind (read, map_update).",
+        "Failures inside the kernel programs, by program and kind (read, map_update, signal).",
         program_errors,
     ),
     counter(

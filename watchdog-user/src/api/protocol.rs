@@ -463,7 +463,7 @@ pub struct Faults {
     pub shm_unremoved: u64,
     /// Launchers of registered roots watched now (one pidfd each).
     pub launchers_watched: usize,
-    /// Failures inside the kernel programs, by "program/kind" (kind: read, map_update).
+    /// Failures inside the kernel programs, by "program/kind" (kind: read, map_update, signal).
     pub program_errors: std::collections::BTreeMap<String, u64>,
 }
 
