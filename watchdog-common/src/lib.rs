@@ -68,6 +68,10 @@ pub const LAYOUT: u64 = layout_hash(&[
     align_of::<TreeRss>() as u64,
     size_of::<KillProgress>() as u64,
     align_of::<KillProgress>() as u64,
+    size_of::<Members>() as u64,
+    align_of::<Members>() as u64,
+    size_of::<ForkLimit>() as u64,
+    align_of::<ForkLimit>() as u64,
 ]);
 
 /// FNV-1a over the words' bytes: any change of any word changes the result, at compile
@@ -99,13 +103,14 @@ pub const MAX_WATCHED: u32 = 1 << 17;
 
 /// The programs whose failures [`ERRORS_MAP`] counts, in slot order (the exec program
 /// can fail only where it translates pids into the daemon's pid namespace).
-pub const PROGRAM_NAMES: [&str; 6] = [
+pub const PROGRAM_NAMES: [&str; 7] = [
     "sched_process_fork",
     "sched_process_exit",
     "rss_stat",
     "rss_iter",
     "descendants_iter",
     "sched_process_exec",
+    "task_alloc",
 ];
 
 /// What failed in a program.
@@ -258,6 +263,73 @@ pub const STRIKES_MAP: &str = "STRIKES";
 /// program, which writes the process' [`KILLS_MAP`] entry first and reports
 /// [`EventKind::Struck`].
 pub const STRIKE_MEMORY: u32 = 1;
+/// Bit of [`STRIKES_MAP`]: a fork (not a new thread) that would take an analysis past
+/// its `max_processes` fails with EAGAIN in the `task_alloc` LSM program, which counts
+/// it in the analysis' [`MEMBERS_MAP`] entry and reports the first of each burst
+/// ([`EventKind::Refused`]).
+pub const STRIKE_FORKS: u32 = 2;
+
+/// Name of the map of each analysis' member count and refused forks, as the programs
+/// keep them: key → [`Members`]. The daemon creates an entry with the analysis (before
+/// its first process enters [`WATCHED_MAP`]) and removes it at its end; the programs
+/// only update entries there, by atomic adds.
+pub const MEMBERS_MAP: &str = "MEMBERS";
+
+/// Value of [`MEMBERS_MAP`]: the kernel's part of an analysis' member count and its
+/// refusals. The whole count is `kernel + `[`ForkLimit::base`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Members {
+    /// Processes the programs put in [`WATCHED_MAP`] (at their fork, or reserved at
+    /// `task_alloc` before it) less those they took out (at their exit); two's
+    /// complement, read it as `i64`.
+    pub kernel: u64,
+    /// Forks refused so far.
+    pub refused: u64,
+    /// When the last fork was refused, and when the burst it belongs to began
+    /// (CLOCK_BOOTTIME, ns): a refusal more than [`REFUSAL_BURST_GAP_NS`] after the last
+    /// begins a new burst.
+    pub last_refused_ns: u64,
+    pub burst_start_ns: u64,
+    /// The process whose fork began the burst.
+    pub burst_pid: u32,
+    pub _pad: u32,
+}
+
+/// Refusals this close together are one burst, and one record.
+pub const REFUSAL_BURST_GAP_NS: u64 = 1_000_000_000;
+
+/// Name of the map of each analysis' process limit and the daemon's part of its count:
+/// key → [`ForkLimit`]. Written by the daemon only, read by `task_alloc`.
+pub const FORK_LIMITS_MAP: &str = "FORK_LIMITS";
+
+/// Value of [`FORK_LIMITS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkLimit {
+    /// The analysis' `max_processes` (0: none).
+    pub max: u64,
+    /// Processes the daemon put in [`WATCHED_MAP`] less those it took out; two's
+    /// complement.
+    pub base: u64,
+    /// [`Members::refused`] as far as a daemon has recorded it: a restarted daemon
+    /// records each burst once.
+    pub recorded: u64,
+}
+
+/// Name of the map of forks let through `task_alloc` and counted there, by the new
+/// task's address, until the fork tracepoint sees the child (the count is then
+/// its) or `task_free` sees the fork fail (the count is taken back).
+pub const PENDING_FORKS_MAP: &str = "PENDING_FORKS";
+/// Forks in flight at once that `task_alloc` counts ahead; one past it is counted at
+/// its fork instead.
+pub const MAX_PENDING_FORKS: u32 = 4096;
+
+/// Whether the count a reservation read back (`kernel` after its own add, plus `base`)
+/// takes the analysis past `max`: the reservation is then undone and the fork refused.
+pub const fn past_limit(kernel: u64, base: u64, max: u64) -> bool {
+    max != 0 && (kernel.wrapping_add(base) as i64) > max as i64
+}
 
 /// Name of the map of analyses with a tree memory limit: key → [`TreeRss`], the RSS of
 /// all their processes summed in the kernel as it changes. The daemon creates an entry
@@ -328,6 +400,10 @@ pub enum EventKind {
     /// the kernel sent it SIGTERM ([`STRIKE_MEMORY`]; its [`KILLS_MAP`] entry says so):
     /// `value` is its RSS in bytes, `start_ns` its start time.
     Struck = 6,
+    /// A fork of a member was refused ([`STRIKE_FORKS`]), the first of a burst: `value`
+    /// is the analysis' refusals so far ([`Members::refused`]), `pid` the forking
+    /// process.
+    Refused = 7,
 }
 
 impl EventKind {
@@ -339,6 +415,7 @@ impl EventKind {
             4 => Some(Self::Rss),
             5 => Some(Self::TreeRss),
             6 => Some(Self::Struck),
+            7 => Some(Self::Refused),
             _ => None,
         }
     }
@@ -560,6 +637,8 @@ mod pod {
     unsafe impl aya::Pod for super::PidNs {}
     unsafe impl aya::Pod for super::TreeRss {}
     unsafe impl aya::Pod for super::KillProgress {}
+    unsafe impl aya::Pod for super::Members {}
+    unsafe impl aya::Pod for super::ForkLimit {}
 }
 
 #[cfg(test)]
@@ -573,6 +652,19 @@ mod tests {
         assert!(goes_over(101, 90, 100));
         assert!(!goes_over(102, 101, 100), "reported over it already");
         assert!(!goes_over(1 << 40, 0, 0), "no limit");
+    }
+
+    #[test]
+    fn a_fork_is_past_the_limit_when_its_reservation_makes_one_more_than_max() {
+        assert!(!past_limit(10, 0, 10));
+        assert!(past_limit(11, 0, 10));
+        assert!(!past_limit(7, 3, 10), "the daemon's part counts too");
+        assert!(past_limit(8, 3, 10));
+        assert!(
+            !past_limit(12u64.wrapping_neg().wrapping_add(20), 2, 10),
+            "a negative kernel part: its exits of processes the daemon put in"
+        );
+        assert!(!past_limit(1 << 20, 0, 0), "no limit");
     }
 
     #[test]

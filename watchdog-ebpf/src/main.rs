@@ -32,22 +32,26 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
         generated::{bpf_probe_read_user, bpf_send_signal, bpf_seq_write},
     },
-    macros::{btf_tracepoint, map},
+    macros::{btf_tracepoint, lsm, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, LsmContext},
 };
 use aya_log_ebpf::error;
 use watchdog_common::{
-    AnalysisEntry, Config, ERROR_SLOTS, Event, EventKind, FORK_LAUNCHED, FORK_UNTRACKED,
-    KILL_CMDLINE, KillProgress, MAX_ANALYSES, MAX_WATCHED, PidNs, ProcRecord, ProgramError,
-    RING_BYTES, RootEntry, RssSample, STRIKE_MEMORY, TreeRss, WalkTarget, WatchEntry, error_slot,
-    goes_over, reaches,
+    AnalysisEntry, Config, ERROR_SLOTS, Event, EventKind, FORK_LAUNCHED, FORK_UNTRACKED, ForkLimit,
+    KILL_CMDLINE, KillProgress, MAX_ANALYSES, MAX_PENDING_FORKS, MAX_WATCHED, Members, PidNs,
+    ProcRecord, ProgramError, REFUSAL_BURST_GAP_NS, RING_BYTES, RootEntry, RssSample, STRIKE_FORKS,
+    STRIKE_MEMORY, TreeRss, WalkTarget, WatchEntry, error_slot, goes_over, past_limit, reaches,
 };
 
 /// What a hash map update returns when the map is full.
 const E2BIG: i64 = 7;
 /// What a `NOEXIST` update returns when the key is there.
 const EEXIST: i64 = 17;
+/// What a refused fork returns: systemd's TasksMax and RLIMIT_NPROC say the same.
+const EAGAIN: i32 = 11;
+/// `clone()` flag of a new thread, which joins its process and is no new member.
+const CLONE_THREAD: u64 = 0x0001_0000;
 const SIGKILL: u32 = 9;
 const SIGTERM: u32 = 15;
 /// `BPF_NOEXIST`: an update that only creates.
@@ -117,6 +121,20 @@ static STRIKE_SCRATCH: PerCpuArray<KillProgress> = PerCpuArray::with_max_entries
 /// daemon runs.
 #[map]
 static STRIKES: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Each analysis' member count and refusals ([`watchdog_common::MEMBERS_MAP`]).
+#[map]
+static MEMBERS: HashMap<u64, Members> = HashMap::with_max_entries(MAX_ANALYSES, 0);
+
+/// Each analysis' process limit and the daemon's part of its count
+/// ([`watchdog_common::FORK_LIMITS_MAP`]).
+#[map]
+static FORK_LIMITS: HashMap<u64, ForkLimit> = HashMap::with_max_entries(MAX_ANALYSES, 0);
+
+/// Forks counted at `task_alloc` and not yet seen at their end
+/// ([`watchdog_common::PENDING_FORKS_MAP`]): new task's address → analysis.
+#[map]
+static PENDING_FORKS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_PENDING_FORKS, 0);
 
 /// The daemon's [`watchdog_common::LAYOUT`] (key 0), written once the programs are
 /// attached: a restarted daemon trusts the pinned maps only if it is its own.
@@ -230,6 +248,7 @@ enum Program {
     RssIter = 3,
     DescendantsIter = 4,
     Exec = 5,
+    TaskAlloc = 6,
 }
 
 impl Program {
@@ -244,6 +263,7 @@ impl Program {
             Self::RssIter => "rss_iter",
             Self::DescendantsIter => "descendants_iter",
             Self::Exec => "sched_process_exec",
+            Self::TaskAlloc => "task_alloc",
         }
     }
 }
@@ -383,6 +403,7 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
             true
         }
     };
+    count_fork(child as u64, entry.analysis, untracked);
     // A member of an analysis being SIGKILLed dies at its fork (the child is in the map
     // and reported, and gets its SIGKILL from the daemon): forks can no longer add to
     // the analysis, so its kill converges. A launcher is no member and is spared.
@@ -402,6 +423,131 @@ fn try_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
         ..Record::new(EventKind::Fork, child_tgid, entry.analysis)
     });
     Ok(())
+}
+
+/// Counts a child of `analysis` in its members, once: a fork `task_alloc` counted
+/// ahead is counted already. A child the watched map could not take is not counted:
+/// the count is of the map's entries, and the daemon follows that child itself.
+fn count_fork(child: u64, analysis: u64, untracked: bool) {
+    let counted_ahead = PENDING_FORKS.remove(child).is_ok();
+    match (counted_ahead, untracked) {
+        (true, true) => drop(add_member(analysis, -1)),
+        (false, false) => drop(add_member(analysis, 1)),
+        _ => {}
+    }
+}
+
+/// Adds `delta` to the kernel's part of `analysis`' member count; returns the part
+/// after it, as read back (other CPUs' adds may be in it too). Without an entry (an
+/// analysis the daemon made no entry for), nothing.
+fn add_member(analysis: u64, delta: i64) -> Option<u64> {
+    let members = MEMBERS.get_ptr_mut(analysis)?;
+    // SAFETY: a valid map value pointer, u64-aligned.
+    unsafe {
+        let _: u64 = core::intrinsics::atomic_xadd::<
+            u64,
+            u64,
+            { core::intrinsics::AtomicOrdering::Relaxed },
+        >(&raw mut (*members).kernel, delta as u64);
+        Some(core::ptr::read_volatile(&raw const (*members).kernel))
+    }
+}
+
+/// Refuses a fork that would take an analysis past its `max_processes`, where the
+/// daemon lets the kernel do so. Every fork that passes is counted here, ahead of
+/// its child: a count read back after its own add that is past the limit is undone
+/// and refused, so however many CPUs fork at once, the forks that pass never take the
+/// count past the limit.
+#[lsm(hook = "task_alloc")]
+pub fn task_alloc(ctx: LsmContext) -> i32 {
+    match try_task_alloc(&ctx) {
+        Ok(verdict) => verdict,
+        Err(code) => {
+            failed(&ctx, Program::TaskAlloc, ProgramError::Read, code);
+            0
+        }
+    }
+}
+
+fn try_task_alloc(ctx: &LsmContext) -> Result<i32, i64> {
+    // An earlier BPF LSM program's verdict stands.
+    let earlier: i32 = ctx.arg(2);
+    let flags: u64 = ctx.arg(1);
+    if earlier != 0
+        || flags & CLONE_THREAD != 0
+        || STRIKES.get(0).is_none_or(|bits| bits & STRIKE_FORKS == 0)
+    {
+        return Ok(earlier);
+    }
+    let tgid = current_tgid()?;
+    let analysis = match unsafe { WATCHED.get(tgid) } {
+        Some(entry) => entry.analysis,
+        None => match launcher_entry(tgid)? {
+            Some(entry) => entry.analysis,
+            None => return Ok(0),
+        },
+    };
+    let Some(limit) = (unsafe { FORK_LIMITS.get(&analysis) }).copied() else {
+        return Ok(0);
+    };
+    if limit.max == 0 {
+        return Ok(0);
+    }
+    let Some(kernel) = add_member(analysis, 1) else {
+        return Ok(0);
+    };
+    if past_limit(kernel, limit.base, limit.max) {
+        let _ = add_member(analysis, -1);
+        note_refusal(tgid, analysis);
+        return Ok(-EAGAIN);
+    }
+    let task: *const u8 = ctx.arg(0);
+    if PENDING_FORKS.insert(task as u64, analysis, 0).is_err() {
+        // No room to remember it: counted at its fork instead.
+        let _ = add_member(analysis, -1);
+    }
+    Ok(0)
+}
+
+/// Counts a refused fork; the first of a burst is reported.
+fn note_refusal(tgid: u32, analysis: u64) {
+    let Some(members) = MEMBERS.get_ptr_mut(analysis) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // SAFETY: a valid map value pointer; racing refusals on other CPUs at worst both
+    // begin the burst, which the daemon records once all the same.
+    unsafe {
+        let _: u64 = core::intrinsics::atomic_xadd::<
+            u64,
+            u64,
+            { core::intrinsics::AtomicOrdering::Relaxed },
+        >(&raw mut (*members).refused, 1);
+        let new_burst = now.saturating_sub((*members).last_refused_ns) > REFUSAL_BURST_GAP_NS;
+        (*members).last_refused_ns = now;
+        if new_burst {
+            (*members).burst_start_ns = now;
+            (*members).burst_pid = tgid;
+            emit(Record {
+                value: core::ptr::read_volatile(&raw const (*members).refused),
+                urgent: true,
+                ..Record::new(EventKind::Refused, tgid, analysis)
+            });
+        }
+    }
+}
+
+/// A fork `task_alloc` counted ahead that failed later on (out of memory, a signal, a
+/// cgroup's pids limit): its count is taken back.
+#[lsm(hook = "task_free")]
+pub fn task_free(ctx: LsmContext) -> i32 {
+    let task: *const u8 = ctx.arg(0);
+    if let Some(analysis) = unsafe { PENDING_FORKS.get(&(task as u64)) }.copied()
+        && PENDING_FORKS.remove(task as u64).is_ok()
+    {
+        let _ = add_member(analysis, -1);
+    }
+    0
 }
 
 /// The entry a child of launcher `tgid` (the current task's process) gets, if it is a
@@ -439,6 +585,7 @@ fn try_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if WATCHED.remove(tgid).is_err() {
         return Ok(());
     }
+    let _ = add_member(entry.analysis, -1);
     uncount_rss(&entry);
     let exit_status: i32 = read_at(task, config!(task_exit_code))?;
     // The process' start time (its leader's: the last thread out may be another one)

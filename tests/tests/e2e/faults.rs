@@ -34,8 +34,11 @@ time.sleep(600)
 "#;
 
 #[test]
-fn an_analysis_forking_past_max_processes_is_killed_and_nothing_else_is() -> Result<()> {
-    let daemon = Daemon::start()?;
+fn with_on_max_processes_kill_an_analysis_forking_past_max_processes_is_killed_and_nothing_else_is()
+-> Result<()> {
+    let daemon = Daemon::builder()
+        .arg("--on-max-processes", "kill")
+        .start()?;
     let mut calm = Workload::python(CALM, &[])?;
     assert_eq!(calm.read_line()?, "ready");
     daemon.register(calm.pid(), "calm")?;

@@ -26,7 +26,12 @@ const CHECKS: &[&str] = &[
     "tree::a_process_whose_main_thread_exits_first_leaves_the_tree_only_with_its_last_thread",
     "recover::a_crashed_daemon_restarts_with_every_gap_fork_watched_and_acts_on_the_gap",
     "tree::a_daemon_in_its_own_pid_namespace_kills_a_timed_out_tree_started_there",
+    "refuse::a_fork_storm_from_several_members_is_refused_at_exactly_max_processes_and_nothing_is_killed",
+    "refuse::forks_refused_while_the_daemon_is_stopped_are_recorded_once_after_sigcont_and_a_restart",
 ];
+
+/// The guests' kernel command line: the BPF LSM active, for the fork refusal.
+const GUEST_APPEND: &str = "lsm=capability,bpf";
 
 /// One fetch at a time: the script fetches all three kernels.
 static FETCH: Mutex<()> = Mutex::new(());
@@ -90,11 +95,18 @@ fn checks_pass_in(line: &str) -> Result<()> {
         .env("RIK_TIMEOUT", "900")
         .env("RIK_MEM", "3G")
         .env("RIK_CACHE", cache().join("extracted"))
+        .env("RIK_APPEND", GUEST_APPEND)
         .arg(&package)
         .arg("env")
         .arg(format!("WATCHDOG_BIN={}", watchdog_bin().display()))
         .arg(std::env::current_exe()?)
-        .args(["--exact", "--test-threads", "1", "--show-output"])
+        .args([
+            "--exact",
+            "--include-ignored",
+            "--test-threads",
+            "1",
+            "--show-output",
+        ])
         .args(CHECKS)
         .output()
         .context("running tests/kernels/run-in-kernel.sh")?;

@@ -18,6 +18,7 @@ mod page;
 mod persist;
 mod protocol_bounds;
 mod recover;
+mod refuse;
 mod shared_pages;
 mod shmem;
 mod strike;

@@ -422,6 +422,11 @@ const METRICS: &[Metric] = &[
         |s| s.kernel_signals as f64,
     ),
     counter(
+        "watchdog_forks_refused_total",
+        "Forks the kernel refused past analyses' process limits, as recorded.",
+        |s| s.forks_refused as f64,
+    ),
+    counter(
         "watchdog_resyncs_total",
         "Tree rebuilds after lost events.",
         |s| s.resyncs as f64,
@@ -614,6 +619,7 @@ mod tests {
             tree_rss_bytes: None,
             shmem_bytes: None,
             shm_left: Vec::new(),
+            refused_forks: None,
         }
     }
 
@@ -655,6 +661,7 @@ mod tests {
             pinned_state_dropped: 1,
             resyncs: 4,
             kernel_signals: 18,
+            forks_refused: 9,
             loop_longest_ms: 12.5,
             grace_count: 6,
             records_unqueued: 8,

@@ -373,6 +373,10 @@ pub struct Status {
     /// (`kernel_paths` says whether they may: `memory_first_signal`).
     #[serde(default)]
     pub kernel_signals: u64,
+    /// Forks the kernel refused past analyses' process limits, as recorded
+    /// (`kernel_paths` says whether it refuses: `fork_limit`).
+    #[serde(default)]
+    pub forks_refused: u64,
     /// Duration of the last reconcile poll (RSS of every watched process), ms.
     pub last_poll_ms: f64,
     /// The longest the daemon's loop spent on one input since start (a batch of kernel

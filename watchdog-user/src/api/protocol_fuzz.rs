@@ -368,6 +368,7 @@ async fn fake_loop(mut calls: mpsc::Receiver<Call>) -> usize {
         admin_gid: Some(ADMINS),
         memory_metric: MemoryMetric::Rss,
         quotas: Default::default(),
+        kernel_refuses_forks: false,
     };
     let mut core = Core::new(settings, "host".into(), SELF_PID);
     let started = Instant::now();

@@ -193,6 +193,7 @@ pub fn status(
         resyncs: counters.resyncs,
         rss_reports: counters.rss_reports,
         kernel_signals: counters.kernel_strikes,
+        forks_refused: counters.forks_refused,
         last_poll_ms: kernel.last_poll_us as f64 / 1000.0,
         loop_longest_ms: kernel.loop_longest_us as f64 / 1000.0,
         grace_count: core.jobs().iter().map(|j| j.pending_count()).sum(),

@@ -134,6 +134,11 @@ pub struct RunArgs {
     /// limit always counts PSS.
     #[arg(long, value_enum)]
     pub memory_metric: Option<crate::vocab::limits::MemoryMetric>,
+    /// A fork past an analysis' --max-processes: refuse (the kernel fails it with
+    /// EAGAIN, where the BPF LSM is active) or kill (the analysis is killed)
+    /// [default: refuse].
+    #[arg(long, value_enum)]
+    pub on_max_processes: Option<crate::vocab::limits::OnMaxProcesses>,
     /// Log the kernel programs' error reports (read with aya-log; off: they write none).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub kernel_log: Option<bool>,
@@ -190,6 +195,8 @@ pub struct Options {
     pub remove_shm: bool,
     /// What the per-process memory limit compares.
     pub memory_metric: crate::vocab::limits::MemoryMetric,
+    /// What becomes of a fork past an analysis' process limit.
+    pub on_max_processes: crate::vocab::limits::OnMaxProcesses,
     /// The database, or why its URL was refused (the daemon then runs, spooling).
     pub database: Result<DatabaseUrl, String>,
     /// Where the spool (and other state) lives.
@@ -220,6 +227,18 @@ impl Options {
             Some(
                 "off with --memory-metric pss: the kernel sees RSS only; the daemon reads PSS and signals",
             )
+        } else {
+            None
+        }
+    }
+
+    /// Why the kernel may not refuse forks past an analysis' process limit, if it may
+    /// not.
+    pub fn fork_refusal_off(&self) -> Option<&'static str> {
+        if self.on_max_processes == crate::vocab::limits::OnMaxProcesses::Kill {
+            Some("off (on-max-processes = kill): an analysis past --max-processes is killed")
+        } else if self.dry_run {
+            Some("off during a dry run: no fork is refused")
         } else {
             None
         }
@@ -269,6 +288,7 @@ impl RunArgs {
             dry_run: self.dry_run.or(file.dry_run),
             remove_shm: self.remove_shm.or(file.remove_shm),
             memory_metric: self.memory_metric.or(file.memory_metric),
+            on_max_processes: self.on_max_processes.or(file.on_max_processes),
             kernel_log: self.kernel_log.or(file.kernel_log),
             kernel_signals: self.kernel_signals.or(file.kernel_signals),
             ring_bytes: self.ring_bytes,
@@ -321,6 +341,7 @@ impl RunArgs {
             dry_run: all.dry_run.unwrap_or(false),
             remove_shm: all.remove_shm.unwrap_or(false),
             memory_metric: all.memory_metric.unwrap_or_default(),
+            on_max_processes: all.on_max_processes.unwrap_or_default(),
             database: DatabaseUrl::parse(database_url),
             state_dir: all.state_dir.unwrap_or_else(|| "/var/lib/watchdog".into()),
             pin_dir: all.pin_dir.unwrap_or_else(|| "/sys/fs/bpf/watchdog".into()),

@@ -67,6 +67,7 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         options.kernel_log,
     )?;
     kernel.set_memory_strike(options.memory_strike_off())?;
+    kernel.set_fork_refusal(options.fork_refusal_off())?;
     // After the programs load: a daemon that cannot load them says only that.
     if let Some(tightened) = private::own_dir(&options.state_dir)? {
         tracing::warn!("{tightened}");
@@ -90,7 +91,7 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
     let (described_tx, described_rx) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         core: Core::new(
-            settings_of(&options, read_machine_memory()),
+            settings_of(&options, read_machine_memory(), &kernel),
             host,
             std::process::id(),
         ),
@@ -98,6 +99,7 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         started: Instant::now(),
         poll_interval: options.poll_interval,
         losses_repaired: 0,
+        refusals_open: true,
         last_poll_us: 0,
         polling: false,
         poll_tx,
@@ -224,7 +226,11 @@ fn start_store(
 
 /// The rules' settings from the options, for a machine of `machine_memory` (read once,
 /// at start, and kept on reload).
-fn settings_of(options: &crate::app::config::Options, machine_memory: Option<u64>) -> Settings {
+fn settings_of(
+    options: &crate::app::config::Options,
+    machine_memory: Option<u64>,
+    kernel: &Kernel,
+) -> Settings {
     let settings = Settings {
         defaults: options.defaults.clone(),
         dry_run: options.dry_run,
@@ -233,6 +239,7 @@ fn settings_of(options: &crate::app::config::Options, machine_memory: Option<u64
         admin_gid: admin_gid(options.admin_group.as_deref()),
         memory_metric: options.memory_metric,
         quotas: options.quotas,
+        kernel_refuses_forks: kernel.refuses_forks(),
     };
     if let Some(warning) = settings.unreachable_default() {
         tracing::warn!("{warning}");
@@ -449,6 +456,10 @@ struct Daemon {
     poll_interval: Duration,
     /// Kernel loss counters as of the last resync.
     losses_repaired: u64,
+    /// The kernel may hold refused forks not recorded yet: looked at each loss check
+    /// until none is (set by a refusal event, and at start for those of a daemon
+    /// before).
+    refusals_open: bool,
     /// How long the last reconcile poll took, µs (read off the loop + applied on it).
     last_poll_us: u64,
     /// A poll is reading: the next tick does not start another.
@@ -618,7 +629,29 @@ impl Daemon {
         }
     }
 
+    /// Records each burst of forks the kernel refused once it is over: from the pinned
+    /// counts, so a burst while no daemon ran is recorded by the next, once.
+    fn record_refusals(&mut self) {
+        if !self.refusals_open {
+            return;
+        }
+        let (over, going_on) = self
+            .effects
+            .kernel
+            .refusal_bursts(crate::vocab::process::boottime_ns());
+        self.refusals_open = going_on;
+        if !over.is_empty() {
+            self.feed(|core, clock| core.forks_refused(&over, &SysProcs, clock));
+        }
+    }
+
     fn on_events(&mut self, mut batch: ingest::Batch) {
+        if batch
+            .iter()
+            .any(|e| matches!(e, KernelEvent::Refused { .. }))
+        {
+            self.refusals_open = true;
+        }
         let resynced_at_ns = self.core.resynced_at_ns();
         let kernel = &self.effects.kernel;
         // A fork queued before a resync: its exit may be among the lost events, and
@@ -838,6 +871,7 @@ impl Daemon {
     /// fork event says so, and the rules follow it.)
     fn repair_losses(&mut self) {
         self.follow_untracked();
+        self.record_refusals();
         let losses = self.effects.kernel.lost_events();
         if losses == self.losses_repaired {
             return;
@@ -879,15 +913,15 @@ impl Daemon {
                 "socket, socket group, database, state, pin, http and kernel-log settings change only with a restart"
             );
         }
-        let settings = settings_of(&new, self.core.settings().machine_memory);
-        self.core.set_settings(settings);
-        if let Err(err) = self
-            .effects
-            .kernel
-            .set_memory_strike(new.memory_strike_off())
-        {
+        let kernel = &mut self.effects.kernel;
+        if let Err(err) = kernel.set_memory_strike(new.memory_strike_off()) {
             tracing::error!("{err:#}: the programs keep the memory strike as it was");
         }
+        if let Err(err) = kernel.set_fork_refusal(new.fork_refusal_off()) {
+            tracing::error!("{err:#}: the programs keep the fork refusal as it was");
+        }
+        let settings = settings_of(&new, self.core.settings().machine_memory, kernel);
+        self.core.set_settings(settings);
         self.poll_interval = new.poll_interval;
         tracing::info!(defaults = ?new.defaults, dry_run = new.dry_run, poll = ?new.poll_interval, "settings reloaded");
         Some(new.poll_interval)

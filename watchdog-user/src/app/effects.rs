@@ -196,6 +196,9 @@ impl Effects {
                     self.pidfds.remove(&process);
                 }
                 Action::RemoveShm(file) => self.remove_shm(&file),
+                Action::RefusalsRecorded { analysis, total } => {
+                    self.kernel.refusals_recorded(analysis, total)
+                }
                 Action::Record(record) => {
                     tracing::warn!(target: "kill_event", "{}", serde_json::to_string(&record).expect("records serialize"));
                     records.push(*record);

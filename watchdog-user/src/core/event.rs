@@ -47,4 +47,12 @@ pub enum KernelEvent {
         rss_bytes: u64,
         ts_ns: u64,
     },
+    /// The kernel refused a fork of `pid`, a member of `analysis`, that would have
+    /// taken it past its process limit: the first of a burst (`refused`: the
+    /// analysis' refusals so far). The burst is recorded once it is over.
+    Refused {
+        pid: u32,
+        analysis: AnalysisKey,
+        refused: u64,
+    },
 }

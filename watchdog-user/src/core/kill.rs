@@ -460,6 +460,7 @@ impl KillJob {
                 } else {
                     Vec::new()
                 },
+                refused_forks: None,
             })
             .collect()
     }

@@ -215,12 +215,34 @@ impl Core {
                 };
                 self.memory.struck(w, process, &kept, clock);
             }
+            KernelEvent::Refused {
+                pid,
+                analysis,
+                refused,
+            } => tracing::info!(
+                pid,
+                analysis_id = w.registry.id(analysis).unwrap_or_default(),
+                refused,
+                "the kernel refuses forks past the process limit: recorded once the burst is over"
+            ),
             KernelEvent::Exec { pid, comm } => {
                 w.counters.execs += 1;
                 w.tree.set_comm(pid, comm);
             }
         }
         self.world.finish_done_jobs(procs, clock);
+    }
+
+    /// Bursts of forks the kernel refused, over and not recorded yet: one record each.
+    pub fn forks_refused(
+        &mut self,
+        bursts: &[rules::forks::RefusalBurst],
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        for burst in bursts {
+            self.world.record_refusals(burst, procs, clock);
+        }
     }
 
     /// SIGTERMs the kernel sent at memory crossings that no event told of (lost to a

@@ -225,6 +225,7 @@ impl World {
                     admin_gid: None,
                     memory_metric: crate::vocab::limits::MemoryMetric::Rss,
                     quotas: Default::default(),
+                    kernel_refuses_forks: false,
                 },
                 "host".into(),
                 SELF_PID,

@@ -122,6 +122,11 @@ pub enum Action {
     ForgetKillProgress(ProcRef),
     /// A finished violation or kill: log it, spool it, store it.
     Record(Box<KillRecord>),
+    /// The analysis' refused forks up to `total` are in a record: none is recorded again.
+    RefusalsRecorded {
+        analysis: AnalysisKey,
+        total: u64,
+    },
 }
 
 /// What can change while running (SIGHUP), and the facts of the machine they apply to.
@@ -140,6 +145,10 @@ pub struct Settings {
     pub memory_metric: crate::vocab::limits::MemoryMetric,
     /// What one user (not root, not the admin group) may hold at once.
     pub quotas: Quotas,
+    /// The kernel refuses forks past an analysis' process limit: the tree's count
+    /// (which hears of exits and forks a little late, and not always in their order)
+    /// never kills for it.
+    pub kernel_refuses_forks: bool,
 }
 
 /// What one user may hold at once, so that no member crowds out the others: the pinned
@@ -271,6 +280,8 @@ pub struct Counters {
     pub untracked_forks: u64,
     /// Memory kills whose SIGTERM the kernel sent itself, at the crossing.
     pub kernel_strikes: u64,
+    /// Forks the kernel refused, as recorded.
+    pub forks_refused: u64,
 }
 
 /// Why the tree is rebuilt from the kernel map; only a repair after lost events counts

@@ -121,6 +121,11 @@ fn decode(bytes: &[u8], now_ns: u64) -> Option<KernelEvent> {
             rss_bytes: ev.value,
             ts_ns: ev.ts_ns,
         },
+        EventKind::Refused => KernelEvent::Refused {
+            pid: ev.pid,
+            analysis: ev.analysis,
+            refused: ev.value,
+        },
     })
 }
 

@@ -1,6 +1,7 @@
 //! Loads and attaches the kernel programs, and wraps the maps the daemon shares with them.
 
 pub mod btf;
+pub mod forks;
 pub mod ingest;
 pub mod memlock;
 pub mod pins;
@@ -15,9 +16,10 @@ use aya::{
 };
 use watchdog_common::{
     ANALYSES_MAP, AnalysisEntry, CONFIG_GLOBAL, DESCENDANTS_ITER, DROPS_MAP, DYING_MAP, ERRORS_MAP,
-    EVENTS_MAP, INITIAL_PID_NS_INUM, KERNEL_LOG_MAP, KILLS_MAP, KillProgress, LAUNCHERS_MAP,
-    LAYOUT, LAYOUT_MAP, LOGS_MAP, PID_NS_MAP, PIDNS_ITER, PROGRAM_ERRORS, PROGRAM_NAMES, PidNs,
-    ProcRecord, RING_BYTES, ROOTS_MAP, RSS_ITER, RootEntry, RssSample, STRIKE_MEMORY, STRIKES_MAP,
+    EVENTS_MAP, FORK_LIMITS_MAP, ForkLimit, INITIAL_PID_NS_INUM, KERNEL_LOG_MAP, KILLS_MAP,
+    KillProgress, LAUNCHERS_MAP, LAYOUT, LAYOUT_MAP, LOGS_MAP, MEMBERS_MAP, Members,
+    PENDING_FORKS_MAP, PID_NS_MAP, PIDNS_ITER, PROGRAM_ERRORS, PROGRAM_NAMES, PidNs, ProcRecord,
+    RING_BYTES, ROOTS_MAP, RSS_ITER, RootEntry, RssSample, STRIKE_MEMORY, STRIKES_MAP,
     TREE_RSS_MAP, TreeRss, WALK_TARGET_MAP, WATCH_FULL_MAP, WATCHED_MAP, WalkTarget, WatchEntry,
 };
 
@@ -64,8 +66,15 @@ pub struct Kernel {
     dying: HashMap<MapData, u64, u64>,
     /// Processes a kill has sent SIGTERM, and when their grace ends.
     kills: HashMap<MapData, u32, KillProgress>,
-    /// What the programs may signal themselves ([`STRIKES_MAP`]).
+    /// What the programs may signal themselves ([`STRIKES_MAP`]), and the bits set.
     strikes: Array<MapData, u32>,
+    strike_bits: u32,
+    /// Each analysis' member count: the programs' part and refusals, and the limit with
+    /// the daemon's part ([`forks`]).
+    members: HashMap<MapData, u64, Members>,
+    fork_limits: HashMap<MapData, u64, ForkLimit>,
+    /// Why the fork refusal is not attached (None: it is).
+    lsm_off: Option<String>,
     /// The programs read this kernel's RSS counters at each change: the memory strike
     /// can work here.
     memory_events: bool,
@@ -220,7 +229,7 @@ fn remove_if_same<V: aya::Pod>(
 }
 
 /// The maps pinned under the pin directory, by name.
-const PINNED_MAPS: [&str; 17] = [
+const PINNED_MAPS: [&str; 20] = [
     WATCHED_MAP,
     EVENTS_MAP,
     DROPS_MAP,
@@ -238,6 +247,10 @@ const PINNED_MAPS: [&str; 17] = [
     KILLS_MAP,
     // What the programs signal themselves, also while no daemon runs.
     STRIKES_MAP,
+    // Forks are counted and refused also while no daemon runs.
+    MEMBERS_MAP,
+    FORK_LIMITS_MAP,
+    PENDING_FORKS_MAP,
     // Pinned too so that a restarted daemon writes the map the pinned iterator reads.
     WALK_TARGET_MAP,
     // The error reports and their switch: a restarted daemon reads the reports the
@@ -265,11 +278,14 @@ fn expected_pins(pin_dir: &Path) -> pins::Expected<'static> {
     let iters = [RSS_ITER, DESCENDANTS_ITER]
         .into_iter()
         .map(|name| (iter_pin(pin_dir, name), name, false));
+    let lsm = forks::LSM_HOOKS
+        .into_iter()
+        .map(|hook| (forks::lsm_link_pin(pin_dir, hook), hook, false));
     pins::Expected {
         maps: &PINNED_MAPS,
         sized_at_load: &SIZED_AT_LOAD,
         used_by_programs: &USED_BY_PROGRAMS,
-        links: tracepoints.chain(iters).collect(),
+        links: tracepoints.chain(iters).chain(lsm).collect(),
         object: PROGRAMS,
     }
 }
@@ -475,6 +491,10 @@ impl Kernel {
             dying: HashMap::try_from(take(&mut ebpf, DYING_MAP)?)?,
             kills: HashMap::try_from(take(&mut ebpf, KILLS_MAP)?)?,
             strikes: Array::try_from(take(&mut ebpf, STRIKES_MAP)?)?,
+            strike_bits: 0,
+            members: HashMap::try_from(take(&mut ebpf, MEMBERS_MAP)?)?,
+            fork_limits: HashMap::try_from(take(&mut ebpf, FORK_LIMITS_MAP)?)?,
+            lsm_off: iters.lsm_off,
             memory_events: false,
             resumed,
             pinned_state_dropped: 0,
@@ -523,6 +543,7 @@ impl Kernel {
             .insert(key, entry, 0)
             .context("saving the analysis in the kernel map")?;
         let limits = crate::vocab::limits::Limits::from_slots(&entry.limits);
+        self.set_fork_limit(key, limits.max_processes)?;
         if limits.tree_memory_bytes.is_some() && self.tree_rss.get(&key, 0).is_err() {
             self.tree_rss
                 .insert(key, TreeRss::default(), 0)
@@ -535,6 +556,7 @@ impl Kernel {
         let _ = self.analyses.remove(&key);
         let _ = self.tree_rss.remove(&key);
         let _ = self.dying.remove(&key);
+        self.forget_member_count(key);
         for pid in roots {
             let _ = self.roots.remove(pid);
         }
@@ -579,12 +601,23 @@ impl Kernel {
                 "the rss_stat program sends SIGTERM the moment a process crosses its limit in its own page fault",
             ),
         };
-        let on = path.how == "kernel";
-        self.strikes
-            .set(0, if on { STRIKE_MEMORY } else { 0 }, 0)
-            .context("setting what the programs may signal themselves (STRIKES)")?;
+        self.set_strike(STRIKE_MEMORY, path.how == "kernel")?;
         self.paths.retain(|p| p.path != path.path);
         self.paths.push(path);
+        Ok(())
+    }
+
+    /// Lets the programs act on `bit` of [`STRIKES_MAP`] themselves, or not.
+    fn set_strike(&mut self, bit: u32, on: bool) -> Result<()> {
+        let bits = if on {
+            self.strike_bits | bit
+        } else {
+            self.strike_bits & !bit
+        };
+        self.strikes
+            .set(0, bits, 0)
+            .context("setting what the programs may do themselves (STRIKES)")?;
+        self.strike_bits = bits;
         Ok(())
     }
 
@@ -670,35 +703,46 @@ impl Kernel {
         analysis: u64,
         mem_limit: crate::vocab::limits::RssLevels,
     ) -> Result<()> {
-        // A process already counted in this analysis' sum keeps its part, or the sum
-        // would count it twice.
-        let rss_counted = self
-            .watched
-            .get(&process.pid, 0)
-            .ok()
-            .filter(|e| {
-                e.analysis == analysis
-                    && crate::vocab::process::same_start(e.start_ns, process.start_ns)
-            })
-            .map_or(0, |e| e.rss_counted);
+        self.start_member_count(analysis)?;
+        let there = self.watched.get(&process.pid, 0).ok();
+        // A process already counted in this analysis (its sum, its members) stays
+        // counted once.
+        let counted = there.filter(|e| {
+            e.analysis == analysis
+                && crate::vocab::process::same_start(e.start_ns, process.start_ns)
+        });
         let entry = WatchEntry {
-            rss_counted,
+            rss_counted: counted.map_or(0, |e| e.rss_counted),
             ..watch_entry(process, analysis, mem_limit)
         };
         self.watched
             .insert(process.pid, entry, 0)
             .with_context(|| format!("adding pid {} to the kernel's watched map", process.pid))
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        if counted.is_none() {
+            if let Some(replaced) = there {
+                self.add_member_base(replaced.analysis, -1);
+            }
+            self.add_member_base(analysis, 1);
+        }
+        Ok(())
     }
 
     /// Removes `process`; false when it was not there (e.g. it exited meanwhile), or its
     /// pid's entry names another process now.
     pub fn unwatch(&mut self, process: ProcRef) -> bool {
-        let same = self
-            .watched
-            .get(&process.pid, 0)
-            .is_ok_and(|entry| crate::vocab::process::same_start(entry.start_ns, process.start_ns));
-        same && self.watched.remove(&process.pid).is_ok()
+        let Some(entry) =
+            self.watched.get(&process.pid, 0).ok().filter(|entry| {
+                crate::vocab::process::same_start(entry.start_ns, process.start_ns)
+            })
+        else {
+            return false;
+        };
+        let removed = self.watched.remove(&process.pid).is_ok();
+        if removed {
+            self.add_member_base(entry.analysis, -1);
+        }
+        removed
     }
 
     pub fn is_watched(&self, pid: u32) -> bool {
@@ -756,6 +800,8 @@ impl Kernel {
 struct Iters {
     rss: Option<PathBuf>,
     descendants: Option<PathBuf>,
+    /// Why the fork refusal is not attached (None: it is).
+    lsm_off: Option<String>,
 }
 
 impl Kernel {
@@ -833,9 +879,12 @@ fn resume_attached(ebpf: &Ebpf, pid_ns: u32, pin_dir: &Path) -> Result<Iters> {
     check_pinned_pid_ns(ebpf, pid_ns)?;
     tracing::info!(pin_dir = %pin_dir.display(), "programs still attached from the previous run: resuming");
     let pinned = |name| Some(iter_pin(pin_dir, name)).filter(|p| p.exists());
+    let lsm_off = (!forks::lsm_pinned(pin_dir))
+        .then(|| "the resumed programs run without the task_alloc LSM program".to_string());
     Ok(Iters {
         rss: pinned(RSS_ITER),
         descendants: pinned(DESCENDANTS_ITER),
+        lsm_off,
     })
 }
 
@@ -850,6 +899,12 @@ fn attach_anew(
 ) -> Result<Iters> {
     set_pid_ns(ebpf, btf, config, pid_ns)?;
     attach_and_pin(ebpf, btf, pin_dir)?;
+    let lsm_off = forks::attach_lsm(ebpf, btf, pin_dir);
+    if let Some(why) = &lsm_off {
+        tracing::warn!(
+            "forks past --max-processes are not refused in the kernel: {why}; the analysis is killed instead"
+        );
+    }
     let rss = (config.rss_enabled != 0)
         .then(|| {
             attach_iter(
@@ -873,7 +928,11 @@ fn attach_anew(
     layout
         .set(0, LAYOUT, 0)
         .context("writing this build's layout in the pinned LAYOUT map")?;
-    Ok(Iters { rss, descendants })
+    Ok(Iters {
+        rss,
+        descendants,
+        lsm_off,
+    })
 }
 
 /// Turns the programs' error reports on or off (the switch is pinned: resumed programs

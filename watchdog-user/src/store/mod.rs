@@ -390,15 +390,15 @@ impl Sql {
             insert_event_text: format!(
                 "INSERT INTO watchdog_events (event_uid, time, host, pid, ppid, analysis_id, reason, \
                  limit_value, rss_bytes, runtime_ms, signals, outcome, comm, cmdline, uid, owner_uid, \
-                 warned_of, zombies, tree_pss_bytes, tree_rss_bytes, shmem_bytes, shm_left) \
+                 warned_of, zombies, tree_pss_bytes, tree_rss_bytes, shmem_bytes, shm_left, refused_forks) \
                  VALUES ($1, $2{ts}, $3, $4, $5, $6, $7, $8, $9, $10, $11{json}, $12, $13, $14, $15, $16, \
-                 $17, $18, $19, $20, $21, $22) \
+                 $17, $18, $19, $20, $21, $22, $23) \
                  ON CONFLICT (event_uid) DO NOTHING"
             ),
             select_events_text: format!(
                 "SELECT {time_out} AS time, host, pid, ppid, analysis_id, reason, limit_value, rss_bytes, \
                  runtime_ms, {signals_out} AS signals, outcome, comm, cmdline, uid, owner_uid, warned_of, \
-                 zombies, tree_pss_bytes, tree_rss_bytes, shmem_bytes, shm_left, event_uid \
+                 zombies, tree_pss_bytes, tree_rss_bytes, shmem_bytes, shm_left, refused_forks, event_uid \
                  FROM watchdog_events \
                  WHERE ($1{text} IS NULL OR time >= $1{ts}) AND ($2{text} IS NULL OR analysis_id = $2) \
                  AND ($3{text} IS NULL OR reason = $3) AND ($4{text} IS NULL OR host = $4) \
@@ -454,6 +454,7 @@ impl Sql {
                     .filter(|left| !left.is_empty())
                     .map(|left| serde_json::to_string(left).expect("paths serialize")),
             )
+            .bind(r.refused_forks.map(i64_of))
     }
 
     fn insert_event(&self) -> AssertSqlSafe<String> {
@@ -1068,6 +1069,9 @@ fn record_from_row(row: &AnyRow) -> Result<KillRecord> {
             .map(|left| serde_json::from_str(&left))
             .transpose()?
             .unwrap_or_default(),
+        refused_forks: row
+            .try_get::<Option<i64>, _>("refused_forks")?
+            .map(|v| v as u64),
     })
 }
 
@@ -1105,6 +1109,7 @@ pub async fn bench_inserts(url: &DatabaseUrl, rows: usize, batch: usize) -> Resu
             tree_rss_bytes: None,
             shmem_bytes: None,
             shm_left: Vec::new(),
+            refused_forks: None,
         },
     };
     let started = std::time::Instant::now();
@@ -1160,6 +1165,7 @@ mod tests {
             tree_rss_bytes: None,
             shmem_bytes: None,
             shm_left: Vec::new(),
+            refused_forks: None,
         };
         let late = record(
             "2026-11-21T12:00:00.500Z",

@@ -485,6 +485,7 @@ mod tests {
                 tree_rss_bytes: None,
                 shmem_bytes: None,
                 shm_left: Vec::new(),
+                refused_forks: None,
                 uid: 0,
             },
         }

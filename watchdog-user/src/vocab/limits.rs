@@ -76,6 +76,18 @@ pub enum MemoryMetric {
     Pss,
 }
 
+/// What becomes of a fork that would take an analysis past its `max_processes`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMaxProcesses {
+    /// The kernel fails it with EAGAIN (the BPF LSM's task_alloc), as systemd's
+    /// TasksMax does; the analysis runs on. Where the BPF LSM is not active: `kill`.
+    #[default]
+    Refuse,
+    /// The analysis is killed once it has more processes than its limit.
+    Kill,
+}
+
 /// The limit set: one row per limit, and every form of it follows from its row: the
 /// `Limits` field the rules read, the `register`/`exec` flag and the request's
 /// `limits` field ([`LimitOverrides`]), the `run --default-…` flag and config key (the

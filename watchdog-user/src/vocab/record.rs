@@ -37,6 +37,9 @@ pub enum Outcome {
     Warned,
     /// Unregistered while it was being killed: let go alive after the signals listed.
     Released,
+    /// Reason `max_processes` with the kernel refusing forks: the forks past the limit
+    /// failed (EAGAIN) and nothing was signalled.
+    Refused,
 }
 
 impl Outcome {
@@ -49,6 +52,7 @@ impl Outcome {
             Self::DryRun => "dry_run",
             Self::Warned => "warned",
             Self::Released => "released",
+            Self::Refused => "refused",
         }
     }
 }
@@ -100,6 +104,10 @@ pub struct KillRecord {
     /// tmpfs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shm_left: Vec<ShmLeft>,
+    /// Outcome `refused`: how many forks of the analysis the kernel refused in this
+    /// burst (`pid`: the process whose fork was refused first; `time`: then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_forks: Option<u64>,
 }
 
 /// The most of a command line a record keeps, bytes: a record's size is bounded

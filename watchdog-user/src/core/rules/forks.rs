@@ -17,6 +17,20 @@ use crate::{
         process::{AnalysisKey, ProcRef},
     },
 };
+/// One burst of forks the kernel refused to analysis `analysis` (none for a second
+/// since), not recorded yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefusalBurst {
+    pub analysis: AnalysisKey,
+    /// Forks refused in it.
+    pub refused: u64,
+    /// The process whose fork was refused first, and when (CLOCK_BOOTTIME, ns).
+    pub pid: u32,
+    pub first_ns: u64,
+    /// All the analysis' refusals so far, this burst's included.
+    pub total: u64,
+}
+
 /// What became of an attempt to hand an untracked process back to the kernel map.
 #[derive(Debug)]
 pub enum Retrack {
@@ -78,6 +92,9 @@ impl Forks {
         let Some(max) = w.registry.get(key).map(|a| a.limits.max_processes) else {
             return;
         };
+        if w.settings.kernel_refuses_forks {
+            return;
+        }
         if max != 0 && w.tree.member_count(key) as u64 > max {
             w.kill_analysis(key, Reason::MaxProcesses, Some(max), clock);
         }

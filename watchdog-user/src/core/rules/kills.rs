@@ -209,9 +209,66 @@ impl World {
             tree_rss_bytes: None,
             shmem_bytes: None,
             shm_left: Vec::new(),
+            refused_forks: None,
         };
         self.counters.kernel_strikes += 1;
         self.runs.killed(struck.analysis, &record, false);
+        self.keep_record(record, clock);
+    }
+
+    /// Records a burst of forks the kernel refused: one record per analysis and burst,
+    /// of the process whose fork was refused first, with nothing signalled.
+    pub(in crate::core) fn record_refusals(
+        &mut self,
+        burst: &crate::core::rules::forks::RefusalBurst,
+        procs: &dyn Procs,
+        clock: &Clock,
+    ) {
+        self.actions.push(Action::RefusalsRecorded {
+            analysis: burst.analysis,
+            total: burst.total,
+        });
+        let Some(analysis) = self.registry.get(burst.analysis) else {
+            return; // Unregistered since: its entry went with it.
+        };
+        let node = self.tree.get(burst.pid);
+        let details = node
+            .map(|n| procs.details(n.proc_ref()))
+            .unwrap_or_default();
+        let at = rfc3339(wall_at(burst.first_ns, clock));
+        tracing::warn!(
+            analysis_id = %analysis.id,
+            refused = burst.refused,
+            max_processes = analysis.limits.max_processes,
+            "forks past the process limit were refused"
+        );
+        let record = KillRecord {
+            time: at,
+            host: self.host.clone(),
+            pid: burst.pid,
+            ppid: node.map_or(0, |n| n.ppid),
+            analysis_id: analysis.id.clone(),
+            reason: Reason::MaxProcesses,
+            limit: Some(analysis.limits.max_processes),
+            rss_bytes: node.map_or(0, |n| n.rss_bytes()),
+            runtime_ms: node.map_or(0, |n| burst.first_ns.saturating_sub(n.start_ns) / 1_000_000),
+            signals: Vec::new(),
+            outcome: Outcome::Refused,
+            comm: node
+                .map(|n| n.comm.as_str().into_owned())
+                .unwrap_or_default(),
+            cmdline: details.cmdline,
+            uid: details.uid,
+            owner_uid: Some(analysis.owner),
+            warned_of: None,
+            zombies: None,
+            tree_pss_bytes: None,
+            tree_rss_bytes: None,
+            shmem_bytes: None,
+            shm_left: Vec::new(),
+            refused_forks: Some(burst.refused),
+        };
+        self.counters.forks_refused += burst.refused;
         self.keep_record(record, clock);
     }
 

@@ -84,6 +84,7 @@ impl World {
                     tree_pss_bytes: None,
                     shmem_bytes: None,
                     shm_left: Vec::new(),
+                    refused_forks: None,
                     tree_rss_bytes: None,
                 },
                 clock,
