@@ -19,6 +19,7 @@ use crate::{
     vocab::peer::Peer,
 };
 use crate::{
+    core::rules::forks::RefusalBurst,
     core::rules::zombies::{ZOMBIE_SETTLE, ZOMBIE_SWEEP_EVERY},
     vocab::{
         limits::{Limits, OrphanPolicy, Reason},
@@ -1266,6 +1267,54 @@ fn a_fork_bomb_past_max_processes_kills_its_analysis_and_no_other() {
         "one record per killed process"
     );
     assert!(w.core.tree().contains(200) && w.core.tree().contains(201));
+}
+
+#[test]
+fn where_the_kernel_refuses_forks_a_burst_is_one_record_and_the_trees_count_kills_nothing() {
+    let mut w = World::new();
+    w.core.set_settings(Settings {
+        kernel_refuses_forks: true,
+        ..w.core.settings().clone()
+    });
+    let cap = LimitOverrides {
+        max_processes: Some(3),
+        ..Default::default()
+    };
+    w.register(100, "bomb", cap);
+    w.fork(101, 100);
+    w.fork(102, 100);
+    // A fork read before the exit that made room for it: the tree counts 4 for a
+    // moment, which kills nothing here.
+    assert!(signals(&w.fork(103, 100)).is_empty());
+    assert!(signals(&w.exit(101)).is_empty());
+    let bomb = w.key("bomb");
+    let burst = RefusalBurst {
+        analysis: bomb,
+        refused: 250,
+        pid: 102,
+        first_ns: w.clock.boot_ns - 2_000_000_000,
+        total: 250,
+    };
+    w.core.forks_refused(&[burst], &w.procs, &w.clock);
+    let actions = w.take();
+    assert!(signals(&actions).is_empty(), "nothing signalled");
+    let records = records(&actions);
+    let [record] = records.as_slice() else {
+        panic!("one record for the burst: {records:#?}");
+    };
+    assert_eq!(
+        (record.reason, record.outcome),
+        (Reason::MaxProcesses, Outcome::Refused)
+    );
+    assert_eq!((record.pid, record.ppid), (102, 100));
+    assert_eq!((record.limit, record.refused_forks), (Some(3), Some(250)));
+    assert!(
+        actions.iter().any(
+            |a| matches!(a, Action::RefusalsRecorded { analysis, total: 250 } if *analysis == bomb)
+        ),
+        "marked recorded, so no daemon records it again"
+    );
+    assert_eq!(w.core.registry().get(bomb).unwrap().violation, None);
 }
 
 #[test]

@@ -11,7 +11,8 @@ pub struct KernelPath {
     /// (pages another process writes into a watched one), `memory_first_signal` (who
     /// sends a memory kill's SIGTERM: `kernel` or `daemon`), `rss_poll` (the reconcile
     /// poll), `registration_walk`, `exit` (how a process' last thread is told),
-    /// `bpf_memory` (what the kernel charges the maps to).
+    /// `bpf_memory` (what the kernel charges the maps to), `fork_limit` (`refuse`: the
+    /// kernel fails forks past the limit, or `kill`).
     pub path: String,
     /// How, as one token (a metric label): e.g. `kernel_events` or `poll_only`.
     pub how: String,
