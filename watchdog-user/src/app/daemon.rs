@@ -57,17 +57,7 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
     private::restrict_umask();
     let (listener, staged) = control::bind(&options.socket).await?;
     let _socket = SocketGuard(vec![staged.clone(), options.socket.clone()]);
-    check_ring_bytes(options.ring_bytes)?;
-    let (mut kernel, ring) = Kernel::load(
-        &options.btf,
-        options.ring_bytes,
-        options.watched_capacity,
-        &options.pin_dir,
-        options.fresh,
-        options.kernel_log,
-    )?;
-    kernel.set_memory_strike(options.memory_strike_off())?;
-    kernel.set_fork_refusal(options.fork_refusal_off())?;
+    let (mut kernel, ring) = load_kernel(&options)?;
     // After the programs load: a daemon that cannot load them says only that.
     if let Some(tightened) = private::own_dir(&options.state_dir)? {
         tracing::warn!("{tightened}");
@@ -135,6 +125,25 @@ pub async fn run(options: crate::app::config::Options) -> Result<()> {
         Some(ended) => Err(ended.into()),
         None => Ok(()),
     }
+}
+
+/// The programs loaded and attached (or resumed), with what they may do themselves set
+/// from the options.
+fn load_kernel(
+    options: &crate::app::config::Options,
+) -> Result<(Kernel, aya::maps::RingBuf<aya::maps::MapData>)> {
+    check_ring_bytes(options.ring_bytes)?;
+    let (mut kernel, ring) = Kernel::load(
+        &options.btf,
+        options.ring_bytes,
+        options.watched_capacity,
+        &options.pin_dir,
+        options.fresh,
+        options.kernel_log,
+    )?;
+    kernel.set_memory_strike(options.memory_strike_off())?;
+    kernel.set_fork_refusal(options.fork_refusal_off())?;
+    Ok((kernel, ring))
 }
 
 /// The one "ready" line (and what priority the daemon could not take), then READY=1.
